@@ -1,0 +1,43 @@
+"""``python -m pub_native``: how this copy was built and what it can run on."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+from . import __version__
+from ._native import _C, _C_cuda, _CUDA_IMPORT_ERROR
+
+
+def build_report() -> dict:
+    info = dict(_C.build_info())
+    info["package_version"] = __version__
+    info["python"] = platform.python_version()
+    info["omp_max_threads"] = _C.omp_max_threads()
+    info["cuda_compiled"] = _C_cuda is not None
+    if _C_cuda is not None:
+        info.update(_C_cuda.build_info())
+        info["cuda_devices"] = _C_cuda.device_count()
+    elif _CUDA_IMPORT_ERROR is not None and info.get("cuda_option") != "OFF":
+        info["cuda_import_error"] = str(_CUDA_IMPORT_ERROR)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] not in ("info", "-h", "--help"):
+        print(f"unknown command {argv[0]!r}; usage: python -m pub_native [info]", file=sys.stderr)
+        return 2
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: python -m pub_native [info]   print version and build configuration")
+        return 0
+    info = build_report()
+    width = max(len(k) for k in info)
+    print(f"pub_native {info['package_version']}")
+    for key, value in info.items():
+        print(f"  {key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

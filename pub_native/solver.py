@@ -1,0 +1,198 @@
+"""The K×K balancing-weight solver (SPEC section 4), Python front of the native core.
+
+``solve_weights`` finds α > 0 with G α = 1/α, the Nash bargaining weights of PUB and NashMTL,
+for one (K, K) Gram matrix or a batch (B, K, K), from numpy arrays or torch tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import sys
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._native import _C, cuda_module
+
+__all__ = ["SolveResult", "SolveStatus", "solve_weights", "METHODS"]
+
+
+class SolveStatus(enum.IntEnum):
+    """Outcome of one weight solve (values shared with the native core)."""
+
+    CONVERGED = 0
+    MAX_ITER = 1
+    LINE_SEARCH_FAILED = 2
+    NOT_POSITIVE_DEFINITE = 3
+    ALL_ZERO = 4
+    INVALID_INPUT = 5
+
+
+class SolveResult(NamedTuple):
+    """Result of :func:`solve_weights`.
+
+    ``weights`` has the input's type, dtype and device. For one problem on the CPU, ``status``,
+    ``iterations`` and ``residual`` are Python scalars (``status`` a :class:`SolveStatus`); for a
+    batch they are arrays (numpy input) or tensors (torch input); for CUDA input they are device
+    tensors, so nothing waits for the GPU.
+    """
+
+    weights: Any
+    status: Any
+    iterations: Any
+    residual: Any
+
+
+# method name -> (native code, default tol, default max_iter)
+METHODS = {
+    # Newton: stop when the Newton decrement λ²/2 ≤ tol·K; quadratic convergence makes 1e-12
+    # cost one extra step over 1e-6 and leaves the residual at rounding level.
+    "newton": (0, 1e-12, 50),
+    # CCP: stop when the relative residual ‖Gα − 1/α‖/‖1/α‖ ≤ tol, after at most 20 outer
+    # (convexified) iterations as in the paper.
+    "ccp": (1, 1e-10, 20),
+}
+
+_STATUS = tuple(SolveStatus)
+
+
+def _options(method, ridge, tol, max_iter):
+    try:
+        code, default_tol, default_iter = METHODS[method]
+    except (KeyError, TypeError):
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}") from None
+    if not (isinstance(ridge, (int, float)) and 0.0 <= ridge < math.inf):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    if tol is None:
+        tol = default_tol
+    elif not (isinstance(tol, (int, float)) and 0.0 < tol < math.inf):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    if max_iter is None:
+        max_iter = default_iter
+    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or not 1 <= max_iter < 2**31:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    return code, float(ridge), float(tol), max_iter
+
+
+def solve_weights(
+    G, *, method="newton", warm_start=None, ridge=1e-8, tol=None, max_iter=None
+) -> SolveResult:
+    r"""Solve G α = 1/α (elementwise reciprocal) for the balancing weights α > 0.
+
+    The solution is the minimizer of the strictly convex f(α) = ½ αᵀGα − Σᵢ log αᵢ; it scales
+    as α(cG) = α(G)/√c and permutes with the tasks. Tasks whose update is zero
+    (√G_ii ≤ 1e-12·maxⱼ √G_jj) are excluded and get weight 0. The system actually solved is
+    G + ridge·(tr G / m)·I on the m remaining tasks, which has a unique root even when some
+    non-negative combination of updates vanishes. Weights are returned unnormalized.
+
+    Args:
+        G: Gram matrix of the task updates, (K, K), or a batch (B, K, K); numpy array or torch
+            tensor (CPU, or CUDA when the CUDA module is built), float32 or float64. It must
+            be finite and symmetric. Computation is in float64 whatever the input dtype.
+        method: ``"newton"`` (damped Newton with backtracking, Cholesky on K×K) or ``"ccp"``
+            (the paper's concave–convex procedure, each subproblem solved by a log-barrier
+            interior-point method).
+        warm_start: starting weights, shape (K,) or (B, K), finite and ≥ 0. Only the direction
+            matters: the start is rescaled to the best multiple of it. Entries of 0 (excluded
+            tasks) make that problem start cold.
+        ridge: ρ ≥ 0 of the ridge ρ·(tr G / m)·I.
+        tol: newton: stop when λ²/2 ≤ tol·m (λ the Newton decrement), default 1e-12;
+            ccp: stop when the relative residual ≤ tol, default 1e-10.
+        max_iter: newton steps (default 50) or ccp outer iterations (default 20).
+
+    Returns:
+        :class:`SolveResult` ``(weights, status, iterations, residual)`` where ``residual`` is
+        ‖Gα − 1/α‖ / ‖1/α‖ on the active, ridged problem.
+
+    Raises:
+        ValueError: G not (K, K) / (B, K, K), not square, K = 0, non-finite or non-symmetric;
+            bad ``method``, ``ridge``, ``tol``, ``max_iter`` or ``warm_start``.
+        TypeError: G of another dtype or type.
+    """
+    code, ridge, tol, max_iter = _options(method, ridge, tol, max_iter)
+    if type(G) is np.ndarray:
+        w, st, it, res = _C.solve_weights(G, warm_start, code, ridge, tol, max_iter)
+        if G.ndim == 2:
+            return SolveResult(w, _STATUS[st], it, res)
+        return SolveResult(w, st, it, res)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(G, torch.Tensor):
+        return _solve_torch(torch, G, warm_start, code, ridge, tol, max_iter)
+    if isinstance(G, (list, tuple)):
+        return solve_weights(
+            np.asarray(G, dtype=np.float64), method=method, warm_start=warm_start, ridge=ridge,
+            tol=tol, max_iter=max_iter,
+        )
+    raise TypeError(f"G must be a numpy array or a torch tensor, got {type(G).__name__}")
+
+
+def _solve_torch(torch, G, warm_start, code, ridge, tol, max_iter):
+    if G.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"G must be float32 or float64, got {G.dtype}")
+    if G.is_sparse or G.is_complex():
+        raise TypeError("G must be a dense real tensor")
+    if G.device.type == "cuda":
+        return _solve_cuda(torch, G, warm_start, code, ridge, tol, max_iter)
+    if G.device.type != "cpu":
+        raise TypeError(f"G must be on the CPU or a CUDA device, got device {G.device}")
+    if warm_start is not None and isinstance(warm_start, torch.Tensor):
+        warm_start = warm_start.detach().cpu().numpy()
+    w, st, it, res = _C.solve_weights(
+        G.detach().resolve_conj().numpy(), warm_start, code, ridge, tol, max_iter
+    )
+    if G.ndim == 2:
+        return SolveResult(torch.from_numpy(w), _STATUS[st], it, res)
+    return SolveResult(
+        torch.from_numpy(w), torch.from_numpy(st), torch.from_numpy(it), torch.from_numpy(res)
+    )
+
+
+def _solve_cuda(torch, G, warm_start, code, ridge, tol, max_iter):
+    cmod = cuda_module()
+    if G.ndim not in (2, 3):
+        raise ValueError(
+            f"G must be a (K, K) matrix or a (B, K, K) batch of them, got shape {tuple(G.shape)}"
+        )
+    K = G.shape[-1]
+    if G.shape[-2] != K:
+        raise ValueError(f"G must be square (K, K), got shape {tuple(G.shape)}")
+    if K == 0:
+        raise ValueError(f"G must have at least one task (K >= 1), got shape {tuple(G.shape)}")
+    batch = G.shape[0] if G.ndim == 3 else 1
+    Gc = G.detach().contiguous()
+    # Value checks read the data, so they wait for the GPU once; the optimizers call the
+    # native core directly and rely on the kernel's INVALID_INPUT status instead.
+    if not bool(torch.isfinite(Gc).all()):
+        raise ValueError("G contains NaN or Inf")
+    sym_tol = 1.5e-8 if Gc.dtype == torch.float64 else 3.5e-4
+    if batch and K > 1:
+        gmax = Gc.abs().amax()
+        if bool((Gc - Gc.transpose(-1, -2)).abs().amax() > sym_tol * gmax):
+            raise ValueError("G must be symmetric")
+    warm_ptr = 0
+    if warm_start is not None:
+        warm = torch.as_tensor(warm_start, dtype=Gc.dtype, device=Gc.device).contiguous()
+        if tuple(warm.shape) != tuple(G.shape[:-1]):
+            raise ValueError(
+                f"warm_start must have shape {tuple(G.shape[:-1])}, got {tuple(warm.shape)}"
+            )
+        if not bool(((warm >= 0) & torch.isfinite(warm)).all()):
+            raise ValueError("warm_start must be finite and non-negative")
+        warm_ptr = warm.data_ptr()
+    dev = Gc.device
+    weights = torch.empty(G.shape[:-1], dtype=Gc.dtype, device=dev)
+    status = torch.empty(batch, dtype=torch.int32, device=dev)
+    iterations = torch.empty(batch, dtype=torch.int32, device=dev)
+    residual = torch.empty(batch, dtype=torch.float64, device=dev)
+    workspace = torch.empty(batch * _C.workspace_size(K), dtype=torch.float64, device=dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        cmod.solve_weights(
+            Gc.data_ptr(), warm_ptr, weights.data_ptr(), status.data_ptr(),
+            iterations.data_ptr(), residual.data_ptr(), workspace.data_ptr(), batch, K,
+            Gc.element_size(), code, ridge, tol, max_iter, stream,
+        )
+    if G.ndim == 2:
+        return SolveResult(weights, status[0], iterations[0], residual[0])
+    return SolveResult(weights, status, iterations, residual)
