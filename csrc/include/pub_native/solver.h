@@ -33,7 +33,7 @@ namespace detail {
 
 // Named slices of one problem's workspace, for n tasks. The solver first slices it for all K
 // tasks (to hold the active-task indices), then again for the m <= K active ones: every vector
-// of the second slicing ends before `idx` of the first (3m^2 + 12m <= 3K^2 + 13K).
+// of the second slicing ends before `idx` of the first (3m^2 + 13m <= 3K^2 + 13K).
 struct Workspace {
   double* G;    // n x n active, symmetrized, ridged Gram
   double* H;    // n x n Hessian, factored in place
@@ -50,6 +50,7 @@ struct Workspace {
   double* c;    // linear cost of the CCP subproblem
   double* q;    // scratch vectors
   double* r;
+  double* scale;  // diagonal equilibration of the CCP
   double* idx;  // active task indices (small integers, exact in double)
   PN_HD Workspace(double* ws, int64_t n) {
     G = ws;
@@ -58,7 +59,7 @@ struct Workspace {
     double* v = W + n * n;
     a = v; Ga = v + n; g = v + 2 * n; d = v + 3 * n; Gd = v + 4 * n; x = v + 5 * n;
     Gx = v + 6 * n; xt = v + 7 * n; Gxt = v + 8 * n; c = v + 9 * n; q = v + 10 * n;
-    r = v + 11 * n; idx = v + 13 * n;
+    r = v + 11 * n; scale = v + 12 * n; idx = v + 13 * n;
   }
 };
 
@@ -191,6 +192,8 @@ constexpr double kBarrierStart = 1e3;
 constexpr double kCenteringTol = 1e-10;
 // A constraint h_i = log(x_i (G x)_i) >= 0 with slack below this counts as active.
 constexpr double kActiveSlack = 1e-4;
+// The polish stops where Newton's default rule does: lambda^2 / 2 <= 1e-12 m.
+constexpr double kPolishTol = 1e-12;
 
 // Solves the convex CCP subproblem  min c'x  s.t.  log x_i + log (G x)_i >= 0  by the log-barrier
 // method, from the strictly feasible w.x (with w.Gx = G x). Leaves the solution in w.x, w.Gx.
@@ -243,7 +246,23 @@ PN_HD int32_t ccp_subproblem(const Team& tm, Workspace& w, int64_t m) {
         }
       }
       tm.sync();
-      if (!team_cholesky(tm, w.H, m)) return kNotPositiveDefinite;
+      // The barrier Hessian is positive definite in exact arithmetic, but its G diag(.) G term
+      // is huge next to its smallest eigenvalue when G is nearly singular (opposing tasks) or
+      // when task scales differ widely, and rounding can leave it indefinite. Then factor
+      // H + delta diag(H) instead, with the smallest delta that works: still a descent direction.
+      for (int64_t i = tm.rank(); i < m; i += tm.size())
+        for (int64_t j = 0; j <= i; ++j) w.W[i * m + j] = w.H[i * m + j];
+      tm.sync();
+      bool factored = team_cholesky(tm, w.H, m);
+      for (double delta = 1e-14; !factored && delta <= 1e-1; delta *= 100.0) {
+        for (int64_t i = tm.rank(); i < m; i += tm.size()) {
+          for (int64_t j = 0; j < i; ++j) w.H[i * m + j] = w.W[i * m + j];
+          w.H[i * m + i] = w.W[i * m + i] * (1.0 + delta);
+        }
+        tm.sync();
+        factored = team_cholesky(tm, w.H, m);
+      }
+      if (!factored) return level > 0 ? kConverged : kNotPositiveDefinite;
       for (int64_t i = tm.rank(); i < m; i += tm.size()) w.d[i] = -w.g[i];
       tm.sync();
       team_cholesky_solve(tm, w.H, w.d, w.d, m);
@@ -335,13 +354,20 @@ PN_HD SolveOutcome ccp_solve(const Team& tm, Workspace& w, int64_t m, const Solv
     for (int64_t i = tm.rank(); i < m; i += tm.size())
       hmax = pn_max(hmax, pn_abs(pn_log(w.a[i]) + pn_log(w.Ga[i])));
     if (tm.max(hmax) <= kActiveSlack) {
-      for (int k = 0; k < 8; ++k) {
+      bool done = false;
+      for (int k = 0; k < 8 && !done; ++k) {
         double lambda2 = 0.0;
-        bool done = false;
-        if (newton_step(tm, w, m, 1e-30, &lambda2, &done) != kConverged || lambda2 < 1e-30)
+        if (newton_step(tm, w, m, kPolishTol * static_cast<double>(m), &lambda2, &done) !=
+            kConverged)
           break;
       }
       team_matvec(tm, w.G, w.a, w.Ga, m);
+      // The polished point is the CCP's fixed point (the root): nothing is left to iterate.
+      // Its residual can sit above a tight `tol` by eps * cond(G), so the decrement decides.
+      if (done) {
+        out.status = kConverged;
+        break;
+      }
     }
     if (relative_residual(tm, w.a, w.Ga, m) <= o.tol) {
       out.status = kConverged;
@@ -349,6 +375,28 @@ PN_HD SolveOutcome ccp_solve(const Team& tm, Workspace& w, int64_t m, const Solv
     }
   }
   return out;
+}
+
+// G_out = the symmetrized Gram of the m active tasks plus ridge * (tr / m) I.
+template <class Team, class T>
+PN_HD void gather_gram(const Team& tm, const T* Gin, int64_t K, const double* idx, int64_t m,
+                       double ridge_rel, double* G_out) {
+  double tr = 0.0;
+  for (int64_t i = tm.rank(); i < m; i += tm.size()) {
+    const int64_t gi = static_cast<int64_t>(idx[i]);
+    tr += static_cast<double>(Gin[gi * K + gi]);
+  }
+  const double ridge = ridge_rel * tm.sum(tr) / static_cast<double>(m);
+  for (int64_t i = tm.rank(); i < m; i += tm.size()) {
+    const int64_t gi = static_cast<int64_t>(idx[i]);
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t gj = static_cast<int64_t>(idx[j]);
+      G_out[i * m + j] =
+          0.5 * (static_cast<double>(Gin[gi * K + gj]) + static_cast<double>(Gin[gj * K + gi]));
+    }
+    G_out[i * m + i] += ridge;
+  }
+  tm.sync();
 }
 
 }  // namespace detail
@@ -417,23 +465,7 @@ PN_HD SolveOutcome solve_weights(const Team& tm, const T* Gin, const T* warm, T*
   // Re-slice the workspace for the m active tasks and gather the symmetrized, ridged Gram.
   detail::Workspace wm(ws, m);
   const double* idx = w.idx;
-  double tr = 0.0;
-  for (int64_t i = tm.rank(); i < m; i += tm.size()) {
-    const int64_t gi = static_cast<int64_t>(idx[i]);
-    tr += static_cast<double>(Gin[gi * K + gi]);
-  }
-  tr = tm.sum(tr);
-  const double ridge = o.ridge * tr / static_cast<double>(m);
-  for (int64_t i = tm.rank(); i < m; i += tm.size()) {
-    const int64_t gi = static_cast<int64_t>(idx[i]);
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t gj = static_cast<int64_t>(idx[j]);
-      wm.G[i * m + j] =
-          0.5 * (static_cast<double>(Gin[gi * K + gj]) + static_cast<double>(Gin[gj * K + gi]));
-    }
-    wm.G[i * m + i] += ridge;
-  }
-  tm.sync();
+  detail::gather_gram(tm, Gin, K, idx, m, o.ridge, wm.G);
   // Start: the warm start if it is usable, else a_i = 1/sqrt(G_ii); then the best multiple of
   // it, s = sqrt(m / a'Ga), which minimizes f along the ray and makes the start scale-covariant.
   bool use_warm = warm != nullptr;
@@ -469,7 +501,26 @@ PN_HD SolveOutcome solve_weights(const Team& tm, const T* Gin, const T* warm, T*
     }
     use_warm = false;
   }
-  out = o.method == kCcp ? detail::ccp_solve(tm, wm, m, o) : detail::newton_solve(tm, wm, m, o);
+  if (o.method == kCcp) {
+    // The Nash root is equivariant under diagonal scaling (D G D b = 1/b for b = a / d), but
+    // the CCP's iterates are not: run it on the unit-diagonal D G D, d_i = 1/sqrt(G_ii), so
+    // that tasks whose update norms differ by orders of magnitude converge like equal ones.
+    for (int64_t i = tm.rank(); i < m; i += tm.size()) wm.scale[i] = pn_sqrt(wm.G[i * m + i]);
+    tm.sync();
+    for (int64_t i = tm.rank(); i < m; i += tm.size()) {
+      for (int64_t j = 0; j < m; ++j) wm.G[i * m + j] /= wm.scale[i] * wm.scale[j];
+      wm.a[i] *= wm.scale[i];
+      wm.Ga[i] /= wm.scale[i];
+    }
+    tm.sync();
+    out = detail::ccp_solve(tm, wm, m, o);
+    for (int64_t i = tm.rank(); i < m; i += tm.size()) wm.a[i] /= wm.scale[i];
+    tm.sync();
+    detail::gather_gram(tm, Gin, K, idx, m, o.ridge, wm.G);
+    team_matvec(tm, wm.G, wm.a, wm.Ga, m);
+  } else {
+    out = detail::newton_solve(tm, wm, m, o);
+  }
   out.residual = detail::relative_residual(tm, wm.a, wm.Ga, m);
   for (int64_t i = tm.rank(); i < m; i += tm.size())
     alpha_out[static_cast<int64_t>(idx[i])] = static_cast<T>(wm.a[i]);

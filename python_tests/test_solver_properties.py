@@ -1,0 +1,241 @@
+"""Mathematical properties of pub_native.solve_weights (SPEC section 4), for both methods:
+the optimality condition G α = 1/α, scale invariance, permutation equivariance, batched ==
+looped, warm start == cold start, degenerate inputs, float32 and torch inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TOL
+from grams import FAMILIES, ill_conditioned_gram, opposing_gram, random_gram, zero_task_gram
+
+import pub_native
+from pub_native import SolveStatus, solve_weights
+
+METHODS = ["newton", "ccp"]
+KS = [1, 2, 3, 5, 10, 20, 40, 64]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def true_residual(G, alpha, ridge=1e-8):
+    """Relative residual recomputed here, independently of the native one."""
+    act = alpha > 0
+    Ga = G[np.ix_(act, act)]
+    Ga = Ga + ridge * np.trace(Ga) / act.sum() * np.eye(act.sum())
+    a = alpha[act]
+    return np.linalg.norm(Ga @ a - 1 / a) / np.linalg.norm(1 / a)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("K", KS)
+def test_residual_random(method, K):
+    rng = np.random.default_rng(K)
+    for _ in range(5):
+        G = random_gram(rng, K)
+        r = solve_weights(G, method=method)
+        assert r.status == SolveStatus.CONVERGED
+        assert np.all(r.weights > 0)
+        assert r.residual <= TOL["residual_f64"]
+        assert true_residual(G, r.weights) <= TOL["residual_f64"]
+        assert abs(r.residual - true_residual(G, r.weights)) <= 1e-12
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("K", [2, 5, 10, 20])
+def test_residual_ill_conditioned(method, K):
+    rng = np.random.default_rng(100 + K)
+    G = ill_conditioned_gram(rng, K, cond=1e8)
+    r = solve_weights(G, method=method)
+    assert r.status == SolveStatus.CONVERGED
+    assert true_residual(G, r.weights) <= TOL["residual_f64_ill"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("K", [2, 3, 5, 10])
+def test_methods_agree(family, K):
+    rng = np.random.default_rng(K * 7 + len(family))
+    G = FAMILIES[family](rng, K)
+    a = solve_weights(G, method="newton")
+    # The CCP can need ~130 outer iterations on opposing tasks (NashMTL's too): allow 200.
+    b = solve_weights(G, method="ccp", max_iter=200)
+    assert a.status == SolveStatus.CONVERGED
+    assert b.status == SolveStatus.CONVERGED
+    tol = TOL["property_f64_ill"] if family in ("ill_conditioned", "opposing") else TOL["methods_agree"]
+    assert rel_err(b.weights, a.weights) <= tol
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("c", [1e-12, 1e-3, 7.5, 1e9])
+def test_scale_invariance(method, c):
+    rng = np.random.default_rng(1)
+    for K in (1, 2, 5, 20):
+        G = random_gram(rng, K)
+        a = solve_weights(G, method=method).weights
+        b = solve_weights(c * G, method=method).weights
+        assert rel_err(b * np.sqrt(c), a) <= TOL["property_f64"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_permutation_equivariance(method):
+    rng = np.random.default_rng(2)
+    for K in (2, 3, 8, 20):
+        G = random_gram(rng, K)
+        perm = rng.permutation(K)
+        a = solve_weights(G, method=method).weights
+        b = solve_weights(G[np.ix_(perm, perm)], method=method).weights
+        assert rel_err(b, a[perm]) <= TOL["property_f64"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batched_equals_looped(method, dtype):
+    rng = np.random.default_rng(3)
+    K, B = 5, 33
+    Gs = np.stack([FAMILIES[f](rng, K) for f in sorted(FAMILIES) for _ in range(6)][:B])
+    Gs = Gs.astype(dtype)
+    warm = rng.uniform(0.5, 2.0, size=(B, K)).astype(dtype)
+    rb = solve_weights(Gs, method=method, warm_start=warm)
+    assert rb.weights.shape == (B, K) and rb.weights.dtype == dtype
+    assert rb.status.shape == rb.iterations.shape == rb.residual.shape == (B,)
+    for b in range(B):
+        r = solve_weights(Gs[b], method=method, warm_start=warm[b])
+        # Same code on the same input: identical bits.
+        np.testing.assert_array_equal(rb.weights[b], r.weights)
+        assert rb.status[b] == r.status and rb.iterations[b] == r.iterations
+        assert rb.residual[b] == r.residual
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_warm_start_same_result(method):
+    rng = np.random.default_rng(4)
+    for K in (2, 5, 10, 40):
+        G = random_gram(rng, K)
+        cold = solve_weights(G, method=method)
+        # A nearby start (the previous step's weights) and a poor one reach the same root.
+        for warm in (cold.weights * rng.uniform(0.9, 1.1, K), rng.uniform(0.01, 100.0, K)):
+            r = solve_weights(G, method=method, warm_start=warm)
+            assert r.status == SolveStatus.CONVERGED
+            assert rel_err(r.weights, cold.weights) <= TOL["property_f64"]
+    # The warm start is used: starting at the answer takes at most one Newton step.
+    G = random_gram(rng, 10)
+    a = solve_weights(G).weights
+    assert solve_weights(G, warm_start=a).iterations <= 1 < solve_weights(G).iterations
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_k1_closed_form(method):
+    for g in (1e-20, 0.25, 3.0, 1e20):
+        r = solve_weights(np.array([[g]]), method=method)
+        assert r.weights[0] == pytest.approx(1 / np.sqrt(g * (1 + 1e-8)), rel=1e-14)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_orthogonal_closed_form(method):
+    # Orthogonal updates: G diagonal, α_i = 1/‖u_i‖ (each task gets a unit-norm contribution).
+    d = np.array([1e-4, 2.0, 9.0, 1e4])
+    r = solve_weights(np.diag(d), method=method, ridge=0.0)
+    np.testing.assert_allclose(r.weights, 1 / np.sqrt(d), rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_task_excluded(method):
+    rng = np.random.default_rng(5)
+    for K in (2, 3, 10):
+        G = zero_task_gram(rng, K)
+        r = solve_weights(G, method=method)
+        assert r.status == SolveStatus.CONVERGED
+        assert r.weights[0] == 0.0 and np.all(r.weights[1:] > 0)
+        sub = solve_weights(G[1:, 1:], method=method).weights
+        assert rel_err(r.weights[1:], sub) <= TOL["property_f64"]
+    # "Zero" is relative: 1e-13 of the largest update norm counts as zero.
+    G = np.diag([1e-26, 1.0, 4.0])
+    assert solve_weights(G).weights[0] == 0.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_zero(method):
+    r = solve_weights(np.zeros((3, 3)), method=method)
+    assert r.status == SolveStatus.ALL_ZERO
+    np.testing.assert_array_equal(r.weights, np.zeros(3))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_opposing_tasks_ridge_path(method):
+    # u_1 = −u_0: no positive root without the ridge; with it the root exists and the
+    # balanced update Σ α_i u_i (of norm² αᵀGα) is ~0 next to the individual ones.
+    rng = np.random.default_rng(6)
+    u = rng.standard_normal(20)
+    U = np.stack([u, -u])
+    G = U @ U.T
+    r = solve_weights(G, method=method, max_iter=200)
+    assert r.status == SolveStatus.CONVERGED
+    a = r.weights
+    assert np.linalg.norm(a @ U) <= 1e-6 * np.linalg.norm(a[:, None] * U, axis=1).max()
+    # Ridge strength sets the scale: α ≈ 1/√(ρ tr G / K) per task.
+    np.testing.assert_allclose(a, 1 / np.sqrt(1e-8 * np.trace(G) / 2), rtol=1e-6)
+    # The general opposing family (with noise) also converges, to the ridged root.
+    G = opposing_gram(rng, 5)
+    r = solve_weights(G, method=method, max_iter=200)
+    assert r.status == SolveStatus.CONVERGED
+    assert true_residual(G, r.weights) <= TOL["residual_f64_ill"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_input(method):
+    rng = np.random.default_rng(7)
+    for K in (1, 2, 5, 10):
+        G = random_gram(rng, K).astype(np.float32)
+        r = solve_weights(G, method=method)
+        assert r.weights.dtype == np.float32
+        ref = solve_weights(G.astype(np.float64), method=method).weights
+        assert rel_err(r.weights, ref) <= 1e-6  # same float64 math, one final rounding
+        # The float32 weights solve the float32 matrix up to their own rounding.
+        assert true_residual(G.astype(np.float64), r.weights.astype(np.float64)) <= TOL["f32_vs_f64"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_cpu_input(dtype):
+    rng = np.random.default_rng(8)
+    G = random_gram(rng, 4)
+    Gt = torch.tensor(G, dtype=dtype)
+    r = solve_weights(Gt)
+    assert isinstance(r.weights, torch.Tensor) and r.weights.dtype == dtype
+    assert r.weights.device.type == "cpu"
+    ref = solve_weights(G.astype(np.float32 if dtype == torch.float32 else np.float64)).weights
+    np.testing.assert_array_equal(r.weights.numpy(), ref)
+    # Non-contiguous (transposed) and batched tensors.
+    r2 = solve_weights(Gt.t())
+    np.testing.assert_array_equal(r2.weights.numpy(), ref)
+    rb = solve_weights(torch.stack([Gt, 2 * Gt]))
+    assert isinstance(rb.status, torch.Tensor) and rb.status.shape == (2,)
+    torch.testing.assert_close(rb.weights[1], rb.weights[0] / np.sqrt(2), rtol=1e-6, atol=0)
+
+
+def test_result_fields():
+    r = solve_weights(np.eye(2))
+    assert r._fields == ("weights", "status", "iterations", "residual")
+    assert isinstance(r.status, SolveStatus) and isinstance(r.iterations, int)
+    assert isinstance(r.residual, float)
+    assert pub_native.METHODS.keys() == {"newton", "ccp"}
+
+
+def test_max_iter_reports_status():
+    rng = np.random.default_rng(9)
+    G = ill_conditioned_gram(rng, 10, cond=1e8)
+    r = solve_weights(G, max_iter=1)
+    assert r.status == SolveStatus.MAX_ITER and r.iterations == 1
+    assert r.residual > TOL["residual_f64"]
+
+
+def test_not_psd_reported():
+    # Symmetric but indefinite, with a'Ga < 0 along the start: no positive root.
+    G = np.array([[1.0, -3.0], [-3.0, 1.0]])
+    r = solve_weights(G, ridge=0.0)
+    assert r.status == SolveStatus.NOT_POSITIVE_DEFINITE
+    r = solve_weights(np.array([[-1.0]]))
+    assert r.status == SolveStatus.NOT_POSITIVE_DEFINITE
