@@ -57,7 +57,23 @@ METHODS = {
 _STATUS = tuple(SolveStatus)
 
 
+_OPTIONS_CACHE: dict = {}
+
+
 def _options(method, ridge, tol, max_iter):
+    # Types are part of the key: True == 1 and 1 == 1.0 must not share a validation result.
+    key = (method, ridge, tol, max_iter, type(ridge), type(tol), type(max_iter))
+    try:
+        return _OPTIONS_CACHE[key]
+    except (KeyError, TypeError):
+        pass
+    opts = _check_options(method, ridge, tol, max_iter)
+    if len(_OPTIONS_CACHE) < 256:
+        _OPTIONS_CACHE[key] = opts
+    return opts
+
+
+def _check_options(method, ridge, tol, max_iter):
     try:
         code, default_tol, default_iter = METHODS[method]
     except (KeyError, TypeError):

@@ -11,9 +11,9 @@ def random_gram(rng, K, P=None):
     return U @ U.T
 
 
-def scaled_gram(rng, K):
-    """Tasks whose update norms span six orders of magnitude."""
-    U = rng.standard_normal((K, K + 8)) * 10.0 ** rng.uniform(-3, 3, size=(K, 1))
+def scaled_gram(rng, K, decades=6):
+    """Tasks whose update norms span `decades` orders of magnitude."""
+    U = rng.standard_normal((K, K + 8)) * 10.0 ** rng.uniform(-decades / 2, decades / 2, (K, 1))
     return U @ U.T
 
 

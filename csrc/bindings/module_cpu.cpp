@@ -88,8 +88,12 @@ py::tuple solve_typed(const py::array& G_any, const py::object& warm_obj, int64_
     py::array_t<T> alpha(K);
     int32_t status = 0, iterations = 0;
     double residual = 0.0;
-    {
+    // Releasing the GIL costs about as much as solving a small problem.
+    if (K >= 16) {
       py::gil_scoped_release release;
+      cpu::solve_weights_batch<T>(G.data(), warm_ptr, alpha.mutable_data(), &status, &iterations,
+                                  &residual, 1, K, o);
+    } else {
       cpu::solve_weights_batch<T>(G.data(), warm_ptr, alpha.mutable_data(), &status, &iterations,
                                   &residual, 1, K, o);
     }

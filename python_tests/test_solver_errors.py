@@ -1,0 +1,96 @@
+"""Every error case of SPEC section 7 for solve_weights: a clear ValueError/TypeError naming
+the argument, for numpy and torch inputs alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pub_native import solve_weights
+
+GOOD = np.array([[2.0, 0.5], [0.5, 1.0]])
+
+
+@pytest.mark.parametrize("wrap", [np.asarray, torch.as_tensor], ids=["numpy", "torch"])
+@pytest.mark.parametrize(
+    "G,match",
+    [
+        (np.ones((2, 3)), "square"),
+        (np.ones((4, 2, 3)), "square"),
+        (np.ones(3), r"\(K, K\)"),
+        (np.ones((1, 1, 1, 1)), r"\(K, K\)"),
+        (np.zeros((0, 0)), "at least one task"),
+        (np.array([[1.0, 2.0], [0.0, 1.0]]), "symmetric"),
+        (np.array([[1.0, np.nan], [np.nan, 1.0]]), "NaN or Inf"),
+        (np.array([[np.inf, 0.0], [0.0, 1.0]]), "NaN or Inf"),
+    ],
+)
+def test_bad_matrix(wrap, G, match):
+    with pytest.raises(ValueError, match=match) as exc:
+        solve_weights(wrap(G))
+    assert "G" in str(exc.value)
+
+
+def test_bad_matrix_in_batch_names_problem():
+    Gs = np.stack([GOOD, GOOD, GOOD])
+    Gs[2, 0, 1] = np.nan
+    with pytest.raises(ValueError, match=r"problem 2"):
+        solve_weights(Gs)
+
+
+@pytest.mark.parametrize(
+    "G",
+    [
+        GOOD.astype(np.int64),
+        GOOD.astype(np.float16),
+        GOOD.astype(np.complex128),
+        torch.tensor(GOOD, dtype=torch.bfloat16),
+        torch.tensor(GOOD, dtype=torch.float16),
+        torch.tensor(GOOD, dtype=torch.complex64),
+    ],
+    ids=["int64", "float16", "complex128", "t-bfloat16", "t-float16", "t-complex64"],
+)
+def test_bad_dtype(G):
+    with pytest.raises(TypeError, match="G must be"):
+        solve_weights(G)
+
+
+def test_bad_type():
+    with pytest.raises(TypeError, match="G must be a numpy array or a torch tensor"):
+        solve_weights("not a matrix")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="adam"), "method"),
+        (dict(method=None), "method"),
+        (dict(ridge=-1.0), "ridge"),
+        (dict(ridge=float("nan")), "ridge"),
+        (dict(tol=0.0), "tol"),
+        (dict(tol=-1e-3), "tol"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(max_iter=2.5), "max_iter"),
+        (dict(max_iter=True), "max_iter"),
+        (dict(warm_start=np.ones(3)), "warm_start"),
+        (dict(warm_start=np.array([1.0, -1.0])), "warm_start"),
+        (dict(warm_start=np.array([1.0, np.nan])), "warm_start"),
+    ],
+)
+def test_bad_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        solve_weights(GOOD, **kwargs)
+
+
+def test_batched_warm_start_shape():
+    with pytest.raises(ValueError, match=r"warm_start must have shape \(B, K\)"):
+        solve_weights(np.stack([GOOD, GOOD]), warm_start=np.ones(2))
+
+
+def test_input_not_modified():
+    G = GOOD.copy()
+    warm = np.array([0.3, 0.7])
+    solve_weights(G, warm_start=warm, method="ccp")
+    np.testing.assert_array_equal(G, GOOD)
+    np.testing.assert_array_equal(warm, [0.3, 0.7])
