@@ -215,6 +215,9 @@ PN_HD int32_t ccp_subproblem(const Team& tm, Workspace& w, int64_t m) {
         w.g[i] = t * w.c[i] - qi * ai;
         qb[i] = qi * bi;
         e[i] = qi * qi * ai * bi;
+        // d and xt hold b^2 (q^2 + q) and a^2 (q^2 + q) until the Hessian is built.
+        w.d[i] = bi * bi * (qi * qi + qi);
+        w.xt[i] = ai * ai * (qi * qi + qi);
       }
       tm.sync();
       for (int64_t i = tm.rank(); i < m; i += tm.size()) {
@@ -222,14 +225,8 @@ PN_HD int32_t ccp_subproblem(const Team& tm, Workspace& w, int64_t m) {
         for (int64_t k = 0; k < m; ++k) s += w.G[i * m + k] * qb[k];
         w.g[i] -= s;
       }
-      // W = G diag(b^2 (q^2 + q)); d and xt temporarily hold b^2 (q^2 + q) and a^2 (q^2 + q).
-      for (int64_t i = tm.rank(); i < m; i += tm.size()) {
-        const double ai = 1.0 / w.x[i], bi = 1.0 / w.Gx[i];
-        const double qi = 1.0 / (pn_log(w.x[i]) + pn_log(w.Gx[i]));
-        w.d[i] = bi * bi * (qi * qi + qi);
-        w.xt[i] = ai * ai * (qi * qi + qi);
-      }
       tm.sync();
+      // W = G diag(b^2 (q^2 + q)).
       for (int64_t i = tm.rank(); i < m; i += tm.size())
         for (int64_t k = 0; k < m; ++k) w.W[i * m + k] = w.G[i * m + k] * w.d[k];
       tm.sync();
