@@ -2,16 +2,21 @@
 
 Drop-in ``torch.optim`` optimizers that balance the parameter updates of several tasks on their
 shared parameters (arXiv 2410.05806), on a native C++/CUDA core. This release provides the
-native K×K weight solver :func:`solve_weights`; see ``pub_native.reference`` for the cvxpy
-reference it is validated against.
+optimizers :class:`Adam`, :class:`AdaGrad` and :class:`RMSProp` and the native K×K weight
+solver :func:`solve_weights`; ``pub_native.reference`` holds the plain-PyTorch and cvxpy
+references they are validated against.
 """
 
 from ._native import cuda_available
+from .optim import AdaGrad, Adam, RMSProp
 from .solver import METHODS, SolveResult, SolveStatus, solve_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGrad",
+    "Adam",
+    "RMSProp",
     "METHODS",
     "SolveResult",
     "SolveStatus",

@@ -7,6 +7,7 @@
 #include <sstream>
 #include <string>
 
+#include "../cpu/pub_step_cpu.h"
 #include "../cpu/solve_weights_cpu.h"
 #include "build_config.h"
 
@@ -157,6 +158,86 @@ int omp_threads() {
 #endif
 }
 
+// ---- PUB step ------------------------------------------------------------------------------
+
+using Int64Array = py::array_t<int64_t, py::array::c_style>;
+using DoubleArray = py::array_t<double, py::array::c_style>;
+
+// The tables are read through raw pointers, so they must already have the exact layout:
+// a silent conversion would hand the kernels a temporary.
+void check_tables(const StepConfig& cfg, const Int64Array& table, const DoubleArray& hyper) {
+  if (table.ndim() != 2 || table.shape(1) != kTableCols)
+    throw py::value_error("table must be an int64 array of shape (n_tensors, " +
+                          std::to_string(kTableCols) + "), got " + shape_str(table));
+  if (hyper.ndim() != 2 || hyper.shape(1) != kHyperCols)
+    throw py::value_error("hyper must be a float64 array of shape (n_groups, " +
+                          std::to_string(kHyperCols) + "), got " + shape_str(hyper));
+  const int64_t n = table.shape(0), groups = hyper.shape(0);
+  const int64_t* t = table.data();
+  int64_t total = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t* row = t + r * kTableCols;
+    if (row[kTParam] == 0 || row[kTNumel] < 0 || row[kTGroup] < 0 || row[kTGroup] >= groups ||
+        row[kTGradOffset] < 0 || row[kTGradOffset] + row[kTNumel] > cfg.row_length)
+      throw py::value_error("table row " + std::to_string(r) + " is inconsistent");
+    total += row[kTNumel];
+  }
+  if (cfg.num_tasks < 1) throw py::value_error("num_tasks must be >= 1");
+  (void)total;
+}
+
+py::tuple pub_gram_py(const StepConfig& cfg, const Int64Array& table, const DoubleArray& hyper,
+                      uintptr_t grads) {
+  check_tables(cfg, table, hyper);
+  const int64_t K = cfg.num_tasks, n = table.shape(0);
+  DoubleArray G(std::vector<py::ssize_t>{K, K});
+  py::object sigma_obj = py::none();
+  double* sigma = nullptr;
+  if (cfg.umm == Umm::kClippy) {
+    DoubleArray s(std::vector<py::ssize_t>{n, K});
+    sigma = s.mutable_data();
+    sigma_obj = s;
+  }
+  {
+    py::gil_scoped_release release;
+    cpu::pub_gram(cfg, table.data(), n, hyper.data(), reinterpret_cast<const void*>(grads),
+                  G.mutable_data(), sigma);
+  }
+  return py::make_tuple(G, sigma_obj);
+}
+
+void pub_apply_py(const StepConfig& cfg, const Int64Array& table, const DoubleArray& hyper,
+                  uintptr_t grads, const DoubleArray& weights, const py::object& sigma_obj) {
+  check_tables(cfg, table, hyper);
+  const int64_t K = cfg.num_tasks, n = table.shape(0);
+  if (weights.ndim() != 1 || weights.shape(0) != K)
+    throw py::value_error("weights must be a float64 array of shape (K,)");
+  const double* sigma = nullptr;
+  DoubleArray sig;
+  if (!sigma_obj.is_none()) {
+    sig = sigma_obj.cast<DoubleArray>();
+    if (sig.ndim() != 2 || sig.shape(0) != n || sig.shape(1) != K)
+      throw py::value_error("sigma must be a float64 array of shape (n_tensors, K)");
+    sigma = sig.data();
+  } else if (cfg.umm == Umm::kClippy) {
+    throw py::value_error("sigma is required with Clippy");
+  }
+  py::gil_scoped_release release;
+  cpu::pub_apply(cfg, table.data(), n, hyper.data(), reinterpret_cast<const void*>(grads),
+                 weights.data(), sigma);
+}
+
+py::array_t<uint8_t> rows_finite_py(int32_t dtype, uintptr_t grads, int64_t K, int64_t P) {
+  if (dtype < kFloat32 || dtype > kFloat16) throw py::value_error("unknown dtype code");
+  py::array_t<uint8_t> bad(K);
+  {
+    py::gil_scoped_release release;
+    cpu::rows_finite(static_cast<DType>(dtype), reinterpret_cast<const void*>(grads), K, P,
+                     bad.mutable_data());
+  }
+  return bad;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -169,4 +250,44 @@ PYBIND11_MODULE(_C, m) {
   m.def("omp_max_threads", &omp_threads);
   m.def("workspace_size", [](int64_t K) { return solver_workspace_size(K); },
         "Doubles of solver workspace one problem with K tasks needs.");
+
+  py::class_<StepConfig>(m, "StepConfig", "Options of one PUB step (see pub_native/step.h).")
+      .def(py::init([](int32_t algo, bool amsgrad, bool centered, bool momentum, int32_t umm,
+                       int32_t dtype, int64_t num_tasks, int64_t row_length, double grad_sign,
+                       double clippy_rel, double clippy_abs, bool has_l2) {
+             if (algo < 0 || algo > 2) throw py::value_error("unknown algorithm code");
+             if (umm < 0 || umm > 2) throw py::value_error("unknown umm code");
+             if (dtype < kFloat32 || dtype > kFloat16) throw py::value_error("unknown dtype code");
+             if (num_tasks < 1 || row_length < 0)
+               throw py::value_error("num_tasks must be >= 1 and row_length >= 0");
+             StepConfig c;
+             c.algo = static_cast<Algorithm>(algo);
+             c.amsgrad = amsgrad;
+             c.centered = centered;
+             c.momentum = momentum;
+             c.umm = static_cast<Umm>(umm);
+             c.dtype = static_cast<DType>(dtype);
+             c.num_tasks = num_tasks;
+             c.row_length = row_length;
+             c.grad_sign = grad_sign;
+             c.clippy_rel = clippy_rel;
+             c.clippy_abs = clippy_abs;
+             c.has_l2 = has_l2;
+             return c;
+           }),
+           py::arg("algo"), py::arg("amsgrad"), py::arg("centered"), py::arg("momentum"),
+           py::arg("umm"), py::arg("dtype"), py::arg("num_tasks"), py::arg("row_length"),
+           py::arg("grad_sign"), py::arg("clippy_rel"), py::arg("clippy_abs"), py::arg("has_l2"))
+      .def_readonly("num_tasks", &StepConfig::num_tasks)
+      .def_readonly("row_length", &StepConfig::row_length);
+  m.attr("TABLE_COLS") = static_cast<int>(kTableCols);
+  m.attr("HYPER_COLS") = static_cast<int>(kHyperCols);
+  m.def("pub_gram", &pub_gram_py, py::arg("config"), py::arg("table").noconvert(),
+        py::arg("hyper").noconvert(), py::arg("grads"),
+        "Gram pass: returns (G (K, K) float64, sigma (n_tensors, K) with Clippy else None).");
+  m.def("pub_apply", &pub_apply_py, py::arg("config"), py::arg("table").noconvert(),
+        py::arg("hyper").noconvert(), py::arg("grads"), py::arg("weights").noconvert(),
+        py::arg("sigma"), "Apply pass: writes the parameters and advances the state in place.");
+  m.def("rows_finite", &rows_finite_py, py::arg("dtype"), py::arg("grads"), py::arg("num_tasks"),
+        py::arg("row_length"), "Per task row of the gradient buffer: 1 if it holds NaN/Inf.");
 }

@@ -1,0 +1,136 @@
+// Framework-free per-element math of the base optimizers (host C++ and CUDA device code):
+// for one coordinate, the state a gradient g would produce and the update u = θ − θ_new that
+// the optimizer would apply with it (SPEC section 3). The PUB kernels call a rule K times per
+// coordinate with the task gradients (Gram and apply passes) and once with the balanced gradient
+// g_α (state advance); the rules never see memory layouts.
+#pragma once
+
+#include <cstdint>
+
+#include "numeric.h"
+
+namespace pub_native {
+
+enum class Algorithm : int32_t { kAdam = 0, kAdaGrad = 1, kRMSProp = 2 };
+enum class Umm : int32_t { kNone = 0, kClippy = 1, kAdaTask = 2 };
+
+// Columns of the per-param-group hyper-parameter table, computed on the host in float64 for the
+// current step (bias corrections included) and shared with Python (pub_native/_kernels.py).
+enum HyperCol : int32_t {
+  kHStepSize = 0,    // Adam: lr / (1 − β1^t); AdaGrad: lr / (1 + (t − 1)·lr_decay); RMSProp: lr
+  kHBeta1 = 1,       // Adam: β1; RMSProp: momentum μ
+  kHBeta2 = 2,       // Adam: β2; RMSProp: α (smoothing constant)
+  kHEps = 3,         // ε
+  kHWeightDecay = 4, // L2 weight decay added to every task gradient (0 when decoupled)
+  kHDecay = 5,       // decoupled weight decay factor 1 − lr·wd (1 otherwise)
+  kHBc2Sqrt = 6,     // Adam: sqrt(1 − β2^t)
+  kHyperCols = 8,
+};
+
+// Largest number of state tensors of any rule.
+constexpr int kMaxStates = 3;
+
+// torch's lerp: a + w·(b − a) for |w| < 1/2, else b − (b − a)·(1 − w); β1 = 0.9 takes the first.
+template <class T>
+PN_HD T pn_lerp(T a, T b, T w) {
+  return (w < T(0.5) && w > T(-0.5)) ? a + w * (b - a) : b - (b - a) * (T(1) - w);
+}
+
+// Adam (torch.optim.Adam): state exp_avg, exp_avg_sq[, max_exp_avg_sq].
+template <class T, bool kAmsgrad>
+struct AdamRule {
+  static constexpr int kStates = kAmsgrad ? 3 : 2;
+  enum : int { kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2 };
+  T step_size, beta1, beta2, eps, bc2_sqrt;
+
+  PN_HD explicit AdamRule(const double* h)
+      : step_size(static_cast<T>(h[kHStepSize])),
+        beta1(static_cast<T>(h[kHBeta1])),
+        beta2(static_cast<T>(h[kHBeta2])),
+        eps(static_cast<T>(h[kHEps])),
+        bc2_sqrt(static_cast<T>(h[kHBc2Sqrt])) {}
+
+  PN_HD T operator()(T g, const T* s, T* next) const {
+    const T m = pn_lerp(s[kExpAvg], g, T(1) - beta1);
+    const T v = s[kExpAvgSq] * beta2 + (T(1) - beta2) * g * g;
+    T v_hat = v;
+    if constexpr (kAmsgrad) {
+      v_hat = s[kMaxExpAvgSq] > v ? s[kMaxExpAvgSq] : v;
+      next[kMaxExpAvgSq] = v_hat;
+    }
+    next[kExpAvg] = m;
+    next[kExpAvgSq] = v;
+    return step_size * m / (pn_sqrt_t(v_hat) / bc2_sqrt + eps);
+  }
+};
+
+// AdaGrad (torch.optim.Adagrad): state sum. step_size is the decayed clr.
+template <class T>
+struct AdaGradRule {
+  static constexpr int kStates = 1;
+  enum : int { kSum = 0 };
+  T clr, eps;
+
+  PN_HD explicit AdaGradRule(const double* h)
+      : clr(static_cast<T>(h[kHStepSize])), eps(static_cast<T>(h[kHEps])) {}
+
+  PN_HD T operator()(T g, const T* s, T* next) const {
+    const T sum = s[kSum] + g * g;
+    next[kSum] = sum;
+    return clr * g / (pn_sqrt_t(sum) + eps);
+  }
+};
+
+// RMSProp (torch.optim.RMSprop): state square_avg[, grad_avg][, momentum_buffer].
+template <class T, bool kCentered, bool kMomentum>
+struct RMSPropRule {
+  static constexpr int kStates = 1 + (kCentered ? 1 : 0) + (kMomentum ? 1 : 0);
+  enum : int { kSquareAvg = 0, kGradAvg = 1, kMomentumBuffer = kCentered ? 2 : 1 };
+  T lr, momentum, alpha, eps;
+
+  PN_HD explicit RMSPropRule(const double* h)
+      : lr(static_cast<T>(h[kHStepSize])),
+        momentum(static_cast<T>(h[kHBeta1])),
+        alpha(static_cast<T>(h[kHBeta2])),
+        eps(static_cast<T>(h[kHEps])) {}
+
+  PN_HD T operator()(T g, const T* s, T* next) const {
+    const T v = s[kSquareAvg] * alpha + (T(1) - alpha) * g * g;
+    next[kSquareAvg] = v;
+    T denom;
+    if constexpr (kCentered) {
+      const T a = pn_lerp(s[kGradAvg], g, T(1) - alpha);
+      next[kGradAvg] = a;
+      denom = pn_sqrt_t(v - a * a) + eps;
+    } else {
+      denom = pn_sqrt_t(v) + eps;
+    }
+    if constexpr (kMomentum) {
+      const T b = s[kMomentumBuffer] * momentum + g / denom;
+      next[kMomentumBuffer] = b;
+      return lr * b;
+    } else {
+      return lr * g / denom;
+    }
+  }
+};
+
+// Call f.template operator()<Rule>() with the rule selected by the runtime options; used by both
+// the CPU and the CUDA layers so they support the same set.
+template <class T, class F>
+void dispatch_rule(Algorithm algo, bool amsgrad, bool centered, bool momentum, F&& f) {
+  switch (algo) {
+    case Algorithm::kAdam:
+      if (amsgrad) return f.template operator()<AdamRule<T, true>>();
+      return f.template operator()<AdamRule<T, false>>();
+    case Algorithm::kAdaGrad:
+      return f.template operator()<AdaGradRule<T>>();
+    case Algorithm::kRMSProp:
+      if (centered && momentum) return f.template operator()<RMSPropRule<T, true, true>>();
+      if (centered) return f.template operator()<RMSPropRule<T, true, false>>();
+      if (momentum) return f.template operator()<RMSPropRule<T, false, true>>();
+      return f.template operator()<RMSPropRule<T, false, false>>();
+  }
+}
+
+}  // namespace pub_native

@@ -1,0 +1,165 @@
+"""Per-task gradients for multi-task training: shared-parameter detection and the K×P buffer.
+
+Python layer shared by the PUB optimizers and the gradient balancers in ``pub_native.baselines``.
+A parameter is *shared* when the autograd graphs of two or more task losses reach it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["as_loss_list", "reached_parameters", "split_shared", "TaskGradients"]
+
+
+def as_loss_list(losses, expected_k: int | None = None) -> list[torch.Tensor]:
+    """Validate ``losses`` (a list/tuple of K scalar tensors or a 1-D tensor) into a list."""
+    if isinstance(losses, torch.Tensor):
+        if losses.dim() != 1:
+            raise ValueError(
+                "losses must be a list of scalar tensors or a 1-D tensor of K losses, got a "
+                f"tensor of shape {tuple(losses.shape)}"
+            )
+        items = list(losses.unbind(0))
+    elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
+        items = list(losses)
+    else:
+        raise ValueError(
+            f"losses must be a list of scalar tensors or a 1-D tensor, got {type(losses).__name__}"
+        )
+    if not items:
+        raise ValueError("losses must hold at least one task loss, got 0")
+    for i, loss in enumerate(items):
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(f"losses[{i}] must be a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1 or loss.dim() > 1:
+            raise ValueError(f"losses[{i}] must be a scalar, got shape {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError(f"losses[{i}] does not require grad (it is not connected to any "
+                             "parameter)")
+    if expected_k is not None and len(items) != expected_k:
+        raise ValueError(
+            f"losses has {len(items)} tasks, but this optimizer was built for K = {expected_k}"
+        )
+    return [loss.reshape(()) for loss in items]
+
+
+def reached_parameters(loss: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors that the autograd graph of ``loss`` accumulates gradient into."""
+    seen_nodes: set = set()
+    leaves: set[int] = set()
+    if loss.grad_fn is None:
+        if loss.requires_grad:
+            leaves.add(id(loss))
+        return leaves
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            leaves.add(id(var))
+            continue
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return leaves
+
+
+def split_shared(losses: list[torch.Tensor], params: list[torch.Tensor]) -> list[bool]:
+    """For each parameter: is it reached by two or more task losses?"""
+    reach = [reached_parameters(loss) for loss in losses]
+    return [sum(id(p) in r for r in reach) >= 2 for p in params]
+
+
+class TaskGradients:
+    """The K×P buffer of per-task gradients of the shared parameters.
+
+    Row i holds ∂L_i/∂θ for the P shared scalars, laid out parameter after parameter in the
+    order given (each parameter flattened in its own contiguous order). The buffer is allocated
+    once and reused; :meth:`compute` fills it with one ``torch.autograd.grad`` call per task.
+
+    One call per task was chosen over a single ``is_grads_batched=True`` call by measurement
+    (``benches/bench_backward.py``): the batched call runs the backward under ``vmap``, which
+    materializes K-times larger intermediates and falls back to a slow per-sample loop for
+    operators without a batching rule, and it was slower on every model measured.
+    """
+
+    def __init__(self, shared: list[torch.Tensor], k: int):
+        self.params = shared
+        self.k = k
+        self.numels = [p.numel() for p in shared]
+        self.offsets = []
+        off = 0
+        for n in self.numels:
+            self.offsets.append(off)
+            off += n
+        self.size = off
+        dtypes = {p.dtype for p in shared}
+        devices = {p.device for p in shared}
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"shared parameters must have one dtype, got {sorted(map(str, dtypes))}"
+            )
+        if len(devices) > 1:
+            raise TypeError(
+                f"shared parameters must be on one device, got {sorted(map(str, devices))}"
+            )
+        self.dtype = shared[0].dtype if shared else torch.float32
+        self.device = shared[0].device if shared else torch.device("cpu")
+        self.buffer = torch.empty((k, self.size), dtype=self.dtype, device=self.device)
+
+    def views(self, i: int) -> list[torch.Tensor]:
+        """Row i of the buffer as tensors shaped like the shared parameters."""
+        row = self.buffer[i]
+        return [row[o:o + n].view(p.shape) for p, o, n in zip(self.params, self.offsets,
+                                                              self.numels)]
+
+    def compute(self, losses: list[torch.Tensor], specific: list[list[torch.Tensor]],
+                retain_graph: bool = False, accumulate: bool = False) -> None:
+        """Fill the buffer with each task's shared gradients; accumulate task-specific gradients.
+
+        ``specific[i]`` are the non-shared parameters whose gradient from task i is added to
+        ``.grad`` as ``loss.backward()`` would (unreached ones are skipped at no cost). With
+        ``accumulate`` the shared gradients are added to the buffer instead of replacing it.
+        """
+        k = len(losses)
+        n_shared = len(self.params)
+        for i, loss in enumerate(losses):
+            inputs = self.params + specific[i]
+            if not inputs:
+                continue
+            grads = torch.autograd.grad(
+                loss, inputs, retain_graph=retain_graph or i < k - 1, allow_unused=True
+            )
+            row = self.buffer[i]
+            if n_shared:
+                shared_grads = grads[:n_shared]
+                for p, g in zip(self.params, shared_grads):
+                    if g is not None and g.is_sparse:
+                        raise TypeError(
+                            f"sparse gradient for a shared parameter of shape {tuple(p.shape)}: "
+                            "PUB needs dense gradients (use sparse=False in nn.Embedding)"
+                        )
+                if accumulate:
+                    for g, o, n in zip(shared_grads, self.offsets, self.numels):
+                        if g is not None:
+                            row[o:o + n].add_(g.reshape(-1))
+                elif all(g is not None for g in shared_grads):
+                    torch.cat([g.reshape(-1) for g in shared_grads], out=row)
+                else:
+                    for g, o, n in zip(shared_grads, self.offsets, self.numels):
+                        if g is None:
+                            row[o:o + n].zero_()
+                        else:
+                            row[o:o + n].copy_(g.reshape(-1))
+            for p, g in zip(specific[i], grads[n_shared:]):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    # autograd may hand back an expanded or aliased tensor; .grad must own its
+                    # memory because later tasks accumulate into it.
+                    p.grad = g if g.is_contiguous() and g._base is None else g.clone()
+                else:
+                    p.grad.add_(g)

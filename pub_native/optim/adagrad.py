@@ -1,0 +1,54 @@
+"""``pub_native.AdaGrad``: PUB on top of ``torch.optim.Adagrad`` (Python layer).
+
+The per-task AdaGrad update is ``AdaGradRule`` in csrc/include/pub_native/update_rules.h.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._pub import PUBOptimizer
+
+__all__ = ["AdaGrad"]
+
+
+class AdaGrad(PUBOptimizer, torch.optim.Adagrad):
+    r"""AdaGrad with Parameter Update Balancing on the shared parameters (arXiv 2410.05806).
+
+    Takes every argument of :class:`torch.optim.Adagrad` plus PUB's keyword arguments (see
+    :class:`pub_native.Adam`). For shared parameters, at step t:
+
+    .. math::
+        s_i = s + g_i^2,\quad clr = \frac{lr}{1 + (t-1)\,lr\_decay},\quad
+        u_i = clr\,\frac{g_i}{\sqrt{s_i} + ε}
+
+    then α̂ from Gα = 1/α on G = UᵀU, θ ← θ − Σ_i α̂_i u_i and s ← s + g_α² with
+    g_α = Σ_i α̂_i g_i. ``umm="adatask"`` keeps one s_i per task.
+    """
+
+    _ALGO = 1
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
+                 shared=None, update_weights_every=1, solver="newton", weight_norm="sum",
+                 ridge=1e-8, umm=None, clippy_preset="paper", clippy_lambda_rel=None,
+                 clippy_lambda_abs=None):
+        params = self._materialize(params)
+        torch.optim.Adagrad.__init__(
+            self, params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, foreach=foreach,
+            maximize=maximize, differentiable=differentiable, fused=fused,
+        )
+        self._pub_setup(shared, update_weights_every, solver, weight_norm, ridge, umm,
+                        clippy_preset, clippy_lambda_rel, clippy_lambda_abs)
+
+    def _state_names(self, group):
+        return ["sum"]
+
+    def _initial_state_value(self, group, name):
+        return float(group["initial_accumulator_value"])
+
+    def _hyper_row(self, group, t):
+        lr = float(group["lr"])
+        clr = lr / (1.0 + (t - 1) * float(group["lr_decay"]))
+        return [clr, 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]), 1.0, 0.0, 0.0]

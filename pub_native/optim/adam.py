@@ -1,0 +1,96 @@
+"""``pub_native.Adam``: PUB on top of ``torch.optim.Adam`` (Python layer).
+
+The per-task Adam update and the state advance are in csrc/include/pub_native/update_rules.h
+(``AdamRule``); this file holds the torch-facing class.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from ._pub import PUBOptimizer
+
+__all__ = ["Adam"]
+
+_HAS_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
+
+
+class Adam(PUBOptimizer, torch.optim.Adam):
+    r"""Adam with Parameter Update Balancing on the shared parameters (arXiv 2410.05806, §IV).
+
+    Takes every argument of :class:`torch.optim.Adam`, with the same defaults and validation,
+    plus PUB's keyword arguments. For shared parameters θ, at step t with task gradients g_i
+    (g_i ← g_i + wd·θ with L2 weight decay):
+
+    .. math::
+        m_i = β_1 m + (1-β_1) g_i,\quad v_i = β_2 v + (1-β_2) g_i^2,\quad
+        u_i = \frac{lr}{1-β_1^t}\,\frac{m_i}{\sqrt{\hat v_i/(1-β_2^t)} + ε}
+
+    (v̂_i = max(v_max, v_i) with ``amsgrad``), G = UᵀU, α > 0 with Gα = 1/α, α̂ = α/Σα, then
+    θ ← θ − Σ_i α̂_i u_i (after θ ← θ(1 − lr·wd) with ``decoupled_weight_decay``) and the state
+    advances with g_α = Σ_i α̂_i g_i. Task-specific parameters take the plain Adam step.
+
+    Use ``opt.backward(losses)`` (K scalar losses) instead of ``loss.backward()``; after a plain
+    ``loss.backward()``, ``step()`` is exactly Adam.
+
+    Args (PUB):
+        shared: the shared parameters; default: a ``"shared"`` flag of the param group, else
+            the parameters that two or more task losses reach (decided on the first backward).
+        update_weights_every: solve for α̂ on steps t with (t − 1) mod n = 0, reuse it otherwise.
+        solver: ``"newton"`` (default) or ``"ccp"`` (the paper's procedure).
+        weight_norm: ``"sum"`` (α̂ = α/Σα; one task, or K identical tasks, give plain Adam) or
+            ``"none"`` (raw α, the paper's literal formula).
+        ridge: ρ of the ridge ρ·(tr G / K)·I that keeps the weights finite at Pareto-stationary
+            points.
+        umm: ``None``, ``"clippy"`` (clip each task update per tensor to
+            λ_rel·|θ| + λ_abs) or ``"adatask"`` (per-task m_i, v_i).
+        clippy_preset: ``"paper"`` (λ_rel = 0.5, λ_abs = 1e-2) or ``"tfrs"`` (0.1, 1e-7);
+            ``clippy_lambda_rel`` / ``clippy_lambda_abs`` override it.
+    """
+
+    _ALGO = 0
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 shared=None, update_weights_every=1, solver="newton", weight_norm="sum",
+                 ridge=1e-8, umm=None, clippy_preset="paper", clippy_lambda_rel=None,
+                 clippy_lambda_abs=None):
+        params = self._materialize(params)
+        kwargs = dict(foreach=foreach, maximize=maximize, capturable=capturable,
+                      differentiable=differentiable, fused=fused)
+        if _HAS_DECOUPLED:
+            kwargs["decoupled_weight_decay"] = decoupled_weight_decay
+        elif decoupled_weight_decay:
+            raise NotImplementedError(
+                "decoupled_weight_decay=True needs a torch whose Adam accepts it (>= 2.6)"
+            )
+        torch.optim.Adam.__init__(self, params, lr=lr, betas=betas, eps=eps,
+                                  weight_decay=weight_decay, amsgrad=amsgrad, **kwargs)
+        self._pub_setup(shared, update_weights_every, solver, weight_norm, ridge, umm,
+                        clippy_preset, clippy_lambda_rel, clippy_lambda_abs)
+
+    def _state_names(self, group):
+        names = ["exp_avg", "exp_avg_sq"]
+        if group["amsgrad"]:
+            names.append("max_exp_avg_sq")
+        return names
+
+    def _config_key(self, group):
+        return (bool(group["amsgrad"]),)
+
+    def _config_flags(self, key):
+        return (key[0], False, False)
+
+    def _hyper_row(self, group, t):
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        wd = float(group["weight_decay"])
+        decoupled = group.get("decoupled_weight_decay", False)
+        bc1 = 1.0 - beta1**t
+        bc2 = 1.0 - beta2**t
+        return [lr / bc1, beta1, beta2, float(group["eps"]), 0.0 if decoupled else wd,
+                1.0 - lr * wd if decoupled else 1.0, math.sqrt(bc2), 0.0]
