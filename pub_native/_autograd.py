@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import warnings
+
 import torch
 
-__all__ = ["as_loss_list", "reached_parameters", "split_shared", "TaskGradients"]
+__all__ = ["as_loss_list", "reached_parameters", "split_shared", "task_roots", "TaskGradients"]
 
 
 def as_loss_list(losses, expected_k: int | None = None) -> list[torch.Tensor]:
@@ -45,15 +47,43 @@ def as_loss_list(losses, expected_k: int | None = None) -> list[torch.Tensor]:
     return [loss.reshape(()) for loss in items]
 
 
-def reached_parameters(loss: torch.Tensor) -> set[int]:
-    """ids of the leaf tensors that the autograd graph of ``loss`` accumulates gradient into."""
+def task_roots(losses, items: list[torch.Tensor]) -> list:
+    """The autograd node where each task's graph starts, for shared-parameter detection.
+
+    For a list of losses, each loss's own ``grad_fn``. A 1-D tensor's elements all lead back
+    through the whole tensor; when it was built by ``torch.stack``, the stack's inputs separate
+    the tasks again, otherwise every task counts as reaching every parameter (with a warning).
+    """
+    if not isinstance(losses, torch.Tensor):
+        return [loss.grad_fn if loss.grad_fn is not None else loss for loss in items]
+    fn = losses.grad_fn
+    if fn is not None and fn.name().startswith("StackBackward") \
+            and len(fn.next_functions) == len(items):
+        return [next_fn for next_fn, _ in fn.next_functions]
+    if len(items) > 1:
+        warnings.warn(
+            "losses is a 1-D tensor not built by torch.stack, so every parameter it depends on "
+            "counts as reached by every task; pass a list of losses (or shared=) to detect the "
+            "shared parameters exactly",
+            stacklevel=3,
+        )
+    return [fn if fn is not None else losses] * len(items)
+
+
+def reached_parameters(root) -> set[int]:
+    """ids of the leaf tensors that the autograd graph below ``root`` (a loss tensor or an
+    autograd node) accumulates gradient into."""
     seen_nodes: set = set()
     leaves: set[int] = set()
-    if loss.grad_fn is None:
-        if loss.requires_grad:
-            leaves.add(id(loss))
+    if isinstance(root, torch.Tensor):
+        if root.grad_fn is None:
+            if root.requires_grad:
+                leaves.add(id(root))
+            return leaves
+        root = root.grad_fn
+    if root is None:
         return leaves
-    stack = [loss.grad_fn]
+    stack = [root]
     while stack:
         node = stack.pop()
         if node is None or node in seen_nodes:
@@ -67,9 +97,10 @@ def reached_parameters(loss: torch.Tensor) -> set[int]:
     return leaves
 
 
-def split_shared(losses: list[torch.Tensor], params: list[torch.Tensor]) -> list[bool]:
-    """For each parameter: is it reached by two or more task losses?"""
-    reach = [reached_parameters(loss) for loss in losses]
+def split_shared(roots: list, params: list[torch.Tensor]) -> list[bool]:
+    """For each parameter: is it reached by two or more tasks? ``roots``: one loss tensor or
+    autograd node per task (see :func:`task_roots`)."""
+    reach = [reached_parameters(root) for root in roots]
     return [sum(id(p) in r for r in reach) >= 2 for p in params]
 
 

@@ -85,6 +85,12 @@ class PUBOptimizer:
                 f"Invalid clippy_preset: {clippy_preset!r}, expected one of "
                 f"{sorted(CLIPPY_PRESETS)}"
             )
+        if umm != "clippy" and (clippy_preset != "paper" or clippy_lambda_rel is not None
+                                or clippy_lambda_abs is not None):
+            raise ValueError(
+                f"clippy_preset / clippy_lambda_rel / clippy_lambda_abs are only used with "
+                f"umm='clippy', got umm={umm!r}"
+            )
         lam_rel, lam_abs = CLIPPY_PRESETS[clippy_preset]
         for name, value in (("clippy_lambda_rel", clippy_lambda_rel),
                             ("clippy_lambda_abs", clippy_lambda_abs)):
@@ -183,7 +189,7 @@ class PUBOptimizer:
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _resolve_shared(self, losses):
+    def _resolve_shared(self, roots):
         params = self._all_params()
         auto = None
         decided = []
@@ -196,7 +202,7 @@ class PUBOptimizer:
                     decided.append(bool(flag))
                 else:
                     if auto is None:
-                        auto = dict(zip(map(id, params), _autograd.split_shared(losses, params)))
+                        auto = dict(zip(map(id, params), _autograd.split_shared(roots, params)))
                     decided.append(auto[id(p)])
         shared = [p for p, s in zip(params, decided) if s and p.requires_grad]
         for p in shared:
@@ -233,7 +239,7 @@ class PUBOptimizer:
         items = _autograd.as_loss_list(losses, self._k)
         k = len(items)
         if self._shared is None:
-            self._shared = self._resolve_shared(items)
+            self._shared = self._resolve_shared(_autograd.task_roots(losses, items))
             self._segments_cache = None
         if self._k is None:
             self._k = k
@@ -256,19 +262,41 @@ class PUBOptimizer:
         return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
 
     def _init_shared_state(self, p, group) -> dict | None:
-        """Missing state entries of a shared parameter (returned, not yet stored)."""
+        """Missing state entries of a shared parameter (returned, not yet stored).
+
+        With AdaTask, a plain entry already there (torch's Adagrad creates ``sum`` at
+        construction; plain steps before the first ``backward(losses)`` create the others)
+        becomes the starting value of every task's copy and is dropped (``None`` in the result).
+        """
         st = self.state.get(p, {})
         names = self._state_names(group)
-        keys = [("task_" + n) if self.umm == "adatask" else n for n in names]
         new = {}
         if "step" not in st:
             new["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-        shape = ((self._k,) if self.umm == "adatask" else ()) + tuple(p.shape)
-        for key, name in zip(keys, names):
-            if key not in st:
-                new[key] = torch.full(shape, self._initial_state_value(group, name),
-                                      dtype=self._state_dtype(p), device=p.device)
+        dtype = self._state_dtype(p)
+        for name in names:
+            if self.umm == "adatask":
+                key = "task_" + name
+                if key not in st:
+                    if name in st:
+                        base = st[name].to(dtype)
+                        new[name] = None
+                    else:
+                        base = torch.full(p.shape, self._initial_state_value(group, name),
+                                          dtype=dtype, device=p.device)
+                    new[key] = base.unsqueeze(0).repeat(self._k, *([1] * p.dim())).contiguous()
+            elif name not in st:
+                new[name] = torch.full(p.shape, self._initial_state_value(group, name),
+                                       dtype=dtype, device=p.device)
         return new or None
+
+    def _commit_state(self, p, new):
+        st = self.state[p]
+        for key, value in new.items():
+            if value is None:
+                st.pop(key, None)
+            else:
+                st[key] = value
 
     def _initial_state_value(self, group, name) -> float:
         return 0.0
@@ -381,7 +409,7 @@ class PUBOptimizer:
             st = dict(self.state.get(p, {}))
             if new:
                 new_entries[p] = new
-                st.update(new)
+                st.update({key: v for key, v in new.items() if v is not None})
             states[id(p)] = st
         steps = {id(p): _float(states[id(p)]["step"]) for p in shared}
 
@@ -391,18 +419,22 @@ class PUBOptimizer:
         grads_ptr = self._grads.buffer.data_ptr() if shared else 0
         sigmas = [None] * len(tables)
         weights, stats = self._weights, dict(self._stats, updated=False)
-        if solve:
+        # Clippy's per-tensor scales come from the Gram pass, so it runs on reuse steps too.
+        if solve or (self.umm == "clippy" and shared):
             G = np.zeros((k, k))
             for s, (cfg, table, hyper) in enumerate(tables):
                 Gs, sigmas[s] = _C.pub_gram(cfg, table, hyper, grads_ptr)
                 G += Gs
-            bad = [i for i in range(k) if not np.isfinite(G[i, i]) or not np.isfinite(G[i]).all()]
+            bad = [i for i in range(k) if not np.isfinite(G[i, i])]
+            if not bad and not np.isfinite(G).all():  # finite updates whose products overflow
+                bad = list(range(k))
             if bad:
                 raise FloatingPointError(
                     f"non-finite update (NaN/Inf gradient) for task(s) {bad}; the step was not "
                     "taken and parameters and optimizer state are unchanged"
                 )
-            weights, stats = self._solve(G)
+            if solve:
+                weights, stats = self._solve(G)
         elif shared:
             bad = np.flatnonzero(_C.rows_finite(_DTYPES[self._grads.dtype], grads_ptr, k,
                                                 self._grads.size)).tolist()
@@ -415,7 +447,7 @@ class PUBOptimizer:
 
         # Commit: nothing below raises on valid input.
         for p, new in new_entries.items():
-            self.state[p].update(new)
+            self._commit_state(p, new)
         for s, (cfg, table, hyper) in enumerate(tables):
             _C.pub_apply(cfg, table, hyper, grads_ptr, weights, sigmas[s])
         if shared:
@@ -490,10 +522,10 @@ class PUBOptimizer:
                 st = dict(self.state.get(p, {}))
                 if new:
                     new_entries[p] = new
-                    st.update(new)
+                    st.update({key: v for key, v in new.items() if v is not None})
                 states[id(p)] = st
             for p, new in new_entries.items():
-                self.state[p].update(new)
+                self._commit_state(p, new)
             with_grad = {id(p) for p in shared}
             steps = {id(p): _float(states[id(p)]["step"]) for p in self._shared}
             segs = []

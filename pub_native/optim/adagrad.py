@@ -51,4 +51,5 @@ class AdaGrad(PUBOptimizer, torch.optim.Adagrad):
     def _hyper_row(self, group, t):
         lr = float(group["lr"])
         clr = lr / (1.0 + (t - 1) * float(group["lr_decay"]))
-        return [clr, 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]), 1.0, 0.0, 0.0]
+        return [clr, 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]), 1.0, 0.0, 0.0,
+                0.0]

@@ -93,4 +93,4 @@ class Adam(PUBOptimizer, torch.optim.Adam):
         bc1 = 1.0 - beta1**t
         bc2 = 1.0 - beta2**t
         return [lr / bc1, beta1, beta2, float(group["eps"]), 0.0 if decoupled else wd,
-                1.0 - lr * wd if decoupled else 1.0, math.sqrt(bc2), 0.0]
+                1.0 - lr * wd if decoupled else 1.0, 1.0 / math.sqrt(bc2), 1.0 - beta1, 1.0 - beta2]

@@ -58,5 +58,6 @@ class RMSProp(PUBOptimizer, torch.optim.RMSprop):
         return (False, key[0], key[1])
 
     def _hyper_row(self, group, t):
-        return [float(group["lr"]), float(group["momentum"]), float(group["alpha"]),
-                float(group["eps"]), float(group["weight_decay"]), 1.0, 0.0, 0.0]
+        alpha = float(group["alpha"])
+        return [float(group["lr"]), float(group["momentum"]), alpha, float(group["eps"]),
+                float(group["weight_decay"]), 1.0, 0.0, 0.0, 1.0 - alpha]

@@ -23,17 +23,21 @@ enum HyperCol : int32_t {
   kHEps = 3,         // ε
   kHWeightDecay = 4, // L2 weight decay added to every task gradient (0 when decoupled)
   kHDecay = 5,       // decoupled weight decay factor 1 − lr·wd (1 otherwise)
-  kHBc2Sqrt = 6,     // Adam: sqrt(1 − β2^t)
-  kHyperCols = 8,
+  kHBc2Sqrt = 6,     // Adam: 1 / sqrt(1 − β2^t)
+  kHOneMinusBeta1 = 7,  // 1 − β1, rounded once from float64 as torch does
+  kHOneMinusBeta2 = 8,  // Adam: 1 − β2; RMSProp: 1 − α
+  kHyperCols = 9,
 };
 
 // Largest number of state tensors of any rule.
 constexpr int kMaxStates = 3;
 
-// torch's lerp: a + w·(b − a) for |w| < 1/2, else b − (b − a)·(1 − w); β1 = 0.9 takes the first.
+// a + w·(b − a): torch's lerp for |w| < 1/2, the case of the default β1 = 0.9 and α = 0.99
+// (torch switches to b − (b − a)·(1 − w) above; the two differ by rounding only, and a
+// branch here would keep the element loops from vectorizing).
 template <class T>
 PN_HD T pn_lerp(T a, T b, T w) {
-  return (w < T(0.5) && w > T(-0.5)) ? a + w * (b - a) : b - (b - a) * (T(1) - w);
+  return a + w * (b - a);
 }
 
 // Adam (torch.optim.Adam): state exp_avg, exp_avg_sq[, max_exp_avg_sq].
@@ -41,18 +45,19 @@ template <class T, bool kAmsgrad>
 struct AdamRule {
   static constexpr int kStates = kAmsgrad ? 3 : 2;
   enum : int { kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2 };
-  T step_size, beta1, beta2, eps, bc2_sqrt;
+  T step_size, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc2_sqrt;
 
   PN_HD explicit AdamRule(const double* h)
       : step_size(static_cast<T>(h[kHStepSize])),
-        beta1(static_cast<T>(h[kHBeta1])),
+        one_minus_beta1(static_cast<T>(h[kHOneMinusBeta1])),
         beta2(static_cast<T>(h[kHBeta2])),
+        one_minus_beta2(static_cast<T>(h[kHOneMinusBeta2])),
         eps(static_cast<T>(h[kHEps])),
-        bc2_sqrt(static_cast<T>(h[kHBc2Sqrt])) {}
+        inv_bc2_sqrt(static_cast<T>(h[kHBc2Sqrt])) {}
 
   PN_HD T operator()(T g, const T* s, T* next) const {
-    const T m = pn_lerp(s[kExpAvg], g, T(1) - beta1);
-    const T v = s[kExpAvgSq] * beta2 + (T(1) - beta2) * g * g;
+    const T m = pn_lerp(s[kExpAvg], g, one_minus_beta1);
+    const T v = s[kExpAvgSq] * beta2 + one_minus_beta2 * g * g;
     T v_hat = v;
     if constexpr (kAmsgrad) {
       v_hat = s[kMaxExpAvgSq] > v ? s[kMaxExpAvgSq] : v;
@@ -60,7 +65,9 @@ struct AdamRule {
     }
     next[kExpAvg] = m;
     next[kExpAvgSq] = v;
-    return step_size * m / (pn_sqrt_t(v_hat) / bc2_sqrt + eps);
+    // torch divides by sqrt(1 − β2^t); multiplying by its inverse (one rounding apart) keeps
+    // the divider, the bottleneck of these loops, to one division per update.
+    return step_size * m / (pn_sqrt_t(v_hat) * inv_bc2_sqrt + eps);
   }
 };
 
@@ -86,20 +93,21 @@ template <class T, bool kCentered, bool kMomentum>
 struct RMSPropRule {
   static constexpr int kStates = 1 + (kCentered ? 1 : 0) + (kMomentum ? 1 : 0);
   enum : int { kSquareAvg = 0, kGradAvg = 1, kMomentumBuffer = kCentered ? 2 : 1 };
-  T lr, momentum, alpha, eps;
+  T lr, momentum, alpha, one_minus_alpha, eps;
 
   PN_HD explicit RMSPropRule(const double* h)
       : lr(static_cast<T>(h[kHStepSize])),
         momentum(static_cast<T>(h[kHBeta1])),
         alpha(static_cast<T>(h[kHBeta2])),
+        one_minus_alpha(static_cast<T>(h[kHOneMinusBeta2])),
         eps(static_cast<T>(h[kHEps])) {}
 
   PN_HD T operator()(T g, const T* s, T* next) const {
-    const T v = s[kSquareAvg] * alpha + (T(1) - alpha) * g * g;
+    const T v = s[kSquareAvg] * alpha + one_minus_alpha * g * g;
     next[kSquareAvg] = v;
     T denom;
     if constexpr (kCentered) {
-      const T a = pn_lerp(s[kGradAvg], g, T(1) - alpha);
+      const T a = pn_lerp(s[kGradAvg], g, one_minus_alpha);
       next[kGradAvg] = a;
       denom = pn_sqrt_t(v - a * a) + eps;
     } else {

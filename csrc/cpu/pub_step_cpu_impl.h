@@ -1,0 +1,398 @@
+// CPU layer of the PUB step, shared by the per-optimizer translation units: work items, OpenMP
+// and tiles around the per-element rules of pub_native/update_rules.h. Two passes per
+// weight-update step (SPEC section 6): the Gram pass reads gradients and state, the apply pass
+// writes θ and the state.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "pub_step_cpu.h"
+
+namespace pub_native::cpu::detail {
+
+// Elements per tile: the K task updates of one tile stay in L1 while the K(K+1)/2 products are
+// summed.
+constexpr int64_t kTile = 256;
+// Independent float64 accumulators per Gram entry (vectorizable, fixed summation order).
+constexpr int kLanes = 8;
+
+// The element loops are bound by the divider (one division and one square root per task
+// update): x86-64 builds carry an AVX2+FMA clone of each kernel, picked once at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PN_CPU_CLONES
+#endif
+
+struct Item {
+  int64_t tensor, begin, end;
+};
+
+inline std::vector<Item> make_items(const int64_t* table, int64_t n_tensors, int64_t chunk) {
+  std::vector<Item> items;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t n = table[t * kTableCols + kTNumel];
+    for (int64_t b = 0; b < n; b += chunk) items.push_back({t, b, std::min(n, b + chunk)});
+  }
+  return items;
+}
+
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+template <class T>
+struct TensorView {
+  void* param;
+  int64_t numel, grad_offset;
+  const double* hyper;
+  T* state[kMaxStates];
+  int64_t task_stride;  // state elements between tasks (AdaTask), else 0
+};
+
+template <class T>
+TensorView<T> view(const StepConfig& cfg, const int64_t* table, int64_t t, const double* hyper) {
+  const int64_t* row = table + t * kTableCols;
+  TensorView<T> v;
+  v.param = reinterpret_cast<void*>(row[kTParam]);
+  v.numel = row[kTNumel];
+  v.grad_offset = row[kTGradOffset];
+  v.hyper = hyper + row[kTGroup] * kHyperCols;
+  for (int s = 0; s < kMaxStates; ++s) v.state[s] = reinterpret_cast<T*>(row[kTState + s]);
+  v.task_stride = cfg.umm == Umm::kAdaTask ? v.numel : 0;
+  return v;
+}
+
+template <class Rule, class T>
+inline void load_state(T* const* state, int64_t idx, T* s) {
+  for (int k = 0; k < Rule::kStates; ++k) s[k] = state[k][idx];
+}
+template <class Rule, class T>
+inline void store_state(T* const* state, int64_t idx, const T* s) {
+  for (int k = 0; k < Rule::kStates; ++k) state[k][idx] = s[k];
+}
+
+// ---- Gram pass --------------------------------------------------------------------------------
+
+template <class Rule, class Tp, bool kTheta, bool kClippy>
+struct GramKernel {
+  using T = typename MathType<Tp>::type;
+
+  PN_CPU_CLONES static void run(const StepConfig& cfg, const int64_t* table, int64_t n_tensors,
+                                const double* hyper, const void* grads_v, double* G,
+                                double* sigma) {
+    const int64_t K = cfg.num_tasks, P = cfg.row_length;
+    const Tp* grads = static_cast<const Tp*>(grads_v);
+    const std::vector<Item> items = make_items(table, n_tensors, kGramChunk);
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    std::vector<double> partial(static_cast<size_t>(n_items * K * K), 0.0);
+    std::vector<T> min_ratio(kClippy ? static_cast<size_t>(n_items * K) : 0,
+                             std::numeric_limits<T>::infinity());
+    const int nthreads = static_cast<int>(std::min<int64_t>(max_threads(), std::max<int64_t>(n_items, 1)));
+    std::vector<T> scratch(static_cast<size_t>(nthreads) * (K + 1) * kTile);
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const Item item = items[static_cast<size_t>(it)];
+      const TensorView<T> tv = view<T>(cfg, table, item.tensor, hyper);
+      const Rule rule(tv.hyper);
+      const T sign = static_cast<T>(cfg.grad_sign);
+      const T wd = static_cast<T>(tv.hyper[kHWeightDecay]);
+      const T lrel = static_cast<T>(cfg.clippy_rel), labs = static_cast<T>(cfg.clippy_abs);
+      T* u = scratch.data() + static_cast<size_t>(thread_id()) * (K + 1) * kTile;
+      T* theta = u + K * kTile;
+      double* Gp = partial.data() + it * K * K;
+      T* mr = kClippy ? min_ratio.data() + it * K : nullptr;
+      const Tp* param = static_cast<const Tp*>(tv.param);
+
+      for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
+        const int64_t n = std::min(kTile, item.end - j0);
+        if constexpr (kTheta) {
+          for (int64_t j = 0; j < n; ++j) theta[j] = to_math<T>(param[j0 + j]);
+        }
+        // Two tasks per sweep: two independent division chains keep the divider busy.
+        int64_t i = 0;
+        for (; i + 1 < K; i += 2) {
+          const Tp* ga = grads + i * P + tv.grad_offset + j0;
+          const Tp* gb = ga + P;
+          const int64_t sa = i * tv.task_stride + j0, sb = sa + tv.task_stride;
+          T* ua = u + i * kTile;
+          T* ub = ua + kTile;
+          for (int64_t j = 0; j < n; ++j) {
+            T s[kMaxStates], t[kMaxStates], next[kMaxStates];
+            load_state<Rule>(tv.state, sa + j, s);
+            load_state<Rule>(tv.state, sb + j, t);
+            T gi = sign * to_math<T>(ga[j]);
+            T gk = sign * to_math<T>(gb[j]);
+            if constexpr (kTheta) {
+              gi += wd * theta[j];
+              gk += wd * theta[j];
+            }
+            ua[j] = rule(gi, s, next);
+            ub[j] = rule(gk, t, next);
+          }
+        }
+        for (; i < K; ++i) {
+          const Tp* g = grads + i * P + tv.grad_offset + j0;
+          const int64_t s0 = i * tv.task_stride + j0;
+          T* ui = u + i * kTile;
+          for (int64_t j = 0; j < n; ++j) {
+            T s[kMaxStates], next[kMaxStates];
+            load_state<Rule>(tv.state, s0 + j, s);
+            T gi = sign * to_math<T>(g[j]);
+            if constexpr (kTheta) gi += wd * theta[j];
+            ui[j] = rule(gi, s, next);
+          }
+        }
+        for (int64_t i = 0; i < K; ++i) {
+          T* ui = u + i * kTile;
+          if constexpr (kClippy) {
+            T m = mr[i];
+            for (int64_t j = 0; j < n; ++j) {
+              const T a = std::abs(ui[j]);
+              const T r = a != T(0) ? (lrel * std::abs(theta[j]) + labs) / a
+                                    : std::numeric_limits<T>::infinity();
+              m = r < m ? r : m;
+            }
+            mr[i] = m;
+          }
+        }
+        for (int64_t i = 0; i < K; ++i) {
+          const T* ui = u + i * kTile;
+          for (int64_t k = 0; k <= i; ++k) {
+            const T* uk = u + k * kTile;
+            double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int64_t j = 0;
+            for (; j + kLanes <= n; j += kLanes)
+              for (int l = 0; l < kLanes; ++l)
+                acc[l] += static_cast<double>(ui[j + l]) * static_cast<double>(uk[j + l]);
+            for (; j < n; ++j) acc[0] += static_cast<double>(ui[j]) * static_cast<double>(uk[j]);
+            double s = 0.0;
+            for (int l = 0; l < kLanes; ++l) s += acc[l];
+            Gp[i * K + k] += s;
+          }
+        }
+      }
+    }
+
+    // Deterministic reduction in item order (items are ordered by tensor).
+    std::fill(G, G + K * K, 0.0);
+    std::vector<double> Gt(static_cast<size_t>(K * K));
+    std::vector<double> tensor_min(static_cast<size_t>(K));
+    int64_t it = 0;
+    for (int64_t t = 0; t < n_tensors; ++t) {
+      std::fill(Gt.begin(), Gt.end(), 0.0);
+      std::fill(tensor_min.begin(), tensor_min.end(), std::numeric_limits<double>::infinity());
+      for (; it < n_items && items[static_cast<size_t>(it)].tensor == t; ++it) {
+        const double* Gp = partial.data() + it * K * K;
+        for (int64_t e = 0; e < K * K; ++e) Gt[static_cast<size_t>(e)] += Gp[e];
+        if constexpr (kClippy)
+          for (int64_t i = 0; i < K; ++i)
+            tensor_min[static_cast<size_t>(i)] =
+                std::min(tensor_min[static_cast<size_t>(i)],
+                         static_cast<double>(min_ratio[static_cast<size_t>(it * K + i)]));
+      }
+      if constexpr (kClippy) {
+        // σ = min(1, min_j (λ_rel|θ_j| + λ_abs)/|u_ij|); a NaN ratio (NaN update) gives NaN σ,
+        // so the Gram stays non-finite and the step is refused.
+        double* sg = sigma + t * K;
+        for (int64_t i = 0; i < K; ++i) {
+          const double r = tensor_min[static_cast<size_t>(i)];
+          sg[i] = r < 1.0 ? r : (r >= 1.0 ? 1.0 : r);
+        }
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t k = 0; k <= i; ++k) G[i * K + k] += sg[i] * sg[k] * Gt[static_cast<size_t>(i * K + k)];
+      } else {
+        for (int64_t e = 0; e < K * K; ++e) G[e] += Gt[static_cast<size_t>(e)];
+      }
+    }
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t k = 0; k < i; ++k) G[k * K + i] = G[i * K + k];
+  }
+};
+
+// ---- Apply pass -------------------------------------------------------------------------------
+
+template <class Rule, class Tp, bool kAdaTask>
+struct ApplyKernel {
+  using T = typename MathType<Tp>::type;
+
+  PN_CPU_CLONES static void run(const StepConfig& cfg, const int64_t* table, int64_t n_tensors,
+                                const double* hyper, const void* grads_v,
+                                const double* weights, const double* sigma) {
+    const int64_t K = cfg.num_tasks, P = cfg.row_length;
+    const Tp* grads = static_cast<const Tp*>(grads_v);
+    const std::vector<Item> items = make_items(table, n_tensors, kGramChunk);
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    const int nthreads = static_cast<int>(std::min<int64_t>(max_threads(), std::max<int64_t>(n_items, 1)));
+    std::vector<T> scratch(static_cast<size_t>(nthreads) * 3 * kTile);
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const Item item = items[static_cast<size_t>(it)];
+      const TensorView<T> tv = view<T>(cfg, table, item.tensor, hyper);
+      const Rule rule(tv.hyper);
+      const T sign = static_cast<T>(cfg.grad_sign);
+      const T wd = static_cast<T>(tv.hyper[kHWeightDecay]);
+      const T decay = static_cast<T>(tv.hyper[kHDecay]);
+      T* theta = scratch.data() + static_cast<size_t>(thread_id()) * 3 * kTile;
+      T* upd = theta + kTile;
+      T* g_alpha = upd + kTile;
+      Tp* param = static_cast<Tp*>(tv.param);
+
+      for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
+        const int64_t n = std::min(kTile, item.end - j0);
+        for (int64_t j = 0; j < n; ++j) {
+          theta[j] = to_math<T>(param[j0 + j]);
+          upd[j] = T(0);
+          g_alpha[j] = T(0);
+        }
+        for (int64_t i = 0; i < K; ++i) {
+          const T w = static_cast<T>(weights[i]);
+          const T c = static_cast<T>(sigma ? weights[i] * sigma[item.tensor * K + i] : weights[i]);
+          // A task with weight 0 (excluded) contributes nothing; AdaTask still advances its state.
+          if (!kAdaTask && w == T(0)) continue;
+          const Tp* g = grads + i * P + tv.grad_offset + j0;
+          const int64_t s0 = i * tv.task_stride + j0;
+          for (int64_t j = 0; j < n; ++j) {
+            T s[kMaxStates], next[kMaxStates];
+            load_state<Rule>(tv.state, s0 + j, s);
+            const T gi = sign * to_math<T>(g[j]) + wd * theta[j];
+            upd[j] += c * rule(gi, s, next);
+            if constexpr (kAdaTask) {
+              store_state<Rule>(tv.state, s0 + j, next);
+            } else {
+              g_alpha[j] += w * gi;
+            }
+          }
+        }
+        if constexpr (!kAdaTask) {
+          for (int64_t j = 0; j < n; ++j) {
+            T s[kMaxStates], next[kMaxStates];
+            load_state<Rule>(tv.state, j0 + j, s);
+            rule(g_alpha[j], s, next);
+            store_state<Rule>(tv.state, j0 + j, next);
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) param[j0 + j] = from_math<Tp>(theta[j] * decay - upd[j]);
+      }
+    }
+  }
+};
+
+struct StepArgs {
+  const StepConfig& cfg;
+  const int64_t* table;
+  int64_t n;
+  const double* hyper;
+  const void* grads;
+  double* G;              // Gram pass output
+  double* sigma_out;      // Gram pass output (Clippy)
+  const double* weights;  // apply pass input
+  const double* sigma;    // apply pass input (Clippy)
+};
+
+template <class Tp>
+struct GramByRule {
+  const StepArgs& a;
+  template <class Rule>
+  void operator()() const {
+    const StepConfig& c = a.cfg;
+    if (c.umm == Umm::kClippy)
+      GramKernel<Rule, Tp, true, true>::run(c, a.table, a.n, a.hyper, a.grads, a.G, a.sigma_out);
+    else if (c.gram_reads_theta())
+      GramKernel<Rule, Tp, true, false>::run(c, a.table, a.n, a.hyper, a.grads, a.G, a.sigma_out);
+    else
+      GramKernel<Rule, Tp, false, false>::run(c, a.table, a.n, a.hyper, a.grads, a.G, a.sigma_out);
+  }
+};
+
+template <class Tp>
+struct ApplyByRule {
+  const StepArgs& a;
+  template <class Rule>
+  void operator()() const {
+    const StepConfig& c = a.cfg;
+    if (c.umm == Umm::kAdaTask)
+      ApplyKernel<Rule, Tp, true>::run(c, a.table, a.n, a.hyper, a.grads, a.weights, a.sigma);
+    else
+      ApplyKernel<Rule, Tp, false>::run(c, a.table, a.n, a.hyper, a.grads, a.weights, a.sigma);
+  }
+};
+
+template <class F>
+void dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case kFloat32: return f.template operator()<float>();
+    case kFloat64: return f.template operator()<double>();
+    case kBFloat16: return f.template operator()<bf16_t>();
+    case kFloat16: return f.template operator()<half_t>();
+  }
+}
+
+// Rule families: the rules of one base optimizer, selected by the step's options.
+struct AdamFamily {
+  template <class T, class F>
+  static void dispatch(const StepConfig& c, F&& f) {
+    if (c.amsgrad) return f.template operator()<AdamRule<T, true>>();
+    return f.template operator()<AdamRule<T, false>>();
+  }
+};
+struct AdaGradFamily {
+  template <class T, class F>
+  static void dispatch(const StepConfig&, F&& f) {
+    return f.template operator()<AdaGradRule<T>>();
+  }
+};
+struct RMSPropFamily {
+  template <class T, class F>
+  static void dispatch(const StepConfig& c, F&& f) {
+    if (c.centered && c.momentum) return f.template operator()<RMSPropRule<T, true, true>>();
+    if (c.centered) return f.template operator()<RMSPropRule<T, true, false>>();
+    if (c.momentum) return f.template operator()<RMSPropRule<T, false, true>>();
+    return f.template operator()<RMSPropRule<T, false, false>>();
+  }
+};
+
+template <class Family, template <class> class ByRule>
+struct ByDtype {
+  const StepArgs& a;
+  template <class Tp>
+  void operator()() const {
+    using T = typename MathType<Tp>::type;
+    Family::template dispatch<T>(a.cfg, ByRule<Tp>{a});
+  }
+};
+
+// Both passes of one base optimizer, for every element type; defined in <optimizer>_cpu.cpp.
+template <class Family>
+void run_family(const StepArgs& a, bool gram) {
+  if (gram)
+    dispatch_dtype(a.cfg.dtype, ByDtype<Family, GramByRule>{a});
+  else
+    dispatch_dtype(a.cfg.dtype, ByDtype<Family, ApplyByRule>{a});
+}
+
+void run_adam(const StepArgs& a, bool gram);
+void run_adagrad(const StepArgs& a, bool gram);
+void run_rmsprop(const StepArgs& a, bool gram);
+
+}  // namespace pub_native::cpu::detail
