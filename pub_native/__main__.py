@@ -1,4 +1,5 @@
-"""``python -m pub_native``: how this copy was built and what it can run on."""
+"""``python -m pub_native``: how this copy was built and what it can run on;
+``python -m pub_native demo``: the multi-task comparison of ``pub_native.demo``."""
 
 from __future__ import annotations
 
@@ -23,13 +24,22 @@ def build_report() -> dict:
     return info
 
 
+USAGE = """usage: python -m pub_native [info]           print version and build configuration
+       python -m pub_native demo [options]  PUB vs gradient balancers on UCI Adult (MMoE/PLE);
+                                            python -m pub_native demo --help for the options"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     if argv and argv[0] not in ("info", "-h", "--help"):
-        print(f"unknown command {argv[0]!r}; usage: python -m pub_native [info]", file=sys.stderr)
+        print(f"unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python -m pub_native [info]   print version and build configuration")
+        print(USAGE)
         return 0
     info = build_report()
     width = max(len(k) for k in info)
