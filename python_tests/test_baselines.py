@@ -1,0 +1,388 @@
+"""pub_native.baselines: each balancer's weights and combined gradient on hand-made gradients,
+against its closed form or its definition; shared-parameter detection; the .grad contract."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import pub_native
+from pub_native import baselines as B
+from pub_native.data import Batch
+from pub_native.models import PLE, MMoE
+
+TOL = {
+    # float64 parameters: closed forms and K×K float64 math, rounding only.
+    "exact": 1e-10,
+    # Iterative simplex solvers (projected gradient, bisection), stopped at 1e-12 steps.
+    "iterative": 1e-7,
+    # NashMTL: the native solver's residual target (SPEC section 4).
+    "nash_residual": 1e-9,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tiny problems run fastest on one thread, and two threads slow down many times
+    # over when another process keeps a core of a small machine busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Linear:
+    """K tasks with given gradients on a shared θ: L_i = ⟨g_i, θ⟩ + c_i·b_i, where b_i is a
+    task-specific scalar (∂L_i/∂b_i = c_i)."""
+
+    def __init__(self, grads, specific=None):
+        self.g = torch.as_tensor(np.asarray(grads, dtype=np.float64))
+        k, p = self.g.shape
+        self.theta = torch.zeros(p, dtype=torch.float64, requires_grad=True)
+        self.b = [torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(k)]
+        self.c = torch.arange(1.0, k + 1, dtype=torch.float64) if specific is None else \
+            torch.as_tensor(specific, dtype=torch.float64)
+
+    @property
+    def params(self):
+        return [self.theta, *self.b]
+
+    def losses(self):
+        return [self.g[i] @ self.theta + self.c[i] * self.b[i] for i in range(len(self.g))]
+
+    def run(self, bal):
+        bal.backward(self.losses())
+        return self.theta.grad.clone(), torch.stack([b.grad for b in self.b])
+
+
+def rand_grads(k, p, seed):
+    return np.random.default_rng(seed).normal(size=(k, p))
+
+
+# -- LS ------------------------------------------------------------------------------------------
+
+def test_ls_is_the_sum():
+    t = Linear(rand_grads(3, 5, 0))
+    grad, spec = t.run(B.LS(t.params))
+    torch.testing.assert_close(grad, t.g.sum(0), rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(spec, t.c, rtol=0, atol=0)
+
+
+# -- MGDA-UB -------------------------------------------------------------------------------------
+
+def test_mgda_orthogonal_equal_norms_gives_halves():
+    t = Linear([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    bal = B.MGDAUB(t.params)
+    grad, spec = t.run(bal)
+    torch.testing.assert_close(bal.weights, torch.tensor([0.5, 0.5], dtype=torch.float64),
+                               rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(grad, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64),
+                               rtol=0, atol=TOL["exact"])
+    # As published, the weights also scale each task's own parameters.
+    torch.testing.assert_close(spec, 0.5 * t.c, rtol=0, atol=TOL["exact"])
+
+
+def test_mgda_two_tasks_closed_form():
+    g = np.array([[3.0, 1.0], [-1.0, 2.0]])
+    G = g @ g.T
+    gamma = (G[0, 0] - G[0, 1]) / (G[0, 0] + G[1, 1] - 2 * G[0, 1])
+    np.testing.assert_allclose(B.min_norm_weights(G), [1 - gamma, gamma], atol=TOL["exact"])
+    # One gradient inside the other's half space: the shorter one is the min-norm point.
+    np.testing.assert_allclose(B.min_norm_weights([[1.0, 1.0], [1.0, 4.0]]), [1.0, 0.0],
+                               atol=TOL["exact"])
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_mgda_min_norm_kkt(k):
+    g = rand_grads(k, 8, k)
+    G = g @ g.T
+    w = B.min_norm_weights(G)
+    assert w.min() >= 0 and abs(w.sum() - 1) < TOL["exact"]
+    # Optimality on the simplex: (Gw)_i ≥ wᵀGw for all i, with equality where w_i > 0.
+    Gw, val = G @ w, w @ G @ w
+    assert (Gw >= val - TOL["iterative"] * np.trace(G)).all()
+    assert np.abs(Gw[w > 1e-6] - val).max() <= TOL["iterative"] * np.trace(G)
+
+
+def test_mgda_normalizations():
+    t = Linear([[4.0, 0.0], [0.0, 1.0]])
+    bal = B.MGDAUB(t.params, normalization="l2")
+    t.run(bal)
+    # Normalized gradients are orthonormal -> ½, ½, applied to the raw losses.
+    torch.testing.assert_close(bal.weights, torch.tensor([0.5, 0.5], dtype=torch.float64),
+                               rtol=0, atol=TOL["exact"])
+    with pytest.raises(ValueError, match="normalization"):
+        B.MGDAUB(t.params, normalization="max")
+
+
+# -- IMTL-G --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_imtl_g_equal_projections(k):
+    t = Linear(rand_grads(k, 7, 10 + k))
+    bal = B.IMTLG(t.params)
+    grad, spec = t.run(bal)
+    w = bal.weights
+    assert abs(float(w.sum()) - 1) < TOL["exact"]
+    torch.testing.assert_close(grad, w @ t.g, rtol=0, atol=TOL["exact"])
+    units = t.g / t.g.norm(dim=1, keepdim=True)
+    proj = units @ grad
+    assert float(proj.max() - proj.min()) < TOL["exact"] * float(proj.abs().max())
+    torch.testing.assert_close(spec, w * t.c, rtol=0, atol=TOL["exact"])
+
+
+def test_imtl_g_two_tasks_closed_form():
+    g = np.array([[1.0, 0.0], [1.0, 1.0]])
+    u = g / np.linalg.norm(g, axis=1, keepdims=True)
+    # w_2 = g_1·(u_1 − u_2) / ((g_1 − g_2)·(u_1 − u_2)), w_1 = 1 − w_2.
+    w2 = g[0] @ (u[0] - u[1]) / ((g[0] - g[1]) @ (u[0] - u[1]))
+    np.testing.assert_allclose(B.imtl_g_weights(g @ g.T), [1 - w2, w2], atol=TOL["exact"])
+
+
+def test_imtl_g_zero_gradient_task():
+    w = B.imtl_g_weights(np.diag([4.0, 0.0, 1.0]))
+    assert w[1] == 0.0
+    g = np.diag([2.0, 1.0])
+    d = w[[0, 2]] @ g
+    assert abs(d @ [1, 0] - d @ [0, 1]) < TOL["exact"]
+
+
+# -- PCGrad --------------------------------------------------------------------------------------
+
+def test_pcgrad_removes_conflict_two_tasks():
+    g1, g2 = np.array([1.0, 0.0]), np.array([-1.0, 1.0])
+    t = Linear([g1, g2])
+    bal = B.PCGrad(t.params)
+    grad, spec = t.run(bal)
+    # Definition: each gradient loses its component along the other (they conflict).
+    pc1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    pc2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    np.testing.assert_allclose(grad.numpy(), pc1 + pc2, atol=TOL["exact"])
+    assert float(grad @ t.g[0]) >= 0 and float(grad @ t.g[1]) >= 0
+    torch.testing.assert_close(grad, bal.weights @ t.g, rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(spec, t.c, rtol=0, atol=0)  # ordinary task gradients
+
+
+def test_pcgrad_no_conflict_is_the_sum():
+    t = Linear([[1.0, 0.2], [0.3, 1.0]])
+    grad, _ = t.run(B.PCGrad(t.params))
+    torch.testing.assert_close(grad, t.g.sum(0), rtol=0, atol=TOL["exact"])
+
+
+def test_pcgrad_matches_vector_definition_and_seed():
+    g = rand_grads(4, 6, 3)
+    w = B.pcgrad_weights(g @ g.T, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    total = np.zeros(6)
+    for i in range(4):
+        gi = g[i].copy()
+        for j in rng.permutation(4):
+            if j != i and gi @ g[j] < 0:
+                gi -= (gi @ g[j]) / (g[j] @ g[j]) * g[j]
+        total += gi
+    np.testing.assert_allclose(w @ g, total, atol=TOL["exact"])
+
+
+# -- CAGrad --------------------------------------------------------------------------------------
+
+def test_cagrad_c0_is_the_sum_of_gradients():
+    t = Linear(rand_grads(3, 5, 4))
+    grad, spec = t.run(B.CAGrad(t.params, c=0.0))
+    # c = 0: d = g_0 (the mean gradient); θ.grad = K·d, the LS gradient.
+    torch.testing.assert_close(grad, 3 * t.g.mean(0), rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(spec, t.c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_cagrad_solves_its_dual(k):
+    g = rand_grads(k, 4, 20 + k)
+    g[1] = -0.5 * g[0] + 0.2 * g[1]  # conflicting tasks
+    G = g @ g.T
+    c = 0.5
+    g0 = g.mean(0)
+    phi = c * np.linalg.norm(g0)
+
+    def dual(w):
+        gw = w @ g
+        return gw @ g0 + phi * np.linalg.norm(gw)
+
+    # Brute force over a grid of the simplex.
+    grid = np.linspace(0, 1, 401)
+    if k == 2:
+        cands = [np.array([a, 1 - a]) for a in grid]
+    else:
+        cands = [np.array([a, b, 1 - a - b]) for a in grid[::4] for b in grid[::4] if a + b <= 1]
+    best = min(cands, key=dual)
+    w = B.cagrad_weights(G, c)
+    # Recover the dual solution from the returned weights: K·(g0 + λ g_w)/(1 + c²).
+    lam_w = w * (1 + c * c) / k - 1.0 / k
+    w_star = lam_w / lam_w.sum()
+    assert dual(w_star) <= dual(best) + 1e-9
+    d = (w @ g) / k * (1 + c * c)
+    # The primal constraint is active: ‖d − g_0‖ = c‖g_0‖.
+    assert abs(np.linalg.norm(d - g0) - phi) < TOL["iterative"] * np.linalg.norm(g0)
+
+
+# -- NashMTL -------------------------------------------------------------------------------------
+
+def test_nashmtl_weights_solve_the_bargaining_equation():
+    t = Linear(rand_grads(3, 6, 5))
+    bal = B.NashMTL(t.params, max_norm=0.0)
+    grad, spec = t.run(bal)
+    G = (t.g @ t.g.T).numpy()
+    Gn = G / np.linalg.norm(G)  # Frobenius normalization, as published
+    Gn += 1e-8 * np.trace(Gn) / 3 * np.eye(3)  # the solver's default ridge (SPEC section 4)
+    a = bal.weights.numpy()
+    assert (a > 0).all()
+    res = np.linalg.norm(Gn @ a - 1 / a) / np.linalg.norm(1 / a)
+    assert res < TOL["nash_residual"]
+    torch.testing.assert_close(grad, bal.weights @ t.g, rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(spec, bal.weights * t.c, rtol=0, atol=TOL["exact"])
+    assert bal.stats["status"] == pub_native.SolveStatus.CONVERGED
+    assert bal.stats["solve_time"] > 0
+
+
+def test_nashmtl_clips_the_shared_gradient():
+    t = Linear(10 * rand_grads(2, 4, 6))
+    bal = B.NashMTL(t.params, max_norm=1.0)
+    grad, _ = t.run(bal)
+    unclipped = bal.weights @ t.g
+    assert float(unclipped.norm()) > 1
+    torch.testing.assert_close(grad, unclipped / unclipped.norm(), rtol=1e-6, atol=0)
+
+
+def test_nashmtl_update_weights_every_reuses_weights():
+    t = Linear(rand_grads(2, 4, 8))
+    bal = B.NashMTL(t.params, max_norm=0.0, update_weights_every=2)
+    t.run(bal)
+    w1 = bal.weights.clone()
+    assert bal.stats["updated"]
+    t.theta.grad = None
+    for b in t.b:
+        b.grad = None
+    t.g = t.g.flip(0)  # new gradients; the weights must not change on step 2
+    grad, spec = t.run(bal)
+    assert not bal.stats["updated"]
+    torch.testing.assert_close(bal.weights, w1, rtol=0, atol=0)
+    torch.testing.assert_close(grad, w1 @ t.g, rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(spec, w1 * t.c, rtol=0, atol=TOL["exact"])
+
+
+# -- the .grad contract and errors ---------------------------------------------------------------
+
+def test_gradients_accumulate_like_backward():
+    t = Linear(rand_grads(2, 3, 9))
+    t.theta.grad = torch.ones(3, dtype=torch.float64)
+    t.b[0].grad = torch.tensor(5.0, dtype=torch.float64)
+    grad, spec = t.run(B.PCGrad(t.params))
+    pure = Linear(t.g.numpy())
+    ref_grad, ref_spec = pure.run(B.PCGrad(pure.params))
+    torch.testing.assert_close(grad, ref_grad + 1, rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(spec, ref_spec + torch.tensor([5.0, 0.0], dtype=torch.float64))
+
+
+def test_works_with_any_optimizer():
+    t = Linear([[1.0, 0.0], [0.0, 1.0]])
+    opt = torch.optim.SGD(t.params, lr=0.1)
+    bal = B.MGDAUB(t.params)
+    opt.zero_grad()
+    bal.backward(t.losses())
+    opt.step()
+    torch.testing.assert_close(t.theta.detach(), torch.tensor([-0.05, -0.05],
+                                                              dtype=torch.float64))
+
+
+def test_non_finite_gradient_raises_and_keeps_grads():
+    t = Linear([[1.0, 0.0], [math.nan, 1.0]])
+    t.b[0].grad = torch.tensor(2.0, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \[1\]"):
+        B.NashMTL(t.params).backward(t.losses())
+    assert t.theta.grad is None
+    assert float(t.b[0].grad) == 2.0 and t.b[1].grad is None
+
+
+def test_argument_errors():
+    t = Linear([[1.0, 0.0], [0.0, 1.0]])
+    other = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="not in params"):
+        B.NashMTL(t.params, shared=[other])
+    with pytest.raises(ValueError, match="update_weights_every"):
+        B.NashMTL(t.params, update_weights_every=0)
+    with pytest.raises(TypeError):
+        B.PCGrad(t.params, update_weights_every=2)  # its weights depend on the conflicts
+    with pytest.raises(ValueError, match="method"):
+        B.NashMTL(t.params, solver="simplex")
+    with pytest.raises(ValueError, match="c must be"):
+        B.CAGrad(t.params, c=-1)
+    with pytest.raises(ValueError, match="params is empty"):
+        B.LS([])
+    bal = B.IMTLG(t.params)
+    bal.backward(t.losses())
+    with pytest.raises(ValueError, match="K = 2"):
+        bal.backward(t.losses()[:1] * 3)
+
+
+def test_explicit_shared():
+    t = Linear([[1.0, 0.0], [0.0, 1.0]])
+    bal = B.MGDAUB(t.params, shared=[t.theta])
+    t.run(bal)
+    assert bal.shared == [t.theta]
+
+
+# -- shared detection on the models --------------------------------------------------------------
+
+def _batch(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randint(0, 3, (n, 2), generator=g), torch.randn(n, 3, generator=g),
+                 torch.randint(0, 2, (n, 2), generator=g).float())
+
+
+@pytest.mark.parametrize("cls", [MMoE, PLE])
+def test_shared_detection_on_models(cls):
+    torch.manual_seed(0)
+    model = cls([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,))
+    names = {id(p): n for n, p in model.named_parameters()}
+    bal = B.NashMTL(model.parameters())
+    bal.backward(model.task_losses(_batch()))
+    shared = {names[id(p)] for p in bal.shared}
+    if cls is MMoE:
+        assert shared == {"embedding.embedding.weight", "embedding.numerical.weight",
+                          "embedding.numerical.bias", "experts.linear.weight",
+                          "experts.linear.bias"}
+    else:
+        assert "levels.0.task_experts.1.linear.weight" in shared  # feeds the shared gate
+        assert "levels.1.task_experts.1.linear.weight" not in shared
+        assert "levels.0.shared_gate.0.weight" in shared
+    for k in range(2):
+        own = {n for n in names.values() if n.startswith(f"towers.{k}.")}
+        assert own <= {names[id(p)] for p in bal._specific[k]}
+        assert not own & shared
+    # Every parameter got a gradient; towers got α_k × their ordinary gradient.
+    assert all(p.grad is not None for p in model.parameters())
+    tower = model.towers[1][-1].weight
+    ordinary = torch.autograd.grad(model.task_losses(_batch())[1], tower)[0]
+    torch.testing.assert_close(tower.grad, float(bal.weights[1]) * ordinary,
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_every_balancer_trains_a_model(name):
+    torch.manual_seed(1)
+    model = MMoE([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    bal = B.BALANCERS[name](model.parameters())
+    batch = _batch(256, seed=2)
+    first = None
+    for _ in range(30):
+        losses = model.task_losses(batch)
+        total = float(sum(losses).detach())
+        first = total if first is None else first
+        opt.zero_grad()
+        bal.backward(losses)
+        opt.step()
+    assert total < first
+    assert bal.weights.shape == (2,) and bool(torch.isfinite(bal.weights).all())
+    assert repr(bal).startswith(type(bal).__name__ + "(")
