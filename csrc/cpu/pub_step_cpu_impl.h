@@ -21,7 +21,8 @@ namespace pub_native::cpu::detail {
 // summed.
 constexpr int64_t kTile = 256;
 // Independent float64 accumulators per Gram entry (vectorizable, fixed summation order).
-constexpr int kLanes = 8;
+// Sixteen lanes are four AVX2 registers: enough independent FMA chains to hide their latency.
+constexpr int kLanes = 16;
 
 // The element loops are bound by the divider (one division and one square root per task
 // update): x86-64 builds carry an AVX2+FMA clone of each kernel, picked once at load time.
@@ -107,7 +108,9 @@ struct GramKernel {
     std::vector<T> min_ratio(kClippy ? static_cast<size_t>(n_items * K) : 0,
                              std::numeric_limits<T>::infinity());
     const int nthreads = static_cast<int>(std::min<int64_t>(max_threads(), std::max<int64_t>(n_items, 1)));
-    std::vector<T> scratch(static_cast<size_t>(nthreads) * (K + 1) * kTile);
+    // Per thread: the K task updates of a tile, widened to float64 once for the products, and θ.
+    std::vector<double> scratch(static_cast<size_t>(nthreads) * K * kTile);
+    std::vector<T> theta_scratch(static_cast<size_t>(nthreads) * kTile);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -117,8 +120,8 @@ struct GramKernel {
       const T sign = static_cast<T>(cfg.grad_sign);
       const T wd = static_cast<T>(tv.hyper[kHWeightDecay]);
       const T lrel = static_cast<T>(cfg.clippy_rel), labs = static_cast<T>(cfg.clippy_abs);
-      T* u = scratch.data() + static_cast<size_t>(thread_id()) * (K + 1) * kTile;
-      T* theta = u + K * kTile;
+      double* u = scratch.data() + static_cast<size_t>(thread_id()) * K * kTile;
+      T* theta = theta_scratch.data() + static_cast<size_t>(thread_id()) * kTile;
       double* Gp = partial.data() + it * K * K;
       T* mr = kClippy ? min_ratio.data() + it * K : nullptr;
       const Tp* param = static_cast<const Tp*>(tv.param);
@@ -134,8 +137,8 @@ struct GramKernel {
           const Tp* ga = grads + i * P + tv.grad_offset + j0;
           const Tp* gb = ga + P;
           const int64_t sa = i * tv.task_stride + j0, sb = sa + tv.task_stride;
-          T* ua = u + i * kTile;
-          T* ub = ua + kTile;
+          double* ua = u + i * kTile;
+          double* ub = ua + kTile;
           for (int64_t j = 0; j < n; ++j) {
             T s[kMaxStates], t[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, sa + j, s);
@@ -146,14 +149,14 @@ struct GramKernel {
               gi += wd * theta[j];
               gk += wd * theta[j];
             }
-            ua[j] = rule(gi, s, next);
-            ub[j] = rule(gk, t, next);
+            ua[j] = static_cast<double>(rule(gi, s, next));
+            ub[j] = static_cast<double>(rule(gk, t, next));
           }
         }
         for (; i < K; ++i) {
           const Tp* g = grads + i * P + tv.grad_offset + j0;
           const int64_t s0 = i * tv.task_stride + j0;
-          T* ui = u + i * kTile;
+          double* ui = u + i * kTile;
           for (int64_t j = 0; j < n; ++j) {
             T s[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, s0 + j, s);
@@ -163,11 +166,11 @@ struct GramKernel {
           }
         }
         for (int64_t i = 0; i < K; ++i) {
-          T* ui = u + i * kTile;
+          const double* ui = u + i * kTile;
           if constexpr (kClippy) {
             T m = mr[i];
             for (int64_t j = 0; j < n; ++j) {
-              const T a = std::abs(ui[j]);
+              const T a = std::abs(static_cast<T>(ui[j]));
               const T r = a != T(0) ? (lrel * std::abs(theta[j]) + labs) / a
                                     : std::numeric_limits<T>::infinity();
               m = r < m ? r : m;
@@ -176,15 +179,14 @@ struct GramKernel {
           }
         }
         for (int64_t i = 0; i < K; ++i) {
-          const T* ui = u + i * kTile;
+          const double* ui = u + i * kTile;
           for (int64_t k = 0; k <= i; ++k) {
-            const T* uk = u + k * kTile;
-            double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+            const double* uk = u + k * kTile;
+            double acc[kLanes] = {};
             int64_t j = 0;
             for (; j + kLanes <= n; j += kLanes)
-              for (int l = 0; l < kLanes; ++l)
-                acc[l] += static_cast<double>(ui[j + l]) * static_cast<double>(uk[j + l]);
-            for (; j < n; ++j) acc[0] += static_cast<double>(ui[j]) * static_cast<double>(uk[j]);
+              for (int l = 0; l < kLanes; ++l) acc[l] += ui[j + l] * uk[j + l];
+            for (; j < n; ++j) acc[0] += ui[j] * uk[j];
             double s = 0.0;
             for (int l = 0; l < kLanes; ++l) s += acc[l];
             Gp[i * K + k] += s;
@@ -235,6 +237,34 @@ template <class Rule, class Tp, bool kAdaTask>
 struct ApplyKernel {
   using T = typename MathType<Tp>::type;
 
+  template <int kK>
+  static void apply_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
+                          const Tp* grads, int64_t P, const double* weights, const double* sigma,
+                          T sign, T wd, T decay) {
+    T w[kK], c[kK];
+    const Tp* g[kK];
+    for (int i = 0; i < kK; ++i) {
+      w[i] = static_cast<T>(weights[i]);
+      c[i] = static_cast<T>(sigma ? weights[i] * sigma[item.tensor * kK + i] : weights[i]);
+      g[i] = grads + i * P + tv.grad_offset;
+    }
+    Tp* param = static_cast<Tp*>(tv.param);
+    for (int64_t j = item.begin; j < item.end; ++j) {
+      const T theta = to_math<T>(param[j]);
+      T s[kMaxStates], next[kMaxStates];
+      load_state<Rule>(tv.state, j, s);
+      T upd = T(0), g_alpha = T(0);
+      for (int i = 0; i < kK; ++i) {
+        const T gi = sign * to_math<T>(g[i][j]) + wd * theta;
+        upd += c[i] * rule(gi, s, next);
+        g_alpha += w[i] * gi;
+      }
+      rule(g_alpha, s, next);
+      store_state<Rule>(tv.state, j, next);
+      param[j] = from_math<Tp>(theta * decay - upd);
+    }
+  }
+
   PN_CPU_CLONES static void run(const StepConfig& cfg, const int64_t* table, int64_t n_tensors,
                                 const double* hyper, const void* grads_v,
                                 const double* weights, const double* sigma) {
@@ -257,6 +287,16 @@ struct ApplyKernel {
       T* upd = theta + kTile;
       T* g_alpha = upd + kTile;
       Tp* param = static_cast<Tp*>(tv.param);
+      if constexpr (!kAdaTask) {
+        // Up to four tasks: one sweep with the task loop unrolled, everything in registers.
+        switch (K) {
+          case 1: apply_fixed<1>(rule, tv, item, grads, P, weights, sigma, sign, wd, decay); continue;
+          case 2: apply_fixed<2>(rule, tv, item, grads, P, weights, sigma, sign, wd, decay); continue;
+          case 3: apply_fixed<3>(rule, tv, item, grads, P, weights, sigma, sign, wd, decay); continue;
+          case 4: apply_fixed<4>(rule, tv, item, grads, P, weights, sigma, sign, wd, decay); continue;
+          default: break;
+        }
+      }
 
       for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
         const int64_t n = std::min(kTile, item.end - j0);

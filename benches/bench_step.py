@@ -1,0 +1,205 @@
+"""Benchmark: one PUB optimizer step on the CPU versus torch's fused Adam and the reference PUB.
+
+For P shared parameters (four tensors) and K tasks, times ``opt.step()`` of pub_native.Adam on a
+weight-update step (Gram pass + K×K solve + apply pass) and on a reuse step
+(update_weights_every > 1: finiteness check + apply pass), torch.optim.Adam(fused=True) on the
+same P, and the plain-PyTorch reference PUB (pub_native.reference.ReferenceAdam). The backward
+that fills the per-task gradients is not timed. Achieved bandwidth uses SPEC section 6's byte
+model (2K + 8)·4·P for a weight-update step, against the copy bandwidth measured here.
+
+    python benches/bench_step.py            # P ∈ {1M, 16M}, K ∈ {2, 4, 8}
+    python benches/bench_step.py --quick    # P = 1M, K = 2
+    python benches/bench_step.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import pub_native
+from pub_native.reference import ReferenceAdam
+
+M = 2**20
+N_TENSORS = 4
+
+# Targets of the CPU issue, for K = 2 and P = 16M (checked when that row is measured).
+TARGETS = {"vs_fused_adam_max": 2.0, "vs_reference_min": 5.0, "bandwidth_fraction_min": 0.70}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_time(fn, rounds: int, warmup: int = 1, setup=None) -> float:
+    times = []
+    for r in range(warmup + rounds):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        if r >= warmup:
+            times.append(dt)
+    return statistics.median(times)
+
+
+def copy_bandwidth(n: int, rounds: int) -> float:
+    src = torch.randn(n)
+    dst = torch.empty(n)
+    t = median_time(lambda: dst.copy_(src), rounds, warmup=2)
+    return 2 * 4 * n / t
+
+
+def make_shared(p_total: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = [p_total // N_TENSORS] * N_TENSORS
+    sizes[-1] += p_total - sum(sizes)
+    return [torch.randn(n, generator=g).requires_grad_() for n in sizes]
+
+
+def task_directions(shared, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g) for p in shared] for _ in range(k)]
+
+
+def losses_for(shared, dirs):
+    return [sum((p * d).sum() for p, d in zip(shared, ds)) for ds in dirs]
+
+
+def bench_pub(p_total, k, rounds, every):
+    shared = make_shared(p_total, 0)
+    dirs = task_directions(shared, k, 1)
+    opt = pub_native.Adam(shared, lr=1e-3, shared=shared, update_weights_every=every)
+
+    def setup():
+        opt.zero_grad()
+        opt.backward(losses_for(shared, dirs))
+
+    setup()
+    opt.step()  # first step: state allocation and the first solve
+    t = median_time(opt.step, rounds, warmup=1, setup=setup)
+    solve = opt.stats.get("solve_time", float("nan"))
+    return t, solve
+
+
+def bench_fused_adam(p_total, rounds):
+    shared = make_shared(p_total, 0)
+    for p in shared:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(shared, lr=1e-3, fused=True)
+    opt.step()
+    return median_time(opt.step, rounds, warmup=1)
+
+
+def bench_reference(p_total, k, rounds):
+    shared = make_shared(p_total, 0)
+    dirs = task_directions(shared, k, 1)
+    opt = ReferenceAdam(shared, lr=1e-3, shared=shared)
+
+    def setup():
+        opt.zero_grad()
+        opt.backward(losses_for(shared, dirs))
+
+    setup()
+    opt.step()
+    return median_time(opt.step, rounds, warmup=0, setup=setup)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="P = 1M, K = 2 only")
+    ap.add_argument("--sizes", default=None, help="comma-separated P in millions (default 1,16)")
+    ap.add_argument("--tasks", default=None, help="comma-separated K (default 2,4,8)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed steps per median")
+    ap.add_argument("--reference-rounds", type=int, default=3)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+
+    sizes = [1] if args.quick else [int(s) for s in (args.sizes or "1,16").split(",")]
+    tasks = [2] if args.quick else [int(s) for s in (args.tasks or "2,4,8").split(",")]
+    rounds = 3 if args.quick else args.rounds
+    ref_rounds = 1 if args.quick else args.reference_rounds
+
+    info = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "openmp_threads": pub_native._native._C.omp_max_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pub_native": pub_native.__version__,
+    }
+    bw = copy_bandwidth(max(sizes) * M, rounds=max(rounds, 5))
+    print(f"pub_native {info['pub_native']}, torch {info['torch']}, Python {info['python']}")
+    print(f"{info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, "
+          f"OpenMP threads {info['openmp_threads']}")
+    print(f"copy bandwidth (torch copy_, {max(sizes)}M float32): {bw / 1e9:.2f} GB/s")
+    print(f"medians of {rounds} steps (reference: {ref_rounds}); ratios from the same run\n")
+    header = (f"{'P':>5} {'K':>2} | {'fused Adam':>10} {'PUB solve':>10} {'PUB reuse':>10} "
+              f"{'reference':>10} | {'PUB/fused':>9} {'reuse/fused':>11} {'ref/PUB':>8} | "
+              f"{'GB/s':>6} {'of copy':>7} | {'solver':>8}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for p_m in sizes:
+        p_total = p_m * M
+        t_fused = bench_fused_adam(p_total, rounds)
+        for k in tasks:
+            t_pub, solve = bench_pub(p_total, k, rounds, every=1)
+            t_reuse, _ = bench_pub(p_total, k, rounds, every=10**9)
+            t_ref = bench_reference(p_total, k, ref_rounds)
+            bytes_model = (2 * k + 8) * 4 * p_total
+            achieved = bytes_model / t_pub
+            row = {
+                "P": p_total, "K": k, "fused_adam_s": t_fused, "pub_step_s": t_pub,
+                "pub_reuse_step_s": t_reuse, "reference_step_s": t_ref, "solve_s": solve,
+                "pub_over_fused": t_pub / t_fused, "reuse_over_fused": t_reuse / t_fused,
+                "reference_over_pub": t_ref / t_pub, "bytes_model": bytes_model,
+                "achieved_bandwidth": achieved, "bandwidth_fraction": achieved / bw,
+            }
+            rows.append(row)
+            print(f"{p_m:>4}M {k:>2} | {t_fused * 1e3:>8.1f}ms {t_pub * 1e3:>8.1f}ms "
+                  f"{t_reuse * 1e3:>8.1f}ms {t_ref * 1e3:>8.0f}ms | {t_pub / t_fused:>8.2f}x "
+                  f"{t_reuse / t_fused:>10.2f}x {t_ref / t_pub:>7.1f}x | {achieved / 1e9:>6.2f} "
+                  f"{achieved / bw:>6.0%} | {solve * 1e6:>6.0f}µs")
+            sys.stdout.flush()
+
+    target_row = next((r for r in rows if r["K"] == 2 and r["P"] == 16 * M), None)
+    verdict = None
+    if target_row is not None:
+        verdict = {
+            "vs_fused_adam": target_row["pub_over_fused"] <= TARGETS["vs_fused_adam_max"],
+            "vs_reference": target_row["reference_over_pub"] >= TARGETS["vs_reference_min"],
+            "bandwidth": target_row["bandwidth_fraction"] >= TARGETS["bandwidth_fraction_min"],
+        }
+        print(f"\nK = 2, P = 16M: {target_row['pub_over_fused']:.2f}x fused Adam (target ≤ "
+              f"{TARGETS['vs_fused_adam_max']}x): {'PASS' if verdict['vs_fused_adam'] else 'FAIL'}"
+              f"; {target_row['reference_over_pub']:.1f}x faster than the reference (≥ "
+              f"{TARGETS['vs_reference_min']}x): {'PASS' if verdict['vs_reference'] else 'FAIL'}"
+              f"; {target_row['bandwidth_fraction']:.0%} of copy bandwidth (≥ "
+              f"{TARGETS['bandwidth_fraction_min']:.0%}): "
+              f"{'PASS' if verdict['bandwidth'] else 'FAIL'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "copy_bandwidth": bw, "rows": rows,
+                       "targets": TARGETS, "verdict": verdict}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
