@@ -139,6 +139,7 @@ struct GramKernel {
           const int64_t sa = i * tv.task_stride + j0, sb = sa + tv.task_stride;
           double* ua = u + i * kTile;
           double* ub = ua + kTile;
+#pragma GCC ivdep
           for (int64_t j = 0; j < n; ++j) {
             T s[kMaxStates], t[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, sa + j, s);
@@ -157,6 +158,7 @@ struct GramKernel {
           const Tp* g = grads + i * P + tv.grad_offset + j0;
           const int64_t s0 = i * tv.task_stride + j0;
           double* ui = u + i * kTile;
+#pragma GCC ivdep
           for (int64_t j = 0; j < n; ++j) {
             T s[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, s0 + j, s);
@@ -169,6 +171,7 @@ struct GramKernel {
           const double* ui = u + i * kTile;
           if constexpr (kClippy) {
             T m = mr[i];
+#pragma GCC ivdep
             for (int64_t j = 0; j < n; ++j) {
               const T a = std::abs(static_cast<T>(ui[j]));
               const T r = a != T(0) ? (lrel * std::abs(theta[j]) + labs) / a
@@ -249,6 +252,9 @@ struct ApplyKernel {
       g[i] = grads + i * P + tv.grad_offset;
     }
     Tp* param = static_cast<Tp*>(tv.param);
+    // θ, the state and the gradient rows are distinct tensors: no dependence between
+    // iterations (without this, GCC gives up its run-time alias checks beyond a few pointers).
+#pragma GCC ivdep
     for (int64_t j = item.begin; j < item.end; ++j) {
       const T theta = to_math<T>(param[j]);
       T s[kMaxStates], next[kMaxStates];
@@ -300,6 +306,7 @@ struct ApplyKernel {
 
       for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
         const int64_t n = std::min(kTile, item.end - j0);
+#pragma GCC ivdep
         for (int64_t j = 0; j < n; ++j) {
           theta[j] = to_math<T>(param[j0 + j]);
           upd[j] = T(0);
@@ -312,6 +319,7 @@ struct ApplyKernel {
           if (!kAdaTask && w == T(0)) continue;
           const Tp* g = grads + i * P + tv.grad_offset + j0;
           const int64_t s0 = i * tv.task_stride + j0;
+#pragma GCC ivdep
           for (int64_t j = 0; j < n; ++j) {
             T s[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, s0 + j, s);
@@ -325,6 +333,7 @@ struct ApplyKernel {
           }
         }
         if constexpr (!kAdaTask) {
+#pragma GCC ivdep
           for (int64_t j = 0; j < n; ++j) {
             T s[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, j0 + j, s);
