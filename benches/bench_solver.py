@@ -119,7 +119,8 @@ def main(argv=None):
             moved &= rn.iterations >= 1 and rc.iterations >= 1
             moved &= np.linalg.norm(rn.weights - ones) > 1e-3 * np.sqrt(K)
             for w in (rc.weights, alpha_ref):
-                max_diff = max(max_diff, np.linalg.norm(w - rn.weights) / np.linalg.norm(rn.weights))
+                diff = np.linalg.norm(w - rn.weights) / np.linalg.norm(rn.weights)
+                max_diff = max(max_diff, diff)
         row = {
             "K": K,
             "newton_s": summary(t_newton),

@@ -149,6 +149,10 @@ def main(argv=None) -> int:
     print(f"{info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, "
           f"OpenMP threads {info['openmp_threads']}")
     print(f"copy bandwidth (torch copy_, {max(sizes)}M float32): {bw / 1e9:.2f} GB/s")
+    fused_p = max(sizes) * M
+    fused_bw = 7 * 4 * fused_p / bench_fused_adam(fused_p, max(rounds, 5))
+    print(f"fused Adam on its own byte model 7·4·P ({max(sizes)}M): {fused_bw / 1e9:.2f} GB/s "
+          f"({fused_bw / bw:.0%} of copy)")
     print(f"medians of {rounds} steps (reference: {ref_rounds}); ratios from the same run\n")
     header = (f"{'P':>5} {'K':>2} | {'fused Adam':>10} {'PUB solve':>10} {'PUB reuse':>10} "
               f"{'reference':>10} | {'PUB/fused':>9} {'reuse/fused':>11} {'ref/PUB':>8} | "
@@ -196,7 +200,8 @@ def main(argv=None) -> int:
               f"{'PASS' if verdict['bandwidth'] else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "copy_bandwidth": bw, "rows": rows,
+            json.dump({"machine": info, "copy_bandwidth": bw, "fused_adam_bandwidth": fused_bw,
+                       "rows": rows,
                        "targets": TARGETS, "verdict": verdict}, f, indent=2)
     return 0
 

@@ -7,6 +7,7 @@ solver :func:`solve_weights`; ``pub_native.reference`` holds the plain-PyTorch a
 references they are validated against.
 """
 
+from . import baselines, data, models
 from ._native import cuda_available
 from .optim import AdaGrad, Adam, RMSProp
 from .solver import METHODS, SolveResult, SolveStatus, solve_weights
@@ -14,6 +15,9 @@ from .solver import METHODS, SolveResult, SolveStatus, solve_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "baselines",
+    "data",
+    "models",
     "AdaGrad",
     "Adam",
     "RMSProp",

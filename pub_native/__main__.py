@@ -7,7 +7,7 @@ import platform
 import sys
 
 from . import __version__
-from ._native import _C, _C_cuda, _CUDA_IMPORT_ERROR
+from ._native import _C, _CUDA_IMPORT_ERROR, _C_cuda
 
 
 def build_report() -> dict:

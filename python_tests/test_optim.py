@@ -189,7 +189,8 @@ def _torch_vs_pub(name, options, k, dtype, umm=None, every=1, steps=7):
 @pytest.mark.parametrize(
     "name,options",
     [(n, o) for n, sets in OPTION_SETS.items() for o in sets],
-    ids=lambda v: v if isinstance(v, str) else ",".join(f"{a}={b}" for a, b in v.items()) or "default",
+    ids=lambda v: (v if isinstance(v, str)
+                   else ",".join(f"{a}={b}" for a, b in v.items()) or "default"),
 )
 def test_one_or_identical_tasks_equal_torch(name, options, k, dtype):
     opt = _torch_vs_pub(name, options, k, dtype)

@@ -125,7 +125,9 @@ class PUBOptimizer:
         if shared is not None:
             known = {id(p) for g in self.param_groups for p in g["params"]}
             if not self._explicit_shared <= known:
-                raise ValueError("shared contains tensors that are not among the optimizer's params")
+                raise ValueError(
+                    "shared contains tensors that are not among the optimizer's params"
+                )
         self._reset_pub()
 
     def _reset_pub(self):
@@ -549,7 +551,8 @@ class PUBOptimizer:
             "num_tasks": self._k,
             "shared": None if self._shared is None else [index[id(p)] for p in self._shared],
             "step": self._t,
-            "task_weights": None if self._weights is None else torch.from_numpy(self._weights.copy()),
+            "task_weights": (None if self._weights is None
+                             else torch.from_numpy(self._weights.copy())),
             "warm_start": None if self._warm is None else torch.from_numpy(self._warm.copy()),
             "umm": self.umm,
         }
@@ -586,7 +589,9 @@ class PUBOptimizer:
             for name in ("task_weights", "warm_start"):
                 v = pub.get(name)
                 if v is not None and (k is None or tuple(v.shape) != (k,)):
-                    raise ValueError(f"loaded PUB {name} has shape {tuple(v.shape)}, expected ({k},)")
+                    raise ValueError(
+                        f"loaded PUB {name} has shape {tuple(v.shape)}, expected ({k},)"
+                    )
         # Shapes of every state entry, checked before anything is touched.
         id_map = {}
         for g_saved, g in zip(saved_groups, self.param_groups):
