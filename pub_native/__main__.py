@@ -19,6 +19,18 @@ def build_report() -> dict:
     if _C_cuda is not None:
         info.update(_C_cuda.build_info())
         info["cuda_devices"] = _C_cuda.device_count()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                for d in range(torch.cuda.device_count()):
+                    props = torch.cuda.get_device_properties(d)
+                    info[f"cuda_device_{d}"] = (
+                        f"{props.name}, sm_{props.major}{props.minor}, "
+                        f"{props.total_memory / 2**30:.0f} GiB"
+                    )
+        except Exception as exc:  # report, never fail: this is a diagnostic
+            info["cuda_device_error"] = str(exc)
     elif _CUDA_IMPORT_ERROR is not None and info.get("cuda_option") != "OFF":
         info["cuda_import_error"] = str(_CUDA_IMPORT_ERROR)
     return info

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import _autograd
-from .._native import _C
+from .._native import _C, cuda_module
 from ..solver import METHODS, SolveStatus
 
 __all__ = ["PUBOptimizer", "CLIPPY_PRESETS"]
@@ -140,6 +140,8 @@ class PUBOptimizer:
         self._warm: np.ndarray | None = None  # raw α of the last solve
         self._stats: dict[str, Any] = {}
         self._segments_cache = None
+        self._cuda_step = None  # CudaStep once shared parameters on a CUDA device have stepped
+        self._cuda_unread = False  # device results not yet copied to the host
 
     # ---- introspection -----------------------------------------------------------------------
 
@@ -155,14 +157,34 @@ class PUBOptimizer:
 
     @property
     def task_weights(self) -> torch.Tensor | None:
-        """α̂ used by the last step (float64, shape (K,)), or None before the first PUB step."""
+        """α̂ used by the last step (float64, shape (K,)), or None before the first PUB step.
+
+        On CUDA this copies from the device (the step itself never waits for it).
+        """
+        self._read_device()
         return None if self._weights is None else torch.from_numpy(self._weights.copy())
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Of the last weight solve: status, iterations, residual, solve_time (s); and whether
-        the last step solved (``updated``) or reused α̂."""
+        """Of the last weight solve: status, iterations, residual, solve_time (s, CPU only);
+        and whether the last step solved (``updated``) or reused α̂."""
+        self._read_device()
         return dict(self._stats)
+
+    def _read_device(self):
+        if not self._cuda_unread:
+            return
+        self._cuda_unread = False
+        weights, alpha, stats = self._cuda_step.read()
+        self._weights = weights
+        if alpha.any():
+            self._warm = alpha
+        self._stats.update(stats)
+        if stats["skipped"]:
+            raise FloatingPointError(
+                "a task gradient or update was NaN/Inf on the last CUDA step: the device skipped "
+                "it, parameters and optimizer state are unchanged"
+            )
 
     @property
     def num_tasks(self) -> int | None:
@@ -217,10 +239,17 @@ class PUBOptimizer:
                 f"{self._param_name(p)}: dtype {p.dtype} is not supported for shared parameters "
                 "(float32, float64, bfloat16, float16)"
             )
-        if p.device.type != "cpu":
+        if p.device.type == "cuda":
+            cuda_module()  # a clear error naming PUB_NATIVE_CUDA when the module is missing
+            if p.dtype == torch.float64:
+                raise NotImplementedError(
+                    f"{self._param_name(p)}: the CUDA PUB step supports float32, bfloat16 and "
+                    "float16 parameters"
+                )
+        elif p.device.type != "cpu":
             raise NotImplementedError(
-                f"{self._param_name(p)}: the PUB step on device {p.device} is not available in "
-                "this build; shared parameters must be on the CPU"
+                f"{self._param_name(p)}: the PUB step runs on the CPU and on CUDA devices, not "
+                f"on {p.device}"
             )
         if p.is_sparse or not p.is_contiguous():
             raise NotImplementedError(
@@ -274,7 +303,11 @@ class PUBOptimizer:
         names = self._state_names(group)
         new = {}
         if "step" not in st:
-            new["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            # On CUDA the counter lives on the device, as with torch's capturable=True, so the
+            # bias corrections are computed there and a step can be captured in a CUDA graph.
+            new["step"] = (torch.zeros((), dtype=torch.float32, device=p.device)
+                           if p.device.type == "cuda" else
+                           torch.tensor(0.0, dtype=_scalar_dtype()))
         dtype = self._state_dtype(p)
         for name in names:
             if self.umm == "adatask":
@@ -397,6 +430,8 @@ class PUBOptimizer:
             )
 
     def _pub_step(self):
+        if self._shared and self._grads.device.type == "cuda":
+            return self._pub_step_cuda()
         k = self._k
         shared = self._shared
         shared_ids = {id(p) for p in shared}
@@ -460,6 +495,31 @@ class PUBOptimizer:
         self._pending = False
         self._base_step_without(shared)
 
+    def _pub_step_cuda(self):
+        from ._cuda_step import CudaStep
+
+        groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        states = {}
+        for p in self._shared:
+            new = self._init_shared_state(p, groups_of[id(p)])
+            if new:
+                self._commit_state(p, new)
+            states[id(p)] = self.state[p]
+        if self._cuda_step is None:
+            self._cuda_step = CudaStep(self, self._segments())
+        t = self._t + 1
+        solve = not self._cuda_step.solved and self._weights is None \
+            or (t - 1) % self.update_weights_every == 0
+        self._cuda_step.step(states, solve)
+        self._t = t
+        self._stats = {"updated": solve}
+        self._cuda_unread = True
+        self._pending = False
+        self._base_step_without(self._shared)
+
+    def _ws_size(self, k):
+        return _C.workspace_size(k)
+
     def _solve(self, G):
         k = G.shape[0]
         code, tol, max_iter = METHODS[self.solver]
@@ -490,6 +550,9 @@ class PUBOptimizer:
 
     def _base_step_without(self, shared):
         """The base class's step on every parameter except ``shared`` (whose .grad is hidden)."""
+        shared_ids = {id(p) for p in shared}
+        if all(p.grad is None for p in self._all_params() if id(p) not in shared_ids):
+            return  # nothing to step (and nothing for torch to object to inside a CUDA graph)
         hidden = [(p, p.grad) for p in shared if p.grad is not None]
         for p, _ in hidden:
             p.grad = None
@@ -502,6 +565,11 @@ class PUBOptimizer:
     def _plain_step_with_shared(self):
         """step() without backward(losses): K = 1 on the shared params' own ``.grad``."""
         shared = [p for p in self._shared if p.grad is not None]
+        if shared and shared[0].device.type == "cuda":
+            raise NotImplementedError(
+                "step() without backward(losses) on CUDA shared parameters that PUB has stepped "
+                "is not supported; call opt.backward(losses)"
+            )
         if shared and self.umm == "adatask":
             raise RuntimeError(
                 "umm='adatask' keeps per-task state for the shared parameters: call "
@@ -545,6 +613,7 @@ class PUBOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict plus ``"pub"``: K, shared params (by index), step
         counter, α̂ in use, solver warm start and last solve stats."""
+        self._read_device()
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(self._all_params())}
         sd["pub"] = {

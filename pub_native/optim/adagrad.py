@@ -53,3 +53,8 @@ class AdaGrad(PUBOptimizer, torch.optim.Adagrad):
         clr = lr / (1.0 + (t - 1) * float(group["lr_decay"]))
         return [clr, 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]), 1.0, 0.0, 0.0,
                 0.0]
+
+    def _base_row(self, group):
+        """Constants of the device-side hyper-parameter kernel (CUDA)."""
+        return [float(group["lr"]), 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]),
+                0.0, float(group["lr_decay"]), 0.0]

@@ -94,3 +94,10 @@ class Adam(PUBOptimizer, torch.optim.Adam):
         bc2 = 1.0 - beta2**t
         return [lr / bc1, beta1, beta2, float(group["eps"]), 0.0 if decoupled else wd,
                 1.0 - lr * wd if decoupled else 1.0, 1.0 / math.sqrt(bc2), 1.0 - beta1, 1.0 - beta2]
+
+    def _base_row(self, group):
+        """Constants of the device-side hyper-parameter kernel (CUDA)."""
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return [float(group["lr"]), beta1, beta2, float(group["eps"]),
+                float(group["weight_decay"]), float(bool(group.get("decoupled_weight_decay"))),
+                0.0, 0.0]

@@ -61,3 +61,8 @@ class RMSProp(PUBOptimizer, torch.optim.RMSprop):
         alpha = float(group["alpha"])
         return [float(group["lr"]), float(group["momentum"]), alpha, float(group["eps"]),
                 float(group["weight_decay"]), 1.0, 0.0, 0.0, 1.0 - alpha]
+
+    def _base_row(self, group):
+        """Constants of the device-side hyper-parameter kernel (CUDA)."""
+        return [float(group["lr"]), float(group["momentum"]), float(group["alpha"]),
+                float(group["eps"]), float(group["weight_decay"]), 0.0, 0.0, 0.0]
