@@ -81,6 +81,8 @@ class CudaStep:
         self.hyper = torch.zeros(max(n, 1), 9, **f64)
         self.table = None
         self.table_key = None
+        self._base_host = None
+        self._base_dev = None
         self.solved = False
 
     def _refresh_table(self, states):
@@ -113,10 +115,16 @@ class CudaStep:
         base = np.zeros((len(self.members), cmod.BASE_COLS))
         for r, (gi, _, _) in enumerate(self.members):
             base[r] = opt._base_row(opt.param_groups[gi])
-        base_dev = torch.from_numpy(base).pin_memory().to(self.device, non_blocking=True)
+        if self._base_host is None or not np.array_equal(base, self._base_host):
+            # Only when lr & co. change (a scheduler step): a pinned staging copy, asynchronous;
+            # torch's host allocator keeps the pinned block until the copy has run. Unchanged
+            # constants upload nothing, so a captured step allocates nothing.
+            self._base_dev = torch.from_numpy(base).pin_memory().to(self.device,
+                                                                   non_blocking=True)
+            self._base_host = base
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device).cuda_stream
-            cmod.pub_hyper(opt._ALGO, self.step_ptrs.data_ptr(), base_dev.data_ptr(),
+            cmod.pub_hyper(opt._ALGO, self.step_ptrs.data_ptr(), self._base_dev.data_ptr(),
                            len(self.members), self.hyper.data_ptr(), stream)
             if solve or opt.umm == "clippy":
                 cmod.pub_gram(self.cfg, self.buffers, stream)
@@ -128,8 +136,6 @@ class CudaStep:
             else:
                 cmod.pub_check_rows(self.cfg, self.buffers, stream)
             cmod.pub_apply(self.cfg, self.buffers, self.step_ptrs.data_ptr(), stream)
-        # Keep the host copy of the base rows alive until the copy has run.
-        self._base_dev = base_dev
 
     def read(self):
         """Host copies of α̂, α and the solve stats; waits for the device (called on reads)."""
