@@ -252,29 +252,7 @@ PYBIND11_MODULE(_C, m) {
         "Doubles of solver workspace one problem with K tasks needs.");
 
   py::class_<StepConfig>(m, "StepConfig", "Options of one PUB step (see pub_native/step.h).")
-      .def(py::init([](int32_t algo, bool amsgrad, bool centered, bool momentum, int32_t umm,
-                       int32_t dtype, int64_t num_tasks, int64_t row_length, double grad_sign,
-                       double clippy_rel, double clippy_abs, bool has_l2) {
-             if (algo < 0 || algo > 2) throw py::value_error("unknown algorithm code");
-             if (umm < 0 || umm > 2) throw py::value_error("unknown umm code");
-             if (dtype < kFloat32 || dtype > kFloat16) throw py::value_error("unknown dtype code");
-             if (num_tasks < 1 || row_length < 0)
-               throw py::value_error("num_tasks must be >= 1 and row_length >= 0");
-             StepConfig c;
-             c.algo = static_cast<Algorithm>(algo);
-             c.amsgrad = amsgrad;
-             c.centered = centered;
-             c.momentum = momentum;
-             c.umm = static_cast<Umm>(umm);
-             c.dtype = static_cast<DType>(dtype);
-             c.num_tasks = num_tasks;
-             c.row_length = row_length;
-             c.grad_sign = grad_sign;
-             c.clippy_rel = clippy_rel;
-             c.clippy_abs = clippy_abs;
-             c.has_l2 = has_l2;
-             return c;
-           }),
+      .def(py::init(&make_step_config),
            py::arg("algo"), py::arg("amsgrad"), py::arg("centered"), py::arg("momentum"),
            py::arg("umm"), py::arg("dtype"), py::arg("num_tasks"), py::arg("row_length"),
            py::arg("grad_sign"), py::arg("clippy_rel"), py::arg("clippy_abs"), py::arg("has_l2"))

@@ -74,26 +74,10 @@ cuda::StepBuffers make_buffers(uintptr_t table, int64_t n_tensors, uintptr_t ite
 StepConfig make_config(int32_t algo, bool amsgrad, bool centered, bool momentum, int32_t umm,
                        int32_t dtype, int64_t num_tasks, int64_t row_length, double grad_sign,
                        double clippy_rel, double clippy_abs, bool has_l2) {
-  if (algo < 0 || algo > 2) throw py::value_error("unknown algorithm code");
-  if (umm < 0 || umm > 2) throw py::value_error("unknown umm code");
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16)
+  if (dtype == kFloat64)
     throw py::type_error("CUDA PUB step: parameters must be float32, bfloat16 or float16");
-  if (num_tasks < 1 || row_length < 0)
-    throw py::value_error("num_tasks must be >= 1 and row_length >= 0");
-  StepConfig c;
-  c.algo = static_cast<Algorithm>(algo);
-  c.amsgrad = amsgrad;
-  c.centered = centered;
-  c.momentum = momentum;
-  c.umm = static_cast<Umm>(umm);
-  c.dtype = static_cast<DType>(dtype);
-  c.num_tasks = num_tasks;
-  c.row_length = row_length;
-  c.grad_sign = grad_sign;
-  c.clippy_rel = clippy_rel;
-  c.clippy_abs = clippy_abs;
-  c.has_l2 = has_l2;
-  return c;
+  return make_step_config(algo, amsgrad, centered, momentum, umm, dtype, num_tasks, row_length,
+                          grad_sign, clippy_rel, clippy_abs, has_l2);
 }
 
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }

@@ -397,30 +397,6 @@ void dispatch_dtype(DType d, F&& f) {
   }
 }
 
-// Rule families: the rules of one base optimizer, selected by the step's options.
-struct AdamFamily {
-  template <class T, class F>
-  static void dispatch(const StepConfig& c, F&& f) {
-    if (c.amsgrad) return f.template operator()<AdamRule<T, true>>();
-    return f.template operator()<AdamRule<T, false>>();
-  }
-};
-struct AdaGradFamily {
-  template <class T, class F>
-  static void dispatch(const StepConfig&, F&& f) {
-    return f.template operator()<AdaGradRule<T>>();
-  }
-};
-struct RMSPropFamily {
-  template <class T, class F>
-  static void dispatch(const StepConfig& c, F&& f) {
-    if (c.centered && c.momentum) return f.template operator()<RMSPropRule<T, true, true>>();
-    if (c.centered) return f.template operator()<RMSPropRule<T, true, false>>();
-    if (c.momentum) return f.template operator()<RMSPropRule<T, false, true>>();
-    return f.template operator()<RMSPropRule<T, false, false>>();
-  }
-};
-
 template <class Family, template <class> class ByRule>
 struct ByDtype {
   const StepArgs& a;

@@ -297,29 +297,6 @@ void run_family(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStre
   }
 }
 
-struct AdamFamily {
-  template <class T, class F>
-  static void dispatch(const StepConfig& c, F&& f) {
-    if (c.amsgrad) return f.template operator()<AdamRule<T, true>>();
-    return f.template operator()<AdamRule<T, false>>();
-  }
-};
-struct AdaGradFamily {
-  template <class T, class F>
-  static void dispatch(const StepConfig&, F&& f) {
-    return f.template operator()<AdaGradRule<T>>();
-  }
-};
-struct RMSPropFamily {
-  template <class T, class F>
-  static void dispatch(const StepConfig& c, F&& f) {
-    if (c.centered && c.momentum) return f.template operator()<RMSPropRule<T, true, true>>();
-    if (c.centered) return f.template operator()<RMSPropRule<T, true, false>>();
-    if (c.momentum) return f.template operator()<RMSPropRule<T, false, true>>();
-    return f.template operator()<RMSPropRule<T, false, false>>();
-  }
-};
-
 void run_adam(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream);
 void run_adagrad(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream);
 void run_rmsprop(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 
 #include "update_rules.h"
 
@@ -36,6 +37,33 @@ struct StepConfig {
   bool has_l2 = false;       // some group has L2 weight decay (the Gram pass must read θ)
   PN_HD bool gram_reads_theta() const { return umm == Umm::kClippy || has_l2; }
 };
+
+// Host-side construction with validation, shared by the CPU and CUDA bindings
+// (std::invalid_argument becomes ValueError in Python).
+inline StepConfig make_step_config(int32_t algo, bool amsgrad, bool centered, bool momentum,
+                                   int32_t umm, int32_t dtype, int64_t num_tasks,
+                                   int64_t row_length, double grad_sign, double clippy_rel,
+                                   double clippy_abs, bool has_l2) {
+  if (algo < 0 || algo > 2) throw std::invalid_argument("unknown algorithm code");
+  if (umm < 0 || umm > 2) throw std::invalid_argument("unknown umm code");
+  if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("unknown dtype code");
+  if (num_tasks < 1 || row_length < 0)
+    throw std::invalid_argument("num_tasks must be >= 1 and row_length >= 0");
+  StepConfig c;
+  c.algo = static_cast<Algorithm>(algo);
+  c.amsgrad = amsgrad;
+  c.centered = centered;
+  c.momentum = momentum;
+  c.umm = static_cast<Umm>(umm);
+  c.dtype = static_cast<DType>(dtype);
+  c.num_tasks = num_tasks;
+  c.row_length = row_length;
+  c.grad_sign = grad_sign;
+  c.clippy_rel = clippy_rel;
+  c.clippy_abs = clippy_abs;
+  c.has_l2 = has_l2;
+  return c;
+}
 
 // Elements per work item of the Gram pass. Partial Gram matrices are summed per item, then the
 // items in order: the result is bitwise the same for any number of threads.

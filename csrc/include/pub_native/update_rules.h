@@ -123,22 +123,30 @@ struct RMSPropRule {
   }
 };
 
-// Call f.template operator()<Rule>() with the rule selected by the runtime options; used by both
-// the CPU and the CUDA layers so they support the same set.
-template <class T, class F>
-void dispatch_rule(Algorithm algo, bool amsgrad, bool centered, bool momentum, F&& f) {
-  switch (algo) {
-    case Algorithm::kAdam:
-      if (amsgrad) return f.template operator()<AdamRule<T, true>>();
-      return f.template operator()<AdamRule<T, false>>();
-    case Algorithm::kAdaGrad:
-      return f.template operator()<AdaGradRule<T>>();
-    case Algorithm::kRMSProp:
-      if (centered && momentum) return f.template operator()<RMSPropRule<T, true, true>>();
-      if (centered) return f.template operator()<RMSPropRule<T, true, false>>();
-      if (momentum) return f.template operator()<RMSPropRule<T, false, true>>();
-      return f.template operator()<RMSPropRule<T, false, false>>();
+// Rule families: the rules of one base optimizer, one per option set. dispatch calls
+// f.template operator()<Rule>() with the rule the step's options select; the CPU and CUDA
+// layers both go through these, so they support the same set.
+struct AdamFamily {
+  template <class T, class Config, class F>
+  static void dispatch(const Config& c, F&& f) {
+    if (c.amsgrad) return f.template operator()<AdamRule<T, true>>();
+    return f.template operator()<AdamRule<T, false>>();
   }
-}
+};
+struct AdaGradFamily {
+  template <class T, class Config, class F>
+  static void dispatch(const Config&, F&& f) {
+    return f.template operator()<AdaGradRule<T>>();
+  }
+};
+struct RMSPropFamily {
+  template <class T, class Config, class F>
+  static void dispatch(const Config& c, F&& f) {
+    if (c.centered && c.momentum) return f.template operator()<RMSPropRule<T, true, true>>();
+    if (c.centered) return f.template operator()<RMSPropRule<T, true, false>>();
+    if (c.momentum) return f.template operator()<RMSPropRule<T, false, true>>();
+    return f.template operator()<RMSPropRule<T, false, false>>();
+  }
+};
 
 }  // namespace pub_native
