@@ -155,15 +155,12 @@ class _Method:
         hp = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.balancer = None
         if key in _PUB_UMM:
-            import pub_native
+            from .optim import Adam as PUBAdam
 
-            if not hasattr(pub_native, "Adam"):
-                raise RuntimeError(f"method {key!r} needs pub_native.Adam (the PUB optimizer), "
-                                   "which this build of pub_native does not provide")
             if key == "pub+clippy":
                 hp["clippy_preset"] = cfg.clippy_preset
-            self.opt = pub_native.Adam(params, umm=_PUB_UMM[key],
-                                       update_weights_every=cfg.update_weights_every, **hp)
+            self.opt = PUBAdam(params, umm=_PUB_UMM[key],
+                               update_weights_every=cfg.update_weights_every, **hp)
             return
         self.opt = torch.optim.Adam(params, **hp)
         kwargs = {}
