@@ -621,3 +621,16 @@ def test_nan_gradient_raises_and_changes_nothing(name, umm, reuse):
     opt.zero_grad()
     opt.backward(problem.losses(6))
     opt.step()
+
+
+def test_base_step_refusal_leaves_shared_part_untouched():
+    # torch refuses capturable=True for CPU tensors when it steps the task-specific params;
+    # that refusal must come before the shared parameters or their state change.
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=43)
+    opt = pub_native.Adam(problem.groups(), capturable=True)
+    opt.backward(problem.losses(0))
+    before = [p.detach().clone() for p in problem.shared]
+    with pytest.raises((AssertionError, RuntimeError)):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, problem.shared))
+    assert all("exp_avg" not in opt.state[p] for p in problem.shared)

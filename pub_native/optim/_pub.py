@@ -107,10 +107,6 @@ class PUBOptimizer:
         for group in self.param_groups:
             if group.get("differentiable", False):
                 raise NotImplementedError("PUB optimizers do not support differentiable=True")
-            if group.get("capturable", False):
-                raise NotImplementedError(
-                    "capturable=True is not supported by the PUB step on this backend"
-                )
             for p in group["params"]:
                 if p.is_complex():
                     raise TypeError(f"{self._param_name(p)}: complex parameters are not supported")
@@ -482,6 +478,9 @@ class PUBOptimizer:
                 )
         self._specific_grads_finite(shared_ids)
 
+        # The base step of the task-specific parameters first: if torch refuses it (e.g.
+        # capturable=True on CPU tensors), the shared part is still untouched.
+        self._base_step_without(shared)
         # Commit: nothing below raises on valid input.
         for p, new in new_entries.items():
             self._commit_state(p, new)
@@ -493,7 +492,6 @@ class PUBOptimizer:
         self._weights = weights
         self._stats = stats
         self._pending = False
-        self._base_step_without(shared)
 
     def _pub_step_cuda(self):
         from ._cuda_step import CudaStep
@@ -504,7 +502,12 @@ class PUBOptimizer:
             new = self._init_shared_state(p, groups_of[id(p)])
             if new:
                 self._commit_state(p, new)
-            states[id(p)] = self.state[p]
+            st = self.state[p]
+            # torch keeps 'step' on the CPU (plain steps, load_state_dict); the device kernels
+            # read and advance it on the device.
+            if st["step"].device != p.device or st["step"].dtype != torch.float32:
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+            states[id(p)] = st
         if self._cuda_step is None:
             self._cuda_step = CudaStep(self, self._segments())
         t = self._t + 1
