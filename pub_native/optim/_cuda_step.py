@@ -95,7 +95,7 @@ class CudaStep:
             ptrs += [0] * (3 - len(ptrs))
             rows.append([p.data_ptr(), p.numel(), off, r, *ptrs])
             step_ptrs.append(st["step"].data_ptr())
-        key = tuple(map(tuple, rows)) + tuple(step_ptrs)
+        key = tuple(map(tuple, rows)) + tuple(step_ptrs) + (opt._grads.buffer.data_ptr(),)
         if key != self.table_key:
             self.table = torch.tensor(rows, dtype=torch.int64).to(self.device)
             self.step_ptrs = torch.tensor(step_ptrs, dtype=torch.int64).to(self.device)
