@@ -60,28 +60,6 @@ inline int thread_id() {
 #endif
 }
 
-template <class T>
-struct TensorView {
-  void* param;
-  int64_t numel, grad_offset;
-  const double* hyper;
-  T* state[kMaxStates];
-  int64_t task_stride;  // state elements between tasks (AdaTask), else 0
-};
-
-template <class T>
-TensorView<T> view(const StepConfig& cfg, const int64_t* table, int64_t t, const double* hyper) {
-  const int64_t* row = table + t * kTableCols;
-  TensorView<T> v;
-  v.param = reinterpret_cast<void*>(row[kTParam]);
-  v.numel = row[kTNumel];
-  v.grad_offset = row[kTGradOffset];
-  v.hyper = hyper + row[kTGroup] * kHyperCols;
-  for (int s = 0; s < kMaxStates; ++s) v.state[s] = reinterpret_cast<T*>(row[kTState + s]);
-  v.task_stride = cfg.umm == Umm::kAdaTask ? v.numel : 0;
-  return v;
-}
-
 template <class Rule, class T>
 inline void load_state(T* const* state, int64_t idx, T* s) {
   for (int k = 0; k < Rule::kStates; ++k) s[k] = state[k][idx];
@@ -115,7 +93,7 @@ struct GramKernel {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < n_items; ++it) {
       const Item item = items[static_cast<size_t>(it)];
-      const TensorView<T> tv = view<T>(cfg, table, item.tensor, hyper);
+      const TensorView<T> tv = tensor_view<T>(cfg, table, item.tensor, hyper);
       const Rule rule(tv.hyper);
       const T sign = static_cast<T>(cfg.grad_sign);
       const T wd = static_cast<T>(tv.hyper[kHWeightDecay]);
@@ -284,7 +262,7 @@ struct ApplyKernel {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < n_items; ++it) {
       const Item item = items[static_cast<size_t>(it)];
-      const TensorView<T> tv = view<T>(cfg, table, item.tensor, hyper);
+      const TensorView<T> tv = tensor_view<T>(cfg, table, item.tensor, hyper);
       const Rule rule(tv.hyper);
       const T sign = static_cast<T>(cfg.grad_sign);
       const T wd = static_cast<T>(tv.hyper[kHWeightDecay]);

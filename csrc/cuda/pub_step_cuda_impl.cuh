@@ -29,28 +29,6 @@ inline void check(cudaError_t err, const char* what) {
                              cudaGetErrorString(err));
 }
 
-template <class T>
-struct DeviceTensor {
-  void* param;
-  int64_t numel, grad_offset, task_stride;
-  const double* hyper;
-  T* state[kMaxStates];
-};
-
-template <class T>
-__device__ __forceinline__ DeviceTensor<T> device_view(const StepConfig& cfg, const int64_t* table,
-                                                       int64_t t, const double* hyper) {
-  const int64_t* row = table + t * kTableCols;
-  DeviceTensor<T> v;
-  v.param = reinterpret_cast<void*>(row[kTParam]);
-  v.numel = row[kTNumel];
-  v.grad_offset = row[kTGradOffset];
-  v.hyper = hyper + row[kTGroup] * kHyperCols;
-  for (int s = 0; s < kMaxStates; ++s) v.state[s] = reinterpret_cast<T*>(row[kTState + s]);
-  v.task_stride = cfg.umm == Umm::kAdaTask ? v.numel : 0;
-  return v;
-}
-
 // Sum over the block in a fixed order: shuffle within warps, then warp 0 over the warps.
 __device__ __forceinline__ double block_sum(double v, double* shared) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
@@ -86,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ double shared[kWarps];
   const int64_t it = blockIdx.x;
   const int64_t tensor = items[3 * it], begin = items[3 * it + 1], end = items[3 * it + 2];
-  const DeviceTensor<T> tv = device_view<T>(cfg, table, tensor, hyper);
+  const TensorView<T> tv = tensor_view<T>(cfg, table, tensor, hyper);
   const Rule rule(tv.hyper);
   const int K = static_cast<int>(cfg.num_tasks);
   const int64_t P = cfg.row_length;
@@ -199,7 +177,7 @@ __global__ void __launch_bounds__(kThreads)
     c_s[threadIdx.x] = static_cast<T>(sigma ? w * sigma[tensor * K + threadIdx.x] : w);
   }
   __syncthreads();
-  const DeviceTensor<T> tv = device_view<T>(cfg, table, tensor, hyper);
+  const TensorView<T> tv = tensor_view<T>(cfg, table, tensor, hyper);
   const Rule rule(tv.hyper);
   const int64_t P = cfg.row_length;
   const T sign = static_cast<T>(cfg.grad_sign);

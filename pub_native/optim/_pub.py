@@ -321,6 +321,20 @@ class PUBOptimizer:
                                        dtype=dtype, device=p.device)
         return new or None
 
+    def _prospective_states(self):
+        """Each shared parameter's state as it will be once the missing entries exist, and
+        those entries (stored only by ``_commit_state`` when the step cannot fail any more)."""
+        groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        states, new_entries = {}, {}
+        for p in self._shared:
+            new = self._init_shared_state(p, groups_of[id(p)])
+            st = dict(self.state.get(p, {}))
+            if new:
+                new_entries[p] = new
+                st.update({key: v for key, v in new.items() if v is not None})
+            states[id(p)] = st
+        return states, new_entries
+
     def _commit_state(self, p, new):
         st = self.state[p]
         for key, value in new.items():
@@ -431,19 +445,7 @@ class PUBOptimizer:
         k = self._k
         shared = self._shared
         shared_ids = {id(p) for p in shared}
-        states, new_entries = {}, {}
-        groups_of = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) in shared_ids:
-                    groups_of[id(p)] = group
-        for p in shared:
-            new = self._init_shared_state(p, groups_of[id(p)])
-            st = dict(self.state.get(p, {}))
-            if new:
-                new_entries[p] = new
-                st.update({key: v for key, v in new.items() if v is not None})
-            states[id(p)] = st
+        states, new_entries = self._prospective_states()
         steps = {id(p): _float(states[id(p)]["step"]) for p in shared}
 
         t = self._t + 1
@@ -588,15 +590,7 @@ class PUBOptimizer:
                     row[off:off + n].zero_()
                 else:
                     row[off:off + n].copy_(p.grad.reshape(-1))
-            states, new_entries = {}, {}
-            groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
-            for p in self._shared:
-                new = self._init_shared_state(p, groups_of[id(p)])
-                st = dict(self.state.get(p, {}))
-                if new:
-                    new_entries[p] = new
-                    st.update({key: v for key, v in new.items() if v is not None})
-                states[id(p)] = st
+            states, new_entries = self._prospective_states()
             for p, new in new_entries.items():
                 self._commit_state(p, new)
             with_grad = {id(p) for p in shared}

@@ -65,6 +65,30 @@ inline StepConfig make_step_config(int32_t algo, bool amsgrad, bool centered, bo
   return c;
 }
 
+// One row of the tensor table, decoded (host loops and device kernels alike).
+template <class T>
+struct TensorView {
+  void* param;
+  int64_t numel, grad_offset;
+  int64_t task_stride;  // state elements between tasks (AdaTask), else 0
+  const double* hyper;
+  T* state[kMaxStates];
+};
+
+template <class T>
+PN_HD TensorView<T> tensor_view(const StepConfig& cfg, const int64_t* table, int64_t t,
+                                const double* hyper) {
+  const int64_t* row = table + t * kTableCols;
+  TensorView<T> v;
+  v.param = reinterpret_cast<void*>(row[kTParam]);
+  v.numel = row[kTNumel];
+  v.grad_offset = row[kTGradOffset];
+  v.hyper = hyper + row[kTGroup] * kHyperCols;
+  for (int s = 0; s < kMaxStates; ++s) v.state[s] = reinterpret_cast<T*>(row[kTState + s]);
+  v.task_stride = cfg.umm == Umm::kAdaTask ? v.numel : 0;
+  return v;
+}
+
 // Elements per work item of the Gram pass. Partial Gram matrices are summed per item, then the
 // items in order: the result is bitwise the same for any number of threads.
 constexpr int64_t kGramChunk = int64_t(1) << 16;
