@@ -117,7 +117,7 @@ PUB_VARIANTS = [
 ]
 
 
-def run_vs_torch(ref_cls, torch_cls, lr, options, pub_kwargs, num_tasks, explicit_shared):
+def assert_matches_torch(ref_cls, torch_cls, lr, options, pub_kwargs, num_tasks, explicit_shared):
     params = make_params()
     torch_params = clone_params(params)
     if explicit_shared:
@@ -169,20 +169,20 @@ def run_vs_torch(ref_cls, torch_cls, lr, options, pub_kwargs, num_tasks, explici
 @pytest.mark.parametrize("ref_cls,torch_cls,lr,options", CASES, ids=str)
 def test_one_task_equals_torch(ref_cls, torch_cls, lr, options, pub_kwargs):
     # K = 1 shares nothing by detection, so the parameters are declared shared to run PUB.
-    run_vs_torch(ref_cls, torch_cls, lr, options, pub_kwargs, 1, explicit_shared=True)
+    assert_matches_torch(ref_cls, torch_cls, lr, options, pub_kwargs, 1, explicit_shared=True)
 
 
 @pytest.mark.parametrize("pub_kwargs", PUB_VARIANTS, ids=str)
 @pytest.mark.parametrize("ref_cls,torch_cls,lr,options", CASES, ids=str)
 def test_identical_tasks_equal_torch(ref_cls, torch_cls, lr, options, pub_kwargs):
     # Three copies of one loss: every parameter is reached by 3 tasks, so detected as shared.
-    run_vs_torch(ref_cls, torch_cls, lr, options, pub_kwargs, 3, explicit_shared=False)
+    assert_matches_torch(ref_cls, torch_cls, lr, options, pub_kwargs, 3, explicit_shared=False)
 
 
 @pytest.mark.parametrize("preset", ["paper", "tfrs"])
 def test_clippy_inactive_equals_torch(preset):
     # λ_rel = 1e6: the bound λ_rel·|θ| dwarfs every update, so σ = 1.
-    run_vs_torch(
+    assert_matches_torch(
         ReferenceAdam,
         torch.optim.Adam,
         0.05,
@@ -677,7 +677,7 @@ def test_load_state_dict_with_other_k_or_shapes_fails_and_changes_nothing():
 def test_identical_tasks_all_combinations_smoke():
     # Wider option grid, fewer steps: every Adam flag combination with K = 2 identical tasks.
     for amsgrad, maximize, decoupled in itertools.product([False, True], repeat=3):
-        run_vs_torch(
+        assert_matches_torch(
             ReferenceAdam,
             torch.optim.Adam,
             0.05,
