@@ -634,3 +634,22 @@ def test_base_step_refusal_leaves_shared_part_untouched():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, problem.shared))
     assert all("exp_avg" not in opt.state[p] for p in problem.shared)
+
+
+def test_turning_on_weight_decay_mid_run_matches_reference():
+    # The native kernel configuration (whether the Gram pass reads θ for L2 decay) follows a
+    # param group's options when they change between steps.
+    problem = Problem(SHAPES["odd"], 2, dtype=F64, seed=44)
+    twin = problem.clone()
+    opt = pub_native.Adam(problem.groups())
+    ref = ReferenceAdam(twin.groups())
+    for t in range(6):
+        if t == 3:
+            for o in (opt, ref):
+                for g in o.param_groups:
+                    g["weight_decay"] = 0.5
+        for o, pr in ((opt, problem), (ref, twin)):
+            o.zero_grad()
+            o.backward(pr.losses(t))
+            o.step()
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])

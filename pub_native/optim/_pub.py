@@ -347,9 +347,14 @@ class PUBOptimizer:
         return 0.0
 
     def _segments(self):
-        """Shared tensors grouped by kernel configuration; cached until the layout changes."""
-        if self._segments_cache is not None:
+        """Shared tensors grouped by kernel configuration; cached until the layout or a
+        group's rule options (amsgrad, maximize, L2 weight decay on or off, ...) change."""
+        signature = tuple(self._config_key(g) + (bool(g.get("maximize", False)),
+                                                 self._hyper_row(g, 1)[4] != 0.0)
+                          for g in self.param_groups)
+        if self._segments_cache is not None and self._segments_signature == signature:
             return self._segments_cache
+        self._segments_signature = signature
         offsets = dict(zip(map(id, self._grads.params), self._grads.offsets))
         shared_ids = set(offsets)
         by_key: dict = {}
