@@ -24,6 +24,7 @@ import numpy as np
 
 import pub_native
 from pub_native import SolveStatus, solve_weights
+from pub_native._platform import cpu_name
 from pub_native.reference import NashMTLSolverReference
 
 KS = (2, 3, 5, 10, 20, 40)
@@ -62,14 +63,7 @@ def summary(samples):
 
 
 def machine():
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import cvxpy
     import ecos
 

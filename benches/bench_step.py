@@ -25,6 +25,7 @@ import time
 import torch
 
 import pub_native
+from pub_native._platform import cpu_name
 from pub_native.reference import ReferenceAdam
 
 M = 2**20
@@ -32,17 +33,6 @@ N_TENSORS = 4
 
 # Targets of the CPU issue, for K = 2 and P = 16M (checked when that row is measured).
 TARGETS = {"vs_fused_adam_max": 2.0, "vs_reference_min": 5.0, "bandwidth_fraction_min": 0.70}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_time(fn, rounds: int, warmup: int = 1, setup=None) -> float:

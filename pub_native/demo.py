@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import __version__, baselines
+from ._platform import cpu_name
 from .data import MultiTaskData, Split, load_adult, load_csv
 from .models import MODELS, build_model
 
@@ -451,20 +452,9 @@ def _environment(cfg: DemoConfig) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pub_native": __version__, "torch": torch.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
-        "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+        "processor": cpu_name(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _json_default(obj):

@@ -52,6 +52,11 @@ inline int max_threads() {
   return 1;
 #endif
 }
+// Threads for a pass over n_items work items: no more than there are items.
+inline int team_size(int64_t n_items) {
+  return static_cast<int>(std::min<int64_t>(max_threads(), std::max<int64_t>(n_items, 1)));
+}
+
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();
@@ -85,7 +90,7 @@ struct GramKernel {
     std::vector<double> partial(static_cast<size_t>(n_items * K * K), 0.0);
     std::vector<T> min_ratio(kClippy ? static_cast<size_t>(n_items * K) : 0,
                              std::numeric_limits<T>::infinity());
-    const int nthreads = static_cast<int>(std::min<int64_t>(max_threads(), std::max<int64_t>(n_items, 1)));
+    const int nthreads = team_size(n_items);
     // Per thread: the K task updates of a tile, widened to float64 once for the products, and θ.
     std::vector<double> scratch(static_cast<size_t>(nthreads) * K * kTile);
     std::vector<T> theta_scratch(static_cast<size_t>(nthreads) * kTile);
@@ -256,7 +261,7 @@ struct ApplyKernel {
     const Tp* grads = static_cast<const Tp*>(grads_v);
     const std::vector<Item> items = make_items(table, n_tensors, kGramChunk);
     const int64_t n_items = static_cast<int64_t>(items.size());
-    const int nthreads = static_cast<int>(std::min<int64_t>(max_threads(), std::max<int64_t>(n_items, 1)));
+    const int nthreads = team_size(n_items);
     std::vector<T> scratch(static_cast<size_t>(nthreads) * 3 * kTile);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
