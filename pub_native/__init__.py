@@ -9,7 +9,7 @@ references they are validated against.
 
 from . import baselines, data, models
 from ._native import cuda_available
-from .optim import AdaGrad, Adam, RMSProp
+from .optim import AdaGrad, Adagrad, Adam, RMSProp, RMSprop, StepOutcome
 from .solver import METHODS, SolveResult, SolveStatus, solve_weights
 
 __version__ = "0.1.0"
@@ -19,8 +19,11 @@ __all__ = [
     "data",
     "models",
     "AdaGrad",
+    "Adagrad",
     "Adam",
     "RMSProp",
+    "RMSprop",
+    "StepOutcome",
     "METHODS",
     "SolveResult",
     "SolveStatus",

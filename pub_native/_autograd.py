@@ -103,12 +103,39 @@ def split_shared(roots: list, params: list[torch.Tensor]) -> list[bool]:
     return [sum(id(p) in r for r in reach) >= 2 for p in params]
 
 
+def dense_strides(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers exactly ``numel`` consecutive elements in some order of its
+    dimensions (contiguous, channels_last, transposed, ...): what a flat kernel loop may read.
+    Size-1 dimensions are ignored, since their strides address nothing."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same memory order (strides equal on every dimension of size > 1)."""
+    return a.shape == b.shape and all(
+        sa == sb for sa, sb, sz in zip(a.stride(), b.stride(), a.shape) if sz != 1)
+
+
+def layout_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A view of the 1-D ``flat`` (``like.numel()`` elements) with ``like``'s shape and memory
+    order, so that element j of ``flat`` is element j of ``like`` in memory."""
+    return flat.as_strided(like.shape, like.stride(), flat.storage_offset())
+
+
 class TaskGradients:
     """The K×P buffer of per-task gradients of the shared parameters.
 
     Row i holds ∂L_i/∂θ for the P shared scalars, laid out parameter after parameter in the
-    order given (each parameter flattened in its own contiguous order). The buffer is allocated
-    once and reused; :meth:`compute` fills it with one ``torch.autograd.grad`` call per task.
+    order given, each parameter in its own memory order (a channels_last or transposed parameter
+    keeps its layout), so a kernel reads parameter, state and gradient with one flat index. The
+    buffer is allocated once and reused; :meth:`compute` fills it with one
+    ``torch.autograd.grad`` call per task.
 
     One ``autograd.grad`` call per task was chosen over a single ``is_grads_batched=True`` call
     by measurement (``benches/bench_backward.py``, 2-core CPU, torch 2.13): the loop was 1.5×
@@ -140,13 +167,27 @@ class TaskGradients:
             )
         self.dtype = shared[0].dtype if shared else torch.float32
         self.device = shared[0].device if shared else torch.device("cpu")
-        self.buffer = torch.empty((k, self.size), dtype=self.dtype, device=self.device)
+        self.buffer = torch.zeros((k, self.size), dtype=self.dtype, device=self.device)
+        # The layout each parameter had when the buffer was laid out: a parameter whose shape,
+        # dtype or memory order changed since (model.to, .data =) needs a new buffer.
+        self.layouts = [(p.shape, p.stride(), p.dtype, p.device) for p in shared]
+
+    def matches(self) -> bool:
+        """Whether every shared parameter still has the layout this buffer was made for."""
+        return all((p.shape, p.stride(), p.dtype, p.device) == lay
+                   for p, lay in zip(self.params, self.layouts))
 
     def views(self, i: int) -> list[torch.Tensor]:
-        """Row i of the buffer as tensors shaped like the shared parameters."""
+        """Row i of the buffer as tensors shaped (and laid out) like the shared parameters."""
         row = self.buffer[i]
-        return [row[o:o + n].view(p.shape) for p, o, n in zip(self.params, self.offsets,
-                                                              self.numels)]
+        return [layout_view(row[o:o + n], p) for p, o, n in zip(self.params, self.offsets,
+                                                                 self.numels)]
+
+    def task_view(self, index: int) -> torch.Tensor:
+        """Every task's gradient of shared parameter ``index``: (K, *shape), in its layout."""
+        p, o = self.params[index], self.offsets[index]
+        return self.buffer[:, o:o + self.numels[index]].as_strided(
+            (self.k, *p.shape), (self.size, *p.stride()), o)
 
     def compute(self, losses: list[torch.Tensor], specific: list[list[torch.Tensor]],
                 retain_graph: bool = False, accumulate: bool = False) -> None:
@@ -155,43 +196,60 @@ class TaskGradients:
         ``specific[i]`` are the non-shared parameters whose gradient from task i is added to
         ``.grad`` as ``loss.backward()`` would (unreached ones are skipped at no cost). With
         ``accumulate`` the shared gradients are added to the buffer instead of replacing it.
+        Shared parameters that do not require grad (frozen) are not differentiated; their rows
+        hold zeros.
         """
         k = len(losses)
-        n_shared = len(self.params)
+        active = [j for j, p in enumerate(self.params) if p.requires_grad]
+        shared = [self.params[j] for j in active]
+        if len(active) < len(self.params) and not accumulate:
+            self.buffer.zero_()
+        # autograd may hand one tensor to two parameters (w = a + b gives a and b the same
+        # gradient object) or a view of another: .grad must own its memory, since later tasks
+        # and later backward calls accumulate into it in place.
+        handed_out: set[int] = set()
         for i, loss in enumerate(losses):
-            inputs = self.params + specific[i]
+            inputs = shared + specific[i]
             if not inputs:
                 continue
             grads = torch.autograd.grad(
                 loss, inputs, retain_graph=retain_graph or i < k - 1, allow_unused=True
             )
             row = self.buffer[i]
-            if n_shared:
-                shared_grads = grads[:n_shared]
-                for p, g in zip(self.params, shared_grads):
-                    if g is not None and g.is_sparse:
-                        raise TypeError(
-                            f"sparse gradient for a shared parameter of shape {tuple(p.shape)}: "
-                            "PUB needs dense gradients (use sparse=False in nn.Embedding)"
-                        )
+            for j, g in zip(active, grads[:len(shared)]):
+                view = layout_view(row[self.offsets[j]:self.offsets[j] + self.numels[j]],
+                                   self.params[j])
+                if g is None:
+                    if not accumulate:
+                        view.zero_()
+                    continue
+                if g.is_sparse:
+                    raise TypeError(
+                        f"sparse gradient for a shared parameter of shape "
+                        f"{tuple(self.params[j].shape)}: PUB needs dense gradients (use "
+                        "sparse=False in nn.Embedding)"
+                    )
                 if accumulate:
-                    for g, o, n in zip(shared_grads, self.offsets, self.numels):
-                        if g is not None:
-                            row[o:o + n].add_(g.reshape(-1))
-                elif all(g is not None for g in shared_grads):
-                    torch.cat([g.reshape(-1) for g in shared_grads], out=row)
+                    view.add_(g)
                 else:
-                    for g, o, n in zip(shared_grads, self.offsets, self.numels):
-                        if g is None:
-                            row[o:o + n].zero_()
-                        else:
-                            row[o:o + n].copy_(g.reshape(-1))
-            for p, g in zip(specific[i], grads[n_shared:]):
+                    view.copy_(g)
+            for p, g in zip(specific[i], grads[len(shared):]):
                 if g is None:
                     continue
                 if p.grad is None:
-                    # autograd may hand back an expanded or aliased tensor; .grad must own its
-                    # memory because later tasks accumulate into it.
-                    p.grad = g if g.is_contiguous() and g._base is None else g.clone()
+                    owned = (id(g) not in handed_out and g._base is None
+                             and g.layout == torch.strided and same_layout(g, p))
+                    p.grad = g if owned else _grad_like(g, p)
+                    handed_out.add(id(g))
                 else:
                     p.grad.add_(g)
+
+
+def _grad_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A copy of g that owns its memory, in p's memory order when p is dense (torch's gradient
+    layout contract for AccumulateGrad)."""
+    if g.is_sparse:
+        return g.clone()
+    out = torch.empty_like(p, dtype=g.dtype) if dense_strides(p) else torch.empty_like(g)
+    out.copy_(g)
+    return out

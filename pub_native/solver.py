@@ -6,27 +6,15 @@ for one (K, K) Gram matrix or a batch (B, K, K), from numpy arrays or torch tens
 
 from __future__ import annotations
 
-import enum
 import math
 import sys
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._native import _C, cuda_module
+from ._native import SYMMETRY_TOL, SolveMethod, SolveStatus, _C, cuda_module
 
 __all__ = ["SolveResult", "SolveStatus", "solve_weights", "METHODS"]
-
-
-class SolveStatus(enum.IntEnum):
-    """Outcome of one weight solve (values shared with the native core)."""
-
-    CONVERGED = 0
-    MAX_ITER = 1
-    LINE_SEARCH_FAILED = 2
-    NOT_POSITIVE_DEFINITE = 3
-    ALL_ZERO = 4
-    INVALID_INPUT = 5
 
 
 class SolveResult(NamedTuple):
@@ -48,10 +36,10 @@ class SolveResult(NamedTuple):
 METHODS = {
     # Newton: stop when the Newton decrement λ²/2 ≤ tol·K; quadratic convergence makes 1e-12
     # cost one extra step over 1e-6 and leaves the residual at rounding level.
-    "newton": (0, 1e-12, 50),
+    "newton": (int(SolveMethod.NEWTON), 1e-12, 50),
     # CCP: stop when the relative residual ‖Gα − 1/α‖/‖1/α‖ ≤ tol, after at most 20 outer
     # (convexified) iterations as in the paper.
-    "ccp": (1, 1e-10, 20),
+    "ccp": (int(SolveMethod.CCP), 1e-10, 20),
 }
 
 _STATUS = tuple(SolveStatus)
@@ -97,10 +85,13 @@ def solve_weights(
     r"""Solve G α = 1/α (elementwise reciprocal) for the balancing weights α > 0.
 
     The solution is the minimizer of the strictly convex f(α) = ½ αᵀGα − Σᵢ log αᵢ; it scales
-    as α(cG) = α(G)/√c and permutes with the tasks. Tasks whose update is zero
+    as α(cG) = α(G)/√c, permutes with the tasks, and is equivariant to per-task scaling:
+    α(SGS) = S⁻¹α(G) for a positive diagonal S. Tasks whose update is zero
     (√G_ii ≤ 1e-12·maxⱼ √G_jj) are excluded and get weight 0. The system actually solved is
-    G + ridge·(tr G / m)·I on the m remaining tasks, which has a unique root even when some
-    non-negative combination of updates vanishes. Weights are returned unnormalized.
+    G + ridge·diag(G) on the m remaining tasks (a ridge relative to each task's own squared
+    update norm, which keeps the per-task equivariance), with a unique root even when some
+    non-negative combination of updates vanishes. Both methods run on the equilibrated
+    D G D, D = diag(G)^(-1/2). Weights are returned unnormalized.
 
     Args:
         G: Gram matrix of the task updates, (K, K), or a batch (B, K, K); numpy array or torch
@@ -112,14 +103,15 @@ def solve_weights(
         warm_start: starting weights, shape (K,) or (B, K), finite and ≥ 0. Only the direction
             matters: the start is rescaled to the best multiple of it. Entries of 0 (excluded
             tasks) make that problem start cold.
-        ridge: ρ ≥ 0 of the ridge ρ·(tr G / m)·I.
+        ridge: ρ ≥ 0 of the ridge ρ·diag(G).
         tol: newton: stop when λ²/2 ≤ tol·m (λ the Newton decrement), default 1e-12;
             ccp: stop when the relative residual ≤ tol, default 1e-10.
         max_iter: newton steps (default 50) or ccp outer iterations (default 20).
 
     Returns:
         :class:`SolveResult` ``(weights, status, iterations, residual)`` where ``residual`` is
-        ‖Gα − 1/α‖ / ‖1/α‖ on the active, ridged problem.
+        ‖Gα − 1/α‖ / ‖1/α‖ on the active, ridged problem, for the weights as returned (rounded
+        to float32 for float32 input).
 
     Raises:
         ValueError: G not (K, K) / (B, K, K), not square, K = 0, non-finite or non-symmetric;
@@ -181,7 +173,7 @@ def _solve_cuda(torch, G, warm_start, code, ridge, tol, max_iter):
     # native core directly and rely on the kernel's INVALID_INPUT status instead.
     if not bool(torch.isfinite(Gc).all()):
         raise ValueError("G contains NaN or Inf")
-    sym_tol = 1.5e-8 if Gc.dtype == torch.float64 else 3.5e-4
+    sym_tol = SYMMETRY_TOL["float64" if Gc.dtype == torch.float64 else "float32"]
     if batch and K > 1:
         gmax = Gc.abs().amax()
         if bool((Gc - Gc.transpose(-1, -2)).abs().amax() > sym_tol * gmax):

@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -32,7 +33,7 @@ std::string shape_str(const py::array& a) {
 // for device callers, where nothing can throw.
 template <class T>
 void check_gram(const T* G, int64_t batch, int64_t K) {
-  const double sym_tol = sizeof(T) >= 8 ? 1.5e-8 : 3.5e-4;
+  const double sym_tol = symmetry_tolerance<T>();
   for (int64_t b = 0; b < batch; ++b) {
     const T* g = G + b * K * K;
     double gmax = 0.0, asym = 0.0;
@@ -163,79 +164,97 @@ int omp_threads() {
 using Int64Array = py::array_t<int64_t, py::array::c_style>;
 using DoubleArray = py::array_t<double, py::array::c_style>;
 
-// The tables are read through raw pointers, so they must already have the exact layout:
-// a silent conversion would hand the kernels a temporary.
-void check_tables(const StepConfig& cfg, const Int64Array& table, const DoubleArray& hyper) {
-  if (table.ndim() != 2 || table.shape(1) != kTableCols)
-    throw py::value_error("table must be an int64 array of shape (n_tensors, " +
-                          std::to_string(kTableCols) + "), got " + shape_str(table));
-  if (hyper.ndim() != 2 || hyper.shape(1) != kHyperCols)
-    throw py::value_error("hyper must be a float64 array of shape (n_groups, " +
-                          std::to_string(kHyperCols) + "), got " + shape_str(hyper));
-  const int64_t n = table.shape(0), groups = hyper.shape(0);
-  const int64_t* t = table.data();
-  int64_t total = 0;
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t* row = t + r * kTableCols;
-    if (row[kTParam] == 0 || row[kTNumel] < 0 || row[kTGroup] < 0 || row[kTGroup] >= groups ||
-        row[kTGradOffset] < 0 || row[kTGradOffset] + row[kTNumel] > cfg.row_length)
-      throw py::value_error("table row " + std::to_string(r) + " is inconsistent");
-    total += row[kTNumel];
+// Number of state tensors the rule of a configuration reads and writes.
+int states_needed(const StepConfig& c) {
+  switch (c.algo) {
+    case Algorithm::kAdam: return c.amsgrad ? 3 : 2;
+    case Algorithm::kAdaGrad: return 1;
+    case Algorithm::kRMSProp: return 1 + (c.centered ? 1 : 0) + (c.momentum ? 1 : 0);
   }
-  if (cfg.num_tasks < 1) throw py::value_error("num_tasks must be >= 1");
-  (void)total;
+  return kMaxStates;
 }
 
-py::tuple pub_gram_py(const StepConfig& cfg, const Int64Array& table, const DoubleArray& hyper,
-                      uintptr_t grads) {
-  check_tables(cfg, table, hyper);
-  const int64_t K = cfg.num_tasks, n = table.shape(0);
-  DoubleArray G(std::vector<py::ssize_t>{K, K});
-  py::object sigma_obj = py::none();
-  double* sigma = nullptr;
-  if (cfg.umm == Umm::kClippy) {
-    DoubleArray s(std::vector<py::ssize_t>{n, K});
-    sigma = s.mutable_data();
-    sigma_obj = s;
+// The segments of a plan: (StepConfig, int64 table) pairs. The tables are read through raw
+// pointers, so they must already have the exact layout (a silent conversion would hand the
+// kernels a temporary), and every row must name every pointer its rule reads. Python has
+// checked each tensor's dtype, device, contiguity and size when it wrote the row.
+std::vector<cpu::Segment> to_segments(const py::list& segments, int64_t n_base) {
+  std::vector<cpu::Segment> out;
+  for (size_t s = 0; s < segments.size(); ++s) {
+    const auto pair = segments[s].cast<py::tuple>();
+    if (pair.size() != 2) throw py::value_error("each segment is a (config, table) pair");
+    const StepConfig& cfg = pair[0].cast<const StepConfig&>();
+    py::array arr = pair[1].cast<py::array>();
+    if (!py::isinstance<Int64Array>(arr) || !(arr.flags() & py::array::c_style) ||
+        arr.ndim() != 2 || arr.shape(1) != kTableCols)
+      throw py::value_error("segment " + std::to_string(s) +
+                            ": the table must be a C-contiguous int64 array of shape (n, " +
+                            std::to_string(kTableCols) + ")");
+    const int64_t n = arr.shape(0);
+    const int64_t* t = static_cast<const int64_t*>(arr.data());
+    const int need = states_needed(cfg);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t* row = t + r * kTableCols;
+      bool ok = row[kTParam] != 0 && row[kTGrad] != 0 && row[kTStep] != 0 && row[kTNumel] >= 0 &&
+                row[kTBase] >= 0 && row[kTBase] < n_base;
+      for (int k = 0; k < need; ++k) ok = ok && row[kTState + k] != 0;
+      if (!ok)
+        throw py::value_error("segment " + std::to_string(s) + ": table row " +
+                              std::to_string(r) + " is incomplete");
+    }
+    out.push_back(cpu::Segment{cfg, t, n});
   }
-  {
-    py::gil_scoped_release release;
-    cpu::pub_gram(cfg, table.data(), n, hyper.data(), reinterpret_cast<const void*>(grads),
-                  G.mutable_data(), sigma);
-  }
-  return py::make_tuple(G, sigma_obj);
+  return out;
 }
 
-void pub_apply_py(const StepConfig& cfg, const Int64Array& table, const DoubleArray& hyper,
-                  uintptr_t grads, const DoubleArray& weights, const py::object& sigma_obj) {
-  check_tables(cfg, table, hyper);
-  const int64_t K = cfg.num_tasks, n = table.shape(0);
-  if (weights.ndim() != 1 || weights.shape(0) != K)
-    throw py::value_error("weights must be a float64 array of shape (K,)");
-  const double* sigma = nullptr;
-  DoubleArray sig;
-  if (!sigma_obj.is_none()) {
-    sig = sigma_obj.cast<DoubleArray>();
-    if (sig.ndim() != 2 || sig.shape(0) != n || sig.shape(1) != K)
-      throw py::value_error("sigma must be a float64 array of shape (n_tensors, K)");
-    sigma = sig.data();
-  } else if (cfg.umm == Umm::kClippy) {
-    throw py::value_error("sigma is required with Clippy");
+void check_base(const DoubleArray& base) {
+  if (base.ndim() != 2 || base.shape(1) != kBaseCols)
+    throw py::value_error("base must be a float64 array of shape (n_groups, " +
+                          std::to_string(kBaseCols) + "), got " + shape_str(base));
+}
+
+DoubleArray copy_out(const std::vector<double>& v, std::vector<py::ssize_t> shape) {
+  DoubleArray a(shape);
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+void copy_in(std::vector<double>& v, const py::array& src, const char* name) {
+  DoubleArray a = DoubleArray::ensure(src);
+  if (!a || a.size() != static_cast<py::ssize_t>(v.size()))
+    throw py::value_error(std::string(name) + " must hold " + std::to_string(v.size()) +
+                          " float64 values");
+  std::copy(a.data(), a.data() + v.size(), v.begin());
+}
+
+void stepper_gram(cpu::Stepper& st, const py::list& segments, const DoubleArray& base,
+                  bool solve, double inv_scale, const py::object& task_scale) {
+  check_base(base);
+  const std::vector<cpu::Segment> segs = to_segments(segments, base.shape(0));
+  DoubleArray ts;
+  const double* ts_ptr = nullptr;
+  if (!task_scale.is_none()) {
+    ts = DoubleArray::ensure(task_scale);
+    if (!ts || ts.ndim() != 1 || ts.shape(0) != st.num_tasks())
+      throw py::value_error("task_scale must be a float64 array of shape (K,)");
+    ts_ptr = ts.data();
   }
   py::gil_scoped_release release;
-  cpu::pub_apply(cfg, table.data(), n, hyper.data(), reinterpret_cast<const void*>(grads),
-                 weights.data(), sigma);
+  st.gram(segs, base.data(), solve, inv_scale, ts_ptr);
 }
 
-py::array_t<uint8_t> rows_finite_py(int32_t dtype, uintptr_t grads, int64_t K, int64_t P) {
-  if (dtype < kFloat32 || dtype > kFloat16) throw py::value_error("unknown dtype code");
-  py::array_t<uint8_t> bad(K);
-  {
-    py::gil_scoped_release release;
-    cpu::rows_finite(static_cast<DType>(dtype), reinterpret_cast<const void*>(grads), K, P,
-                     bad.mutable_data());
-  }
-  return bad;
+int32_t stepper_finish(cpu::Stepper& st, const py::list& segments, const DoubleArray& base,
+                       bool solve, int32_t method, double ridge, double tol, int32_t max_iter,
+                       bool normalize_sum, bool found_inf) {
+  check_base(base);
+  const std::vector<cpu::Segment> segs = to_segments(segments, base.shape(0));
+  SolveOptions o;
+  o.method = method;
+  o.ridge = ridge;
+  o.tol = tol;
+  o.max_iter = max_iter;
+  py::gil_scoped_release release;
+  return st.finish(segs, base.data(), solve, o, normalize_sum, found_inf);
 }
 
 }  // namespace
@@ -251,21 +270,107 @@ PYBIND11_MODULE(_C, m) {
   m.def("workspace_size", [](int64_t K) { return solver_workspace_size(K); },
         "Doubles of solver workspace one problem with K tasks needs.");
 
-  py::class_<StepConfig>(m, "StepConfig", "Options of one PUB step (see pub_native/step.h).")
-      .def(py::init(&make_step_config),
-           py::arg("algo"), py::arg("amsgrad"), py::arg("centered"), py::arg("momentum"),
-           py::arg("umm"), py::arg("dtype"), py::arg("num_tasks"), py::arg("row_length"),
-           py::arg("grad_sign"), py::arg("clippy_rel"), py::arg("clippy_abs"), py::arg("has_l2"))
+  py::class_<StepConfig>(m, "StepConfig", "Options of one segment of a PUB step (step.h).")
+      .def(py::init(&make_step_config), py::arg("algo"), py::arg("amsgrad"), py::arg("centered"),
+           py::arg("momentum"), py::arg("umm"), py::arg("dtype"), py::arg("kind"),
+           py::arg("num_tasks"), py::arg("grad_task_stride"), py::arg("grad_sign"),
+           py::arg("clippy_rel"), py::arg("clippy_abs"), py::arg("has_l2"))
       .def_readonly("num_tasks", &StepConfig::num_tasks)
-      .def_readonly("row_length", &StepConfig::row_length);
-  m.attr("TABLE_COLS") = static_cast<int>(kTableCols);
-  m.attr("HYPER_COLS") = static_cast<int>(kHyperCols);
-  m.def("pub_gram", &pub_gram_py, py::arg("config"), py::arg("table").noconvert(),
-        py::arg("hyper").noconvert(), py::arg("grads"),
-        "Gram pass: returns (G (K, K) float64, sigma (n_tensors, K) with Clippy else None).");
-  m.def("pub_apply", &pub_apply_py, py::arg("config"), py::arg("table").noconvert(),
-        py::arg("hyper").noconvert(), py::arg("grads"), py::arg("weights").noconvert(),
-        py::arg("sigma"), "Apply pass: writes the parameters and advances the state in place.");
-  m.def("rows_finite", &rows_finite_py, py::arg("dtype"), py::arg("grads"), py::arg("num_tasks"),
-        py::arg("row_length"), "Per task row of the gradient buffer: 1 if it holds NaN/Inf.");
+      .def_readonly("grad_task_stride", &StepConfig::grad_task_stride);
+
+  py::class_<cpu::Stepper>(m, "Stepper", "The CPU PUB step of one optimizer (pub_step_cpu.h).")
+      .def(py::init<int64_t>(), py::arg("num_tasks"))
+      .def("gram", &stepper_gram, py::arg("segments"), py::arg("base").noconvert(),
+           py::arg("solve"), py::arg("inv_scale"), py::arg("task_scale"))
+      .def("finish", &stepper_finish, py::arg("segments"), py::arg("base").noconvert(),
+           py::arg("solve"), py::arg("method"), py::arg("ridge"), py::arg("tol"),
+           py::arg("max_iter"), py::arg("normalize_sum"), py::arg("found_inf"))
+      .def_property_readonly("num_tasks", &cpu::Stepper::num_tasks)
+      .def_property(
+          "G", [](const cpu::Stepper& s) {
+            return copy_out(s.G, {s.num_tasks(), s.num_tasks()}); },
+          [](cpu::Stepper& s, const py::array& a) { copy_in(s.G, a, "G"); })
+      .def_property(
+          "weights", [](const cpu::Stepper& s) { return copy_out(s.weights, {s.num_tasks()}); },
+          [](cpu::Stepper& s, const py::array& a) { copy_in(s.weights, a, "weights"); })
+      .def_property(
+          "alpha", [](const cpu::Stepper& s) { return copy_out(s.alpha, {s.num_tasks()}); },
+          [](cpu::Stepper& s, const py::array& a) { copy_in(s.alpha, a, "alpha"); })
+      .def_readwrite("has_weights", &cpu::Stepper::has_weights)
+      .def_readwrite("has_alpha", &cpu::Stepper::has_alpha)
+      .def_property_readonly("bad_task",
+                             [](const cpu::Stepper& s) {
+                               py::array_t<uint8_t> a(s.num_tasks());
+                               std::copy(s.bad_task.begin(), s.bad_task.end(), a.mutable_data());
+                               return a;
+                             })
+      .def("bad_tensors",
+           [](const cpu::Stepper& s, size_t seg) {
+             if (seg >= s.bad_tensor.size()) throw py::index_error("segment out of range");
+             const auto& v = s.bad_tensor[seg];
+             py::array_t<uint8_t> a(static_cast<py::ssize_t>(v.size()));
+             std::copy(v.begin(), v.end(), a.mutable_data());
+             return a;
+           })
+      .def_readonly("update_nonfinite", &cpu::Stepper::update_nonfinite)
+      .def_readonly("status", &cpu::Stepper::status)
+      .def_readonly("iterations", &cpu::Stepper::iterations)
+      .def_readonly("residual", &cpu::Stepper::residual)
+      .def_readonly("solve_time", &cpu::Stepper::solve_time)
+      .def_readonly("outcome", &cpu::Stepper::outcome);
+
+  // Codes and columns shared with Python (mirrored once, in pub_native/_native.py).
+  py::enum_<Algorithm>(m, "Algorithm")
+      .value("ADAM", Algorithm::kAdam)
+      .value("ADAGRAD", Algorithm::kAdaGrad)
+      .value("RMSPROP", Algorithm::kRMSProp);
+  py::enum_<Umm>(m, "Umm")
+      .value("NONE", Umm::kNone)
+      .value("CLIPPY", Umm::kClippy)
+      .value("ADATASK", Umm::kAdaTask);
+  py::enum_<DType>(m, "DType")
+      .value("FLOAT32", kFloat32)
+      .value("FLOAT64", kFloat64)
+      .value("BFLOAT16", kBFloat16)
+      .value("FLOAT16", kFloat16);
+  py::enum_<SegmentKind>(m, "SegmentKind")
+      .value("SHARED", SegmentKind::kShared)
+      .value("PLAIN", SegmentKind::kPlain);
+  py::enum_<TableCol>(m, "TableCol")
+      .value("PARAM", kTParam)
+      .value("NUMEL", kTNumel)
+      .value("GRAD", kTGrad)
+      .value("BASE", kTBase)
+      .value("STEP", kTStep)
+      .value("STATE", kTState)
+      .value("COLS", kTableCols);
+  py::enum_<BaseCol>(m, "BaseCol")
+      .value("LR", kBLr)
+      .value("BETA1", kBBeta1)
+      .value("BETA2", kBBeta2)
+      .value("EPS", kBEps)
+      .value("WEIGHT_DECAY", kBWeightDecay)
+      .value("DECOUPLED", kBDecoupled)
+      .value("LR_DECAY", kBLrDecay)
+      .value("COLS", kBaseCols);
+  py::enum_<StepOutcome>(m, "StepOutcome")
+      .value("APPLIED", kApplied)
+      .value("SKIPPED_FOUND_INF", kSkippedFoundInf)
+      .value("NONFINITE_GRAD", kNonFiniteGrad)
+      .value("NONFINITE_UPDATE", kNonFiniteUpdate)
+      .value("GRAD_EDITED", kGradEdited);
+  py::enum_<SolveStatus>(m, "SolveStatus")
+      .value("CONVERGED", kConverged)
+      .value("MAX_ITER", kMaxIter)
+      .value("LINE_SEARCH_FAILED", kLineSearchFailed)
+      .value("NOT_POSITIVE_DEFINITE", kNotPositiveDefinite)
+      .value("ALL_ZERO", kAllZero)
+      .value("INVALID_INPUT", kInvalidInput);
+  py::enum_<SolveMethod>(m, "SolveMethod").value("NEWTON", kNewton).value("CCP", kCcp);
+  m.attr("MAX_STATES") = kMaxStates;
+  m.attr("CUDA_MAX_TASKS") = kCudaMaxTasks;
+  m.attr("SYMMETRY_TOL_F64") = kSymmetryTolF64;
+  m.attr("SYMMETRY_TOL_F32") = kSymmetryTolF32;
+  m.attr("ZERO_TASK_REL_TOL") = kZeroTaskRelTol;
+  m.attr("GRAM_CHUNK") = kGramChunk;
 }

@@ -5,6 +5,6 @@
 
 namespace pub_native::cpu::detail {
 
-void run_adagrad(const StepArgs& a, bool gram) { run_family<AdaGradFamily>(a, gram); }
+void run_adagrad(const PassArgs& a, Pass pass) { run_family<AdaGradFamily>(a, pass); }
 
 }  // namespace pub_native::cpu::detail

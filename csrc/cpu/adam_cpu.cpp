@@ -5,6 +5,6 @@
 
 namespace pub_native::cpu::detail {
 
-void run_adam(const StepArgs& a, bool gram) { run_family<AdamFamily>(a, gram); }
+void run_adam(const PassArgs& a, Pass pass) { run_family<AdamFamily>(a, pass); }
 
 }  // namespace pub_native::cpu::detail

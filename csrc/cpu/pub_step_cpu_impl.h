@@ -1,7 +1,7 @@
 // CPU layer of the PUB step, shared by the per-optimizer translation units: work items, OpenMP
 // and tiles around the per-element rules of pub_native/update_rules.h. Two passes per
 // weight-update step (SPEC section 6): the Gram pass reads gradients and state, the apply pass
-// writes θ and the state.
+// writes θ and the state; a read-only finiteness pass serves the steps that have no Gram pass.
 #pragma once
 
 #include <algorithm>
@@ -13,7 +13,7 @@
 #include <omp.h>
 #endif
 
-#include "pub_step_cpu.h"
+#include "pub_native/step.h"
 
 namespace pub_native::cpu::detail {
 
@@ -36,11 +36,12 @@ struct Item {
   int64_t tensor, begin, end;
 };
 
-inline std::vector<Item> make_items(const int64_t* table, int64_t n_tensors, int64_t chunk) {
+inline std::vector<Item> make_items(const int64_t* table, int64_t n_tensors) {
   std::vector<Item> items;
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t n = table[t * kTableCols + kTNumel];
-    for (int64_t b = 0; b < n; b += chunk) items.push_back({t, b, std::min(n, b + chunk)});
+    for (int64_t b = 0; b < n; b += kGramChunk)
+      items.push_back({t, b, std::min(n, b + kGramChunk)});
   }
   return items;
 }
@@ -74,40 +75,63 @@ inline void store_state(T* const* state, int64_t idx, const T* s) {
   for (int k = 0; k < Rule::kStates; ++k) state[k][idx] = s[k];
 }
 
+// One segment of the plan, as every pass sees it.
+struct SegmentArgs {
+  const StepConfig& cfg;
+  const int64_t* table;
+  int64_t n_tensors;
+  const double* base;    // base table (rows indexed by kTBase)
+  const double* gscale;  // n_tensors × K multipliers of the task gradients (unscaling), or null
+};
+
+// The multiplier of task i's gradient of tensor t: the sign of maximize times the unscaling.
+template <class T>
+inline T grad_multiplier(const SegmentArgs& a, int64_t t, int64_t i) {
+  const double s = a.gscale ? a.gscale[t * a.cfg.num_tasks + i] : 1.0;
+  return static_cast<T>(a.cfg.grad_sign * s);
+}
+
 // ---- Gram pass --------------------------------------------------------------------------------
 
 template <class Rule, class Tp, bool kTheta, bool kClippy>
 struct GramKernel {
   using T = typename MathType<Tp>::type;
 
-  PN_CPU_CLONES static void run(const StepConfig& cfg, const int64_t* table, int64_t n_tensors,
-                                const double* hyper, const void* grads_v, double* G,
-                                double* sigma) {
-    const int64_t K = cfg.num_tasks, P = cfg.row_length;
-    const Tp* grads = static_cast<const Tp*>(grads_v);
-    const std::vector<Item> items = make_items(table, n_tensors, kGramChunk);
+  // G (K×K) of the segment's task updates; with Clippy, sigma (n_tensors × K) receives each
+  // tensor's per-task scale and G is the Gram of the scaled updates.
+  PN_CPU_CLONES static void run(const SegmentArgs& a, double* G, double* sigma) {
+    const StepConfig& cfg = a.cfg;
+    const int64_t K = cfg.num_tasks;
+    const std::vector<Item> items = make_items(a.table, a.n_tensors);
     const int64_t n_items = static_cast<int64_t>(items.size());
     std::vector<double> partial(static_cast<size_t>(n_items * K * K), 0.0);
     std::vector<T> min_ratio(kClippy ? static_cast<size_t>(n_items * K) : 0,
                              std::numeric_limits<T>::infinity());
     const int nthreads = team_size(n_items);
-    // Per thread: the K task updates of a tile, widened to float64 once for the products, and θ.
+    // Per thread: the K task updates of a tile, widened to float64 once for the products, θ,
+    // and the K gradient multipliers of the item's tensor.
     std::vector<double> scratch(static_cast<size_t>(nthreads) * K * kTile);
     std::vector<T> theta_scratch(static_cast<size_t>(nthreads) * kTile);
+    std::vector<T> mult_scratch(static_cast<size_t>(nthreads) * K);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < n_items; ++it) {
       const Item item = items[static_cast<size_t>(it)];
-      const TensorView<T> tv = tensor_view<T>(cfg, table, item.tensor, hyper);
-      const Rule rule(tv.hyper);
-      const T sign = static_cast<T>(cfg.grad_sign);
-      const T wd = static_cast<T>(tv.hyper[kHWeightDecay]);
+      const TensorView<T> tv = tensor_view<T>(cfg, a.table, item.tensor, a.base);
+      double h[kHyperCols];
+      tensor_hyper(cfg, tv, h);
+      const Rule rule(h);
+      const T wd = static_cast<T>(h[kHWeightDecay]);
       const T lrel = static_cast<T>(cfg.clippy_rel), labs = static_cast<T>(cfg.clippy_abs);
-      double* u = scratch.data() + static_cast<size_t>(thread_id()) * K * kTile;
-      T* theta = theta_scratch.data() + static_cast<size_t>(thread_id()) * kTile;
+      const int tid = thread_id();
+      double* u = scratch.data() + static_cast<size_t>(tid) * K * kTile;
+      T* theta = theta_scratch.data() + static_cast<size_t>(tid) * kTile;
+      T* mult = mult_scratch.data() + static_cast<size_t>(tid) * K;
+      for (int64_t i = 0; i < K; ++i) mult[i] = grad_multiplier<T>(a, item.tensor, i);
       double* Gp = partial.data() + it * K * K;
       T* mr = kClippy ? min_ratio.data() + it * K : nullptr;
       const Tp* param = static_cast<const Tp*>(tv.param);
+      const Tp* grads = static_cast<const Tp*>(tv.grad);
 
       for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
         const int64_t n = std::min(kTile, item.end - j0);
@@ -117,9 +141,10 @@ struct GramKernel {
         // Two tasks per sweep: two independent division chains keep the divider busy.
         int64_t i = 0;
         for (; i + 1 < K; i += 2) {
-          const Tp* ga = grads + i * P + tv.grad_offset + j0;
-          const Tp* gb = ga + P;
-          const int64_t sa = i * tv.task_stride + j0, sb = sa + tv.task_stride;
+          const Tp* ga = grads + i * tv.grad_stride + j0;
+          const Tp* gb = ga + tv.grad_stride;
+          const int64_t sa = i * tv.state_stride + j0, sb = sa + tv.state_stride;
+          const T ma = mult[i], mb = mult[i + 1];
           double* ua = u + i * kTile;
           double* ub = ua + kTile;
 #pragma GCC ivdep
@@ -127,8 +152,8 @@ struct GramKernel {
             T s[kMaxStates], t[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, sa + j, s);
             load_state<Rule>(tv.state, sb + j, t);
-            T gi = sign * to_math<T>(ga[j]);
-            T gk = sign * to_math<T>(gb[j]);
+            T gi = ma * to_math<T>(ga[j]);
+            T gk = mb * to_math<T>(gb[j]);
             if constexpr (kTheta) {
               gi += wd * theta[j];
               gk += wd * theta[j];
@@ -138,21 +163,22 @@ struct GramKernel {
           }
         }
         for (; i < K; ++i) {
-          const Tp* g = grads + i * P + tv.grad_offset + j0;
-          const int64_t s0 = i * tv.task_stride + j0;
+          const Tp* g = grads + i * tv.grad_stride + j0;
+          const int64_t s0 = i * tv.state_stride + j0;
+          const T mi = mult[i];
           double* ui = u + i * kTile;
 #pragma GCC ivdep
           for (int64_t j = 0; j < n; ++j) {
             T s[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, s0 + j, s);
-            T gi = sign * to_math<T>(g[j]);
+            T gi = mi * to_math<T>(g[j]);
             if constexpr (kTheta) gi += wd * theta[j];
             ui[j] = rule(gi, s, next);
           }
         }
-        for (int64_t i = 0; i < K; ++i) {
-          const double* ui = u + i * kTile;
-          if constexpr (kClippy) {
+        if constexpr (kClippy) {
+          for (int64_t i = 0; i < K; ++i) {
+            const double* ui = u + i * kTile;
             T m = mr[i];
 #pragma GCC ivdep
             for (int64_t j = 0; j < n; ++j) {
@@ -186,7 +212,7 @@ struct GramKernel {
     std::vector<double> Gt(static_cast<size_t>(K * K));
     std::vector<double> tensor_min(static_cast<size_t>(K));
     int64_t it = 0;
-    for (int64_t t = 0; t < n_tensors; ++t) {
+    for (int64_t t = 0; t < a.n_tensors; ++t) {
       std::fill(Gt.begin(), Gt.end(), 0.0);
       std::fill(tensor_min.begin(), tensor_min.end(), std::numeric_limits<double>::infinity());
       for (; it < n_items && items[static_cast<size_t>(it)].tensor == t; ++it) {
@@ -207,7 +233,8 @@ struct GramKernel {
           sg[i] = r < 1.0 ? r : (r >= 1.0 ? 1.0 : r);
         }
         for (int64_t i = 0; i < K; ++i)
-          for (int64_t k = 0; k <= i; ++k) G[i * K + k] += sg[i] * sg[k] * Gt[static_cast<size_t>(i * K + k)];
+          for (int64_t k = 0; k <= i; ++k)
+            G[i * K + k] += sg[i] * sg[k] * Gt[static_cast<size_t>(i * K + k)];
       } else {
         for (int64_t e = 0; e < K * K; ++e) G[e] += Gt[static_cast<size_t>(e)];
       }
@@ -225,14 +252,15 @@ struct ApplyKernel {
 
   template <int kK>
   static void apply_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
-                          const Tp* grads, int64_t P, const double* weights, const double* sigma,
-                          T sign, T wd, T decay) {
-    T w[kK], c[kK];
+                          const T* mult, const double* weights, const double* sigma, T wd,
+                          T decay) {
+    T w[kK], c[kK], m[kK];
     const Tp* g[kK];
     for (int i = 0; i < kK; ++i) {
       w[i] = static_cast<T>(weights[i]);
       c[i] = static_cast<T>(sigma ? weights[i] * sigma[item.tensor * kK + i] : weights[i]);
-      g[i] = grads + i * P + tv.grad_offset;
+      m[i] = mult[i];
+      g[i] = static_cast<const Tp*>(tv.grad) + i * tv.grad_stride;
     }
     Tp* param = static_cast<Tp*>(tv.param);
     // θ, the state and the gradient rows are distinct tensors: no dependence between
@@ -244,7 +272,7 @@ struct ApplyKernel {
       load_state<Rule>(tv.state, j, s);
       T upd = T(0), g_alpha = T(0);
       for (int i = 0; i < kK; ++i) {
-        const T gi = sign * to_math<T>(g[i][j]) + wd * theta;
+        const T gi = m[i] * to_math<T>(g[i][j]) + wd * theta;
         upd += c[i] * rule(gi, s, next);
         g_alpha += w[i] * gi;
       }
@@ -254,35 +282,41 @@ struct ApplyKernel {
     }
   }
 
-  PN_CPU_CLONES static void run(const StepConfig& cfg, const int64_t* table, int64_t n_tensors,
-                                const double* hyper, const void* grads_v,
-                                const double* weights, const double* sigma) {
-    const int64_t K = cfg.num_tasks, P = cfg.row_length;
-    const Tp* grads = static_cast<const Tp*>(grads_v);
-    const std::vector<Item> items = make_items(table, n_tensors, kGramChunk);
+  // θ ← decay·θ − Σ_i α̂_i σ_i u_i, then the state advances with g_α = Σ_i α̂_i g_i (AdaTask:
+  // each task's state with its own g_i). weights: K values α̂ (1 for a plain segment).
+  PN_CPU_CLONES static void run(const SegmentArgs& a, const double* weights,
+                                const double* sigma) {
+    const StepConfig& cfg = a.cfg;
+    const int64_t K = cfg.num_tasks;
+    const std::vector<Item> items = make_items(a.table, a.n_tensors);
     const int64_t n_items = static_cast<int64_t>(items.size());
     const int nthreads = team_size(n_items);
     std::vector<T> scratch(static_cast<size_t>(nthreads) * 3 * kTile);
+    std::vector<T> mult_scratch(static_cast<size_t>(nthreads) * K);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < n_items; ++it) {
       const Item item = items[static_cast<size_t>(it)];
-      const TensorView<T> tv = tensor_view<T>(cfg, table, item.tensor, hyper);
-      const Rule rule(tv.hyper);
-      const T sign = static_cast<T>(cfg.grad_sign);
-      const T wd = static_cast<T>(tv.hyper[kHWeightDecay]);
-      const T decay = static_cast<T>(tv.hyper[kHDecay]);
-      T* theta = scratch.data() + static_cast<size_t>(thread_id()) * 3 * kTile;
+      const TensorView<T> tv = tensor_view<T>(cfg, a.table, item.tensor, a.base);
+      double h[kHyperCols];
+      tensor_hyper(cfg, tv, h);
+      const Rule rule(h);
+      const T wd = static_cast<T>(h[kHWeightDecay]);
+      const T decay = static_cast<T>(h[kHDecay]);
+      const int tid = thread_id();
+      T* theta = scratch.data() + static_cast<size_t>(tid) * 3 * kTile;
       T* upd = theta + kTile;
       T* g_alpha = upd + kTile;
+      T* mult = mult_scratch.data() + static_cast<size_t>(tid) * K;
+      for (int64_t i = 0; i < K; ++i) mult[i] = grad_multiplier<T>(a, item.tensor, i);
       Tp* param = static_cast<Tp*>(tv.param);
       if constexpr (!kAdaTask) {
         // Up to four tasks: one sweep with the task loop unrolled, everything in registers.
         switch (K) {
-          case 1: apply_fixed<1>(rule, tv, item, grads, P, weights, sigma, sign, wd, decay); continue;
-          case 2: apply_fixed<2>(rule, tv, item, grads, P, weights, sigma, sign, wd, decay); continue;
-          case 3: apply_fixed<3>(rule, tv, item, grads, P, weights, sigma, sign, wd, decay); continue;
-          case 4: apply_fixed<4>(rule, tv, item, grads, P, weights, sigma, sign, wd, decay); continue;
+          case 1: apply_fixed<1>(rule, tv, item, mult, weights, sigma, wd, decay); continue;
+          case 2: apply_fixed<2>(rule, tv, item, mult, weights, sigma, wd, decay); continue;
+          case 3: apply_fixed<3>(rule, tv, item, mult, weights, sigma, wd, decay); continue;
+          case 4: apply_fixed<4>(rule, tv, item, mult, weights, sigma, wd, decay); continue;
           default: break;
         }
       }
@@ -300,13 +334,14 @@ struct ApplyKernel {
           const T c = static_cast<T>(sigma ? weights[i] * sigma[item.tensor * K + i] : weights[i]);
           // A task with weight 0 (excluded) contributes nothing; AdaTask still advances its state.
           if (!kAdaTask && w == T(0)) continue;
-          const Tp* g = grads + i * P + tv.grad_offset + j0;
-          const int64_t s0 = i * tv.task_stride + j0;
+          const Tp* g = static_cast<const Tp*>(tv.grad) + i * tv.grad_stride + j0;
+          const int64_t s0 = i * tv.state_stride + j0;
+          const T mi = mult[i];
 #pragma GCC ivdep
           for (int64_t j = 0; j < n; ++j) {
             T s[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, s0 + j, s);
-            const T gi = sign * to_math<T>(g[j]) + wd * theta[j];
+            const T gi = mi * to_math<T>(g[j]) + wd * theta[j];
             upd[j] += c * rule(gi, s, next);
             if constexpr (kAdaTask) {
               store_state<Rule>(tv.state, s0 + j, next);
@@ -330,43 +365,42 @@ struct ApplyKernel {
   }
 };
 
-struct StepArgs {
-  const StepConfig& cfg;
-  const int64_t* table;
-  int64_t n;
-  const double* hyper;
-  const void* grads;
-  double* G;              // Gram pass output
-  double* sigma_out;      // Gram pass output (Clippy)
-  const double* weights;  // apply pass input
-  const double* sigma;    // apply pass input (Clippy)
+// ---- dispatch ---------------------------------------------------------------------------------
+
+// What one call of a family's entry point does.
+enum class Pass { kGram, kApply };
+
+struct PassArgs {
+  const SegmentArgs& seg;
+  double* G;              // kGram output
+  double* sigma;          // kGram output (Clippy); kApply input (Clippy)
+  const double* weights;  // kApply input
 };
 
 template <class Tp>
 struct GramByRule {
-  const StepArgs& a;
+  const PassArgs& a;
   template <class Rule>
   void operator()() const {
-    const StepConfig& c = a.cfg;
+    const StepConfig& c = a.seg.cfg;
     if (c.umm == Umm::kClippy)
-      GramKernel<Rule, Tp, true, true>::run(c, a.table, a.n, a.hyper, a.grads, a.G, a.sigma_out);
+      GramKernel<Rule, Tp, true, true>::run(a.seg, a.G, a.sigma);
     else if (c.gram_reads_theta())
-      GramKernel<Rule, Tp, true, false>::run(c, a.table, a.n, a.hyper, a.grads, a.G, a.sigma_out);
+      GramKernel<Rule, Tp, true, false>::run(a.seg, a.G, a.sigma);
     else
-      GramKernel<Rule, Tp, false, false>::run(c, a.table, a.n, a.hyper, a.grads, a.G, a.sigma_out);
+      GramKernel<Rule, Tp, false, false>::run(a.seg, a.G, a.sigma);
   }
 };
 
 template <class Tp>
 struct ApplyByRule {
-  const StepArgs& a;
+  const PassArgs& a;
   template <class Rule>
   void operator()() const {
-    const StepConfig& c = a.cfg;
-    if (c.umm == Umm::kAdaTask)
-      ApplyKernel<Rule, Tp, true>::run(c, a.table, a.n, a.hyper, a.grads, a.weights, a.sigma);
+    if (a.seg.cfg.adatask())
+      ApplyKernel<Rule, Tp, true>::run(a.seg, a.weights, a.sigma);
     else
-      ApplyKernel<Rule, Tp, false>::run(c, a.table, a.n, a.hyper, a.grads, a.weights, a.sigma);
+      ApplyKernel<Rule, Tp, false>::run(a.seg, a.weights, a.sigma);
   }
 };
 
@@ -382,25 +416,25 @@ void dispatch_dtype(DType d, F&& f) {
 
 template <class Family, template <class> class ByRule>
 struct ByDtype {
-  const StepArgs& a;
+  const PassArgs& a;
   template <class Tp>
   void operator()() const {
     using T = typename MathType<Tp>::type;
-    Family::template dispatch<T>(a.cfg, ByRule<Tp>{a});
+    Family::template dispatch<T>(a.seg.cfg, ByRule<Tp>{a});
   }
 };
 
-// Both passes of one base optimizer, for every element type; defined in <optimizer>_cpu.cpp.
+// One pass of one base optimizer, for every element type; defined in <optimizer>_cpu.cpp.
 template <class Family>
-void run_family(const StepArgs& a, bool gram) {
-  if (gram)
-    dispatch_dtype(a.cfg.dtype, ByDtype<Family, GramByRule>{a});
+void run_family(const PassArgs& a, Pass pass) {
+  if (pass == Pass::kGram)
+    dispatch_dtype(a.seg.cfg.dtype, ByDtype<Family, GramByRule>{a});
   else
-    dispatch_dtype(a.cfg.dtype, ByDtype<Family, ApplyByRule>{a});
+    dispatch_dtype(a.seg.cfg.dtype, ByDtype<Family, ApplyByRule>{a});
 }
 
-void run_adam(const StepArgs& a, bool gram);
-void run_adagrad(const StepArgs& a, bool gram);
-void run_rmsprop(const StepArgs& a, bool gram);
+void run_adam(const PassArgs& a, Pass pass);
+void run_adagrad(const PassArgs& a, Pass pass);
+void run_rmsprop(const PassArgs& a, Pass pass);
 
 }  // namespace pub_native::cpu::detail

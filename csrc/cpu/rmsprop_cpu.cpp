@@ -5,6 +5,6 @@
 
 namespace pub_native::cpu::detail {
 
-void run_rmsprop(const StepArgs& a, bool gram) { run_family<RMSPropFamily>(a, gram); }
+void run_rmsprop(const PassArgs& a, Pass pass) { run_family<RMSPropFamily>(a, pass); }
 
 }  // namespace pub_native::cpu::detail

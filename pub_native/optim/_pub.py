@@ -1,56 +1,55 @@
 """The PUB machinery shared by ``pub_native.Adam``, ``AdaGrad`` and ``RMSProp`` (Python layer).
 
-A PUB optimizer is its torch base class plus this mixin: task-specific parameters take the base
-class's own step; shared parameters take SPEC section 5 through the native two-pass kernels
-(Gram pass, K×K solve, apply pass) on the K×P buffer of per-task gradients.
+A PUB optimizer is its torch base class (arguments, defaults, validation, param groups,
+schedulers, state-dict keys) plus this mixin, which owns everything else in one place: PUB's
+options, shared-parameter detection and the per-task gradients (``backward``), the step's
+decisions (solve or reuse, raise or skip) and checkpoints. The step itself is one call of a
+backend (``_backends``) on a checked plan (``_plan``); torch's own ``step`` is never called, so
+every parameter goes through one path and step hooks fire once.
 """
 
 from __future__ import annotations
 
-import math
-import time
+import os
 from typing import Any
 
 import numpy as np
 import torch
 
 from .. import _autograd
-from .._native import _C, cuda_module
-from ..solver import METHODS, SolveStatus
+from .._native import StepOutcome
+from ._backends import CpuBackend, StepResult
+from ._options import CLIPPY_PRESETS, PubOptions
+from ._plan import StepPlan, build_plan, check_param
 
-__all__ = ["PUBOptimizer", "CLIPPY_PRESETS"]
+__all__ = ["BACKENDS", "CLIPPY_PRESETS", "PUBOptimizer"]
 
-# Clippy thresholds (λ_rel, λ_abs): the PUB paper's setting and TensorFlow Recommenders'
-# ClippyAdagrad defaults.
-CLIPPY_PRESETS = {"paper": (0.5, 1e-2), "tfrs": (0.1, 1e-7)}
-_UMMS = {None: 0, "clippy": 1, "adatask": 2}
-_WEIGHT_NORMS = ("sum", "none")
-_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-_TABLE_COLS = _C.TABLE_COLS
-_HYPER_COLS = _C.HYPER_COLS
+#: Step backends by name; "native" picks the CPU or CUDA core by the parameters' device.
+#: PUB_NATIVE_BACKEND in the environment sets the default.
+BACKENDS = ("native", "reference")
 
 
-def _scalar_dtype():
-    try:
-        from torch.optim.optimizer import _get_scalar_dtype
-
-        return _get_scalar_dtype()
-    except ImportError:  # pragma: no cover - older torch
-        return torch.get_default_dtype()
-
-
-def _float(x) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+def _default_backend() -> str:
+    name = os.environ.get("PUB_NATIVE_BACKEND", "native")
+    if name not in BACKENDS:
+        raise ValueError(f"PUB_NATIVE_BACKEND={name!r}: expected one of {BACKENDS}")
+    return name
 
 
 class PUBOptimizer:
     """Mixin that turns a ``torch.optim`` optimizer into its PUB version (see the subclasses).
 
-    Subclasses set ``_ALGO`` (native rule code) and implement ``_state_names(group)`` (the torch
-    state keys of a shared parameter, in the native rule's order) and ``_hyper_row(group, t)``.
+    Subclasses set ``_ALGO`` (:class:`pub_native._native.Algorithm`) and give, per param group,
+    ``_state_names`` (torch's state keys, in the native rule's order), ``_rule_flags``
+    ((amsgrad, centered, momentum)), ``_base_row`` (the constants in ``BaseCol`` order) and
+    ``_initial_state_value``.
     """
 
     _ALGO: int
+    # torch.amp.GradScaler hands this optimizer its scale and found_inf (as torch's fused Adam):
+    # the per-task gradients are unscaled inside the native passes and an overflow skips the
+    # whole step.
+    _step_supports_amp_scaling = True
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -64,82 +63,124 @@ class PUBOptimizer:
             )
         return list(params)
 
-    def _pub_setup(self, shared, update_weights_every, solver, weight_norm, ridge, umm,
-                   clippy_preset, clippy_lambda_rel, clippy_lambda_abs):
-        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int) \
-                or update_weights_every < 1:
-            raise ValueError(
-                f"Invalid update_weights_every value: {update_weights_every!r} (an integer >= 1)"
-            )
-        if solver not in METHODS:
-            raise ValueError(f"Invalid solver: {solver!r}, expected one of {sorted(METHODS)}")
-        if weight_norm not in _WEIGHT_NORMS:
-            raise ValueError(f"Invalid weight_norm: {weight_norm!r}, expected 'sum' or 'none'")
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) \
-                or not 0.0 <= ridge < math.inf:
-            raise ValueError(f"Invalid ridge value: {ridge!r} (a finite number >= 0)")
-        if umm not in _UMMS:
-            raise ValueError(f"Invalid umm: {umm!r}, expected None, 'clippy' or 'adatask'")
-        if clippy_preset not in CLIPPY_PRESETS:
-            raise ValueError(
-                f"Invalid clippy_preset: {clippy_preset!r}, expected one of "
-                f"{sorted(CLIPPY_PRESETS)}"
-            )
-        if umm != "clippy" and (clippy_preset != "paper" or clippy_lambda_rel is not None
-                                or clippy_lambda_abs is not None):
-            raise ValueError(
-                f"clippy_preset / clippy_lambda_rel / clippy_lambda_abs are only used with "
-                f"umm='clippy', got umm={umm!r}"
-            )
-        lam_rel, lam_abs = CLIPPY_PRESETS[clippy_preset]
-        for name, value in (("clippy_lambda_rel", clippy_lambda_rel),
-                            ("clippy_lambda_abs", clippy_lambda_abs)):
-            if value is not None and not (isinstance(value, (int, float))
-                                          and not isinstance(value, bool)
-                                          and 0.0 <= value < math.inf):
-                raise ValueError(f"Invalid {name} value: {value!r} (a finite number >= 0)")
-        if clippy_lambda_rel is not None:
-            lam_rel = float(clippy_lambda_rel)
-        if clippy_lambda_abs is not None:
-            lam_abs = float(clippy_lambda_abs)
-        if umm == "clippy" and lam_rel == 0.0 and lam_abs == 0.0:
-            raise ValueError("Clippy needs clippy_lambda_rel > 0 or clippy_lambda_abs > 0")
+    def _pub_setup(self, shared, backend, **pub_kwargs):
+        self.options = PubOptions(**pub_kwargs)
+        backend = _default_backend() if backend is None else backend
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}, expected one of {BACKENDS}")
+        self.backend = backend
         for group in self.param_groups:
             if group.get("differentiable", False):
                 raise NotImplementedError("PUB optimizers do not support differentiable=True")
+            if group.get("capturable", False):
+                raise NotImplementedError(
+                    "capturable=True is not needed: on CUDA the PUB step never synchronizes "
+                    "and keeps its step counters on the device")
             for p in group["params"]:
                 if p.is_complex():
-                    raise TypeError(f"{self._param_name(p)}: complex parameters are not supported")
-        self.update_weights_every = update_weights_every
-        self.solver = solver
-        self.weight_norm = weight_norm
-        self.ridge = float(ridge)
-        self.umm = umm
-        self.clippy_preset = clippy_preset
-        self.clippy_lambdas = (lam_rel, lam_abs)
-        self._explicit_shared = None if shared is None else {id(p) for p in shared}
-        if shared is not None:
-            known = {id(p) for g in self.param_groups for p in g["params"]}
-            if not self._explicit_shared <= known:
-                raise ValueError(
-                    "shared contains tensors that are not among the optimizer's params"
-                )
+                    raise TypeError(f"{self._param_name(p)}: complex parameters are not "
+                                    "supported")
+        known = {id(p) for p in self._all_params()}
+        self._explicit_shared = None if shared is None else list(shared)
+        if shared is not None and not {id(p) for p in self._explicit_shared} <= known:
+            raise ValueError("shared contains tensors that are not among the optimizer's params")
         self._reset_pub()
 
     def _reset_pub(self):
         self._k: int | None = None
-        self._shared: list[torch.Tensor] | None = None  # resolved shared params, in group order
+        self._decided: dict[int, bool] = {}  # id(param) -> shared? (flags, explicit, detection)
+        self._shared: list[torch.Tensor] | None = None  # in param-group order
         self._grads: _autograd.TaskGradients | None = None
         self._pending = False  # backward(losses) ran since the last step
-        self._t = 0  # PUB steps taken (1-based counter of SPEC section 5 after increment)
-        self._weights: np.ndarray | None = None  # α̂ in use
-        self._warm: np.ndarray | None = None  # raw α of the last solve
+        self._t = 0  # PUB steps applied
+        self._solved = False  # a weight solve has been applied
+        self._backend = None
+        self._seed_weights: tuple | None = None  # (α̂, α) for the next backend (checkpoints)
         self._stats: dict[str, Any] = {}
-        self._segments_cache = None
-        self._cuda_step = None  # CudaStep once shared parameters on a CUDA device have stepped
-        self._cuda_unread = False  # device results not yet copied to the host
+        self._last: StepResult | None = None
+
+    # PUB's options, also as attributes.
+    update_weights_every = property(lambda self: self.options.update_weights_every)
+    solver = property(lambda self: self.options.solver)
+    weight_norm = property(lambda self: self.options.weight_norm)
+    ridge = property(lambda self: self.options.ridge)
+    umm = property(lambda self: self.options.umm)
+    clippy_preset = property(lambda self: self.options.clippy_preset)
+    clippy_lambdas = property(lambda self: self.options.clippy_lambdas)
+
+    # ---- torch.optim citizenship -------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``; a ``"shared"`` flag decides the new parameters (else
+        they are detected at the next ``backward``)."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_decided"):
+            group = self.param_groups[-1]
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError(f"{self._param_name(p)}: complex parameters are not "
+                                    "supported")
+                if group.get("shared") is not None:
+                    self._decided[id(p)] = bool(group["shared"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        params = self._all_params()
+        weights = self._current_weights()
+        state["_pub"] = {
+            "options": self.options,
+            "backend": self.backend,
+            "explicit_shared": self._explicit_shared,
+            "decided": [self._decided.get(id(p)) for p in params],
+            "k": self._k,
+            "grads": self._grads,
+            "pending": self._pending,
+            "t": self._t,
+            "solved": self._solved,
+            "weights": weights,
+            "stats": self._stats,
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        pub = state.pop("_pub", None)
+        super().__setstate__(state)
+        if pub is None:
+            return
+        self.options = pub["options"]
+        self.backend = pub["backend"]
+        self._explicit_shared = pub["explicit_shared"]
+        self._reset_pub()
+        params = self._all_params()
+        self._decided = {id(p): d for p, d in zip(params, pub["decided"]) if d is not None}
+        self._k = pub["k"]
+        self._grads = pub["grads"]
+        self._shared = None if self._grads is None else list(self._grads.params)
+        self._pending = pub["pending"]
+        self._t = pub["t"]
+        self._solved = pub["solved"]
+        self._seed_weights = pub["weights"]
+        self._stats = pub["stats"]
+
+    def __repr__(self) -> str:
+        base = super().__repr__()
+        head, _, rest = base.partition(" (")
+        o = self.options
+        pub = (f"PUB: num_tasks={self._k}, solver={o.solver!r}, "
+               f"update_weights_every={o.update_weights_every}, "
+               f"weight_norm={o.weight_norm!r}, ridge={o.ridge}, umm={o.umm!r}")
+        if o.umm == "clippy":
+            rel, abs_ = o.clippy_lambdas
+            pub += f", clippy_lambda_rel={rel}, clippy_lambda_abs={abs_}"
+        return f"{head} (\n{pub}{rest}"
 
     # ---- introspection -----------------------------------------------------------------------
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _shared_ids(self) -> set[int]:
+        return set() if self._shared is None else {id(p) for p in self._shared}
 
     def _param_name(self, p) -> str:
         for gi, group in enumerate(self.param_groups):
@@ -151,36 +192,27 @@ class PUBOptimizer:
                     return f"param_groups[{gi}]['params'][{j}] (shape {tuple(p.shape)})"
         return f"tensor of shape {tuple(p.shape)}"
 
+    def _current_weights(self) -> tuple | None:
+        """(α̂, α) in use, as host float64 arrays (either may be None)."""
+        if self._backend is not None:
+            return self._backend.get_weights()
+        return self._seed_weights
+
     @property
     def task_weights(self) -> torch.Tensor | None:
-        """α̂ used by the last step (float64, shape (K,)), or None before the first PUB step.
+        """α̂ used by the last PUB step (float64, shape (K,)), or None before the first one.
 
-        On CUDA this copies from the device (the step itself never waits for it).
-        """
-        self._read_device()
-        return None if self._weights is None else torch.from_numpy(self._weights.copy())
+        On CUDA this copies from the device (the step itself never waits for it)."""
+        weights = self._current_weights()
+        if weights is None or weights[0] is None:
+            return None
+        return torch.from_numpy(np.array(weights[0], dtype=np.float64))
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Of the last weight solve: status, iterations, residual, solve_time (s, CPU only);
-        and whether the last step solved (``updated``) or reused α̂."""
-        self._read_device()
+        """Of the last weight solve: status, iterations, residual, solve_time (s, CPU); and
+        whether the last PUB step solved (``updated``) or reused α̂."""
         return dict(self._stats)
-
-    def _read_device(self):
-        if not self._cuda_unread:
-            return
-        self._cuda_unread = False
-        weights, alpha, stats = self._cuda_step.read()
-        self._weights = weights
-        if alpha.any():
-            self._warm = alpha
-        self._stats.update(stats)
-        if stats["skipped"]:
-            raise FloatingPointError(
-                "a task gradient or update was NaN/Inf on the last CUDA step: the device skipped "
-                "it, parameters and optimizer state are unchanged"
-            )
 
     @property
     def num_tasks(self) -> int | None:
@@ -191,66 +223,30 @@ class PUBOptimizer:
         """The parameters PUB balances (None until decided by the first ``backward``)."""
         return None if self._shared is None else list(self._shared)
 
-    def __repr__(self) -> str:
-        base = super().__repr__()
-        head, _, rest = base.partition(" (")
-        pub = (
-            f"PUB: num_tasks={self._k}, solver={self.solver!r}, "
-            f"update_weights_every={self.update_weights_every}, "
-            f"weight_norm={self.weight_norm!r}, ridge={self.ridge}, umm={self.umm!r}"
-        )
-        if self.umm == "clippy":
-            pub += f", clippy_lambda_rel={self.clippy_lambdas[0]}, " \
-                   f"clippy_lambda_abs={self.clippy_lambdas[1]}"
-        return f"{head} (\n{pub}{rest}"
-
     # ---- backward ----------------------------------------------------------------------------
 
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
-    def _resolve_shared(self, roots):
+    def _resolve_shared(self, losses, items) -> list[torch.Tensor]:
+        """The shared parameters, deciding those not decided yet: the explicit ``shared``
+        argument, else a group's ``"shared"`` flag, else the autograd graph of these losses."""
         params = self._all_params()
+        explicit = None if self._explicit_shared is None else {id(p) for p in
+                                                               self._explicit_shared}
         auto = None
-        decided = []
         for group in self.param_groups:
             flag = group.get("shared")
             for p in group["params"]:
-                if self._explicit_shared is not None:
-                    decided.append(id(p) in self._explicit_shared)
+                if id(p) in self._decided:
+                    continue
+                if explicit is not None:
+                    self._decided[id(p)] = id(p) in explicit
                 elif flag is not None:
-                    decided.append(bool(flag))
+                    self._decided[id(p)] = bool(flag)
                 else:
                     if auto is None:
+                        roots = _autograd.task_roots(losses, items)
                         auto = dict(zip(map(id, params), _autograd.split_shared(roots, params)))
-                    decided.append(auto[id(p)])
-        shared = [p for p, s in zip(params, decided) if s and p.requires_grad]
-        for p in shared:
-            self._check_shared_param(p)
-        return shared
-
-    def _check_shared_param(self, p):
-        if p.dtype not in _DTYPES:
-            raise TypeError(
-                f"{self._param_name(p)}: dtype {p.dtype} is not supported for shared parameters "
-                "(float32, float64, bfloat16, float16)"
-            )
-        if p.device.type == "cuda":
-            cuda_module()  # a clear error naming PUB_NATIVE_CUDA when the module is missing
-            if p.dtype == torch.float64:
-                raise NotImplementedError(
-                    f"{self._param_name(p)}: the CUDA PUB step supports float32, bfloat16 and "
-                    "float16 parameters"
-                )
-        elif p.device.type != "cpu":
-            raise NotImplementedError(
-                f"{self._param_name(p)}: the PUB step runs on the CPU and on CUDA devices, not "
-                f"on {p.device}"
-            )
-        if p.is_sparse or not p.is_contiguous():
-            raise NotImplementedError(
-                f"{self._param_name(p)}: shared parameters must be dense and contiguous"
-            )
+                    self._decided[id(p)] = auto[id(p)]
+        return [p for p in params if self._decided[id(p)]]
 
     def backward(self, losses, *, retain_graph: bool = False) -> None:
         """Per-task gradients of the shared parameters into the K×P buffer, and the ordinary
@@ -265,367 +261,165 @@ class PUBOptimizer:
         """
         items = _autograd.as_loss_list(losses, self._k)
         k = len(items)
-        if self._shared is None:
-            self._shared = self._resolve_shared(_autograd.task_roots(losses, items))
-            self._segments_cache = None
+        shared = self._resolve_shared(losses, items)
+        if (self._grads is None or self._grads.k != k
+                or [id(p) for p in shared] != [id(p) for p in self._grads.params]
+                or not self._grads.matches()):
+            if self._pending:
+                raise RuntimeError(
+                    "the shared parameters or their dtype, device or shape changed between two "
+                    "backward(losses) calls of one step; call step() or zero_grad() first")
+            for p in shared:
+                check_param(p, self._param_name(p), shared[0].device)
+            self._grads = _autograd.TaskGradients(shared, k)
+        self._shared = shared
         if self._k is None:
             self._k = k
-        if self._grads is None or self._grads.k != k:
-            self._grads = _autograd.TaskGradients(self._shared, k)
-        shared_ids = {id(p) for p in self._shared}
+        self._check_no_foreign_grad(shared)
+        shared_ids = {id(p) for p in shared}
         specific = [p for p in self._all_params() if p.requires_grad and id(p) not in shared_ids]
         self._grads.compute(items, [specific] * k, retain_graph=retain_graph,
                             accumulate=self._pending)
         self._pending = True
+
+    def _check_no_foreign_grad(self, shared) -> None:
+        """A shared parameter's ``.grad`` from a plain ``loss.backward()`` cannot be attributed
+        to a task: refuse it rather than drop it (a zero ``.grad``, as ``zero_grad(
+        set_to_none=False)`` leaves, is fine)."""
+        for p in shared:
+            g = p.grad
+            if g is not None and p.requires_grad and bool(g.count_nonzero()):
+                raise RuntimeError(
+                    f"{self._param_name(p)} is shared by the tasks but already has a non-zero "
+                    ".grad (from a plain loss.backward()?) when backward(losses) is called: PUB "
+                    "needs every contribution to a shared parameter as a task loss. Call "
+                    "opt.zero_grad() first, or pass that loss as a task (or add it to each "
+                    "task's loss).")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the ``.grad`` of every parameter and drop pending per-task gradients."""
         self._pending = False
         super().zero_grad(set_to_none=set_to_none)
 
-    # ---- state -------------------------------------------------------------------------------
-
-    def _state_dtype(self, p):
-        return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-
-    def _init_shared_state(self, p, group) -> dict | None:
-        """Missing state entries of a shared parameter (returned, not yet stored).
-
-        With AdaTask, a plain entry already there (torch's Adagrad creates ``sum`` at
-        construction; plain steps before the first ``backward(losses)`` create the others)
-        becomes the starting value of every task's copy and is dropped (``None`` in the result).
-        """
-        st = self.state.get(p, {})
-        names = self._state_names(group)
-        new = {}
-        if "step" not in st:
-            # On CUDA the counter lives on the device, as with torch's capturable=True, so the
-            # bias corrections are computed there and a step can be captured in a CUDA graph.
-            new["step"] = (torch.zeros((), dtype=torch.float32, device=p.device)
-                           if p.device.type == "cuda" else
-                           torch.tensor(0.0, dtype=_scalar_dtype()))
-        dtype = self._state_dtype(p)
-        for name in names:
-            if self.umm == "adatask":
-                key = "task_" + name
-                if key not in st:
-                    if name in st:
-                        base = st[name].to(dtype)
-                        new[name] = None
-                    else:
-                        base = torch.full(p.shape, self._initial_state_value(group, name),
-                                          dtype=dtype, device=p.device)
-                    new[key] = base.unsqueeze(0).repeat(self._k, *([1] * p.dim())).contiguous()
-            elif name not in st:
-                new[name] = torch.full(p.shape, self._initial_state_value(group, name),
-                                       dtype=dtype, device=p.device)
-        return new or None
-
-    def _prospective_states(self):
-        """Each shared parameter's state as it will be once the missing entries exist, and
-        those entries (stored only by ``_commit_state`` when the step cannot fail any more)."""
-        groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        states, new_entries = {}, {}
-        for p in self._shared:
-            new = self._init_shared_state(p, groups_of[id(p)])
-            st = dict(self.state.get(p, {}))
-            if new:
-                new_entries[p] = new
-                st.update({key: v for key, v in new.items() if v is not None})
-            states[id(p)] = st
-        return states, new_entries
-
-    def _commit_state(self, p, new):
-        st = self.state[p]
-        for key, value in new.items():
-            if value is None:
-                st.pop(key, None)
-            else:
-                st[key] = value
-
-    def _initial_state_value(self, group, name) -> float:
-        return 0.0
-
-    def _segments(self):
-        """Shared tensors grouped by kernel configuration; cached until the layout or a
-        group's rule options (amsgrad, maximize, L2 weight decay on or off, ...) change."""
-        signature = tuple(self._config_key(g) + (bool(g.get("maximize", False)),
-                                                 self._hyper_row(g, 1)[4] != 0.0)
-                          for g in self.param_groups)
-        if self._segments_cache is not None and self._segments_signature == signature:
-            return self._segments_cache
-        self._segments_signature = signature
-        offsets = dict(zip(map(id, self._grads.params), self._grads.offsets))
-        shared_ids = set(offsets)
-        by_key: dict = {}
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if id(p) in shared_ids:
-                    key = self._config_key(group) + (group.get("maximize", False),)
-                    by_key.setdefault(key, []).append((gi, p, offsets[id(p)]))
-        segments = []
-        for key, members in by_key.items():
-            has_l2 = any(self._hyper_row(self.param_groups[gi], 1)[4] != 0.0
-                         for gi, _, _ in members)
-            segments.append((self._config(key, self._k, _UMMS[self.umm], has_l2), members, key))
-        self._segments_cache = segments
-        return segments
-
-    def _config_key(self, group) -> tuple:
-        """Group options that select a different native rule (e.g. amsgrad)."""
-        return ()
-
-    def _config_flags(self, key) -> tuple:
-        """(amsgrad, centered, momentum) for the native rule of a ``_config_key``."""
-        return (False, False, False)
-
-    def _config(self, key, k, umm_code, has_l2):
-        return _C.StepConfig(
-            self._ALGO, *self._config_flags(key[:-1]), umm_code, _DTYPES[self._grads.dtype], k,
-            self._grads.size, -1.0 if key[-1] else 1.0, self.clippy_lambdas[0],
-            self.clippy_lambdas[1], has_l2,
-        )
-
-    def _tables(self, segments, states, steps):
-        """Per segment: the int64 tensor table and the float64 hyper table for this step."""
-        out = []
-        for cfg, members, _ in segments:
-            table = np.zeros((len(members), _TABLE_COLS), dtype=np.int64)
-            rows: dict = {}
-            hyper = []
-            for r, (gi, p, off) in enumerate(members):
-                group = self.param_groups[gi]
-                t = steps[id(p)] + 1
-                key = (gi, t)
-                if key not in rows:
-                    rows[key] = len(hyper)
-                    hyper.append(self._hyper_row(group, t))
-                st = states[id(p)]
-                names = self._state_names(group)
-                table[r, 0] = p.data_ptr()
-                table[r, 1] = p.numel()
-                table[r, 2] = off
-                table[r, 3] = rows[key]
-                for s, name in enumerate(names):
-                    key_s = ("task_" + name) if self.umm == "adatask" else name
-                    table[r, 4 + s] = st[key_s].data_ptr()
-            out.append((cfg, table, np.asarray(hyper, dtype=np.float64).reshape(-1, _HYPER_COLS)))
-        return out
-
     # ---- step --------------------------------------------------------------------------------
 
     def step(self, closure=None):
-        """One optimizer step: SPEC section 5 after ``backward(losses)``, else the base step."""
+        """One optimizer step: SPEC section 5 after ``backward(losses)``, else the base step
+        (K = 1) on every parameter's ``.grad``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            if self._pending:
-                self._pub_step()
-            elif self._shared:
-                self._plain_step_with_shared()
-            else:
-                super().step()
+            self._take_step()
         return loss
 
-    def _specific_grads_finite(self, shared_ids):
-        grads = [p.grad for p in self._all_params() if id(p) not in shared_ids
-                 and p.grad is not None and not p.grad.is_sparse]
-        if not grads:
-            return
-        norms = torch._foreach_norm(grads, math.inf)
-        bad = [i for i, n in enumerate(norms) if not math.isfinite(float(n))]
-        if bad:
-            names = [self._param_name(p) for p in self._all_params()
-                     if id(p) not in shared_ids and p.grad is not None]
-            raise FloatingPointError(
-                "non-finite gradient (NaN/Inf) in task-specific "
-                + ", ".join(names[i] for i in bad[:5]) + "; the step was not taken"
-            )
+    def _backend_for(self, plan: StepPlan):
+        k = self._k or 1
+        b = self._backend
+        if b is not None and b.k == k and b.device == plan.device:
+            return b
+        seed = self._current_weights()
+        if self.backend == "reference":
+            from ..reference.step import ReferenceBackend
 
-    def _pub_step(self):
-        if self._shared and self._grads.device.type == "cuda":
-            return self._pub_step_cuda()
-        k = self._k
-        shared = self._shared
-        shared_ids = {id(p) for p in shared}
-        states, new_entries = self._prospective_states()
-        steps = {id(p): _float(states[id(p)]["step"]) for p in shared}
+            b = ReferenceBackend(k, plan.device)
+        elif plan.device.type == "cuda":
+            from ._cuda import CudaBackend
 
-        t = self._t + 1
-        solve = self._weights is None or (t - 1) % self.update_weights_every == 0
-        tables = self._tables(self._segments(), states, steps) if shared else []
-        grads_ptr = self._grads.buffer.data_ptr() if shared else 0
-        sigmas = [None] * len(tables)
-        weights, stats = self._weights, dict(self._stats, updated=False)
-        # Clippy's per-tensor scales come from the Gram pass, so it runs on reuse steps too.
-        if solve or (self.umm == "clippy" and shared):
-            G = np.zeros((k, k))
-            for s, (cfg, table, hyper) in enumerate(tables):
-                Gs, sigmas[s] = _C.pub_gram(cfg, table, hyper, grads_ptr)
-                G += Gs
-            bad = [i for i in range(k) if not np.isfinite(G[i, i])]
-            if not bad and not np.isfinite(G).all():  # finite updates whose products overflow
-                bad = list(range(k))
-            if bad:
-                raise FloatingPointError(
-                    f"non-finite update (NaN/Inf gradient) for task(s) {bad}; the step was not "
-                    "taken and parameters and optimizer state are unchanged"
-                )
-            if solve:
-                weights, stats = self._solve(G)
-        elif shared:
-            bad = np.flatnonzero(_C.rows_finite(_DTYPES[self._grads.dtype], grads_ptr, k,
-                                                self._grads.size)).tolist()
-            if bad:
-                raise FloatingPointError(
-                    f"non-finite gradient (NaN/Inf) for task(s) {bad}; the step was not taken "
-                    "and parameters and optimizer state are unchanged"
-                )
-        self._specific_grads_finite(shared_ids)
-
-        # The base step of the task-specific parameters first: if torch refuses it (e.g.
-        # capturable=True on CPU tensors), the shared part is still untouched.
-        self._base_step_without(shared)
-        # Commit: nothing below raises on valid input.
-        for p, new in new_entries.items():
-            self._commit_state(p, new)
-        for s, (cfg, table, hyper) in enumerate(tables):
-            _C.pub_apply(cfg, table, hyper, grads_ptr, weights, sigmas[s])
-        if shared:
-            torch._foreach_add_([self.state[p]["step"] for p in shared], 1.0)
-        self._t = t
-        self._weights = weights
-        self._stats = stats
-        self._pending = False
-
-    def _pub_step_cuda(self):
-        from ._cuda_step import CudaStep
-
-        groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        states = {}
-        for p in self._shared:
-            new = self._init_shared_state(p, groups_of[id(p)])
-            if new:
-                self._commit_state(p, new)
-            st = self.state[p]
-            # torch keeps 'step' on the CPU (plain steps, load_state_dict); the device kernels
-            # read and advance it on the device.
-            if st["step"].device != p.device or st["step"].dtype != torch.float32:
-                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
-            states[id(p)] = st
-        if self._cuda_step is None:
-            self._cuda_step = CudaStep(self, self._segments())
-        t = self._t + 1
-        solve = not self._cuda_step.solved and self._weights is None \
-            or (t - 1) % self.update_weights_every == 0
-        self._cuda_step.step(states, solve)
-        self._t = t
-        self._stats = {"updated": solve}
-        self._cuda_unread = True
-        self._pending = False
-        self._base_step_without(self._shared)
-
-    def _ws_size(self, k):
-        return _C.workspace_size(k)
-
-    def _solve(self, G):
-        k = G.shape[0]
-        code, tol, max_iter = METHODS[self.solver]
-        t0 = time.perf_counter()
-        if not G.any():
-            alpha = np.zeros(k)
-            status, iters, res = int(SolveStatus.ALL_ZERO), 0, 0.0
+            b = CudaBackend(k, plan.device)
         else:
-            alpha, status, iters, res = _C.solve_weights(G, self._warm, code, self.ridge, tol,
-                                                         max_iter)
-        elapsed = time.perf_counter() - t0
-        total = float(alpha.sum())
-        if total > 0.0 and np.isfinite(total):
-            weights = alpha / total if self.weight_norm == "sum" else alpha.copy()
-            self._warm = alpha
-        else:
-            # Every task update is zero: any weights give the same (zero) update; uniform
-            # weights keep the state advance equal to the base optimizer's.
-            weights = np.full(k, 1.0 / k)
-        stats = {
-            "status": SolveStatus(status),
-            "iterations": int(iters),
-            "residual": float(res),
-            "solve_time": elapsed,
-            "updated": True,
-        }
-        return weights, stats
+            b = CpuBackend(k, plan.device)
+        if seed is not None and b.k == k and (seed[0] is not None or seed[1] is not None):
+            b.set_weights(*seed)
+        self._backend = b
+        self._seed_weights = None
+        return b
 
-    def _base_step_without(self, shared):
-        """The base class's step on every parameter except ``shared`` (whose .grad is hidden)."""
-        shared_ids = {id(p) for p in shared}
-        if all(p.grad is None for p in self._all_params() if id(p) not in shared_ids):
-            return  # nothing to step (and nothing for torch to object to inside a CUDA graph)
-        hidden = [(p, p.grad) for p in shared if p.grad is not None]
-        for p, _ in hidden:
-            p.grad = None
-        try:
-            super().step()
-        finally:
-            for p, g in hidden:
-                p.grad = g
+    def _scaler_inputs(self):
+        """GradScaler's grad_scale and found_inf, when a ``scaler.step(opt)`` is under way."""
+        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
-    def _plain_step_with_shared(self):
-        """step() without backward(losses): K = 1 on the shared params' own ``.grad``."""
-        shared = [p for p in self._shared if p.grad is not None]
-        if shared and shared[0].device.type == "cuda":
-            raise NotImplementedError(
-                "step() without backward(losses) on CUDA shared parameters that PUB has stepped "
-                "is not supported; call opt.backward(losses)"
-            )
-        if shared and self.umm == "adatask":
+    def _take_step(self) -> None:
+        pending = self._pending
+        if pending and self._grads is not None and not self._grads.matches():
+            changed = [self._param_name(p) for p, lay in zip(self._grads.params,
+                                                             self._grads.layouts)
+                       if (p.shape, p.stride(), p.dtype, p.device) != lay]
             raise RuntimeError(
-                "umm='adatask' keeps per-task state for the shared parameters: call "
-                "opt.backward(losses) before opt.step()"
-            )
-        if shared:
-            if any(p.grad.is_sparse for p in shared):
-                raise TypeError("PUB optimizers do not support sparse gradients")
-            buf = self._grads.buffer
-            row = buf[0]
-            for p, off, n in zip(self._grads.params, self._grads.offsets, self._grads.numels):
-                if p.grad is None:
-                    row[off:off + n].zero_()
-                else:
-                    row[off:off + n].copy_(p.grad.reshape(-1))
-            states, new_entries = self._prospective_states()
-            for p, new in new_entries.items():
-                self._commit_state(p, new)
-            with_grad = {id(p) for p in shared}
-            steps = {id(p): _float(states[id(p)]["step"]) for p in self._shared}
-            segs = []
-            for _, members, key in self._segments():
-                members = [m for m in members if id(m[1]) in with_grad]
-                if members:
-                    segs.append((self._config(key, 1, 0, True), members, key))
-            for cfg1, table, hyper in self._tables(segs, states, steps):
-                _C.pub_apply(cfg1, table, hyper, buf.data_ptr(), np.ones(1), None)
-            torch._foreach_add_([self.state[p]["step"] for p in shared], 1.0)
-        self._base_step_without(self._shared)
+                f"{', '.join(changed)} changed dtype, device, shape or layout between "
+                "backward(losses) and step(); its task gradients no longer fit it. Call "
+                "backward(losses) again.")
+        plan = build_plan(self, pending)
+        if plan is None:
+            self._pending = False
+            return
+        backend = self._backend_for(plan)
+        every = self.options.update_weights_every
+        solve = pending and plan.has_shared and (not self._solved or self._t % every == 0)
+        grad_scale, found_inf = self._scaler_inputs()
+        result = backend.step(plan, solve=solve, options=self.options,
+                              grad_scale=grad_scale, found_inf=found_inf)
+        self._last = result
+        self._finish_step(plan, result, pending, solve, found_inf)
+
+    def _finish_step(self, plan: StepPlan, result: StepResult, pending: bool, solve: bool,
+                     found_inf) -> None:
+        outcome = result.outcome
+        if outcome == StepOutcome.APPLIED:
+            for p, new in plan.pending_state.items():
+                st = self.state[p]
+                for key, value in new.items():
+                    if value is None:
+                        st.pop(key, None)
+                    else:
+                        st[key] = value
+            if pending and plan.has_shared:
+                self._t += 1
+                self._solved = self._solved or solve
+                self._stats = dict(result.stats if solve else self._stats, updated=solve)
+            self._pending = False
+            return
+        if outcome == StepOutcome.SKIPPED_FOUND_INF or found_inf is not None:
+            # Under a GradScaler a skipped step is the protocol, not an error.
+            if found_inf is not None:
+                found_inf.fill_(1.0)
+            self._pending = False
+            return
+        raise FloatingPointError(self._failure_message(plan, result))
+
+    def _failure_message(self, plan: StepPlan, result: StepResult) -> str:
+        tail = "; the step was not taken and parameters and optimizer state are unchanged"
+        parts = []
+        if result.bad_tasks:
+            parts.append(f"task(s) {result.bad_tasks}")
+        if result.bad_params:
+            parts.append(", ".join(plan.names[id(p)] for p in result.bad_params[:5]))
+        if result.outcome == StepOutcome.NONFINITE_GRAD:
+            return "non-finite gradient (NaN/Inf) for " + " and ".join(parts) + tail
+        if result.outcome == StepOutcome.GRAD_EDITED:
+            return ("the .grad of a shared parameter was changed between backward(losses) and "
+                    "step() in a way that is not a rescaling" + tail)
+        return ("the task updates overflowed (non-finite Gram matrix) although every gradient "
+                "is finite: check the learning rate and eps" + tail)
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict plus ``"pub"``: K, shared params (by index), step
-        counter, α̂ in use, solver warm start and last solve stats."""
-        self._read_device()
+        counter, α̂ in use, solver warm start and the UMM."""
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(self._all_params())}
+        weights = self._current_weights() or (None, None)
         sd["pub"] = {
             "num_tasks": self._k,
             "shared": None if self._shared is None else [index[id(p)] for p in self._shared],
             "step": self._t,
-            "task_weights": (None if self._weights is None
-                             else torch.from_numpy(self._weights.copy())),
-            "warm_start": None if self._warm is None else torch.from_numpy(self._warm.copy()),
-            "umm": self.umm,
+            "task_weights": None if weights[0] is None else torch.from_numpy(
+                np.array(weights[0], dtype=np.float64)),
+            "warm_start": None if weights[1] is None else torch.from_numpy(
+                np.array(weights[1], dtype=np.float64)),
+            "umm": self.options.umm,
         }
         return sd
 
@@ -633,7 +427,7 @@ class PUBOptimizer:
         """Load a state dict of this optimizer (or of its torch base class).
 
         Raises ValueError, leaving the optimizer unchanged, when the number of tasks, the UMM or
-        any state tensor's shape does not match.
+        any state tensor's shape does not match. State of 16-bit parameters stays float32.
         """
         pub = state_dict.get("pub")
         params = self._all_params()
@@ -641,38 +435,34 @@ class PUBOptimizer:
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         k = None
-        shared_idx: set[int] = set()
+        shared_idx: list[int] | None = None
         if pub is not None:
             k = pub.get("num_tasks")
             if self._k is not None and k is not None and k != self._k:
                 raise ValueError(
-                    f"loaded state dict is for K = {k} tasks, this optimizer uses K = {self._k}"
-                )
-            if pub.get("umm") != self.umm:
+                    f"loaded state dict is for K = {k} tasks, this optimizer uses K = {self._k}")
+            if pub.get("umm") != self.options.umm:
                 raise ValueError(
                     f"loaded state dict was saved with umm={pub.get('umm')!r}, this optimizer "
-                    f"uses umm={self.umm!r}"
-                )
+                    f"uses umm={self.options.umm!r}")
             if pub.get("shared") is not None:
-                shared_idx = set(pub["shared"])
+                shared_idx = sorted(set(pub["shared"]))
                 if any(not 0 <= i < len(params) for i in shared_idx):
                     raise ValueError("loaded state dict names shared parameters out of range")
             for name in ("task_weights", "warm_start"):
                 v = pub.get(name)
                 if v is not None and (k is None or tuple(v.shape) != (k,)):
                     raise ValueError(
-                        f"loaded PUB {name} has shape {tuple(v.shape)}, expected ({k},)"
-                    )
-        # Shapes of every state entry, checked before anything is touched.
+                        f"loaded PUB {name} has shape {tuple(v.shape)}, expected ({k},)")
         id_map = {}
         for g_saved, g in zip(saved_groups, self.param_groups):
             if len(g_saved["params"]) != len(g["params"]):
                 raise ValueError(
                     "loaded state dict contains a parameter group that doesn't match the size "
-                    "of optimizer's group"
-                )
+                    "of optimizer's group")
             id_map.update(zip(g_saved["params"], g["params"]))
         index = {id(p): i for i, p in enumerate(params)}
+        shared_set = set(shared_idx or ())
         for key, st in state_dict.get("state", {}).items():
             p = id_map.get(key)
             if p is None:
@@ -682,37 +472,45 @@ class PUBOptimizer:
                     continue
                 expect = tuple(p.shape)
                 if name.startswith("task_"):
-                    if index[id(p)] not in shared_idx or k is None:
+                    if index[id(p)] not in shared_set or k is None:
                         raise ValueError(f"loaded state entry {name!r} of a non-shared parameter")
                     expect = (k,) + expect
                 if tuple(v.shape) != expect:
                     raise ValueError(
                         f"loaded state {name!r} of {self._param_name(p)} has shape "
-                        f"{tuple(v.shape)}, expected {expect}"
-                    )
-        base = {k_: v for k_, v in state_dict.items() if k_ != "pub"}
-        super().load_state_dict(base)
-        # torch casts floating state to the parameter's dtype; PUB keeps float32 state for
-        # 16-bit shared parameters, so take those entries again from the source.
+                        f"{tuple(v.shape)}, expected {expect}")
+        super().load_state_dict({k_: v for k_, v in state_dict.items() if k_ != "pub"})
+        # torch keeps the loaded tensors themselves where no cast is needed, and casts floating
+        # state to the parameter's dtype. The kernels write state in place and keep float32
+        # state for 16-bit parameters: own a copy of every entry (loading one state dict into
+        # two optimizers must not couple them), taking 16-bit parameters' entries again from
+        # the source in float32.
         for key, st in state_dict.get("state", {}).items():
             p = id_map.get(key)
-            if p is None or index[id(p)] not in shared_idx:
+            if p is None:
                 continue
-            if p.dtype in (torch.bfloat16, torch.float16):
-                for name, v in st.items():
-                    if name != "step" and isinstance(v, torch.Tensor) and v.is_floating_point():
-                        self.state[p][name] = v.to(device=p.device, dtype=torch.float32).clone()
+            mine = self.state[p]
+            for name, v in st.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if (name != "step" and v.is_floating_point()
+                        and p.dtype in (torch.bfloat16, torch.float16)):
+                    mine[name] = v.to(device=p.device, dtype=torch.float32).clone()
+                elif mine.get(name) is v:
+                    mine[name] = v.clone()
+        explicit, options, backend = self._explicit_shared, self.options, self.backend
         self._reset_pub()
-        if pub is not None:
-            self._k = k
-            self._t = int(pub.get("step", 0))
-            if pub.get("shared") is not None:
-                self._shared = [params[i] for i in sorted(shared_idx, key=lambda i: i)]
-                order = {id(p): i for i, p in enumerate(params)}
-                self._shared.sort(key=lambda p: order[id(p)])
-                if self._k is not None:
-                    self._grads = _autograd.TaskGradients(self._shared, self._k)
-            for name, attr in (("task_weights", "_weights"), ("warm_start", "_warm")):
-                v = pub.get(name)
-                if v is not None:
-                    setattr(self, attr, v.detach().cpu().double().numpy().copy())
+        self._explicit_shared, self.options, self.backend = explicit, options, backend
+        if pub is None:
+            return
+        self._k = k
+        self._t = int(pub.get("step", 0))
+        if shared_idx is not None:
+            shared_set = set(shared_idx)
+            for i, p in enumerate(params):
+                self._decided[id(p)] = i in shared_set
+        weights = tuple(None if pub.get(n) is None
+                        else pub[n].detach().cpu().double().numpy().copy()
+                        for n in ("task_weights", "warm_start"))
+        self._solved = weights[0] is not None
+        self._seed_weights = weights

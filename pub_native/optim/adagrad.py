@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .._native import Algorithm
 from ._pub import PUBOptimizer
 
 __all__ = ["AdaGrad"]
@@ -23,24 +24,28 @@ class AdaGrad(PUBOptimizer, torch.optim.Adagrad):
         u_i = clr\,\frac{g_i}{\sqrt{s_i} + ε}
 
     then α̂ from Gα = 1/α on G = UᵀU, θ ← θ − Σ_i α̂_i u_i and s ← s + g_α² with
-    g_α = Σ_i α̂_i g_i. ``umm="adatask"`` keeps one s_i per task.
+    g_α = Σ_i α̂_i g_i. ``umm="adatask"`` keeps one s_i per task. ``sum`` is float32 for 16-bit
+    parameters (torch makes it in the parameter's dtype at construction; it is converted once).
+    Also exported as ``pub_native.Adagrad``, torch's spelling.
     """
 
-    _ALGO = 1
+    _ALGO = Algorithm.ADAGRAD
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
                  shared=None, update_weights_every=1, solver="newton", weight_norm="sum",
                  ridge=1e-8, umm=None, clippy_preset="paper", clippy_lambda_rel=None,
-                 clippy_lambda_abs=None):
+                 clippy_lambda_abs=None, backend=None):
         params = self._materialize(params)
         torch.optim.Adagrad.__init__(
             self, params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )
-        self._pub_setup(shared, update_weights_every, solver, weight_norm, ridge, umm,
-                        clippy_preset, clippy_lambda_rel, clippy_lambda_abs)
+        self._pub_setup(shared, backend, update_weights_every=update_weights_every,
+                        solver=solver, weight_norm=weight_norm, ridge=ridge, umm=umm,
+                        clippy_preset=clippy_preset, clippy_lambda_rel=clippy_lambda_rel,
+                        clippy_lambda_abs=clippy_lambda_abs)
 
     def _state_names(self, group):
         return ["sum"]
@@ -48,13 +53,9 @@ class AdaGrad(PUBOptimizer, torch.optim.Adagrad):
     def _initial_state_value(self, group, name):
         return float(group["initial_accumulator_value"])
 
-    def _hyper_row(self, group, t):
-        lr = float(group["lr"])
-        clr = lr / (1.0 + (t - 1) * float(group["lr_decay"]))
-        return [clr, 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]), 1.0, 0.0, 0.0,
-                0.0]
+    def _rule_flags(self, group):
+        return (False, False, False)
 
     def _base_row(self, group):
-        """Constants of the device-side hyper-parameter kernel (CUDA)."""
-        return [float(group["lr"]), 0.0, 0.0, float(group["eps"]), float(group["weight_decay"]),
-                0.0, float(group["lr_decay"]), 0.0]
+        return [float(group["lr"]), 0.0, 0.0, float(group["eps"]),
+                float(group["weight_decay"]), 0.0, float(group["lr_decay"])]

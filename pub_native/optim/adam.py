@@ -7,10 +7,10 @@ The per-task Adam update and the state advance are in csrc/include/pub_native/up
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 
+from .._native import Algorithm
 from ._pub import PUBOptimizer
 
 __all__ = ["Adam"]
@@ -43,22 +43,29 @@ class Adam(PUBOptimizer, torch.optim.Adam):
         solver: ``"newton"`` (default) or ``"ccp"`` (the paper's procedure).
         weight_norm: ``"sum"`` (α̂ = α/Σα; one task, or K identical tasks, give plain Adam) or
             ``"none"`` (raw α, the paper's literal formula).
-        ridge: ρ of the ridge ρ·(tr G / K)·I that keeps the weights finite at Pareto-stationary
-            points.
+        ridge: ρ of the ridge ρ·diag(G) that keeps the weights finite at Pareto-stationary
+            points (relative to each task's own squared update norm, SPEC section 4).
         umm: ``None``, ``"clippy"`` (clip each task update per tensor to
             λ_rel·|θ| + λ_abs) or ``"adatask"`` (per-task m_i, v_i).
         clippy_preset: ``"paper"`` (λ_rel = 0.5, λ_abs = 1e-2) or ``"tfrs"`` (0.1, 1e-7);
             ``clippy_lambda_rel`` / ``clippy_lambda_abs`` override it.
+        backend: ``"native"`` (default: the C++ core, CPU or CUDA by the parameters' device) or
+            ``"reference"`` (the plain-PyTorch reference, float64 math, for checking); the
+            environment variable ``PUB_NATIVE_BACKEND`` sets the default.
+
+    Every parameter is stepped by the native kernels, task-specific ones as the plain base
+    step (K = 1); 16-bit parameters keep float32 state and math. ``foreach`` and ``fused``
+    are accepted and validated as torch does, and change nothing (the native step is fused).
     """
 
-    _ALGO = 0
+    _ALGO = Algorithm.ADAM
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  shared=None, update_weights_every=1, solver="newton", weight_norm="sum",
                  ridge=1e-8, umm=None, clippy_preset="paper", clippy_lambda_rel=None,
-                 clippy_lambda_abs=None):
+                 clippy_lambda_abs=None, backend=None):
         params = self._materialize(params)
         kwargs = dict(foreach=foreach, maximize=maximize, capturable=capturable,
                       differentiable=differentiable, fused=fused)
@@ -70,8 +77,10 @@ class Adam(PUBOptimizer, torch.optim.Adam):
             )
         torch.optim.Adam.__init__(self, params, lr=lr, betas=betas, eps=eps,
                                   weight_decay=weight_decay, amsgrad=amsgrad, **kwargs)
-        self._pub_setup(shared, update_weights_every, solver, weight_norm, ridge, umm,
-                        clippy_preset, clippy_lambda_rel, clippy_lambda_abs)
+        self._pub_setup(shared, backend, update_weights_every=update_weights_every,
+                        solver=solver, weight_norm=weight_norm, ridge=ridge, umm=umm,
+                        clippy_preset=clippy_preset, clippy_lambda_rel=clippy_lambda_rel,
+                        clippy_lambda_abs=clippy_lambda_abs)
 
     def _state_names(self, group):
         names = ["exp_avg", "exp_avg_sq"]
@@ -79,25 +88,14 @@ class Adam(PUBOptimizer, torch.optim.Adam):
             names.append("max_exp_avg_sq")
         return names
 
-    def _config_key(self, group):
-        return (bool(group["amsgrad"]),)
-
-    def _config_flags(self, key):
-        return (key[0], False, False)
-
-    def _hyper_row(self, group, t):
-        lr = float(group["lr"])
-        beta1, beta2 = (float(b) for b in group["betas"])
-        wd = float(group["weight_decay"])
-        decoupled = group.get("decoupled_weight_decay", False)
-        bc1 = 1.0 - beta1**t
-        bc2 = 1.0 - beta2**t
-        return [lr / bc1, beta1, beta2, float(group["eps"]), 0.0 if decoupled else wd,
-                1.0 - lr * wd if decoupled else 1.0, 1.0 / math.sqrt(bc2), 1.0 - beta1, 1.0 - beta2]
+    def _rule_flags(self, group):
+        return (bool(group["amsgrad"]), False, False)
 
     def _base_row(self, group):
-        """Constants of the device-side hyper-parameter kernel (CUDA)."""
         beta1, beta2 = (float(b) for b in group["betas"])
         return [float(group["lr"]), beta1, beta2, float(group["eps"]),
                 float(group["weight_decay"]), float(bool(group.get("decoupled_weight_decay"))),
-                0.0, 0.0]
+                0.0]
+
+    def _initial_state_value(self, group, name):
+        return 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .._native import Algorithm
 from ._pub import PUBOptimizer
 
 __all__ = ["RMSProp"]
@@ -24,24 +25,27 @@ class RMSProp(PUBOptimizer, torch.optim.RMSprop):
 
     u_i = lr·g_i/d_i, or with momentum μ: b_i = μ b + g_i/d_i and u_i = lr·b_i. Then α̂ from
     Gα = 1/α on G = UᵀU, θ ← θ − Σ_i α̂_i u_i, and v, a, b advance with g_α = Σ_i α̂_i g_i.
-    ``umm="adatask"`` keeps all RMSProp state per task.
+    ``umm="adatask"`` keeps all RMSProp state per task. Also exported as
+    ``pub_native.RMSprop``, torch's spelling.
     """
 
-    _ALGO = 2
+    _ALGO = Algorithm.RMSPROP
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, shared=None, update_weights_every=1, solver="newton",
                  weight_norm="sum", ridge=1e-8, umm=None, clippy_preset="paper",
-                 clippy_lambda_rel=None, clippy_lambda_abs=None):
+                 clippy_lambda_rel=None, clippy_lambda_abs=None, backend=None):
         params = self._materialize(params)
         torch.optim.RMSprop.__init__(
             self, params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
             momentum=momentum, centered=centered, capturable=capturable, foreach=foreach,
             maximize=maximize, differentiable=differentiable,
         )
-        self._pub_setup(shared, update_weights_every, solver, weight_norm, ridge, umm,
-                        clippy_preset, clippy_lambda_rel, clippy_lambda_abs)
+        self._pub_setup(shared, backend, update_weights_every=update_weights_every,
+                        solver=solver, weight_norm=weight_norm, ridge=ridge, umm=umm,
+                        clippy_preset=clippy_preset, clippy_lambda_rel=clippy_lambda_rel,
+                        clippy_lambda_abs=clippy_lambda_abs)
 
     def _state_names(self, group):
         names = ["square_avg"]
@@ -51,18 +55,12 @@ class RMSProp(PUBOptimizer, torch.optim.RMSprop):
             names.append("momentum_buffer")
         return names
 
-    def _config_key(self, group):
-        return (bool(group["centered"]), group["momentum"] > 0)
-
-    def _config_flags(self, key):
-        return (False, key[0], key[1])
-
-    def _hyper_row(self, group, t):
-        alpha = float(group["alpha"])
-        return [float(group["lr"]), float(group["momentum"]), alpha, float(group["eps"]),
-                float(group["weight_decay"]), 1.0, 0.0, 0.0, 1.0 - alpha]
+    def _rule_flags(self, group):
+        return (False, bool(group["centered"]), group["momentum"] > 0)
 
     def _base_row(self, group):
-        """Constants of the device-side hyper-parameter kernel (CUDA)."""
         return [float(group["lr"]), float(group["momentum"]), float(group["alpha"]),
-                float(group["eps"]), float(group["weight_decay"]), 0.0, 0.0, 0.0]
+                float(group["eps"]), float(group["weight_decay"]), 0.0, 0.0]
+
+    def _initial_state_value(self, group, name):
+        return 0.0

@@ -155,7 +155,7 @@ class NashMTLSolverReference:
 
     Returns α > 0 with α_i (Gα)_i = 1 for every task i, i.e. Gα = 1/α (Navon et al., "Multi-Task
     Learning as a Bargaining Game", ICML 2022, §3; PUB Claim 1), by the sequential convex
-    (concave–convex) procedure of the published NashMTL code. With G ← G + ρ (tr G / K) I when
+    (concave–convex) procedure of the published NashMTL code. With G ← G + ρ·diag(G) when
     ``ridge`` = ρ > 0, n = ‖G‖_F and G_n = G / n, outer iteration t solves (ECOS, ≤ 100 iters)
 
         α_{t+1} = argmin_{α >= 0}  Σ_i (G_n α)_i + ∇φ(α_t)ᵀ (α − α_t) / n
@@ -177,7 +177,7 @@ class NashMTLSolverReference:
         residual_tol: stop when the relative residual is below this; published: 1e-3.
         step_tol: stop when ‖α_{t+1} − α_t‖ is below this; published: 1e-6.
         ecos_tol: ECOS ``abstol``, ``reltol`` and ``feastol``; None keeps ECOS's defaults.
-        ridge: ρ >= 0 in G + ρ (tr G / K) I; the published code uses none.
+        ridge: ρ >= 0 in G + ρ·diag(G) (SPEC section 4); the published code uses none.
     """
 
     def __init__(
@@ -264,7 +264,7 @@ class NashMTLSolverReference:
             sub = g[np.ix_(active, active)]
             k = sub.shape[0]
             if self.ridge > 0:
-                sub = sub + self.ridge * (np.trace(sub) / k) * np.eye(k)
+                sub = sub + self.ridge * np.diag(np.diag(sub))
             start = self._prev_alpha[active]
             start = np.where(start > 0, start, 1.0)
             alpha[active] = self._ccp(cp, sub, start, info)

@@ -12,7 +12,7 @@ namespace pub_native {
 
 struct SolveOptions {
   int32_t method = kNewton;
-  double ridge = 1e-8;  // G + ridge * (tr G / m) I on the m active tasks
+  double ridge = 1e-8;  // G + ridge * diag(G) on the m active tasks
   double tol = 1e-12;   // newton: lambda^2 / 2 <= tol * m; ccp: relative residual <= tol
   int32_t max_iter = 50;  // newton: Newton steps; ccp: outer (convexified) iterations
 };
@@ -26,6 +26,15 @@ struct SolveOutcome {
 // A task whose update norm sqrt(G_ii) is at most this fraction of the largest is excluded.
 constexpr double kZeroTaskRelTol = 1e-12;
 
+// G counts as symmetric when max |G - G^T| <= tol * max |G|: the rounding of a Gram matrix
+// summed in another order, for float64 and float32 input.
+constexpr double kSymmetryTolF64 = 1.5e-8;
+constexpr double kSymmetryTolF32 = 3.5e-4;
+template <class T>
+PN_HD double symmetry_tolerance() {
+  return sizeof(T) >= 8 ? kSymmetryTolF64 : kSymmetryTolF32;
+}
+
 // Number of doubles of workspace one problem of size K needs.
 PN_HD int64_t solver_workspace_size(int64_t K) { return 3 * K * K + 14 * K; }
 
@@ -35,7 +44,7 @@ namespace detail {
 // tasks (to hold the active-task indices), then again for the m <= K active ones: every vector
 // of the second slicing ends before `idx` of the first (3m^2 + 13m <= 3K^2 + 13K).
 struct Workspace {
-  double* G;    // n x n active, symmetrized, ridged Gram
+  double* G;    // n x n active, symmetrized, ridged, equilibrated Gram
   double* H;    // n x n Hessian, factored in place
   double* W;    // n x n scratch
   double* a;    // current weights
@@ -50,7 +59,7 @@ struct Workspace {
   double* c;    // linear cost of the CCP subproblem
   double* q;    // scratch vectors
   double* r;
-  double* scale;  // diagonal equilibration of the CCP
+  double* scale;  // diagonal equilibration: sqrt(G_ii) of the active tasks
   double* idx;  // active task indices (small integers, exact in double)
   PN_HD Workspace(double* ws, int64_t n) {
     G = ws;
@@ -374,24 +383,25 @@ PN_HD SolveOutcome ccp_solve(const Team& tm, Workspace& w, int64_t m, const Solv
   return out;
 }
 
-// G_out = the symmetrized Gram of the m active tasks plus ridge * (tr / m) I.
+// G_out = the symmetrized Gram of the m active tasks, ridged relative to each task's own
+// squared update norm, (G + ridge * diag G), in coordinates scaled by 1/scale:
+// G_out_ij = G_ij / (scale_i scale_j). With scale_i = sqrt(G_ii) the result has a unit diagonal
+// (plus the ridge), which is what makes the solve equivariant to per-task scaling; with
+// scale = 1 it is the ridged Gram itself.
 template <class Team, class T>
 PN_HD void gather_gram(const Team& tm, const T* Gin, int64_t K, const double* idx, int64_t m,
-                       double ridge_rel, double* G_out) {
-  double tr = 0.0;
+                       double ridge, const double* scale, double* G_out) {
   for (int64_t i = tm.rank(); i < m; i += tm.size()) {
     const int64_t gi = static_cast<int64_t>(idx[i]);
-    tr += static_cast<double>(Gin[gi * K + gi]);
-  }
-  const double ridge = ridge_rel * tm.sum(tr) / static_cast<double>(m);
-  for (int64_t i = tm.rank(); i < m; i += tm.size()) {
-    const int64_t gi = static_cast<int64_t>(idx[i]);
+    const double si = scale ? scale[i] : 1.0;
     for (int64_t j = 0; j < m; ++j) {
       const int64_t gj = static_cast<int64_t>(idx[j]);
-      G_out[i * m + j] =
+      const double sj = scale ? scale[j] : 1.0;
+      const double gij =
           0.5 * (static_cast<double>(Gin[gi * K + gj]) + static_cast<double>(Gin[gj * K + gi]));
+      G_out[i * m + j] = gij / (si * sj);
     }
-    G_out[i * m + i] += ridge;
+    G_out[i * m + i] *= 1.0 + ridge;
   }
   tm.sync();
 }
@@ -406,7 +416,7 @@ PN_HD SolveOutcome solve_weights(const Team& tm, const T* Gin, const T* warm, T*
   SolveOutcome out;
   detail::Workspace w(ws, K);
   // Validate: finite and symmetric up to the rounding of the input type.
-  const double sym_tol = sizeof(T) >= 8 ? 1.5e-8 : 3.5e-4;
+  const double sym_tol = symmetry_tolerance<T>();
   double gmax = 0.0, asym = 0.0;
   bool finite = true;
   for (int64_t i = tm.rank(); i < K; i += tm.size()) {
@@ -459,12 +469,20 @@ PN_HD SolveOutcome solve_weights(const Team& tm, const T* Gin, const T* warm, T*
     out.status = kAllZero;
     return out;
   }
-  // Re-slice the workspace for the m active tasks and gather the symmetrized, ridged Gram.
+  // Re-slice the workspace for the m active tasks. Both methods run on the equilibrated Gram
+  // D G D, d_i = 1 / sqrt(G_ii): the Nash root is equivariant under diagonal scaling
+  // (D G D b = 1/b for b = a / d), so tasks whose update norms differ by orders of magnitude
+  // converge like equal ones, and scaling one task's update scales its weight by exactly the
+  // inverse (up to rounding of the equilibration).
   detail::Workspace wm(ws, m);
   const double* idx = w.idx;
-  detail::gather_gram(tm, Gin, K, idx, m, o.ridge, wm.G);
-  // Start: the warm start if it is usable, else a_i = 1/sqrt(G_ii); then the best multiple of
-  // it, s = sqrt(m / a'Ga), which minimizes f along the ray and makes the start scale-covariant.
+  for (int64_t i = tm.rank(); i < m; i += tm.size())
+    wm.scale[i] = pn_sqrt(static_cast<double>(Gin[static_cast<int64_t>(idx[i]) * (K + 1)]));
+  tm.sync();
+  detail::gather_gram(tm, Gin, K, idx, m, o.ridge, wm.scale, wm.G);
+  // Start: the warm start if it is usable, else b_i = 1 (a_i = 1/sqrt(G_ii)); then the best
+  // multiple of it, s = sqrt(m / b'Gb), which minimizes f along the ray and makes the start
+  // scale-covariant.
   bool use_warm = warm != nullptr;
   if (use_warm) {
     double ok = 1.0;
@@ -476,8 +494,8 @@ PN_HD SolveOutcome solve_weights(const Team& tm, const T* Gin, const T* warm, T*
   }
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t i = tm.rank(); i < m; i += tm.size()) {
-      wm.a[i] = use_warm ? static_cast<double>(warm[static_cast<int64_t>(idx[i])])
-                         : 1.0 / pn_sqrt(wm.G[i * m + i]);
+      wm.a[i] = use_warm ? static_cast<double>(warm[static_cast<int64_t>(idx[i])]) * wm.scale[i]
+                         : 1.0;
     }
     tm.sync();
     team_matvec(tm, wm.G, wm.a, wm.Ga, m);
@@ -498,30 +516,18 @@ PN_HD SolveOutcome solve_weights(const Team& tm, const T* Gin, const T* warm, T*
     }
     use_warm = false;
   }
-  if (o.method == kCcp) {
-    // The Nash root is equivariant under diagonal scaling (D G D b = 1/b for b = a / d), but
-    // the CCP's iterates are not: run it on the unit-diagonal D G D, d_i = 1/sqrt(G_ii), so
-    // that tasks whose update norms differ by orders of magnitude converge like equal ones.
-    for (int64_t i = tm.rank(); i < m; i += tm.size()) wm.scale[i] = pn_sqrt(wm.G[i * m + i]);
-    tm.sync();
-    for (int64_t i = tm.rank(); i < m; i += tm.size()) {
-      for (int64_t j = 0; j < m; ++j) wm.G[i * m + j] /= wm.scale[i] * wm.scale[j];
-      wm.a[i] *= wm.scale[i];
-      wm.Ga[i] /= wm.scale[i];
-    }
-    tm.sync();
-    out = detail::ccp_solve(tm, wm, m, o);
-    for (int64_t i = tm.rank(); i < m; i += tm.size()) wm.a[i] /= wm.scale[i];
-    tm.sync();
-    detail::gather_gram(tm, Gin, K, idx, m, o.ridge, wm.G);
-    team_matvec(tm, wm.G, wm.a, wm.Ga, m);
-  } else {
-    out = detail::newton_solve(tm, wm, m, o);
+  out = o.method == kCcp ? detail::ccp_solve(tm, wm, m, o) : detail::newton_solve(tm, wm, m, o);
+  // Back to the original coordinates; the weights are rounded to T, and the residual reported
+  // is that of the rounded weights on the ridged (unequilibrated) problem.
+  for (int64_t i = tm.rank(); i < m; i += tm.size()) {
+    const T rounded = static_cast<T>(wm.a[i] / wm.scale[i]);
+    alpha_out[static_cast<int64_t>(idx[i])] = rounded;
+    wm.a[i] = static_cast<double>(rounded);
   }
-  out.residual = detail::relative_residual(tm, wm.a, wm.Ga, m);
-  for (int64_t i = tm.rank(); i < m; i += tm.size())
-    alpha_out[static_cast<int64_t>(idx[i])] = static_cast<T>(wm.a[i]);
   tm.sync();
+  detail::gather_gram(tm, Gin, K, idx, m, o.ridge, static_cast<const double*>(nullptr), wm.G);
+  team_matvec(tm, wm.G, wm.a, wm.Ga, m);
+  out.residual = detail::relative_residual(tm, wm.a, wm.Ga, m);
   return out;
 }
 

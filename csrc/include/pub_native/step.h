@@ -1,26 +1,37 @@
 // Framework-free description of one PUB step over many tensors (host C++ and CUDA device code):
-// the tensor table Python passes as raw pointers, the step configuration, and the fixed work
-// decomposition that makes the Gram sums independent of the number of threads.
+// the tensor table Python fills with checked raw pointers, the configuration of a segment of
+// tensors that share one kernel, the fixed work decomposition that makes the Gram sums
+// independent of the number of threads, and the step's decisions (outcome, weights) that the
+// CPU and CUDA backends share.
 #pragma once
 
 #include <cstdint>
 #include <stdexcept>
 
-#include "update_rules.h"
+#include "hyper.h"
 
 namespace pub_native {
 
-// Columns of the tensor table (int64, one row per shared tensor), shared with Python.
-// Pointers are addresses; sizes and offsets are 64-bit element counts.
+// Columns of the tensor table (int64, one row per tensor of a segment), shared with Python.
+// Pointers are addresses; sizes are 64-bit element counts.
 enum TableCol : int32_t {
-  kTParam = 0,       // parameter θ (element type of the step)
-  kTNumel = 1,       // elements in the tensor
-  kTGradOffset = 2,  // offset of the tensor in each row of the K×P gradient buffer
-  kTGroup = 3,       // row of the hyper-parameter table
-  kTState = 4,       // kMaxStates state tensors (math type), 0 when unused; with AdaTask each is
-                     // (K, numel): task i's state starts at i·numel
+  kTParam = 0,  // parameter θ (element type of the segment)
+  kTNumel = 1,  // elements in the tensor
+  kTGrad = 2,   // task 0's gradient of this tensor (same element type as θ); task i's starts
+                // i · grad_task_stride elements further
+  kTBase = 3,   // row of the base table (the param group's constants)
+  kTStep = 4,   // float32 step counter: this step is t = *step + 1; advanced when applied
+  kTState = 5,  // kMaxStates state tensors (math type), 0 when unused; with AdaTask each is
+                // (K, numel): task i's state starts at i · numel
   kTableCols = kTState + kMaxStates,
 };
+
+// A segment is either the shared tensors of one kernel configuration (K task gradients, part
+// of the Gram) or tensors that take the plain base step on their own gradient (K = 1).
+enum class SegmentKind : int32_t { kShared = 0, kPlain = 1 };
+
+// Largest K of the CUDA step (per-thread task updates live in registers).
+constexpr int kCudaMaxTasks = 32;
 
 struct StepConfig {
   Algorithm algo = Algorithm::kAdam;
@@ -29,26 +40,32 @@ struct StepConfig {
   bool momentum = false;
   Umm umm = Umm::kNone;
   DType dtype = kFloat32;
-  int64_t num_tasks = 0;     // K
-  int64_t row_length = 0;    // P: elements per task row of the gradient buffer
-  double grad_sign = 1.0;    // −1 with maximize=True
-  double clippy_rel = 0.0;   // Clippy λ_rel
-  double clippy_abs = 0.0;   // Clippy λ_abs
-  bool has_l2 = false;       // some group has L2 weight decay (the Gram pass must read θ)
+  SegmentKind kind = SegmentKind::kShared;
+  int64_t num_tasks = 0;         // K (1 for a plain segment)
+  int64_t grad_task_stride = 0;  // elements between two tasks' gradients of a tensor
+  double grad_sign = 1.0;        // −1 with maximize=True
+  double clippy_rel = 0.0;       // Clippy λ_rel
+  double clippy_abs = 0.0;       // Clippy λ_abs
+  bool has_l2 = false;           // some group has L2 weight decay (the Gram pass must read θ)
   PN_HD bool gram_reads_theta() const { return umm == Umm::kClippy || has_l2; }
+  PN_HD bool adatask() const { return umm == Umm::kAdaTask; }
 };
 
 // Host-side construction with validation, shared by the CPU and CUDA bindings
 // (std::invalid_argument becomes ValueError in Python).
 inline StepConfig make_step_config(int32_t algo, bool amsgrad, bool centered, bool momentum,
-                                   int32_t umm, int32_t dtype, int64_t num_tasks,
-                                   int64_t row_length, double grad_sign, double clippy_rel,
+                                   int32_t umm, int32_t dtype, int32_t kind, int64_t num_tasks,
+                                   int64_t grad_task_stride, double grad_sign, double clippy_rel,
                                    double clippy_abs, bool has_l2) {
   if (algo < 0 || algo > 2) throw std::invalid_argument("unknown algorithm code");
   if (umm < 0 || umm > 2) throw std::invalid_argument("unknown umm code");
   if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("unknown dtype code");
-  if (num_tasks < 1 || row_length < 0)
-    throw std::invalid_argument("num_tasks must be >= 1 and row_length >= 0");
+  if (kind < 0 || kind > 1) throw std::invalid_argument("unknown segment kind");
+  if (num_tasks < 1) throw std::invalid_argument("num_tasks must be >= 1");
+  if (grad_task_stride < 0) throw std::invalid_argument("grad_task_stride must be >= 0");
+  if (kind == static_cast<int32_t>(SegmentKind::kPlain) && (num_tasks != 1 || umm == 2))
+    throw std::invalid_argument("a plain segment has one task and no per-task state");
+  if (grad_sign != 1.0 && grad_sign != -1.0) throw std::invalid_argument("grad_sign must be ±1");
   StepConfig c;
   c.algo = static_cast<Algorithm>(algo);
   c.amsgrad = amsgrad;
@@ -56,8 +73,9 @@ inline StepConfig make_step_config(int32_t algo, bool amsgrad, bool centered, bo
   c.momentum = momentum;
   c.umm = static_cast<Umm>(umm);
   c.dtype = static_cast<DType>(dtype);
+  c.kind = static_cast<SegmentKind>(kind);
   c.num_tasks = num_tasks;
-  c.row_length = row_length;
+  c.grad_task_stride = grad_task_stride;
   c.grad_sign = grad_sign;
   c.clippy_rel = clippy_rel;
   c.clippy_abs = clippy_abs;
@@ -69,28 +87,75 @@ inline StepConfig make_step_config(int32_t algo, bool amsgrad, bool centered, bo
 template <class T>
 struct TensorView {
   void* param;
-  int64_t numel, grad_offset;
-  int64_t task_stride;  // state elements between tasks (AdaTask), else 0
-  const double* hyper;
+  int64_t numel;
+  const void* grad;
+  int64_t grad_stride;   // elements between two tasks' gradients
+  int64_t state_stride;  // state elements between two tasks (AdaTask), else 0
+  float* step;
+  const double* base;
   T* state[kMaxStates];
 };
 
 template <class T>
 PN_HD TensorView<T> tensor_view(const StepConfig& cfg, const int64_t* table, int64_t t,
-                                const double* hyper) {
+                                const double* base) {
   const int64_t* row = table + t * kTableCols;
   TensorView<T> v;
   v.param = reinterpret_cast<void*>(row[kTParam]);
   v.numel = row[kTNumel];
-  v.grad_offset = row[kTGradOffset];
-  v.hyper = hyper + row[kTGroup] * kHyperCols;
+  v.grad = reinterpret_cast<const void*>(row[kTGrad]);
+  v.grad_stride = cfg.grad_task_stride;
+  v.state_stride = cfg.adatask() ? v.numel : 0;
+  v.step = reinterpret_cast<float*>(row[kTStep]);
+  v.base = base + row[kTBase] * kBaseCols;
   for (int s = 0; s < kMaxStates; ++s) v.state[s] = reinterpret_cast<T*>(row[kTState + s]);
-  v.task_stride = cfg.umm == Umm::kAdaTask ? v.numel : 0;
   return v;
 }
 
-// Elements per work item of the Gram pass. Partial Gram matrices are summed per item, then the
+// The hyper-parameter row of a tensor for the step being taken (its counter + 1).
+template <class T>
+PN_HD void tensor_hyper(const StepConfig& cfg, const TensorView<T>& tv, double* h) {
+  hyper_row(cfg.algo, tv.base, static_cast<double>(*tv.step) + 1.0, h);
+}
+
+// Elements per work item of the passes. Partial Gram matrices are summed per item, then the
 // items in order: the result is bitwise the same for any number of threads.
 constexpr int64_t kGramChunk = int64_t(1) << 16;
+
+// ---- the step's decisions, shared by the CPU and CUDA backends -------------------------------
+
+// What a step did. Values are part of the Python API (pub_native.optim.StepOutcome).
+enum StepOutcome : int32_t {
+  kApplied = 0,            // parameters, state and step counters advanced
+  kSkippedFoundInf = 1,    // a torch.amp.GradScaler found inf/NaN: skipped, nothing raised
+  kNonFiniteGrad = 2,      // some gradient is NaN/Inf: skipped
+  kNonFiniteUpdate = 3,    // gradients finite, but a task update or the Gram overflowed
+  kGradEdited = 4,         // a shared .grad was changed in a way that is not a rescaling
+};
+
+// Skip rules in order of precedence. Nothing is written unless the result is kApplied.
+PN_HD int32_t step_outcome(bool found_inf, bool grad_edited, bool grad_nonfinite,
+                           bool update_nonfinite) {
+  if (found_inf) return kSkippedFoundInf;
+  if (grad_edited) return kGradEdited;
+  if (grad_nonfinite) return kNonFiniteGrad;
+  if (update_nonfinite) return kNonFiniteUpdate;
+  return kApplied;
+}
+
+// α̂ from the solver's α: α/Σα (normalize_sum) or α. When α is unusable (every task update is
+// zero, or the solve failed: Σα ≤ 0 or not finite) the weights are uniform 1/K: any weights
+// give the same zero update then, and uniform ones keep the state advance that of the base
+// optimizer. Returns whether α was usable (it then becomes the next warm start).
+PN_HD bool finalize_weights(const double* alpha, int64_t K, bool normalize_sum,
+                            double* weights) {
+  double total = 0.0;
+  for (int64_t i = 0; i < K; ++i) total += alpha[i];
+  const bool usable = total > 0.0 && pn_isfinite(total);
+  for (int64_t i = 0; i < K; ++i)
+    weights[i] = usable ? (normalize_sum ? alpha[i] / total : alpha[i])
+                        : 1.0 / static_cast<double>(K);
+  return usable;
+}
 
 }  // namespace pub_native

@@ -14,8 +14,8 @@ namespace pub_native {
 enum class Algorithm : int32_t { kAdam = 0, kAdaGrad = 1, kRMSProp = 2 };
 enum class Umm : int32_t { kNone = 0, kClippy = 1, kAdaTask = 2 };
 
-// Columns of the per-param-group hyper-parameter table, computed on the host in float64 for the
-// current step (bias corrections included) and shared with Python (pub_native/_kernels.py).
+// Columns of the hyper-parameter row a rule reads: float64 values of the current step, bias
+// corrections included, made from a param group's constants by hyper_row (hyper.h).
 enum HyperCol : int32_t {
   kHStepSize = 0,    // Adam: lr / (1 − β1^t); AdaGrad: lr / (1 + (t − 1)·lr_decay); RMSProp: lr
   kHBeta1 = 1,       // Adam: β1; RMSProp: momentum μ

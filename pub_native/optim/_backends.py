@@ -1,0 +1,111 @@
+"""Backends of the PUB step (Python layer): one small interface, implemented by the native CPU
+core, the native CUDA core and the plain-PyTorch reference (``pub_native.reference.step``).
+
+    result = backend.step(plan, solve=..., options=..., inv_scale=..., found_inf=...,
+                          reduce_gram=...)
+
+A backend takes a checked :class:`~pub_native.optim._plan.StepPlan` and does the whole step in
+one call: the Gram phase, the decision (skip or apply), the weight solve on solve steps, the
+apply phase and the step counters. Between the Gram phase and the rest it calls
+``reduce_gram(G)`` when given (data parallelism sums G over processes there). The result is read
+lazily: on CUDA nothing is copied to the host until a field is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._native import SegmentKind, SolveStatus, StepOutcome, _C
+from ..solver import METHODS
+from ._plan import DTYPES, PlanSegment, StepPlan
+
+__all__ = ["CpuBackend", "StepResult", "solver_args"]
+
+
+def solver_args(options) -> tuple[int, float, float, int]:
+    """(method code, ridge, tol, max_iter) of the options' solver."""
+    code, tol, max_iter = METHODS[options.solver]
+    return code, options.ridge, tol, max_iter
+
+
+@dataclass
+class StepResult:
+    """What one step did (host values)."""
+
+    outcome: StepOutcome
+    solved: bool  # a weight-update step (the solve ran)
+    stats: dict[str, Any] = field(default_factory=dict)
+    bad_tasks: list[int] = field(default_factory=list)
+    bad_params: list[torch.Tensor] = field(default_factory=list)
+
+
+def bad_params_of(plan: StepPlan, flags_of_segment) -> list[torch.Tensor]:
+    """The plain-segment parameters whose gradient was flagged non-finite."""
+    out = []
+    for s, seg in enumerate(plan.segments):
+        if seg.kind != SegmentKind.PLAIN:
+            continue
+        flags = flags_of_segment(s)
+        out.extend(p for p, bad in zip(seg.params, flags) if bad)
+    return out
+
+
+class CpuBackend:
+    """The native CPU core (``_C.Stepper``): both phases of the step in C++."""
+
+    def __init__(self, k: int, device: torch.device | None = None):
+        self._stepper = _C.Stepper(k)
+        self._configs: dict[tuple, Any] = {}
+        self.device = torch.device("cpu") if device is None else device
+
+    @property
+    def k(self) -> int:
+        return self._stepper.num_tasks
+
+    def _config(self, seg: PlanSegment):
+        key = seg.key
+        cfg = self._configs.get(key)
+        if cfg is None:
+            cfg = self._configs[key] = _C.StepConfig(
+                int(seg.algo), seg.amsgrad, seg.centered, seg.momentum, int(seg.umm),
+                int(DTYPES[seg.dtype]), int(seg.kind), seg.k, seg.grad_stride,
+                -1.0 if seg.maximize else 1.0, seg.clippy[0], seg.clippy[1], seg.has_l2)
+        return cfg
+
+    # α̂ in use and the warm start, for checkpoints.
+    def get_weights(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        st = self._stepper
+        return (st.weights if st.has_weights else None, st.alpha if st.has_alpha else None)
+
+    def set_weights(self, weights, alpha) -> None:
+        st = self._stepper
+        st.has_weights = weights is not None
+        st.has_alpha = alpha is not None
+        st.weights = weights if weights is not None else np.full(st.num_tasks, 1 / st.num_tasks)
+        st.alpha = alpha if alpha is not None else np.zeros(st.num_tasks)
+
+    def step(self, plan: StepPlan, *, solve: bool, options, grad_scale=None, found_inf=None,
+             task_scale: np.ndarray | None = None, reduce_gram=None) -> StepResult:
+        st = self._stepper
+        # GradScaler's tensors live on the CPU here: reading them costs no synchronization.
+        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+        found = found_inf is not None and bool(found_inf)
+        segs = [(self._config(seg), seg.table) for seg in plan.segments]
+        st.gram(segs, plan.base, solve, inv_scale, task_scale)
+        if reduce_gram is not None:
+            st.G = reduce_gram(st.G)
+        code, ridge, tol, max_iter = solver_args(options)
+        outcome = StepOutcome(st.finish(segs, plan.base, solve, code, ridge, tol, max_iter,
+                                        options.weight_norm == "sum", found))
+        result = StepResult(outcome, solve)
+        if outcome == StepOutcome.APPLIED and solve:
+            result.stats = {"status": SolveStatus(st.status), "iterations": st.iterations,
+                            "residual": st.residual, "solve_time": st.solve_time}
+        elif outcome in (StepOutcome.NONFINITE_GRAD, StepOutcome.NONFINITE_UPDATE):
+            result.bad_tasks = np.flatnonzero(st.bad_task).tolist()
+            result.bad_params = bad_params_of(plan, st.bad_tensors)
+        return result

@@ -1,0 +1,311 @@
+"""The step plan (Python layer): which tensors the next step touches, each checked against the
+dtype, device, layout and size the kernels will read, and the int64 tables of their addresses.
+
+This is the only place where tensors become raw pointers. A parameter's state is made to match
+what the kernels read (float32 for 16-bit parameters, the parameter's device and memory order,
+a float32 step counter); entries that are missing or do not match are built *prospectively*:
+they become the optimizer's state only when the step is applied, so a step that raises or is
+skipped leaves the state as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._autograd import dense_strides, same_layout
+from .._native import Algorithm, BaseCol, DType, SegmentKind, TableCol, Umm
+
+__all__ = ["DTYPES", "PlanSegment", "StepPlan", "build_plan", "check_param", "state_dtype"]
+
+DTYPES = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,
+          torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
+_HALF = (torch.bfloat16, torch.float16)
+_N_COLS = int(TableCol.COLS)
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of the state the kernels keep for p: float32 for 16-bit parameters."""
+    return torch.float32 if p.dtype in _HALF else p.dtype
+
+
+@dataclass
+class PlanSegment:
+    """Tensors that share one kernel configuration, one table row each."""
+
+    kind: SegmentKind
+    algo: Algorithm
+    amsgrad: bool
+    centered: bool
+    momentum: bool
+    maximize: bool
+    umm: Umm
+    dtype: torch.dtype
+    k: int
+    grad_stride: int  # elements between two tasks' gradients of a tensor
+    clippy: tuple[float, float]
+    has_l2: bool = False
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)    # (K, *shape), p's layout
+    states: list[list[torch.Tensor]] = field(default_factory=list)
+    state_names: list[list[str]] = field(default_factory=list)
+    steps: list[torch.Tensor] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    table: np.ndarray | None = None
+
+    @property
+    def key(self) -> tuple:
+        """What selects the native kernel (cached configurations are keyed by it)."""
+        return (int(self.kind), int(self.algo), self.amsgrad, self.centered, self.momentum,
+                self.maximize, int(self.umm), self.dtype, self.k, self.grad_stride,
+                self.clippy, self.has_l2)
+
+
+@dataclass
+class StepPlan:
+    """Everything one step reads and writes, checked."""
+
+    segments: list[PlanSegment]
+    base: np.ndarray  # (n_groups, BaseCol.COLS) float64
+    k: int  # tasks of the shared segments (1 for a plain step)
+    device: torch.device
+    pending_state: dict[torch.Tensor, dict[str, Any]]  # committed when the step is applied
+    names: dict[int, str]  # id(param) -> how errors name it
+
+    @property
+    def has_shared(self) -> bool:
+        return any(s.kind == SegmentKind.SHARED for s in self.segments)
+
+
+def _fail(exc, name: str, what: str):
+    raise exc(f"{name}: {what}")
+
+
+def check_param(p: torch.Tensor, name: str, device: torch.device | None) -> None:
+    """What every parameter the kernels touch must be."""
+    if p.is_complex():
+        _fail(TypeError, name, "complex parameters are not supported")
+    if p.layout != torch.strided:
+        _fail(TypeError, name, f"{p.layout} parameters are not supported")
+    if p.dtype not in DTYPES:
+        _fail(TypeError, name, f"dtype {p.dtype} is not supported (float32, float64, bfloat16, "
+                               "float16)")
+    if p.device.type not in ("cpu", "cuda"):
+        _fail(NotImplementedError, name, f"the PUB step runs on the CPU and on CUDA devices, "
+                                         f"not on {p.device}")
+    if device is not None and p.device != device:
+        _fail(NotImplementedError, name, f"is on {p.device} while other parameters stepped "
+                                         f"together are on {device}; use one optimizer per "
+                                         "device")
+    if not dense_strides(p):
+        _fail(NotImplementedError, name, "is a strided view with gaps (not dense); PUB steps "
+                                         "dense parameters (contiguous, channels_last, "
+                                         "transposed, ...)")
+
+
+def _state_like(p: torch.Tensor, k: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """An empty state tensor in p's layout; with k, (k, *shape) with task i at i·numel."""
+    if k is None:
+        return torch.empty_strided(p.shape, p.stride(), dtype=dtype, device=p.device)
+    return torch.empty_strided((k, *p.shape), (p.numel(), *p.stride()), dtype=dtype,
+                               device=p.device)
+
+
+def _matches(t, p: torch.Tensor, k: int | None, dtype: torch.dtype) -> bool:
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != p.device \
+            or t.layout != torch.strided:
+        return False
+    if k is None:
+        return same_layout(t, p)
+    return (t.shape == (k, *p.shape) and (k == 1 or t.stride(0) == p.numel())
+            and same_layout(t[0], p))
+
+
+def _converted(value, p, k, dtype, name, key):
+    """``value`` (a state entry made elsewhere: torch's own step, a checkpoint, a different
+    layout or dtype) as the kernels read it, converted once. A wrong size (the parameter's
+    shape changed since the state was made, or the state belongs to another model) is a
+    RuntimeError naming the parameter."""
+    want = (k, *p.shape) if k is not None else tuple(p.shape)
+    if not isinstance(value, torch.Tensor) or value.numel() != math.prod(want):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise RuntimeError(f"{name}: optimizer state {key!r} has shape {shape}, expected "
+                           f"{want}; was the parameter resized after its state was made?")
+    out = _state_like(p, k, dtype)
+    out.copy_(value.detach().reshape(want))
+    return out
+
+
+def prepare_state(state: dict, p: torch.Tensor, names: list[str], init: list[float],
+                  adatask_k: int | None, name: str) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                               dict[str, Any]]:
+    """The state tensors (in the rule's order) and step counter the kernels will use for p,
+    and the entries that must be written to the optimizer state once the step is applied
+    (None marks an entry to remove)."""
+    dtype = state_dtype(p)
+    new: dict[str, Any] = {}
+    step = state.get("step")
+    if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
+            and step.device == p.device and step.numel() == 1 and step.dim() == 0):
+        value = 0.0 if step is None else float(step)
+        step = torch.tensor(value, dtype=torch.float32, device=p.device)
+        new["step"] = step
+    tensors = []
+    for key, fill in zip(names, init):
+        if adatask_k is not None:
+            task_key = "task_" + key
+            value = state.get(task_key)
+            if value is None:
+                base = state.get(key)
+                value = _state_like(p, adatask_k, dtype)
+                if base is None:
+                    value.fill_(fill)
+                else:
+                    # The plain entry (torch's Adagrad makes `sum` at construction; plain steps
+                    # make the others) starts every task's copy.
+                    value.copy_(_converted(base, p, None, dtype, name, key).expand_as(value))
+                    new[key] = None
+                new[task_key] = value
+            elif not _matches(value, p, adatask_k, dtype):
+                value = _converted(value, p, adatask_k, dtype, name, task_key)
+                new[task_key] = value
+        else:
+            value = state.get(key)
+            if value is None:
+                value = _state_like(p, None, dtype).fill_(fill)
+                new[key] = value
+            elif not _matches(value, p, None, dtype):
+                value = _converted(value, p, None, dtype, name, key)
+                new[key] = value
+        tensors.append(value)
+    return tensors, step, new
+
+
+def plain_grad(p: torch.Tensor, name: str) -> torch.Tensor:
+    """p.grad as the kernels read it: dense, p's dtype and layout (else a copy that is)."""
+    g = p.grad
+    if g.is_sparse or g.layout != torch.strided:
+        _fail(TypeError, name, "sparse gradients are not supported (use sparse=False in "
+                               "nn.Embedding)")
+    if g.dtype != p.dtype or g.device != p.device:
+        _fail(TypeError, name, f"gradient of dtype {g.dtype} on {g.device} for a parameter "
+                               f"of dtype {p.dtype} on {p.device}")
+    if g.shape != p.shape:
+        _fail(ValueError, name, f"gradient of shape {tuple(g.shape)} for a parameter of shape "
+                                f"{tuple(p.shape)}")
+    if not same_layout(g, p):
+        copy = torch.empty_like(p)
+        copy.copy_(g)
+        g = copy
+    return g
+
+
+def fill_table(seg: PlanSegment) -> None:
+    """The int64 table of the segment's addresses (rows in the order of seg.params)."""
+    table = np.zeros((len(seg.params), _N_COLS), dtype=np.int64)
+    for r, (p, g, states, step, gi) in enumerate(zip(seg.params, seg.grads, seg.states,
+                                                     seg.steps, seg.groups)):
+        table[r, TableCol.PARAM] = p.data_ptr()
+        table[r, TableCol.NUMEL] = p.numel()
+        table[r, TableCol.GRAD] = g.data_ptr()
+        table[r, TableCol.BASE] = gi
+        table[r, TableCol.STEP] = step.data_ptr()
+        for s, t in enumerate(states):
+            table[r, TableCol.STATE + s] = t.data_ptr()
+    seg.table = table
+
+
+def check_base_row(row: list[float], gi: int) -> list[float]:
+    names = {BaseCol.LR: "lr", BaseCol.EPS: "eps", BaseCol.WEIGHT_DECAY: "weight_decay"}
+    for col, key in names.items():
+        v = row[col]
+        if not math.isfinite(v):
+            raise ValueError(
+                f"param_groups[{gi}]['{key}'] is {v}: the PUB step needs a finite {key} (with "
+                f"{key}={v} every update would be non-finite)")
+    return row
+
+
+def build_base(rows: list[list[float]]) -> np.ndarray:
+    return np.array([check_base_row(r, gi) for gi, r in enumerate(rows)],
+                    dtype=np.float64).reshape(len(rows), int(BaseCol.COLS))
+
+
+def build_plan(opt, pending: bool) -> StepPlan | None:
+    """The plan of ``opt``'s next step: after ``backward(losses)`` (``pending``) the shared
+    parameters with their K task gradients and every other parameter with a ``.grad`` as a
+    plain step; otherwise every parameter with a ``.grad`` as a plain step (K = 1). None when
+    nothing would be stepped.
+
+    ``opt`` is a PUB optimizer: it gives the groups, the state, the shared parameters and their
+    task gradients, and per group the rule's state names, flags and constants.
+    """
+    shared_index = {}
+    if pending:
+        shared_index = {id(p): j for j, p in enumerate(opt._grads.params)}
+    adatask = opt.options.umm == "adatask"
+    device = None
+    segments: dict[tuple, PlanSegment] = {}
+    pending_state: dict[torch.Tensor, dict[str, Any]] = {}
+    names: dict[int, str] = {}
+    base_rows = []
+    for gi, group in enumerate(opt.param_groups):
+        base_rows.append([float(v) for v in opt._base_row(group)])
+        flags = opt._rule_flags(group)
+        maximize = bool(group.get("maximize", False))
+        l2 = opt._base_row(group)[BaseCol.WEIGHT_DECAY] != 0.0 and not (
+            group.get("decoupled_weight_decay", False))
+        state_names = opt._state_names(group)
+        init = [opt._initial_state_value(group, n) for n in state_names]
+        for p in group["params"]:
+            j = shared_index.get(id(p))
+            if j is not None:
+                if not p.requires_grad:
+                    continue  # frozen since detection: not stepped, as torch skips it
+            elif p.grad is None:
+                continue
+            name = opt._param_name(p)
+            names[id(p)] = name
+            check_param(p, name, device)
+            device = p.device
+            if j is not None:
+                kind, k, stride = SegmentKind.SHARED, opt._k, opt._grads.size
+                grad = opt._grads.task_view(j)
+                umm = Umm(opt.options.umm_code)
+            else:
+                if adatask and id(p) in opt._shared_ids():
+                    raise RuntimeError(
+                        f"{name}: umm='adatask' keeps per-task state for the shared parameters: "
+                        "call opt.backward(losses) before opt.step()")
+                kind, k, stride, umm = SegmentKind.PLAIN, 1, 0, Umm.NONE
+                grad = plain_grad(p, name).unsqueeze(0)
+            key = (kind, flags, maximize, p.dtype)
+            seg = segments.get(key)
+            if seg is None:
+                seg = segments[key] = PlanSegment(
+                    kind=kind, algo=opt._ALGO, amsgrad=flags[0], centered=flags[1],
+                    momentum=flags[2], maximize=maximize, umm=umm, dtype=p.dtype, k=k,
+                    grad_stride=stride, clippy=opt.options.clippy_lambdas)
+            states, step, new = prepare_state(
+                opt.state.get(p, {}), p, state_names, init,
+                k if kind == SegmentKind.SHARED and adatask else None, name)
+            if new:
+                pending_state[p] = new
+            seg.has_l2 = seg.has_l2 or l2
+            seg.params.append(p)
+            seg.grads.append(grad)
+            seg.states.append(states)
+            seg.state_names.append(state_names)
+            seg.steps.append(step)
+            seg.groups.append(gi)
+    if not segments:
+        return None
+    ordered = sorted(segments.values(), key=lambda s: int(s.kind))  # shared segments first
+    for seg in ordered:
+        fill_table(seg)
+    k = opt._k if pending and opt._k is not None else 1
+    return StepPlan(ordered, build_base(base_rows), k, device, pending_state, names)

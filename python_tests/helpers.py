@@ -1,0 +1,177 @@
+"""Shared test helpers: toy problems and models, comparisons of parameters and optimizer state.
+
+A Problem is K task losses over shared tensors (quadratics with task-specific linear terms, so the
+tasks conflict) plus one task-specific head per task; it can be cloned and moved to a device so
+that the same problem runs on several backends.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import pub_native
+
+F64, F32 = torch.float64, torch.float32
+
+NATIVE = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad, "rmsprop": pub_native.RMSProp}
+TORCH = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
+
+SHAPES = {
+    "small": [(5, 3), (3,)],
+    "odd": [(1,), (4097,), (3, 5, 7), (2, 1, 3)],
+    "many": [((i % 7) + 1, (i % 5) + 1) for i in range(100)] + [(1,), (33,)],
+}
+
+
+def assert_close(actual, expected, tol, what=""):
+    """max |actual − expected| ≤ tol · max |expected| (float64 comparison, any device)."""
+    actual = actual.detach().cpu().to(F64)
+    expected = expected.detach().cpu().to(F64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if expected.numel() == 0:
+        return
+    scale = max(expected.abs().max().item(), 1e-30)
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:g} × {scale:.3e}"
+
+
+def assert_states_close(opt_a, params_a, opt_b, params_b, tol):
+    """Parameters and every state entry (same keys on both sides) agree."""
+    for j, (pa, pb) in enumerate(zip(params_a, params_b)):
+        assert_close(pa, pb, tol, f"param {j}")
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert set(sa) == set(sb), f"param {j}: state keys {sorted(sa)} != {sorted(sb)}"
+        for key in sb:
+            assert_close(sa[key], sb[key], tol, f"param {j} state {key!r}")
+
+
+def assert_states_equal(opt_a, params_a, opt_b, params_b):
+    """Parameters and every state entry are bitwise equal."""
+    for j, (pa, pb) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(pa, pb), f"param {j}"
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert set(sa) == set(sb), f"param {j}: state keys {sorted(sa)} != {sorted(sb)}"
+        for key in sb:
+            assert torch.equal(sa[key], sb[key]), (j, key)
+
+
+def snapshot(opt, params):
+    """Parameters and state, deep-copied, to compare after a step that must change nothing."""
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                     for k, v in opt.state.get(p, {}).items()} for p in params})
+
+
+def assert_unchanged(opt, params, snap):
+    before_params, before_state = snap
+    for j, (p, b) in enumerate(zip(params, before_params)):
+        assert torch.equal(p, b), f"param {j} changed"
+        now = opt.state.get(p, {})
+        assert set(now) == set(before_state[id(p)]), f"param {j}: state keys changed"
+        for k, v in before_state[id(p)].items():
+            assert torch.equal(now[k], v), f"param {j} state {k!r} changed"
+
+
+class Problem:
+    """K task losses over shared tensors plus one task-specific head per task."""
+
+    def __init__(self, shapes, k, dtype=F64, seed=0, identical=False, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        self.k = k
+        self.shared = [torch.randn(s, generator=g, dtype=F64).to(device, dtype).requires_grad_()
+                       for s in shapes]
+        self.heads = [torch.randn(3, generator=g, dtype=F64).to(device, dtype).requires_grad_()
+                      for _ in range(k)]
+        n_tasks = 1 if identical else k
+        self.a = [[torch.randn(s, generator=g, dtype=F64).to(device) for s in shapes]
+                  for _ in range(n_tasks)]
+        self.b = [[(torch.rand(s, generator=g, dtype=F64) + 0.5).to(device) for s in shapes]
+                  for _ in range(n_tasks)]
+        self.identical = identical
+
+    def params(self):
+        return self.shared + self.heads
+
+    def groups(self, lrs=(1e-2, 3e-3, 5e-3)):
+        half = len(self.shared) // 2 or 1
+        groups = [{"params": self.shared[:half], "lr": lrs[0]}]
+        if self.shared[half:]:
+            groups.append({"params": self.shared[half:], "lr": lrs[1]})
+        groups.append({"params": self.heads, "lr": lrs[2]})
+        return groups
+
+    def losses(self, step):
+        out = []
+        for i in range(self.k):
+            j = 0 if self.identical else i
+            scale = 1.0 + 0.1 * step
+            loss = sum(
+                ((a.to(p.dtype) * p).sum() + 0.5 * (b.to(p.dtype) * p * p).sum()) * scale
+                for p, a, b in zip(self.shared, self.a[j], self.b[j])
+            )
+            head = self.heads[0] if self.identical else self.heads[i]
+            if self.identical:
+                # K identical tasks share one head: each carries 1/K of its loss, so the head's
+                # gradient (summed over tasks) is that of one task.
+                loss = loss + (head * head).sum() / self.k
+            else:
+                loss = loss + (head * head).sum() * (1.0 + 0.1 * self.shared[0].reshape(-1)[0])
+            out.append(loss)
+        return out
+
+    def clone(self, device=None):
+        out = copy.deepcopy(self)
+        if device is not None and torch.device(device) != self.shared[0].device:
+            with torch.no_grad():
+                out.shared = [p.detach().to(device).requires_grad_() for p in self.shared]
+                out.heads = [p.detach().to(device).requires_grad_() for p in self.heads]
+            out.a = [[a.to(device) for a in row] for row in self.a]
+            out.b = [[b.to(device) for b in row] for row in self.b]
+        return out
+
+
+def run_pub(opt_cls, problem, steps, start=0, opt=None, **kw):
+    """``steps`` PUB steps (backward(losses) + step) on ``problem``; returns the optimizer."""
+    opt = opt_cls(problem.groups(), **kw) if opt is None else opt
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        opt.backward(problem.losses(t))
+        opt.step()
+    return opt
+
+
+class MMoE(nn.Module):
+    """A small multi-gate mixture-of-experts: embedding and experts shared, gates and towers
+    per task."""
+
+    def __init__(self, d_in=6, n_experts=4, d_expert=5, k=2):
+        super().__init__()
+        self.embedding = nn.Embedding(10, d_in)
+        self.experts = nn.ModuleList(nn.Linear(d_in, d_expert) for _ in range(n_experts))
+        self.gates = nn.ModuleList(nn.Linear(d_in, n_experts) for _ in range(k))
+        self.towers = nn.ModuleList(nn.Linear(d_expert, 1) for _ in range(k))
+
+    def forward(self, idx):
+        x = self.embedding(idx).mean(1)
+        e = torch.stack([torch.relu(ex(x)) for ex in self.experts], 1)  # (B, E, D)
+        outs = []
+        for gate, tower in zip(self.gates, self.towers):
+            w = torch.softmax(gate(x), -1).unsqueeze(-1)
+            outs.append(tower((w * e).sum(1)).squeeze(-1))
+        return outs
+
+    def shared_parameters(self):
+        return [*self.embedding.parameters(), *self.experts.parameters()]
+
+
+def mmoe_batch(seed=0, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 10, (n, 3), generator=g), torch.randn(n, generator=g)
+
+
+def mmoe_losses(model, batch):
+    idx, y = batch
+    return [((o - y) ** 2).mean() for o in model(idx)]

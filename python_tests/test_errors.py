@@ -1,0 +1,153 @@
+"""Bad input gets a clear error naming the argument, and loses nothing (SPEC section 7): a step
+that raises leaves parameters and optimizer state exactly as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import F32, F64
+from helpers import (NATIVE, SHAPES, TORCH, Problem, assert_unchanged, run_pub, snapshot)
+from torch import nn
+
+import pub_native
+
+
+def test_backward_rejects_bad_losses():
+    problem = Problem(SHAPES["small"], 2, dtype=F64, seed=41)
+    opt = pub_native.Adam(problem.groups())
+    with pytest.raises(ValueError, match="losses"):
+        opt.backward([])
+    with pytest.raises(ValueError, match="losses"):
+        opt.backward([problem.shared[0]])  # (5, 3): not a scalar
+    with pytest.raises(ValueError, match="losses"):
+        opt.backward([torch.tensor(1.0), torch.tensor(2.0)])
+    with pytest.raises(ValueError, match="losses"):
+        opt.backward(torch.zeros(2, 2, requires_grad=True))
+    opt.backward(problem.losses(0))
+    opt.step()
+    with pytest.raises(ValueError, match="K = 2"):
+        opt.backward(problem.losses(1) + problem.losses(1)[:1])
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("adam", dict(lr=-1.0)), ("adam", dict(betas=(1.0, 0.9))), ("adam", dict(eps=-1.0)),
+    ("adam", dict(weight_decay=-0.1)), ("adagrad", dict(lr_decay=-1.0)),
+    ("adagrad", dict(initial_accumulator_value=-1.0)), ("rmsprop", dict(alpha=-0.5)),
+    ("rmsprop", dict(momentum=-0.1)),
+])
+def test_invalid_hyperparameters_use_torch_wording(name, kwargs):
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError) as expected:
+        TORCH[name]([p], **kwargs)
+    with pytest.raises(ValueError) as got:
+        NATIVE[name]([p], **kwargs)
+    assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(update_weights_every=0), "update_weights_every"), (dict(solver="cvx"), "solver"),
+    (dict(weight_norm="max"), "weight_norm"), (dict(ridge=-1.0), "ridge"),
+    (dict(umm="pcgrad"), "umm"), (dict(umm="clippy", clippy_preset="x"), "clippy_preset"),
+    (dict(clippy_lambda_rel=0.1), "umm='clippy'"), (dict(backend="gpu"), "backend"),
+])
+def test_invalid_pub_options(kwargs, match):
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=match):
+        pub_native.Adam([p], **kwargs)
+
+
+def test_unsupported_options_and_tensors_raise():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        pub_native.Adam([p], differentiable=True)
+    with pytest.raises(NotImplementedError, match="capturable"):
+        pub_native.Adam([p], capturable=True)
+    with pytest.raises((TypeError, ValueError), match="complex"):
+        pub_native.Adam([torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
+    emb = nn.Embedding(5, 3, sparse=True)
+    opt = pub_native.Adam(emb.parameters(), shared=list(emb.parameters()))
+    out = emb(torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="sparse"):
+        opt.backward([out.sum(), out.mean()])
+    # A sparse gradient of a task-specific parameter is named at the step.
+    emb2 = nn.Embedding(5, 3, sparse=True)
+    opt2 = pub_native.Adagrad(emb2.parameters())
+    emb2(torch.tensor([1])).sum().backward()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\].*sparse"):
+        opt2.step()
+
+
+def test_strided_parameter_with_gaps_is_refused_by_name():
+    base = torch.randn(4, 6)
+    p = nn.Parameter(base[:, :3])  # a view with gaps: no flat loop may read it
+    opt = pub_native.Adam([{"params": [p], "param_names": ["w"]}])
+    (p * p).sum().backward()
+    with pytest.raises(NotImplementedError, match="'w'.*not dense"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("umm", [None, "clippy", "adatask"])
+@pytest.mark.parametrize("reuse", [False, True], ids=["solve", "reuse"])
+def test_nan_gradient_raises_and_changes_nothing(name, umm, reuse):
+    problem = Problem(SHAPES["odd"], 3, dtype=F32, seed=42)
+    opt = run_pub(NATIVE[name], problem, 3 if reuse else 2, umm=umm,
+                  update_weights_every=2 if reuse else 1)
+    snap = snapshot(opt, problem.params())
+    weights, t = opt.task_weights, opt.state_dict()["pub"]["step"]
+    opt.zero_grad()
+    losses = problem.losses(5)
+    losses[1] = losses[1] + problem.shared[1].sum() * float("nan")
+    opt.backward(losses)
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \[1\]"):
+        opt.step()
+    assert_unchanged(opt, problem.params(), snap)
+    assert opt.state_dict()["pub"]["step"] == t
+    assert torch.equal(opt.task_weights, weights)
+    run_pub(None, problem, 1, start=6, opt=opt)  # a good step afterwards works
+
+
+def test_nan_in_a_task_specific_gradient_names_the_parameter():
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=43)
+    opt = run_pub(pub_native.Adam, problem, 1)
+    snap = snapshot(opt, problem.params())
+    opt.zero_grad()
+    losses = problem.losses(1)
+    losses[0] = losses[0] + problem.heads[0].sum() * float("inf")
+    opt.backward(losses)
+    with pytest.raises(FloatingPointError, match=r"param_groups\[2\]\['params'\]\[0\]"):
+        opt.step()
+    assert_unchanged(opt, problem.params(), snap)
+
+
+def test_infinite_learning_rate_is_blamed_on_the_learning_rate():
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=44)
+    opt = run_pub(pub_native.Adam, problem, 1)
+    snap = snapshot(opt, problem.params())
+    opt.param_groups[0]["lr"] = float("inf")
+    opt.zero_grad()
+    opt.backward(problem.losses(1))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] is inf"):
+        opt.step()
+    assert_unchanged(opt, problem.params(), snap)
+
+
+def test_overflowing_updates_with_finite_gradients_blame_the_hyperparameters():
+    # Finite gradients, finite lr, but updates whose squares overflow float64 in G.
+    p = torch.ones(4, dtype=F64, requires_grad=True)
+    opt = pub_native.Adam([p], lr=1e200, shared=[p])
+    opt.backward([(p * p).sum(), p.sum()])
+    snap = snapshot(opt, [p])
+    with pytest.raises(FloatingPointError, match="overflowed.*every gradient is finite"):
+        opt.step()
+    assert_unchanged(opt, [p], snap)
+
+
+def test_torch_optimizer_state_of_the_wrong_size_is_named():
+    p = torch.randn(3, requires_grad=True)
+    opt = pub_native.Adam([p])
+    opt.state[p]["exp_avg"] = torch.zeros(5)  # e.g. left by another model
+    opt.state[p]["exp_avg_sq"] = torch.zeros(3)
+    (p * p).sum().backward()
+    with pytest.raises(RuntimeError, match=r"'exp_avg' has shape \(5,\), expected \(3,\)"):
+        opt.step()

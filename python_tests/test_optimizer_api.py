@@ -1,0 +1,410 @@
+"""The PUB optimizers as torch.optim citizens (SPEC sections 1 and 9): shared-parameter
+detection and its overrides, param groups added or frozen after detection, gradients of the
+task-specific parameters, checkpoints (PUB's own and torch's), copies, hooks, schedulers, dtype
+and layout changes of the model."""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import pickle
+
+import pytest
+import torch
+from conftest import BF16, F32, F64, TOL
+from helpers import (MMoE, NATIVE, SHAPES, TORCH, Problem, assert_close, assert_states_close,
+                     assert_states_equal, mmoe_batch, mmoe_losses, run_pub)
+
+import pub_native
+
+# ---- detection ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["list", "stacked"])
+def test_mmoe_shared_detection(as_tensor):
+    torch.manual_seed(0)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    losses = mmoe_losses(model, mmoe_batch())
+    opt.backward(torch.stack(losses) if as_tensor else losses)
+    assert {id(p) for p in opt.shared_parameters} == {id(p) for p in model.shared_parameters()}
+    for module in (*model.gates, *model.towers):
+        for p in module.parameters():
+            assert p.grad is not None
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    opt.step()
+    assert all(not torch.equal(before[id(p)], p) for p in model.parameters())
+
+
+def test_explicit_shared_and_group_flag_override_detection():
+    torch.manual_seed(0)
+    model = MMoE()
+    idx, _ = mmoe_batch()
+    experts = list(model.experts.parameters())
+    opt = pub_native.Adam(model.parameters(), shared=experts)
+    opt.backward([o.mean() for o in model(idx)])
+    assert [id(p) for p in opt.shared_parameters] == [id(p) for p in experts]
+    assert model.embedding.weight.grad is not None
+    opt2 = pub_native.Adam([{"params": model.experts.parameters(), "shared": True},
+                            {"params": model.embedding.parameters(), "shared": False},
+                            {"params": itertools.chain(model.gates.parameters(),
+                                                       model.towers.parameters())}])
+    opt2.backward([o.mean() for o in model(idx)])
+    assert [id(p) for p in opt2.shared_parameters] == [id(p) for p in experts]
+
+
+def test_add_param_group_with_shared_flag_after_detection():
+    problem = Problem(SHAPES["small"], 2, dtype=F64, seed=1)
+    extra = torch.randn(4, dtype=F64, requires_grad=True)
+    twin = problem.clone()
+    extra2 = extra.detach().clone().requires_grad_()
+
+    def losses(pr, e, t):
+        return [loss + (e * e).sum() * (i + 1) for i, loss in enumerate(pr.losses(t))]
+
+    opt = pub_native.Adam(problem.groups())
+    ref = pub_native.Adam(twin.groups(), backend="reference")
+    for t in range(2):
+        for o, pr in ((opt, problem), (ref, twin)):
+            o.zero_grad()
+            o.backward(pr.losses(t))
+            o.step()
+    opt.add_param_group({"params": [extra], "shared": True, "lr": 1e-2})
+    ref.add_param_group({"params": [extra2], "shared": True, "lr": 1e-2})
+    for t in range(2, 5):
+        for o, pr, e in ((opt, problem, extra), (ref, twin, extra2)):
+            o.zero_grad()
+            o.backward(losses(pr, e, t))
+            o.step()
+    assert any(p is extra for p in opt.shared_parameters)
+    assert "exp_avg" in opt.state[extra] and extra.grad is None
+    assert_states_close(opt, problem.params() + [extra], ref, twin.params() + [extra2],
+                        TOL[("reference", F64)])
+    # A group without the flag is decided by the graph of the next backward.
+    solo = torch.randn(2, dtype=F64, requires_grad=True)
+    opt.add_param_group({"params": [solo]})
+    opt.zero_grad()
+    ls = losses(problem, extra, 5)
+    opt.backward([ls[0] + solo.sum(), ls[1]])
+    assert not any(p is solo for p in opt.shared_parameters) and solo.grad is not None
+
+
+def test_freezing_and_unfreezing_shared_parameters_after_detection():
+    problem = Problem(SHAPES["small"], 2, dtype=F64, seed=2)
+    twin = problem.clone()
+    opt = run_pub(pub_native.Adam, problem, 2)
+    ref = run_pub(pub_native.Adam, twin, 2, backend="reference")
+    frozen = problem.shared[0]
+    for pr in (problem, twin):
+        pr.shared[0].requires_grad_(False)
+    before = frozen.detach().clone()
+    state_before = {k: v.clone() for k, v in opt.state[frozen].items()}
+    run_pub(None, problem, 3, start=2, opt=opt)
+    run_pub(None, twin, 3, start=2, opt=ref)
+    assert torch.equal(frozen, before), "a frozen parameter was stepped"
+    for k, v in state_before.items():
+        assert torch.equal(opt.state[frozen][k], v), k
+    for pr in (problem, twin):
+        pr.shared[0].requires_grad_(True)
+    run_pub(None, problem, 2, start=5, opt=opt)
+    run_pub(None, twin, 2, start=5, opt=ref)
+    assert not torch.equal(frozen, before)
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])
+
+
+# ---- gradients ----------------------------------------------------------------------------------
+
+
+def test_aliased_task_specific_gradients_equal_sum_backward_under_accumulation():
+    # w = a + b: autograd hands a and b one gradient tensor; each .grad must own its memory.
+    torch.manual_seed(0)
+    trunk = torch.randn(3, requires_grad=True)
+    a, b, c = (torch.randn(3, requires_grad=True) for _ in range(3))
+    params = [trunk, a, b, c]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+
+    def losses(ps, x):
+        t, a_, b_, c_ = ps
+        w = a_ + b_
+        return [((t * x).sum() * w).sum() ** 2, ((t * x).sum() * c_).sum() ** 2]
+
+    opt = pub_native.Adam(params, shared=[trunk])
+    xs = [torch.randn(3) for _ in range(2)]
+    for x in xs:  # gradient accumulation over two micro-batches
+        opt.backward(losses(params, x))
+    for x in xs:
+        sum(losses(twins, x)).backward()
+    for p, q in zip(params[1:], twins[1:]):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    assert a.grad.data_ptr() != b.grad.data_ptr()
+
+
+def test_nonzero_plain_grad_on_shared_parameter_is_refused_not_dropped():
+    problem = Problem(SHAPES["small"], 2, dtype=F64, seed=3)
+    opt = pub_native.Adam(problem.groups())
+    run_pub(None, problem, 1, opt=opt)
+    opt.zero_grad()
+    (problem.shared[0] ** 2).sum().backward()  # a contribution no task owns
+    with pytest.raises(RuntimeError, match="already has a non-zero .grad"):
+        opt.backward(problem.losses(1))
+    # zero_grad(set_to_none=False) leaves zeros: nothing to attribute, accepted.
+    opt.zero_grad(set_to_none=False)
+    opt.backward(problem.losses(1))
+    opt.step()
+
+
+def test_zero_grad_drops_pending_task_gradients():
+    problem = Problem(SHAPES["small"], 2, dtype=F64, seed=32)
+    opt = pub_native.Adam(problem.groups())
+    opt.backward(problem.losses(0))
+    opt.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in problem.params()]
+    opt.step()  # nothing pending and no .grad: nothing moves
+    assert all(torch.equal(a, b) for a, b in zip(before, problem.params()))
+
+
+def test_repeated_backward_accumulates():
+    problem = Problem(SHAPES["small"], 2, dtype=F64, seed=33)
+    twin = problem.clone()
+    opt = pub_native.Adam(problem.groups())
+    ref = pub_native.Adam(twin.groups(), backend="reference")
+    for o, pr in ((opt, problem), (ref, twin)):
+        o.backward(pr.losses(0))
+        o.backward(pr.losses(1))
+        o.step()
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])
+
+
+# ---- checkpoints and copies -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,options", [("adam", dict(amsgrad=True, update_weights_every=3)),
+                                          ("adagrad", dict(umm="adatask")),
+                                          ("rmsprop", dict(momentum=0.9, umm="clippy",
+                                                           solver="ccp"))])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_checkpoint_continues_bit_for_bit(name, options, dtype):
+    problem = Problem(SHAPES["odd"], 3, dtype=dtype, seed=21)
+    opt = run_pub(NATIVE[name], problem, 4, **options)
+    buf = io.BytesIO()
+    torch.save({"problem": problem, "opt": opt.state_dict()}, buf)
+    run_pub(None, problem, 5, start=4, opt=opt)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    fresh = saved["problem"]
+    opt2 = NATIVE[name](fresh.groups(), **options)
+    opt2.load_state_dict(saved["opt"])
+    run_pub(None, fresh, 5, start=4, opt=opt2)
+    assert_states_equal(opt, problem.params(), opt2, fresh.params())
+    assert torch.equal(opt.task_weights, opt2.task_weights)
+
+
+@pytest.mark.parametrize("how,pending", [
+    ("deepcopy", False), ("pickle", False), ("torch.save", False),
+    # Mid-step (after backward, before step): the pending task gradients travel with the
+    # optimizer. Only deepcopy keeps the task-specific .grad too: torch's pickling of tensors
+    # drops .grad, for any optimizer.
+    ("deepcopy", True),
+])
+def test_copies_continue_bit_for_bit(how, pending):
+    problem = Problem(SHAPES["odd"], 3, dtype=F32, seed=22)
+    opt = run_pub(pub_native.Adam, problem, 3, update_weights_every=2, umm="clippy")
+    if pending:
+        opt.zero_grad()
+        opt.backward(problem.losses(3))
+    bundle = {"problem": problem, "opt": opt}
+    if how == "deepcopy":
+        copied = copy.deepcopy(bundle)
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps(bundle))
+    else:
+        buf = io.BytesIO()
+        torch.save(bundle, buf)
+        buf.seek(0)
+        copied = torch.load(buf, weights_only=False)
+    twin, opt2 = copied["problem"], copied["opt"]
+    start = 3
+    if pending:
+        opt.step()
+        opt2.step()
+        start = 4
+    run_pub(None, problem, 4, start=start, opt=opt)
+    run_pub(None, twin, 4, start=start, opt=opt2)
+    assert_states_equal(opt, problem.params(), opt2, twin.params())
+    assert torch.equal(opt.task_weights, opt2.task_weights)
+
+
+def test_state_dict_uses_torch_names_and_loads_weights_only():
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=22)
+    opt = run_pub(pub_native.Adam, problem, 2)
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert loaded["pub"]["num_tasks"] == 2
+
+
+def test_load_state_dict_mismatch_raises_and_keeps_optimizer():
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=23)
+    opt = run_pub(pub_native.Adam, problem, 2)
+    other = Problem(SHAPES["small"], 3, dtype=F32, seed=23)
+    sd3 = run_pub(pub_native.Adam, other, 1).state_dict()
+    snapshot = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="K = 3"):
+        opt.load_state_dict(sd3)
+    bad = copy.deepcopy(snapshot)
+    bad["state"][0]["exp_avg"] = torch.zeros(7)
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["pub"]["step"] == snapshot["pub"]["step"]
+    for key, st in snapshot["state"].items():
+        for name, value in st.items():
+            assert torch.equal(after["state"][key][name], value)
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_torch_checkpoint_loaded_into_pub_continues_like_torch(name, layout, dtype):
+    # A model trained with torch's optimizer (state in the parameter's dtype and layout, made by
+    # torch's own step), saved, loaded into PUB with K identical tasks: PUB continues as torch.
+    torch.manual_seed(0)
+    shape = (4, 3, 2, 2)
+    w = torch.randn(shape)
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        w = torch.randn(shape[::-1]).permute(3, 2, 1, 0)
+    w = w.to(dtype).requires_grad_()
+    x = torch.randn(shape)
+
+    def loss(p, t):
+        return ((p.float() - x * (1 + t)) ** 2).sum()
+
+    opt = TORCH[name]([w], lr=1e-2)
+    for t in range(3):
+        opt.zero_grad()
+        loss(w, t).backward()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    w_pub = w.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    w_ref = w.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    pub = NATIVE[name]([w_pub], lr=1e-2, shared=[w_pub])
+    pub.load_state_dict(sd)
+    ref = NATIVE[name]([w_ref], lr=1e-2, shared=[w_ref], backend="reference")
+    ref.load_state_dict(sd)
+    for t in range(3, 6):
+        for o, p in ((pub, w_pub), (ref, w_ref)):
+            o.zero_grad()
+            o.backward([loss(p, t) / 2, loss(p, t) / 2])
+            o.step()
+        opt.zero_grad()
+        (loss(w, t) / 2).backward()  # the same per-task gradient: identical tasks, α̂ = 1/2
+        opt.step()
+    tol = TOL[("reference", dtype)]
+    assert_close(w_pub, w_ref, tol, "PUB vs reference")
+    assert_close(w_pub, w, tol if dtype == F32 else 2 ** -5, "PUB vs torch")
+    for key in opt.state[w]:
+        if key != "step":
+            assert pub.state[w_pub][key].dtype == F32
+            assert pub.state[w_pub][key].stride() == w_pub.stride()
+
+
+def test_model_dtype_change_after_first_step_rebuilds_the_plan():
+    problem = Problem(SHAPES["odd"], 2, dtype=F32, seed=24)
+    twin = problem.clone()
+    opt = run_pub(pub_native.Adam, problem, 2)
+    ref = run_pub(pub_native.Adam, twin, 2, backend="reference")
+    for pr in (problem, twin):
+        with torch.no_grad():
+            for p in pr.params():
+                p.data = p.data.to(BF16)  # what model.bfloat16() does
+        pr.a = [[t.to(BF16) for t in row] for row in pr.a]
+    run_pub(None, problem, 3, start=2, opt=opt)
+    run_pub(None, twin, 3, start=2, opt=ref)
+    for p in problem.params():
+        assert p.dtype == BF16 and opt.state[p]["exp_avg"].dtype == F32
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", BF16)])
+
+
+def test_dtype_change_between_backward_and_step_is_a_clear_error():
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=25)
+    opt = run_pub(pub_native.Adam, problem, 1)
+    opt.zero_grad()
+    opt.backward(problem.losses(1))
+    problem.shared[0].data = problem.shared[0].data.double()
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\].*changed"):
+        opt.step()
+
+
+# ---- torch.optim behaviour ------------------------------------------------------------------------
+
+
+def test_step_hooks_fire_once_even_beside_torch_optimizers():
+    p = torch.randn(3, requires_grad=True)
+    torch.optim.Adam([torch.randn(2, requires_grad=True)]).step()  # patches torch's Adam.step
+    opt = pub_native.Adam([p], shared=[p])
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    opt.backward([(p * p).sum(), p.sum()])
+    opt.step()
+    (p * p).sum().backward()
+    opt.step()
+    assert calls == ["pre", "post", "pre", "post"]
+
+
+def test_torch_spellings_are_exported():
+    assert pub_native.Adagrad is pub_native.AdaGrad
+    assert pub_native.RMSprop is pub_native.RMSProp
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("sched", ["step", "onecycle", "plateau"])
+def test_lr_schedulers_drive_pub_like_torch(name, sched):
+    if sched == "onecycle" and name == "adagrad":
+        pytest.skip("Adagrad has no momentum or betas for OneCycleLR's cycle_momentum")
+    extra = dict(momentum=0.9) if name == "rmsprop" else {}
+    problem = Problem(SHAPES["small"], 1, dtype=F64, seed=31, identical=True)
+    twin = problem.clone()
+    opt = NATIVE[name](problem.groups(), shared=problem.shared, **extra)
+    ref = TORCH[name](twin.groups(), **extra)
+
+    def make(o):
+        if sched == "step":
+            return torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
+        if sched == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=10,
+                                                       cycle_momentum=True)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5)
+
+    s1, s2 = make(opt), make(ref)
+    for t in range(8):
+        opt.zero_grad()
+        opt.backward(problem.losses(t))
+        opt.step()
+        ref.zero_grad()
+        twin.losses(t)[0].backward()
+        ref.step()
+        for s in (s1, s2):
+            s.step(1.0) if sched == "plateau" else s.step()
+    for g1, g2 in zip(opt.param_groups, ref.param_groups):
+        assert g1["lr"] == g2["lr"]
+    for pa, pb in zip(problem.params(), twin.params()):
+        assert_close(pa, pb, TOL[("torch", F64)])
+
+
+def test_repr_lists_pub_options_and_groups():
+    p = torch.zeros(2, requires_grad=True)
+    opt = pub_native.Adam([p], lr=0.5, umm="clippy", clippy_preset="tfrs", solver="ccp")
+    text = repr(opt)
+    assert text.splitlines()[:2] == [
+        "Adam (",
+        "PUB: num_tasks=None, solver='ccp', update_weights_every=1, weight_norm='sum', "
+        "ridge=1e-08, umm='clippy', clippy_lambda_rel=0.1, clippy_lambda_abs=1e-07",
+    ]
+    assert "    lr: 0.5" in text and text.endswith(")")

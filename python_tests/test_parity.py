@@ -1,0 +1,238 @@
+"""The PUB step against independent references, parametrized over the backends that can run here.
+
+- K = 1 and K identical tasks: equal to torch.optim for every option combination (7 steps,
+  parameters and every state entry), on the native backends and on the reference backend.
+- Native (CPU, CUDA) == the float64 plain-PyTorch reference backend for K ∈ {2, 3, 8} over 10
+  steps: float32/float64/16-bit, odd sizes, 100+ tensors, several param groups, every UMM, both
+  solvers, weights reused, unnormalized weights.
+- One step by hand: G = UᵀU of Adam's first-step updates, α from Gα = 1/α, θ ← θ − Σ α̂_i u_i.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BF16, F16, F32, F64, TOL, backends
+from helpers import (NATIVE, SHAPES, TORCH, Problem, assert_close, assert_states_close,
+                     run_pub)
+
+import pub_native
+
+DEVICES = [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d for d in backends()]
+
+OPTION_SETS = {
+    "adam": [dict(), dict(weight_decay=0.1), dict(amsgrad=True), dict(maximize=True),
+             dict(weight_decay=0.1, decoupled_weight_decay=True),
+             dict(amsgrad=True, weight_decay=0.05, maximize=True, betas=(0.8, 0.99))],
+    "adagrad": [dict(), dict(lr_decay=0.1), dict(initial_accumulator_value=0.3),
+                dict(weight_decay=0.1, maximize=True), dict(eps=1e-6, lr_decay=0.05)],
+    "rmsprop": [dict(), dict(momentum=0.9), dict(centered=True),
+                dict(momentum=0.5, centered=True, weight_decay=0.01),
+                dict(maximize=True, alpha=0.9)],
+}
+
+
+def _ids(v):
+    if isinstance(v, str):
+        return v
+    return ",".join(f"{a}={b}" for a, b in v.items()) or "default"
+
+
+def torch_vs_pub(name, options, k, dtype, umm=None, every=1, steps=7, backend="native",
+                 device="cpu"):
+    problem = Problem(SHAPES["odd"], 1, dtype=dtype, seed=3, identical=True, device=device)
+    twin = problem.clone()
+    ref = TORCH[name](twin.groups(), **options)
+    for t in range(steps):
+        ref.zero_grad()
+        twin.losses(t)[0].backward()
+        ref.step()
+    problem.k = k
+    problem.heads = problem.heads[:1]
+    opt = NATIVE[name](problem.groups(), **options, shared=problem.shared, umm=umm,
+                       update_weights_every=every, backend=backend)
+    run_pub(None, problem, steps, opt=opt)
+    tol = TOL[("torch", dtype, "centered")] if options.get("centered") and dtype == F32 \
+        else TOL[("torch", dtype)]
+    for j, (pa, pb) in enumerate(zip(problem.params(), twin.params())):
+        assert_close(pa, pb, tol, f"param {j}")
+        for key, value in ref.state[pb].items():
+            mine = opt.state[pa]
+            if umm == "adatask" and j < len(problem.shared) and key != "step":
+                # One task: the single per-task state is torch's state.
+                assert_close(mine["task_" + key].reshape(value.shape), value, tol, key)
+            else:
+                assert_close(mine[key], value, tol, f"param {j} state {key!r}")
+    return opt
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("name,options",
+                         [(n, o) for n, sets in OPTION_SETS.items() for o in sets], ids=_ids)
+def test_one_or_identical_tasks_equal_torch(name, options, k, dtype, backend):
+    opt = torch_vs_pub(name, options, k, dtype, backend=backend)
+    assert torch.allclose(opt.task_weights, torch.full((k,), 1.0 / k, dtype=F64), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("umm,every", [(None, 3), ("adatask", 1), ("clippy", 1)])
+def test_one_task_with_umm_or_reuse_equals_torch(name, umm, every):
+    # One task: AdaTask's per-task state is the state, α̂ = 1, and Clippy with huge thresholds
+    # never clips, so each is the base optimizer.
+    kw = dict(clippy_lambda_rel=1e6, clippy_lambda_abs=1e6) if umm == "clippy" else {}
+    problem = Problem(SHAPES["small"], 1, dtype=F64, seed=4, identical=True)
+    twin = problem.clone()
+    ref = TORCH[name](twin.groups())
+    opt = NATIVE[name](problem.groups(), shared=problem.shared, umm=umm,
+                       update_weights_every=every, **kw)
+    for t in range(7):
+        ref.zero_grad()
+        twin.losses(t)[0].backward()
+        ref.step()
+        opt.zero_grad()
+        opt.backward(problem.losses(t))
+        opt.step()
+    for pa, pb in zip(problem.params(), twin.params()):
+        assert_close(pa, pb, TOL[("torch", F64)])
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_plain_backward_step_is_the_base_optimizer(name):
+    # step() after loss.backward(), before and after PUB steps, is torch's step (K = 1) on every
+    # parameter, shared ones included.
+    problem = Problem(SHAPES["small"], 2, dtype=F64, seed=5)
+    twin = problem.clone()
+    opt = NATIVE[name](problem.groups(), weight_decay=0.01)
+    ref = NATIVE[name](twin.groups(), weight_decay=0.01, backend="reference")
+    for t in range(6):
+        for o, pr in ((opt, problem), (ref, twin)):
+            o.zero_grad()
+            if t % 2:
+                sum(pr.losses(t)).backward()
+            else:
+                o.backward(pr.losses(t))
+            o.step()
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])
+    # ... and equal to torch's optimizer on a plain-only run.
+    p1 = Problem(SHAPES["small"], 2, dtype=F64, seed=6)
+    p2 = p1.clone()
+    mine, theirs = NATIVE[name](p1.groups()), TORCH[name](p2.groups())
+    for t in range(5):
+        for o, pr in ((mine, p1), (theirs, p2)):
+            o.zero_grad()
+            sum(pr.losses(t)).backward()
+            o.step()
+    assert_states_close(mine, p1.params(), theirs, p2.params(), TOL[("torch", F64)])
+
+
+CASES = [
+    # name, shapes, K, dtype, options
+    ("adam", "odd", 2, F64, dict()),
+    ("adam", "odd", 3, F32, dict(weight_decay=0.01, amsgrad=True)),
+    ("adam", "many", 8, F32, dict(decoupled_weight_decay=True, weight_decay=0.1)),
+    ("adam", "many", 3, F64, dict(solver="ccp", update_weights_every=3)),
+    ("adam", "odd", 3, F64, dict(umm="clippy")),
+    ("adam", "odd", 2, F32, dict(umm="clippy", clippy_preset="tfrs")),
+    ("adam", "many", 3, F32, dict(umm="adatask", amsgrad=True)),
+    ("adam", "odd", 8, F64, dict(umm="adatask", update_weights_every=4)),
+    ("adam", "odd", 3, F64, dict(weight_norm="none", maximize=True)),
+    ("adagrad", "odd", 2, F64, dict(lr_decay=0.1, weight_decay=0.01)),
+    ("adagrad", "many", 8, F32, dict(initial_accumulator_value=0.1, solver="ccp")),
+    ("adagrad", "odd", 3, F64, dict(umm="clippy", clippy_lambda_rel=0.05)),
+    ("adagrad", "odd", 3, F32, dict(umm="adatask", update_weights_every=2)),
+    ("rmsprop", "odd", 2, F64, dict(momentum=0.9, centered=True)),
+    ("rmsprop", "many", 3, F32, dict(centered=True, weight_decay=0.01)),
+    ("rmsprop", "odd", 8, F32, dict(momentum=0.5, umm="clippy")),
+    ("rmsprop", "odd", 3, F64, dict(momentum=0.9, umm="adatask", solver="ccp")),
+    ("rmsprop", "many", 2, F64, dict(update_weights_every=5)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "name,shapes,k,dtype,options", CASES,
+    ids=[f"{c[0]}-{c[1]}-K{c[2]}-{str(c[3])[6:]}-" + _ids(c[4]) for c in CASES],
+)
+def test_native_equals_reference(name, shapes, k, dtype, options, device):
+    if device == "cuda" and dtype == F64:
+        pytest.skip("the CUDA step takes float32 and 16-bit parameters")
+    problem = Problem(SHAPES[shapes], k, dtype=dtype, seed=11, device=device)
+    twin = problem.clone(device="cpu")
+    opt = run_pub(NATIVE[name], problem, 10, **options)
+    ref = run_pub(NATIVE[name], twin, 10, backend="reference", **options)
+    tol = TOL[(device if device == "cuda" else "reference", dtype)]
+    assert_close(opt.task_weights, ref.task_weights, tol, "task weights")
+    assert_states_close(opt, problem.params(), ref, twin.params(), tol)
+    assert [id(p) for p in opt.shared_parameters] == [id(p) for p in problem.shared]
+    assert opt.stats["status"] == pub_native.SolveStatus.CONVERGED
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name,options", [("adam", {}), ("rmsprop", dict(momentum=0.9)),
+                                          ("adagrad", dict(umm="adatask")),
+                                          ("adagrad", {})])
+def test_16bit_parameters_have_float32_state(name, options, dtype, device):
+    problem = Problem(SHAPES["odd"], 3, dtype=dtype, seed=12, device=device)
+    twin = problem.clone(device="cpu")
+    opt = run_pub(NATIVE[name], problem, 5, lr=1e-3, **options)
+    ref = run_pub(NATIVE[name], twin, 5, lr=1e-3, backend="reference", **options)
+    for p in problem.params():  # shared and task-specific alike
+        for key, value in opt.state[p].items():
+            assert value.dtype == F32, key
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", dtype)])
+
+
+def test_gram_and_weights_match_definition():
+    # One step by hand: u_i from Adam's first step, G = UᵀU, α solves Gα = 1/α, θ ← θ − Σα̂u.
+    problem = Problem(SHAPES["small"], 3, dtype=F64, seed=13)
+    before = [p.detach().clone() for p in problem.shared]
+    opt = pub_native.Adam(problem.groups(lrs=(1e-2, 1e-2, 1e-2)), eps=1e-8)
+    opt.zero_grad()
+    losses = problem.losses(0)
+    grads = [torch.autograd.grad(loss, problem.shared, retain_graph=True) for loss in losses]
+    opt.backward(losses)
+    opt.step()
+    # Adam step 1 from zero state: m̂ = g, v̂ = g², so u = lr · g / (|g| + ε) elementwise.
+    U = torch.stack([torch.cat([(1e-2 * g / (g.abs() + 1e-8)).reshape(-1) for g in gs])
+                     for gs in grads])
+    G = U @ U.T
+    alpha = torch.as_tensor(pub_native.solve_weights(G.numpy()).weights)
+    assert_close(opt.task_weights, alpha / alpha.sum(), 1e-10, "α̂")
+    ridged = G + 1e-8 * torch.diag(torch.diag(G))  # the default ridge ρ·diag(G)
+    res = ridged @ alpha - 1 / alpha
+    assert res.norm() / (1 / alpha).norm() < 1e-10
+    step = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, problem.shared)])
+    assert_close(step, U.T @ opt.task_weights, 1e-10, "applied update")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_identical_tasks_with_weights_unnormalized_scale_the_step(device):
+    # weight_norm="none": K identical tasks give α = 1/sqrt(K)·1/‖u‖, so the applied step is
+    # √K·u/‖u‖ (the paper's literal formula), checked against the reference backend.
+    problem = Problem(SHAPES["small"], 3, dtype=F32, seed=14, identical=True, device=device)
+    twin = problem.clone(device="cpu")
+    opt = run_pub(pub_native.Adam, problem, 3, weight_norm="none")
+    ref = run_pub(pub_native.Adam, twin, 3, weight_norm="none", backend="reference")
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F32)])
+
+
+def test_turning_on_weight_decay_mid_run_matches_reference():
+    # The kernel configuration (whether the Gram pass reads θ for L2 decay) follows a param
+    # group's options when they change between steps.
+    problem = Problem(SHAPES["odd"], 2, dtype=F64, seed=44)
+    twin = problem.clone()
+    opt = pub_native.Adam(problem.groups())
+    ref = pub_native.Adam(twin.groups(), backend="reference")
+    for t in range(6):
+        if t == 3:
+            for o in (opt, ref):
+                for g in o.param_groups:
+                    g["weight_decay"] = 0.5
+        for o, pr in ((opt, problem), (ref, twin)):
+            o.zero_grad()
+            o.backward(pr.losses(t))
+            o.step()
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])
