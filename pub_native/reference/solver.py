@@ -22,8 +22,10 @@ def nash_weights(G, ridge: float = 1e-8, *, max_iter: int = 100):
     k = G.shape[0]
     diag = np.diag(G).copy()
     alpha = np.zeros(k)
-    if not np.isfinite(G).all() or diag.max(initial=0.0) <= 0.0:
+    if not np.isfinite(G).all():
         return alpha, False
+    if diag.max(initial=0.0) <= 0.0:
+        return alpha, True  # every update is zero: every weight is 0
     norms = np.sqrt(np.maximum(diag, 0.0))
     active = np.flatnonzero(norms > 1e-12 * norms.max())
     s = norms[active]
