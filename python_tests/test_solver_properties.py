@@ -81,23 +81,29 @@ def test_scale_invariance(method, c):
         assert rel_err(b * np.sqrt(c), a) <= TOL["property_f64"]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("K", KS)
-def test_per_task_scale_equivariance(method, K):
+def test_per_task_scale_equivariance(method, K, device):
     # SPEC section 4: scaling task i's update by s_i scales α_i by exactly 1/s_i (G → SGS,
-    # α → S⁻¹α), ridge included, over scales 1e-4 ... 1e4.
+    # α → S⁻¹α), ridge included, over scales 1e-4 ... 1e4; on the CPU solver and the CUDA warp
+    # solver alike.
+    def solve(G):
+        if device == "cpu":
+            return solve_weights(G, method=method, max_iter=200)
+        r = solve_weights(torch.tensor(G, device="cuda"), method=method, max_iter=200)
+        return type(r)(r.weights.cpu().numpy(), SolveStatus(int(r.status)), r.iterations,
+                       r.residual)
+
     rng = np.random.default_rng(100 + K)
     G = random_gram(rng, K)
-    base = solve_weights(G, method=method, max_iter=200)
-    for _ in range(3):
-        s = 10.0 ** rng.uniform(-4, 4, K)
-        r = solve_weights(s[:, None] * G * s[None, :], method=method, max_iter=200)
+    base = solve(G)
+    scales = [10.0 ** rng.uniform(-4, 4, K) for _ in range(3)]
+    scales.append(np.where(np.arange(K) % 2 == 0, 1e-4, 1e4))  # the corners of the range
+    for s in scales:
+        r = solve(s[:, None] * G * s[None, :])
         assert r.status == SolveStatus.CONVERGED
         assert rel_err(r.weights * s, base.weights) <= TOL["equivariance"]
-    # The extreme corners of the range.
-    s = np.where(np.arange(K) % 2 == 0, 1e-4, 1e4)
-    r = solve_weights(s[:, None] * G * s[None, :], method=method, max_iter=200)
-    assert rel_err(r.weights * s, base.weights) <= TOL["equivariance"]
 
 
 @pytest.mark.parametrize("method", METHODS)

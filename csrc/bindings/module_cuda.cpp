@@ -1,6 +1,7 @@
 // pybind11 module pub_native._C_cuda (built when a CUDA compiler is found): device entry points
 // taking raw device pointers and a stream handle from Python, so nothing here links libtorch.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
@@ -45,42 +46,71 @@ void solve_weights_py(uintptr_t G, uintptr_t warm, uintptr_t alpha, uintptr_t st
   }
 }
 
-cuda::StepBuffers make_buffers(uintptr_t table, int64_t n_tensors, uintptr_t items,
-                               int64_t n_items, uintptr_t hyper, uintptr_t grads,
-                               uintptr_t partial, uintptr_t G, uintptr_t sigma, uintptr_t alpha,
-                               uintptr_t weights, uintptr_t status, uintptr_t iterations,
-                               uintptr_t residual, uintptr_t skip, uintptr_t workspace) {
+cuda::DeviceSegment make_segment(const StepConfig& cfg, uintptr_t table, int64_t n_tensors,
+                                 uintptr_t items, int64_t n_items, uintptr_t partial,
+                                 uintptr_t sigma, uintptr_t gscale, uintptr_t bad) {
   if (n_tensors < 0 || n_items < 0) throw py::value_error("negative sizes");
-  cuda::StepBuffers b;
-  b.table = ptr<const int64_t>(table);
-  b.n_tensors = n_tensors;
-  b.items = ptr<const int64_t>(items);
-  b.n_items = n_items;
-  b.hyper = ptr<double>(hyper);
-  b.grads = ptr<const void>(grads);
-  b.partial = ptr<double>(partial);
-  b.G = ptr<double>(G);
-  b.sigma = ptr<double>(sigma);
-  b.alpha = ptr<double>(alpha);
-  b.weights = ptr<double>(weights);
-  b.status = ptr<int32_t>(status);
-  b.iterations = ptr<int32_t>(iterations);
-  b.residual = ptr<double>(residual);
-  b.skip = ptr<int32_t>(skip);
-  b.workspace = ptr<double>(workspace);
-  return b;
+  if (cfg.dtype == kFloat64)
+    throw py::type_error("CUDA PUB step: parameters must be float32, bfloat16 or float16");
+  if (cfg.num_tasks > kCudaMaxTasks)
+    throw py::value_error("CUDA PUB step: at most " + std::to_string(kCudaMaxTasks) + " tasks");
+  if ((n_tensors > 0 && (table == 0 || gscale == 0 || bad == 0)) ||
+      (n_items > 0 && (items == 0 || partial == 0 || sigma == 0)))
+    throw py::value_error("CUDA PUB step: a segment buffer is missing");
+  cuda::DeviceSegment s;
+  s.cfg = cfg;
+  s.table = ptr<const int64_t>(table);
+  s.n_tensors = n_tensors;
+  s.items = ptr<const int64_t>(items);
+  s.n_items = n_items;
+  s.partial = ptr<double>(partial);
+  s.sigma = ptr<double>(sigma);
+  s.gscale = ptr<double>(gscale);
+  s.bad = ptr<int32_t>(bad);
+  return s;
+}
+
+cuda::DeviceStep make_step(int64_t num_tasks, uintptr_t base, uintptr_t G, uintptr_t alpha,
+                           uintptr_t weights, uintptr_t flags, uintptr_t residual,
+                           uintptr_t workspace, uintptr_t grad_scale, uintptr_t task_scale,
+                           uintptr_t found_inf) {
+  if (num_tasks < 1 || num_tasks > kCudaMaxTasks)
+    throw py::value_error("CUDA PUB step: num_tasks must be in [1, " +
+                          std::to_string(kCudaMaxTasks) + "]");
+  if (!base || !G || !alpha || !weights || !flags || !residual || !workspace)
+    throw py::value_error("CUDA PUB step: a step buffer is missing");
+  cuda::DeviceStep d;
+  d.num_tasks = num_tasks;
+  d.base = ptr<const double>(base);
+  d.G = ptr<double>(G);
+  d.alpha = ptr<double>(alpha);
+  d.weights = ptr<double>(weights);
+  d.flags = ptr<int32_t>(flags);
+  d.residual = ptr<double>(residual);
+  d.workspace = ptr<double>(workspace);
+  d.grad_scale = ptr<const float>(grad_scale);
+  d.task_scale = ptr<const double>(task_scale);
+  d.found_inf = ptr<float>(found_inf);
+  return d;
 }
 
 StepConfig make_config(int32_t algo, bool amsgrad, bool centered, bool momentum, int32_t umm,
-                       int32_t dtype, int64_t num_tasks, int64_t row_length, double grad_sign,
-                       double clippy_rel, double clippy_abs, bool has_l2) {
-  if (dtype == kFloat64)
-    throw py::type_error("CUDA PUB step: parameters must be float32, bfloat16 or float16");
-  return make_step_config(algo, amsgrad, centered, momentum, umm, dtype, num_tasks, row_length,
-                          grad_sign, clippy_rel, clippy_abs, has_l2);
+                       int32_t dtype, int32_t kind, int64_t num_tasks, int64_t grad_task_stride,
+                       double grad_sign, double clippy_rel, double clippy_abs, bool has_l2) {
+  return make_step_config(algo, amsgrad, centered, momentum, umm, dtype, kind, num_tasks,
+                          grad_task_stride, grad_sign, clippy_rel, clippy_abs, has_l2);
 }
 
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+SolveOptions solve_options(int32_t method, double ridge, double tol, int32_t max_iter) {
+  SolveOptions o;
+  o.method = method;
+  o.ridge = ridge;
+  o.tol = tol;
+  o.max_iter = max_iter;
+  return o;
+}
 
 }  // namespace
 
@@ -103,40 +133,36 @@ PYBIND11_MODULE(_C_cuda, m) {
   // ---- PUB step (asynchronous on the given stream; nothing waits for the device) ----
   // module_local: _C registers the same C++ StepConfig for the CPU path.
   py::class_<StepConfig>(m, "StepConfig", py::module_local());
-  py::class_<cuda::StepBuffers>(m, "StepBuffers", py::module_local());
-  m.attr("MAX_TASKS") = 32;
-  m.attr("BASE_COLS") = cuda::kBaseCols;
+  py::class_<cuda::DeviceSegment>(m, "DeviceSegment", py::module_local());
+  py::class_<cuda::DeviceStep>(m, "DeviceStep", py::module_local());
   m.def("make_config", &make_config, py::arg("algo"), py::arg("amsgrad"), py::arg("centered"),
-        py::arg("momentum"), py::arg("umm"), py::arg("dtype"), py::arg("num_tasks"),
-        py::arg("row_length"), py::arg("grad_sign"), py::arg("clippy_rel"),
-        py::arg("clippy_abs"), py::arg("has_l2"));
-  m.def("make_buffers", &make_buffers, py::arg("table"), py::arg("n_tensors"), py::arg("items"),
-        py::arg("n_items"), py::arg("hyper"), py::arg("grads"), py::arg("partial"), py::arg("G"),
-        py::arg("sigma"), py::arg("alpha"), py::arg("weights"), py::arg("status"),
-        py::arg("iterations"), py::arg("residual"), py::arg("skip"), py::arg("workspace"));
-  m.def("pub_hyper", [](int32_t algo, uintptr_t step_ptrs, uintptr_t base, int64_t n_rows,
-                        uintptr_t hyper, uintptr_t stream) {
-    cuda::pub_hyper(algo, ptr<const int64_t>(step_ptrs), ptr<const double>(base), n_rows,
-                    ptr<double>(hyper), stream_of(stream));
-  });
-  m.def("pub_gram", [](const StepConfig& c, const cuda::StepBuffers& b, uintptr_t stream) {
-    cuda::pub_gram(c, b, stream_of(stream));
-  });
-  m.def("pub_solve", [](const StepConfig& c, int32_t method, double ridge, double tol,
-                        int32_t max_iter, bool normalize_sum, const cuda::StepBuffers& b,
-                        uintptr_t stream) {
-    SolveOptions o;
-    o.method = method;
-    o.ridge = ridge;
-    o.tol = tol;
-    o.max_iter = max_iter;
-    cuda::pub_solve(c, o, normalize_sum, b, stream_of(stream));
-  });
-  m.def("pub_check_rows", [](const StepConfig& c, const cuda::StepBuffers& b, uintptr_t stream) {
-    cuda::pub_check_rows(c, b, stream_of(stream));
-  });
-  m.def("pub_apply", [](const StepConfig& c, const cuda::StepBuffers& b, uintptr_t step_ptrs,
-                        uintptr_t stream) {
-    cuda::pub_apply(c, b, ptr<const int64_t>(step_ptrs), stream_of(stream));
-  });
+        py::arg("momentum"), py::arg("umm"), py::arg("dtype"), py::arg("kind"),
+        py::arg("num_tasks"), py::arg("grad_task_stride"), py::arg("grad_sign"),
+        py::arg("clippy_rel"), py::arg("clippy_abs"), py::arg("has_l2"));
+  m.def("make_segment", &make_segment, py::arg("config"), py::arg("table"), py::arg("n_tensors"),
+        py::arg("items"), py::arg("n_items"), py::arg("partial"), py::arg("sigma"),
+        py::arg("gscale"), py::arg("bad"));
+  m.def("make_step", &make_step, py::arg("num_tasks"), py::arg("base"), py::arg("G"),
+        py::arg("alpha"), py::arg("weights"), py::arg("flags"), py::arg("residual"),
+        py::arg("workspace"), py::arg("grad_scale"), py::arg("task_scale"),
+        py::arg("found_inf"));
+  m.def("gram", [](const std::vector<cuda::DeviceSegment>& segs, const cuda::DeviceStep& d,
+                   bool solve, uintptr_t stream) { cuda::gram(segs, d, solve, stream_of(stream)); },
+        py::arg("segments"), py::arg("step"), py::arg("solve"), py::arg("stream"));
+  m.def("finish",
+        [](const std::vector<cuda::DeviceSegment>& segs, const cuda::DeviceStep& d, bool solve,
+           int32_t method, double ridge, double tol, int32_t max_iter, bool normalize_sum,
+           uintptr_t stream) {
+          cuda::finish(segs, d, solve, solve_options(method, ridge, tol, max_iter),
+                       normalize_sum, stream_of(stream));
+        },
+        py::arg("segments"), py::arg("step"), py::arg("solve"), py::arg("method"),
+        py::arg("ridge"), py::arg("tol"), py::arg("max_iter"), py::arg("normalize_sum"),
+        py::arg("stream"));
+  m.attr("FLAG_HAS_WEIGHTS") = static_cast<int>(cuda::kFlagHasWeights);
+  m.attr("FLAG_HAS_ALPHA") = static_cast<int>(cuda::kFlagHasAlpha);
+  m.attr("FLAG_OUTCOME") = static_cast<int>(cuda::kFlagOutcome);
+  m.attr("FLAG_STATUS") = static_cast<int>(cuda::kFlagStatus);
+  m.attr("FLAG_ITERATIONS") = static_cast<int>(cuda::kFlagIterations);
+  m.attr("FLAG_COUNT") = static_cast<int>(cuda::kFlagCount);
 }

@@ -5,8 +5,6 @@
 
 namespace pub_native::cuda::detail {
 
-void run_adagrad(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream) {
-  run_family<AdaGradFamily>(cfg, b, gram, stream);
-}
+void run_adagrad(const LaunchArgs& a, Pass pass) { run_family<AdaGradFamily>(a, pass); }
 
 }  // namespace pub_native::cuda::detail

@@ -5,8 +5,6 @@
 
 namespace pub_native::cuda::detail {
 
-void run_adam(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream) {
-  run_family<AdamFamily>(cfg, b, gram, stream);
-}
+void run_adam(const LaunchArgs& a, Pass pass) { run_family<AdamFamily>(a, pass); }
 
 }  // namespace pub_native::cuda::detail

@@ -1,6 +1,7 @@
-// CUDA layer of the PUB step: entry points, the hyper-parameter, solve, finiteness and step
-// counter kernels, and dispatch to the per-optimizer translation units. Nothing here waits for
-// the device.
+// CUDA backend of the PUB step: the two phases (gram, finish), the small kernels around the
+// per-optimizer passes (gradient multipliers, Gram reduction, finiteness, the decision and
+// weight solve, step counters) and dispatch to the per-optimizer translation units. Nothing here
+// waits for the device.
 #include "pub_step_cuda_impl.cuh"
 
 namespace pub_native::cuda {
@@ -8,167 +9,164 @@ namespace {
 
 using detail::check;
 using detail::kThreads;
-
-// Bias corrections from the device step counters (capturable: nothing comes from the host).
-__global__ void hyper_kernel(int32_t algo, const int64_t* step_ptrs, const double* base,
-                             int64_t n_rows, double* hyper) {
-  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r >= n_rows) return;
-  const double t = static_cast<double>(*reinterpret_cast<const float*>(step_ptrs[r])) + 1.0;
-  const double* c = base + r * kBaseCols;
-  const double lr = c[0], b1 = c[1], b2 = c[2], eps = c[3], wd = c[4];
-  const bool decoupled = c[5] != 0.0;
-  double* h = hyper + r * kHyperCols;
-  for (int k = 0; k < kHyperCols; ++k) h[k] = 0.0;
-  h[kHEps] = eps;
-  h[kHDecay] = 1.0;
-  if (algo == static_cast<int32_t>(Algorithm::kAdam)) {
-    h[kHStepSize] = lr / (1.0 - pow(b1, t));
-    h[kHBeta1] = b1;
-    h[kHBeta2] = b2;
-    h[kHWeightDecay] = decoupled ? 0.0 : wd;
-    h[kHDecay] = decoupled ? 1.0 - lr * wd : 1.0;
-    h[kHBc2Sqrt] = 1.0 / sqrt(1.0 - pow(b2, t));
-    h[kHOneMinusBeta1] = 1.0 - b1;
-    h[kHOneMinusBeta2] = 1.0 - b2;
-  } else if (algo == static_cast<int32_t>(Algorithm::kAdaGrad)) {
-    h[kHStepSize] = lr / (1.0 + (t - 1.0) * c[6]);
-    h[kHWeightDecay] = wd;
-  } else {
-    h[kHStepSize] = lr;
-    h[kHBeta1] = b1;  // momentum
-    h[kHBeta2] = b2;  // α
-    h[kHWeightDecay] = wd;
-    h[kHOneMinusBeta2] = 1.0 - b2;
-  }
-}
-
-// One warp: α from the Gram matrix, warm-started from the previous α, then α̂.
-__global__ void solve_kernel(int K, SolveOptions options, bool normalize_sum, const double* G,
-                             double* alpha, double* weights, int32_t* status,
-                             int32_t* iterations, double* residual, int32_t* skip,
-                             double* ws) {
-  const WarpTeam team;
-  double* fresh = ws + solver_workspace_size(K);
-  const SolveOutcome out = solve_weights(team, G, alpha, fresh, K, options, ws);
-  team.sync();
-  if (team.rank() == 0) {
-    *status = out.status;
-    *iterations = out.iterations;
-    *residual = out.residual;
-    if (out.status == kInvalidInput) *skip = 1;
-  }
-  if (out.status == kInvalidInput) return;  // uniform over the warp
-  double total = 0.0;
-  for (int i = 0; i < K; ++i) total += fresh[i];
-  const bool usable = total > 0.0 && pn_isfinite(total);
-  for (int i = team.rank(); i < K; i += 32) {
-    if (usable) {
-      alpha[i] = fresh[i];
-      weights[i] = normalize_sum ? fresh[i] / total : fresh[i];
-    } else {
-      weights[i] = 1.0 / K;  // every update is zero: uniform weights, as on the CPU
-    }
-  }
-}
-
-template <class Tp>
-__global__ void check_rows_kernel(const Tp* grads, int64_t n, int32_t* skip) {
-  using T = typename MathType<Tp>::type;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  bool bad = false;
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
-       j += stride) {
-    const T x = to_math<T>(grads[j]);
-    bad |= !pn_isfinite_t(x);
-  }
-  if (__syncthreads_or(bad) && threadIdx.x == 0) *skip = 1;
-}
-
-__global__ void steps_kernel(const int64_t* step_ptrs, int64_t n, const int32_t* skip) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n || *skip) return;
-  *reinterpret_cast<float*>(step_ptrs[i]) += 1.0f;
-}
+using detail::LaunchArgs;
+using detail::Pass;
 
 unsigned blocks_for(int64_t n, int64_t per_block, int64_t cap) {
   int64_t b = (n + per_block - 1) / per_block;
   if (b < 1) b = 1;
-  return static_cast<unsigned>(b < cap ? b : cap);
+  if (b > cap) b = cap;
+  return static_cast<unsigned>(b);
 }
 
-void run(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream) {
-  switch (cfg.algo) {
-    case Algorithm::kAdam: return detail::run_adam(cfg, b, gram, stream);
-    case Algorithm::kAdaGrad: return detail::run_adagrad(cfg, b, gram, stream);
-    case Algorithm::kRMSProp: return detail::run_rmsprop(cfg, b, gram, stream);
+void run(const LaunchArgs& a, Pass pass) {
+  switch (a.seg.cfg.algo) {
+    case Algorithm::kAdam: return detail::run_adam(a, pass);
+    case Algorithm::kAdaGrad: return detail::run_adagrad(a, pass);
+    case Algorithm::kRMSProp: return detail::run_rmsprop(a, pass);
   }
 }
 
-void check_config(const StepConfig& cfg) {
-  if (cfg.num_tasks < 1 || cfg.num_tasks > detail::kMaxTasks)
-    throw std::invalid_argument("pub_native CUDA: the number of tasks must be in 1.." +
-                                std::to_string(detail::kMaxTasks));
+// gscale[t·K + i] = (1 / grad_scale) · task_scale[i] (the unscaling of the task gradients).
+__global__ void gscale_kernel(int64_t n_tensors, int K, bool shared, const float* grad_scale,
+                              const double* task_scale, double* gscale) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= n_tensors * K) return;
+  double s = grad_scale ? 1.0 / static_cast<double>(*grad_scale) : 1.0;
+  if (shared && task_scale) s *= task_scale[e % K];
+  gscale[e] = s;
 }
 
-}  // namespace
-
-void pub_hyper(int32_t algo, const int64_t* step_ptrs, const double* base, int64_t n_rows,
-               double* hyper, cudaStream_t stream) {
-  if (n_rows == 0) return;
-  hyper_kernel<<<blocks_for(n_rows, 128, 1 << 20), 128, 0, stream>>>(algo, step_ptrs, base,
-                                                                      n_rows, hyper);
-  check(cudaGetLastError(), "hyper kernel launch");
+// One thread per Gram entry (i ≥ k): the segment's items in order, per tensor (Clippy scales
+// each tensor's block by σ_i σ_k); the total is added to G (segments accumulate).
+template <bool kClippy>
+__global__ void gram_reduce_kernel(int K, const int64_t* items, int64_t n_items,
+                                   const double* partial, double* G, double* sigma) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= K * K) return;
+  const int i = e / K, k = e % K;
+  if (k > i) return;
+  const double* mins = partial + n_items * K * K;
+  double total = 0.0;
+  int64_t it = 0;
+  while (it < n_items) {
+    const int64_t tensor = items[3 * it];
+    double block = 0.0, mi = INFINITY, mk = INFINITY;
+    for (; it < n_items && items[3 * it] == tensor; ++it) {
+      block += partial[it * K * K + i * K + k];
+      if constexpr (kClippy) {
+        mi = pn_min(mi, mins[it * K + i]);
+        mk = pn_min(mk, mins[it * K + k]);
+      }
+    }
+    if constexpr (kClippy) {
+      // σ = min(1, min ratio); a NaN ratio stays NaN so the Gram stays non-finite.
+      const double si = mi < 1.0 ? mi : (mi >= 1.0 ? 1.0 : mi);
+      const double sk = mk < 1.0 ? mk : (mk >= 1.0 ? 1.0 : mk);
+      if (i == k) sigma[tensor * K + i] = si;
+      block *= si * sk;
+    }
+    total += block;
+  }
+  G[i * K + k] += total;
+  if (i != k) G[k * K + i] = G[i * K + k];
 }
 
-void pub_gram(const StepConfig& cfg, const StepBuffers& b, cudaStream_t stream) {
-  check_config(cfg);
-  check(cudaMemsetAsync(b.skip, 0, sizeof(int32_t), stream), "reset skip flag");
-  const int K = static_cast<int>(cfg.num_tasks);
-  if (b.n_items > 0) {
-    run(cfg, b, true, stream);
-    check(cudaGetLastError(), "Gram kernel launch");
-    const int threads = 128;
-    const unsigned grid = static_cast<unsigned>((K * K + threads - 1) / threads);
-    if (cfg.umm == Umm::kClippy)
-      detail::gram_reduce_kernel<true><<<grid, threads, 0, stream>>>(K, b.items, b.n_items,
-                                                                      b.partial, b.G, b.sigma);
-    else
-      detail::gram_reduce_kernel<false><<<grid, threads, 0, stream>>>(K, b.items, b.n_items,
-                                                                       b.partial, b.G, b.sigma);
-    check(cudaGetLastError(), "Gram reduction launch");
-  } else {
-    check(cudaMemsetAsync(b.G, 0, sizeof(double) * K * K, stream), "zero G");
+// One block per work item: bad[t·K + i] = 1 when task i's gradient of the item's tensor holds a
+// NaN or Inf, and the step's grad flag. With `gate`, only when the K×K gate is non-finite (the
+// attribution pass after a non-finite Gram matrix costs nothing otherwise).
+template <class Tp>
+__global__ void check_kernel(const int64_t* table, const int64_t* items, int K,
+                             int64_t task_stride, const double* gate, int32_t* bad,
+                             int32_t* flags) {
+  using T = typename MathType<Tp>::type;
+  if (gate) {
+    bool finite = true;
+    for (int e = 0; e < K * K; ++e) finite = finite && pn_isfinite(gate[e]);
+    if (finite) return;  // uniform over the block
+  }
+  const int64_t it = blockIdx.x;
+  const int64_t tensor = items[3 * it], begin = items[3 * it + 1], end = items[3 * it + 2];
+  const Tp* g = reinterpret_cast<const Tp*>(table[tensor * kTableCols + kTGrad]);
+  for (int i = 0; i < K; ++i) {
+    bool nonfinite = false;
+    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x)
+      nonfinite |= !pn_isfinite_t(to_math<T>(g[i * task_stride + j]));
+    if (__syncthreads_or(nonfinite) && threadIdx.x == 0) {
+      bad[tensor * K + i] = 1;
+      flags[kFlagGradNonFinite] = 1;
+    }
   }
 }
 
-void pub_solve(const StepConfig& cfg, const SolveOptions& options, bool normalize_sum,
-               const StepBuffers& b, cudaStream_t stream) {
-  check_config(cfg);
-  solve_kernel<<<1, 32, 0, stream>>>(static_cast<int>(cfg.num_tasks), options, normalize_sum,
-                                     b.G, b.alpha, b.weights, b.status, b.iterations,
-                                     b.residual, b.skip, b.workspace);
-  check(cudaGetLastError(), "solve kernel launch");
+// One warp: the outcome, then on applied solve steps α (warm-started) and α̂.
+__global__ void finish_kernel(int K, bool solve, bool any_gram, SolveOptions options,
+                              bool normalize_sum, DeviceStep d) {
+  const WarpTeam team;
+  const bool found = d.found_inf && *d.found_inf != 0.0f;
+  const bool grad_bad = d.flags[kFlagGradNonFinite] != 0;
+  bool gram_bad = false;
+  if (any_gram)
+    for (int e = 0; e < K * K; ++e) gram_bad = gram_bad || !pn_isfinite(d.G[e]);
+  const int32_t outcome = step_outcome(found, false, grad_bad, gram_bad && !grad_bad);
+  if (team.rank() == 0) {
+    d.flags[kFlagOutcome] = outcome;
+    // Under a GradScaler, a NaN/Inf found here backs the scale off like one found in .grad.
+    if (d.found_inf && (outcome == kNonFiniteGrad || outcome == kNonFiniteUpdate))
+      *d.found_inf = 1.0f;
+  }
+  if (outcome != kApplied || !solve) return;  // uniform over the warp
+  double* fresh = d.workspace + solver_workspace_size(K);
+  const double* warm = d.flags[kFlagHasAlpha] ? d.alpha : nullptr;
+  const SolveOutcome out = solve_weights(team, d.G, warm, fresh, K, options, d.workspace);
+  team.sync();
+  if (team.rank() == 0) {
+    d.flags[kFlagStatus] = out.status;
+    d.flags[kFlagIterations] = out.iterations;
+    *d.residual = out.residual;
+    if (finalize_weights(fresh, K, normalize_sum, d.weights)) {
+      for (int i = 0; i < K; ++i) d.alpha[i] = fresh[i];
+      d.flags[kFlagHasAlpha] = 1;
+    }
+    d.flags[kFlagHasWeights] = 1;
+  }
 }
 
-void pub_check_rows(const StepConfig& cfg, const StepBuffers& b, cudaStream_t stream) {
-  check_config(cfg);
-  check(cudaMemsetAsync(b.skip, 0, sizeof(int32_t), stream), "reset skip flag");
-  const int64_t n = cfg.num_tasks * cfg.row_length;
-  if (n == 0) return;
-  const unsigned grid = blocks_for(n, kThreads * 8, 4096);
-  switch (cfg.dtype) {
+__global__ void steps_kernel(const int64_t* table, int64_t n_tensors, const int32_t* flags) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= n_tensors || flags[kFlagOutcome] != kApplied) return;
+  *reinterpret_cast<float*>(table[t * kTableCols + kTStep]) += 1.0f;
+}
+
+void check_segment(const DeviceSegment& s, const DeviceStep& d) {
+  if (s.cfg.kind == SegmentKind::kShared && s.cfg.num_tasks != d.num_tasks)
+    throw std::invalid_argument("pub_native CUDA: a shared segment has the wrong K");
+  if (s.cfg.num_tasks > kCudaMaxTasks)
+    throw std::invalid_argument("pub_native CUDA: at most 32 tasks");
+  if (s.cfg.dtype == kFloat64)
+    throw std::invalid_argument("pub_native CUDA: parameters must be float32, bfloat16 or "
+                                "float16");
+}
+
+void launch_check(const DeviceSegment& s, const double* gate, const DeviceStep& d,
+                  cudaStream_t stream) {
+  const int K = static_cast<int>(s.cfg.num_tasks);
+  const unsigned grid = detail::grid_of(s.n_items);
+  switch (s.cfg.dtype) {
     case kFloat32:
-      check_rows_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(b.grads), n,
-                                                        b.skip);
+      check_kernel<float><<<grid, kThreads, 0, stream>>>(s.table, s.items, K,
+                                                         s.cfg.grad_task_stride, gate, s.bad,
+                                                         d.flags);
       break;
     case kBFloat16:
-      check_rows_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const bf16_t*>(b.grads), n,
-                                                        b.skip);
+      check_kernel<bf16_t><<<grid, kThreads, 0, stream>>>(s.table, s.items, K,
+                                                          s.cfg.grad_task_stride, gate, s.bad,
+                                                          d.flags);
       break;
     case kFloat16:
-      check_rows_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const half_t*>(b.grads), n,
-                                                        b.skip);
+      check_kernel<half_t><<<grid, kThreads, 0, stream>>>(s.table, s.items, K,
+                                                          s.cfg.grad_task_stride, gate, s.bad,
+                                                          d.flags);
       break;
     default:
       throw std::invalid_argument("pub_native CUDA: unsupported gradient dtype");
@@ -176,16 +174,68 @@ void pub_check_rows(const StepConfig& cfg, const StepBuffers& b, cudaStream_t st
   check(cudaGetLastError(), "finiteness check launch");
 }
 
-void pub_apply(const StepConfig& cfg, const StepBuffers& b, const int64_t* step_ptrs,
-               cudaStream_t stream) {
-  check_config(cfg);
-  if (b.n_items > 0) {
-    run(cfg, b, false, stream);
+bool gram_runs(const DeviceSegment& s, bool solve) {
+  return s.cfg.kind == SegmentKind::kShared && (solve || s.cfg.umm == Umm::kClippy);
+}
+
+}  // namespace
+
+void gram(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool solve,
+          cudaStream_t stream) {
+  const int64_t K = d.num_tasks;
+  check(cudaMemsetAsync(d.G, 0, sizeof(double) * K * K, stream), "zero G");
+  check(cudaMemsetAsync(d.flags + kFlagGradNonFinite, 0, sizeof(int32_t), stream),
+        "reset flags");
+  for (const DeviceSegment& s : segs) {
+    check_segment(s, d);
+    const int Ks = static_cast<int>(s.cfg.num_tasks);
+    const bool shared = s.cfg.kind == SegmentKind::kShared;
+    check(cudaMemsetAsync(s.bad, 0, sizeof(int32_t) * s.n_tensors * Ks, stream), "zero flags");
+    if (s.n_tensors == 0) continue;
+    gscale_kernel<<<blocks_for(s.n_tensors * Ks, 256, 1 << 20), 256, 0, stream>>>(
+        s.n_tensors, Ks, shared, d.grad_scale, d.task_scale, s.gscale);
+    check(cudaGetLastError(), "gscale launch");
+    if (s.n_items == 0) continue;
+    if (gram_runs(s, solve)) {
+      run(LaunchArgs{s, d, stream}, Pass::kGram);
+      check(cudaGetLastError(), "Gram kernel launch");
+      const unsigned rb = static_cast<unsigned>((Ks * Ks + 63) / 64);
+      if (s.cfg.umm == Umm::kClippy)
+        gram_reduce_kernel<true><<<rb, 64, 0, stream>>>(Ks, s.items, s.n_items, s.partial, d.G,
+                                                        s.sigma);
+      else
+        gram_reduce_kernel<false><<<rb, 64, 0, stream>>>(Ks, s.items, s.n_items, s.partial,
+                                                         d.G, s.sigma);
+      check(cudaGetLastError(), "Gram reduction launch");
+    } else {
+      launch_check(s, nullptr, d, stream);
+    }
+  }
+  // After a non-finite Gram matrix: which task gradients were NaN/Inf (else the updates
+  // overflowed). The kernels return at once when G is finite.
+  for (const DeviceSegment& s : segs)
+    if (gram_runs(s, solve) && s.n_items > 0) launch_check(s, d.G, d, stream);
+}
+
+void finish(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool solve,
+            const SolveOptions& options, bool normalize_sum, cudaStream_t stream) {
+  bool any_gram = false;
+  for (const DeviceSegment& s : segs) {
+    check_segment(s, d);
+    any_gram = any_gram || (gram_runs(s, solve) && s.n_items > 0);
+  }
+  finish_kernel<<<1, 32, 0, stream>>>(static_cast<int>(d.num_tasks), solve, any_gram, options,
+                                      normalize_sum, d);
+  check(cudaGetLastError(), "solve kernel launch");
+  for (const DeviceSegment& s : segs) {
+    if (s.n_items == 0) continue;
+    run(LaunchArgs{s, d, stream}, Pass::kApply);
     check(cudaGetLastError(), "apply kernel launch");
   }
-  if (step_ptrs != nullptr && b.n_tensors > 0) {
-    steps_kernel<<<blocks_for(b.n_tensors, 128, 1 << 20), 128, 0, stream>>>(step_ptrs,
-                                                                            b.n_tensors, b.skip);
+  for (const DeviceSegment& s : segs) {
+    if (s.n_tensors == 0) continue;
+    steps_kernel<<<blocks_for(s.n_tensors, 128, 1 << 20), 128, 0, stream>>>(s.table, s.n_tensors,
+                                                                            d.flags);
     check(cudaGetLastError(), "step counter launch");
   }
 }

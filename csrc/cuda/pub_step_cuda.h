@@ -1,59 +1,71 @@
-// CUDA layer of the PUB step, as seen from the host-compiled binding: device pointers, sizes
-// and the stream; no framework type. Every call is asynchronous on `stream` and never
-// synchronizes, so a whole step (hyper-parameters, Gram, solve, apply) can be captured in a
-// CUDA graph.
+// CUDA backend of the PUB step, as seen from the host-compiled binding: device pointers, sizes
+// and the stream; no framework type. The step has the CPU backend's two phases (gram, then
+// finish), every call is asynchronous on `stream` and nothing waits for the device, so a whole
+// step can be captured in a CUDA graph. The decisions (skip, solve, weights) are taken on the
+// device by the same header functions as on the CPU (step.h).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "pub_native/solver.h"
 #include "pub_native/step.h"
 
 namespace pub_native::cuda {
 
-// Device buffers of one optimizer's shared part. Sizes: table n_tensors × kTableCols, items
-// n_items × 3 (tensor, begin, end; ordered by tensor), hyper n_rows × kHyperCols, partial
-// n_items × K·K (+ n_items × K for Clippy), sigma n_tensors × K, workspace
-// solver_workspace_size(K) + K.
-struct StepBuffers {
+// Device buffers of one segment. table: n_tensors × kTableCols; items: n_items × 3 (tensor,
+// begin, end), ordered by tensor, chunks of at most kGramChunk elements; partial: n_items ×
+// (K·K + K); sigma, gscale, bad: n_tensors × K.
+struct DeviceSegment {
+  StepConfig cfg;
   const int64_t* table = nullptr;
   int64_t n_tensors = 0;
   const int64_t* items = nullptr;
   int64_t n_items = 0;
-  double* hyper = nullptr;
-  const void* grads = nullptr;
   double* partial = nullptr;
-  double* G = nullptr;
   double* sigma = nullptr;
-  double* alpha = nullptr;    // raw α of the last solve (warm start; zeros = cold)
-  double* weights = nullptr;  // α̂ applied
-  int32_t* status = nullptr;
-  int32_t* iterations = nullptr;
-  double* residual = nullptr;
-  int32_t* skip = nullptr;    // set to 1 when the step must not be applied (non-finite input)
-  double* workspace = nullptr;
+  double* gscale = nullptr;
+  int32_t* bad = nullptr;
 };
 
-// Per hyper row: the step counter it reads (float32 device scalar, before this step's
-// increment) and its constants: lr, β1 (or momentum), β2 (or α), eps, weight decay,
-// decoupled flag, lr_decay (8 doubles).
-constexpr int kBaseCols = 8;
-void pub_hyper(int32_t algo, const int64_t* step_ptrs, const double* base, int64_t n_rows,
-               double* hyper, cudaStream_t stream);
+// Indices into DeviceStep::flags.
+enum StepFlag : int32_t {
+  kFlagHasWeights = 0,    // weights hold an α̂ (a solve was applied)
+  kFlagHasAlpha = 1,      // alpha holds a usable α (the warm start)
+  kFlagOutcome = 2,       // StepOutcome of the last step
+  kFlagStatus = 3,        // SolveStatus of the last solve
+  kFlagIterations = 4,    // iterations of the last solve
+  kFlagGradNonFinite = 5, // phase 1 found a NaN/Inf gradient
+  kFlagCount = 8,
+};
 
-// Resets skip, then the Gram pass and its deterministic reduction into G (and sigma).
-void pub_gram(const StepConfig& cfg, const StepBuffers& b, cudaStream_t stream);
-// Solves for α (warm-started from alpha) and writes α̂ to weights, on one warp; sets skip on a
-// non-finite G and then leaves alpha and weights as they were.
-void pub_solve(const StepConfig& cfg, const SolveOptions& options, bool normalize_sum,
-               const StepBuffers& b, cudaStream_t stream);
-// Reuse steps: resets skip, then sets it if any task gradient is non-finite.
-void pub_check_rows(const StepConfig& cfg, const StepBuffers& b, cudaStream_t stream);
-// Apply pass (skipped on the device when skip is set), then the per-tensor step counters
-// (float32 device scalars at step_ptrs) advance by one unless skipped.
-void pub_apply(const StepConfig& cfg, const StepBuffers& b, const int64_t* step_ptrs,
-               cudaStream_t stream);
+// Device buffers of one optimizer's step.
+struct DeviceStep {
+  int64_t num_tasks = 0;
+  const double* base = nullptr;      // n_groups × kBaseCols
+  double* G = nullptr;               // K × K
+  double* alpha = nullptr;           // K
+  double* weights = nullptr;         // K (α̂ in use; 1/K before the first solve)
+  int32_t* flags = nullptr;          // kFlagCount
+  double* residual = nullptr;        // 1
+  double* workspace = nullptr;       // solver_workspace_size(K) + K
+  const float* grad_scale = nullptr;   // GradScaler's scale (device scalar), or null
+  const double* task_scale = nullptr; // K per-task gradient multipliers, or null
+  float* found_inf = nullptr;        // GradScaler's found_inf (device scalar), or null: read to
+                                     // skip, and set when this step finds a NaN/Inf itself
+};
+
+// Phase 1 (reads only): gradient multipliers, the Gram matrix of the shared segments on solve
+// steps (or with Clippy) else a finiteness pass over their task gradients, and a finiteness
+// pass over the plain segments' gradients.
+void gram(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool solve,
+          cudaStream_t stream);
+
+// Phase 2: the outcome (step_outcome), on solve steps the weights (one warp), then the apply
+// pass of every segment and the step counters, all skipped on the device unless applied.
+void finish(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool solve,
+            const SolveOptions& options, bool normalize_sum, cudaStream_t stream);
 
 }  // namespace pub_native::cuda

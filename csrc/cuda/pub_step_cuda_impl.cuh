@@ -1,6 +1,7 @@
 // CUDA kernels of the PUB step, shared by the per-optimizer translation units (adam_cuda.cu,
 // adagrad_cuda.cu, rmsprop_cuda.cu): addressing only; the per-element math is
-// pub_native/update_rules.h, the same header the CPU loops use.
+// pub_native/update_rules.h and the hyper-parameters pub_native/hyper.h, the headers the CPU
+// loops use.
 //
 // Determinism: one block per work item (a chunk of one tensor, fixed on the host), a fixed
 // element-to-thread mapping, a fixed reduction tree inside the block and a serial reduction over
@@ -18,8 +19,6 @@ namespace pub_native::cuda::detail {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Largest K of the CUDA path (per-thread task updates live in registers/local memory).
-constexpr int kMaxTasks = 32;
 // Gram entries accumulated per sweep of an item; K = 8 (36 entries) takes one sweep.
 constexpr int kPairChunk = 36;
 
@@ -29,7 +28,7 @@ inline void check(cudaError_t err, const char* what) {
                              cudaGetErrorString(err));
 }
 
-// Sum over the block in a fixed order: shuffle within warps, then warp 0 over the warps.
+// Sum over the block in a fixed order: shuffle within warps, then thread 0 over the warps.
 __device__ __forceinline__ double block_sum(double v, double* shared) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -54,42 +53,66 @@ __device__ __forceinline__ double block_min(double v, double* shared) {
   return m;
 }
 
+// The block's work item, its tensor and that tensor's hyper-parameter row (computed once by
+// thread 0 from the step counter).
+template <class T>
+struct BlockItem {
+  int64_t tensor, begin, end;
+  TensorView<T> tv;
+};
+
+template <class T>
+__device__ __forceinline__ BlockItem<T> block_item(const StepConfig& cfg, const int64_t* table,
+                                                   const int64_t* items, const double* base,
+                                                   double* h) {
+  const int64_t it = blockIdx.x;
+  BlockItem<T> b;
+  b.tensor = items[3 * it];
+  b.begin = items[3 * it + 1];
+  b.end = items[3 * it + 2];
+  b.tv = tensor_view<T>(cfg, table, b.tensor, base);
+  if (threadIdx.x == 0) tensor_hyper(cfg, b.tv, h);
+  __syncthreads();
+  return b;
+}
+
 // ---- Gram pass --------------------------------------------------------------------------------
 
 template <class Rule, class Tp, bool kTheta, bool kClippy>
 __global__ void __launch_bounds__(kThreads)
-    gram_kernel(StepConfig cfg, const int64_t* table, const int64_t* items, const double* hyper,
-                const Tp* grads, double* partial) {
+    gram_kernel(StepConfig cfg, const int64_t* table, const int64_t* items, int64_t n_items,
+                const double* base, const double* gscale, double* partial) {
   using T = typename MathType<Tp>::type;
   __shared__ double shared[kWarps];
-  const int64_t it = blockIdx.x;
-  const int64_t tensor = items[3 * it], begin = items[3 * it + 1], end = items[3 * it + 2];
-  const TensorView<T> tv = tensor_view<T>(cfg, table, tensor, hyper);
-  const Rule rule(tv.hyper);
+  __shared__ double h[kHyperCols];
+  const BlockItem<T> b = block_item<T>(cfg, table, items, base, h);
+  const TensorView<T>& tv = b.tv;
+  const Rule rule(h);
   const int K = static_cast<int>(cfg.num_tasks);
-  const int64_t P = cfg.row_length;
-  const T sign = static_cast<T>(cfg.grad_sign);
-  const T wd = static_cast<T>(tv.hyper[kHWeightDecay]);
+  T mult[kCudaMaxTasks];
+  for (int i = 0; i < K; ++i) mult[i] = static_cast<T>(cfg.grad_sign * gscale[b.tensor * K + i]);
+  const T wd = static_cast<T>(h[kHWeightDecay]);
   const T lrel = static_cast<T>(cfg.clippy_rel), labs = static_cast<T>(cfg.clippy_abs);
   const Tp* param = static_cast<const Tp*>(tv.param);
-  double* out = partial + it * K * K;
+  const Tp* grads = static_cast<const Tp*>(tv.grad);
+  double* out = partial + static_cast<int64_t>(blockIdx.x) * K * K;
   const int n_pairs = K * (K + 1) / 2;
 
   for (int p0 = 0; p0 < n_pairs; p0 += kPairChunk) {
     const int p1 = p0 + kPairChunk < n_pairs ? p0 + kPairChunk : n_pairs;
     double acc[kPairChunk];
     for (int q = 0; q < kPairChunk; ++q) acc[q] = 0.0;
-    T min_ratio[kClippy ? kMaxTasks : 1];
+    T min_ratio[kClippy ? kCudaMaxTasks : 1];
     if constexpr (kClippy)
       for (int i = 0; i < K; ++i) min_ratio[i] = T(INFINITY);
-    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
-      T u[kMaxTasks];
+    for (int64_t j = b.begin + threadIdx.x; j < b.end; j += kThreads) {
+      T u[kCudaMaxTasks];
       T theta = T(0);
       if constexpr (kTheta) theta = to_math<T>(param[j]);
       for (int i = 0; i < K; ++i) {
         T s[kMaxStates], next[kMaxStates];
-        for (int k = 0; k < Rule::kStates; ++k) s[k] = tv.state[k][i * tv.task_stride + j];
-        T g = sign * to_math<T>(grads[i * P + tv.grad_offset + j]);
+        for (int k = 0; k < Rule::kStates; ++k) s[k] = tv.state[k][i * tv.state_stride + j];
+        T g = mult[i] * to_math<T>(grads[i * tv.grad_stride + j]);
         if constexpr (kTheta) g += wd * theta;
         u[i] = rule(g, s, next);
         if constexpr (kClippy) {
@@ -115,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
         }
     if constexpr (kClippy) {
       if (p0 == 0) {
-        double* mins = partial + gridDim.x * static_cast<int64_t>(K) * K + it * K;
+        double* mins = partial + n_items * K * K + static_cast<int64_t>(blockIdx.x) * K;
         for (int i = 0; i < K; ++i) {
           const double m = block_min(static_cast<double>(min_ratio[i]), shared);
           if (threadIdx.x == 0) mins[i] = m;
@@ -125,78 +148,47 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per Gram entry (i ≥ k): the items in order, per tensor (Clippy scales each
-// tensor's block by σ_i σ_k).
-template <bool kClippy>
-__global__ void gram_reduce_kernel(int K, const int64_t* items, int64_t n_items,
-                                   const double* partial, double* G, double* sigma) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= K * K) return;
-  const int i = e / K, k = e % K;
-  if (k > i) return;
-  const double* mins = partial + n_items * K * K;
-  double total = 0.0;
-  int64_t it = 0;
-  while (it < n_items) {
-    const int64_t tensor = items[3 * it];
-    double block = 0.0, mi = INFINITY, mk = INFINITY;
-    for (; it < n_items && items[3 * it] == tensor; ++it) {
-      block += partial[it * K * K + i * K + k];
-      if constexpr (kClippy) {
-        mi = pn_min(mi, mins[it * K + i]);
-        mk = pn_min(mk, mins[it * K + k]);
-      }
-    }
-    if constexpr (kClippy) {
-      const double si = mi < 1.0 ? mi : 1.0, sk = mk < 1.0 ? mk : 1.0;
-      if (i == k) sigma[tensor * K + i] = si;
-      block *= si * sk;
-    }
-    total += block;
-  }
-  G[i * K + k] = total;
-  G[k * K + i] = total;
-}
-
 // ---- apply pass -------------------------------------------------------------------------------
 
+// θ ← decay·θ − Σ_i α̂_i σ_i u_i and the state advance with g_α (AdaTask: each task's own),
+// unless the step's outcome (flags) says skip. weights: K values, or null for weight 1 (K = 1).
 template <class Rule, class Tp, bool kAdaTask>
 __global__ void __launch_bounds__(kThreads)
-    apply_kernel(StepConfig cfg, const int64_t* table, const int64_t* items, const double* hyper,
-                 const Tp* grads, const double* weights, const double* sigma,
-                 const int32_t* skip) {
+    apply_kernel(StepConfig cfg, const int64_t* table, const int64_t* items, const double* base,
+                 const double* gscale, const double* weights, const double* sigma,
+                 const int32_t* flags) {
   using T = typename MathType<Tp>::type;
-  if (*skip) return;
-  __shared__ T w_s[kMaxTasks], c_s[kMaxTasks];
-  const int64_t it = blockIdx.x;
-  const int64_t tensor = items[3 * it], begin = items[3 * it + 1], end = items[3 * it + 2];
+  if (flags[kFlagOutcome] != kApplied) return;
+  __shared__ double h[kHyperCols];
+  __shared__ T w_s[kCudaMaxTasks], c_s[kCudaMaxTasks], m_s[kCudaMaxTasks];
+  const BlockItem<T> b = block_item<T>(cfg, table, items, base, h);
+  const TensorView<T>& tv = b.tv;
   const int K = static_cast<int>(cfg.num_tasks);
   if (threadIdx.x < K) {
-    const double w = weights[threadIdx.x];
+    const double w = weights ? weights[threadIdx.x] : 1.0;
     w_s[threadIdx.x] = static_cast<T>(w);
-    c_s[threadIdx.x] = static_cast<T>(sigma ? w * sigma[tensor * K + threadIdx.x] : w);
+    c_s[threadIdx.x] = static_cast<T>(sigma ? w * sigma[b.tensor * K + threadIdx.x] : w);
+    m_s[threadIdx.x] = static_cast<T>(cfg.grad_sign * gscale[b.tensor * K + threadIdx.x]);
   }
   __syncthreads();
-  const TensorView<T> tv = tensor_view<T>(cfg, table, tensor, hyper);
-  const Rule rule(tv.hyper);
-  const int64_t P = cfg.row_length;
-  const T sign = static_cast<T>(cfg.grad_sign);
-  const T wd = static_cast<T>(tv.hyper[kHWeightDecay]);
-  const T decay = static_cast<T>(tv.hyper[kHDecay]);
+  const Rule rule(h);
+  const T wd = static_cast<T>(h[kHWeightDecay]);
+  const T decay = static_cast<T>(h[kHDecay]);
   Tp* param = static_cast<Tp*>(tv.param);
-  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+  const Tp* grads = static_cast<const Tp*>(tv.grad);
+  for (int64_t j = b.begin + threadIdx.x; j < b.end; j += kThreads) {
     const T theta = to_math<T>(param[j]);
     T upd = T(0), g_alpha = T(0);
     T s[kMaxStates], next[kMaxStates];
     if constexpr (!kAdaTask)
       for (int k = 0; k < Rule::kStates; ++k) s[k] = tv.state[k][j];
     for (int i = 0; i < K; ++i) {
-      const T gi = sign * to_math<T>(grads[i * P + tv.grad_offset + j]) + wd * theta;
+      const T gi = m_s[i] * to_math<T>(grads[i * tv.grad_stride + j]) + wd * theta;
       if constexpr (kAdaTask) {
         T* const* st = tv.state;
-        for (int k = 0; k < Rule::kStates; ++k) s[k] = st[k][i * tv.task_stride + j];
+        for (int k = 0; k < Rule::kStates; ++k) s[k] = st[k][i * tv.state_stride + j];
         upd += c_s[i] * rule(gi, s, next);
-        for (int k = 0; k < Rule::kStates; ++k) st[k][i * tv.task_stride + j] = next[k];
+        for (int k = 0; k < Rule::kStates; ++k) st[k][i * tv.state_stride + j] = next[k];
       } else {
         upd += c_s[i] * rule(gi, s, next);
         g_alpha += w_s[i] * gi;
@@ -217,66 +209,76 @@ inline unsigned grid_of(int64_t n_items) {
   return static_cast<unsigned>(n_items);
 }
 
+// What one launch of a family's entry point runs.
+enum class Pass { kGram, kApply };
+
+struct LaunchArgs {
+  const DeviceSegment& seg;
+  const DeviceStep& step;
+  cudaStream_t stream;
+};
+
 template <class Tp>
 struct GramLaunch {
-  const StepConfig& cfg;
-  const StepBuffers& b;
-  cudaStream_t stream;
+  const LaunchArgs& a;
   template <class Rule>
   void operator()() const {
-    const unsigned grid = grid_of(b.n_items);
-    const Tp* g = static_cast<const Tp*>(b.grads);
-    if (cfg.umm == Umm::kClippy)
-      gram_kernel<Rule, Tp, true, true><<<grid, kThreads, 0, stream>>>(cfg, b.table, b.items,
-                                                                        b.hyper, g, b.partial);
-    else if (cfg.gram_reads_theta())
-      gram_kernel<Rule, Tp, true, false><<<grid, kThreads, 0, stream>>>(cfg, b.table, b.items,
-                                                                         b.hyper, g, b.partial);
+    const DeviceSegment& s = a.seg;
+    const unsigned grid = grid_of(s.n_items);
+    const StepConfig& c = s.cfg;
+    if (c.umm == Umm::kClippy)
+      gram_kernel<Rule, Tp, true, true><<<grid, kThreads, 0, a.stream>>>(
+          c, s.table, s.items, s.n_items, a.step.base, s.gscale, s.partial);
+    else if (c.gram_reads_theta())
+      gram_kernel<Rule, Tp, true, false><<<grid, kThreads, 0, a.stream>>>(
+          c, s.table, s.items, s.n_items, a.step.base, s.gscale, s.partial);
     else
-      gram_kernel<Rule, Tp, false, false><<<grid, kThreads, 0, stream>>>(cfg, b.table, b.items,
-                                                                          b.hyper, g, b.partial);
+      gram_kernel<Rule, Tp, false, false><<<grid, kThreads, 0, a.stream>>>(
+          c, s.table, s.items, s.n_items, a.step.base, s.gscale, s.partial);
   }
 };
 
 template <class Tp>
 struct ApplyLaunch {
-  const StepConfig& cfg;
-  const StepBuffers& b;
-  cudaStream_t stream;
+  const LaunchArgs& a;
   template <class Rule>
   void operator()() const {
-    const unsigned grid = grid_of(b.n_items);
-    const Tp* g = static_cast<const Tp*>(b.grads);
-    const double* sigma = cfg.umm == Umm::kClippy ? b.sigma : nullptr;
-    if (cfg.umm == Umm::kAdaTask)
-      apply_kernel<Rule, Tp, true><<<grid, kThreads, 0, stream>>>(
-          cfg, b.table, b.items, b.hyper, g, b.weights, sigma, b.skip);
+    const DeviceSegment& s = a.seg;
+    const unsigned grid = grid_of(s.n_items);
+    const StepConfig& c = s.cfg;
+    const double* weights = c.kind == SegmentKind::kShared ? a.step.weights : nullptr;
+    const double* sigma = c.umm == Umm::kClippy ? s.sigma : nullptr;
+    if (c.adatask())
+      apply_kernel<Rule, Tp, true><<<grid, kThreads, 0, a.stream>>>(
+          c, s.table, s.items, a.step.base, s.gscale, weights, sigma, a.step.flags);
     else
-      apply_kernel<Rule, Tp, false><<<grid, kThreads, 0, stream>>>(
-          cfg, b.table, b.items, b.hyper, g, b.weights, sigma, b.skip);
+      apply_kernel<Rule, Tp, false><<<grid, kThreads, 0, a.stream>>>(
+          c, s.table, s.items, a.step.base, s.gscale, weights, sigma, a.step.flags);
   }
 };
 
 template <class Family>
-void run_family(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream) {
+void run_family(const LaunchArgs& a, Pass pass) {
   auto by_dtype = [&](auto tag) {
     using Tp = decltype(tag);
     using T = typename MathType<Tp>::type;
-    if (gram)
-      Family::template dispatch<T>(cfg, GramLaunch<Tp>{cfg, b, stream});
+    if (pass == Pass::kGram)
+      Family::template dispatch<T>(a.seg.cfg, GramLaunch<Tp>{a});
     else
-      Family::template dispatch<T>(cfg, ApplyLaunch<Tp>{cfg, b, stream});
+      Family::template dispatch<T>(a.seg.cfg, ApplyLaunch<Tp>{a});
   };
-  switch (cfg.dtype) {
+  switch (a.seg.cfg.dtype) {
     case kFloat32: by_dtype(float{}); break;
     case kBFloat16: by_dtype(bf16_t{}); break;
     case kFloat16: by_dtype(half_t{}); break;
-    default: throw std::invalid_argument("pub_native CUDA: parameters must be float32, bfloat16 or float16");
+    default:
+      throw std::invalid_argument(
+          "pub_native CUDA: parameters must be float32, bfloat16 or float16");
   }
 }
 
-void run_adam(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream);
-void run_adagrad(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream);
-void run_rmsprop(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream);
+void run_adam(const LaunchArgs& a, Pass pass);
+void run_adagrad(const LaunchArgs& a, Pass pass);
+void run_rmsprop(const LaunchArgs& a, Pass pass);
 
 }  // namespace pub_native::cuda::detail

@@ -5,8 +5,6 @@
 
 namespace pub_native::cuda::detail {
 
-void run_rmsprop(const StepConfig& cfg, const StepBuffers& b, bool gram, cudaStream_t stream) {
-  run_family<RMSPropFamily>(cfg, b, gram, stream);
-}
+void run_rmsprop(const LaunchArgs& a, Pass pass) { run_family<RMSPropFamily>(a, pass); }
 
 }  // namespace pub_native::cuda::detail

@@ -18,7 +18,7 @@ import torch
 
 from .. import _autograd
 from .._native import StepOutcome
-from ._backends import CpuBackend, StepResult
+from ._backends import CpuBackend
 from ._options import CLIPPY_PRESETS, PubOptions
 from ._plan import StepPlan, build_plan, check_param
 
@@ -97,7 +97,7 @@ class PUBOptimizer:
         self._backend = None
         self._seed_weights: tuple | None = None  # (α̂, α) for the next backend (checkpoints)
         self._stats: dict[str, Any] = {}
-        self._last: StepResult | None = None
+        self._unread = None  # (device result, under a GradScaler) not yet read back
 
     # PUB's options, also as attributes.
     update_weights_every = property(lambda self: self.options.update_weights_every)
@@ -124,6 +124,7 @@ class PUBOptimizer:
                     self._decided[id(p)] = bool(group["shared"])
 
     def __getstate__(self) -> dict[str, Any]:
+        self._read_device_result(raise_errors=False)
         state = super().__getstate__()
         params = self._all_params()
         weights = self._current_weights()
@@ -192,6 +193,21 @@ class PUBOptimizer:
                     return f"param_groups[{gi}]['params'][{j}] (shape {tuple(p.shape)})"
         return f"tensor of shape {tuple(p.shape)}"
 
+    def _read_device_result(self, raise_errors: bool = True) -> None:
+        """Read back the last CUDA step's result (this waits for the device): its solve stats,
+        and, unless a GradScaler drove it, a FloatingPointError if the device skipped it."""
+        if self._unread is None:
+            return
+        result, under_scaler = self._unread
+        self._unread = None
+        outcome = result.outcome
+        if outcome == StepOutcome.APPLIED:
+            self._stats = dict(result.stats if result.solved else self._stats,
+                               updated=result.solved)
+        elif raise_errors and not under_scaler and outcome != StepOutcome.SKIPPED_FOUND_INF:
+            raise FloatingPointError(self._failure_message(result._plan, result)
+                                     + " (the CUDA step was skipped on the device)")
+
     def _current_weights(self) -> tuple | None:
         """(α̂, α) in use, as host float64 arrays (either may be None)."""
         if self._backend is not None:
@@ -202,7 +218,9 @@ class PUBOptimizer:
     def task_weights(self) -> torch.Tensor | None:
         """α̂ used by the last PUB step (float64, shape (K,)), or None before the first one.
 
-        On CUDA this copies from the device (the step itself never waits for it)."""
+        On CUDA this copies from the device (the step itself never waits for it), and raises
+        FloatingPointError if the device skipped the last step for a NaN/Inf."""
+        self._read_device_result()
         weights = self._current_weights()
         if weights is None or weights[0] is None:
             return None
@@ -211,7 +229,9 @@ class PUBOptimizer:
     @property
     def stats(self) -> dict[str, Any]:
         """Of the last weight solve: status, iterations, residual, solve_time (s, CPU); and
-        whether the last PUB step solved (``updated``) or reused α̂."""
+        whether the last PUB step solved (``updated``) or reused α̂. On CUDA this waits for the
+        device, and raises FloatingPointError if it skipped the last step for a NaN/Inf."""
+        self._read_device_result()
         return dict(self._stats)
 
     @property
@@ -358,22 +378,35 @@ class PUBOptimizer:
         every = self.options.update_weights_every
         solve = pending and plan.has_shared and (not self._solved or self._t % every == 0)
         grad_scale, found_inf = self._scaler_inputs()
+        self._read_device_result(raise_errors=False)
         result = backend.step(plan, solve=solve, options=self.options,
                               grad_scale=grad_scale, found_inf=found_inf)
-        self._last = result
         self._finish_step(plan, result, pending, solve, found_inf)
 
-    def _finish_step(self, plan: StepPlan, result: StepResult, pending: bool, solve: bool,
+    def _commit_state(self, plan: StepPlan) -> None:
+        for p, new in plan.pending_state.items():
+            st = self.state[p]
+            for key, value in new.items():
+                if value is None:
+                    st.pop(key, None)
+                else:
+                    st[key] = value
+
+    def _finish_step(self, plan: StepPlan, result, pending: bool, solve: bool,
                      found_inf) -> None:
+        if getattr(result, "lazy", False):
+            # The device decides; nothing here may wait for it. The entries the kernels used are
+            # kept either way (a skipped step leaves their values as they were).
+            self._commit_state(plan)
+            if pending and plan.has_shared:
+                self._t += 1
+                self._solved = self._solved or solve
+            self._pending = False
+            self._unread = (result, found_inf is not None)
+            return
         outcome = result.outcome
         if outcome == StepOutcome.APPLIED:
-            for p, new in plan.pending_state.items():
-                st = self.state[p]
-                for key, value in new.items():
-                    if value is None:
-                        st.pop(key, None)
-                    else:
-                        st[key] = value
+            self._commit_state(plan)
             if pending and plan.has_shared:
                 self._t += 1
                 self._solved = self._solved or solve
@@ -388,7 +421,7 @@ class PUBOptimizer:
             return
         raise FloatingPointError(self._failure_message(plan, result))
 
-    def _failure_message(self, plan: StepPlan, result: StepResult) -> str:
+    def _failure_message(self, plan: StepPlan, result) -> str:
         tail = "; the step was not taken and parameters and optimizer state are unchanged"
         parts = []
         if result.bad_tasks:
@@ -408,6 +441,7 @@ class PUBOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict plus ``"pub"``: K, shared params (by index), step
         counter, α̂ in use, solver warm start and the UMM."""
+        self._read_device_result(raise_errors=False)
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(self._all_params())}
         weights = self._current_weights() or (None, None)
