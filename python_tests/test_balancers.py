@@ -1,4 +1,4 @@
-"""pub_native.baselines: each balancer's weights and combined gradient on hand-made gradients,
+"""pub_native.balancers: each balancer's weights and combined gradient on hand-made gradients,
 against its closed form or its definition; shared-parameter detection; the .grad contract."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import pub_native
-from pub_native import baselines as B
-from pub_native.data import Batch
-from pub_native.models import PLE, MMoE
+from pub_native import balancers as B
+from pub_native.demo.data import Batch
+from pub_native.demo.models import PLE, MMoE
 
 TOL = {
     # float64 parameters: closed forms and K×K float64 math, rounding only.

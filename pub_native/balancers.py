@@ -5,7 +5,7 @@ section VI).
 Python layer over ``pub_native._autograd`` (per-task gradients, shared-parameter detection) and
 the native K×K weight solver. Every balancer has the same interface::
 
-    bal = pub_native.baselines.NashMTL(model.parameters())
+    bal = pub_native.balancers.NashMTL(model.parameters())
     opt = torch.optim.Adam(model.parameters())
     opt.zero_grad(); bal.backward(losses); opt.step(); bal.weights
 
