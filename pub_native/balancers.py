@@ -24,7 +24,13 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from ._autograd import TaskGradients, as_loss_list, reached_parameters
+from ._autograd import (
+    TaskGradients,
+    as_loss_list,
+    reached_parameters,
+    split_shared,
+    task_roots,
+)
 from .solver import SolveStatus, solve_weights
 
 __all__ = [
@@ -103,14 +109,18 @@ class GradientBalancer:
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def _setup(self, losses: list[torch.Tensor]) -> None:
-        reach = [reached_parameters(loss) for loss in losses]
+    def _setup(self, raw_losses, losses: list[torch.Tensor]) -> None:
+        # The optimizers' detection (pub_native._autograd): a stacked 1-D tensor of losses is
+        # split back into its tasks at the stack, so its tasks reach what the list's would.
+        roots = task_roots(raw_losses, losses)
+        reach = [reached_parameters(root) for root in roots]
         counts = [sum(id(p) in r for r in reach) for p in self.params]
         if self._shared_given is not None:
             shared_ids = {id(p) for p in self._shared_given}
             self.shared = [p for p in self.params if id(p) in shared_ids]
         else:
-            self.shared = [p for p, c in zip(self.params, counts, strict=True) if c >= 2]
+            is_shared = split_shared(roots, self.params)
+            self.shared = [p for p, s in zip(self.params, is_shared, strict=True) if s]
             shared_ids = {id(p) for p in self.shared}
         # specific[i]: non-shared parameters task i reaches; a non-shared parameter reached by
         # several tasks (possible only with an explicit ``shared``) gets the plain sum.
@@ -128,9 +138,9 @@ class GradientBalancer:
 
     def backward(self, losses) -> None:
         """Per-task gradients -> weights -> combined gradient in ``.grad`` (accumulated)."""
-        losses = as_loss_list(losses, self.k)
+        raw, losses = losses, as_loss_list(losses, self.k)
         if self.k is None:
-            self._setup(losses)
+            self._setup(raw, losses)
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
         self.steps += 1
         if reuse:

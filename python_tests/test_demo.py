@@ -107,6 +107,13 @@ def test_import_pub_native_does_not_load_the_demo():
     assert "pub_native.baselines" not in loaded
 
 
+def test_version_flag(capsys):
+    from pub_native.__main__ import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"pub_native {pub_native.__version__}"
+
+
 def test_data_files_ship_with_the_package():
     """The wheel takes every file under pub_native/ that git does not ignore (scikit-build-core,
     wheel.packages): the data and its licence must be tracked and not ignored."""
