@@ -23,8 +23,8 @@ import time
 import torch
 from torch import nn
 
-from pub_native import models
-from pub_native.data import load_adult
+from pub_native.demo import models
+from pub_native.demo.data import load_adult
 
 
 class Trunk(nn.Module):

@@ -1,4 +1,5 @@
 """``python -m pub_native``: how this copy was built and what it can run on;
+``python -m pub_native --version``: the version;
 ``python -m pub_native demo``: the multi-task comparison of ``pub_native.demo``."""
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def build_report() -> dict:
 
 
 USAGE = """usage: python -m pub_native [info]           print version and build configuration
+       python -m pub_native --version       print the version
        python -m pub_native demo [options]  PUB vs gradient balancers on UCI Adult (MMoE/PLE);
                                             python -m pub_native demo --help for the options"""
 
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"pub_native {__version__}")
+        return 0
     if argv and argv[0] not in ("info", "-h", "--help"):
         print(f"unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2

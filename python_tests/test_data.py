@@ -1,4 +1,4 @@
-"""pub_native.data: the embedded Adult set (shapes, label rates, the fixed split, encoding) and
+"""pub_native.demo.data: the embedded Adult set (shapes, label rates, the fixed split, encoding) and
 the loader for the user's own CSV file or DataFrame (task specs, errors)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pub_native.data import (
+from pub_native.demo.data import (
     ADULT_PATH,
     from_columns,
     from_frame,

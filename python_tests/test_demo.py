@@ -95,6 +95,45 @@ def test_cli(tmp_path):
     assert saved["config"]["train_rows"] == 1024
 
 
+def test_import_pub_native_does_not_load_the_demo():
+    code = ("import sys, pub_native; "
+            "print(sorted(m for m in sys.modules if m.startswith('pub_native')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded = eval(proc.stdout)  # a printed list of module names
+    assert "pub_native.balancers" in loaded and "pub_native.optim" in loaded
+    assert not [m for m in loaded if m.startswith("pub_native.demo")], loaded
+    assert "pub_native.baselines" not in loaded
+
+
+def test_version_flag(capsys):
+    from pub_native.__main__ import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"pub_native {pub_native.__version__}"
+
+
+def test_data_files_ship_with_the_package():
+    """The wheel takes every file under pub_native/ that git does not ignore (scikit-build-core,
+    wheel.packages): the data and its licence must be tracked and not ignored."""
+    from pathlib import Path
+
+    from pub_native.demo.data import ADULT_PATH
+
+    root = Path(__file__).resolve().parents[1]
+    files = [ADULT_PATH, ADULT_PATH.with_name("ADULT_LICENSE.md")]
+    assert all(f.is_file() for f in files)
+    try:
+        ignored = subprocess.run(["git", "-C", str(root), "check-ignore", *map(str, files)],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pytest.skip("git is not available")
+    if ignored.returncode not in (0, 1):
+        pytest.skip("not a git checkout")
+    assert ignored.stdout == "", f"ignored by git, so left out of the wheel: {ignored.stdout}"
+
+
 def test_cli_errors_and_build_report(capsys):
     from pub_native.__main__ import main
 

@@ -1,8 +1,8 @@
 """Multi-task ranking models for tabular data: MMoE and PLE over an embedding input layer.
 
-Python layer (plain ``torch.nn``), used by ``pub_native.demo``; the backbones of the PUB paper's
+Demo layer (plain ``torch.nn``), used by ``pub_native.demo``; the backbones of the PUB paper's
 section VI-A2. A batch is anything with ``.categorical`` (B, C) int64 codes and ``.numerical``
-(B, F) float features, e.g. :class:`pub_native.data.Batch`.
+(B, F) float features, e.g. :class:`pub_native.demo.data.Batch`.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class MultiTaskModel(nn.Module):
 
     Subclasses implement :meth:`task_logits`, one (B,) tensor per task. The losses are built
     from those separate tensors (not from columns of the stacked logits), so that each loss's
-    autograd graph reaches only its own tower: that is how PUB and ``pub_native.baselines``
+    autograd graph reaches only its own tower: that is how PUB and ``pub_native.balancers``
     tell shared from task-specific parameters.
     """
 
@@ -190,7 +190,7 @@ MODELS = {"mmoe": MMoE, "ple": PLE}
 
 
 def build_model(name: str, data, **kwargs) -> MultiTaskModel:
-    """``"mmoe"`` or ``"ple"`` sized for a :class:`pub_native.data.MultiTaskData`."""
+    """``"mmoe"`` or ``"ple"`` sized for a :class:`pub_native.demo.data.MultiTaskData`."""
     try:
         cls = MODELS[name.lower()]
     except (KeyError, AttributeError):

@@ -1,11 +1,12 @@
 """``python -m pub_native demo``: PUB against the gradient balancers it claims to beat, on real
 data (UCI Adult, two tasks), with MMoE/PLE backbones — quality and cost side by side.
 
-Python layer on top of ``pub_native.data``, ``pub_native.models``, ``pub_native.baselines`` and
-the PUB optimizers. Every method runs through the same training loop with the same seeds (the
-same initial model and batch order per seed), in lockstep (each batch goes through every method
-before the next batch, so step times share the machine's load); the epoch is selected by
-validation average AUC. ``--csv``/``--task`` run the same comparison on another table.
+Demo layer on top of ``pub_native.demo.data``, ``pub_native.demo.models``,
+``pub_native.balancers`` and the PUB optimizers. Every method runs through the same training
+loop with the same seeds (the same initial model and batch order per seed), in lockstep (each
+batch goes through every method before the next batch, so step times share the machine's
+load); the epoch is selected by validation average AUC. ``--csv``/``--task`` run the same
+comparison on another table.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, baselines
-from ._platform import cpu_name
+from .. import __version__, balancers, optim
+from .._platform import cpu_name
 from .data import MultiTaskData, Split, load_adult, load_csv
 from .models import MODELS, build_model
 
@@ -101,7 +102,7 @@ class DemoConfig:
             raise ValueError("a CSV file (--csv) and its tasks (--task) go together")
 
     def task_specs(self) -> dict:
-        """``tasks`` as the mapping :func:`pub_native.data.load_csv` takes."""
+        """``tasks`` as the mapping :func:`pub_native.demo.data.load_csv` takes."""
         specs = {}
         for task in self.tasks:
             name, sep, positive = task.partition("=")
@@ -156,11 +157,9 @@ class _Method:
         hp = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.balancer = None
         if key in _PUB_UMM:
-            from .optim import Adam as PUBAdam
-
             if key == "pub+clippy":
                 hp["clippy_preset"] = cfg.clippy_preset
-            self.opt = PUBAdam(params, umm=_PUB_UMM[key],
+            self.opt = optim.Adam(params, umm=_PUB_UMM[key],
                                update_weights_every=cfg.update_weights_every, **hp)
             return
         self.opt = torch.optim.Adam(params, **hp)
@@ -169,7 +168,7 @@ class _Method:
             kwargs["update_weights_every"] = cfg.update_weights_every
         elif key == "pcgrad":
             kwargs["seed"] = seed
-        self.balancer = baselines.BALANCERS[key](params, **kwargs)
+        self.balancer = balancers.BALANCERS[key](params, **kwargs)
 
     def step(self, losses: list[torch.Tensor]) -> None:
         self.opt.zero_grad(set_to_none=True)

@@ -1,8 +1,8 @@
 """Tabular multi-task data for the examples and benchmarks: the embedded UCI Adult set and a
 loader for the user's own table (a CSV file or a pandas DataFrame).
 
-Python layer used by ``pub_native.demo``; pure numpy + csv, pandas is not required (a DataFrame
-is accepted by duck typing).
+Demo layer used by ``pub_native.demo`` and the benchmarks; pure numpy + csv, pandas is not
+required (a DataFrame is accepted by duck typing).
 """
 
 from __future__ import annotations

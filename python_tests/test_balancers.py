@@ -1,4 +1,4 @@
-"""pub_native.baselines: each balancer's weights and combined gradient on hand-made gradients,
+"""pub_native.balancers: each balancer's weights and combined gradient on hand-made gradients,
 against its closed form or its definition; shared-parameter detection; the .grad contract."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import pub_native
-from pub_native import baselines as B
-from pub_native.data import Batch
-from pub_native.models import PLE, MMoE
+from pub_native import balancers as B
+from pub_native.demo.data import Batch
+from pub_native.demo.models import PLE, MMoE
 
 TOL = {
     # float64 parameters: closed forms and K×K float64 math, rounding only.
@@ -366,6 +366,37 @@ def test_shared_detection_on_models(cls):
     ordinary = torch.autograd.grad(model.task_losses(_batch())[1], tower)[0]
     torch.testing.assert_close(tower.grad, float(bal.weights[1]) * ordinary,
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["nashmtl", "pcgrad", "imtl-g"])
+@pytest.mark.parametrize("cls", [MMoE, PLE])
+def test_stacked_losses_equal_the_list(cls, name):
+    """A 1-D tensor built by torch.stack is split back into its tasks at the stack, as the
+    optimizers do: the same shared set and the same gradients as the list of losses."""
+    grads, shared = [], []
+    for stacked in (False, True):
+        torch.manual_seed(0)
+        model = cls([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,))
+        names = {id(p): n for n, p in model.named_parameters()}
+        bal = B.BALANCERS[name](model.parameters())
+        losses = model.task_losses(_batch())
+        bal.backward(torch.stack(losses) if stacked else losses)
+        shared.append({names[id(p)] for p in bal.shared})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert shared[0] == shared[1]
+    assert not any(n.startswith("towers.") for n in shared[1])  # not "everything is shared"
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_old_module_name_is_the_same_module():
+    import importlib
+    import sys
+
+    sys.modules.pop("pub_native.baselines", None)
+    with pytest.warns(DeprecationWarning, match="pub_native.balancers"):
+        old = importlib.import_module("pub_native.baselines")
+    assert old is B and old.NashMTL is B.NashMTL
 
 
 @pytest.mark.parametrize("name", sorted(B.BALANCERS))
