@@ -26,6 +26,7 @@ import torch
 
 from ._autograd import (
     TaskGradients,
+    layout_view,
     as_loss_list,
     reached_parameters,
     split_shared,
@@ -564,10 +565,11 @@ def _as_gram(G) -> np.ndarray:
 
 
 def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> None:
+    """p.grad += g for flat g laid out in p's memory order (as TaskGradients lays them out)."""
     for p, g in zip(params, grads, strict=True):
-        g = g.view_as(p)
+        g = layout_view(g, p)
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g.clone(memory_format=torch.preserve_format)
         else:
             p.grad.add_(g)
 

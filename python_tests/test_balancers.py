@@ -234,7 +234,7 @@ def test_nashmtl_weights_solve_the_bargaining_equation():
     grad, spec = t.run(bal)
     G = (t.g @ t.g.T).numpy()
     Gn = G / np.linalg.norm(G)  # Frobenius normalization, as published
-    Gn += 1e-8 * np.trace(Gn) / 3 * np.eye(3)  # the solver's default ridge (SPEC section 4)
+    Gn += 1e-8 * np.diag(np.diag(Gn))  # the solver's default ridge ρ·diag(G) (SPEC section 4)
     a = bal.weights.numpy()
     assert (a > 0).all()
     res = np.linalg.norm(Gn @ a - 1 / a) / np.linalg.norm(1 / a)
@@ -417,3 +417,22 @@ def test_every_balancer_trains_a_model(name):
     assert total < first
     assert bal.weights.shape == (2,) and bool(torch.isfinite(bal.weights).all())
     assert repr(bal).startswith(type(bal).__name__ + "(")
+
+
+def test_channels_last_shared_parameter_gets_its_gradient_in_its_layout():
+    # The per-task buffer follows each parameter's memory order; the combined gradient must land
+    # in .grad element for element. Two identical tasks never conflict, so PCGrad's gradient is
+    # their sum.
+    torch.manual_seed(0)
+    w = torch.randn(2, 3, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 3, 2, 2)
+    head = torch.randn(1, requires_grad=True)
+
+    def loss(p):
+        return ((p * x).sum() * head).sum() ** 2 + (p * p * x).sum()
+
+    B.PCGrad([w, head], shared=[w]).backward([loss(w), loss(w)])
+    w2 = w.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    (2 * loss(w2)).backward()
+    assert w.grad.stride() == w.stride()
+    torch.testing.assert_close(w.grad, w2.grad)
