@@ -14,8 +14,13 @@ import torch
 __all__ = ["as_loss_list", "reached_parameters", "split_shared", "task_roots", "TaskGradients"]
 
 
-def as_loss_list(losses, expected_k: int | None = None) -> list[torch.Tensor]:
-    """Validate ``losses`` (a list/tuple of K scalar tensors or a 1-D tensor) into a list."""
+def as_loss_list(losses, expected_k: int | None = None,
+                 allow_absent: bool = False) -> list[torch.Tensor | None]:
+    """Validate ``losses`` (a list/tuple of K scalar tensors or a 1-D tensor) into a list.
+
+    With ``allow_absent``, a loss that does not require grad (no graph: a task with no labels in
+    this batch) becomes None instead of an error.
+    """
     if isinstance(losses, torch.Tensor):
         if losses.dim() != 1:
             raise ValueError(
@@ -31,19 +36,24 @@ def as_loss_list(losses, expected_k: int | None = None) -> list[torch.Tensor]:
         )
     if not items:
         raise ValueError("losses must hold at least one task loss, got 0")
+    out: list[torch.Tensor | None] = []
     for i, loss in enumerate(items):
         if not isinstance(loss, torch.Tensor):
             raise ValueError(f"losses[{i}] must be a tensor, got {type(loss).__name__}")
         if loss.numel() != 1 or loss.dim() > 1:
             raise ValueError(f"losses[{i}] must be a scalar, got shape {tuple(loss.shape)}")
         if not loss.requires_grad:
+            if allow_absent:
+                out.append(None)
+                continue
             raise ValueError(f"losses[{i}] does not require grad (it is not connected to any "
                              "parameter)")
+        out.append(loss.reshape(()))
     if expected_k is not None and len(items) != expected_k:
         raise ValueError(
             f"losses has {len(items)} tasks, but this optimizer was built for K = {expected_k}"
         )
-    return [loss.reshape(()) for loss in items]
+    return out
 
 
 def task_roots(losses, items: list[torch.Tensor]) -> list:
@@ -145,9 +155,10 @@ class TaskGradients:
     nothing here and risks more.
     """
 
-    def __init__(self, shared: list[torch.Tensor], k: int):
+    def __init__(self, shared: list[torch.Tensor], k: int, with_sum: bool = False):
         self.params = shared
         self.k = k
+        self.with_sum = with_sum
         self.numels = [p.numel() for p in shared]
         self.offsets = []
         off = 0
@@ -167,10 +178,26 @@ class TaskGradients:
             )
         self.dtype = shared[0].dtype if shared else torch.float32
         self.device = shared[0].device if shared else torch.device("cpu")
-        self.buffer = torch.zeros((k, self.size), dtype=self.dtype, device=self.device)
+        # With a sum row (row K): Σ_i g_i, which the optimizers expose as the shared parameters'
+        # .grad (see PUBOptimizer.backward).
+        self.buffer = torch.zeros((k + int(with_sum), self.size), dtype=self.dtype,
+                                  device=self.device)
+        self.sum_version: int | None = None  # buffer._version when the sum row was formed
         # The layout each parameter had when the buffer was laid out: a parameter whose shape,
         # dtype or memory order changed since (model.to, .data =) needs a new buffer.
         self.layouts = [(p.shape, p.stride(), p.dtype, p.device) for p in shared]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        # A copy's buffer starts a new version count: keep only whether the sum was current.
+        state["sum_version"] = self.sum_version is not None and \
+            self.sum_version == self.buffer._version
+        return state
+
+    def __setstate__(self, state):
+        current = state.pop("sum_version")
+        self.__dict__.update(state)
+        self.sum_version = self.buffer._version if current else None
 
     def matches(self) -> bool:
         """Whether every shared parameter still has the layout this buffer was made for."""
@@ -182,6 +209,28 @@ class TaskGradients:
         row = self.buffer[i]
         return [layout_view(row[o:o + n], p) for p, o, n in zip(self.params, self.offsets,
                                                                  self.numels)]
+
+    def sum_view(self, index: int) -> torch.Tensor:
+        """The sum row's part for shared parameter ``index``, shaped and laid out like it."""
+        o, n = self.offsets[index], self.numels[index]
+        return layout_view(self.buffer[self.k, o:o + n], self.params[index])
+
+    def form_sum(self) -> None:
+        """Row K = Σ_i row i (in the math type, task order, one rounding: native sum_rows) and
+        remember the buffer's version, so that a later in-place change of it can be told."""
+        from ._native import DType, _C, cuda_module
+
+        codes = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,
+                 torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
+        if self.size:
+            if self.device.type == "cuda":
+                cmod = cuda_module()
+                with torch.cuda.device(self.device):
+                    cmod.sum_rows(int(codes[self.dtype]), self.buffer.data_ptr(), self.k,
+                                  self.size, torch.cuda.current_stream(self.device).cuda_stream)
+            else:
+                _C.sum_rows(int(codes[self.dtype]), self.buffer.data_ptr(), self.k, self.size)
+        self.sum_version = self.buffer._version
 
     def task_view(self, index: int) -> torch.Tensor:
         """Every task's gradient of shared parameter ``index``: (K, *shape), in its layout."""
@@ -202,18 +251,20 @@ class TaskGradients:
         k = len(losses)
         active = [j for j, p in enumerate(self.params) if p.requires_grad]
         shared = [self.params[j] for j in active]
-        if len(active) < len(self.params) and not accumulate:
+        if (len(active) < len(self.params) or any(loss is None for loss in losses)) \
+                and not accumulate:
             self.buffer.zero_()
         # autograd may hand one tensor to two parameters (w = a + b gives a and b the same
         # gradient object) or a view of another: .grad must own its memory, since later tasks
         # and later backward calls accumulate into it in place.
         handed_out: set[int] = set()
+        last = max((i for i, loss in enumerate(losses) if loss is not None), default=-1)
         for i, loss in enumerate(losses):
             inputs = shared + specific[i]
-            if not inputs:
+            if loss is None or not inputs:  # a task absent from this batch: zero rows
                 continue
             grads = torch.autograd.grad(
-                loss, inputs, retain_graph=retain_graph or i < k - 1, allow_unused=True
+                loss, inputs, retain_graph=retain_graph or i < last, allow_unused=True
             )
             row = self.buffer[i]
             for j, g in zip(active, grads[:len(shared)]):

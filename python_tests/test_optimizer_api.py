@@ -46,6 +46,7 @@ def test_explicit_shared_and_group_flag_override_detection():
     opt.backward([o.mean() for o in model(idx)])
     assert [id(p) for p in opt.shared_parameters] == [id(p) for p in experts]
     assert model.embedding.weight.grad is not None
+    model.zero_grad()
     opt2 = pub_native.Adam([{"params": model.experts.parameters(), "shared": True},
                             {"params": model.embedding.parameters(), "shared": False},
                             {"params": itertools.chain(model.gates.parameters(),
@@ -78,7 +79,7 @@ def test_add_param_group_with_shared_flag_after_detection():
             o.backward(losses(pr, e, t))
             o.step()
     assert any(p is extra for p in opt.shared_parameters)
-    assert "exp_avg" in opt.state[extra] and extra.grad is None
+    assert "exp_avg" in opt.state[extra] and extra.grad is not None  # Σ_i g_i
     assert_states_close(opt, problem.params() + [extra], ref, twin.params() + [extra2],
                         TOL[("reference", F64)])
     # A group without the flag is decided by the graph of the next backward.
@@ -146,7 +147,7 @@ def test_nonzero_plain_grad_on_shared_parameter_is_refused_not_dropped():
     run_pub(None, problem, 1, opt=opt)
     opt.zero_grad()
     (problem.shared[0] ** 2).sum().backward()  # a contribution no task owns
-    with pytest.raises(RuntimeError, match="already has a non-zero .grad"):
+    with pytest.raises(RuntimeError, match="holds a non-zero gradient that backward"):
         opt.backward(problem.losses(1))
     # zero_grad(set_to_none=False) leaves zeros: nothing to attribute, accepted.
     opt.zero_grad(set_to_none=False)

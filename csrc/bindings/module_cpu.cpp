@@ -312,6 +312,19 @@ PYBIND11_MODULE(_C, m) {
              std::copy(v.begin(), v.end(), a.mutable_data());
              return a;
            })
+      .def("edited_tensors",
+           [](const cpu::Stepper& s, size_t seg) {
+             if (seg >= s.edited_tensor.size()) throw py::index_error("segment out of range");
+             const auto& v = s.edited_tensor[seg];
+             py::array_t<uint8_t> a(static_cast<py::ssize_t>(v.size()));
+             std::copy(v.begin(), v.end(), a.mutable_data());
+             return a;
+           })
+      .def_property_readonly("task_sq",
+                             [](const cpu::Stepper& s) {
+                               return copy_out(s.task_sq, {s.num_tasks()});
+                             })
+      .def_readonly("grad_edited", &cpu::Stepper::grad_edited)
       .def_readonly("update_nonfinite", &cpu::Stepper::update_nonfinite)
       .def_readonly("status", &cpu::Stepper::status)
       .def_readonly("iterations", &cpu::Stepper::iterations)
@@ -342,6 +355,7 @@ PYBIND11_MODULE(_C, m) {
       .value("GRAD", kTGrad)
       .value("BASE", kTBase)
       .value("STEP", kTStep)
+      .value("GRAD_SUM", kTGradSum)
       .value("STATE", kTState)
       .value("COLS", kTableCols);
   py::enum_<BaseCol>(m, "BaseCol")
@@ -367,6 +381,17 @@ PYBIND11_MODULE(_C, m) {
       .value("ALL_ZERO", kAllZero)
       .value("INVALID_INPUT", kInvalidInput);
   py::enum_<SolveMethod>(m, "SolveMethod").value("NEWTON", kNewton).value("CCP", kCcp);
+  m.def(
+      "sum_rows",
+      [](int32_t dtype, uintptr_t buf, int64_t K, int64_t P) {
+        if (dtype < kFloat32 || dtype > kFloat16) throw py::value_error("unknown dtype code");
+        if (buf == 0 || K < 1 || P < 0) throw py::value_error("sum_rows: bad buffer");
+        py::gil_scoped_release release;
+        cpu::sum_rows(static_cast<DType>(dtype), reinterpret_cast<void*>(buf), K, P);
+      },
+      py::arg("dtype"), py::arg("buffer"), py::arg("num_tasks"), py::arg("row_length"),
+      "Row K of a (K + 1, P) CPU buffer = the sum of rows 0..K-1 (in the math type, rounded "
+      "once).");
   m.attr("MAX_STATES") = kMaxStates;
   m.attr("CUDA_MAX_TASKS") = kCudaMaxTasks;
   m.attr("SYMMETRY_TOL_F64") = kSymmetryTolF64;

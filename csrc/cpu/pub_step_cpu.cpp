@@ -63,6 +63,83 @@ struct FiniteDispatch {
   }
 };
 
+template <class Tp>
+void sum_rows_typed(Tp* buf, int64_t K, int64_t P) {
+  using T = typename MathType<Tp>::type;
+  Tp* out = buf + K * P;
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < P; ++j) {
+    T s = T(0);
+    for (int64_t i = 0; i < K; ++i) s += to_math<T>(buf[i * P + j]);
+    out[j] = from_math<Tp>(s);
+  }
+}
+
+struct SumDispatch {
+  void* buf;
+  int64_t K, P;
+  template <class Tp>
+  void operator()() const {
+    sum_rows_typed(static_cast<Tp*>(buf), K, P);
+  }
+};
+
+template <class Tp>
+void rescale_typed(const Segment& seg, double* ratio, uint8_t* edited) {
+  using T = typename MathType<Tp>::type;
+  const int64_t K = seg.cfg.num_tasks, stride = seg.cfg.grad_task_stride;
+  const std::vector<Item> items = detail::make_items(seg.table, seg.n_tensors);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<double> partial(static_cast<size_t>(n_items * 3), 0.0);  // ⟨m,s⟩, ⟨s,s⟩, ⟨m,m⟩
+#pragma omp parallel for schedule(dynamic, 1) num_threads(detail::team_size(n_items))
+  for (int64_t it = 0; it < n_items; ++it) {
+    const Item item = items[static_cast<size_t>(it)];
+    const int64_t* row = seg.table + item.tensor * kTableCols;
+    if (row[kTGradSum] == 0) continue;
+    const Tp* g = reinterpret_cast<const Tp*>(row[kTGrad]);
+    const Tp* m = reinterpret_cast<const Tp*>(row[kTGradSum]);
+    double ms = 0.0, ss = 0.0, mm = 0.0;
+    for (int64_t j = item.begin; j < item.end; ++j) {
+      T sum = T(0);
+      for (int64_t i = 0; i < K; ++i) sum += to_math<T>(g[i * stride + j]);
+      // s exactly as sum_rows stored it after backward: one rounding to the gradient's type.
+      const double sv = static_cast<double>(to_math<T>(from_math<Tp>(sum)));
+      const double mv = static_cast<double>(to_math<T>(m[j]));
+      ms += mv * sv;
+      ss += sv * sv;
+      mm += mv * mv;
+    }
+    double* out = partial.data() + it * 3;
+    out[0] = ms;
+    out[1] = ss;
+    out[2] = mm;
+  }
+  const double tol = grad_rescale_tolerance(seg.cfg.dtype);
+  int64_t it = 0;
+  for (int64_t t = 0; t < seg.n_tensors; ++t) {
+    double ms = 0.0, ss = 0.0, mm = 0.0;
+    for (; it < n_items && items[static_cast<size_t>(it)].tensor == t; ++it) {
+      ms += partial[static_cast<size_t>(it * 3)];
+      ss += partial[static_cast<size_t>(it * 3 + 1)];
+      mm += partial[static_cast<size_t>(it * 3 + 2)];
+    }
+    bool ed = false;
+    ratio[t] = seg.table[t * kTableCols + kTGradSum] != 0 ? rescale_factor(ms, ss, mm, tol, &ed)
+                                                           : 1.0;
+    edited[t] = ed ? 1 : 0;
+  }
+}
+
+struct RescaleDispatch {
+  const Segment& seg;
+  double* ratio;
+  uint8_t* edited;
+  template <class Tp>
+  void operator()() const {
+    rescale_typed<Tp>(seg, ratio, edited);
+  }
+};
+
 bool all_finite(const std::vector<double>& v) {
   for (double x : v)
     if (!pn_isfinite(x)) return false;
@@ -75,12 +152,23 @@ void find_nonfinite(const Segment& seg, uint8_t* bad) {
   detail::dispatch_dtype(seg.cfg.dtype, FiniteDispatch{seg, bad});
 }
 
+void sum_rows(DType d, void* buf, int64_t K, int64_t P) {
+  detail::dispatch_dtype(d, SumDispatch{buf, K, P});
+}
+
+void rescale_factors(const Segment& seg, double* ratio, uint8_t* edited) {
+  detail::dispatch_dtype(seg.cfg.dtype, RescaleDispatch{seg, ratio, edited});
+}
+
 Stepper::Stepper(int64_t num_tasks)
     : G(static_cast<size_t>(num_tasks * num_tasks), 0.0),
       bad_task(static_cast<size_t>(num_tasks), 0),
+      task_sq(static_cast<size_t>(num_tasks), 0.0),
       weights(static_cast<size_t>(num_tasks), 1.0 / static_cast<double>(num_tasks)),
       alpha(static_cast<size_t>(num_tasks), 0.0),
       K_(num_tasks),
+      task_scale_(static_cast<size_t>(num_tasks), 1.0),
+      applied_(static_cast<size_t>(num_tasks), 0.0),
       workspace_(static_cast<size_t>(solver_workspace_size(num_tasks))),
       fresh_(static_cast<size_t>(num_tasks)) {
   if (num_tasks < 1) throw std::invalid_argument("num_tasks must be >= 1");
@@ -92,10 +180,17 @@ void Stepper::gram(const std::vector<Segment>& segs, const double* base, bool so
   sigma_.resize(n);
   gscale_.resize(n);
   bad_tensor.resize(n);
+  edited_tensor.resize(n);
   std::fill(G.begin(), G.end(), 0.0);
   std::fill(bad_task.begin(), bad_task.end(), 0);
+  std::fill(task_sq.begin(), task_sq.end(), 0.0);
+  if (task_scale)
+    std::copy(task_scale, task_scale + K_, task_scale_.begin());
+  else
+    std::fill(task_scale_.begin(), task_scale_.end(), 1.0);
   update_nonfinite = false;
-  std::vector<double> Gs(static_cast<size_t>(K_ * K_));
+  grad_edited = false;
+  std::vector<double> Gs(static_cast<size_t>(K_ * K_)), sq(static_cast<size_t>(K_));
   bool any_gram = false;
   for (size_t s = 0; s < n; ++s) {
     const Segment& seg = segs[s];
@@ -104,21 +199,35 @@ void Stepper::gram(const std::vector<Segment>& segs, const double* base, bool so
     if (shared && K != K_) throw std::invalid_argument("a shared segment has the wrong K");
     std::vector<double>& gs = gscale_[s];
     gs.assign(static_cast<size_t>(seg.n_tensors * K), inv_scale);
-    if (shared && task_scale)
-      for (int64_t t = 0; t < seg.n_tensors; ++t)
-        for (int64_t i = 0; i < K; ++i) gs[static_cast<size_t>(t * K + i)] *= task_scale[i];
     bad_tensor[s].assign(static_cast<size_t>(seg.n_tensors * K), 0);
-    const SegmentArgs args{seg.cfg, seg.table, seg.n_tensors, base, gs.data()};
+    edited_tensor[s].assign(static_cast<size_t>(seg.n_tensors), 0);
+    if (shared) {
+      std::vector<double> ratio(static_cast<size_t>(seg.n_tensors), 1.0);
+      rescale_factors(seg, ratio.data(), edited_tensor[s].data());
+      for (int64_t t = 0; t < seg.n_tensors; ++t) {
+        grad_edited = grad_edited || edited_tensor[s][static_cast<size_t>(t)] != 0;
+        for (int64_t i = 0; i < K; ++i)
+          gs[static_cast<size_t>(t * K + i)] *= ratio[static_cast<size_t>(t)] *
+                                                task_scale_[static_cast<size_t>(i)];
+      }
+    }
+    const SegmentArgs args{seg.cfg, seg.table, seg.n_tensors, base, gs.data(),
+                           shared ? task_scale_.data() : nullptr};
     if (shared && (solve || seg.cfg.umm == Umm::kClippy)) {
       sigma_[s].assign(static_cast<size_t>(seg.n_tensors * K), 1.0);
-      run(PassArgs{args, Gs.data(), sigma_[s].data(), nullptr}, Pass::kGram);
+      run(PassArgs{args, Gs.data(), sigma_[s].data(), sq.data(), nullptr}, Pass::kGram);
       for (size_t e = 0; e < Gs.size(); ++e) G[e] += Gs[e];
+      for (size_t i = 0; i < sq.size(); ++i) task_sq[i] += sq[i];
       any_gram = true;
     } else {
       sigma_[s].clear();
       find_nonfinite(seg, bad_tensor[s].data());
     }
   }
+  // A task absent from this batch: no row or column in G, so the solver gives it weight 0.
+  for (int64_t i = 0; i < K_; ++i)
+    if (task_scale_[static_cast<size_t>(i)] == 0.0)
+      for (int64_t k = 0; k < K_; ++k) G[i * K_ + k] = G[k * K_ + i] = 0.0;
   if (any_gram && !all_finite(G)) {
     // Attribute the failure: NaN/Inf gradients, or finite gradients whose updates overflow.
     for (size_t s = 0; s < n; ++s)
@@ -129,7 +238,8 @@ void Stepper::gram(const std::vector<Segment>& segs, const double* base, bool so
   for (size_t s = 0; s < n; ++s) {
     if (segs[s].cfg.kind != SegmentKind::kShared) continue;
     for (int64_t t = 0; t < segs[s].n_tensors; ++t)
-      for (int64_t i = 0; i < K_; ++i) bad_task[static_cast<size_t>(i)] |= bad_tensor[s][static_cast<size_t>(t * K_ + i)];
+      for (int64_t i = 0; i < K_; ++i)
+        bad_task[static_cast<size_t>(i)] |= bad_tensor[s][static_cast<size_t>(t * K_ + i)];
   }
 }
 
@@ -142,7 +252,7 @@ int32_t Stepper::finish(const std::vector<Segment>& segs, const double* base, bo
     for (uint8_t f : flags) grad_nonfinite = grad_nonfinite || f != 0;
   // G may have been summed over processes since phase 1: its finiteness decides again.
   const bool update_bad = (update_nonfinite || (solve && !all_finite(G))) && !grad_nonfinite;
-  outcome = step_outcome(found_inf, false, grad_nonfinite, update_bad);
+  outcome = step_outcome(found_inf, grad_edited, grad_nonfinite, update_bad);
   if (outcome != kApplied) return outcome;
 
   if (solve) {
@@ -164,15 +274,16 @@ int32_t Stepper::finish(const std::vector<Segment>& segs, const double* base, bo
   for (const Segment& seg : segs) any_shared = any_shared || seg.cfg.kind == SegmentKind::kShared;
   if (any_shared && !has_weights) throw std::logic_error("a reuse step before any weight solve");
 
+  step_weights(weights.data(), task_scale_.data(), K_, normalize_sum, applied_.data());
   const double one = 1.0;
   for (size_t s = 0; s < segs.size(); ++s) {
     const Segment& seg = segs[s];
     const bool shared = seg.cfg.kind == SegmentKind::kShared;
-    const SegmentArgs args{seg.cfg, seg.table, seg.n_tensors, base, gscale_[s].data()};
-    const double* sigma = seg.cfg.umm == Umm::kClippy && !sigma_[s].empty() ? sigma_[s].data()
-                                                                            : nullptr;
-    run(PassArgs{args, nullptr, const_cast<double*>(sigma), shared ? weights.data() : &one},
-        Pass::kApply);
+    const SegmentArgs args{seg.cfg, seg.table, seg.n_tensors, base, gscale_[s].data(),
+                           shared ? task_scale_.data() : nullptr};
+    double* sigma = seg.cfg.umm == Umm::kClippy && !sigma_[s].empty() ? sigma_[s].data()
+                                                                      : nullptr;
+    run(PassArgs{args, nullptr, sigma, nullptr, shared ? applied_.data() : &one}, Pass::kApply);
   }
   for (const Segment& seg : segs)
     for (int64_t t = 0; t < seg.n_tensors; ++t)

@@ -23,14 +23,26 @@ struct Segment {
 // of tensor t holds a NaN or Inf.
 void find_nonfinite(const Segment& seg, uint8_t* bad);
 
+// Row K of the (K + 1) × P buffer `buf` (element type d) = Σ_i row i, summed in the math type in
+// task order and rounded once: what a shared parameter's .grad holds after backward.
+void sum_rows(DType d, void* buf, int64_t K, int64_t P);
+
+// For each tensor of a shared segment whose kTGradSum is set: the factor c with
+// .grad ≈ c·Σ_i g_i (the sum recomputed exactly as sum_rows forms it), and whether .grad is no
+// rescaling of it (edited). Tensors without kTGradSum get c = 1.
+void rescale_factors(const Segment& seg, double* ratio, uint8_t* edited);
+
 class Stepper {
  public:
   explicit Stepper(int64_t num_tasks);
 
-  // Phase 1 (reads only). The per-tensor, per-task gradient multipliers (inv_scale · task_scale
-  // [i]); then, when `solve` or Clippy needs it, the Gram matrix G of the shared segments' task
-  // updates (with Clippy's σ), else a finiteness pass over the task gradients; and a finiteness
-  // pass over the plain segments' gradients.
+  // Phase 1 (reads only). The per-tensor, per-task gradient multipliers: inv_scale ·
+  // task_scale[i] · the rescale factor of the tensor's .grad (rescale_factors, for rows that name
+  // their .grad); then, when `solve` or Clippy needs it, the Gram matrix G of the shared
+  // segments' task updates (with Clippy's σ and the task gradients' squared norms), else a
+  // finiteness pass over the task gradients; and a finiteness pass over the plain segments'
+  // gradients. A task with task_scale 0 is absent from this batch: its row and column of G are
+  // zero (so its weight is 0).
   void gram(const std::vector<Segment>& segs, const double* base, bool solve, double inv_scale,
             const double* task_scale);
 
@@ -47,7 +59,10 @@ class Stepper {
   std::vector<double> G;                     // K × K
   std::vector<uint8_t> bad_task;             // K: task gradient non-finite (shared segments)
   std::vector<std::vector<uint8_t>> bad_tensor;  // per segment: n_tensors × K flags
+  std::vector<std::vector<uint8_t>> edited_tensor;  // per segment: n_tensors flags
+  std::vector<double> task_sq;               // K: Σ ‖g_i‖² over the shared tensors (Gram steps)
   bool update_nonfinite = false;             // G non-finite although the gradients are finite
+  bool grad_edited = false;                  // some shared .grad was changed, not rescaled
 
   // Weights: α̂ in use and the raw α of the last usable solve (warm start).
   std::vector<double> weights;
@@ -66,6 +81,8 @@ class Stepper {
   int64_t K_;
   std::vector<std::vector<double>> sigma_;   // per segment: Clippy σ, n_tensors × K
   std::vector<std::vector<double>> gscale_;  // per segment: gradient multipliers, n_tensors × K
+  std::vector<double> task_scale_;           // K, 1 when none was given
+  std::vector<double> applied_;              // K: the weights the apply pass uses
   std::vector<double> workspace_;
   std::vector<double> fresh_;
 };

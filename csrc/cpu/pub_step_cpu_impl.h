@@ -80,8 +80,9 @@ struct SegmentArgs {
   const StepConfig& cfg;
   const int64_t* table;
   int64_t n_tensors;
-  const double* base;    // base table (rows indexed by kTBase)
-  const double* gscale;  // n_tensors × K multipliers of the task gradients (unscaling), or null
+  const double* base;        // base table (rows indexed by kTBase)
+  const double* gscale;      // n_tensors × K multipliers of the task gradients, or null
+  const double* task_scale;  // K: 0 marks a task absent from this batch; null: all present
 };
 
 // The multiplier of task i's gradient of tensor t: the sign of maximize times the unscaling.
@@ -98,13 +99,16 @@ struct GramKernel {
   using T = typename MathType<Tp>::type;
 
   // G (K×K) of the segment's task updates; with Clippy, sigma (n_tensors × K) receives each
-  // tensor's per-task scale and G is the Gram of the scaled updates.
-  PN_CPU_CLONES static void run(const SegmentArgs& a, double* G, double* sigma) {
+  // tensor's per-task scale and G is the Gram of the scaled updates. task_sq (K) receives
+  // Σ‖g_i‖² of the task gradients as the updates saw them (multipliers applied).
+  PN_CPU_CLONES static void run(const SegmentArgs& a, double* G, double* sigma,
+                                double* task_sq) {
     const StepConfig& cfg = a.cfg;
     const int64_t K = cfg.num_tasks;
     const std::vector<Item> items = make_items(a.table, a.n_tensors);
     const int64_t n_items = static_cast<int64_t>(items.size());
     std::vector<double> partial(static_cast<size_t>(n_items * K * K), 0.0);
+    std::vector<double> partial_sq(static_cast<size_t>(n_items * K), 0.0);
     std::vector<T> min_ratio(kClippy ? static_cast<size_t>(n_items * K) : 0,
                              std::numeric_limits<T>::infinity());
     const int nthreads = team_size(n_items);
@@ -129,6 +133,7 @@ struct GramKernel {
       T* mult = mult_scratch.data() + static_cast<size_t>(tid) * K;
       for (int64_t i = 0; i < K; ++i) mult[i] = grad_multiplier<T>(a, item.tensor, i);
       double* Gp = partial.data() + it * K * K;
+      double* Sq = partial_sq.data() + it * K;
       T* mr = kClippy ? min_ratio.data() + it * K : nullptr;
       const Tp* param = static_cast<const Tp*>(tv.param);
       const Tp* grads = static_cast<const Tp*>(tv.grad);
@@ -190,6 +195,25 @@ struct GramKernel {
             mr[i] = m;
           }
         }
+        // ‖g_i‖² of the tile (raw values; the multiplier is applied once per item below), in
+        // independent float64 lanes like the products.
+        for (int64_t i = 0; i < K; ++i) {
+          const Tp* g = grads + i * tv.grad_stride + j0;
+          double acc[kLanes] = {};
+          int64_t j = 0;
+          for (; j + kLanes <= n; j += kLanes)
+            for (int l = 0; l < kLanes; ++l) {
+              const double x = static_cast<double>(to_math<T>(g[j + l]));
+              acc[l] += x * x;
+            }
+          for (; j < n; ++j) {
+            const double x = static_cast<double>(to_math<T>(g[j]));
+            acc[0] += x * x;
+          }
+          double s = 0.0;
+          for (int l = 0; l < kLanes; ++l) s += acc[l];
+          Sq[i] += s;
+        }
         for (int64_t i = 0; i < K; ++i) {
           const double* ui = u + i * kTile;
           for (int64_t k = 0; k <= i; ++k) {
@@ -208,6 +232,12 @@ struct GramKernel {
     }
 
     // Deterministic reduction in item order (items are ordered by tensor).
+    std::fill(task_sq, task_sq + K, 0.0);
+    for (int64_t it = 0; it < n_items; ++it)
+      for (int64_t i = 0; i < K; ++i) {
+        const double m = static_cast<double>(grad_multiplier<T>(a, items[static_cast<size_t>(it)].tensor, i));
+        task_sq[i] += m * m * partial_sq[static_cast<size_t>(it * K + i)];
+      }
     std::fill(G, G + K * K, 0.0);
     std::vector<double> Gt(static_cast<size_t>(K * K));
     std::vector<double> tensor_min(static_cast<size_t>(K));
@@ -332,8 +362,10 @@ struct ApplyKernel {
         for (int64_t i = 0; i < K; ++i) {
           const T w = static_cast<T>(weights[i]);
           const T c = static_cast<T>(sigma ? weights[i] * sigma[item.tensor * K + i] : weights[i]);
-          // A task with weight 0 (excluded) contributes nothing; AdaTask still advances its state.
+          // A task with weight 0 (excluded) contributes nothing; AdaTask still advances its state,
+          // except for a task absent from this batch, whose state is left as it was.
           if (!kAdaTask && w == T(0)) continue;
+          if (kAdaTask && a.task_scale && a.task_scale[i] == 0.0) continue;
           const Tp* g = static_cast<const Tp*>(tv.grad) + i * tv.grad_stride + j0;
           const int64_t s0 = i * tv.state_stride + j0;
           const T mi = mult[i];
@@ -374,6 +406,7 @@ struct PassArgs {
   const SegmentArgs& seg;
   double* G;              // kGram output
   double* sigma;          // kGram output (Clippy); kApply input (Clippy)
+  double* task_sq;        // kGram output
   const double* weights;  // kApply input
 };
 
@@ -384,11 +417,11 @@ struct GramByRule {
   void operator()() const {
     const StepConfig& c = a.seg.cfg;
     if (c.umm == Umm::kClippy)
-      GramKernel<Rule, Tp, true, true>::run(a.seg, a.G, a.sigma);
+      GramKernel<Rule, Tp, true, true>::run(a.seg, a.G, a.sigma, a.task_sq);
     else if (c.gram_reads_theta())
-      GramKernel<Rule, Tp, true, false>::run(a.seg, a.G, a.sigma);
+      GramKernel<Rule, Tp, true, false>::run(a.seg, a.G, a.sigma, a.task_sq);
     else
-      GramKernel<Rule, Tp, false, false>::run(a.seg, a.G, a.sigma);
+      GramKernel<Rule, Tp, false, false>::run(a.seg, a.G, a.sigma, a.task_sq);
   }
 };
 

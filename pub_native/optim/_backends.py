@@ -43,11 +43,11 @@ class StepResult:
     bad_params: list[torch.Tensor] = field(default_factory=list)
 
 
-def bad_params_of(plan: StepPlan, flags_of_segment) -> list[torch.Tensor]:
-    """The plain-segment parameters whose gradient was flagged non-finite."""
+def flagged_params(plan: StepPlan, flags_of_segment, kind: SegmentKind) -> list[torch.Tensor]:
+    """The parameters of the segments of one kind whose per-tensor flag is set."""
     out = []
     for s, seg in enumerate(plan.segments):
-        if seg.kind != SegmentKind.PLAIN:
+        if seg.kind != kind:
             continue
         flags = flags_of_segment(s)
         out.extend(p for p, bad in zip(seg.params, flags) if bad)
@@ -104,8 +104,11 @@ class CpuBackend:
         result = StepResult(outcome, solve)
         if outcome == StepOutcome.APPLIED and solve:
             result.stats = {"status": SolveStatus(st.status), "iterations": st.iterations,
-                            "residual": st.residual, "solve_time": st.solve_time}
+                            "residual": st.residual, "solve_time": st.solve_time,
+                            "task_grad_norms": torch.from_numpy(np.sqrt(st.task_sq))}
         elif outcome in (StepOutcome.NONFINITE_GRAD, StepOutcome.NONFINITE_UPDATE):
             result.bad_tasks = np.flatnonzero(st.bad_task).tolist()
-            result.bad_params = bad_params_of(plan, st.bad_tensors)
+            result.bad_params = flagged_params(plan, st.bad_tensors, SegmentKind.PLAIN)
+        elif outcome == StepOutcome.GRAD_EDITED:
+            result.bad_params = flagged_params(plan, st.edited_tensors, SegmentKind.SHARED)
         return result

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .._native import CUDA_MAX_TASKS, SegmentKind, SolveStatus, StepOutcome, _C, cuda_module
-from ._backends import bad_params_of, solver_args
+from ._backends import flagged_params, solver_args
 from ._plan import DTYPES, PlanSegment, StepPlan
 
 __all__ = ["CudaBackend"]
@@ -98,7 +98,8 @@ class DeviceStepResult:
                     rows = f[:len(seg.params) * k].reshape(-1, k)
                     self._bad_tasks = sorted(set(self._bad_tasks)
                                              | set(np.flatnonzero(rows.any(0)).tolist()))
-            self._bad_params = bad_params_of(self._plan, lambda s: flags_of[s])
+            self._bad_params = flagged_params(self._plan, lambda s: flags_of[s],
+                                              SegmentKind.PLAIN)
         self._read = True
 
     @property

@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from .._native import Umm
 from ..solver import METHODS
 
-__all__ = ["CLIPPY_PRESETS", "PubOptions", "UMMS", "WEIGHT_NORMS"]
+__all__ = ["ABSENT_TASKS", "CLIPPY_PRESETS", "PubOptions", "UMMS", "WEIGHT_NORMS"]
 
 # Clippy thresholds (λ_rel, λ_abs): the PUB paper's setting and TensorFlow Recommenders'
 # ClippyAdagrad defaults.
 CLIPPY_PRESETS = {"paper": (0.5, 1e-2), "tfrs": (0.1, 1e-7)}
 UMMS = {None: Umm.NONE, "clippy": Umm.CLIPPY, "adatask": Umm.ADATASK}
 WEIGHT_NORMS = ("sum", "none")
+# What backward(losses) does with a task loss that has no graph (no labels in the batch).
+ABSENT_TASKS = ("skip", "error")
 
 
 def _finite_nonneg(value) -> bool:
@@ -34,6 +36,7 @@ class PubOptions:
     clippy_preset: str = "paper"
     clippy_lambda_rel: float | None = None
     clippy_lambda_abs: float | None = None
+    absent_tasks: str = "skip"
 
     def __post_init__(self):
         every = self.update_weights_every
@@ -61,6 +64,9 @@ class PubOptions:
             value = getattr(self, name)
             if value is not None and not _finite_nonneg(value):
                 raise ValueError(f"Invalid {name} value: {value!r} (a finite number >= 0)")
+        if self.absent_tasks not in ABSENT_TASKS:
+            raise ValueError(f"Invalid absent_tasks: {self.absent_tasks!r}, expected 'skip' or "
+                             "'error'")
         if self.umm == "clippy" and self.clippy_lambdas == (0.0, 0.0):
             raise ValueError("Clippy needs clippy_lambda_rel > 0 or clippy_lambda_abs > 0")
 

@@ -51,6 +51,7 @@ class PlanSegment:
     has_l2: bool = False
     params: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)    # (K, *shape), p's layout
+    grad_sums: list[torch.Tensor | None] = field(default_factory=list)  # shared: .grad to check
     states: list[list[torch.Tensor]] = field(default_factory=list)
     state_names: list[list[str]] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
@@ -207,9 +208,10 @@ def plain_grad(p: torch.Tensor, name: str) -> torch.Tensor:
 def fill_table(seg: PlanSegment) -> None:
     """The int64 table of the segment's addresses (rows in the order of seg.params)."""
     table = np.zeros((len(seg.params), _N_COLS), dtype=np.int64)
-    for r, (p, g, states, step, gi) in enumerate(zip(seg.params, seg.grads, seg.states,
-                                                     seg.steps, seg.groups)):
+    for r, (p, g, states, step, gi, gsum) in enumerate(zip(
+            seg.params, seg.grads, seg.states, seg.steps, seg.groups, seg.grad_sums)):
         table[r, TableCol.PARAM] = p.data_ptr()
+        table[r, TableCol.GRAD_SUM] = 0 if gsum is None else gsum.data_ptr()
         table[r, TableCol.NUMEL] = p.numel()
         table[r, TableCol.GRAD] = g.data_ptr()
         table[r, TableCol.BASE] = gi
@@ -235,14 +237,17 @@ def build_base(rows: list[list[float]]) -> np.ndarray:
                     dtype=np.float64).reshape(len(rows), int(BaseCol.COLS))
 
 
-def build_plan(opt, pending: bool) -> StepPlan | None:
+def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     """The plan of ``opt``'s next step: after ``backward(losses)`` (``pending``) the shared
     parameters with their K task gradients and every other parameter with a ``.grad`` as a
     plain step; otherwise every parameter with a ``.grad`` as a plain step (K = 1). None when
     nothing would be stepped.
 
     ``opt`` is a PUB optimizer: it gives the groups, the state, the shared parameters and their
-    task gradients, and per group the rule's state names, flags and constants.
+    task gradients, and per group the rule's state names, flags and constants. With ``rescan``
+    each shared row names the parameter's current ``.grad``, which the step compares with the
+    task gradients' sum (a shared parameter whose ``.grad`` was set to None since backward is
+    not stepped, as torch skips it).
     """
     shared_index = {}
     if pending:
@@ -264,18 +269,21 @@ def build_plan(opt, pending: bool) -> StepPlan | None:
         for p in group["params"]:
             j = shared_index.get(id(p))
             if j is not None:
-                if not p.requires_grad:
-                    continue  # frozen since detection: not stepped, as torch skips it
+                if not p.requires_grad or p.grad is None:
+                    continue  # frozen since detection, or its .grad removed: not stepped
             elif p.grad is None:
                 continue
             name = opt._param_name(p)
             names[id(p)] = name
             check_param(p, name, device)
             device = p.device
+            grad_sum = None
             if j is not None:
                 kind, k, stride = SegmentKind.SHARED, opt._k, opt._grads.size
                 grad = opt._grads.task_view(j)
                 umm = Umm(opt.options.umm_code)
+                if rescan:
+                    grad_sum = plain_grad(p, name)
             else:
                 if adatask and id(p) in opt._shared_ids():
                     raise RuntimeError(
@@ -298,6 +306,7 @@ def build_plan(opt, pending: bool) -> StepPlan | None:
             seg.has_l2 = seg.has_l2 or l2
             seg.params.append(p)
             seg.grads.append(grad)
+            seg.grad_sums.append(grad_sum)
             seg.states.append(states)
             seg.state_names.append(state_names)
             seg.steps.append(step)

@@ -91,6 +91,8 @@ class PUBOptimizer:
         self._decided: dict[int, bool] = {}  # id(param) -> shared? (flags, explicit, detection)
         self._shared: list[torch.Tensor] | None = None  # in param-group order
         self._grads: _autograd.TaskGradients | None = None
+        self._grad_views: list | None = None  # the .grad views handed to the shared params
+        self._present: list[bool] | None = None  # tasks with a loss graph in this step
         self._pending = False  # backward(losses) ran since the last step
         self._t = 0  # PUB steps applied
         self._solved = False  # a weight solve has been applied
@@ -135,6 +137,8 @@ class PUBOptimizer:
             "decided": [self._decided.get(id(p)) for p in params],
             "k": self._k,
             "grads": self._grads,
+            "grad_views": self._grad_views,
+            "present": self._present,
             "pending": self._pending,
             "t": self._t,
             "solved": self._solved,
@@ -157,6 +161,8 @@ class PUBOptimizer:
         self._k = pub["k"]
         self._grads = pub["grads"]
         self._shared = None if self._grads is None else list(self._grads.params)
+        self._grad_views = pub["grad_views"]
+        self._present = pub["present"]
         self._pending = pub["pending"]
         self._t = pub["t"]
         self._solved = pub["solved"]
@@ -247,7 +253,8 @@ class PUBOptimizer:
 
     def _resolve_shared(self, losses, items) -> list[torch.Tensor]:
         """The shared parameters, deciding those not decided yet: the explicit ``shared``
-        argument, else a group's ``"shared"`` flag, else the autograd graph of these losses."""
+        argument, else a group's ``"shared"`` flag, else the autograd graph of these losses
+        (which needs every task present)."""
         params = self._all_params()
         explicit = None if self._explicit_shared is None else {id(p) for p in
                                                                self._explicit_shared}
@@ -263,6 +270,13 @@ class PUBOptimizer:
                     self._decided[id(p)] = bool(flag)
                 else:
                     if auto is None:
+                        absent = [i for i, loss in enumerate(items) if loss is None]
+                        if absent:
+                            raise ValueError(
+                                f"task(s) {absent} have no loss graph in this batch, so the "
+                                "shared parameters cannot be detected from it: pass shared= "
+                                "(or param-group 'shared' flags), or start with a batch in "
+                                "which every task has a loss")
                         roots = _autograd.task_roots(losses, items)
                         auto = dict(zip(map(id, params), _autograd.split_shared(roots, params)))
                     self._decided[id(p)] = auto[id(p)]
@@ -272,49 +286,98 @@ class PUBOptimizer:
         """Per-task gradients of the shared parameters into the K×P buffer, and the ordinary
         gradients (of Σ_i L_i) of every other parameter into ``.grad``.
 
+        Afterwards each shared parameter's ``.grad`` holds Σ_i ∂L_i/∂θ, what
+        ``sum(losses).backward()`` gives (a view of the optimizer's buffer), so that clipping
+        and gradient-norm tools over ``model.parameters()`` see the shared parameters. A
+        rescaling of it before ``step()`` (``clip_grad_norm_``, ``GradScaler.unscale_``) is
+        applied to every task's gradient of that parameter; any other change makes ``step()``
+        raise.
+
         Args:
-            losses: K scalar losses, a list/tuple of 0-dim tensors or a 1-D tensor.
+            losses: K scalar losses, a list/tuple of 0-dim tensors or a 1-D tensor. With
+                ``absent_tasks="skip"`` a loss without a graph marks a task absent from this
+                batch (weight 0 at this step).
             retain_graph: keep the autograd graph after the last task, as in
                 ``Tensor.backward``.
 
-        Calling ``backward`` again before ``step`` accumulates, as ``Tensor.backward`` does.
+        Calling ``backward`` again before ``step`` (or without ``zero_grad`` in between)
+        accumulates, as ``Tensor.backward`` does.
         """
-        items = _autograd.as_loss_list(losses, self._k)
+        skip_absent = self.options.absent_tasks == "skip"
+        try:
+            items = _autograd.as_loss_list(losses, self._k, allow_absent=skip_absent)
+        except ValueError as exc:
+            if "does not require grad" in str(exc):
+                raise ValueError(f"{exc}; a task with no labels in a batch can be skipped at "
+                                 "that step with absent_tasks='skip'") from None
+            raise
         k = len(items)
+        present = [loss is not None for loss in items]
+        if not any(present):
+            raise ValueError("losses: no task loss requires grad (none is connected to a "
+                             "parameter), so there is nothing to differentiate")
         shared = self._resolve_shared(losses, items)
-        if (self._grads is None or self._grads.k != k
-                or [id(p) for p in shared] != [id(p) for p in self._grads.params]
-                or not self._grads.matches()):
-            if self._pending:
+        grads = self._grads
+        accumulate = self._accumulating(shared)
+        if (grads is None or grads.k != k
+                or [id(p) for p in shared] != [id(p) for p in grads.params]
+                or not grads.matches()):
+            if accumulate:
                 raise RuntimeError(
                     "the shared parameters or their dtype, device or shape changed between two "
                     "backward(losses) calls of one step; call step() or zero_grad() first")
             for p in shared:
                 check_param(p, self._param_name(p), shared[0].device)
-            self._grads = _autograd.TaskGradients(shared, k)
+            grads = self._grads = _autograd.TaskGradients(shared, k, with_sum=True)
+        if self._grad_views is None or len(self._grad_views) != len(shared):
+            self._grad_views = [None] * len(shared)
         self._shared = shared
         if self._k is None:
             self._k = k
-        self._check_no_foreign_grad(shared)
+        if not accumulate:
+            self._present = [False] * k
+        self._present = [a or b for a, b in zip(self._present, present)]
         shared_ids = {id(p) for p in shared}
         specific = [p for p in self._all_params() if p.requires_grad and id(p) not in shared_ids]
-        self._grads.compute(items, [specific] * k, retain_graph=retain_graph,
-                            accumulate=self._pending)
+        grads.compute(items, [specific] * k, retain_graph=retain_graph, accumulate=accumulate)
+        grads.form_sum()
+        for j, p in enumerate(shared):
+            if p.requires_grad:
+                view = grads.sum_view(j)
+                p.grad = view
+                self._grad_views[j] = view
         self._pending = True
 
-    def _check_no_foreign_grad(self, shared) -> None:
-        """A shared parameter's ``.grad`` from a plain ``loss.backward()`` cannot be attributed
-        to a task: refuse it rather than drop it (a zero ``.grad``, as ``zero_grad(
-        set_to_none=False)`` leaves, is fine)."""
-        for p in shared:
+    def _accumulating(self, shared) -> bool:
+        """Whether this backward adds to the task gradients: before a step (pending), or after
+        one whose gradients were not zeroed (every shared .grad is still the optimizer's view,
+        as Tensor.backward accumulates into a .grad that is still there). Checks that nothing
+        else lies in a shared .grad: a non-zero .grad from a plain loss.backward() cannot be
+        attributed to a task and is refused rather than dropped."""
+        grads = self._grads
+        views = getattr(self, "_grad_views", None)
+        ours = grads is not None and views is not None and len(views) == len(shared)
+        attached = ours and all(v is not None and p.grad is v
+                                for p, v in zip(shared, views) if p.requires_grad)
+        if attached and grads.buffer._version == grads.sum_version:
+            return True
+        for j, p in enumerate(shared):
             g = p.grad
-            if g is not None and p.requires_grad and bool(g.count_nonzero()):
-                raise RuntimeError(
-                    f"{self._param_name(p)} is shared by the tasks but already has a non-zero "
-                    ".grad (from a plain loss.backward()?) when backward(losses) is called: PUB "
-                    "needs every contribution to a shared parameter as a task loss. Call "
-                    "opt.zero_grad() first, or pass that loss as a task (or add it to each "
-                    "task's loss).")
+            if g is None or not p.requires_grad:
+                continue
+            if ours and g is views[j] and not bool(g.count_nonzero()):
+                continue  # zeroed in place (zero_grad(set_to_none=False))
+            if not (ours and g is views[j]) and not bool(g.count_nonzero()):
+                continue
+            raise RuntimeError(
+                f"{self._param_name(p)} is shared by the tasks but its .grad holds a non-zero "
+                "gradient that backward(losses) did not make (a plain loss.backward(), or a "
+                "change since the last backward): PUB needs every contribution to a shared "
+                "parameter as a task loss. Call opt.zero_grad() first, or pass that loss as a "
+                "task (or add it to each task's loss).")
+        if ours and attached:
+            grads.buffer.zero_()  # zeroed in place: start again from zero
+        return False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the ``.grad`` of every parameter and drop pending per-task gradients."""
@@ -370,17 +433,28 @@ class PUBOptimizer:
                 f"{', '.join(changed)} changed dtype, device, shape or layout between "
                 "backward(losses) and step(); its task gradients no longer fit it. Call "
                 "backward(losses) again.")
-        plan = build_plan(self, pending)
+        grad_scale, found_inf = self._scaler_inputs()
+        # A shared .grad changed since backward (its buffer's version moved, or it is another
+        # tensor now), or unscaled in place by GradScaler.unscale_ (which moves no version):
+        # the step measures each tensor's rescaling against the task gradients.
+        rescan = pending and (
+            self._grads.buffer._version != self._grads.sum_version
+            or (found_inf is not None and grad_scale is None)
+            or any(p.grad is not v for p, v in zip(self._grads.params, self._grad_views)
+                   if v is not None))
+        plan = build_plan(self, pending, rescan)
         if plan is None:
             self._pending = False
             return
         backend = self._backend_for(plan)
         every = self.options.update_weights_every
         solve = pending and plan.has_shared and (not self._solved or self._t % every == 0)
-        grad_scale, found_inf = self._scaler_inputs()
+        task_scale = None
+        if pending and self._present is not None and not all(self._present):
+            task_scale = np.array(self._present, dtype=np.float64)
         self._read_device_result(raise_errors=False)
-        result = backend.step(plan, solve=solve, options=self.options,
-                              grad_scale=grad_scale, found_inf=found_inf)
+        result = backend.step(plan, solve=solve, options=self.options, grad_scale=grad_scale,
+                              found_inf=found_inf, task_scale=task_scale)
         self._finish_step(plan, result, pending, solve, found_inf)
 
     def _commit_state(self, plan: StepPlan) -> None:
@@ -431,8 +505,10 @@ class PUBOptimizer:
         if result.outcome == StepOutcome.NONFINITE_GRAD:
             return "non-finite gradient (NaN/Inf) for " + " and ".join(parts) + tail
         if result.outcome == StepOutcome.GRAD_EDITED:
-            return ("the .grad of a shared parameter was changed between backward(losses) and "
-                    "step() in a way that is not a rescaling" + tail)
+            return (f"the .grad of {parts[-1] if parts else 'a shared parameter'} was changed "
+                    "between backward(losses) and step() in a way that is not a rescaling (a "
+                    "rescaling, as clip_grad_norm_ or GradScaler.unscale_ make, is applied to "
+                    "every task's gradient; other changes cannot be)" + tail)
         return ("the task updates overflowed (non-finite Gram matrix) although every gradient "
                 "is finite: check the learning rate and eps" + tail)
 

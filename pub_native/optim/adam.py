@@ -49,6 +49,9 @@ class Adam(PUBOptimizer, torch.optim.Adam):
             λ_rel·|θ| + λ_abs) or ``"adatask"`` (per-task m_i, v_i).
         clippy_preset: ``"paper"`` (λ_rel = 0.5, λ_abs = 1e-2) or ``"tfrs"`` (0.1, 1e-7);
             ``clippy_lambda_rel`` / ``clippy_lambda_abs`` override it.
+        absent_tasks: ``"skip"`` (default): a task loss without a graph (no labels for that task
+            in this batch, e.g. a constant) gives that task weight 0 at that step (the others'
+            weights renormalized), its AdaTask state untouched; ``"error"``: such a loss raises.
         backend: ``"native"`` (default: the C++ core, CPU or CUDA by the parameters' device) or
             ``"reference"`` (the plain-PyTorch reference, float64 math, for checking); the
             environment variable ``PUB_NATIVE_BACKEND`` sets the default.
@@ -65,7 +68,7 @@ class Adam(PUBOptimizer, torch.optim.Adam):
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  shared=None, update_weights_every=1, solver="newton", weight_norm="sum",
                  ridge=1e-8, umm=None, clippy_preset="paper", clippy_lambda_rel=None,
-                 clippy_lambda_abs=None, backend=None):
+                 clippy_lambda_abs=None, absent_tasks="skip", backend=None):
         params = self._materialize(params)
         kwargs = dict(foreach=foreach, maximize=maximize, capturable=capturable,
                       differentiable=differentiable, fused=fused)
@@ -80,7 +83,7 @@ class Adam(PUBOptimizer, torch.optim.Adam):
         self._pub_setup(shared, backend, update_weights_every=update_weights_every,
                         solver=solver, weight_norm=weight_norm, ridge=ridge, umm=umm,
                         clippy_preset=clippy_preset, clippy_lambda_rel=clippy_lambda_rel,
-                        clippy_lambda_abs=clippy_lambda_abs)
+                        clippy_lambda_abs=clippy_lambda_abs, absent_tasks=absent_tasks)
 
     def _state_names(self, group):
         names = ["exp_avg", "exp_avg_sq"]

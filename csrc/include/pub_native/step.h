@@ -21,7 +21,10 @@ enum TableCol : int32_t {
                 // i · grad_task_stride elements further
   kTBase = 3,   // row of the base table (the param group's constants)
   kTStep = 4,   // float32 step counter: this step is t = *step + 1; advanced when applied
-  kTState = 5,  // kMaxStates state tensors (math type), 0 when unused; with AdaTask each is
+  kTGradSum = 5,  // shared tensors: the tensor's .grad as it is now, which held Σ_i g_i after
+                  // backward and may have been rescaled since (clipping, GradScaler.unscale_),
+                  // or 0 when it is known unchanged
+  kTState = 6,  // kMaxStates state tensors (math type), 0 when unused; with AdaTask each is
                 // (K, numel): task i's state starts at i · numel
   kTableCols = kTState + kMaxStates,
 };
@@ -141,6 +144,47 @@ PN_HD int32_t step_outcome(bool found_inf, bool grad_edited, bool grad_nonfinite
   if (grad_nonfinite) return kNonFiniteGrad;
   if (update_nonfinite) return kNonFiniteUpdate;
   return kApplied;
+}
+
+// The weights one step applies: α̂, except that a task absent from this batch (task_scale 0)
+// gets 0 and, with normalize_sum, the others are renormalized to sum 1. task_scale may be null.
+PN_HD void step_weights(const double* weights, const double* task_scale, int64_t K,
+                        bool normalize_sum, double* out) {
+  double total = 0.0, kept = 0.0;
+  for (int64_t i = 0; i < K; ++i) {
+    const bool present = task_scale == nullptr || task_scale[i] != 0.0;
+    out[i] = present ? weights[i] : 0.0;
+    total += weights[i];
+    kept += out[i];
+  }
+  if (normalize_sum && kept > 0.0 && kept != total)
+    for (int64_t i = 0; i < K; ++i) out[i] /= kept;
+}
+
+// How far (relative, 2-norm) a rescaled .grad may be from c·s and still count as a rescaling:
+// twice the rounding of one multiplication in the gradient's type (float32 and float64: the
+// float64 sums' own noise).
+PN_HD double grad_rescale_tolerance(DType d) {
+  switch (d) {
+    case kBFloat16: return 1.0 / 128.0;
+    case kFloat16: return 1.0 / 512.0;
+    default: return 1e-6;
+  }
+}
+
+// The factor c with m ≈ c·s for a tensor whose .grad m was Σ_i g_i = s after backward: from
+// the sums ⟨m, s⟩, ⟨s, s⟩ and ⟨m, m⟩ over its elements. Sets *edited when m is not a multiple
+// of s up to `tol` (relative, in the 2-norm): a change of .grad that PUB cannot carry over to
+// the task gradients.
+PN_HD double rescale_factor(double ms, double ss, double mm, double tol, bool* edited) {
+  if (!(ss > 0.0)) {  // s = 0: only m = 0 is a rescaling of it
+    *edited = !(mm == 0.0);
+    return 1.0;
+  }
+  const double c = ms / ss;
+  const double residual2 = mm - c * ms;  // ‖m − c s‖² = ⟨m,m⟩ − ⟨m,s⟩²/⟨s,s⟩
+  *edited = !(residual2 <= tol * tol * mm) || !pn_isfinite(c);
+  return c;
 }
 
 // α̂ from the solver's α: α/Σα (normalize_sum) or α. When α is unusable (every task update is
