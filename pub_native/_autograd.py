@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["as_loss_list", "reached_parameters", "split_shared", "task_roots", "TaskGradients"]
+__all__ = ["as_loss_list", "compiled_graph", "reached_parameters", "split_shared",
+           "split_shared_by_gradients", "task_roots", "TaskGradients"]
 
 
 def as_loss_list(losses, expected_k: int | None = None,
@@ -111,6 +112,38 @@ def split_shared(roots: list, params: list[torch.Tensor]) -> list[bool]:
     autograd node per task (see :func:`task_roots`)."""
     reach = [reached_parameters(root) for root in roots]
     return [sum(id(p) in r for r in reach) >= 2 for p in params]
+
+
+def compiled_graph(roots: list) -> bool:
+    """Whether a task's graph passes through a compiled region (``torch.compile``): one opaque
+    node that reaches every parameter of the region, whichever outputs a task uses."""
+    seen: set = set()
+    stack = [r.grad_fn if isinstance(r, torch.Tensor) else r for r in roots]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in node.name():
+            return True
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return False
+
+
+def split_shared_by_gradients(losses: list[torch.Tensor], params: list[torch.Tensor]
+                              ) -> list[bool]:
+    """For each parameter: do two or more tasks give it a non-zero gradient? The detection for
+    graphs that the autograd structure cannot split (compiled regions compute every
+    parameter's gradient, exact zeros for parameters a task does not use). One backward pass
+    per task, on the first batch only."""
+    candidates = [p for p in params if p.requires_grad]
+    counts = dict.fromkeys(map(id, candidates), 0)
+    for loss in losses:
+        grads = torch.autograd.grad(loss, candidates, retain_graph=True, allow_unused=True)
+        for p, g in zip(candidates, grads):
+            if g is not None and bool(g.count_nonzero()):
+                counts[id(p)] += 1
+    return [counts.get(id(p), 0) >= 2 for p in params]
 
 
 def dense_strides(t: torch.Tensor) -> bool:

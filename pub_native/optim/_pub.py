@@ -11,6 +11,7 @@ every parameter goes through one path and step hooks fire once.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 from .. import _autograd
 from .._native import StepOutcome
 from ._backends import CpuBackend
+from ._compile import compiled_step
+from ._compile import register as register_for_compile
 from ._options import CLIPPY_PRESETS, PubOptions
 from ._plan import StepPlan, build_plan, check_param
 
@@ -81,6 +84,7 @@ class PUBOptimizer:
                     raise TypeError(f"{self._param_name(p)}: complex parameters are not "
                                     "supported")
         known = {id(p) for p in self._all_params()}
+        self._compile_handle = register_for_compile(self)
         self._explicit_shared = None if shared is None else list(shared)
         if shared is not None and not {id(p) for p in self._explicit_shared} <= known:
             raise ValueError("shared contains tensors that are not among the optimizer's params")
@@ -154,6 +158,7 @@ class PUBOptimizer:
             return
         self.options = pub["options"]
         self.backend = pub["backend"]
+        self._compile_handle = register_for_compile(self)
         self._explicit_shared = pub["explicit_shared"]
         self._reset_pub()
         params = self._all_params()
@@ -210,9 +215,11 @@ class PUBOptimizer:
         if outcome == StepOutcome.APPLIED:
             self._stats = dict(result.stats if result.solved else self._stats,
                                updated=result.solved)
-        elif raise_errors and not under_scaler and outcome != StepOutcome.SKIPPED_FOUND_INF:
-            raise FloatingPointError(self._failure_message(result._plan, result)
-                                     + " (the CUDA step was skipped on the device)")
+        elif raise_errors and outcome != StepOutcome.SKIPPED_FOUND_INF and (
+                not under_scaler or outcome == StepOutcome.GRAD_EDITED):
+            error = RuntimeError if outcome == StepOutcome.GRAD_EDITED else FloatingPointError
+            raise error(self._failure_message(result._plan, result)
+                        + " (the CUDA step was skipped on the device)")
 
     def _current_weights(self) -> tuple | None:
         """(α̂, α) in use, as host float64 arrays (either may be None)."""
@@ -278,7 +285,18 @@ class PUBOptimizer:
                                 "(or param-group 'shared' flags), or start with a batch in "
                                 "which every task has a loss")
                         roots = _autograd.task_roots(losses, items)
-                        auto = dict(zip(map(id, params), _autograd.split_shared(roots, params)))
+                        if _autograd.compiled_graph(roots):
+                            warnings.warn(
+                                "the model is compiled (torch.compile), so its autograd graph "
+                                "reaches every parameter from every task: the shared parameters "
+                                "are detected from this batch's task gradients instead (a "
+                                "parameter is shared when two or more tasks give it a non-zero "
+                                "gradient). Pass shared= (or param-group 'shared' flags) to set "
+                                "them exactly.", stacklevel=3)
+                            split = _autograd.split_shared_by_gradients(items, params)
+                        else:
+                            split = _autograd.split_shared(roots, params)
+                        auto = dict(zip(map(id, params), split))
                     self._decided[id(p)] = auto[id(p)]
         return [p for p in params if self._decided[id(p)]]
 
@@ -379,6 +397,73 @@ class PUBOptimizer:
             grads.buffer.zero_()  # zeroed in place: start again from zero
         return False
 
+    # ---- gradient tools ----------------------------------------------------------------------
+
+    def _fold_grad_rescale(self) -> None:
+        """Carry a rescaling of the shared ``.grad`` since backward (``clip_grad_norm_``,
+        ``GradScaler.unscale_``) into the task gradients themselves, so that they and ``.grad``
+        agree again; a change that is no rescaling raises RuntimeError naming the parameter.
+        Compares each ``.grad`` with the task gradients' sum (a pass over the K×P buffer)."""
+        g = self._grads
+        if g is None or not self._pending:
+            raise RuntimeError("call backward(losses) first: there are no task gradients")
+        k = g.k
+        rows = g.buffer[:k]
+        math = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
+        total = rows.sum(0, dtype=math).to(g.dtype)
+        changed = False
+        tol = {torch.bfloat16: 1 / 128, torch.float16: 1 / 512}.get(g.dtype, 1e-6)
+        for j, p in enumerate(g.params):
+            m = p.grad
+            if m is None or not p.requires_grad:
+                continue
+            o, n = g.offsets[j], g.numels[j]
+            sj = _autograd.layout_view(total[o:o + n], p).double()
+            md = m.double()
+            ms, ss, mm = (md * sj).sum(), (sj * sj).sum(), (md * md).sum()
+            c = ms / ss if ss > 0 else torch.ones((), dtype=torch.float64, device=ss.device)
+            edited = (mm - c * ms > tol * tol * mm) if ss > 0 else mm != 0
+            if bool(edited) or not bool(torch.isfinite(c)):
+                raise RuntimeError(
+                    f"the .grad of {self._param_name(p)} was changed since backward(losses) in a "
+                    "way that is not a rescaling, so the task gradients cannot follow it")
+            if float(c) != 1.0:
+                rows[:, o:o + n].mul_(c.to(g.dtype))
+                changed = True
+            if m is not self._grad_views[j]:
+                changed = True
+        if changed or g.buffer._version != g.sum_version:
+            g.form_sum()
+            for j, p in enumerate(g.params):
+                if p.grad is not None and p.requires_grad:
+                    p.grad = self._grad_views[j] = g.sum_view(j)
+
+    def task_grad_norms(self, norm_type: float = 2.0) -> torch.Tensor:
+        """Each task's gradient norm over the shared parameters, shape (K,), float64 on their
+        device: what multi-task training logs. Call between ``backward(losses)`` and ``step()``;
+        a rescaling of the shared ``.grad`` since backward (e.g. ``GradScaler.unscale_``) is
+        taken into account. (After a weight-update step, ``stats["task_grad_norms"]`` has the
+        2-norms the step used, computed in its Gram pass at no extra cost.) This reads the
+        K×P buffer and, on CUDA, waits for the device."""
+        self._fold_grad_rescale()
+        rows = self._grads.buffer[:self._grads.k]
+        return torch.linalg.vector_norm(rows, ord=norm_type, dim=1, dtype=torch.float64)
+
+    def clip_task_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Per-task gradient clipping: scale each task's gradient of the shared parameters to a
+        norm of at most ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_`` does for one
+        gradient), before the step balances them. The shared ``.grad`` is updated to the sum of
+        the clipped task gradients. Returns the norms before clipping (K,). Call between
+        ``backward(losses)`` and ``step()``, after ``GradScaler.unscale_`` if one is used."""
+        if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+            raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+        norms = self.task_grad_norms(norm_type)
+        g = self._grads
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        g.buffer[:g.k].mul_(coef.to(g.dtype).unsqueeze(1))
+        g.form_sum()
+        return norms
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the ``.grad`` of every parameter and drop pending per-task gradients."""
         self._pending = False
@@ -394,7 +479,10 @@ class PUBOptimizer:
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            self._take_step()
+            if torch.compiler.is_compiling():
+                compiled_step(self)  # an opaque custom op: the compiler does not trace the step
+            else:
+                self._take_step()
         return loss
 
     def _backend_for(self, plan: StepPlan):
@@ -487,13 +575,15 @@ class PUBOptimizer:
                 self._stats = dict(result.stats if solve else self._stats, updated=solve)
             self._pending = False
             return
-        if outcome == StepOutcome.SKIPPED_FOUND_INF or found_inf is not None:
+        if outcome == StepOutcome.SKIPPED_FOUND_INF or (
+                found_inf is not None and outcome != StepOutcome.GRAD_EDITED):
             # Under a GradScaler a skipped step is the protocol, not an error.
             if found_inf is not None:
                 found_inf.fill_(1.0)
             self._pending = False
             return
-        raise FloatingPointError(self._failure_message(plan, result))
+        error = RuntimeError if outcome == StepOutcome.GRAD_EDITED else FloatingPointError
+        raise error(self._failure_message(plan, result))
 
     def _failure_message(self, plan: StepPlan, result) -> str:
         tail = "; the step was not taken and parameters and optimizer state are unchanged"

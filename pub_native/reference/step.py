@@ -73,6 +73,9 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
     k = plan.k
     multipliers = np.full(k, inv_scale) if task_scale is None else inv_scale * np.asarray(
         task_scale, dtype=np.float64)
+    # A task absent from this batch (task_scale 0) takes no part in G and gets weight 0.
+    present = torch.ones(k, dtype=torch.bool) if task_scale is None else torch.as_tensor(
+        np.asarray(task_scale) != 0)
     rows = []
     G = torch.zeros(k, k, dtype=F64)
     bad_tasks = torch.zeros(k, dtype=torch.bool)
@@ -97,6 +100,7 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
                 G += U @ U.T
                 any_gram = True
             rows.append((seg, row, rule))
+    G = G * (present[:, None] & present[None, :])
     if reduce_gram is not None:
         G = torch.as_tensor(reduce_gram(G.numpy()), dtype=F64)
     grad_bad = bool(bad_tasks.any()) or bool(bad_params)
@@ -126,7 +130,9 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
                     / np.linalg.norm(1 / alpha[on])) if on.any() else 0.0
         info["stats"] = {"status": status, "iterations": 0, "residual": float(residual),
                          "solve_time": elapsed, "alpha": alpha}
-    w = torch.as_tensor(weights, dtype=F64)
+    w = torch.as_tensor(weights, dtype=F64) * present
+    if options.weight_norm == "sum" and w.sum() > 0:
+        w = w / w.sum()
 
     for seg, row, rule in rows:
         shape = [1] * row.theta.dim()
@@ -134,7 +140,9 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
             c = (w * row.sigma).view(-1, *shape)
             theta = row.theta * row.decay - (c * row.u).sum(0)
             if seg.umm == Umm.ADATASK:
-                _, new_state = rule(row.g, row.state, row.c, row.t)
+                _, advanced = rule(row.g, row.state, row.c, row.t)
+                keep = present.view(-1, *shape)
+                new_state = {n: torch.where(keep, v, row.state[n]) for n, v in advanced.items()}
             else:
                 g_alpha = (w.view(-1, *shape) * row.g).sum(0)
                 _, new_state = rule(g_alpha, row.state, row.c, row.t)

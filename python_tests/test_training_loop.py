@@ -1,0 +1,352 @@
+"""PUB inside a real training loop (SPEC section 9): torch.amp.GradScaler through torch's protocol
+for optimizers that unscale themselves, gradient tools over model.parameters() after
+backward(losses), per-task gradient norms and clipping, tasks absent from a batch, and
+torch.compile of the model and of the step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import BF16, F16, F32, F64, TOL
+from helpers import (MMoE, assert_close, assert_states_close, assert_states_equal, mmoe_batch,
+                     mmoe_losses)
+
+import pub_native
+
+
+def _train(model, opt, steps, scaler=None, clip=None, start=0, unscale=True, lose=None):
+    """backward(losses) + step for `steps` batches, optionally through a GradScaler and with
+    torch's clip_grad_norm_ over model.parameters()."""
+    norms = []
+    for t in range(start, start + steps):
+        idx, y = mmoe_batch(t)
+        opt.zero_grad()
+        losses = [((o.float() - y) ** 2).mean() for o in model(idx)]
+        if lose is not None:
+            losses = lose(t, losses)
+        if scaler is None:
+            opt.backward(losses)
+            if clip is not None:
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            opt.step()
+        else:
+            opt.backward([scaler.scale(loss) for loss in losses])
+            if clip is not None:
+                if unscale:
+                    scaler.unscale_(opt)
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            scaler.step(opt)
+            scaler.update()
+    return norms
+
+
+# ---- GradScaler ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_grad_scaler_run_equals_the_unscaled_run(name, dtype):
+    # Scale 2^8: the scaled gradients are exact multiples, unscaled inside the native passes.
+    cls = {"adam": pub_native.Adam, "rmsprop": pub_native.RMSProp}[name]
+    torch.manual_seed(0)
+    model = MMoE().to(dtype)
+    twin = copy.deepcopy(model)
+    opt, ref = cls(model.parameters(), lr=1e-2), cls(twin.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    _train(model, opt, 5, scaler=scaler)
+    _train(twin, ref, 5)
+    assert scaler.get_scale() == 2.0**8  # no overflow, no back-off
+    assert_states_close(opt, list(model.parameters()), ref, list(twin.parameters()),
+                        TOL[("scaler", dtype)])
+
+
+@pytest.mark.parametrize("where", ["shared", "head"])
+def test_grad_scaler_overflow_skips_the_whole_step_and_backs_off(where):
+    torch.manual_seed(0)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), lr=1e-2, update_weights_every=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    _train(model, opt, 3, scaler=scaler)
+    before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    weights = opt.task_weights
+
+    def overflow(t, losses):
+        if where == "shared":
+            return [losses[0], losses[1] * float("inf")]
+        return [losses[0] + model.towers[0].weight.sum() * float("inf"), losses[1]]
+
+    _train(model, opt, 1, scaler=scaler, start=3, lose=overflow)  # nothing raised
+    assert scaler.get_scale() == 2.0**7
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = opt.state_dict()
+    assert after["pub"]["step"] == before["pub"]["step"]
+    assert torch.equal(opt.task_weights, weights)
+    for key, st in before["state"].items():
+        for name, value in st.items():
+            assert torch.equal(after["state"][key][name], value), (key, name)
+    _train(model, opt, 1, scaler=scaler, start=4)  # and training goes on
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+def test_unscale_then_clip_over_model_parameters_equals_the_unscaled_run():
+    # The standard recipe: unscale_, clip over model.parameters() (shared ones included, their
+    # .grad holding the tasks' sum), step. Large eps makes Adam sensitive to the clipping.
+    torch.manual_seed(1)
+    m1 = MMoE()
+    m2, m3 = copy.deepcopy(m1), copy.deepcopy(m1)
+    o1, o2, o3 = (pub_native.Adam(m.parameters(), lr=1e-2, eps=1.0) for m in (m1, m2, m3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    n1 = _train(m1, o1, 4, scaler=scaler, clip=0.05)
+    n2 = _train(m2, o2, 4, clip=0.05)
+    _train(m3, o3, 4)  # no clipping
+    for a, b in zip(n1, n2):
+        assert_close(a, b, 1e-6, "total norm")
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert_close(a, b, 1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m3.parameters())) \
+        > 1e-4, "clipping had no effect on the step"
+
+
+# ---- gradient tools -----------------------------------------------------------------------------
+
+
+def test_shared_grad_is_the_sum_and_clipping_sees_it():
+    torch.manual_seed(2)
+    model = MMoE()
+    twin = copy.deepcopy(model)
+    opt = pub_native.Adam(model.parameters())
+    batch = mmoe_batch(0)
+    opt.backward(mmoe_losses(model, batch))
+    sum(mmoe_losses(twin, batch)).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad, 1e-6)
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 1e9)
+    assert_close(total, expected, 1e-6, "total gradient norm")
+
+
+def test_clip_grad_norm_reaches_the_step():
+    # Clipping the shared .grad by c scales every task's gradient of it by c: the same step as
+    # losses multiplied by c (a large eps keeps Adam sensitive to the scale).
+    torch.manual_seed(3)
+    m1 = MMoE()
+    m2 = copy.deepcopy(m1)
+    o1 = pub_native.Adam(m1.parameters(), lr=1e-2, eps=1.0)
+    o2 = pub_native.Adam(m2.parameters(), lr=1e-2, eps=1.0)
+    batch = mmoe_batch(1)
+    o1.backward(mmoe_losses(m1, batch))
+    total = torch.nn.utils.clip_grad_norm_(m1.parameters(), 0.01)
+    coef = 0.01 / (float(total) + 1e-6)
+    o1.step()
+    o2.backward([loss * coef for loss in mmoe_losses(m2, batch)])
+    o2.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert_close(a, b, 1e-5)
+
+
+def test_a_change_of_shared_grad_that_is_no_rescaling_is_refused():
+    torch.manual_seed(4)
+    model = MMoE()
+    opt = pub_native.Adam([{"params": model.parameters(),
+                            "param_names": [n for n, _ in model.named_parameters()]}])
+    opt.backward(mmoe_losses(model, mmoe_batch(2)))
+    params = [p.detach().clone() for p in model.parameters()]
+    torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)  # per element: not a rescaling
+    with pytest.raises(RuntimeError, match="not a rescaling"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+def test_per_task_gradient_norms_and_clipping():
+    torch.manual_seed(5)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    batch = mmoe_batch(3)
+    losses = mmoe_losses(model, batch)
+    opt.backward(losses)
+    shared = opt.shared_parameters
+    manual = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss, shared, retain_graph=True)]).norm() for loss in mmoe_losses(model, batch)])
+    assert_close(opt.task_grad_norms(), manual, 1e-6, "norms")
+    norms = opt.clip_task_grad_norm_(0.5 * float(manual.min()))
+    assert_close(norms, manual, 1e-6, "returned norms")
+    after = opt.task_grad_norms()
+    assert_close(after, torch.full_like(after, 0.5 * float(manual.min())), 1e-5, "clipped")
+    opt.step()
+    assert_close(opt.stats["task_grad_norms"], after, 1e-6, "norms of the step's Gram pass")
+
+
+# ---- tasks absent from a batch -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umm", [None, "adatask"])
+def test_absent_task_gets_weight_zero_and_keeps_its_state(umm):
+    torch.manual_seed(6)
+    model = MMoE()
+    twin = copy.deepcopy(model)
+    opt = pub_native.Adam(model.parameters(), lr=1e-2, umm=umm)
+    ref = pub_native.Adam(twin.parameters(), lr=1e-2, umm=umm, backend="reference")
+
+    def absent_at_2(t, losses):  # no labels for task 1 in batch 2: a constant loss
+        return [losses[0], torch.zeros(())] if t == 2 else losses
+
+    _train(model, opt, 2)
+    _train(twin, ref, 2)
+    expert = model.experts[0].weight
+    before = {k: v.clone() for k, v in opt.state[expert].items()}
+    _train(model, opt, 1, start=2, lose=absent_at_2)
+    _train(twin, ref, 1, start=2, lose=absent_at_2)
+    assert opt.task_weights[1] == 0.0 and opt.task_weights[0] == 1.0
+    if umm == "adatask":
+        for key in ("task_exp_avg", "task_exp_avg_sq"):
+            assert torch.equal(opt.state[expert][key][1], before[key][1]), key
+            assert not torch.equal(opt.state[expert][key][0], before[key][0]), key
+    for tower, b in zip(model.towers[1].parameters(), [*before.values()][:0] or [None] * 2):
+        assert tower.grad is None  # the absent task's head is not stepped
+    _train(model, opt, 2, start=3)
+    _train(twin, ref, 2, start=3)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_close(a, b, TOL[("reference", F32)])
+
+
+def test_absent_task_errors_name_the_task_and_the_option():
+    torch.manual_seed(7)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), absent_tasks="error")
+    losses = mmoe_losses(model, mmoe_batch(0))
+    with pytest.raises(ValueError, match=r"losses\[1\].*absent_tasks='skip'"):
+        opt.backward([losses[0], torch.zeros(())])
+    opt2 = pub_native.Adam(model.parameters())  # detection needs every task once
+    with pytest.raises(ValueError, match=r"task\(s\) \[1\].*shared="):
+        opt2.backward([losses[0], torch.zeros(())])
+
+
+# ---- torch.compile ------------------------------------------------------------------------------
+
+
+def test_compiled_model_detects_like_eager_and_trains_like_eager():
+    torch.manual_seed(8)
+    model = MMoE()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    ref = pub_native.Adam(twin.parameters(), lr=1e-2)
+    for t in range(3):
+        batch = mmoe_batch(t)
+        for o, m in ((opt, compiled), (ref, twin)):
+            o.zero_grad()
+            with pytest.warns(UserWarning, match="compiled") if (t == 0 and o is opt) \
+                    else _no_warning():
+                o.backward(mmoe_losses(m, batch))
+            o.step()
+    assert [id(p) for p in opt.shared_parameters] == [id(p) for p in model.shared_parameters()]
+    assert [id(p) for p in ref.shared_parameters] == [id(p) for p in twin.shared_parameters()]
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_close(a, b, 1e-5)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_step_equals_eager(fullgraph):
+    torch.manual_seed(9)
+    m1 = MMoE()
+    m2 = copy.deepcopy(m1)
+    o1 = pub_native.Adam(m1.parameters(), lr=1e-2, update_weights_every=2)
+    o2 = pub_native.Adam(m2.parameters(), lr=1e-2, update_weights_every=2)
+
+    @torch.compile(backend="aot_eager", fullgraph=fullgraph)
+    def compiled_step():
+        o1.step()
+
+    for t in range(4):
+        batch = mmoe_batch(t)
+        for o, m in ((o1, m1), (o2, m2)):
+            o.zero_grad()
+            o.backward(mmoe_losses(m, batch))
+        compiled_step()
+        o2.step()
+    assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
+
+
+@pytest.mark.slow
+def test_compiled_step_with_inductor_equals_eager():
+    torch.manual_seed(10)
+    m1 = MMoE()
+    m2 = copy.deepcopy(m1)
+    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
+    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
+    compiled_step = torch.compile(o1.step)
+    for t in range(3):
+        batch = mmoe_batch(t)
+        for o, m in ((o1, m1), (o2, m2)):
+            o.zero_grad()
+            o.backward(mmoe_losses(m, batch))
+        compiled_step()
+        o2.step()
+    assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["f16-scaler", "bf16-autocast"])
+def test_cuda_mixed_precision_equals_cpu(mode):
+    torch.manual_seed(11)
+    cpu = MMoE()
+    gpu = copy.deepcopy(cpu).cuda()
+    o_cpu = pub_native.Adam(cpu.parameters(), lr=1e-2)
+    o_gpu = pub_native.Adam(gpu.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**8) if mode == "f16-scaler" else None
+    for t in range(4):
+        idx, y = mmoe_batch(t)
+        o_cpu.zero_grad()
+        o_cpu.backward(mmoe_losses(cpu, (idx, y)))
+        o_cpu.step()
+        o_gpu.zero_grad()
+        dtype = F16 if mode == "f16-scaler" else BF16
+        with torch.autocast("cuda", dtype=dtype):
+            outs = gpu(idx.cuda())
+        losses = [((o.float() - y.cuda()) ** 2).mean() for o in outs]
+        if scaler is None:
+            o_gpu.backward(losses)
+            o_gpu.step()
+        else:
+            o_gpu.backward([scaler.scale(loss) for loss in losses])
+            scaler.step(o_gpu)
+            scaler.update()
+    tol = 2e-2  # 16-bit autocast forward against a float32 CPU forward
+    for a, b in zip(gpu.parameters(), cpu.parameters()):
+        assert_close(a, b, tol)
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_model_and_step():
+    torch.manual_seed(12)
+    m1 = MMoE().cuda()
+    m2 = copy.deepcopy(m1)
+    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
+    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
+    cm = torch.compile(m1)
+    step = torch.compile(o1.step)
+    for t in range(3):
+        idx, y = mmoe_batch(t)
+        batch = (idx.cuda(), y.cuda())
+        o1.zero_grad()
+        o1.backward(mmoe_losses(cm, batch))
+        step()
+        o2.zero_grad()
+        o2.backward(mmoe_losses(m2, batch))
+        o2.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert_close(a, b, 1e-4)
