@@ -48,13 +48,14 @@ void solve_weights_py(uintptr_t G, uintptr_t warm, uintptr_t alpha, uintptr_t st
 
 cuda::DeviceSegment make_segment(const StepConfig& cfg, uintptr_t table, int64_t n_tensors,
                                  uintptr_t items, int64_t n_items, uintptr_t partial,
-                                 uintptr_t sigma, uintptr_t gscale, uintptr_t bad) {
+                                 uintptr_t sigma, uintptr_t gscale, uintptr_t bad,
+                                 uintptr_t ratio, uintptr_t edited) {
   if (n_tensors < 0 || n_items < 0) throw py::value_error("negative sizes");
   if (cfg.dtype == kFloat64)
     throw py::type_error("CUDA PUB step: parameters must be float32, bfloat16 or float16");
   if (cfg.num_tasks > kCudaMaxTasks)
     throw py::value_error("CUDA PUB step: at most " + std::to_string(kCudaMaxTasks) + " tasks");
-  if ((n_tensors > 0 && (table == 0 || gscale == 0 || bad == 0)) ||
+  if ((n_tensors > 0 && (table == 0 || gscale == 0 || bad == 0 || ratio == 0 || edited == 0)) ||
       (n_items > 0 && (items == 0 || partial == 0 || sigma == 0)))
     throw py::value_error("CUDA PUB step: a segment buffer is missing");
   cuda::DeviceSegment s;
@@ -67,17 +68,20 @@ cuda::DeviceSegment make_segment(const StepConfig& cfg, uintptr_t table, int64_t
   s.sigma = ptr<double>(sigma);
   s.gscale = ptr<double>(gscale);
   s.bad = ptr<int32_t>(bad);
+  s.ratio = ptr<double>(ratio);
+  s.edited = ptr<int32_t>(edited);
   return s;
 }
 
 cuda::DeviceStep make_step(int64_t num_tasks, uintptr_t base, uintptr_t G, uintptr_t alpha,
-                           uintptr_t weights, uintptr_t flags, uintptr_t residual,
-                           uintptr_t workspace, uintptr_t grad_scale, uintptr_t task_scale,
-                           uintptr_t found_inf) {
+                           uintptr_t weights, uintptr_t applied, uintptr_t task_sq,
+                           uintptr_t flags, uintptr_t residual, uintptr_t workspace,
+                           uintptr_t grad_scale, uintptr_t task_scale, uintptr_t found_inf) {
   if (num_tasks < 1 || num_tasks > kCudaMaxTasks)
     throw py::value_error("CUDA PUB step: num_tasks must be in [1, " +
                           std::to_string(kCudaMaxTasks) + "]");
-  if (!base || !G || !alpha || !weights || !flags || !residual || !workspace)
+  if (!base || !G || !alpha || !weights || !applied || !task_sq || !flags || !residual ||
+      !workspace)
     throw py::value_error("CUDA PUB step: a step buffer is missing");
   cuda::DeviceStep d;
   d.num_tasks = num_tasks;
@@ -85,6 +89,8 @@ cuda::DeviceStep make_step(int64_t num_tasks, uintptr_t base, uintptr_t G, uintp
   d.G = ptr<double>(G);
   d.alpha = ptr<double>(alpha);
   d.weights = ptr<double>(weights);
+  d.applied = ptr<double>(applied);
+  d.task_sq = ptr<double>(task_sq);
   d.flags = ptr<int32_t>(flags);
   d.residual = ptr<double>(residual);
   d.workspace = ptr<double>(workspace);
@@ -141,9 +147,10 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("clippy_rel"), py::arg("clippy_abs"), py::arg("has_l2"));
   m.def("make_segment", &make_segment, py::arg("config"), py::arg("table"), py::arg("n_tensors"),
         py::arg("items"), py::arg("n_items"), py::arg("partial"), py::arg("sigma"),
-        py::arg("gscale"), py::arg("bad"));
+        py::arg("gscale"), py::arg("bad"), py::arg("ratio"), py::arg("edited"));
   m.def("make_step", &make_step, py::arg("num_tasks"), py::arg("base"), py::arg("G"),
-        py::arg("alpha"), py::arg("weights"), py::arg("flags"), py::arg("residual"),
+        py::arg("alpha"), py::arg("weights"), py::arg("applied"), py::arg("task_sq"),
+        py::arg("flags"), py::arg("residual"),
         py::arg("workspace"), py::arg("grad_scale"), py::arg("task_scale"),
         py::arg("found_inf"));
   m.def("gram", [](const std::vector<cuda::DeviceSegment>& segs, const cuda::DeviceStep& d,
@@ -164,5 +171,16 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("FLAG_OUTCOME") = static_cast<int>(cuda::kFlagOutcome);
   m.attr("FLAG_STATUS") = static_cast<int>(cuda::kFlagStatus);
   m.attr("FLAG_ITERATIONS") = static_cast<int>(cuda::kFlagIterations);
+  m.attr("FLAG_GRAD_EDITED") = static_cast<int>(cuda::kFlagGradEdited);
   m.attr("FLAG_COUNT") = static_cast<int>(cuda::kFlagCount);
+  m.def(
+      "sum_rows",
+      [](int32_t dtype, uintptr_t buf, int64_t K, int64_t P, uintptr_t stream) {
+        if (dtype < kFloat32 || dtype > kFloat16) throw py::value_error("unknown dtype code");
+        if (buf == 0 || K < 1 || P < 0) throw py::value_error("sum_rows: bad buffer");
+        cuda::sum_rows(static_cast<DType>(dtype), reinterpret_cast<void*>(buf), K, P,
+                       stream_of(stream));
+      },
+      py::arg("dtype"), py::arg("buffer"), py::arg("num_tasks"), py::arg("row_length"),
+      py::arg("stream"));
 }

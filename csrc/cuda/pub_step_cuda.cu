@@ -27,26 +27,112 @@ void run(const LaunchArgs& a, Pass pass) {
   }
 }
 
-// gscale[t·K + i] = (1 / grad_scale) · task_scale[i] (the unscaling of the task gradients).
+// gscale[t·K + i] = (1 / grad_scale) · task_scale[i] · ratio[t]: the unscaling of the task
+// gradients, absent tasks, and the rescaling of the tensor's .grad since backward.
 __global__ void gscale_kernel(int64_t n_tensors, int K, bool shared, const float* grad_scale,
-                              const double* task_scale, double* gscale) {
+                              const double* task_scale, const double* ratio, double* gscale) {
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (e >= n_tensors * K) return;
   double s = grad_scale ? 1.0 / static_cast<double>(*grad_scale) : 1.0;
   if (shared && task_scale) s *= task_scale[e % K];
+  if (shared) s *= ratio[e / K];
   gscale[e] = s;
+}
+
+// One block per work item: ⟨m, s⟩, ⟨s, s⟩, ⟨m, m⟩ of the item, for a tensor whose table row
+// names its .grad m (kTGradSum), with s = Σ_i g_i formed exactly as sum_rows forms it.
+template <class Tp>
+__global__ void rescale_partial_kernel(const int64_t* table, const int64_t* items, int K,
+                                       int64_t task_stride, double* partial) {
+  using T = typename MathType<Tp>::type;
+  __shared__ double shared[detail::kWarps];
+  const int64_t it = blockIdx.x;
+  const int64_t tensor = items[3 * it], begin = items[3 * it + 1], end = items[3 * it + 2];
+  const int64_t* row = table + tensor * kTableCols;
+  double* out = partial + it * 3;
+  if (row[kTGradSum] == 0) {
+    if (threadIdx.x < 3) out[threadIdx.x] = 0.0;
+    return;  // uniform over the block
+  }
+  const Tp* g = reinterpret_cast<const Tp*>(row[kTGrad]);
+  const Tp* m = reinterpret_cast<const Tp*>(row[kTGradSum]);
+  double ms = 0.0, ss = 0.0, mm = 0.0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    T sum = T(0);
+    for (int i = 0; i < K; ++i) sum += to_math<T>(g[i * task_stride + j]);
+    const double sv = static_cast<double>(to_math<T>(from_math<Tp>(sum)));
+    const double mv = static_cast<double>(to_math<T>(m[j]));
+    ms += mv * sv;
+    ss += sv * sv;
+    mm += mv * mv;
+  }
+  ms = detail::block_sum(ms, shared);
+  ss = detail::block_sum(ss, shared);
+  mm = detail::block_sum(mm, shared);
+  if (threadIdx.x == 0) {
+    out[0] = ms;
+    out[1] = ss;
+    out[2] = mm;
+  }
+}
+
+// One thread: the items in order, per tensor: the rescale factor and the edited flags.
+__global__ void rescale_reduce_kernel(const int64_t* table, const int64_t* items,
+                                      int64_t n_items, int64_t n_tensors, double tol,
+                                      const double* partial, double* ratio, int32_t* edited,
+                                      int32_t* flags) {
+  int64_t it = 0;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    double ms = 0.0, ss = 0.0, mm = 0.0;
+    for (; it < n_items && items[3 * it] == t; ++it) {
+      ms += partial[3 * it];
+      ss += partial[3 * it + 1];
+      mm += partial[3 * it + 2];
+    }
+    bool ed = false;
+    ratio[t] = table[t * kTableCols + kTGradSum] != 0 ? rescale_factor(ms, ss, mm, tol, &ed)
+                                                       : 1.0;
+    edited[t] = ed ? 1 : 0;
+    if (ed) flags[kFlagGradEdited] = 1;
+  }
+}
+
+// A task absent from this batch: no row or column in G, so its weight is 0.
+__global__ void absent_kernel(int K, const double* task_scale, double* G) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= K * K) return;
+  if (task_scale[e / K] == 0.0 || task_scale[e % K] == 0.0) G[e] = 0.0;
+}
+
+template <class Tp>
+__global__ void sum_rows_kernel(Tp* buf, int64_t K, int64_t P) {
+  using T = typename MathType<Tp>::type;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < P;
+       j += stride) {
+    T s = T(0);
+    for (int64_t i = 0; i < K; ++i) s += to_math<T>(buf[i * P + j]);
+    buf[K * P + j] = from_math<Tp>(s);
+  }
 }
 
 // One thread per Gram entry (i ≥ k): the segment's items in order, per tensor (Clippy scales
 // each tensor's block by σ_i σ_k); the total is added to G (segments accumulate).
 template <bool kClippy>
 __global__ void gram_reduce_kernel(int K, const int64_t* items, int64_t n_items,
-                                   const double* partial, double* G, double* sigma) {
+                                   const double* partial, double* G, double* sigma,
+                                   double* task_sq) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= K * K) return;
   const int i = e / K, k = e % K;
   if (k > i) return;
   const double* mins = partial + n_items * K * K;
+  if (i == k) {
+    const double* sqs = partial + n_items * (K * K + K);
+    double sq = 0.0;
+    for (int64_t it = 0; it < n_items; ++it) sq += sqs[it * K + i];
+    task_sq[i] += sq;
+  }
   double total = 0.0;
   int64_t it = 0;
   while (it < n_items) {
@@ -105,17 +191,22 @@ __global__ void finish_kernel(int K, bool solve, bool any_gram, SolveOptions opt
   const WarpTeam team;
   const bool found = d.found_inf && *d.found_inf != 0.0f;
   const bool grad_bad = d.flags[kFlagGradNonFinite] != 0;
+  const bool edited = d.flags[kFlagGradEdited] != 0;
   bool gram_bad = false;
   if (any_gram)
     for (int e = 0; e < K * K; ++e) gram_bad = gram_bad || !pn_isfinite(d.G[e]);
-  const int32_t outcome = step_outcome(found, false, grad_bad, gram_bad && !grad_bad);
+  const int32_t outcome = step_outcome(found, edited, grad_bad, gram_bad && !grad_bad);
   if (team.rank() == 0) {
     d.flags[kFlagOutcome] = outcome;
     // Under a GradScaler, a NaN/Inf found here backs the scale off like one found in .grad.
     if (d.found_inf && (outcome == kNonFiniteGrad || outcome == kNonFiniteUpdate))
       *d.found_inf = 1.0f;
   }
-  if (outcome != kApplied || !solve) return;  // uniform over the warp
+  if (outcome != kApplied) return;  // uniform over the warp
+  if (!solve) {
+    if (team.rank() == 0) step_weights(d.weights, d.task_scale, K, normalize_sum, d.applied);
+    return;
+  }
   double* fresh = d.workspace + solver_workspace_size(K);
   const double* warm = d.flags[kFlagHasAlpha] ? d.alpha : nullptr;
   const SolveOutcome out = solve_weights(team, d.G, warm, fresh, K, options, d.workspace);
@@ -129,6 +220,7 @@ __global__ void finish_kernel(int K, bool solve, bool any_gram, SolveOptions opt
       d.flags[kFlagHasAlpha] = 1;
     }
     d.flags[kFlagHasWeights] = 1;
+    step_weights(d.weights, d.task_scale, K, normalize_sum, d.applied);
   }
 }
 
@@ -174,6 +266,28 @@ void launch_check(const DeviceSegment& s, const double* gate, const DeviceStep& 
   check(cudaGetLastError(), "finiteness check launch");
 }
 
+void launch_rescale(const DeviceSegment& s, cudaStream_t stream) {
+  const int K = static_cast<int>(s.cfg.num_tasks);
+  const unsigned grid = detail::grid_of(s.n_items);
+  switch (s.cfg.dtype) {
+    case kFloat32:
+      rescale_partial_kernel<float><<<grid, kThreads, 0, stream>>>(
+          s.table, s.items, K, s.cfg.grad_task_stride, s.partial);
+      break;
+    case kBFloat16:
+      rescale_partial_kernel<bf16_t><<<grid, kThreads, 0, stream>>>(
+          s.table, s.items, K, s.cfg.grad_task_stride, s.partial);
+      break;
+    case kFloat16:
+      rescale_partial_kernel<half_t><<<grid, kThreads, 0, stream>>>(
+          s.table, s.items, K, s.cfg.grad_task_stride, s.partial);
+      break;
+    default:
+      throw std::invalid_argument("pub_native CUDA: unsupported gradient dtype");
+  }
+  check(cudaGetLastError(), "rescale launch");
+}
+
 bool gram_runs(const DeviceSegment& s, bool solve) {
   return s.cfg.kind == SegmentKind::kShared && (solve || s.cfg.umm == Umm::kClippy);
 }
@@ -184,7 +298,8 @@ void gram(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool solv
           cudaStream_t stream) {
   const int64_t K = d.num_tasks;
   check(cudaMemsetAsync(d.G, 0, sizeof(double) * K * K, stream), "zero G");
-  check(cudaMemsetAsync(d.flags + kFlagGradNonFinite, 0, sizeof(int32_t), stream),
+  check(cudaMemsetAsync(d.task_sq, 0, sizeof(double) * K, stream), "zero task norms");
+  check(cudaMemsetAsync(d.flags + kFlagGradNonFinite, 0, 2 * sizeof(int32_t), stream),
         "reset flags");
   for (const DeviceSegment& s : segs) {
     check_segment(s, d);
@@ -192,8 +307,15 @@ void gram(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool solv
     const bool shared = s.cfg.kind == SegmentKind::kShared;
     check(cudaMemsetAsync(s.bad, 0, sizeof(int32_t) * s.n_tensors * Ks, stream), "zero flags");
     if (s.n_tensors == 0) continue;
+    if (shared) {
+      if (s.n_items > 0) launch_rescale(s, stream);
+      rescale_reduce_kernel<<<1, 1, 0, stream>>>(s.table, s.items, s.n_items, s.n_tensors,
+                                                 grad_rescale_tolerance(s.cfg.dtype), s.partial,
+                                                 s.ratio, s.edited, d.flags);
+      check(cudaGetLastError(), "rescale reduction launch");
+    }
     gscale_kernel<<<blocks_for(s.n_tensors * Ks, 256, 1 << 20), 256, 0, stream>>>(
-        s.n_tensors, Ks, shared, d.grad_scale, d.task_scale, s.gscale);
+        s.n_tensors, Ks, shared, d.grad_scale, d.task_scale, s.ratio, s.gscale);
     check(cudaGetLastError(), "gscale launch");
     if (s.n_items == 0) continue;
     if (gram_runs(s, solve)) {
@@ -202,14 +324,19 @@ void gram(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool solv
       const unsigned rb = static_cast<unsigned>((Ks * Ks + 63) / 64);
       if (s.cfg.umm == Umm::kClippy)
         gram_reduce_kernel<true><<<rb, 64, 0, stream>>>(Ks, s.items, s.n_items, s.partial, d.G,
-                                                        s.sigma);
+                                                        s.sigma, d.task_sq);
       else
         gram_reduce_kernel<false><<<rb, 64, 0, stream>>>(Ks, s.items, s.n_items, s.partial,
-                                                         d.G, s.sigma);
+                                                         d.G, s.sigma, d.task_sq);
       check(cudaGetLastError(), "Gram reduction launch");
     } else {
       launch_check(s, nullptr, d, stream);
     }
+  }
+  if (d.task_scale) {
+    absent_kernel<<<static_cast<unsigned>((K * K + 63) / 64), 64, 0, stream>>>(
+        static_cast<int>(K), d.task_scale, d.G);
+    check(cudaGetLastError(), "absent tasks launch");
   }
   // After a non-finite Gram matrix: which task gradients were NaN/Inf (else the updates
   // overflowed). The kernels return at once when G is finite.
@@ -238,6 +365,26 @@ void finish(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool so
                                                                             d.flags);
     check(cudaGetLastError(), "step counter launch");
   }
+}
+
+void sum_rows(DType d, void* buf, int64_t K, int64_t P, cudaStream_t stream) {
+  if (P == 0) return;
+  const unsigned grid = blocks_for(P, 256 * 4, 4096);
+  switch (d) {
+    case kFloat32:
+      sum_rows_kernel<<<grid, 256, 0, stream>>>(static_cast<float*>(buf), K, P);
+      break;
+    case kBFloat16:
+      sum_rows_kernel<<<grid, 256, 0, stream>>>(static_cast<bf16_t*>(buf), K, P);
+      break;
+    case kFloat16:
+      sum_rows_kernel<<<grid, 256, 0, stream>>>(static_cast<half_t*>(buf), K, P);
+      break;
+    default:
+      throw std::invalid_argument("pub_native CUDA: parameters must be float32, bfloat16 or "
+                                  "float16");
+  }
+  check(cudaGetLastError(), "sum_rows launch");
 }
 
 }  // namespace pub_native::cuda

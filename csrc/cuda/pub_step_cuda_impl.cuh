@@ -105,6 +105,9 @@ __global__ void __launch_bounds__(kThreads)
     T min_ratio[kClippy ? kCudaMaxTasks : 1];
     if constexpr (kClippy)
       for (int i = 0; i < K; ++i) min_ratio[i] = T(INFINITY);
+    // ‖g_i‖² of the item (first sweep only), for the task gradient norms.
+    double sq[kCudaMaxTasks];
+    for (int i = 0; i < K; ++i) sq[i] = 0.0;
     for (int64_t j = b.begin + threadIdx.x; j < b.end; j += kThreads) {
       T u[kCudaMaxTasks];
       T theta = T(0);
@@ -113,6 +116,7 @@ __global__ void __launch_bounds__(kThreads)
         T s[kMaxStates], next[kMaxStates];
         for (int k = 0; k < Rule::kStates; ++k) s[k] = tv.state[k][i * tv.state_stride + j];
         T g = mult[i] * to_math<T>(grads[i * tv.grad_stride + j]);
+        if (p0 == 0) sq[i] += static_cast<double>(g) * static_cast<double>(g);
         if constexpr (kTheta) g += wd * theta;
         u[i] = rule(g, s, next);
         if constexpr (kClippy) {
@@ -136,6 +140,13 @@ __global__ void __launch_bounds__(kThreads)
           const double total = block_sum(acc[p - p0], shared);
           if (threadIdx.x == 0) out[i * K + k] = total;
         }
+    if (p0 == 0) {
+      double* sqs = partial + n_items * (K * K + K) + static_cast<int64_t>(blockIdx.x) * K;
+      for (int i = 0; i < K; ++i) {
+        const double total = block_sum(sq[i], shared);
+        if (threadIdx.x == 0) sqs[i] = total;
+      }
+    }
     if constexpr (kClippy) {
       if (p0 == 0) {
         double* mins = partial + n_items * K * K + static_cast<int64_t>(blockIdx.x) * K;
@@ -156,7 +167,7 @@ template <class Rule, class Tp, bool kAdaTask>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(StepConfig cfg, const int64_t* table, const int64_t* items, const double* base,
                  const double* gscale, const double* weights, const double* sigma,
-                 const int32_t* flags) {
+                 const double* task_scale, const int32_t* flags) {
   using T = typename MathType<Tp>::type;
   if (flags[kFlagOutcome] != kApplied) return;
   __shared__ double h[kHyperCols];
@@ -185,6 +196,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < K; ++i) {
       const T gi = m_s[i] * to_math<T>(grads[i * tv.grad_stride + j]) + wd * theta;
       if constexpr (kAdaTask) {
+        if (task_scale && task_scale[i] == 0.0) continue;  // absent: its state stays as it was
         T* const* st = tv.state;
         for (int k = 0; k < Rule::kStates; ++k) s[k] = st[k][i * tv.state_stride + j];
         upd += c_s[i] * rule(gi, s, next);
@@ -246,14 +258,16 @@ struct ApplyLaunch {
     const DeviceSegment& s = a.seg;
     const unsigned grid = grid_of(s.n_items);
     const StepConfig& c = s.cfg;
-    const double* weights = c.kind == SegmentKind::kShared ? a.step.weights : nullptr;
+    const bool shared = c.kind == SegmentKind::kShared;
+    const double* weights = shared ? a.step.applied : nullptr;
     const double* sigma = c.umm == Umm::kClippy ? s.sigma : nullptr;
+    const double* task_scale = shared ? a.step.task_scale : nullptr;
     if (c.adatask())
       apply_kernel<Rule, Tp, true><<<grid, kThreads, 0, a.stream>>>(
-          c, s.table, s.items, a.step.base, s.gscale, weights, sigma, a.step.flags);
+          c, s.table, s.items, a.step.base, s.gscale, weights, sigma, task_scale, a.step.flags);
     else
       apply_kernel<Rule, Tp, false><<<grid, kThreads, 0, a.stream>>>(
-          c, s.table, s.items, a.step.base, s.gscale, weights, sigma, a.step.flags);
+          c, s.table, s.items, a.step.base, s.gscale, weights, sigma, task_scale, a.step.flags);
   }
 };
 

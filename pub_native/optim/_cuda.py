@@ -49,11 +49,13 @@ class _DeviceSegment:
             self.n_items = len(items)
             self.items = _upload(np.array(items, dtype=np.int64).reshape(-1, 3), self.device)
             k = self.k
-            self.partial = torch.zeros(max(self.n_items, 1) * (k * k + k), **f64)
+            self.partial = torch.zeros(max(self.n_items, 1) * (k * k + 2 * k + 3), **f64)
             n = max(len(numels), 1)
             self.sigma = torch.ones(n, k, **f64)
             self.gscale = torch.ones(n, k, **f64)
             self.bad = torch.zeros(n, k, dtype=torch.int32, device=self.device)
+            self.ratio = torch.ones(n, **f64)
+            self.edited = torch.zeros(n, dtype=torch.int32, device=self.device)
             self.numels = numels
             self.table_host = None
         if self.table_host is None or not np.array_equal(seg.table, self.table_host):
@@ -62,7 +64,8 @@ class _DeviceSegment:
             self.native = self.cmod.make_segment(
                 self.cfg, self.table.data_ptr(), len(numels), self.items.data_ptr(),
                 self.n_items, self.partial.data_ptr(), self.sigma.data_ptr(),
-                self.gscale.data_ptr(), self.bad.data_ptr())
+                self.gscale.data_ptr(), self.bad.data_ptr(), self.ratio.data_ptr(),
+                self.edited.data_ptr())
 
 
 class DeviceStepResult:
@@ -87,7 +90,8 @@ class DeviceStepResult:
         if self.solved and self._outcome == StepOutcome.APPLIED:
             self._stats = {"status": SolveStatus(int(flags[cmod.FLAG_STATUS])),
                            "iterations": int(flags[cmod.FLAG_ITERATIONS]),
-                           "residual": float(b.residual.item())}
+                           "residual": float(b.residual.item()),
+                           "task_grad_norms": b.task_sq.sqrt().cpu()}
         self._bad_tasks: list[int] = []
         self._bad_params: list[torch.Tensor] = []
         if self._outcome in (StepOutcome.NONFINITE_GRAD, StepOutcome.NONFINITE_UPDATE):
@@ -100,6 +104,10 @@ class DeviceStepResult:
                                              | set(np.flatnonzero(rows.any(0)).tolist()))
             self._bad_params = flagged_params(self._plan, lambda s: flags_of[s],
                                               SegmentKind.PLAIN)
+        elif self._outcome == StepOutcome.GRAD_EDITED:
+            edited = [s.edited.cpu().numpy() for s in self._segments]
+            self._bad_params = flagged_params(self._plan, lambda s: edited[s],
+                                              SegmentKind.SHARED)
         self._read = True
 
     @property
@@ -137,6 +145,8 @@ class CudaBackend:
         self.G = torch.zeros(k, k, **f64)
         self.alpha = torch.zeros(k, **f64)
         self.weights = torch.full((k,), 1.0 / k, **f64)
+        self.applied = torch.full((k,), 1.0 / k, **f64)
+        self.task_sq = torch.zeros(k, **f64)
         self.flags = torch.zeros(self.cmod.FLAG_COUNT, dtype=torch.int32, device=device)
         self.residual = torch.zeros(1, **f64)
         self.workspace = torch.zeros(_C.workspace_size(k) + k, **f64)
@@ -201,6 +211,7 @@ class CudaBackend:
             ts_ptr = self._task_scale.data_ptr()
         d = cmod.make_step(self.k, self._base.data_ptr(), self.G.data_ptr(),
                            self.alpha.data_ptr(), self.weights.data_ptr(),
+                           self.applied.data_ptr(), self.task_sq.data_ptr(),
                            self.flags.data_ptr(), self.residual.data_ptr(),
                            self.workspace.data_ptr(), scale_ptr, ts_ptr, found_ptr)
         natives = [s.native for s in segments]
