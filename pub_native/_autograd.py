@@ -251,7 +251,7 @@ class TaskGradients:
     def form_sum(self) -> None:
         """Row K = Σ_i row i (in the math type, task order, one rounding: native sum_rows) and
         remember the buffer's version, so that a later in-place change of it can be told."""
-        from ._native import DType, _C, cuda_module
+        from ._native import _C, DType, cuda_module
 
         codes = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,
                  torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
@@ -281,7 +281,6 @@ class TaskGradients:
         Shared parameters that do not require grad (frozen) are not differentiated; their rows
         hold zeros.
         """
-        k = len(losses)
         active = [j for j, p in enumerate(self.params) if p.requires_grad]
         shared = [self.params[j] for j in active]
         if (len(active) < len(self.params) or any(loss is None for loss in losses)) \

@@ -26,8 +26,8 @@ import torch
 
 from ._autograd import (
     TaskGradients,
-    layout_view,
     as_loss_list,
+    layout_view,
     reached_parameters,
     split_shared,
     task_roots,

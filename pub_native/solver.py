@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._native import SYMMETRY_TOL, SolveMethod, SolveStatus, _C, cuda_module
+from ._native import _C, SYMMETRY_TOL, SolveMethod, SolveStatus, cuda_module
 
 __all__ = ["SolveResult", "SolveStatus", "solve_weights", "METHODS"]
 

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 from conftest import F32
-from helpers import SHAPES, Problem, assert_close, run_pub, snapshot, assert_unchanged
+from helpers import SHAPES, Problem, assert_close, assert_unchanged, run_pub, snapshot
 
 import pub_native
 from pub_native import _native

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import F32, F64
-from helpers import (NATIVE, SHAPES, TORCH, Problem, assert_unchanged, run_pub, snapshot)
+from helpers import NATIVE, SHAPES, TORCH, Problem, assert_unchanged, run_pub, snapshot
 from torch import nn
 
 import pub_native

@@ -13,8 +13,19 @@ import pickle
 import pytest
 import torch
 from conftest import BF16, F32, F64, TOL
-from helpers import (MMoE, NATIVE, SHAPES, TORCH, Problem, assert_close, assert_states_close,
-                     assert_states_equal, mmoe_batch, mmoe_losses, run_pub)
+from helpers import (
+    NATIVE,
+    SHAPES,
+    TORCH,
+    MMoE,
+    Problem,
+    assert_close,
+    assert_states_close,
+    assert_states_equal,
+    mmoe_batch,
+    mmoe_losses,
+    run_pub,
+)
 
 import pub_native
 
@@ -177,7 +188,7 @@ def test_repeated_backward_accumulates():
     assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])
 
 
-# ---- checkpoints and copies -----------------------------------------------------------------------
+# ---- checkpoints and copies ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name,options", [("adam", dict(amsgrad=True, update_weights_every=3)),
@@ -342,7 +353,7 @@ def test_dtype_change_between_backward_and_step_is_a_clear_error():
         opt.step()
 
 
-# ---- torch.optim behaviour ------------------------------------------------------------------------
+# ---- torch.optim behaviour -----------------------------------------------------------------------
 
 
 def test_step_hooks_fire_once_even_beside_torch_optimizers():

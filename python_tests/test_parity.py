@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BF16, F16, F32, F64, TOL, backends
-from helpers import (NATIVE, SHAPES, TORCH, Problem, assert_close, assert_states_close,
-                     run_pub)
+from helpers import NATIVE, SHAPES, TORCH, Problem, assert_close, assert_states_close, run_pub
 
 import pub_native
 

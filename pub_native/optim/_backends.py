@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._native import SegmentKind, SolveStatus, StepOutcome, _C
+from .._native import _C, SegmentKind, SolveStatus, StepOutcome
 from ..solver import METHODS
 from ._plan import DTYPES, PlanSegment, StepPlan
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._native import CUDA_MAX_TASKS, SegmentKind, SolveStatus, StepOutcome, _C, cuda_module
+from .._native import _C, CUDA_MAX_TASKS, SegmentKind, SolveStatus, StepOutcome, cuda_module
 from ._backends import flagged_params, solver_args
 from ._plan import DTYPES, PlanSegment, StepPlan
 

@@ -262,7 +262,6 @@ class NashMTLSolverReference:
         }
         if active.any():
             sub = g[np.ix_(active, active)]
-            k = sub.shape[0]
             if self.ridge > 0:
                 sub = sub + self.ridge * np.diag(np.diag(sub))
             start = self._prev_alpha[active]
