@@ -188,7 +188,8 @@ class TaskGradients:
     nothing here and risks more.
     """
 
-    def __init__(self, shared: list[torch.Tensor], k: int, with_sum: bool = False):
+    def __init__(self, shared: list[torch.Tensor], k: int, with_sum: bool = False,
+                 row_length: int | None = None):
         self.params = shared
         self.k = k
         self.with_sum = with_sum
@@ -213,7 +214,9 @@ class TaskGradients:
         self.device = shared[0].device if shared else torch.device("cpu")
         # With a sum row (row K): Σ_i g_i, which the optimizers expose as the shared parameters'
         # .grad (see PUBOptimizer.backward).
-        self.buffer = torch.zeros((k + int(with_sum), self.size), dtype=self.dtype,
+        # Rows may be padded past P (to equal shards under data parallelism).
+        self.row_length = self.size if row_length is None else max(row_length, self.size)
+        self.buffer = torch.zeros((k + int(with_sum), self.row_length), dtype=self.dtype,
                                   device=self.device)
         self.sum_version: int | None = None  # buffer._version when the sum row was formed
         # The layout each parameter had when the buffer was laid out: a parameter whose shape,
@@ -260,26 +263,31 @@ class TaskGradients:
                 cmod = cuda_module()
                 with torch.cuda.device(self.device):
                     cmod.sum_rows(int(codes[self.dtype]), self.buffer.data_ptr(), self.k,
-                                  self.size, torch.cuda.current_stream(self.device).cuda_stream)
+                                  self.row_length,
+                                  torch.cuda.current_stream(self.device).cuda_stream)
             else:
-                _C.sum_rows(int(codes[self.dtype]), self.buffer.data_ptr(), self.k, self.size)
+                _C.sum_rows(int(codes[self.dtype]), self.buffer.data_ptr(), self.k,
+                            self.row_length)
         self.sum_version = self.buffer._version
 
     def task_view(self, index: int) -> torch.Tensor:
         """Every task's gradient of shared parameter ``index``: (K, *shape), in its layout."""
         p, o = self.params[index], self.offsets[index]
         return self.buffer[:, o:o + self.numels[index]].as_strided(
-            (self.k, *p.shape), (self.size, *p.stride()), o)
+            (self.k, *p.shape), (self.row_length, *p.stride()), o)
 
     def compute(self, losses: list[torch.Tensor], specific: list[list[torch.Tensor]],
-                retain_graph: bool = False, accumulate: bool = False) -> None:
+                retain_graph: bool = False, accumulate: bool = False, scale: float = 1.0,
+                on_task=None) -> None:
         """Fill the buffer with each task's shared gradients; accumulate task-specific gradients.
 
         ``specific[i]`` are the non-shared parameters whose gradient from task i is added to
         ``.grad`` as ``loss.backward()`` would (unreached ones are skipped at no cost). With
         ``accumulate`` the shared gradients are added to the buffer instead of replacing it.
         Shared parameters that do not require grad (frozen) are not differentiated; their rows
-        hold zeros.
+        hold zeros. ``scale`` multiplies the shared gradients as they are stored (1/N under data
+        parallelism); ``on_task(i)`` is called as soon as row i is complete (to start its
+        reduction while the next task's backward runs).
         """
         active = [j for j, p in enumerate(self.params) if p.requires_grad]
         shared = [self.params[j] for j in active]
@@ -294,6 +302,8 @@ class TaskGradients:
         for i, loss in enumerate(losses):
             inputs = shared + specific[i]
             if loss is None or not inputs:  # a task absent from this batch: zero rows
+                if on_task is not None:
+                    on_task(i)
                 continue
             grads = torch.autograd.grad(
                 loss, inputs, retain_graph=retain_graph or i < last, allow_unused=True
@@ -313,9 +323,13 @@ class TaskGradients:
                         "sparse=False in nn.Embedding)"
                     )
                 if accumulate:
-                    view.add_(g)
+                    view.add_(g, alpha=scale)
+                elif scale != 1.0:
+                    torch.mul(g, scale, out=view)
                 else:
                     view.copy_(g)
+            if on_task is not None:
+                on_task(i)
             for p, g in zip(specific[i], grads[len(shared):]):
                 if g is None:
                     continue

@@ -320,12 +320,17 @@ PYBIND11_MODULE(_C, m) {
              std::copy(v.begin(), v.end(), a.mutable_data());
              return a;
            })
-      .def_property_readonly("task_sq",
-                             [](const cpu::Stepper& s) {
-                               return copy_out(s.task_sq, {s.num_tasks()});
-                             })
-      .def_readonly("grad_edited", &cpu::Stepper::grad_edited)
-      .def_readonly("update_nonfinite", &cpu::Stepper::update_nonfinite)
+      .def_property(
+          "task_sq", [](const cpu::Stepper& s) { return copy_out(s.task_sq, {s.num_tasks()}); },
+          [](cpu::Stepper& s, const py::array& a) { copy_in(s.task_sq, a, "task_sq"); })
+      .def("set_bad_task",
+           [](cpu::Stepper& s, const py::array_t<uint8_t>& a) {
+             if (a.size() != s.num_tasks()) throw py::value_error("bad_task must hold K flags");
+             std::copy(a.data(), a.data() + a.size(), s.bad_task.begin());
+           })
+      .def_readwrite("grad_nonfinite", &cpu::Stepper::grad_nonfinite)
+      .def_readwrite("grad_edited", &cpu::Stepper::grad_edited)
+      .def_readwrite("update_nonfinite", &cpu::Stepper::update_nonfinite)
       .def_readonly("status", &cpu::Stepper::status)
       .def_readonly("iterations", &cpu::Stepper::iterations)
       .def_readonly("residual", &cpu::Stepper::residual)

@@ -171,6 +171,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("FLAG_OUTCOME") = static_cast<int>(cuda::kFlagOutcome);
   m.attr("FLAG_STATUS") = static_cast<int>(cuda::kFlagStatus);
   m.attr("FLAG_ITERATIONS") = static_cast<int>(cuda::kFlagIterations);
+  m.attr("FLAG_GRAD_NONFINITE") = static_cast<int>(cuda::kFlagGradNonFinite);
   m.attr("FLAG_GRAD_EDITED") = static_cast<int>(cuda::kFlagGradEdited);
   m.attr("FLAG_COUNT") = static_cast<int>(cuda::kFlagCount);
   m.def(

@@ -235,7 +235,9 @@ void Stepper::gram(const std::vector<Segment>& segs, const double* base, bool so
         find_nonfinite(segs[s], bad_tensor[s].data());
     update_nonfinite = true;
   }
+  grad_nonfinite = false;
   for (size_t s = 0; s < n; ++s) {
+    for (uint8_t f : bad_tensor[s]) grad_nonfinite = grad_nonfinite || f != 0;
     if (segs[s].cfg.kind != SegmentKind::kShared) continue;
     for (int64_t t = 0; t < segs[s].n_tensors; ++t)
       for (int64_t i = 0; i < K_; ++i)
@@ -247,9 +249,6 @@ int32_t Stepper::finish(const std::vector<Segment>& segs, const double* base, bo
                         const SolveOptions& options, bool normalize_sum, bool found_inf) {
   if (segs.size() != gscale_.size())
     throw std::invalid_argument("finish() needs the segments of the preceding gram()");
-  bool grad_nonfinite = false;
-  for (const auto& flags : bad_tensor)
-    for (uint8_t f : flags) grad_nonfinite = grad_nonfinite || f != 0;
   // G may have been summed over processes since phase 1: its finiteness decides again.
   const bool update_bad = (update_nonfinite || (solve && !all_finite(G))) && !grad_nonfinite;
   outcome = step_outcome(found_inf, grad_edited, grad_nonfinite, update_bad);

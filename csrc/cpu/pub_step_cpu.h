@@ -61,8 +61,11 @@ class Stepper {
   std::vector<std::vector<uint8_t>> bad_tensor;  // per segment: n_tensors × K flags
   std::vector<std::vector<uint8_t>> edited_tensor;  // per segment: n_tensors flags
   std::vector<double> task_sq;               // K: Σ ‖g_i‖² over the shared tensors (Gram steps)
+  bool grad_nonfinite = false;               // some gradient is NaN/Inf
   bool update_nonfinite = false;             // G non-finite although the gradients are finite
   bool grad_edited = false;                  // some shared .grad was changed, not rescaled
+  // Phase 1's outputs may be summed over processes before phase 2 (data parallelism: each
+  // process saw a shard): G, task_sq, bad_task and the three flags above.
 
   // Weights: α̂ in use and the raw α of the last usable solve (warm start).
   std::vector<double> weights;

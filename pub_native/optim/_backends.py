@@ -1,14 +1,16 @@
 """Backends of the PUB step (Python layer): one small interface, implemented by the native CPU
 core, the native CUDA core and the plain-PyTorch reference (``pub_native.reference.step``).
 
-    result = backend.step(plan, solve=..., options=..., inv_scale=..., found_inf=...,
-                          reduce_gram=...)
+    result = backend.step(plan, solve=..., options=..., grad_scale=..., found_inf=...,
+                          task_scale=..., between=...)
 
 A backend takes a checked :class:`~pub_native.optim._plan.StepPlan` and does the whole step in
 one call: the Gram phase, the decision (skip or apply), the weight solve on solve steps, the
-apply phase and the step counters. Between the Gram phase and the rest it calls
-``reduce_gram(G)`` when given (data parallelism sums G over processes there). The result is read
-lazily: on CUDA nothing is copied to the host until a field is read.
+apply phase and the step counters. Between the Gram phase and the rest it calls ``between()``
+when given: data parallelism sums phase 1's outputs over the processes there, through
+``gram_summary()`` / ``set_gram_summary()`` (G, the task gradient norms, and the flags that
+decide the step). The result is read lazily: on CUDA nothing is copied to the host until a field
+is read.
 """
 
 from __future__ import annotations
@@ -88,16 +90,31 @@ class CpuBackend:
         st.weights = weights if weights is not None else np.full(st.num_tasks, 1 / st.num_tasks)
         st.alpha = alpha if alpha is not None else np.zeros(st.num_tasks)
 
+    def gram_summary(self) -> torch.Tensor:
+        st = self._stepper
+        flags = [st.grad_nonfinite, st.grad_edited, st.update_nonfinite]
+        return torch.from_numpy(np.concatenate([
+            st.G.ravel(), st.task_sq, st.bad_task.astype(np.float64),
+            np.array(flags, dtype=np.float64)]))
+
+    def set_gram_summary(self, summary: torch.Tensor) -> None:
+        st, k = self._stepper, self._stepper.num_tasks
+        v = summary.numpy()
+        st.G = v[:k * k].reshape(k, k)
+        st.task_sq = v[k * k:k * k + k]
+        st.set_bad_task((v[k * k + k:k * k + 2 * k] > 0).astype(np.uint8))
+        st.grad_nonfinite, st.grad_edited, st.update_nonfinite = (bool(x > 0) for x in v[-3:])
+
     def step(self, plan: StepPlan, *, solve: bool, options, grad_scale=None, found_inf=None,
-             task_scale: np.ndarray | None = None, reduce_gram=None) -> StepResult:
+             task_scale: np.ndarray | None = None, between=None) -> StepResult:
         st = self._stepper
         # GradScaler's tensors live on the CPU here: reading them costs no synchronization.
         inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         found = found_inf is not None and bool(found_inf)
         segs = [(self._config(seg), seg.table) for seg in plan.segments]
         st.gram(segs, plan.base, solve, inv_scale, task_scale)
-        if reduce_gram is not None:
-            st.G = reduce_gram(st.G)
+        if between is not None:
+            between()
         code, ridge, tol, max_iter = solver_args(options)
         outcome = StepOutcome(st.finish(segs, plan.base, solve, code, ridge, tol, max_iter,
                                         options.weight_norm == "sum", found))

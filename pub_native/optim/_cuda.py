@@ -172,6 +172,18 @@ class CudaBackend:
         dev.refresh(seg)
         return dev
 
+    def gram_summary(self) -> torch.Tensor:
+        lo = self.cmod.FLAG_GRAD_NONFINITE  # and FLAG_GRAD_EDITED after it
+        return torch.cat([self.G.reshape(-1), self.task_sq,
+                          self.flags[lo:lo + 2].to(torch.float64)])
+
+    def set_gram_summary(self, summary: torch.Tensor) -> None:
+        k = self.k
+        lo = self.cmod.FLAG_GRAD_NONFINITE
+        self.G.copy_(summary[:k * k].view(k, k))
+        self.task_sq.copy_(summary[k * k:k * k + k])
+        self.flags[lo:lo + 2].copy_((summary[k * k + k:] > 0).to(torch.int32))
+
     def get_weights(self):
         flags = self.flags.cpu()
         return (self.weights.cpu().numpy().copy() if flags[self.cmod.FLAG_HAS_WEIGHTS] else None,
@@ -186,7 +198,7 @@ class CudaBackend:
         self.flags[self.cmod.FLAG_HAS_ALPHA] = int(alpha is not None)
 
     def step(self, plan: StepPlan, *, solve: bool, options, grad_scale=None, found_inf=None,
-             task_scale=None, reduce_gram=None) -> DeviceStepResult:
+             task_scale=None, between=None) -> DeviceStepResult:
         cmod = self.cmod
         segments = [self._segment(seg) for seg in plan.segments]
         if self._base_host is None or not np.array_equal(plan.base, self._base_host):
@@ -219,8 +231,8 @@ class CudaBackend:
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device).cuda_stream
             cmod.gram(natives, d, solve, stream)
-            if reduce_gram is not None:
-                reduce_gram(self.G)
+            if between is not None:
+                between()
             cmod.finish(natives, d, solve, code, ridge, tol, max_iter,
                         options.weight_norm == "sum", stream)
         return DeviceStepResult(self, plan, solve, segments)

@@ -75,7 +75,11 @@ class StepPlan:
     k: int  # tasks of the shared segments (1 for a plain step)
     device: torch.device
     pending_state: dict[torch.Tensor, dict[str, Any]]  # committed when the step is applied
-    names: dict[int, str]  # id(param) -> how errors name it
+    names: dict[int, str]  # id(param or piece) -> how errors name it
+    # Data parallelism with sharded state: entries of the shards' state to commit, and the full
+    # state entries a shard was cut from (removed once the shard holds them).
+    pending_shard_state: dict[torch.Tensor, dict[str, Any]] = field(default_factory=dict)
+    sharded: bool = False
 
     @property
     def has_shared(self) -> bool:
@@ -205,19 +209,33 @@ def plain_grad(p: torch.Tensor, name: str) -> torch.Tensor:
     return g
 
 
+_SENTINELS: dict = {}
+
+
+def _address(t: torch.Tensor) -> int:
+    """t's address; for an empty tensor (which reports 0) a valid address on its device that
+    no kernel reads (a row of 0 elements): the tables hold no null pointer."""
+    if t.numel():
+        return t.data_ptr()
+    sentinel = _SENTINELS.get(t.device)
+    if sentinel is None:
+        sentinel = _SENTINELS[t.device] = torch.zeros(1, device=t.device)
+    return sentinel.data_ptr()
+
+
 def fill_table(seg: PlanSegment) -> None:
     """The int64 table of the segment's addresses (rows in the order of seg.params)."""
     table = np.zeros((len(seg.params), _N_COLS), dtype=np.int64)
     for r, (p, g, states, step, gi, gsum) in enumerate(zip(
             seg.params, seg.grads, seg.states, seg.steps, seg.groups, seg.grad_sums)):
-        table[r, TableCol.PARAM] = p.data_ptr()
-        table[r, TableCol.GRAD_SUM] = 0 if gsum is None else gsum.data_ptr()
+        table[r, TableCol.PARAM] = _address(p)
+        table[r, TableCol.GRAD_SUM] = 0 if gsum is None else _address(gsum)
         table[r, TableCol.NUMEL] = p.numel()
-        table[r, TableCol.GRAD] = g.data_ptr()
+        table[r, TableCol.GRAD] = _address(g)
         table[r, TableCol.BASE] = gi
         table[r, TableCol.STEP] = step.data_ptr()
         for s, t in enumerate(states):
-            table[r, TableCol.STATE + s] = t.data_ptr()
+            table[r, TableCol.STATE + s] = _address(t)
     seg.table = table
 
 
@@ -252,6 +270,11 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     shared_index = {}
     if pending:
         shared_index = {id(p): j for j, p in enumerate(opt._grads.params)}
+    # Data parallelism with sharded state: this process steps its piece of each shared
+    # parameter (after backward(losses), and for plain steps alike).
+    dp = opt._dp if opt._dp is not None and opt._dp.shard and opt._grads is not None else None
+    piece_index = {id(p): j for j, p in enumerate(opt._grads.params)} if dp else {}
+    pending_shard_state: dict[torch.Tensor, dict[str, Any]] = {}
     adatask = opt.options.umm == "adatask"
     device = None
     segments: dict[tuple, PlanSegment] = {}
@@ -278,8 +301,36 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
             check_param(p, name, device)
             device = p.device
             grad_sum = None
+            piece = piece_index.get(id(p))
+            if piece is not None:
+                kind, k, stride, umm, target, grad, grad_sum = _piece(
+                    opt, dp, p, piece, name, j is not None, rescan)
+                names[id(target)] = name
+                key = (kind, flags, maximize, p.dtype)
+                seg = segments.get(key)
+                if seg is None:
+                    seg = segments[key] = PlanSegment(
+                        kind=kind, algo=opt._ALGO, amsgrad=flags[0], centered=flags[1],
+                        momentum=flags[2], maximize=maximize, umm=umm, dtype=p.dtype, k=k,
+                        grad_stride=stride, clippy=opt.options.clippy_lambdas)
+                states, step, new, new_full = _piece_state(
+                    opt, dp, p, piece, target, state_names, init,
+                    k if kind == SegmentKind.SHARED and adatask else None, name)
+                if new_full:
+                    pending_state[p] = new_full
+                if new:
+                    pending_shard_state[p] = new
+                seg.has_l2 = seg.has_l2 or l2
+                seg.params.append(target)
+                seg.grads.append(grad)
+                seg.grad_sums.append(grad_sum)
+                seg.states.append(states)
+                seg.state_names.append(state_names)
+                seg.steps.append(step)
+                seg.groups.append(gi)
+                continue
             if j is not None:
-                kind, k, stride = SegmentKind.SHARED, opt._k, opt._grads.size
+                kind, k, stride = SegmentKind.SHARED, opt._k, opt._grads.row_length
                 grad = opt._grads.task_view(j)
                 umm = Umm(opt.options.umm_code)
                 if rescan:
@@ -317,4 +368,82 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     for seg in ordered:
         fill_table(seg)
     k = opt._k if pending and opt._k is not None else 1
-    return StepPlan(ordered, build_base(base_rows), k, device, pending_state, names)
+    return StepPlan(ordered, build_base(base_rows), k, device, pending_state, names,
+                    pending_shard_state, dp is not None)
+
+
+def _in_layout(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``value`` (p's shape) in p's memory order."""
+    if same_layout(value, p) and dense_strides(value):
+        return value
+    out = torch.empty_like(p, dtype=value.dtype)
+    out.copy_(value)
+    return out
+
+
+def _flat(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Elements lo..hi of a dense tensor in memory order, as a 1-D view."""
+    return t.detach().as_strided((hi - lo,), (1,), t.storage_offset() + lo)
+
+
+def _piece(opt, dp, p, j, name, pending, rescan):
+    """A shared parameter's piece on this process: (kind, K, task stride, umm, the piece as a
+    1-D view, its gradient rows, its .grad to check or None)."""
+    lo, hi, _ = dp.pieces[j]
+    target = dp.piece_view(p, j)
+    if pending:
+        grad_sum = _flat(plain_grad(p, name), lo, hi) if rescan else None
+        return (SegmentKind.SHARED, opt._k, dp.S, Umm(opt.options.umm_code), target,
+                dp.piece_rows(j, opt._k), grad_sum)
+    if opt.options.umm == "adatask":
+        raise RuntimeError(f"{name}: umm='adatask' keeps per-task state for the shared "
+                           "parameters: call opt.backward(losses) before opt.step()")
+    return (SegmentKind.PLAIN, 1, 0, Umm.NONE, target,
+            _flat(plain_grad(p, name), lo, hi).unsqueeze(0), None)
+
+
+def _piece_state(opt, dp, p, j, target, names, init, adatask_k, name):
+    """The state tensors of a piece (from the shard state, or cut from full state that a
+    checkpoint or a plain step left), its step counter, and the entries to commit: the shard's,
+    and the full parameter's (its step counter; the full entries a shard was cut from, None)."""
+    lo, hi, _ = dp.pieces[j]
+    full = opt.state.get(p, {})
+    mine = opt._shard_state.get(p)
+    cut = {}
+    if mine is None:
+        mine = {}
+        for key in names:
+            for stored in (key, "task_" + key):
+                value = full.get(stored)
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if stored.startswith("task_") and value.dim() == p.dim() + 1 \
+                        and value.shape[1:] == p.shape:
+                    mine[stored] = torch.stack([_flat(_in_layout(v, p), lo, hi)
+                                                for v in value.detach()])
+                elif value.shape == p.shape:
+                    mine[stored] = _flat(_in_layout(value.detach(), p), lo, hi).clone()
+                else:
+                    continue
+                cut[stored] = None
+    source = dict(mine, step=full.get("step"))
+    if source["step"] is None:
+        del source["step"]
+    if target.numel() == 0:
+        dummy = dp.dummy(state_dtype(p), p.device)
+        states, new = [dummy] * len(names), {}
+        step = source.get("step")
+        if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
+                and step.device == p.device):
+            step = torch.tensor(0.0 if step is None else float(step), dtype=torch.float32,
+                                device=p.device)
+            new = {"step": step}
+    else:
+        states, step, new = prepare_state(source, target, names, init, adatask_k, name)
+    new_full = dict(cut)
+    if "step" in new:
+        new_full["step"] = new.pop("step")
+    # Entries cut from full state are the shard's state from now on.
+    for key in cut:
+        new.setdefault(key, mine[key])
+    return states, step, new, new_full

@@ -18,18 +18,31 @@ import numpy as np
 import torch
 
 from .. import _autograd
+from .._distributed import data_parallel_group
 from .._native import StepOutcome
 from ._backends import CpuBackend
 from ._compile import compiled_step
+from ._ddp import DataParallel
 from ._compile import register as register_for_compile
 from ._options import CLIPPY_PRESETS, PubOptions
-from ._plan import StepPlan, build_plan, check_param
+from ._plan import StepPlan, build_plan, check_param, state_dtype
 
 __all__ = ["BACKENDS", "CLIPPY_PRESETS", "PUBOptimizer"]
 
 #: Step backends by name; "native" picks the CPU or CUDA core by the parameters' device.
 #: PUB_NATIVE_BACKEND in the environment sets the default.
 BACKENDS = ("native", "reference")
+
+
+#: The keyword arguments every PUB optimizer takes besides its torch base class's.
+PUB_ARGUMENTS = ("shared", "update_weights_every", "solver", "weight_norm", "ridge", "umm",
+                 "clippy_preset", "clippy_lambda_rel", "clippy_lambda_abs", "absent_tasks",
+                 "process_group", "shard_state", "backend")
+
+
+def pub_arguments(local_vars: dict) -> dict:
+    """PUB's arguments out of an optimizer constructor's locals()."""
+    return {name: local_vars[name] for name in PUB_ARGUMENTS}
 
 
 def _default_backend() -> str:
@@ -66,8 +79,12 @@ class PUBOptimizer:
             )
         return list(params)
 
-    def _pub_setup(self, shared, backend, **pub_kwargs):
+    def _pub_setup(self, shared, backend, process_group, shard_state, **pub_kwargs):
         self.options = PubOptions(**pub_kwargs)
+        if not isinstance(shard_state, bool):
+            raise ValueError(f"Invalid shard_state: {shard_state!r} (True or False)")
+        self.shard_state = shard_state
+        self._process_group = process_group
         backend = _default_backend() if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}, expected one of {BACKENDS}")
@@ -104,6 +121,9 @@ class PUBOptimizer:
         self._seed_weights: tuple | None = None  # (α̂, α) for the next backend (checkpoints)
         self._stats: dict[str, Any] = {}
         self._unread = None  # (device result, under a GradScaler) not yet read back
+        self._dp: DataParallel | None = None  # data parallelism, decided at the first backward
+        self._dp_resolved = False
+        self._shard_state: dict = {}  # param -> its shard's state (sharded data parallelism)
 
     # PUB's options, also as attributes.
     update_weights_every = property(lambda self: self.options.update_weights_every)
@@ -137,6 +157,11 @@ class PUBOptimizer:
         state["_pub"] = {
             "options": self.options,
             "backend": self.backend,
+            "shard_state": self.shard_state,
+            # A process group does not travel: a copy finds its set-up again ("auto").
+            "process_group": self._process_group if self._process_group in ("auto", None)
+            else "auto",
+            "shards": self._shard_state,
             "explicit_shared": self._explicit_shared,
             "decided": [self._decided.get(id(p)) for p in params],
             "k": self._k,
@@ -158,6 +183,8 @@ class PUBOptimizer:
             return
         self.options = pub["options"]
         self.backend = pub["backend"]
+        self.shard_state = pub["shard_state"]
+        self._process_group = pub["process_group"]
         self._compile_handle = register_for_compile(self)
         self._explicit_shared = pub["explicit_shared"]
         self._reset_pub()
@@ -173,6 +200,7 @@ class PUBOptimizer:
         self._solved = pub["solved"]
         self._seed_weights = pub["weights"]
         self._stats = pub["stats"]
+        self._shard_state = pub["shards"]
 
     def __repr__(self) -> str:
         base = super().__repr__()
@@ -335,6 +363,7 @@ class PUBOptimizer:
             raise ValueError("losses: no task loss requires grad (none is connected to a "
                              "parameter), so there is nothing to differentiate")
         shared = self._resolve_shared(losses, items)
+        dp = self._data_parallel()
         grads = self._grads
         accumulate = self._accumulating(shared)
         if (grads is None or grads.k != k
@@ -346,7 +375,13 @@ class PUBOptimizer:
                     "backward(losses) calls of one step; call step() or zero_grad() first")
             for p in shared:
                 check_param(p, self._param_name(p), shared[0].device)
-            grads = self._grads = _autograd.TaskGradients(shared, k, with_sum=True)
+            size = sum(p.numel() for p in shared)
+            grads = self._grads = _autograd.TaskGradients(
+                shared, k, with_sum=True, row_length=dp.row_length(size) if dp else None)
+            if dp is not None and self._shard_state:
+                raise RuntimeError(
+                    "the shared parameters changed under sharded data parallelism: the "
+                    "optimizer state is split by the old layout; save and load a state_dict")
         if self._grad_views is None or len(self._grad_views) != len(shared):
             self._grad_views = [None] * len(shared)
         self._shared = shared
@@ -357,14 +392,47 @@ class PUBOptimizer:
         self._present = [a or b for a, b in zip(self._present, present)]
         shared_ids = {id(p) for p in shared}
         specific = [p for p in self._all_params() if p.requires_grad and id(p) not in shared_ids]
-        grads.compute(items, [specific] * k, retain_graph=retain_graph, accumulate=accumulate)
-        grads.form_sum()
+        if dp is None:
+            grads.compute(items, [specific] * k, retain_graph=retain_graph,
+                          accumulate=accumulate)
+            grads.form_sum()
+        else:
+            dp.set_layout(grads)
+            handles: list = []
+            sync = dp.syncing()
+            grads.compute(items, [specific] * k, retain_graph=retain_graph,
+                          accumulate=accumulate, scale=1.0 / dp.world,
+                          on_task=(lambda i: handles.append(dp.reduce_task(grads, i)))
+                          if sync else None)
+            if sync:
+                dp.finish_task_rows(grads, handles)
+                self._present = dp.reduce_plain(specific, self._present)
+                dp.unreduced = False
+            else:  # inside ddp.no_sync(): accumulate here, reduce at the next synced backward
+                grads.form_sum()
+                dp.unreduced = True
         for j, p in enumerate(shared):
             if p.requires_grad:
                 view = grads.sum_view(j)
                 p.grad = view
                 self._grad_views[j] = view
         self._pending = True
+
+    def _data_parallel(self) -> DataParallel | None:
+        """The data-parallel set-up (SPEC section 10), decided once, at the first backward."""
+        if not self._dp_resolved:
+            group, ddp = data_parallel_group(self._all_params(), self._process_group)
+            if group is not None:
+                if self.backend == "reference":
+                    raise NotImplementedError(
+                        "the reference backend runs in one process; use backend='native' with "
+                        "data parallelism")
+                # Clippy scales each tensor by a minimum over all its elements, which a shard
+                # that splits the tensor does not see: Clippy takes the replicated scheme.
+                self._dp = DataParallel(group, ddp,
+                                        self.shard_state and self.options.umm != "clippy")
+            self._dp_resolved = True
+        return self._dp
 
     def _accumulating(self, shared) -> bool:
         """Whether this backward adds to the task gradients: before a step (pending), or after
@@ -530,6 +598,12 @@ class PUBOptimizer:
             or (found_inf is not None and grad_scale is None)
             or any(p.grad is not v for p, v in zip(self._grads.params, self._grad_views)
                    if v is not None))
+        dp = self._dp
+        if pending and dp is not None and dp.unreduced:
+            raise RuntimeError(
+                "step() after backward(losses) calls made only inside ddp.no_sync(): the task "
+                "gradients were never averaged over the processes. Make the last backward of "
+                "an accumulation outside no_sync(), as with DDP's own backward.")
         plan = build_plan(self, pending, rescan)
         if plan is None:
             self._pending = False
@@ -541,18 +615,25 @@ class PUBOptimizer:
         if pending and self._present is not None and not all(self._present):
             task_scale = np.array(self._present, dtype=np.float64)
         self._read_device_result(raise_errors=False)
+        between = (lambda: dp.reduce_summary(backend)) if plan.sharded else None
         result = backend.step(plan, solve=solve, options=self.options, grad_scale=grad_scale,
-                              found_inf=found_inf, task_scale=task_scale)
+                              found_inf=found_inf, task_scale=task_scale, between=between)
+        if plan.sharded and (getattr(result, "lazy", False)
+                             or result.outcome == StepOutcome.APPLIED):
+            # On CUDA the device decides: gathering unchanged shards is harmless.
+            dp.gather_params(self._grads.params, self._grads)
         self._finish_step(plan, result, pending, solve, found_inf)
 
     def _commit_state(self, plan: StepPlan) -> None:
-        for p, new in plan.pending_state.items():
-            st = self.state[p]
-            for key, value in new.items():
-                if value is None:
-                    st.pop(key, None)
-                else:
-                    st[key] = value
+        for target, pending in ((self.state, plan.pending_state),
+                                (self._shard_state, plan.pending_shard_state)):
+            for p, new in pending.items():
+                st = target.setdefault(p, {}) if target is self._shard_state else target[p]
+                for key, value in new.items():
+                    if value is None:
+                        st.pop(key, None)
+                    else:
+                        st[key] = value
 
     def _finish_step(self, plan: StepPlan, result, pending: bool, solve: bool,
                      found_inf) -> None:
@@ -610,6 +691,8 @@ class PUBOptimizer:
         self._read_device_result(raise_errors=False)
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(self._all_params())}
+        for p, entries in self._gathered_shard_state().items():
+            sd["state"].setdefault(index[id(p)], {}).update(entries)
         weights = self._current_weights() or (None, None)
         sd["pub"] = {
             "num_tasks": self._k,
@@ -622,6 +705,52 @@ class PUBOptimizer:
             "umm": self.options.umm,
         }
         return sd
+
+    def _gathered_shard_state(self) -> dict:
+        """Under sharded data parallelism, the full state of each shared parameter, gathered
+        from the processes' shards (collective: every process must call state_dict())."""
+        dp, grads = self._dp, self._grads
+        if dp is None or not dp.shard or grads is None or dp._layout is None:
+            return {}
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(bool(self._shard_state))], dtype=torch.float64,
+                            device=grads.device if dist.get_backend(dp.group) == "nccl"
+                            else "cpu")
+        dist.all_reduce(flag, group=dp.group)
+        if not flag.item():
+            return {}
+        groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        keys: list[str] = []
+        for p in grads.params:
+            for name in self._state_names(groups_of[id(p)]):
+                key = "task_" + name if self.options.umm == "adatask" else name
+                if key not in keys:
+                    keys.append(key)
+        k_rows = grads.k if self.options.umm == "adatask" else 1
+        dtype = state_dtype(grads.params[0]) if grads.params else torch.float32
+        out: dict = {}
+        for key in keys:
+            send = torch.zeros((k_rows, dp.S), dtype=dtype, device=grads.device)
+            for j, p in enumerate(grads.params):
+                lo, hi, off = dp.pieces[j]
+                piece = self._shard_state.get(p, {}).get(key)
+                if hi > lo and piece is not None:
+                    send[:, off:off + (hi - lo)].copy_(piece.reshape(k_rows, hi - lo))
+            recv = torch.empty((dp.world, k_rows, dp.S), dtype=dtype, device=grads.device)
+            dist.all_gather_into_tensor(recv.view(-1), send.view(-1), group=dp.group)
+            flat = recv.permute(1, 0, 2).reshape(k_rows, dp.world * dp.S)
+            for j, p in enumerate(grads.params):
+                if key.removeprefix("task_") not in self._state_names(groups_of[id(p)]):
+                    continue
+                o, n = grads.offsets[j], grads.numels[j]
+                full = torch.empty_strided(
+                    (k_rows, *p.shape), (p.numel(), *p.stride()), dtype=dtype, device=p.device)
+                for i in range(k_rows):
+                    full[i].as_strided((n,), (1,), full[i].storage_offset()).copy_(
+                        flat[i, o:o + n])
+                out.setdefault(p, {})[key] = full if key.startswith("task_") else full[0]
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer (or of its torch base class).
@@ -698,9 +827,10 @@ class PUBOptimizer:
                     mine[name] = v.to(device=p.device, dtype=torch.float32).clone()
                 elif mine.get(name) is v:
                     mine[name] = v.clone()
-        explicit, options, backend = self._explicit_shared, self.options, self.backend
+        keep = (self._explicit_shared, self.options, self.backend, self._dp, self._dp_resolved)
         self._reset_pub()
-        self._explicit_shared, self.options, self.backend = explicit, options, backend
+        (self._explicit_shared, self.options, self.backend, self._dp,
+         self._dp_resolved) = keep
         if pub is None:
             return
         self._k = k

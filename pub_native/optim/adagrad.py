@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._native import Algorithm
-from ._pub import PUBOptimizer
+from ._pub import PUBOptimizer, pub_arguments
 
 __all__ = ["AdaGrad"]
 
@@ -35,17 +35,15 @@ class AdaGrad(PUBOptimizer, torch.optim.Adagrad):
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
                  shared=None, update_weights_every=1, solver="newton", weight_norm="sum",
                  ridge=1e-8, umm=None, clippy_preset="paper", clippy_lambda_rel=None,
-                 clippy_lambda_abs=None, absent_tasks="skip", backend=None):
+                 clippy_lambda_abs=None, absent_tasks="skip", process_group="auto",
+                 shard_state=True, backend=None):
         params = self._materialize(params)
         torch.optim.Adagrad.__init__(
             self, params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )
-        self._pub_setup(shared, backend, update_weights_every=update_weights_every,
-                        solver=solver, weight_norm=weight_norm, ridge=ridge, umm=umm,
-                        clippy_preset=clippy_preset, clippy_lambda_rel=clippy_lambda_rel,
-                        clippy_lambda_abs=clippy_lambda_abs, absent_tasks=absent_tasks)
+        self._pub_setup(**pub_arguments(locals()))
 
     def _state_names(self, group):
         return ["sum"]

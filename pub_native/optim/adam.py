@@ -11,7 +11,7 @@ import inspect
 import torch
 
 from .._native import Algorithm
-from ._pub import PUBOptimizer
+from ._pub import PUBOptimizer, pub_arguments
 
 __all__ = ["Adam"]
 
@@ -68,7 +68,8 @@ class Adam(PUBOptimizer, torch.optim.Adam):
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  shared=None, update_weights_every=1, solver="newton", weight_norm="sum",
                  ridge=1e-8, umm=None, clippy_preset="paper", clippy_lambda_rel=None,
-                 clippy_lambda_abs=None, absent_tasks="skip", backend=None):
+                 clippy_lambda_abs=None, absent_tasks="skip", process_group="auto",
+                 shard_state=True, backend=None):
         params = self._materialize(params)
         kwargs = dict(foreach=foreach, maximize=maximize, capturable=capturable,
                       differentiable=differentiable, fused=fused)
@@ -80,10 +81,7 @@ class Adam(PUBOptimizer, torch.optim.Adam):
             )
         torch.optim.Adam.__init__(self, params, lr=lr, betas=betas, eps=eps,
                                   weight_decay=weight_decay, amsgrad=amsgrad, **kwargs)
-        self._pub_setup(shared, backend, update_weights_every=update_weights_every,
-                        solver=solver, weight_norm=weight_norm, ridge=ridge, umm=umm,
-                        clippy_preset=clippy_preset, clippy_lambda_rel=clippy_lambda_rel,
-                        clippy_lambda_abs=clippy_lambda_abs, absent_tasks=absent_tasks)
+        self._pub_setup(**pub_arguments(locals()))
 
     def _state_names(self, group):
         names = ["exp_avg", "exp_avg_sq"]

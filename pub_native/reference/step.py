@@ -66,7 +66,7 @@ class _Row:
 
 
 def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
-             task_scale=None, found: bool = False, reduce_gram=None):
+             task_scale=None, found: bool = False):
     """One step on ``plan`` (see ``pub_native.optim._plan``). ``weights``: α̂ in use (None
     before the first solve). Returns (outcome, weights, info); writes parameters, state and
     step counters only when the outcome is APPLIED."""
@@ -101,8 +101,6 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
                 any_gram = True
             rows.append((seg, row, rule))
     G = G * (present[:, None] & present[None, :])
-    if reduce_gram is not None:
-        G = torch.as_tensor(reduce_gram(G.numpy()), dtype=F64)
     grad_bad = bool(bad_tasks.any()) or bool(bad_params)
     info = {"bad_tasks": torch.nonzero(bad_tasks).flatten().tolist(), "bad_params": bad_params,
             "stats": {}}
@@ -174,15 +172,14 @@ class ReferenceBackend:
         self._alpha = None if alpha is None else np.array(alpha, dtype=np.float64)
 
     def step(self, plan, *, solve, options, grad_scale=None, found_inf=None, task_scale=None,
-             reduce_gram=None):
+             between=None):
         from ..optim._backends import StepResult
 
         inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         found = found_inf is not None and bool(found_inf)
         outcome, weights, info = pub_step(plan, solve=solve, options=options,
                                           weights=self._weights, inv_scale=inv_scale,
-                                          task_scale=task_scale, found=found,
-                                          reduce_gram=reduce_gram)
+                                          task_scale=task_scale, found=found)
         if outcome == StepOutcome.APPLIED:
             self._weights = weights
             if solve and info["stats"]["status"] != SolveStatus.ALL_ZERO:

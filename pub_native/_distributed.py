@@ -1,0 +1,105 @@
+"""Data parallelism (SPEC section 10), the parts the PUB optimizers and the gradient balancers
+share (Python layer): which process group a model's parameters are replicated over, and the
+set-ups that cannot be kept exact, refused with an error that names the supported ones.
+
+``torch.autograd.grad`` — how per-task gradients are taken — bypasses the gradient
+synchronization of ``DistributedDataParallel``, so PUB and the balancers reduce the per-task
+gradients themselves over the DDP module's process group.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+__all__ = ["SUPPORTED", "data_parallel_group", "is_distributed"]
+
+SUPPORTED = (
+    "supported: a model wrapped in torch.nn.parallel.DistributedDataParallel (pass "
+    "ddp_model.parameters()), or a single process; with process_group=<group> the parameters "
+    "are taken as replicated over that group without a DDP wrapper, with process_group=None "
+    "every process trains on its own")
+
+
+def is_distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_sharded_parameter(p: torch.Tensor) -> bool:
+    if getattr(p, "_is_flat_param", False):  # FSDP (version 1)
+        return True
+    try:
+        from torch.distributed.tensor import DTensor  # FSDP2, tensor parallelism
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(p, DTensor)
+
+
+def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
+    """(group, ddp): the process group over which ``params`` are replicated and their gradients
+    must be averaged, or None (one process, or processes that train on their own), and the
+    DistributedDataParallel module that holds them, if any (its ``no_sync`` state matters).
+
+    ``process_group``: ``"auto"`` finds the DistributedDataParallel module that holds the
+    parameters; ``None`` means no data parallelism; a group is taken as given. With ``"auto"``,
+    parameters that are sharded (FSDP, DTensor), split over several DDP modules, or replicated
+    over processes without a DDP wrapper raise, naming the supported set-ups.
+    """
+    if process_group is None:
+        return None, None
+    if not is_distributed():
+        if process_group != "auto":
+            raise RuntimeError("process_group was given but torch.distributed is not initialized")
+        return None, None
+    for p in params:
+        if _is_sharded_parameter(p):
+            raise NotImplementedError(
+                f"a parameter of shape {tuple(p.shape)} is sharded (FSDP or DTensor): PUB keeps "
+                f"per-task gradients exact under data parallelism only with whole parameters; "
+                f"{SUPPORTED}")
+    if process_group != "auto":
+        return process_group, None
+    if torch.distributed.get_world_size() == 1:
+        return None, None
+    ids = {id(p) for p in params}
+    holders = []
+    ddp_type = torch.nn.parallel.DistributedDataParallel
+    for obj in gc.get_objects():
+        if isinstance(obj, ddp_type):
+            mine = {id(p) for p in obj.module.parameters()}
+            if ids & mine:
+                holders.append((obj, mine))
+    if len(holders) > 1:
+        raise NotImplementedError(
+            f"the parameters belong to {len(holders)} DistributedDataParallel modules; "
+            f"{SUPPORTED}")
+    if holders:
+        ddp, mine = holders[0]
+        if not ids <= mine:
+            raise NotImplementedError(
+                "some parameters are inside a DistributedDataParallel module and some are not: "
+                f"PUB cannot tell how the others are replicated; {SUPPORTED}")
+        return ddp.process_group, ddp
+    if _replicated(params):
+        raise RuntimeError(
+            f"torch.distributed is initialized with {torch.distributed.get_world_size()} "
+            "processes and the parameters are identical on all of them, but they are not "
+            "wrapped in DistributedDataParallel: PUB would balance each process's local "
+            f"gradients and the replicas would drift apart; {SUPPORTED}")
+    return None, None
+
+
+def _replicated(params: list[torch.Tensor]) -> bool:
+    """Whether the parameters hold the same values on every process (one all-reduce)."""
+    if not params:
+        return False
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in params]).cpu()
+        both = torch.cat([sums, -sums])
+        if torch.distributed.get_backend() == "nccl":
+            both = both.cuda()
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        both = both.cpu()
+    return bool(torch.equal(both[:len(sums)], sums) and torch.equal(-both[len(sums):], sums))

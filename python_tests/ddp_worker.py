@@ -1,0 +1,168 @@
+"""One process of a data-parallel training run, for test_distributed.py (gloo on 127.0.0.1).
+
+    python ddp_worker.py --rank R --world N --port P --out DIR [--optimizer adam] [--umm ...]
+
+Every process builds the same model (seeded), wraps it in DistributedDataParallel, trains on its
+slice of each global batch with a PUB optimizer (or a gradient balancer + torch's Adam), and
+writes its parameters, task weights and bytes sent to DIR/rank{R}.pt. The test trains the same
+model on the whole batches in one process and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pub_native  # noqa: E402
+
+BATCH = 12  # divisible by 2 and 3 processes: the processes' mean losses average to the batch's
+
+
+class Uneven(torch.nn.Module):
+    """Shared tensors of odd sizes, so that equal shards split tensors."""
+
+    def __init__(self, k=2):
+        super().__init__()
+        self.a = torch.nn.Linear(7, 13)
+        self.b = torch.nn.Linear(13, 5)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(5, 1) for _ in range(k))
+
+    def forward(self, x):
+        z = torch.tanh(self.b(torch.tanh(self.a(x))))
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+def build_model(kind: str, k: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "uneven":
+        return Uneven(k)
+    from helpers import MMoE
+
+    return MMoE(k=k)
+
+
+def global_batch(kind: str, t: int, k: int):
+    g = torch.Generator().manual_seed(100 + t)
+    if kind == "uneven":
+        x = torch.randn(BATCH, 7, generator=g)
+    else:
+        x = torch.randint(0, 10, (BATCH, 3), generator=g)
+    y = torch.randn(k, BATCH, generator=g)
+    return x, y
+
+
+def task_losses(outs, y):
+    return [((o - y[i]) ** 2).mean() for i, o in enumerate(outs)]
+
+
+def make_optimizer(args, params):
+    if args.balancer:
+        from pub_native import balancers
+
+        bal = balancers.BALANCERS[args.balancer](params)
+        return bal, torch.optim.Adam(params, lr=1e-2)
+    cls = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad,
+           "rmsprop": pub_native.RMSProp}[args.optimizer]
+    kw = dict(momentum=0.5) if args.optimizer == "rmsprop" else {}
+    umm = None if args.umm == "none" else args.umm
+    return None, cls(params, lr=1e-2, umm=umm, update_weights_every=args.every,
+                     shard_state=bool(args.shard), **kw)
+
+
+def train(args, model, step_model, bal, opt, ranks=None):
+    """Steps start .. start+steps-1 on this process's slice (or the whole batch: ranks=None)."""
+    for t in range(args.start, args.start + args.steps):
+        x, y = global_batch(args.model, t, args.tasks)
+        if ranks is not None:
+            rank, world = ranks
+            x, y = x[rank::world], y[:, rank::world]
+        opt.zero_grad()
+        losses = task_losses(step_model(x), y)
+        if args.absent and t == args.start + 1:
+            losses[-1] = torch.zeros(())  # no labels for the last task in this batch
+        if bal is not None:
+            bal.backward(losses)
+        else:
+            opt.backward(losses)
+        opt.step()
+        if t == args.save_at:
+            sd = opt.state_dict()  # collective under sharding: every process calls it
+            if ranks is None or ranks[0] == 0:
+                torch.save({"opt": sd, "model": model.state_dict()},
+                           os.path.join(args.out, "checkpoint.pt"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--world", type=int, default=1)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="mmoe")
+    ap.add_argument("--tasks", type=int, default=2)
+    ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--umm", default="none")
+    ap.add_argument("--every", type=int, default=1)
+    ap.add_argument("--shard", type=int, default=1)
+    ap.add_argument("--balancer", default="")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--load", default="")
+    ap.add_argument("--absent", type=int, default=0)
+    ap.add_argument("--mode", default="ddp", help="ddp | single | no-wrapper | no-sync-misuse")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    model = build_model(args.model, args.tasks)
+    if args.mode == "single":
+        bal, opt = make_optimizer(args, list(model.parameters()))
+        if args.load:
+            saved = torch.load(args.load, weights_only=False)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+        train(args, model, model, bal, opt)
+        rank_file = "single.pt"
+    else:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
+                                rank=args.rank, world_size=args.world)
+        wrapped = model if args.mode == "no-wrapper" else \
+            torch.nn.parallel.DistributedDataParallel(model)
+        bal, opt = make_optimizer(args, list(wrapped.parameters()))
+        if args.load:
+            saved = torch.load(args.load, weights_only=False)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+        try:
+            if args.mode == "no-sync-misuse":
+                x, y = global_batch(args.model, 0, args.tasks)
+                opt.zero_grad()
+                with wrapped.no_sync():
+                    opt.backward(task_losses(wrapped(x), y))
+                opt.step()
+            else:
+                train(args, model, wrapped, bal, opt, ranks=(args.rank, args.world))
+        except Exception as exc:  # the test reads the error from the rank's file
+            torch.save({"error": f"{type(exc).__name__}: {exc}"},
+                       os.path.join(args.out, f"rank{args.rank}.pt"))
+            dist.destroy_process_group()
+            return 0
+        rank_file = f"rank{args.rank}.pt"
+    weights = None if bal is not None else opt.task_weights
+    dp = getattr(opt, "_dp", None)
+    torch.save({"params": [p.detach().clone() for p in model.parameters()],
+                "weights": weights, "bytes": None if dp is None else dp.bytes_sent,
+                "state": None if bal is not None else opt.state_dict()},
+               os.path.join(args.out, rank_file))
+    if args.mode != "single":
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
