@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .methods import METHODS  # noqa: E402
 
-__all__ = ["difference_and_cost_figure", "forest_panel", "method_style"]
+__all__ = ["difference_and_cost_figure", "forest_panel", "lines_panel", "method_style"]
 
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "*", "p")
 _LINES = ("-", "--", "-.", ":")
@@ -104,3 +104,30 @@ def difference_and_cost_figure(panels: list[tuple[str, list[dict]]], tasks: list
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def lines_panel(ax, xs: list, series: dict, *, key: str = "mean", half: str = "half_width",
+                log_x: bool = False, xlabel: str = "", ylabel: str = "") -> None:
+    """One line per method over ``xs``: ``series[method]`` holds, per x, a
+    :func:`pub_native.demo.stats.paired_difference` dict (or None); points at ``d[key]`` with
+    error bars ± ``d[half]``, nudged sideways so that the intervals do not hide each other."""
+    n = len(series)
+    positions = list(range(len(xs)))
+    for j, (method, diffs) in enumerate(series.items()):
+        style = method_style(method)
+        shift = (j - (n - 1) / 2) * (0.6 / max(n, 1))
+        px, py, err = [], [], []
+        for pos, d in zip(positions, diffs, strict=True):
+            if d is None:
+                continue
+            px.append(pos + shift)
+            py.append(d[key])
+            h = d.get(half, math.nan)
+            err.append(h if math.isfinite(h) else 0.0)
+        ax.errorbar(px, py, yerr=err, label=METHODS.get(method, method), capsize=2, ms=5,
+                    lw=1.0, elinewidth=0.8, **style)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(positions, [f"{x:g}" for x in xs])
+    ax.set_xlabel(xlabel + (" (log scale)" if log_x else ""))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-__all__ = ["mean_std", "paired_difference", "t_quantile_975"]
+__all__ = ["compare_to_baseline", "mean_std", "paired_difference", "t_quantile_975"]
 
 # Two-sided 95% critical values t_{0.975, df} of Student's t for df = 1..30 (standard tables;
 # e.g. Abramowitz & Stegun table 26.10), to 4 decimals.
@@ -60,3 +60,29 @@ def paired_difference(values, baseline) -> dict:
     half = t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
     return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half,
             "half_width": half}
+
+
+def compare_to_baseline(values: dict, baseline: str = "ls") -> dict:
+    """Per method: per-task mean and std over seeds of ``values[method]`` (an array (seeds, K),
+    rows in seed order, the same seeds for every method), the task average, and the paired
+    difference from ``baseline`` per task and on the average (:func:`paired_difference`), also
+    relative to the baseline's mean (in %)."""
+    out = {}
+    base = np.asarray(values[baseline], dtype=np.float64) if baseline in values else None
+    for key, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        avg = v.mean(axis=1)
+        row = {"seeds": int(v.shape[0]), "task_mean": v.mean(axis=0).tolist(),
+               "task_std": (v.std(axis=0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1])
+                            ).tolist(),
+               "avg_mean": float(avg.mean()), "avg_std": mean_std(avg)[1], "diff": None}
+        if base is not None and key != baseline:
+            diffs = [paired_difference(v[:, k], base[:, k]) for k in range(v.shape[1])]
+            diffs.append(paired_difference(avg, base.mean(axis=1)))
+            ref = [*base.mean(axis=0).tolist(), float(base.mean())]
+            for d, r in zip(diffs, ref, strict=True):
+                d["relative_pct"] = 100.0 * d["mean"] / r if r else math.nan
+                d["relative_half_width_pct"] = 100.0 * d["half_width"] / abs(r) if r else math.nan
+            row["diff"] = {"tasks": diffs[:-1], "avg": diffs[-1]}
+        out[key] = row
+    return out
