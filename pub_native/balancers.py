@@ -1,18 +1,25 @@
-"""Gradient balancers for multi-task learning, usable with any torch optimizer: LS, NashMTL,
-MGDA-UB, IMTL-G, PCGrad and CAGrad — the baselines PUB is compared with (arXiv 2410.05806,
-section VI).
+"""Multi-task balancers usable with any torch optimizer: the methods PUB is compared with in
+its paper (arXiv 2410.05806, section VI) and MultiBalance.
+
+- gradient balancers on the shared parameters: LS, NashMTL, MGDA-UB, IMTL-G, PCGrad, CAGrad;
+- loss weightings: :class:`Uncertainty` (Kendall et al., 2018) and :class:`FAMO` (Liu et al.,
+  2023);
+- balancing on the shared representation: :class:`MultiBalance` (He et al., 2024).
 
 Python layer over ``pub_native._autograd`` (per-task gradients, shared-parameter detection) and
-the native K×K weight solver. Every balancer has the same interface::
+the native K×K weight solver. Every balancer fills ``.grad`` as ``loss.backward()`` would::
 
     bal = pub_native.balancers.NashMTL(model.parameters())
     opt = torch.optim.Adam(model.parameters())
     opt.zero_grad(); bal.backward(losses); opt.step(); bal.weights
 
-``backward`` computes g_i = ∂L_i/∂θ on the shared parameters θ (reached by two or more task
-losses; detected from the autograd graph on the first call unless ``shared=`` is given), turns
-them into one gradient Σ_i w_i g_i (the method's w, computed from the K×K Gram matrix
-G_ij = ⟨g_i, g_j⟩) and accumulates it into ``.grad`` of θ, as ``loss.backward()`` would.
+For the gradient balancers, ``backward`` computes g_i = ∂L_i/∂θ on the shared parameters θ
+(reached by two or more task losses; detected from the autograd graph on the first call unless
+``shared=`` is given), turns them into one gradient Σ_i w_i g_i (the method's w, computed from
+the K×K Gram matrix G_ij = ⟨g_i, g_j⟩) and accumulates it into ``.grad`` of θ. The loss
+weightings take one backward pass of a weighted loss; :class:`Uncertainty` owns parameters for
+your optimizer and :class:`FAMO` updates its weights after the step (``update``).
+:class:`MultiBalance` takes the representation too: ``backward(losses, z)``.
 """
 
 from __future__ import annotations
@@ -37,15 +44,19 @@ from .solver import SolveStatus, solve_weights
 __all__ = [
     "BALANCERS",
     "CAGrad",
+    "FAMO",
     "GradientBalancer",
     "IMTLG",
     "LS",
     "MGDAUB",
+    "MultiBalance",
     "NashMTL",
     "PCGrad",
+    "Uncertainty",
     "cagrad_weights",
     "imtl_g_weights",
     "min_norm_weights",
+    "multibalance_weights",
     "pcgrad_weights",
 ]
 
@@ -111,6 +122,11 @@ class GradientBalancer:
     # -- set-up -------------------------------------------------------------------------------
 
     def _setup(self, raw_losses, losses: list[torch.Tensor]) -> None:
+        self._detect(raw_losses, losses)
+        self._grads = TaskGradients(self.shared, len(losses))
+
+    def _detect(self, raw_losses, losses: list[torch.Tensor]) -> None:
+        """Shared and task-specific parameters from the autograd graph of the first losses."""
         # The optimizers' detection (pub_native._autograd): a stacked 1-D tensor of losses is
         # split back into its tasks at the stack, so its tasks reach what the list's would.
         roots = task_roots(raw_losses, losses)
@@ -132,7 +148,6 @@ class GradientBalancer:
         specific_ids = {id(p) for spec in self._specific for p in spec}
         self._specific_all = [p for p in self.params if id(p) in specific_ids]
         self._multi = [p for p in self._specific_all if id(p) not in single_ids]
-        self._grads = TaskGradients(self.shared, len(losses))
         self.k = len(losses)
 
     # -- the step -----------------------------------------------------------------------------
@@ -406,8 +421,606 @@ class CAGrad(GradientBalancer):
         return f"CAGrad(c={self.c})"
 
 
+class Uncertainty(GradientBalancer):
+    r"""Uncertainty weighting (Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to
+    Weigh Losses for Scene Geometry and Semantics", CVPR 2018): each task i has a learnable
+    log-variance s_i = log σ_i² (``log_vars``, initialized to 0), owned by the balancer.
+
+    ``form="regression"`` (the default; Kendall et al. eq. 7, and the form the NashMTL and FAMO
+    code, from which the PUB paper reimplemented its baselines, uses for every task,
+    classification included)::
+
+        L = Σ_i ½ (exp(−s_i) L_i + s_i)
+
+    ``form="classification"`` (eq. 10 with the approximation of eq. 11: a softmax likelihood
+    with temperature σ²)::
+
+        L = Σ_i exp(−s_i) L_i + ½ s_i
+
+    :meth:`backward` accumulates ∂L/∂θ into ``.grad`` of ``params`` — θ.grad += Σ_i w_i g_i with
+    w_i = ½ exp(−s_i) (regression) or exp(−s_i) (classification), for task-specific parameters
+    too — and ∂L/∂s_i into ``log_vars.grad``. For fixed losses, L is minimized at
+    s_i = log L_i (regression) or s_i = log 2L_i (classification), where every task gets the
+    weight w_i = 1/(2 L_i): at equilibrium the losses are weighted by their inverse.
+
+    The log-variances are trained by *your* optimizer; add them to it (the published code gives
+    them the learning rate 0.025)::
+
+        bal = Uncertainty(model.parameters(), n_tasks=2)
+        opt = torch.optim.Adam([{"params": model.parameters()},
+                                {"params": bal.parameters(), "lr": 0.025}], lr=1e-3)
+        opt.zero_grad(); bal.backward(losses); opt.step()
+    """
+
+    FORMS = ("regression", "classification")
+
+    def __init__(self, params, n_tasks: int, *, form: str = "regression"):
+        super().__init__(params)
+        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+            raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+        if form not in self.FORMS:
+            raise ValueError(f"form must be one of {self.FORMS}, got {form!r}")
+        self.form = form
+        ref = self.params[0]
+        dtype = ref.dtype if ref.is_floating_point() else torch.float32
+        self.log_vars = torch.zeros(n_tasks, dtype=dtype, device=ref.device, requires_grad=True)
+        self.k = n_tasks
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The balancer's own trainable tensors (``[log_vars]``), for the optimizer."""
+        return [self.log_vars]
+
+    def backward(self, losses) -> None:
+        losses = as_loss_list(losses, self.k)
+        self.steps += 1
+        s = self.log_vars
+        loss_vec = torch.stack(losses).to(s.dtype)
+        if self.form == "regression":
+            total = 0.5 * (torch.exp(-s) * loss_vec + s).sum()
+            w = 0.5 * torch.exp(-s.detach())
+        else:
+            total = (torch.exp(-s) * loss_vec + 0.5 * s).sum()
+            w = torch.exp(-s.detach())
+        torch.autograd.backward(total, inputs=self.params + [s])
+        self.weights = w.to(torch.float64).cpu()
+        self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
+
+    def __repr__(self):
+        return f"Uncertainty(n_tasks={self.k}, form={self.form!r})"
+
+
+class FAMO(GradientBalancer):
+    r"""FAMO (Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS
+    2023), as in its public code (github.com/Cranial-XIX/FAMO, ``famo.py``).
+
+    Task logits ξ (initialized to 0), z = softmax(ξ); D_i = L_i − m_i + ε with the lower bounds
+    m_i (``min_losses``, 0 by default) and ε = 1e-8; c = Σ_i z_i / D_i, held constant.
+
+    :meth:`backward`: θ.grad += ∇_θ (Σ_i z_i log D_i) / c = Σ_i w_i g_i with
+    w_i = z_i / (c D_i) (so Σ_i w_i = 1), task-specific parameters included; then the
+    gradient of the shared parameters is clipped to norm ``max_norm`` (1.0, as published; 0 turns
+    it off). Scaling a loss by a constant leaves the direction of this gradient unchanged.
+
+    :meth:`update` (after the optimizer step, with the losses L'_i of the *same* batch at the new
+    parameters): δ_i = log D_i − log D'_i, the decrease of each log loss; ξ.grad = J_z(ξ)ᵀ δ
+    (J_z the Jacobian of the softmax) and one Adam step on ξ with learning rate ``w_lr`` = 0.025
+    and weight decay ``gamma`` = 0.01 (the published defaults). A task whose log loss fell less
+    than the others' gains weight.
+
+    The published training loops pay one extra forward pass (without gradient) per step for
+    L'. If :meth:`update` is not called between two :meth:`backward` calls, ``backward`` first
+    updates ξ with its own losses — the next batch at the new parameters — as L', which is what
+    FAMO's own toy trainer does: free, but noisier by the difference between two batches.
+    ``stats["update"]`` says which happened (``"explicit"``, ``"next batch"`` or None).
+    """
+
+    weight_task_specific_default = True
+
+    def __init__(self, params, n_tasks: int, *, gamma: float = 0.01, w_lr: float = 0.025,
+                 max_norm: float = 1.0, min_losses=None, shared=None):
+        super().__init__(params, shared=shared)
+        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+            raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+        for name, value in (("gamma", gamma), ("w_lr", w_lr), ("max_norm", max_norm)):
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.gamma, self.w_lr, self.max_norm = float(gamma), float(w_lr), float(max_norm)
+        self.logits = torch.zeros(n_tasks, dtype=torch.float64, requires_grad=True)
+        self._logit_opt = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
+        m = torch.zeros(n_tasks, dtype=torch.float64) if min_losses is None else \
+            torch.as_tensor(min_losses, dtype=torch.float64).detach().cpu().reshape(-1)
+        if m.shape != (n_tasks,):
+            raise ValueError(f"min_losses must hold {n_tasks} values, got shape {tuple(m.shape)}")
+        self.min_losses = m
+        self.eps = 1e-8
+        self.k = n_tasks
+        self._prev_log_d: torch.Tensor | None = None
+        self._updated = True
+
+    @property
+    def task_probabilities(self) -> torch.Tensor:
+        """z = softmax(ξ), the tasks' share of the weighting (float64)."""
+        return torch.softmax(self.logits.detach(), 0)
+
+    def _log_d(self, losses) -> torch.Tensor:
+        values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(
+            device="cpu", dtype=torch.float64)
+        d = values - self.min_losses + self.eps
+        if not bool((d > 0).all()) or not bool(torch.isfinite(d).all()):
+            raise ValueError(
+                "FAMO weights log(L_i − min_losses_i): every loss must be finite and above its "
+                f"min_losses, got losses {values.tolist()} and min_losses "
+                f"{self.min_losses.tolist()}")
+        return d.log()
+
+    def update(self, losses_after) -> None:
+        """Update the task logits from the losses after the step (see the class docstring)."""
+        items = losses_after.unbind(0) if isinstance(losses_after, torch.Tensor) \
+            and losses_after.dim() == 1 else list(losses_after)
+        if len(items) != self.k:
+            raise ValueError(f"losses_after has {len(items)} tasks, FAMO was built for "
+                             f"K = {self.k}")
+        if self._prev_log_d is None:
+            raise RuntimeError("FAMO.update() needs a preceding backward()")
+        self._update_from(self._log_d(items))
+        self._updated = True
+        self.stats["update"] = "explicit"
+
+    def _update_from(self, log_d_after: torch.Tensor) -> None:
+        delta = self._prev_log_d - log_d_after
+        with torch.enable_grad():
+            z = torch.softmax(self.logits, 0)
+            (grad,) = torch.autograd.grad(z, self.logits, grad_outputs=delta)
+        self._logit_opt.zero_grad()
+        self.logits.grad = grad
+        self._logit_opt.step()
+
+    def backward(self, losses) -> None:
+        raw, items = losses, as_loss_list(losses, self.k)
+        if self.shared is None and self.max_norm > 0:
+            self._detect(raw, items)
+        self.steps += 1
+        log_d = self._log_d(items)
+        update = None
+        if not self._updated:
+            self._update_from(log_d)
+            update = "next batch"
+        z = torch.softmax(self.logits.detach(), 0)
+        d = log_d.exp()
+        c = float((z / d).sum())
+        w = z / (c * d)
+        total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
+        torch.autograd.backward(total, inputs=self.params)
+        if self.max_norm > 0 and self.shared:
+            torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm)
+        self.weights = w
+        self._prev_log_d = log_d
+        self._updated = False
+        self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True, "update": update}
+
+    def __repr__(self):
+        return (f"FAMO(n_tasks={self.k}, gamma={self.gamma}, w_lr={self.w_lr}, "
+                f"max_norm={self.max_norm})")
+
+
+class MultiBalance(GradientBalancer):
+    r"""MultiBalance (He et al., "MultiBalance: Multi-Objective Gradient Balancing in
+    Industrial-Scale Multi-Task Recommendation System", arXiv 2411.11871): gradient balancing
+    on the shared *representation* z (what the task heads read from the shared trunk) instead of
+    the shared parameters.
+
+    ``backward(losses, representation)`` per step:
+
+    1. K backward passes through the task heads only, one per task, stopping at z: they give
+       r_i = ∂L_i/∂z (flattened over the batch and the features; summed over the tensors when z
+       is several tensors) and ∂L_i/∂φ for the head parameters φ.
+    2. The K×K Gram G_ij = ⟨r_i, r_j⟩ (float64). Under torch.distributed with more than one
+       process, G is summed over the ranks (one all-reduce of K² + K numbers, with the loss
+       values): each rank holds ∂L_i/∂z for its own rows of the batch, so the sum is exactly the
+       Gram of the whole batch (divided by N², N processes, for losses averaged per rank, as DDP
+       assumes).
+    3. EMA (``ema`` = β, 0 turns it off): Ḡ_t = β Ḡ_{t−1} + (1 − β) G_t, used with the bias
+       correction Ḡ_t / (1 − β^t).
+    4. Normalization n_i: ``"l2"`` (default) n_i = √Ḡ_ii, the magnitude of the task's
+       representation gradient; ``"loss"`` n_i = L_i; ``"none"`` n_i = 1; Ĝ_ij = Ḡ_ij/(n_i n_j).
+    5. Weights w' on the simplex from Ĝ: ``solver="min-norm"`` (default; MGDA's min-norm point of
+       the normalized gradients, :func:`min_norm_weights`), ``"nash"`` (the Nash bargaining
+       solution Ĝα = 1/α of the native solver, α/Σα) or ``"mean"`` (w' = 1/K: magnitude
+       normalization alone).
+    6. Task weights w_i = w'_i · (Σ_j n_j) / n_i: Σ_i w_i r_i = (Σ_j n_j) Σ_i w'_i r_i/n_i is the
+       balanced combination of the *normalized* gradients at the scale of the summed loss, and K
+       identical tasks give w = 1, exactly linear scalarization. A task whose r_i is zero
+       (‖r_i‖ ≤ 1e-12 max_j ‖r_j‖, e.g. one that does not use z) keeps w_i = 1 and is left out
+       of steps 4–5.
+    7. Head parameters: φ.grad += Σ_i w_i ∂L_i/∂φ. Trunk: one backward from z with the weighted
+       representation gradient Σ_i w_i r_i. Every parameter thus receives ∂(Σ_i w_i L_i)/∂θ,
+       and the step costs one head pass per task and one trunk pass — the work of an ordinary
+       backward, plus the Gram. Under torch.distributed, the head gradients are averaged over
+       the ranks by one all-reduce here (wrap the *trunk*, not the whole model, in DDP: DDP
+       averages the trunk's gradients in the trunk backward).
+
+    What the paper states (its abstract): per-task gradients are balanced with respect to the
+    shared feature representation, which needs only those K small gradients and keeps the
+    training cost close to a plain step (neutral QPS at Meta, against a 70–80% QPS loss for
+    balancing on the shared parameters), and the weights come without grid search. Its exact
+    weighting rule is not public: steps 3–6 are this implementation's choices — MGDA-UB's
+    min-norm weights on magnitude-normalized representation gradients with an EMA of the Gram
+    (for two tasks the min-norm point of two unit vectors is their midpoint, so the default
+    equalizes the EMA'd gradient magnitudes at z) — exposed as the options above.
+
+    The representation is a tensor, or a list of tensors none of which is computed from
+    another, through which the heads reach *all* of the trunk: a trunk parameter that a loss
+    reaches around z makes the first call raise, naming it (add the tensor the head reads it
+    from to the list — e.g. MMoE's gates read the embedding, so its representation is the
+    experts' output *and* the gates' input). Checked on the first call, with the head/trunk
+    split, which is kept. Usable with any torch optimizer::
+
+        bal = MultiBalance(model.parameters())
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for x, ys in loader:
+            z = model.trunk(x)                             # shared representation (B, D)
+            losses = [F.mse_loss(head(z).squeeze(1), y) for head, y in zip(model.heads, ys)]
+            opt.zero_grad()
+            bal.backward(losses, z)
+            opt.step()
+
+    Args:
+        params: the parameters to give ``.grad`` to.
+        normalization: ``"l2"``, ``"loss"`` or ``"none"`` (step 4).
+        solver: ``"min-norm"``, ``"nash"`` or ``"mean"`` (step 5).
+        ema: β of the Gram's exponential moving average, in [0, 1) (step 3; default 0.9).
+        process_group: the torch.distributed group to sum the Gram and average the head
+            gradients over (default: the world, when torch.distributed is initialized with more
+            than one process).
+
+    Attributes (after the first call): ``heads`` (per task, the head parameters it reaches),
+    ``trunk`` (the parameters behind the representation), ``gram`` (the last G) and
+    ``weights`` (the last w).
+    """
+
+    NORMALIZATIONS = ("l2", "loss", "none")
+    SOLVERS = ("min-norm", "nash", "mean")
+
+    def __init__(self, params, *, normalization: str = "l2", solver: str = "min-norm",
+                 ema: float = 0.9, process_group=None):
+        super().__init__(params)
+        if normalization not in self.NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {self.NORMALIZATIONS}, got "
+                             f"{normalization!r}")
+        if solver not in self.SOLVERS:
+            raise ValueError(f"solver must be one of {self.SOLVERS}, got {solver!r}")
+        if not (isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0 <= ema < 1):
+            raise ValueError(f"ema must be a number in [0, 1), got {ema!r}")
+        self.normalization, self.solver, self.ema = normalization, solver, float(ema)
+        self.process_group = process_group
+        self.heads: list[list[torch.Tensor]] | None = None
+        self.trunk: list[torch.Tensor] | None = None
+        self._gram_avg: list | None = None
+        self._last_gram: list | None = None
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """G of the last :meth:`backward` (before the EMA; summed over the ranks), float64."""
+        return None if self._last_gram is None else torch.tensor(self._last_gram,
+                                                                 dtype=torch.float64)
+
+    def _split(self, raw, items, reps) -> None:
+        """Head parameters per task (reached from the loss without crossing z) and the trunk
+        (reached from z); a parameter in both is reached around z."""
+        _check_independent(reps)
+        stop_nodes = {z.grad_fn for z in reps if z.grad_fn is not None}
+        stop_leaves = {id(z) for z in reps if z.grad_fn is None}
+        roots = task_roots(raw, items)
+        reach = [_reached_stopping(root, stop_nodes, stop_leaves) for root in roots]
+        behind = set()
+        for z in reps:
+            behind |= reached_parameters(z)
+        names = {id(p): i for i, p in enumerate(self.params)}
+        for r in reach:
+            around = [names[pid] for pid in r & behind if pid in names]
+            if around:
+                p = self.params[around[0]]
+                raise ValueError(
+                    f"params[{around[0]}] (shape {tuple(p.shape)}) is reached by a task loss "
+                    "both through the representation and around it; pass the tensor that "
+                    "head reads it from as part of the representation (a list of tensors)")
+        self.heads = [[p for p in self.params if id(p) in r] for r in reach]
+        self.trunk = [p for p in self.params if id(p) in behind]
+        self.k = len(items)
+
+    def backward(self, losses, representation=None) -> None:
+        """Head passes -> Gram -> weights -> head gradients and one trunk pass (see above)."""
+        # The K×K math runs on Python floats: for a handful of tasks that is several times
+        # faster than numpy's per-call overhead, and this step is meant to cost about as much
+        # as a plain backward.
+        raw, items = losses, as_loss_list(losses, self.k)
+        reps = _representation_list(representation)
+        if self.heads is None:
+            self._split(raw, items, reps)
+        k, m = len(items), len(reps)
+        t0 = time.perf_counter()
+        # rows[t][i]: ∂L_i/∂z_t (None where task i does not reach z_t); head[i]: ∂L_i/∂φ.
+        rows = [[None] * k for _ in range(m)]
+        head = []
+        for i, loss in enumerate(items):
+            grads = torch.autograd.grad(loss, reps + self.heads[i], retain_graph=i < k - 1,
+                                        allow_unused=True)
+            for t in range(m):
+                rows[t][i] = grads[t]
+            head.append(grads[m:])
+        if self.steps == 0 and all(r is None for per_rep in rows for r in per_rep):
+            raise ValueError("no task loss depends on representation: pass the tensor the "
+                             "task heads are computed from (not a detached copy)")
+        dots, pairs = _gram_entries(rows, k)
+        values = None
+        if self.normalization == "loss":
+            values = [float(loss.detach()) for loss in items]
+        world = _world(self.process_group)
+        if world > 1:
+            dots, values = self._all_reduce_gram(dots, values, k, world)
+        G = [[0.0] * k for _ in range(k)]
+        for (i, j), v in zip(pairs, dots.tolist() if dots is not None else (), strict=True):
+            G[i][j] += v
+            if i != j:
+                G[j][i] += v
+        if not all(math.isfinite(G[i][i]) for i in range(k)):
+            bad = [i for i in range(k) if not math.isfinite(G[i][i])]
+            raise FloatingPointError(f"non-finite representation gradient in task(s) {bad}")
+        self._last_gram = G
+        t1 = time.perf_counter()
+        if self.ema > 0:
+            b = self.ema
+            avg = self._gram_avg
+            avg = [[(1 - b) * x for x in row] for row in G] if avg is None else \
+                [[b * a + (1 - b) * x for a, x in zip(ra, rg)] for ra, rg in zip(avg, G)]
+            self._gram_avg = avg
+            corr = 1.0 / (1.0 - b ** (self.steps + 1))
+            G = [[corr * a for a in row] for row in avg]
+        wl = _multibalance_weights(G, values, self.normalization, self.solver)
+        elapsed = time.perf_counter() - t1
+        self.steps += 1
+        self.weights = torch.tensor(wl, dtype=torch.float64)
+        self._head_grads(head, wl, world)
+        if self.trunk:
+            self._trunk_backward(reps, rows, wl)
+        self.stats = {"weights_time": elapsed, "solve_time": elapsed, "updated": True,
+                      "gram_time": t1 - t0}
+
+    def _trunk_backward(self, reps, rows, wl) -> None:
+        """One backward from z with Σ_i w_i r_i. The sum is formed in place in a gradient that
+        autograd handed back, unless its storage is shared with another one (autograd may hand
+        one tensor to two inputs): the representation gradients are the large tensors."""
+        storages: dict[int, int] = {}
+        for per_rep in rows:
+            for r in per_rep:
+                if r is not None:
+                    ptr = r.untyped_storage().data_ptr()
+                    storages[ptr] = storages.get(ptr, 0) + 1
+        tensors, grads = [], []
+        for z, per_rep in zip(reps, rows, strict=True):
+            combined = None
+            for wi, r in zip(wl, per_rep, strict=True):
+                if r is None:
+                    continue
+                if combined is not None:
+                    combined.add_(r, alpha=wi)
+                elif storages[r.untyped_storage().data_ptr()] == 1 and r._base is None:
+                    combined = r.mul_(wi)
+                else:
+                    combined = r * wi
+            if combined is not None:
+                tensors.append(z)
+                grads.append(combined)
+        if tensors:
+            torch.autograd.backward(tensors, grads, inputs=self.trunk)
+
+    def _head_grads(self, head, wl, world) -> None:
+        """φ.grad += Σ_i w_i ∂L_i/∂φ (averaged over the ranks under torch.distributed); one
+        ``_foreach`` product per task."""
+        sums: dict[int, torch.Tensor] = {}
+        order = []
+        for wi, params, grads in zip(wl, self.heads, head, strict=True):
+            present = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+            if not present:
+                continue
+            scaled = torch._foreach_mul([g for _, g in present], wi)
+            for (p, _), g in zip(present, scaled, strict=True):
+                key = id(p)
+                if key in sums:
+                    sums[key].add_(g)
+                else:
+                    sums[key] = g
+                    order.append(p)
+        if world > 1 and order:
+            flat = torch.cat([sums[id(p)].reshape(-1) for p in order])
+            torch.distributed.all_reduce(flat, group=self.process_group)
+            flat /= world
+            for p, chunk in zip(order, flat.split([p.numel() for p in order]), strict=True):
+                sums[id(p)] = chunk.view_as(p)
+        for p in order:
+            g = sums[id(p)]
+            if p.grad is None:
+                p.grad = g if g.is_contiguous() else g.contiguous()
+            else:
+                p.grad.add_(g)
+
+    def _all_reduce_gram(self, dots, values, k: int, world: int):
+        """Sum the Gram entries over the ranks (/N²: the losses are per-rank means) and average
+        the loss values, in one all-reduce. Every rank has the same (i, j) entries, as the same
+        tasks reach the same representation tensors on every rank."""
+        n = 0 if dots is None else len(dots)
+        device = dots.device if dots is not None else torch.device("cpu")
+        vals = torch.tensor(values if values is not None else [0.0] * k, dtype=torch.float64,
+                            device=device)
+        packed = vals if dots is None else torch.cat([dots.to(torch.float64), vals])
+        torch.distributed.all_reduce(packed, group=self.process_group)
+        dots = None if dots is None else packed[:n] / (world * world)
+        values = None if values is None else (packed[n:] / world).tolist()
+        return dots, values
+
+    def __repr__(self):
+        return (f"MultiBalance(normalization={self.normalization!r}, solver={self.solver!r}, "
+                f"ema={self.ema})")
+
+
+def _world(process_group) -> int:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _reached_stopping(root, stop_nodes: set, stop_leaves: set) -> set[int]:
+    """ids of the leaves reached from ``root`` (a loss or an autograd node) without passing
+    through the nodes in ``stop_nodes`` or the leaves in ``stop_leaves``."""
+    leaves: set[int] = set()
+    if isinstance(root, torch.Tensor):
+        if root.grad_fn is None:
+            if id(root) not in stop_leaves:
+                leaves.add(id(root))
+            return leaves
+        root = root.grad_fn
+    seen: set = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop_nodes:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            if id(var) not in stop_leaves:
+                leaves.add(id(var))
+            continue
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return leaves
+
+
+def _gram_entries(rows, k: int):
+    """The entries (i ≥ j) of Σ_t R_t R_tᵀ, R_t the K gradients of representation tensor t
+    (None = zero): pairwise dot products on the gradients as autograd returned them (no K×(B·D)
+    copy), stacked into one float64 tensor on their device, and their (i, j) positions."""
+    dots, pairs = [], []
+    for per_rep in rows:
+        flat = [None if r is None else
+                (r.float() if r.dtype in (torch.float16, torch.bfloat16) else r).reshape(-1)
+                for r in per_rep]
+        for i in range(k):
+            if flat[i] is None:
+                continue
+            for j in range(i + 1):
+                if flat[j] is not None:
+                    dots.append(torch.dot(flat[i], flat[j]))
+                    pairs.append((i, j))
+    return (torch.stack(dots).to(torch.float64) if dots else None), pairs
+
+
+def multibalance_weights(G, loss_values=None, *, normalization: str = "l2",
+                         solver: str = "min-norm") -> np.ndarray:
+    """MultiBalance's task weights from the (EMA'd) Gram matrix of the representation
+    gradients: steps 4–6 of :class:`MultiBalance`."""
+    G = _as_gram(G)
+    if normalization not in MultiBalance.NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {MultiBalance.NORMALIZATIONS}, got "
+                         f"{normalization!r}")
+    if solver not in MultiBalance.SOLVERS:
+        raise ValueError(f"solver must be one of {MultiBalance.SOLVERS}, got {solver!r}")
+    if normalization == "loss":
+        if loss_values is None:
+            raise ValueError("normalization='loss' needs the loss values")
+        loss_values = [float(v) for v in np.asarray(loss_values, dtype=np.float64).ravel()]
+    return np.array(_multibalance_weights(G.tolist(), loss_values, normalization, solver))
+
+
+def _multibalance_weights(G: list, values, normalization: str, solver: str) -> list[float]:
+    """:func:`multibalance_weights` on nested lists of Python floats (already validated)."""
+    k = len(G)
+    norms = [math.sqrt(max(G[i][i], 0.0)) for i in range(k)]
+    top = max(norms)
+    w = [1.0] * k
+    if top <= 0:
+        return w
+    active = [i for i in range(k) if norms[i] > 1e-12 * top]
+    if normalization == "l2":
+        n = [norms[i] for i in active]
+    elif normalization == "loss":
+        n = [abs(values[i]) or 1.0 for i in active]
+    else:
+        n = [1.0] * len(active)
+    m = len(active)
+    if solver == "mean" or m == 1 or (solver == "min-norm" and normalization == "l2" and m == 2):
+        # (the min-norm point of two unit vectors is their midpoint)
+        wp = [1.0 / m] * m
+    else:
+        Gn = np.array([[G[a][b] / (n[x] * n[y]) for y, b in enumerate(active)]
+                       for x, a in enumerate(active)])
+        if solver == "min-norm":
+            wp = min_norm_weights(Gn).tolist()
+        else:
+            alpha = np.asarray(solve_weights(Gn).weights, dtype=np.float64)
+            wp = (alpha / alpha.sum()).tolist() if alpha.sum() > 0 else [1.0 / m] * m
+    total = sum(n)
+    for a, wpi, ni in zip(active, wp, n, strict=True):
+        w[a] = wpi * total / ni
+    return w
+
+
+def _representation_list(representation) -> list[torch.Tensor]:
+    if representation is None:
+        raise ValueError("MultiBalance.backward needs the shared representation: "
+                         "backward(losses, representation)")
+    reps = [representation] if isinstance(representation, torch.Tensor) else \
+        list(representation)
+    if not reps:
+        raise ValueError("representation is empty")
+    for i, z in enumerate(reps):
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"representation[{i}] must be a tensor, got {type(z).__name__}")
+        if not z.requires_grad:
+            raise ValueError(f"representation[{i}] does not require grad: pass the tensor the "
+                             "task heads are computed from, not a detached copy")
+    return reps
+
+
+def _check_independent(reps: list[torch.Tensor]) -> None:
+    """No representation tensor may be computed from another (its ∂L/∂z would then include the
+    path through the other one, counting it twice)."""
+    if len(reps) < 2:
+        return
+    for i, z in enumerate(reps):
+        below = _graph_nodes(z)
+        for j, other in enumerate(reps):
+            if i == j:
+                continue
+            mark = other.grad_fn if other.grad_fn is not None else other
+            if (mark in below) if other.grad_fn is not None else (id(other) in below):
+                raise ValueError(f"representation[{i}] is computed from representation[{j}]; "
+                                 "pass tensors that do not depend on each other (e.g. "
+                                 "concatenate them, or pass only the later one)")
+
+
+def _graph_nodes(z: torch.Tensor) -> set:
+    """Autograd nodes below z (z's own node excluded) and ids of the leaves they reach."""
+    seen: set = set()
+    out: set = set()
+    stack = [fn for fn, _ in z.grad_fn.next_functions] if z.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        out.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            out.add(id(var))
+            continue
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return out
+
+
 BALANCERS = {"ls": LS, "nashmtl": NashMTL, "mgda-ub": MGDAUB, "imtl-g": IMTLG,
-             "pcgrad": PCGrad, "cagrad": CAGrad}
+             "pcgrad": PCGrad, "cagrad": CAGrad, "uncertainty": Uncertainty, "famo": FAMO,
+             "multibalance": MultiBalance}
 
 
 # -- the K×K math (float64 numpy; G is the Gram matrix of the task gradients) ---------------

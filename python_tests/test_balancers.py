@@ -403,16 +403,21 @@ def test_old_module_name_is_the_same_module():
 def test_every_balancer_trains_a_model(name):
     torch.manual_seed(1)
     model = MMoE([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    bal = B.BALANCERS[name](model.parameters())
+    kwargs = {"n_tasks": 2} if name in ("famo", "uncertainty") else {}
+    bal = B.BALANCERS[name](model.parameters(), **kwargs)
+    extra = bal.parameters() if name == "uncertainty" else []
+    opt = torch.optim.Adam([*model.parameters(), *extra], lr=1e-2)
     batch = _batch(256, seed=2)
     first = None
     for _ in range(30):
-        losses = model.task_losses(batch)
+        losses, z = model.task_losses(batch, with_representation=True)
         total = float(sum(losses).detach())
         first = total if first is None else first
         opt.zero_grad()
-        bal.backward(losses)
+        if name == "multibalance":
+            bal.backward(losses, z)
+        else:
+            bal.backward(losses)
         opt.step()
     assert total < first
     assert bal.weights.shape == (2,) and bool(torch.isfinite(bal.weights).all())

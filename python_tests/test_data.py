@@ -238,3 +238,28 @@ def test_batches_cover_the_split_once(adult):
     assert not torch.equal(a[0], split.numerical[:999])
     with pytest.raises(ValueError, match="batch_size"):
         next(split.batches(0))
+
+
+def test_id_like_columns_are_left_out_with_the_reason():
+    n = 50
+    rng = np.random.default_rng(0)
+    columns = {
+        "row": np.arange(n) * 3 + 100,  # distinct whole numbers: an ID
+        "name": np.array([f"u{i}" for i in range(n)]),  # distinct text: an ID
+        "height": rng.normal(size=n),  # distinct fractions: a measurement, kept
+        "kind": rng.choice(["a", "b"], size=n),
+        "y1": np.arange(n) % 2, "y2": (np.arange(n) // 2) % 2,
+    }
+    data = from_columns(columns, tasks=["y1", "y2"])
+    assert [c for c, _ in data.dropped_columns] == ["row", "name"]
+    assert all("all 50 values distinct" in reason for _, reason in data.dropped_columns)
+    assert data.numerical_columns == ("height",) and data.categorical_columns == ("kind",)
+    # Named explicitly, or with the screening off, they stay.
+    named = from_columns(columns, tasks=["y1", "y2"], categorical=["name", "kind"])
+    assert "name" in named.categorical_columns
+    kept = from_columns(columns, tasks=["y1", "y2"], drop_id_like=False)
+    assert "row" in kept.numerical_columns and kept.dropped_columns == ()
+
+
+def test_adult_has_no_id_like_column(adult):
+    assert adult.dropped_columns == ()

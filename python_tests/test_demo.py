@@ -40,10 +40,14 @@ def test_roc_auc_edge_cases():
 
 
 def test_demo_end_to_end(tmp_path):
-    cfg = DemoConfig(models=("mmoe", "ple"), seeds=2, epochs=2, batch_size=128, lr=1e-2,
+    cfg = DemoConfig(models=("mmoe", "ple"), seeds=3, epochs=2, batch_size=128, lr=1e-2,
                      train_rows=512, eval_rows=512, out=str(tmp_path), progress=False)
-    results = run_demo(cfg)
+    plan = []
+    results = run_demo(cfg, report=plan.append)
     assert results["errors"] == {}
+    # The plan comes first and says what will run and for how long.
+    assert len(plan) == 1 and "expected about" in plan[0] and "MultiBalance" in plan[0]
+    assert "income" in plan[0] and "full study" in plan[0]
     saved = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["model"], r["method"]) for r in saved["summary"]}
     assert rows == {(m, k) for m in ("mmoe", "ple") for k in METHODS}
@@ -51,11 +55,27 @@ def test_demo_end_to_end(tmp_path):
         values = [*row["task_auc_mean"], row["avg_auc_mean"], row["step_ms"]]
         assert all(math.isfinite(v) for v in values), row
         assert 0.55 < row["avg_auc_mean"] <= 1.0, row  # 8 steps: better than chance
-        assert row["seeds"] == 2 and len(row["task_auc_std"]) == 2
+        assert row["seeds"] == 3 and len(row["task_auc_std"]) == 2
         if row["method"] == "ls":
             assert row["overhead_vs_ls"] == 1.0 and row["solve_ms"] is None
+            assert row["diff_vs_ls"] is None
+            continue
+        assert row["overhead_vs_ls"] > 0
+        if row["method"] in ("uncertainty", "famo"):
+            assert row["solve_ms"] is None  # loss weightings solve nothing
         else:
-            assert row["solve_ms"] > 0 and row["overhead_vs_ls"] > 0
+            assert row["solve_ms"] > 0
+        # The paired difference from LS, recomputed from the runs.
+        mine = {r["seed"]: r for r in saved["runs"]
+                if (r["model"], r["method"]) == (row["model"], row["method"])}
+        ls = {r["seed"]: r for r in saved["runs"]
+              if (r["model"], r["method"]) == (row["model"], "ls")}
+        d = np.array([np.mean(mine[s]["selected_test_auc"]) - np.mean(ls[s]["selected_test_auc"])
+                      for s in range(3)])
+        avg = row["diff_vs_ls"]["avg"]
+        assert avg["mean"] == pytest.approx(d.mean(), abs=1e-12)
+        half = 4.302652729911275 * d.std(ddof=1) / math.sqrt(3)  # t_{0.975, 2}
+        assert avg["half_width"] == pytest.approx(half, rel=1e-4)
     for run in saved["runs"]:
         assert len(run["val_auc"]) == 2 and 1 <= run["best_epoch"] <= 2
         assert run["selected_test_auc"] == run["test_auc"][run["best_epoch"] - 1]
@@ -68,8 +88,36 @@ def test_demo_end_to_end(tmp_path):
     table = demo.format_table(results)
     for label in METHODS.values():
         assert label in table
+    assert "95% t-interval" in table and "Δ avg AUC" in table
     pytest.importorskip("matplotlib")
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def _fake_results(diff_means, quick=False):
+    """A results dict with given average differences from LS (5 seeds, tight intervals)."""
+    from pub_native.demo.stats import paired_difference
+
+    rows = [{"model": "mmoe", "method": "ls", "label": "LS", "seeds": 5,
+             "task_auc_mean": [0.9, 0.9], "task_auc_std": [0.0, 0.0], "avg_auc_mean": 0.9,
+             "avg_auc_std": 0.0, "step_ms": 1.0, "overhead_vs_ls": 1.0, "solve_ms": None,
+             "diff_vs_ls": None}]
+    base = np.zeros(5)
+    for (key, label), mean in zip([("pub", "PUB"), ("famo", "FAMO")], diff_means):
+        d = paired_difference(mean + 1e-4 * (np.arange(5) - 2), base)
+        rows.append({**rows[0], "method": key, "label": label,
+                     "diff_vs_ls": {"tasks": [d, d], "avg": d}})
+    return {"data": {"tasks": ["a", "b"]}, "summary": rows, "errors": {},
+            "config": {"seeds": 5, "update_weights_every": 1, "quick": quick}}
+
+
+def test_verdict_is_stated_whatever_the_outcome():
+    tie = demo.format_table(_fake_results([0.0, 0.0]))
+    assert "cannot be told apart" in tie
+    split = demo.format_table(_fake_results([0.01, -0.01]))
+    assert "above LS (interval excludes 0): MMoE PUB" in split
+    assert "below LS (interval excludes 0): MMoE FAMO" in split
+    quick = demo.format_table(_fake_results([0.01, -0.01], quick=True))
+    assert "above LS" not in quick and quick.count("SMOKE TEST") == 2
 
 
 def test_demo_reports_a_failing_method_and_runs_the_others(monkeypatch):
@@ -84,15 +132,22 @@ def test_demo_reports_a_failing_method_and_runs_the_others(monkeypatch):
 
 
 def test_cli(tmp_path):
-    cmd = [sys.executable, "-m", "pub_native", "demo", "--quick", "--methods", "ls,pcgrad,pub",
-           "--seeds", "1", "--epochs", "1", "--train-rows", "1024", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "pub_native", "demo", "--quick", "--methods",
+           "ls,pcgrad,multibalance,pub", "--seeds", "1", "--epochs", "1", "--train-rows", "1024",
+           "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "PCGrad" in proc.stdout and "ms/step" in proc.stdout and "vs LS" in proc.stdout
-    assert "epoch 1/1 val AUC" in proc.stderr  # the progress lines (stderr is not a terminal)
+    out = proc.stdout
+    assert "PCGrad" in out and "MultiBalance" in out and "ms/step" in out and "vs LS" in out
+    # The plan is printed before the results, and the smoke test says what it is.
+    assert out.index("expected about") < out.index("ms/step")
+    assert out.count("SMOKE TEST") >= 2 and "must not be used to compare" in out
+    assert "the full study: docs/BENCHMARKS.md" in out
+    # One progress line per method and epoch (stderr is not a terminal).
+    assert proc.stderr.count("epoch 1/1 val AUC") == 4
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [r["method"] for r in saved["summary"]] == ["ls", "pcgrad", "pub"]
-    assert saved["config"]["train_rows"] == 1024
+    assert [r["method"] for r in saved["summary"]] == ["ls", "pcgrad", "multibalance", "pub"]
+    assert saved["config"]["train_rows"] == 1024 and saved["config"]["quick"] is True
 
 
 def test_import_pub_native_does_not_load_the_demo():
@@ -152,23 +207,30 @@ def test_cli_on_a_csv_file(tmp_path, capsys):
     n = 900
     x = rng.normal(size=n)
     kind = rng.choice(["a", "b", "c"], size=n)
-    lines = ["x,kind,noise,clicked,plan"]
+    lines = ["user_id,x,kind,noise,clicked,plan"]
     for i in range(n):
         clicked = int(x[i] + 0.5 * rng.normal() > 0)
         plan = "pro" if (kind[i] == "a") ^ (rng.random() < 0.1) else "free"
-        lines.append(f"{x[i]:.4f},{kind[i]},{rng.normal():.3f},{clicked},{plan}")
+        lines.append(f"{1000 + 7 * i},{x[i]:.4f},{kind[i]},{rng.normal():.3f},{clicked},{plan}")
     path = tmp_path / "mine.csv"
     path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     args = ["demo", "--csv", str(path), "--task", "clicked", "--task", "plan=pro",
-            "--drop", "noise", "--methods", "ls,nashmtl,pub", "--seeds", "1", "--epochs", "6",
-            "--models", "mmoe", "--batch-size", "64", "--out", str(out), "--no-progress"]
+            "--drop", "noise", "--methods", "ls,nashmtl,multibalance,pub", "--seeds", "1",
+            "--epochs", "6", "--models", "mmoe", "--batch-size", "64", "--out", str(out),
+            "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "mine.csv" in printed and "clicked AUC" in printed and "plan AUC" in printed
+    # The inputs are listed; the all-distinct integer column is left out with a note.
+    assert "1 categorical: kind" in printed and "1 numerical: x" in printed
+    assert "left out user_id (ID-like: all 900 values distinct" in printed
     saved = json.loads((out / "results.json").read_text())
     assert saved["data"]["tasks"] == ["clicked", "plan"]
+    assert saved["data"]["numerical"] == ["x"] and saved["data"]["categorical"] == ["kind"]
     for row in saved["summary"]:
         assert row["task_auc_mean"][0] > 0.8 and row["task_auc_mean"][1] > 0.65, row
-    assert main(["demo", "--csv", str(path), "--task", "converted"]) == 2
+    assert main(["demo", "--csv", str(path), "--task", "converted", "--task", "clicked"]) == 2
     assert "task column 'converted' not found" in capsys.readouterr().err
+    assert main(["demo", "--csv", str(path), "--task", "clicked"]) == 2
+    assert "needs at least two tasks" in capsys.readouterr().err

@@ -1,9 +1,12 @@
-"""The multi-task demo of pub_native: PUB against the gradient balancers on census-income data.
+"""The multi-task demo of pub_native and the pieces of its benchmarks.
 
 Demo layer, kept out of the library: ``import pub_native`` loads only the optimizers, the
-solver and the gradient balancers; this package adds the embedded UCI Adult data and a CSV
-loader (:mod:`pub_native.demo.data`), the MMoE/PLE models (:mod:`pub_native.demo.models`) and
-the comparison behind ``python -m pub_native demo`` (:mod:`pub_native.demo.run`).
+solver and the balancers. This package adds the embedded UCI Adult data and a CSV loader
+(:mod:`.data`), the MMoE/PLE models (:mod:`.models`), every compared method behind one training
+step (:mod:`.methods`), paired differences with t-intervals (:mod:`.stats`), the figures
+(:mod:`.plots`), the comparison behind ``python -m pub_native demo`` (:mod:`.run`), and for
+``benches/``: the MMoE paper's synthetic tasks (:mod:`.synthetic`) and the two-objective toy
+problem (:mod:`.toy`).
 """
 
 from .run import METHODS, DemoConfig, evaluate, format_table, main, roc_auc, run_demo

@@ -78,25 +78,33 @@ def _tower(in_dim: int, hidden: Sequence[int]) -> nn.Module:
 class MultiTaskModel(nn.Module):
     """K binary tasks. ``forward(batch)`` -> logits (B, K); ``task_losses(batch)`` -> K losses.
 
-    Subclasses implement :meth:`task_logits`, one (B,) tensor per task. The losses are built
-    from those separate tensors (not from columns of the stacked logits), so that each loss's
-    autograd graph reaches only its own tower: that is how PUB and ``pub_native.balancers``
-    tell shared from task-specific parameters.
+    Subclasses implement :meth:`representation_and_logits`: the shared representation z (the
+    trunk's output that the task heads read: a tensor or a list of tensors, for
+    :class:`pub_native.balancers.MultiBalance`) and one (B,) logit tensor per task. The losses
+    are built from those separate tensors (not from columns of the stacked logits), so that each
+    loss's autograd graph reaches only its own tower: that is how PUB and
+    ``pub_native.balancers`` tell shared from task-specific parameters.
     """
 
     n_tasks: int
 
-    def task_logits(self, batch) -> list[torch.Tensor]:
+    def representation_and_logits(self, batch) -> tuple:
         raise NotImplementedError
+
+    def task_logits(self, batch) -> list[torch.Tensor]:
+        return self.representation_and_logits(batch)[1]
 
     def forward(self, batch) -> torch.Tensor:
         return torch.stack(self.task_logits(batch), dim=1)
 
-    def task_losses(self, batch) -> list[torch.Tensor]:
-        """Binary cross-entropy of each task, averaged over the batch (``batch.labels`` (B, K))."""
+    def task_losses(self, batch, *, with_representation: bool = False):
+        """Binary cross-entropy of each task, averaged over the batch (``batch.labels`` (B, K));
+        with ``with_representation``, ``(losses, z)``."""
+        z, logits = self.representation_and_logits(batch)
         labels = batch.labels
-        return [F.binary_cross_entropy_with_logits(logit, labels[:, k])
-                for k, logit in enumerate(self.task_logits(batch))]
+        losses = [F.binary_cross_entropy_with_logits(logit, labels[:, k])
+                  for k, logit in enumerate(logits)]
+        return (losses, z) if with_representation else losses
 
 
 class MMoE(MultiTaskModel):
@@ -107,6 +115,8 @@ class MMoE(MultiTaskModel):
     logit_k = tower_k(Σ_j g_k(x)_j · e_j(x)).
 
     Shared parameters: the embeddings and the experts. Task-specific: gate k and tower k.
+    Shared representation z (what the heads read from the shared part): the experts' outputs
+    (B, n_experts, expert_dim) and the gates' input, an alias of the embedding (B, d).
     """
 
     def __init__(self, vocab_sizes: Sequence[int], n_numerical: int, n_tasks: int, *,
@@ -122,11 +132,14 @@ class MMoE(MultiTaskModel):
         self.gates = nn.ModuleList(_gate(d, n_experts) for _ in range(n_tasks))
         self.towers = nn.ModuleList(_tower(expert_dim, tower_dims) for _ in range(n_tasks))
 
-    def task_logits(self, batch) -> list[torch.Tensor]:
+    def representation_and_logits(self, batch) -> tuple:
         x = self.embedding(batch.categorical, batch.numerical)
         experts = self.experts(x)
-        return [tower(_mix(gate(x), experts)).squeeze(1)
-                for gate, tower in zip(self.gates, self.towers, strict=True)]
+        # The gates read the embedding through their own alias: a tensor of the representation
+        # that the experts' output is not computed from (MultiBalance's heads end there).
+        gate_in = x.view_as(x)
+        return [experts, gate_in], [tower(_mix(gate(gate_in), experts)).squeeze(1)
+                                    for gate, tower in zip(self.gates, self.towers, strict=True)]
 
 
 class PLE(MultiTaskModel):
@@ -141,6 +154,9 @@ class PLE(MultiTaskModel):
 
     The paper's text gives 4 shared + 4 task experts (section VI-A3) and 8 + 8 (VI-A2); the
     default is 4 + 4, as in the paper's code (expert_num / 2 each).
+
+    Shared representation z: the inputs of the last level, [h_1^{L-1}, ..., h_K^{L-1},
+    s^{L-1}] (tensors that do not depend on each other), or the embedding for one level.
     """
 
     def __init__(self, vocab_sizes: Sequence[int], n_numerical: int, n_tasks: int, *,
@@ -168,11 +184,14 @@ class PLE(MultiTaskModel):
             in_dim = expert_dim
         self.towers = nn.ModuleList(_tower(expert_dim, tower_dims) for _ in range(n_tasks))
 
-    def task_logits(self, batch) -> list[torch.Tensor]:
+    def representation_and_logits(self, batch) -> tuple:
         x = self.embedding(batch.categorical, batch.numerical)
         task_in = [x] * self.n_tasks
         shared_in = x
-        for level in self.levels:
+        z = [x]
+        for i, level in enumerate(self.levels):
+            if i == len(self.levels) - 1 and i > 0:
+                z = [*task_in, shared_in]
             shared = level["shared_experts"](shared_in)
             task = [experts(h)
                     for experts, h in zip(level["task_experts"], task_in, strict=True)]
@@ -183,7 +202,7 @@ class PLE(MultiTaskModel):
             if not isinstance(level["shared_gate"], nn.Identity):
                 shared_in = _mix(level["shared_gate"](shared_in), torch.cat([*task, shared], 1))
             task_in = new_task_in
-        return [tower(h).squeeze(1) for tower, h in zip(self.towers, task_in, strict=True)]
+        return z, [tower(h).squeeze(1) for tower, h in zip(self.towers, task_in, strict=True)]
 
 
 MODELS = {"mmoe": MMoE, "ple": PLE}

@@ -1,12 +1,13 @@
-"""``python -m pub_native demo``: PUB against the gradient balancers it claims to beat, on real
-data (UCI Adult, two tasks), with MMoE/PLE backbones — quality and cost side by side.
+"""``python -m pub_native demo``: PUB against the multi-task methods of its paper and
+MultiBalance, on real data (UCI Adult, two tasks) with MMoE/PLE backbones — quality and cost
+side by side, as differences from LS with 95% intervals.
 
-Demo layer on top of ``pub_native.demo.data``, ``pub_native.demo.models``,
-``pub_native.balancers`` and the PUB optimizers. Every method runs through the same training
-loop with the same seeds (the same initial model and batch order per seed), in lockstep (each
-batch goes through every method before the next batch, so step times share the machine's
-load); the epoch is selected by validation average AUC. ``--csv``/``--task`` run the same
-comparison on another table.
+Demo layer on top of ``pub_native.demo.data``, ``.models``, ``.methods`` and ``.stats``. Every
+method runs through the same training loop with the same seeds (the same initial model and
+batch order per seed), in lockstep (each batch goes through every method before the next batch,
+so step times share the machine's load); the epoch is selected by validation average AUC; test
+AUCs are compared with LS's, paired by seed. ``--csv``/``--task`` run the same comparison on
+another table; ``--loss-scale`` multiplies the task losses (the loss-scale benchmark).
 """
 
 from __future__ import annotations
@@ -19,42 +20,40 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import __version__, balancers, optim
+from .. import __version__
 from .._platform import cpu_name
 from .data import MultiTaskData, Split, load_adult, load_csv
+from .methods import FAMILIES, METHODS, Method, MethodOptions, check_methods
 from .models import MODELS, build_model
+from .stats import mean_std, paired_difference
 
-__all__ = ["DemoConfig", "METHODS", "evaluate", "format_table", "main", "roc_auc", "run_demo"]
+__all__ = ["DemoConfig", "METHODS", "MODEL_KWARGS", "evaluate", "format_table", "main",
+           "roc_auc", "run_demo", "summarize"]
 
-#: method key -> label in the table.
-METHODS = {
-    "ls": "LS",
-    "nashmtl": "NashMTL",
-    "mgda-ub": "MGDA-UB",
-    "imtl-g": "IMTL-G",
-    "pcgrad": "PCGrad",
-    "cagrad": "CAGrad",
-    "pub": "PUB",
-    "pub+clippy": "PUB+Clippy",
-    "pub+adatask": "PUB+AdaTask",
-}
-_PUB_UMM = {"pub": None, "pub+clippy": "clippy", "pub+adatask": "adatask"}
+#: The demo's model size (small experts keep the default run within its time budget).
+MODEL_KWARGS = dict(embed_dim=8, expert_dim=32, tower_dims=(16,))
+#: How the models are named in tables and figures.
+MODEL_NAMES = {"mmoe": "MMoE", "ple": "PLE"}
+#: Where the full study lives (in the source repository).
+FULL_STUDY = "docs/BENCHMARKS.md (5 seeds; loss-scale sweep, MMoE-paper synthetic tasks, " \
+             "two-objective toy problem, step cost)"
 
 
 @dataclass
 class DemoConfig:
-    """What to run. Defaults: the full comparison that fits in 10 minutes on 2 CPU cores."""
+    """What to run. Defaults: the full comparison in about a minute and a half on 2 CPU cores
+    (at most 5 minutes on a busy machine)."""
 
-    models: tuple[str, ...] = ("mmoe", "ple")
+    models: tuple[str, ...] = ("mmoe",)
     methods: tuple[str, ...] = tuple(METHODS)
-    seeds: int = 3
+    seeds: int = 5
     epochs: int = 4
     batch_size: int = 512
     # The paper (section VI-A3): lr 1e-3, weight decay 1e-6, batch 4096 on 22M rows. On Adult's
@@ -63,9 +62,7 @@ class DemoConfig:
     weight_decay: float = 1e-6
     update_weights_every: int = 1  # NashMTL and PUB; the paper used 10
     clippy_preset: str = "paper"  # PUB+Clippy: "paper" (0.5, 1e-2) or "tfrs" (0.1, 1e-7)
-    # Small experts keep the default run within its time budget on 2 CPU cores.
-    model_kwargs: dict = field(default_factory=lambda: dict(embed_dim=8, expert_dim=32,
-                                                            tower_dims=(16,)))
+    model_kwargs: dict = field(default_factory=lambda: dict(MODEL_KWARGS))
     # One torch thread: these small models gain little from a second one, and two threads
     # slow down by 5-40x when another process keeps a core of a 2-core machine busy (measured).
     threads: int | None = 1
@@ -78,14 +75,16 @@ class DemoConfig:
     csv: str | None = None
     tasks: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
+    # Multipliers of the task losses (one per task; empty: all 1).
+    loss_scale: tuple[float, ...] = ()
+    # A smoke test: its numbers are not results (set by --quick).
+    quick: bool = False
 
     def check(self) -> None:
         for m in self.models:
             if m not in MODELS:
                 raise ValueError(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
-        for m in self.methods:
-            if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        check_methods(self.methods)
         if not self.models or not self.methods:
             raise ValueError("models and methods must not be empty")
         for name in ("seeds", "epochs", "batch_size", "update_weights_every"):
@@ -100,6 +99,12 @@ class DemoConfig:
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if (self.csv is None) != (not self.tasks):
             raise ValueError("a CSV file (--csv) and its tasks (--task) go together")
+        if self.csv is not None and len(self.tasks) < 2:
+            raise ValueError(f"a multi-task comparison needs at least two tasks, got "
+                             f"{len(self.tasks)} (--task {' --task '.join(self.tasks)}); "
+                             "repeat --task for each task column")
+        if any(not (isinstance(s, (int, float)) and 0 < s < math.inf) for s in self.loss_scale):
+            raise ValueError(f"loss_scale must hold positive numbers, got {self.loss_scale!r}")
 
     def task_specs(self) -> dict:
         """``tasks`` as the mapping :func:`pub_native.demo.data.load_csv` takes."""
@@ -111,7 +116,9 @@ class DemoConfig:
 
 
 QUICK = dict(models=("mmoe",), seeds=2, epochs=2, batch_size=512, train_rows=8192,
-             eval_rows=4096)
+             eval_rows=4096, quick=True)
+QUICK_NOTE = ("SMOKE TEST (--quick): 2 seeds, 2 epochs on 8,192 training rows. It checks that "
+              "everything runs; its numbers are noise and must not be used to compare methods.")
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -148,55 +155,35 @@ def evaluate(model: torch.nn.Module, split: Split, chunk: int = 16384) -> list[f
 
 # -- one training run ----------------------------------------------------------------------------
 
-class _Method:
-    """One optimization method behind ``step(losses)``: an optimizer and maybe a balancer."""
+def _options(cfg: DemoConfig) -> MethodOptions:
+    return MethodOptions(lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         update_weights_every=cfg.update_weights_every,
+                         clippy_preset=cfg.clippy_preset)
 
-    def __init__(self, key: str, model: torch.nn.Module, cfg: DemoConfig, seed: int):
-        self.key = key
-        params = list(model.parameters())
-        hp = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.balancer = None
-        if key in _PUB_UMM:
-            if key == "pub+clippy":
-                hp["clippy_preset"] = cfg.clippy_preset
-            self.opt = optim.Adam(params, umm=_PUB_UMM[key],
-                               update_weights_every=cfg.update_weights_every, **hp)
-            return
-        self.opt = torch.optim.Adam(params, **hp)
-        kwargs = {}
-        if key == "nashmtl":
-            kwargs["update_weights_every"] = cfg.update_weights_every
-        elif key == "pcgrad":
-            kwargs["seed"] = seed
-        self.balancer = balancers.BALANCERS[key](params, **kwargs)
 
-    def step(self, losses: list[torch.Tensor]) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        if self.balancer is None:
-            self.opt.backward(losses)
-        else:
-            self.balancer.backward(losses)
-        self.opt.step()
+def _loss_fn(model, batch, scale: Sequence[float]):
+    def loss_fn(with_representation: bool):
+        out = model.task_losses(batch, with_representation=with_representation)
+        if not scale:
+            return out
+        losses, rep = out if with_representation else (out, None)
+        losses = [s * loss for s, loss in zip(scale, losses, strict=True)]
+        return (losses, rep) if with_representation else losses
 
-    @property
-    def stats(self) -> dict:
-        return self.balancer.stats if self.balancer is not None else self.opt.stats
-
-    @property
-    def weights(self) -> list[float]:
-        w = self.balancer.weights if self.balancer is not None else self.opt.task_weights
-        return [] if w is None else [float(x) for x in w]
+    return loss_fn
 
 
 class _Run:
-    """One (model, method, seed) training run: its model, optimizer and measurements."""
+    """One (model, method, seed) training run: its model, method and measurements."""
 
     def __init__(self, model_name: str, method: str, seed: int, data: MultiTaskData,
                  cfg: DemoConfig):
         self.model_name, self.method, self.seed = model_name, method, seed
         torch.manual_seed(seed)  # the same initial model for every method
         self.model = build_model(model_name, data, **cfg.model_kwargs)
-        self.runner = _Method(method, self.model, cfg, seed)
+        self.runner = Method(method, self.model.parameters(), data.n_tasks, _options(cfg),
+                             seed=seed)
+        self.scale = tuple(float(s) for s in cfg.loss_scale)
         self.step_times: list[float] = []
         self.solve_times: list[float] = []
         self.val_auc: list[list[float]] = []
@@ -205,11 +192,11 @@ class _Run:
     def step(self, batch) -> None:
         self.model.train()
         t0 = time.perf_counter()
-        self.runner.step(self.model.task_losses(batch))
+        self.runner.step(_loss_fn(self.model, batch, self.scale))
         self.step_times.append(time.perf_counter() - t0)
-        stats = self.runner.stats
-        if self.method != "ls" and stats.get("updated", False):
-            self.solve_times.append(float(stats.get("solve_time", math.nan)))
+        solve = self.runner.solve_ms()
+        if solve is not None:
+            self.solve_times.append(solve)
 
     def end_epoch(self, data: MultiTaskData) -> float:
         self.val_auc.append(evaluate(self.model, data.validation))
@@ -225,8 +212,7 @@ class _Run:
             "val_auc": self.val_auc, "test_auc": self.test_auc, "best_epoch": best + 1,
             "selected_test_auc": self.test_auc[best], "selected_val_auc": self.val_auc[best],
             "steps": len(self.step_times), "step_ms": 1e3 * float(np.median(self.step_times)),
-            "solve_ms": (1e3 * float(np.median(self.solve_times)) if self.solve_times
-                         else None),
+            "solve_ms": float(np.median(self.solve_times)) if self.solve_times else None,
             "solve_calls": len(self.solve_times), "final_weights": self.runner.weights,
         }
 
@@ -266,13 +252,13 @@ def _train_seed(model_name: str, seed: int, methods: list[str], data: MultiTaskD
 
 class _Progress:
     """A tqdm bar per (model, method) when tqdm is installed and stderr is a terminal (the
-    methods train in lockstep, so their bars advance together), else a line per epoch on
-    stderr."""
+    methods train in lockstep, so their bars advance together), else one line per method and
+    epoch on stderr."""
 
     def __init__(self, desc: str, total: int, seeds: int, epochs: int, enabled: bool,
-                 position: int = 0):
+                 position: int = 0, start: float | None = None):
         self.desc, self.seeds, self.epochs, self.enabled = desc, seeds, epochs, enabled
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if start is None else start
         self.closed = False
         self.bar = None
         if enabled and sys.stderr.isatty():
@@ -294,7 +280,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=True)
         elif self.enabled:
-            print(f"{self.desc}  {text}  ({time.perf_counter() - self.start:.0f} s)",
+            print(f"[{time.perf_counter() - self.start:5.0f} s] {self.desc}  {text}",
                   file=sys.stderr, flush=True)
 
     def close(self, note: str = "") -> None:
@@ -309,11 +295,121 @@ class _Progress:
             print(f"{self.desc}  {note}", file=sys.stderr, flush=True)
 
 
+# -- the plan ------------------------------------------------------------------------------------
+
+def _load(cfg: DemoConfig, data: MultiTaskData | None) -> tuple[MultiTaskData, str]:
+    if data is not None:
+        name = "given data"
+    elif cfg.csv is not None:
+        data = load_csv(cfg.csv, tasks=cfg.task_specs(), drop=cfg.drop)
+        name = Path(cfg.csv).name
+    else:
+        data = load_adult()
+        name = "UCI Adult (census income)"
+    if cfg.loss_scale and len(cfg.loss_scale) != data.n_tasks:
+        raise ValueError(f"loss_scale has {len(cfg.loss_scale)} values for {data.n_tasks} tasks")
+    return _subset(data, cfg.train_rows, cfg.eval_rows), name
+
+
+def estimate_seconds(cfg: DemoConfig, data: MultiTaskData, steps: int = 4) -> dict:
+    """Expected wall time, from a few timed steps of every method and one timed evaluation
+    on this machine (under its current load)."""
+    batch = next(data.train.batches(cfg.batch_size))
+    per_step = {}
+    eval_s = 0.0
+    scale = tuple(float(s) for s in cfg.loss_scale)
+    for model_name in cfg.models:
+        for method in cfg.methods:
+            torch.manual_seed(0)
+            model = build_model(model_name, data, **cfg.model_kwargs)
+            try:
+                runner = Method(method, model.parameters(), data.n_tasks, _options(cfg))
+                loss_fn = _loss_fn(model, batch, scale)
+                runner.step(loss_fn)  # set-up (detection, state) is not what a step costs
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    runner.step(loss_fn)
+                per_step[(model_name, method)] = (time.perf_counter() - t0) / steps
+            except Exception:  # noqa: BLE001 - the training loop reports it
+                per_step[(model_name, method)] = 0.0
+        t0 = time.perf_counter()
+        evaluate(model, data.validation)
+        evaluate(model, data.test)
+        eval_s = max(eval_s, time.perf_counter() - t0)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    train_s = sum(per_step.values()) * steps_per_epoch * cfg.epochs * cfg.seeds
+    total_eval = eval_s * len(cfg.models) * len(cfg.methods) * cfg.epochs * cfg.seeds
+    return {"seconds": train_s + total_eval, "step_s": {f"{m}/{k}": v
+                                                       for (m, k), v in per_step.items()}}
+
+
+def describe_plan(cfg: DemoConfig, data: MultiTaskData, data_name: str,
+                  estimate: dict | None) -> str:
+    """What the run will do, printed before it starts."""
+    n = len(data.train) + len(data.validation) + len(data.test)
+    rates = data.train.label_rates.tolist()
+    tasks = ", ".join(f"{t} ({100 * r:.0f}% positive)"
+                      for t, r in zip(data.task_names, rates, strict=True))
+    steps = math.ceil(len(data.train) / cfg.batch_size)
+    labels = [METHODS[m] for m in cfg.methods]
+    lines = []
+    if cfg.quick:
+        lines += [QUICK_NOTE, ""]
+    lines += [
+        f"pub_native {__version__} demo — {len(cfg.methods)} multi-task methods compared on "
+        f"{data_name}",
+        f"  data     {n:,} rows: train {len(data.train):,} / validation "
+        f"{len(data.validation):,} / test {len(data.test):,} (fixed split)",
+        f"  inputs   {len(data.categorical_columns)} categorical: "
+        f"{', '.join(data.categorical_columns) or '—'}",
+        f"           {len(data.numerical_columns)} numerical: "
+        f"{', '.join(data.numerical_columns) or '—'}",
+    ]
+    for col, reason in data.dropped_columns:
+        lines.append(f"  left out {col} ({reason}; name it with --drop to silence this, or "
+                     "rename it if it is a real feature)")
+    lines.append(f"  tasks    {tasks}; binary cross-entropy each"
+                 + (f", multiplied by {', '.join(f'{s:g}' for s in cfg.loss_scale)}"
+                    if cfg.loss_scale else ""))
+    lines.append(f"  models   {', '.join(MODEL_NAMES.get(m, m) for m in cfg.models)} "
+                 f"(embedding {cfg.model_kwargs.get('embed_dim')}, experts of "
+                 f"{cfg.model_kwargs.get('expert_dim')}, towers "
+                 f"{tuple(cfg.model_kwargs.get('tower_dims', ()))})")
+    lines.append("  methods  " + ", ".join(labels))
+    width = max(len(lbl) for lbl in labels)
+    for m in cfg.methods:
+        lines.append(f"           {METHODS[m]:<{width}}  {FAMILIES[m]}")
+    lines += [
+        f"  training Adam (lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}) under every method, "
+        f"batch {cfg.batch_size}, {cfg.epochs} epochs ({steps} steps each), the same initial "
+        "weights and batches for every method",
+        f"  seeds    {cfg.seeds}; each run's epoch is chosen by validation average AUC; test AUC "
+        "is reported as each method's difference from LS, paired by seed, with a 95% interval",
+    ]
+    if estimate is not None:
+        lines.append(f"  expected about {_duration(estimate['seconds'])} on this machine "
+                     f"({cfg.threads or torch.get_num_threads()} torch thread(s); from a few "
+                     "timed steps of every method)")
+    if cfg.out:
+        lines.append(f"  output   {Path(cfg.out) / 'results.json'}, "
+                     f"{Path(cfg.out) / 'results.png'}")
+    lines.append(f"  full study: {FULL_STUDY}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    return f"{seconds / 60:.1f} min"
+
+
 # -- the whole comparison ------------------------------------------------------------------------
 
-def run_demo(cfg: DemoConfig, data: MultiTaskData | None = None) -> dict:
+def run_demo(cfg: DemoConfig, data: MultiTaskData | None = None, *,
+             report: Callable[[str], None] | None = None) -> dict:
     """Train every (model, method, seed), summarize, and write JSON + PNG to ``cfg.out``.
 
+    ``report``, when given, receives the plan before training starts (e.g. ``print``).
     Returns the results dict (the JSON content). A method that raises is recorded with its
     error message and left out of the summary; the others still run.
     """
@@ -322,30 +418,27 @@ def run_demo(cfg: DemoConfig, data: MultiTaskData | None = None) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_demo(cfg, data)
+        return _run_demo(cfg, data, report)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(cfg: DemoConfig, data: MultiTaskData | None) -> dict:
+def _run_demo(cfg: DemoConfig, data: MultiTaskData | None, report) -> dict:
     t_start = time.perf_counter()
-    if data is not None:
-        data_name = "given data"
-    elif cfg.csv is not None:
-        data = load_csv(cfg.csv, tasks=cfg.task_specs(), drop=cfg.drop)
-        data_name = Path(cfg.csv).name
-    else:
-        data = load_adult()
-        data_name = "UCI Adult (census income)"
-    data = _subset(data, cfg.train_rows, cfg.eval_rows)
+    data, data_name = _load(cfg, data)
+    estimate = None
+    if report is not None:
+        estimate = estimate_seconds(cfg, data)
+        report(describe_plan(cfg, data, data_name, estimate))
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     runs: list[dict] = []
     errors: dict[str, str] = {}
     width = max(len(METHODS[m]) for m in cfg.methods)
+    t_train = time.perf_counter()
     for model_name in cfg.models:
         bars = {m: _Progress(f"{model_name:<4} {METHODS[m]:<{width}}",
                              cfg.seeds * cfg.epochs * steps_per_epoch, cfg.seeds, cfg.epochs,
-                             cfg.progress, position=i)
+                             cfg.progress, position=i, start=t_train)
                 for i, m in enumerate(cfg.methods)}
         for seed in range(cfg.seeds):
             methods = [m for m in cfg.methods if f"{model_name}/{m}" not in errors]
@@ -357,11 +450,15 @@ def _run_demo(cfg: DemoConfig, data: MultiTaskData | None) -> dict:
         "config": asdict(cfg),
         "data": {"name": data_name, "tasks": list(data.task_names),
                  "train": len(data.train), "validation": len(data.validation),
-                 "test": len(data.test)},
+                 "test": len(data.test), "categorical": list(data.categorical_columns),
+                 "numerical": list(data.numerical_columns),
+                 "dropped": [list(d) for d in data.dropped_columns],
+                 "train_label_rates": data.train.label_rates.tolist()},
         "environment": _environment(cfg),
         "runs": runs,
         "summary": summarize(runs, cfg),
         "errors": errors,
+        "estimated_s": None if estimate is None else estimate["seconds"],
         "wall_s": time.perf_counter() - t_start,
     }
     if cfg.out:
@@ -373,30 +470,44 @@ def _run_demo(cfg: DemoConfig, data: MultiTaskData | None) -> dict:
 
 
 def summarize(runs: list[dict], cfg: DemoConfig) -> list[dict]:
-    """Per (model, method): test AUC mean ± std over seeds at the selected epoch, costs."""
+    """Per (model, method): test AUC mean ± std over seeds at the selected epoch, the paired
+    difference from LS per task and on the average (mean, std, 95% t-interval), costs."""
     rows = []
     for model_name in cfg.models:
+        ls_runs = {r["seed"]: r for r in runs if r["model"] == model_name and r["method"] == "ls"}
         ls_ms = None
+        if ls_runs:
+            ls_ms = float(np.mean([r["step_ms"] for r in ls_runs.values()]))
         for method in cfg.methods:
-            rs = [r for r in runs if r["model"] == model_name and r["method"] == method]
+            rs = sorted((r for r in runs if r["model"] == model_name and r["method"] == method),
+                        key=lambda r: r["seed"])
             if not rs:
                 continue
             test = np.array([r["selected_test_auc"] for r in rs])  # (seeds, K)
             avg = test.mean(axis=1)
             step_ms = float(np.mean([r["step_ms"] for r in rs]))
             solve = [r["solve_ms"] for r in rs if r["solve_ms"] is not None]
-            if method == "ls":
-                ls_ms = step_ms
-            rows.append({
+            row = {
                 "model": model_name, "method": method, "label": METHODS[method],
                 "seeds": len(rs),
                 "task_auc_mean": test.mean(axis=0).tolist(), "task_auc_std": _std(test).tolist(),
-                "avg_auc_mean": float(avg.mean()), "avg_auc_std": float(_std(avg)),
+                "avg_auc_mean": float(avg.mean()), "avg_auc_std": float(mean_std(avg)[1]),
                 "best_epochs": [r["best_epoch"] for r in rs],
                 "step_ms": step_ms,
                 "overhead_vs_ls": step_ms / ls_ms if ls_ms else None,
                 "solve_ms": float(np.mean(solve)) if solve else None,
-            })
+                "diff_vs_ls": None,
+            }
+            paired = [r for r in rs if r["seed"] in ls_runs]
+            if ls_runs and method != "ls" and paired:
+                mine = np.array([r["selected_test_auc"] for r in paired])
+                base = np.array([ls_runs[r["seed"]]["selected_test_auc"] for r in paired])
+                row["diff_vs_ls"] = {
+                    "tasks": [paired_difference(mine[:, k], base[:, k])
+                              for k in range(mine.shape[1])],
+                    "avg": paired_difference(mine.mean(1), base.mean(1)),
+                }
+            rows.append(row)
     return rows
 
 
@@ -404,40 +515,91 @@ def _std(x: np.ndarray) -> np.ndarray:
     return x.std(axis=0, ddof=1) if len(x) > 1 else np.zeros(x.shape[1:])
 
 
+def _diff_cell(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    if not math.isfinite(d["half_width"]):
+        return f"{d['mean']:+.4f} (1 seed)"
+    mark = "*" if d["ci_low"] > 0 or d["ci_high"] < 0 else " "
+    return f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]{mark}"
+
+
 def format_table(results: dict) -> str:
-    """The summary as a text table: test AUC (mean ± std over seeds) and costs."""
+    """The summary as text: test AUC (mean ± std over seeds) and costs; then each method's
+    paired difference from LS with its 95% interval; then what that allows one to say."""
     tasks = results["data"]["tasks"]
+    cfg = results["config"]
     heads = [f"{t} AUC" for t in tasks] + ["avg AUC"]
     lines = []
+    if cfg.get("quick"):
+        lines += [QUICK_NOTE, ""]
     header = (f"{'model':<5} {'method':<12} " + " ".join(f"{h:>17}" for h in heads)
               + f" {'ms/step':>8} {'vs LS':>6} {'solve ms':>9}")
-    lines.append(header)
-    lines.append("-" * len(header))
+    lines += [header, "-" * len(header)]
     for row in results["summary"]:
         cells = [f"{m:.4f} ± {s:.4f}"
                  for m, s in zip(row["task_auc_mean"], row["task_auc_std"], strict=True)]
         cells.append(f"{row['avg_auc_mean']:.4f} ± {row['avg_auc_std']:.4f}")
         ratio = "" if row["overhead_vs_ls"] is None else f"{row['overhead_vs_ls']:.2f}x"
         solve = "—" if row["solve_ms"] is None else f"{row['solve_ms']:.3f}"
-        lines.append(f"{row['model']:<5} {row['label']:<12} "
+        lines.append(f"{MODEL_NAMES.get(row['model'], row['model']):<5} {row['label']:<12} "
                      + " ".join(f"{c:>17}" for c in cells)
                      + f" {row['step_ms']:>8.2f} {ratio:>6} {solve:>9}")
-    cfg = results["config"]
     lines.append(
         f"test AUC at the epoch of best validation average AUC, mean ± std over "
         f"{cfg['seeds']} seed(s); ms/step: forward + backward + optimizer step (median over "
         f"a run's steps, mean over seeds); vs LS: its ratio to LS; solve ms: computing the "
         f"task weights from the Gram matrix, median per call (NashMTL and PUB: the native "
         f"solver); weights recomputed every {cfg['update_weights_every']} step(s)")
+    diffs = [r for r in results["summary"] if r["diff_vs_ls"] is not None]
+    if diffs:
+        heads = [f"Δ {t} AUC" for t in tasks] + ["Δ avg AUC"]
+        header = f"{'model':<5} {'method':<12} " + " ".join(f"{h:>27}" for h in heads)
+        lines += ["", header, "-" * len(header)]
+        for row in diffs:
+            d = row["diff_vs_ls"]
+            cells = [_diff_cell(x) for x in d["tasks"]] + [_diff_cell(d["avg"])]
+            lines.append(f"{MODEL_NAMES.get(row['model'], row['model']):<5} {row['label']:<12} "
+                         + " ".join(f"{c:>27}" for c in cells))
+        lines.append("difference from LS on the same seed (same initial model and batches): "
+                     "mean [95% t-interval over seeds]; * = the interval excludes 0")
+        lines += [QUICK_NOTE] if cfg.get("quick") else _verdict(diffs, tasks)
     for key, err in results.get("errors", {}).items():
         lines.append(f"FAILED {key}: {err}")
     return "\n".join(lines)
 
 
+def _verdict(diffs: list[dict], tasks: list[str]) -> list[str]:
+    """Which differences the intervals support — stated whatever the outcome."""
+    better, worse = [], []
+    for row in diffs:
+        for name, d in zip([*tasks, "average"], [*row["diff_vs_ls"]["tasks"],
+                                                  row["diff_vs_ls"]["avg"]], strict=True):
+            if not math.isfinite(d["half_width"]):
+                continue
+            tag = f"{MODEL_NAMES.get(row['model'], row['model'])} {row['label']} " \
+                  f"({name} {d['mean']:+.4f})"
+            if d["ci_low"] > 0:
+                better.append(tag)
+            elif d["ci_high"] < 0:
+                worse.append(tag)
+    lines = []
+    if not better and not worse:
+        lines.append("verdict: no method differs from LS beyond its 95% interval on any task; "
+                     "with these seeds the methods cannot be told apart on this data.")
+    else:
+        if better:
+            lines.append("above LS (interval excludes 0): " + "; ".join(better))
+        if worse:
+            lines.append("below LS (interval excludes 0): " + "; ".join(worse))
+        lines.append(f"({sum(len(r['diff_vs_ls']['tasks']) + 1 for r in diffs)} intervals in "
+                     "all: at 95% each, about one in twenty excludes 0 by chance alone.)")
+    return lines
+
+
 def _subset(data: MultiTaskData, train_rows: int | None, eval_rows: int | None) -> MultiTaskData:
     if train_rows is None and eval_rows is None:
         return data
-    from dataclasses import replace
 
     def cut(split: Split, n: int | None) -> Split:
         return split if n is None else split.head(n)
@@ -465,51 +627,27 @@ def _json_default(obj):
 
 
 def _figure(results: dict, path: Path) -> str | None:
-    """Validation curves per method and test AUC with error bars; None without matplotlib."""
+    """Per model: each method's test-AUC difference from LS per task with 95% intervals, and
+    its cost per step relative to LS. None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
+        from .plots import difference_and_cost_figure
     except ImportError:
         return None
-    models = [m for m in results["config"]["models"]
-              if any(r["model"] == m for r in results["summary"])]
-    if not models:
+    cfg = results["config"]
+    data = results["data"]
+    title = (f"{data['name']}: tasks {', '.join(data['tasks'])} — "
+             f"{cfg['seeds']} seeds, {cfg['epochs']} epochs, batch {cfg['batch_size']}"
+             + (f", loss scales {', '.join(f'{s:g}' for s in cfg['loss_scale'])}"
+                if cfg.get("loss_scale") else "")
+             + ("  [SMOKE TEST: not results]" if cfg.get("quick") else ""))
+    panels = []
+    for model_name in cfg["models"]:
+        rows = [r for r in results["summary"] if r["model"] == model_name]
+        if rows:
+            panels.append((MODEL_NAMES.get(model_name, model_name), rows))
+    if not panels:
         return None
-    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4 * len(models)), squeeze=False)
-    colors = plt.get_cmap("tab10")
-    for row, model_name in enumerate(models):
-        ax_val, ax_test = axes[row]
-        summary = [s for s in results["summary"] if s["model"] == model_name]
-        for i, s in enumerate(summary):
-            rs = [r for r in results["runs"]
-                  if r["model"] == model_name and r["method"] == s["method"]]
-            curves = np.array([[np.mean(v) for v in r["val_auc"]] for r in rs])
-            epochs = np.arange(1, curves.shape[1] + 1)
-            mean = curves.mean(axis=0)
-            ax_val.plot(epochs, mean, marker="o", ms=3, color=colors(i % 10), label=s["label"])
-            if len(rs) > 1:
-                sd = curves.std(axis=0, ddof=1)
-                ax_val.fill_between(epochs, mean - sd, mean + sd, color=colors(i % 10), alpha=0.1)
-        ax_val.set(title=f"{model_name.upper()}: validation average AUC (mean over seeds)",
-                   xlabel="epoch", ylabel="average AUC")
-        ax_val.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_val.legend(fontsize=8)
-        ax_val.grid(alpha=0.3)
-        y = np.arange(len(summary))
-        ax_test.errorbar([s["avg_auc_mean"] for s in summary], y,
-                         xerr=[s["avg_auc_std"] for s in summary], fmt="o", capsize=4)
-        ax_test.set_yticks(y, [s["label"] for s in summary])
-        ax_test.invert_yaxis()
-        ax_test.set(title=f"{model_name.upper()}: test average AUC (mean ± std over seeds)",
-                    xlabel="average AUC")
-        ax_test.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return difference_and_cost_figure(panels, data["tasks"], title, path)
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -518,17 +656,29 @@ def _csv_list(text: str) -> tuple[str, ...]:
     return tuple(t.strip().lower() for t in text.split(",") if t.strip())
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = DemoConfig()
     p = argparse.ArgumentParser(
         prog="python -m pub_native demo",
-        description="Compare PUB with LS, NashMTL, MGDA-UB, IMTL-G, PCGrad and CAGrad on the "
-                    "UCI Adult census-income data (tasks: income > 50K, never married) or on "
-                    "your own CSV file (--csv, --task) with MMoE/PLE models; prints a table "
-                    "and writes results.json and results.png.")
+        description="Compare PUB with LS, Uncertainty weighting, FAMO, NashMTL, MGDA-UB, "
+                    "IMTL-G, PCGrad, CAGrad and MultiBalance on the UCI Adult census-income "
+                    "data (tasks: income > 50K, never married) or on your own CSV file "
+                    "(--csv, --task) with MMoE/PLE models. Prints the plan first, then a table "
+                    "of test AUCs, each method's difference from LS with a 95%% interval, and "
+                    "the cost per step; writes results.json and results.png. The full study: "
+                    f"{FULL_STUDY}.")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run in under a minute: MMoE, 2 seeds, 2 epochs on 8192 "
-                        "training rows (other options override it)")
+                   help="a smoke test in about 15 s (MMoE, 2 seeds, 2 epochs on 8192 training "
+                        "rows): checks that everything runs; its numbers are noise, not results "
+                        "(other options override it)")
     p.add_argument("--models", type=_csv_list, default=None,
                    help=f"comma-separated, from {','.join(MODELS)} (default: "
                         f"{','.join(d.models)})")
@@ -544,20 +694,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clippy-preset", choices=("paper", "tfrs"), default=None,
                    help="PUB+Clippy thresholds: paper (λ_rel 0.5, λ_abs 1e-2; default) or "
                         "tfrs (0.1, 1e-7)")
+    p.add_argument("--loss-scale", type=_float_list, default=None, metavar="S1,S2,...",
+                   help="multiply task i's loss by S_i (one number per task)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch threads (default {d.threads}: robust on a busy 2-core machine)")
     p.add_argument("--train-rows", type=int, default=None,
                    help="use only the first n training rows")
     p.add_argument("--csv", default=None,
-                   help="run on this CSV file (header row; .gz allowed) instead of Adult")
+                   help="run on this CSV file (header row; .gz allowed) instead of Adult; "
+                        "columns whose values are all distinct text or whole numbers (IDs) are "
+                        "left out, with a note")
     p.add_argument("--task", action="append", dest="tasks", default=None,
                    metavar="COLUMN[=POSITIVE]",
-                   help="with --csv, a binary task (repeat for each): a 0/1 column, or a "
-                        "column and its positive value")
+                   help="with --csv, a binary task (repeat for each, at least two): a 0/1 "
+                        "column, or a column and its positive value")
     p.add_argument("--drop", action="append", default=None, metavar="COLUMN",
                    help="with --csv, a column not to use as input (repeatable)")
     p.add_argument("--out", default=None, help=f"output folder (default ./{d.out})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     return p
 
 
@@ -568,7 +722,7 @@ def config_from_args(argv: Sequence[str]) -> DemoConfig:
         values["out"] = "pub_demo_quick"
     for name in ("models", "methods", "seeds", "epochs", "batch_size", "lr",
                  "update_weights_every", "clippy_preset", "threads", "train_rows", "out",
-                 "csv", "tasks", "drop"):
+                 "csv", "tasks", "drop", "loss_scale"):
         value = getattr(args, name)
         if value is not None:
             values[name] = tuple(value) if isinstance(value, list) else value
@@ -581,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         cfg.check()
-        results = run_demo(cfg)
+        results = run_demo(cfg, report=lambda text: print(text + "\n", flush=True))
     except (ValueError, OSError) as exc:
         print(f"python -m pub_native demo: error: {exc}", file=sys.stderr)
         return 2
@@ -601,5 +755,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             written.append("(no figure: matplotlib is not installed)")
         print("wrote " + ", ".join(written) + f"  —  total {results['wall_s']:.0f} s")
+    print(f"the full study: {FULL_STUDY}")
     return 1 if results["errors"] else 0
-

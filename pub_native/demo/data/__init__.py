@@ -119,6 +119,8 @@ class MultiTaskData:
     vocabularies: tuple[tuple[str, ...], ...]
     numerical_mean: tuple[float, ...]
     numerical_std: tuple[float, ...]
+    #: Columns left out automatically, with the reason (see ``drop_id_like``).
+    dropped_columns: tuple[tuple[str, str], ...] = ()
 
     @property
     def n_tasks(self) -> int:
@@ -216,7 +218,7 @@ def _read_csv(path: Path, delimiter: str) -> dict[str, np.ndarray]:
 def load_csv(path: str | os.PathLike, *, tasks, categorical: Sequence[str] | None = None,
              numerical: Sequence[str] | None = None, drop: Sequence[str] = (),
              split_seed: int = SPLIT_SEED, fractions: Sequence[float] = SPLIT_FRACTIONS,
-             delimiter: str = ",") -> MultiTaskData:
+             delimiter: str = ",", drop_id_like: bool = True) -> MultiTaskData:
     """Load a CSV file (``.gz`` is decompressed) with a header row; see :func:`from_columns`.
 
     Cells are stripped of surrounding spaces. A column is numerical when every cell parses
@@ -224,13 +226,14 @@ def load_csv(path: str | os.PathLike, *, tasks, categorical: Sequence[str] | Non
     """
     columns = _read_csv(Path(path), delimiter)
     return from_columns(columns, tasks=tasks, categorical=categorical, numerical=numerical,
-                        drop=drop, split_seed=split_seed, fractions=fractions)
+                        drop=drop, split_seed=split_seed, fractions=fractions,
+                        drop_id_like=drop_id_like)
 
 
 def from_frame(frame, *, tasks, categorical: Sequence[str] | None = None,
                numerical: Sequence[str] | None = None, drop: Sequence[str] = (),
-               split_seed: int = SPLIT_SEED, fractions: Sequence[float] = SPLIT_FRACTIONS
-               ) -> MultiTaskData:
+               split_seed: int = SPLIT_SEED, fractions: Sequence[float] = SPLIT_FRACTIONS,
+               drop_id_like: bool = True) -> MultiTaskData:
     """Load a pandas DataFrame (or anything with ``.columns`` and ``frame[name]``).
 
     Columns of integer, float or bool dtype are numerical, others categorical (their values
@@ -246,13 +249,14 @@ def from_frame(frame, *, tasks, categorical: Sequence[str] | None = None,
         values = col.to_numpy() if hasattr(col, "to_numpy") else np.asarray(col)
         columns[str(name)] = values
     return from_columns(columns, tasks=tasks, categorical=categorical, numerical=numerical,
-                        drop=drop, split_seed=split_seed, fractions=fractions)
+                        drop=drop, split_seed=split_seed, fractions=fractions,
+                        drop_id_like=drop_id_like)
 
 
 def from_columns(columns: Mapping[str, Any], *, tasks, categorical: Sequence[str] | None = None,
                  numerical: Sequence[str] | None = None, drop: Sequence[str] = (),
-                 split_seed: int = SPLIT_SEED, fractions: Sequence[float] = SPLIT_FRACTIONS
-                 ) -> MultiTaskData:
+                 split_seed: int = SPLIT_SEED, fractions: Sequence[float] = SPLIT_FRACTIONS,
+                 drop_id_like: bool = True) -> MultiTaskData:
     """Build a :class:`MultiTaskData` from named columns of equal length.
 
     Args:
@@ -267,6 +271,12 @@ def from_columns(columns: Mapping[str, Any], *, tasks, categorical: Sequence[str
             is not a task or in ``drop``, numerical when its values are numbers.
         drop: columns not to use.
         split_seed, fractions: the train / validation / test split, see :func:`split_indices`.
+        drop_id_like: leave out ID-like columns among the inputs chosen automatically (not
+            those named in ``categorical``/``numerical``): columns whose values are all
+            distinct and that are text or whole numbers (a row ID, a user ID, a timestamp in
+            seconds): one embedding per row teaches a model nothing that carries over to new
+            rows. They are listed in ``dropped_columns``. Columns of fractional numbers are
+            kept even when all distinct (measurements).
 
     Raises:
         ValueError: a task, categorical, numerical or drop column is missing (the message
@@ -295,6 +305,13 @@ def from_columns(columns: Mapping[str, Any], *, tasks, categorical: Sequence[str
         raise ValueError(f"the table needs at least 3 rows to be split, got {n}")
 
     features = [c for c in columns if c not in task_specs and c not in set(drop)]
+    dropped = []
+    if drop_id_like:
+        given = set(categorical or ()) | set(numerical or ())
+        for c in features:
+            if c not in given and _is_id_like(columns[c]):
+                dropped.append((c, f"ID-like: all {n} values distinct"))
+        features = [c for c in features if c not in {d for d, _ in dropped}]
     if categorical is None:
         taken = set(numerical or ())
         categorical = [c for c in features if c not in taken and not _is_numeric(columns[c])]
@@ -344,7 +361,7 @@ def from_columns(columns: Mapping[str, Any], *, tasks, categorical: Sequence[str
         train=part(train_idx), validation=part(val_idx), test=part(test_idx),
         task_names=tuple(task_specs), categorical_columns=tuple(categorical),
         numerical_columns=tuple(numerical), vocabularies=tuple(vocabularies),
-        numerical_mean=tuple(means), numerical_std=tuple(stds),
+        numerical_mean=tuple(means), numerical_std=tuple(stds), dropped_columns=tuple(dropped),
     )
 
 
@@ -360,6 +377,19 @@ def _parse_column(cells: np.ndarray) -> np.ndarray:
     out = np.full(cells.shape, np.nan)
     out[~missing] = parsed
     return out
+
+
+def _is_id_like(values: np.ndarray) -> bool:
+    """All values distinct, and text or whole numbers (see ``drop_id_like``)."""
+    n = len(values)
+    if n < 2:
+        return False
+    if _is_numeric(values):
+        x = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(x).all() or not (x == np.round(x)).all():
+            return False
+        return len(np.unique(x)) == n
+    return len(np.unique(np.asarray([str(v) for v in values.tolist()]))) == n
 
 
 def _is_numeric(values: np.ndarray) -> bool:

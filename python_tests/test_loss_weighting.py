@@ -1,0 +1,209 @@
+"""pub_native.balancers.Uncertainty and FAMO: the defining properties of each loss weighting —
+gradients against their closed forms, Uncertainty's minimizer s_i = log L_i, FAMO's logit update
+(the softmax Jacobian applied to the log-loss decrease) and its invariance to loss scales."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pub_native import balancers as B
+
+TOL = {
+    # float64, closed forms: rounding only.
+    "exact": 1e-12,
+    # Adam's first step is lr·g/(|g| + eps): off from lr·sign(g) by eps/|g| relative.
+    "adam_first_step": 1e-6,
+    # FAMO's D_i = L_i + 1e-8: a loss scaled to 1e-3 moves by 1e-8/1e-3 relative, so scale
+    # invariance holds to ~1e-5 in the weights and ~1e-11 in the gradient's direction.
+    "famo_scale": 1e-9,
+    # The minimizer of Uncertainty's objective reached by Adam in a few thousand steps.
+    "minimizer": 1e-3,
+}
+
+
+class Linear:
+    """K tasks on a shared θ with given gradients and positive losses:
+    L_i = c_i + ⟨g_i, θ⟩ + b_i (θ = 0, b_i = 0 at the start: L_i = c_i, ∂L_i/∂θ = g_i)."""
+
+    def __init__(self, grads, values):
+        self.g = torch.as_tensor(np.asarray(grads, dtype=np.float64))
+        self.c = torch.as_tensor(np.asarray(values, dtype=np.float64))
+        k, p = self.g.shape
+        self.theta = torch.zeros(p, dtype=torch.float64, requires_grad=True)
+        self.b = [torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(k)]
+
+    @property
+    def params(self):
+        return [self.theta, *self.b]
+
+    def losses(self, scale=None):
+        s = torch.ones(len(self.g), dtype=torch.float64) if scale is None else \
+            torch.as_tensor(scale, dtype=torch.float64)
+        return [s[i] * (self.c[i] + self.g[i] @ self.theta + self.b[i])
+                for i in range(len(self.g))]
+
+    def zero(self):
+        for p in self.params:
+            p.grad = None
+
+
+def rand(k, p, seed):
+    return np.random.default_rng(seed).normal(size=(k, p))
+
+
+# -- Uncertainty ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["regression", "classification"])
+def test_uncertainty_gradients(form):
+    t = Linear(rand(3, 4, 0), [0.5, 2.0, 4.0])
+    bal = B.Uncertainty(t.params, n_tasks=3, form=form)
+    with torch.no_grad():
+        bal.log_vars.copy_(torch.tensor([0.3, -0.2, 1.1]))
+    bal.backward(t.losses())
+    s = bal.log_vars.detach().double()
+    w = 0.5 * torch.exp(-s) if form == "regression" else torch.exp(-s)
+    torch.testing.assert_close(t.theta.grad, w @ t.g, rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(torch.stack([b.grad for b in t.b]), w, rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(bal.weights, w, rtol=0, atol=TOL["exact"])
+    # ∂/∂s_i: regression ½(1 − e^{−s_i} L_i), classification ½ − e^{−s_i} L_i.
+    ds = 0.5 * (1 - torch.exp(-s) * t.c) if form == "regression" else 0.5 - torch.exp(-s) * t.c
+    torch.testing.assert_close(bal.log_vars.grad.double(), ds, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("form, target", [("regression", lambda L: np.log(L)),
+                                          ("classification", lambda L: np.log(2 * L))])
+def test_uncertainty_minimizer_weights_by_inverse_loss(form, target):
+    """For fixed losses the objective is minimized at s_i = log L_i (log 2L_i), where every
+    task's weight on its gradient is 1/(2 L_i)."""
+    t = Linear(rand(2, 3, 1), [0.2, 5.0])
+    bal = B.Uncertainty(t.params, n_tasks=2, form=form)
+    bal.log_vars.data = bal.log_vars.data.double()
+    opt = torch.optim.Adam(bal.parameters(), lr=0.05)
+    for _ in range(3000):
+        opt.zero_grad()
+        t.zero()
+        bal.backward(t.losses())
+        opt.step()
+    np.testing.assert_allclose(bal.log_vars.detach().numpy(), target(t.c.numpy()),
+                               atol=TOL["minimizer"])
+    np.testing.assert_allclose(bal.weights.numpy(), 1 / (2 * t.c.numpy()),
+                               rtol=10 * TOL["minimizer"])
+
+
+def test_uncertainty_trains_with_the_users_optimizer():
+    t = Linear(rand(2, 3, 2), [0.5, 3.0])
+    bal = B.Uncertainty(t.params, n_tasks=2)
+    opt = torch.optim.Adam([{"params": t.params}, {"params": bal.parameters(), "lr": 0.025}])
+    opt.zero_grad()
+    bal.backward(t.losses())
+    opt.step()
+    assert (bal.log_vars.detach() != 0).all()  # moved by the same optimizer
+    with pytest.raises(ValueError, match="n_tasks"):
+        B.Uncertainty(t.params, n_tasks=0)
+    with pytest.raises(ValueError, match="form"):
+        B.Uncertainty(t.params, n_tasks=2, form="poisson")
+    with pytest.raises(ValueError, match="K = 2"):
+        bal.backward(t.losses()[:1] * 3)
+
+
+# -- FAMO ----------------------------------------------------------------------------------------
+
+def test_famo_gradient_is_the_normalized_log_loss_gradient():
+    t = Linear(rand(3, 4, 3), [0.5, 2.0, 8.0])
+    bal = B.FAMO(t.params, n_tasks=3, max_norm=0.0)
+    with torch.no_grad():
+        bal.logits.copy_(torch.tensor([0.2, -0.5, 0.1], dtype=torch.float64))
+    bal.backward(t.losses())
+    z = torch.softmax(bal.logits.detach(), 0)
+    d = t.c + 1e-8
+    c = (z / d).sum()
+    # ∇θ Σ z_i log D_i / c = Σ (z_i / (c D_i)) g_i, also on the task parameters.
+    w = z / (c * d)
+    torch.testing.assert_close(t.theta.grad, w @ t.g, rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(torch.stack([b.grad for b in t.b]), w, rtol=0, atol=TOL["exact"])
+    assert abs(float(bal.weights.sum()) - 1) < TOL["exact"]  # Σ z_i/D_i / c = 1
+
+
+def test_famo_logit_update_is_the_softmax_jacobian_times_the_log_loss_decrease():
+    t = Linear(rand(2, 3, 4), [1.0, 1.0])
+    bal = B.FAMO(t.params, n_tasks=2, max_norm=0.0)
+    bal.backward(t.losses())
+    after = [torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64)]
+    bal.update(after)
+    # δ = log L − log L' = (log 2, −log 0.9); at ξ = 0, z = ½ and J_zᵀδ = z ⊙ (δ − zᵀδ).
+    delta = np.log([1.0, 1.0]) - np.log([0.5, 0.9])
+    z = np.array([0.5, 0.5])
+    grad = z * (delta - z @ delta)
+    # Adam's first step (weight decay on ξ = 0 adds nothing): −lr·g/(|g| + eps).
+    np.testing.assert_allclose(bal.logits.detach().numpy(), -0.025 * np.sign(grad),
+                               rtol=TOL["adam_first_step"])
+    # Task 0's log loss fell more: it loses weight.
+    p = bal.task_probabilities
+    assert p[0] < 0.5 < p[1]
+    assert bal.stats["update"] == "explicit"
+
+
+def test_famo_is_invariant_to_loss_scales():
+    """Scaling L_i by s_i leaves the direction of the gradient and the logit update unchanged."""
+    g = rand(2, 5, 5)
+    results = []
+    for scale in ([1.0, 1.0], [1e-3, 1e3]):
+        t = Linear(g, [0.7, 1.5])
+        bal = B.FAMO(t.params, n_tasks=2, max_norm=0.0)
+        bal.backward(t.losses(scale))
+        grad = t.theta.grad.clone()
+        with torch.no_grad():
+            t.theta -= 0.1 * torch.as_tensor(g[0])  # a step that helps task 0
+        bal.update(t.losses(scale))
+        results.append((grad, bal.logits.detach().clone()))
+    (g0, xi0), (g1, xi1) = results
+    cos = float(g0 @ g1 / (g0.norm() * g1.norm()))
+    assert abs(cos - 1) < TOL["famo_scale"]
+    torch.testing.assert_close(xi0, xi1, rtol=1e-9, atol=1e-12)
+
+
+def test_famo_without_update_uses_the_next_losses():
+    g = rand(2, 3, 6)
+    explicit, implicit = Linear(g, [1.0, 2.0]), Linear(g, [1.0, 2.0])
+    a = B.FAMO(explicit.params, n_tasks=2, max_norm=0.0)
+    b = B.FAMO(implicit.params, n_tasks=2, max_norm=0.0)
+    a.backward(explicit.losses())
+    b.backward(implicit.losses())
+    nxt = [0.5, 1.5]
+    a.update([torch.tensor(v, dtype=torch.float64) for v in nxt])
+    explicit.zero()
+    implicit.zero()
+    implicit.c = torch.tensor(nxt, dtype=torch.float64)
+    b.backward(implicit.losses())  # no update() before: these losses serve as L'
+    assert b.stats["update"] == "next batch"
+    torch.testing.assert_close(b.logits.detach(), a.logits.detach(), rtol=0, atol=0)
+
+
+def test_famo_clips_the_shared_gradient_and_checks_losses():
+    g = 10 * rand(2, 4, 7)
+    t = Linear(g, [1.0, 2.0])
+    bal = B.FAMO(t.params, n_tasks=2, max_norm=0.01)
+    bal.backward(t.losses())
+    assert bal.shared == [t.theta]
+    assert float(t.theta.grad.norm()) == pytest.approx(0.01, rel=1e-6)
+    bad = Linear(g, [-1.0, 2.0])
+    with pytest.raises(ValueError, match="above its min_losses"):
+        B.FAMO(bad.params, n_tasks=2).backward(bad.losses())
+    shifted = B.FAMO(bad.params, n_tasks=2, min_losses=[-2.0, 0.0])
+    shifted.backward(bad.losses())  # L − m > 0 with the lower bounds given
+    with pytest.raises(RuntimeError, match="preceding backward"):
+        B.FAMO(t.params, n_tasks=2).update(t.losses())
+    for kwargs, match in (({"gamma": -1}, "gamma"), ({"w_lr": math.inf}, "w_lr"),
+                          ({"min_losses": [0.0]}, "min_losses")):
+        with pytest.raises(ValueError, match=match):
+            B.FAMO(t.params, n_tasks=2, **kwargs)
+
+
+def test_reprs():
+    p = torch.zeros(1, requires_grad=True)
+    assert repr(B.FAMO([p], n_tasks=2)) == "FAMO(n_tasks=2, gamma=0.01, w_lr=0.025, max_norm=1.0)"
+    assert repr(B.Uncertainty([p], n_tasks=3)) == "Uncertainty(n_tasks=3, form='regression')"

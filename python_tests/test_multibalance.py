@@ -1,0 +1,352 @@
+"""pub_native.balancers.MultiBalance: gradients against an independent autograd computation of
+∂(Σ w_i L_i)/∂θ, the Gram against the representation gradients computed separately, the
+weight rules' defining properties, the head/trunk split and its errors, and exactness under
+torch.distributed (2 gloo processes against one process on the whole batch)."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pub_native import balancers as B
+from pub_native.demo.data import Batch
+from pub_native.demo.models import PLE, MMoE
+from pub_native.demo.synthetic import MMoERegressor, RegressionBatch, SharedBottomRegressor
+
+TOL = {
+    # float64 models: the same sums in another order.
+    "f64": 1e-10,
+    # float32 models: the trunk backward from z vs one backward of Σ w_i L_i (summation order).
+    "f32": 1e-5,
+    # Iterative simplex solver (projected gradient), stopped at 1e-12 steps.
+    "iterative": 1e-7,
+    # Two processes vs one: float32 sums over a split batch, in another order.
+    "ddp": 1e-5,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tab_batch(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randint(0, 3, (n, 2), generator=g), torch.randn(n, 3, generator=g),
+                 torch.randint(0, 2, (n, 2), generator=g).float())
+
+
+def _reg_batch(n=64, dim=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return RegressionBatch(torch.randn(n, dim, generator=g, dtype=dtype),
+                           torch.randn(n, 2, generator=g, dtype=dtype))
+
+
+MODELS = {
+    "mmoe": (lambda: MMoE([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,)),
+             _tab_batch),
+    "ple": (lambda: PLE([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,)), _tab_batch),
+    "shared-bottom": (lambda: SharedBottomRegressor(dim=6, hidden=8, tower=4), _reg_batch),
+    "mmoe-regressor": (lambda: MMoERegressor(dim=6, n_experts=3, expert_dim=4, tower=4),
+                       _reg_batch),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("stacked", [False, True])
+def test_gradients_equal_the_weighted_loss_backward(name, stacked):
+    make, batch_fn = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    batch = batch_fn()
+    bal = B.MultiBalance(model.parameters(), ema=0.0)
+    for step in range(2):  # the second call reuses the head/trunk split
+        for p in model.parameters():
+            p.grad = None
+        losses, z = model.task_losses(batch, with_representation=True)
+        bal.backward(torch.stack(losses) if stacked else losses, z)
+        w = bal.weights
+        assert w.shape == (2,) and bool((w > 0).all())
+        ref = model.task_losses(batch)
+        total = sum(float(wi) * loss for wi, loss in zip(w, ref))
+        params = list(model.parameters())
+        expect = torch.autograd.grad(total, params, allow_unused=True)
+        for (pname, p), g in zip(model.named_parameters(), expect):
+            if g is None:
+                assert p.grad is None, pname
+            else:
+                torch.testing.assert_close(p.grad, g, rtol=TOL["f32"], atol=TOL["f32"] * 1e-2,
+                                           msg=f"step {step}: {pname}")
+    # The trunk is what the representation is computed from; heads are the rest.
+    trunk = {id(p) for p in bal.trunk}
+    assert trunk and all(id(p) not in trunk for head in bal.heads for p in head)
+
+
+def test_mmoe_split():
+    torch.manual_seed(0)
+    model = MMoE([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,))
+    names = {id(p): n for n, p in model.named_parameters()}
+    bal = B.MultiBalance(model.parameters())
+    losses, z = model.task_losses(_tab_batch(), with_representation=True)
+    bal.backward(losses, z)
+    assert {names[id(p)] for p in bal.trunk} == {
+        "embedding.embedding.weight", "embedding.numerical.weight", "embedding.numerical.bias",
+        "experts.linear.weight", "experts.linear.bias"}
+    for k in range(2):
+        assert {names[id(p)] for p in bal.heads[k]} == {
+            n for n in names.values() if n.startswith((f"gates.{k}.", f"towers.{k}."))}
+
+
+def test_gram_is_the_gram_of_the_representation_gradients():
+    torch.manual_seed(1)
+    model = MMoE([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,))
+    batch = _tab_batch(seed=3)
+    bal = B.MultiBalance(model.parameters(), ema=0.0)
+    losses, z = model.task_losses(batch, with_representation=True)
+    bal.backward(losses, z)
+    # Independently: ∂L_i/∂z for both tensors of z, by autograd, one task at a time.
+    losses, z = model.task_losses(batch, with_representation=True)
+    r = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, z, retain_graph=True)])
+         for loss in losses]
+    G = torch.stack([torch.stack([ri @ rj for rj in r]) for ri in r]).double()
+    torch.testing.assert_close(bal.gram, G, rtol=1e-5, atol=0)
+    norms = G.diagonal().sqrt()
+    # Two tasks, l2 + min-norm: w_i = ½ (n_1 + n_2) / n_i.
+    torch.testing.assert_close(bal.weights, 0.5 * norms.sum() / norms, rtol=1e-6, atol=0)
+
+
+def test_identical_tasks_are_linear_scalarization():
+    torch.manual_seed(2)
+    model = SharedBottomRegressor(dim=6, hidden=8, tower=4).double()
+    model.towers[1].load_state_dict(model.towers[0].state_dict())
+    x = torch.randn(32, 6, dtype=torch.float64)
+    y = torch.randn(32, 1, dtype=torch.float64).expand(32, 2)
+    batch = RegressionBatch(x, y)
+    for solver in B.MultiBalance.SOLVERS:
+        for p in model.parameters():
+            p.grad = None
+        bal = B.MultiBalance(model.parameters(), solver=solver, ema=0.5)
+        losses, z = model.task_losses(batch, with_representation=True)
+        bal.backward(losses, z)
+        torch.testing.assert_close(bal.weights, torch.ones(2, dtype=torch.float64),
+                                   rtol=0, atol=TOL["f64"])
+        expect = torch.autograd.grad(sum(model.task_losses(batch)), list(model.parameters()))
+        for p, g in zip(model.parameters(), expect):
+            torch.testing.assert_close(p.grad, g, rtol=TOL["f64"], atol=TOL["f64"])
+
+
+def _rand_gram(k, seed, scales=None):
+    g = np.random.default_rng(seed).normal(size=(k, 7))
+    if scales is not None:
+        g = g * np.asarray(scales)[:, None]
+    return g, g @ g.T
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_weights_min_norm_on_normalized_gradients(k):
+    g, G = _rand_gram(k, k)
+    w = B.multibalance_weights(G)
+    n = np.linalg.norm(g, axis=1)
+    wp = w * n / n.sum()  # back to the simplex weights of the normalized gradients
+    assert wp.min() >= -1e-12 and abs(wp.sum() - 1) < TOL["f64"]
+    # KKT of min over the simplex of ‖Σ w'_i ĝ_i‖²: (Ĝw')_i ≥ w'ᵀĜw', equality where w'_i > 0.
+    Gn = G / np.outer(n, n)
+    Gw, val = Gn @ wp, wp @ Gn @ wp
+    assert (Gw >= val - TOL["iterative"]).all()
+    assert np.abs(Gw[wp > 1e-6] - val).max() <= TOL["iterative"]
+
+
+@pytest.mark.parametrize("solver", ["min-norm", "nash", "mean"])
+def test_weights_direction_is_invariant_to_task_scales(solver):
+    """l2 normalization: scaling task i's gradient by s_i leaves the direction of Σ w_i r_i
+    unchanged (only the magnitude of the normalized combination's scale Σ n_j changes)."""
+    g, G = _rand_gram(3, 11)
+    s = np.array([1e-3, 1.0, 1e3])
+    d0 = B.multibalance_weights(G, solver=solver) @ g
+    gs = g * s[:, None]
+    d1 = B.multibalance_weights(gs @ gs.T, solver=solver) @ gs
+    cos = d0 @ d1 / (np.linalg.norm(d0) * np.linalg.norm(d1))
+    assert abs(cos - 1) < 1e-9
+
+
+def test_weights_nash_solves_the_bargaining_equation():
+    g, G = _rand_gram(3, 5)
+    w = B.multibalance_weights(G, solver="nash")
+    n = np.linalg.norm(g, axis=1)
+    alpha = w * n / n.sum()
+    Gn = G / np.outer(n, n)
+    # α ∝ the root of Ĝα = 1/α: Ĝα·α is constant over the tasks (ridge 1e-8 aside).
+    prod = (Gn @ alpha) * alpha
+    assert prod.max() - prod.min() < 1e-6 * prod.max()
+
+
+def test_weights_normalizations_and_zero_task():
+    g, G = _rand_gram(2, 3)
+    # none: K times MGDA's min-norm weights on the raw Gram.
+    np.testing.assert_allclose(B.multibalance_weights(G, normalization="none"),
+                               2 * B.min_norm_weights(G), atol=TOL["f64"])
+    # loss: n_i = L_i.
+    L = np.array([0.5, 2.0])
+    wp = B.min_norm_weights(G / np.outer(L, L))
+    np.testing.assert_allclose(B.multibalance_weights(G, L, normalization="loss"),
+                               wp * L.sum() / L, atol=TOL["f64"])
+    # A task with a zero representation gradient keeps weight 1 and is left out.
+    G3 = np.zeros((3, 3))
+    G3[np.ix_([0, 2], [0, 2])] = G
+    w3 = B.multibalance_weights(G3)
+    assert w3[1] == 1.0
+    np.testing.assert_allclose(w3[[0, 2]], B.multibalance_weights(G), atol=TOL["f64"])
+    np.testing.assert_array_equal(B.multibalance_weights(np.zeros((2, 2))), [1.0, 1.0])
+    with pytest.raises(ValueError, match="loss values"):
+        B.multibalance_weights(G, normalization="loss")
+
+
+def test_ema_of_the_gram_with_bias_correction():
+    """Two steps on a linear problem with known representation gradients."""
+    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    heads = [torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+             torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64)]
+    beta = 0.8
+    bal = B.MultiBalance([theta], ema=beta)
+    grams = []
+    for step, scale in enumerate((1.0, 3.0)):
+        z = theta * 1.0  # the representation: the identity trunk
+        losses = [scale ** (i + 1) * (h @ z) for i, h in enumerate(heads)]
+        bal.backward(losses, z)
+        r = np.stack([scale ** (i + 1) * h.numpy() for i, h in enumerate(heads)])
+        grams.append(r @ r.T)
+        avg = sum((1 - beta) * beta ** (step - t) * grams[t] for t in range(step + 1))
+        expect = B.multibalance_weights(avg / (1 - beta ** (step + 1)))
+        np.testing.assert_allclose(bal.weights.numpy(), expect, rtol=TOL["f64"])
+        np.testing.assert_allclose(bal.gram.numpy(), grams[-1], rtol=TOL["f64"])
+
+
+def test_leaf_representation_and_any_optimizer():
+    """The representation may be a leaf parameter (no trunk layers): z = θ."""
+    theta = torch.tensor([1.0, -2.0], requires_grad=True)
+    bal = B.MultiBalance([theta], ema=0.0)
+    opt = torch.optim.SGD([theta], lr=0.1)
+    losses = [(theta ** 2).sum(), 3 * theta[0]]
+    opt.zero_grad()
+    bal.backward(losses, theta)
+    r = torch.stack([2 * theta.detach(), torch.tensor([3.0, 0.0])])
+    w = bal.weights.float()
+    torch.testing.assert_close(theta.grad, w @ r)
+    before = theta.detach().clone()
+    opt.step()
+    torch.testing.assert_close(theta.detach(), before - 0.1 * (w @ r))
+
+
+def test_gradients_accumulate_like_backward():
+    torch.manual_seed(4)
+    model = SharedBottomRegressor(dim=6, hidden=8, tower=4).double()
+    batch = _reg_batch(dtype=torch.float64)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    bal = B.MultiBalance(model.parameters(), ema=0.0)
+    losses, z = model.task_losses(batch, with_representation=True)
+    bal.backward(losses, z)
+    total = sum(float(w) * loss for w, loss in zip(bal.weights, model.task_losses(batch)))
+    for p, g in zip(model.parameters(), torch.autograd.grad(total, list(model.parameters()))):
+        torch.testing.assert_close(p.grad, g + 1, rtol=TOL["f64"], atol=TOL["f64"])
+
+
+class _Bypass(nn.Module):
+    """A head that reads a trunk parameter around the representation."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(3, 4)
+        self.heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+
+    def forward(self, x):
+        z = torch.relu(self.trunk(x))
+        out = [h(z).squeeze(1) for h in self.heads]
+        out[1] = out[1] + (self.trunk.bias ** 2).sum()
+        return z, out
+
+
+def test_errors():
+    model = _Bypass()
+    x = torch.randn(8, 3)
+    z, out = model(x)
+    with pytest.raises(ValueError, match="around it"):
+        B.MultiBalance(model.parameters()).backward([o.mean() for o in out], z)
+    z, out = model(x)
+    losses = [o.mean() for o in out]
+    with pytest.raises(ValueError, match="does not require grad"):
+        B.MultiBalance(model.parameters()).backward(losses, z.detach())
+    with pytest.raises(ValueError, match="representation"):
+        B.MultiBalance(model.parameters()).backward(losses)
+    h = torch.relu(model.trunk(x))
+    z2 = h * 2
+    with pytest.raises(ValueError, match="computed from"):
+        B.MultiBalance(model.parameters()).backward([(z2.sum() + h.sum())] * 2, [h, z2])
+    other = torch.randn(8, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="no task loss depends"):
+        B.MultiBalance(model.parameters()).backward(losses, other)
+    for kwargs, match in (({"normalization": "max"}, "normalization"),
+                          ({"solver": "cvx"}, "solver"), ({"ema": 1.0}, "ema")):
+        with pytest.raises(ValueError, match=match):
+            B.MultiBalance(model.parameters(), **kwargs)
+    z, out = model(x)
+    bad = [out[0].mean() * float("nan"), out[1].mean()]
+    model2 = SharedBottomRegressor(dim=3, hidden=4, tower=2)
+    zz, outs = model2.representation_and_outputs(x)
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \[0\]"):
+        B.MultiBalance(model2.parameters()).backward(
+            [outs[0].mean() * float("nan"), outs[1].mean()], zz)
+    del bad
+
+
+def test_repr():
+    p = torch.zeros(1, requires_grad=True)
+    assert repr(B.MultiBalance([p])) == \
+        "MultiBalance(normalization='l2', solver='min-norm', ema=0.9)"
+
+
+# -- torch.distributed: 2 gloo processes against one process on the whole batch ---------------
+
+_DDP_SCRIPT = Path(__file__).with_name("ddp_multibalance.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    sys.path.insert(0, str(_DDP_SCRIPT.parent))
+    try:
+        import ddp_multibalance as helper
+    finally:
+        sys.path.pop(0)
+    proc = subprocess.run([sys.executable, str(_DDP_SCRIPT), str(_free_port()), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ref = helper.train(world=1, rank=0)
+    for got in ranks:
+        for step, (w_got, w_ref) in enumerate(zip(got["weights"], ref["weights"])):
+            np.testing.assert_allclose(w_got, w_ref, rtol=TOL["ddp"], err_msg=f"step {step}")
+        for name, value in ref["params"].items():
+            np.testing.assert_allclose(got["params"][name], value, rtol=TOL["ddp"],
+                                       atol=TOL["ddp"], err_msg=name)
+        assert math.isfinite(got["gram_00"])
+    # The ranks stay identical (the same weights, averaged gradients).
+    assert ranks[0]["params"] == ranks[1]["params"]
