@@ -13,7 +13,7 @@ import gc
 
 import torch
 
-__all__ = ["SUPPORTED", "data_parallel_group", "is_distributed"]
+__all__ = ["SUPPORTED", "average_gradients", "data_parallel_group", "is_distributed"]
 
 SUPPORTED = (
     "supported: a model wrapped in torch.nn.parallel.DistributedDataParallel (pass "
@@ -103,3 +103,49 @@ def _replicated(params: list[torch.Tensor]) -> bool:
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
         both = both.cpu()
     return bool(torch.equal(both[:len(sums)], sums) and torch.equal(-both[len(sums):], sums))
+
+
+def average_gradients(params: list[torch.Tensor], group, extra: list[float] | None = None
+                      ) -> list[float]:
+    """Average ``p.grad`` over the processes of ``group`` for every p, in one all-reduce per
+    dtype, with a presence flag per parameter: a parameter with a gradient on some process gets
+    the average (zeros where it had none), one with a gradient on none keeps None. ``extra``
+    (numbers) are summed over the processes in the same flags' all-reduce and returned.
+    Returns the summed extras. The bytes sent, by the ring model, are added to
+    ``average_gradients.bytes_sent``."""
+    dist = torch.distributed
+    world = dist.get_world_size(group)
+    extra = list(extra or [])
+    flags = torch.tensor(extra + [float(p.grad is not None) for p in params],
+                         dtype=torch.float64)
+    device = params[0].device if params else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        flags = flags.to(device)
+    ring = 2 * (world - 1) / world
+    average_gradients.bytes_sent += ring * flags.numel() * 8
+    dist.all_reduce(flags, group=group)
+    flags = flags.cpu()
+    n_extra = len(extra)
+    present = {id(p): bool(flags[n_extra + j] > 0) for j, p in enumerate(params)}
+    by_dtype: dict = {}
+    for p in params:
+        if present[id(p)]:
+            by_dtype.setdefault(p.dtype, []).append(p)
+    for group_params in by_dtype.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in group_params]).div_(world)
+        average_gradients.bytes_sent += ring * flat.numel() * flat.element_size()
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for p in group_params:
+            n = p.numel()
+            values = flat[offset:offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = values.clone(memory_format=torch.preserve_format)
+            else:
+                p.grad.copy_(values)
+            offset += n
+    return flags[:n_extra].tolist()
+
+
+average_gradients.bytes_sent = 0.0

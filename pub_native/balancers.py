@@ -39,6 +39,7 @@ from ._autograd import (
     split_shared,
     task_roots,
 )
+from ._distributed import average_gradients, data_parallel_group
 from .solver import SolveStatus, solve_weights
 
 __all__ = [
@@ -124,6 +125,9 @@ class GradientBalancer:
     def _setup(self, raw_losses, losses: list[torch.Tensor]) -> None:
         self._detect(raw_losses, losses)
         self._grads = TaskGradients(self.shared, len(losses))
+        # Under DistributedDataParallel the per-task gradients (taken with autograd.grad, which
+        # DDP does not see) are averaged here, so every process computes the same weights.
+        self._dp_group, _ = data_parallel_group(self.params)
 
     def _detect(self, raw_losses, losses: list[torch.Tensor]) -> None:
         """Shared and task-specific parameters from the autograd graph of the first losses."""
@@ -170,6 +174,8 @@ class GradientBalancer:
             p.grad = None
         try:
             self._grads.compute(losses, self._specific)
+            if self._dp_group is not None:
+                self._average_task_gradients()
             buf = self._grads.buffer
             # Gram in the buffer's dtype (BLAS accumulates in blocks), then float64 for the
             # K×K math; all methods are invariant or equivariant to G's scale.
@@ -216,11 +222,44 @@ class GradientBalancer:
             plain_inputs = self._multi
         else:
             weighted_inputs, plain_inputs = self.shared, self._specific_all
+        if self._dp_group is not None:
+            self._backward_fixed_distributed(weighted, sum(losses), weighted_inputs,
+                                             plain_inputs)
+            return
         if weighted_inputs:
             torch.autograd.backward(weighted, inputs=weighted_inputs,
                                     retain_graph=bool(plain_inputs))
         if plain_inputs:
             torch.autograd.backward(sum(losses), inputs=plain_inputs)
+
+    def _average_task_gradients(self) -> None:
+        """Average the task rows and this call's task-specific gradients over the processes."""
+        rows = self._grads.buffer
+        world = torch.distributed.get_world_size(self._dp_group)
+        rows.div_(world)
+        torch.distributed.all_reduce(rows, group=self._dp_group)
+        average_gradients(self._specific_all, self._dp_group)
+
+    def _backward_fixed_distributed(self, weighted, total, weighted_inputs, plain_inputs):
+        """_backward_fixed under data parallelism: the gradients by autograd.grad (DDP's hooks
+        would see two partial backward passes), averaged over the processes, accumulated."""
+        new: dict[int, torch.Tensor] = {}
+        for loss, inputs, retain in ((weighted, weighted_inputs, bool(plain_inputs)),
+                                     (total, plain_inputs, False)):
+            if not inputs:
+                continue
+            grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
+            for p, g in zip(inputs, grads, strict=True):
+                if g is not None:
+                    new[id(p)] = g
+        params = weighted_inputs + plain_inputs
+        stash = [p.grad for p in params]
+        for p in params:
+            p.grad = new.get(id(p))
+        average_gradients(params, self._dp_group)
+        for p, g in zip(params, stash, strict=True):
+            if g is not None:
+                p.grad = g.add_(p.grad) if p.grad is not None else g
 
     def _compute_weights(self, G: np.ndarray, losses: list[torch.Tensor]) -> np.ndarray:
         raise NotImplementedError

@@ -61,7 +61,7 @@ def task_losses(outs, y):
     return [((o - y[i]) ** 2).mean() for i, o in enumerate(outs)]
 
 
-def make_optimizer(args, params):
+def make_optimizer(args, params, group="auto"):
     if args.balancer:
         from pub_native import balancers
 
@@ -72,13 +72,14 @@ def make_optimizer(args, params):
     kw = dict(momentum=0.5) if args.optimizer == "rmsprop" else {}
     umm = None if args.umm == "none" else args.umm
     return None, cls(params, lr=1e-2, umm=umm, update_weights_every=args.every,
-                     shard_state=bool(args.shard), **kw)
+                     shard_state=bool(args.shard), process_group=group, **kw)
 
 
 def train(args, model, step_model, bal, opt, ranks=None):
     """Steps start .. start+steps-1 on this process's slice (or the whole batch: ranks=None)."""
     for t in range(args.start, args.start + args.steps):
         x, y = global_batch(args.model, t, args.tasks)
+        x, y = x.to(args.device), y.to(args.device)
         if ranks is not None:
             rank, world = ranks
             x, y = x[rank::world], y[:, rank::world]
@@ -116,10 +117,14 @@ def main(argv=None) -> int:
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default="")
     ap.add_argument("--absent", type=int, default=0)
-    ap.add_argument("--mode", default="ddp", help="ddp | single | no-wrapper | no-sync-misuse")
+    ap.add_argument("--mode", default="ddp",
+                    help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
+                         "sharded-parameter")
+    ap.add_argument("--backend", default="gloo")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model = build_model(args.model, args.tasks)
+    model = build_model(args.model, args.tasks).to(args.device)
     if args.mode == "single":
         bal, opt = make_optimizer(args, list(model.parameters()))
         if args.load:
@@ -129,16 +134,25 @@ def main(argv=None) -> int:
         train(args, model, model, bal, opt)
         rank_file = "single.pt"
     else:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
+        dist.init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{args.port}",
                                 rank=args.rank, world_size=args.world)
-        wrapped = model if args.mode == "no-wrapper" else \
+        wrapped = model if args.mode in ("no-wrapper", "explicit-group") else \
             torch.nn.parallel.DistributedDataParallel(model)
-        bal, opt = make_optimizer(args, list(wrapped.parameters()))
+        group = dist.group.WORLD if args.mode == "explicit-group" else "auto"
+        bal, opt = make_optimizer(args, list(wrapped.parameters()), group)
         if args.load:
             saved = torch.load(args.load, weights_only=False)
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["opt"])
         try:
+            if args.mode == "sharded-parameter":
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.tensor import Shard, distribute_tensor
+
+                mesh = init_device_mesh("cpu", (args.world,))
+                w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+                opt = pub_native.Adam([w])
+                opt.backward([(w * w).sum(), w.sum()])
             if args.mode == "no-sync-misuse":
                 x, y = global_batch(args.model, 0, args.tasks)
                 opt.zero_grad()
@@ -154,8 +168,10 @@ def main(argv=None) -> int:
             return 0
         rank_file = f"rank{args.rank}.pt"
     weights = None if bal is not None else opt.task_weights
+    if args.mode == "explicit-group":
+        assert opt._dp is not None and opt._dp.world == args.world
     dp = getattr(opt, "_dp", None)
-    torch.save({"params": [p.detach().clone() for p in model.parameters()],
+    torch.save({"params": [p.detach().cpu().clone() for p in model.parameters()],
                 "weights": weights, "bytes": None if dp is None else dp.bytes_sent,
                 "state": None if bal is not None else opt.state_dict()},
                os.path.join(args.out, rank_file))

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .._autograd import TaskGradients
+from .._distributed import average_gradients
 
 __all__ = ["DataParallel"]
 
@@ -111,7 +112,7 @@ class DataParallel:
         if not self.shard:
             grads.form_sum()
             return
-        from .._native import DType, _C, cuda_module
+        from .._native import _C, DType, cuda_module
 
         codes = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,
                  torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
@@ -129,40 +130,12 @@ class DataParallel:
         grads.sum_version = grads.buffer._version
 
     def reduce_plain(self, params: list[torch.Tensor], present: list[bool]) -> list[bool]:
-        """Average the task-specific gradients in one all-reduce per dtype, with a presence
-        flag per parameter (a parameter that has no gradient on any process keeps none), and
-        make ``present`` (tasks with a loss graph) the OR over the processes."""
-        flags = torch.tensor([float(x) for x in present]
-                             + [float(p.grad is not None) for p in params], dtype=torch.float64)
-        by_dtype: dict = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        device = params[0].device if params else torch.device("cpu")
-        if dist.get_backend(self.group) == "nccl":
-            flags = flags.to(device)
-        self._count("all_reduce", flags.numel() * 8)
-        dist.all_reduce(flags, group=self.group)
-        flags = flags.cpu()
-        k = len(present)
-        globally = {id(p): bool(flags[k + j] > 0) for j, p in enumerate(params)}
-        for dtype, group_params in by_dtype.items():
-            keep = [p for p in group_params if globally[id(p)]]
-            if not keep:
-                continue
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
-                              .reshape(-1) for p in keep]).div_(self.world)
-            self._count("all_reduce", flat.numel() * flat.element_size())
-            dist.all_reduce(flat, group=self.group)
-            offset = 0
-            for p in keep:
-                n = p.numel()
-                values = flat[offset:offset + n].view_as(p)
-                if p.grad is None:
-                    p.grad = values.clone(memory_format=torch.preserve_format)
-                else:
-                    p.grad.copy_(values)
-                offset += n
-        return [bool(x > 0) for x in flags[:k]]
+        """Average the task-specific gradients (a parameter without gradient on every process
+        keeps none) and make ``present`` (tasks with a loss graph) the OR over processes."""
+        before = average_gradients.bytes_sent
+        summed = average_gradients(params, self.group, [float(x) for x in present])
+        self.bytes_sent += average_gradients.bytes_sent - before
+        return [x > 0 for x in summed]
 
     # ---- step --------------------------------------------------------------------------------
 

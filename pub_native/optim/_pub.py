@@ -22,8 +22,8 @@ from .._distributed import data_parallel_group
 from .._native import StepOutcome
 from ._backends import CpuBackend
 from ._compile import compiled_step
-from ._ddp import DataParallel
 from ._compile import register as register_for_compile
+from ._ddp import DataParallel
 from ._options import CLIPPY_PRESETS, PubOptions
 from ._plan import StepPlan, build_plan, check_param, state_dtype
 
