@@ -90,6 +90,12 @@ def backends() -> list[str]:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests marked `slow` run when PUB_RUN_SLOW=1 (CI sets it) or when selected with -m.
+    if not os.environ.get("PUB_RUN_SLOW") and "slow" not in (config.getoption("-m") or ""):
+        skip_slow = pytest.mark.skip(reason="slow: set PUB_RUN_SLOW=1 (CI does) or -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     try:
         has_cuda = torch.cuda.is_available()
     except Exception:  # pragma: no cover - a broken driver counts as none

@@ -64,24 +64,27 @@ def _assert_identical_and_exact(ranks: list[dict], single: dict) -> None:
         assert torch.allclose(ranks[0]["weights"], single["weights"], atol=TOL)
 
 
+def _case(world, args, slow=True):
+    return pytest.param(world, args, id=f"{world}proc-" + "-".join(args[1::2]),
+                        marks=[pytest.mark.slow] if slow else [])
+
+
 CASES = [
     # world, worker arguments
-    (2, ["--optimizer", "adam"]),
-    (2, ["--optimizer", "adagrad", "--umm", "adatask"]),
-    (2, ["--optimizer", "rmsprop", "--umm", "clippy"]),
-    (2, ["--optimizer", "adam", "--every", "3"]),
-    (2, ["--optimizer", "adam", "--shard", "0"]),
-    (3, ["--optimizer", "adam", "--model", "uneven"]),  # shards split tensors
-    (3, ["--optimizer", "rmsprop", "--model", "uneven", "--umm", "adatask", "--tasks", "3"]),
-    (2, ["--optimizer", "adam", "--absent", "1"]),
+    _case(2, ["--optimizer", "adam"], slow=False),
+    _case(2, ["--optimizer", "adagrad", "--umm", "adatask"]),
+    _case(2, ["--optimizer", "rmsprop", "--umm", "clippy"]),
+    _case(2, ["--optimizer", "adam", "--every", "3"]),
+    _case(2, ["--optimizer", "adam", "--shard", "0"]),
+    _case(3, ["--optimizer", "adam", "--model", "uneven"]),  # shards split tensors
+    _case(3, ["--optimizer", "rmsprop", "--model", "uneven", "--umm", "adatask", "--tasks",
+              "3"]),
+    _case(2, ["--optimizer", "adam", "--absent", "1"]),
 ]
 
 
-@pytest.mark.parametrize("world,args", CASES, ids=[f"{w}proc-" + "-".join(a[1::2])
-                                                   for w, a in CASES])
+@pytest.mark.parametrize("world,args", CASES)
 def test_ddp_trains_like_one_process_on_the_whole_batch(tmp_path, world, args):
-    if (world, args) not in CASES[:3] and not os.environ.get("PUB_RUN_SLOW"):
-        pytest.skip("slow: set PUB_RUN_SLOW=1 (CI does)")
     ranks = _run(tmp_path, world, args)
     _assert_identical_and_exact(ranks, _single(tmp_path, args))
     # The communication the processes reported, against the (K + 2)/2 (sharded) or K
@@ -89,9 +92,11 @@ def test_ddp_trains_like_one_process_on_the_whole_batch(tmp_path, world, args):
     assert ranks[0]["bytes"] > 0
 
 
-@pytest.mark.parametrize("args", [["--model", "uneven"],
-                                  ["--model", "uneven", "--umm", "adatask"]],
-                         ids=["plain", "adatask"])
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    pytest.param(["--model", "uneven"], id="plain"),
+    pytest.param(["--model", "uneven", "--umm", "adatask"], id="adatask",
+                 marks=pytest.mark.slow)])
 def test_checkpoint_resumes_on_another_world_size(tmp_path, args):
     # 2 processes train 2 steps and save (a collective state_dict of the sharded state); 3
     # processes load it and train 2 more: as one process trained 4 steps without a break.
@@ -110,15 +115,15 @@ def test_checkpoint_resumes_on_another_world_size(tmp_path, args):
                 (key, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("balancer", ["nashmtl", "mgda-ub", "imtl-g", "pcgrad", "cagrad"])
 def test_gradient_balancers_under_ddp(tmp_path, balancer):
-    if balancer not in ("nashmtl", "pcgrad") and not os.environ.get("PUB_RUN_SLOW"):
-        pytest.skip("slow: set PUB_RUN_SLOW=1 (CI does)")
     args = ["--balancer", balancer]
     ranks = _run(tmp_path, 2, args)
     _assert_identical_and_exact(ranks, _single(tmp_path, args))
 
 
+@pytest.mark.slow
 def test_explicit_process_group_of_one_exercises_the_data_parallel_path(tmp_path):
     # process_group=<group>: the collectives run even with one process (what a GPU check with
     # NCCL and one device can run), and the result is the single-process one.
@@ -136,8 +141,10 @@ def test_nccl_world_of_one_on_cuda(tmp_path):
 
 @pytest.mark.parametrize("mode,match", [
     ("no-sync-misuse", "no_sync"),
-    ("no-wrapper", "not wrapped in DistributedDataParallel"),
-    ("sharded-parameter", "sharded \\(FSDP or DTensor\\)"),
+    pytest.param("no-wrapper", "not wrapped in DistributedDataParallel",
+                 marks=pytest.mark.slow),
+    pytest.param("sharded-parameter", "sharded \\(FSDP or DTensor\\)",
+                 marks=pytest.mark.slow),
 ])
 def test_set_ups_that_cannot_be_exact_raise(tmp_path, mode, match):
     ranks = _run(tmp_path, 2, ["--mode", mode])
