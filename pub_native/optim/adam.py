@@ -52,6 +52,12 @@ class Adam(PUBOptimizer, torch.optim.Adam):
         absent_tasks: ``"skip"`` (default): a task loss without a graph (no labels for that task
             in this batch, e.g. a constant) gives that task weight 0 at that step (the others'
             weights renormalized), its AdaTask state untouched; ``"error"``: such a loss raises.
+        process_group: data parallelism (SPEC section 10): ``"auto"`` (default) finds the
+            ``DistributedDataParallel`` module holding the parameters and averages the per-task
+            gradients over its process group; a group: the parameters are taken as replicated
+            over it; ``None``: every process trains on its own.
+        shard_state: with data parallelism, shard the shared parameters' optimizer state and
+            step over the processes (ZeRO-1 style, default) or replicate both.
         backend: ``"native"`` (default: the C++ core, CPU or CUDA by the parameters' device) or
             ``"reference"`` (the plain-PyTorch reference, float64 math, for checking); the
             environment variable ``PUB_NATIVE_BACKEND`` sets the default.
