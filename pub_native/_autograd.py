@@ -225,6 +225,7 @@ class TaskGradients:
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        state.pop("_task_views", None)
         # A copy's buffer starts a new version count: keep only whether the sum was current.
         state["sum_version"] = self.sum_version is not None and \
             self.sum_version == self.buffer._version
@@ -272,9 +273,13 @@ class TaskGradients:
 
     def task_view(self, index: int) -> torch.Tensor:
         """Every task's gradient of shared parameter ``index``: (K, *shape), in its layout."""
-        p, o = self.params[index], self.offsets[index]
-        return self.buffer[:, o:o + self.numels[index]].as_strided(
-            (self.k, *p.shape), (self.row_length, *p.stride()), o)
+        views = self.__dict__.setdefault("_task_views", {})
+        view = views.get(index)
+        if view is None:
+            p, o = self.params[index], self.offsets[index]
+            view = views[index] = self.buffer[:, o:o + self.numels[index]].as_strided(
+                (self.k, *p.shape), (self.row_length, *p.stride()), o)
+        return view
 
     def compute(self, losses: list[torch.Tensor], specific: list[list[torch.Tensor]],
                 retain_graph: bool = False, accumulate: bool = False, scale: float = 1.0,

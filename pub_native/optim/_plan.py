@@ -75,7 +75,7 @@ class StepPlan:
     k: int  # tasks of the shared segments (1 for a plain step)
     device: torch.device
     pending_state: dict[torch.Tensor, dict[str, Any]]  # committed when the step is applied
-    names: dict[int, str]  # id(param or piece) -> how errors name it
+    owners: dict[int, torch.Tensor]  # id(piece) -> its parameter (data parallelism)
     # Data parallelism with sharded state: entries of the shards' state to commit, and the full
     # state entries a shard was cut from (removed once the shard holds them).
     pending_shard_state: dict[torch.Tensor, dict[str, Any]] = field(default_factory=dict)
@@ -84,6 +84,18 @@ class StepPlan:
     @property
     def has_shared(self) -> bool:
         return any(s.kind == SegmentKind.SHARED for s in self.segments)
+
+
+class LazyName:
+    """How errors name a parameter, worked out only when an error is raised."""
+
+    __slots__ = ("opt", "p")
+
+    def __init__(self, opt, p):
+        self.opt, self.p = opt, p
+
+    def __str__(self) -> str:
+        return self.opt._param_name(self.p)
 
 
 def _fail(exc, name: str, what: str):
@@ -193,7 +205,7 @@ def prepare_state(state: dict, p: torch.Tensor, names: list[str], init: list[flo
 def plain_grad(p: torch.Tensor, name: str) -> torch.Tensor:
     """p.grad as the kernels read it: dense, p's dtype and layout (else a copy that is)."""
     g = p.grad
-    if g.is_sparse or g.layout != torch.strided:
+    if g.layout != torch.strided:
         _fail(TypeError, name, "sparse gradients are not supported (use sparse=False in "
                                "nn.Embedding)")
     if g.dtype != p.dtype or g.device != p.device:
@@ -202,7 +214,7 @@ def plain_grad(p: torch.Tensor, name: str) -> torch.Tensor:
     if g.shape != p.shape:
         _fail(ValueError, name, f"gradient of shape {tuple(g.shape)} for a parameter of shape "
                                 f"{tuple(p.shape)}")
-    if not same_layout(g, p):
+    if not (g.is_contiguous() and p.is_contiguous()) and not same_layout(g, p):
         copy = torch.empty_like(p)
         copy.copy_(g)
         g = copy
@@ -211,32 +223,35 @@ def plain_grad(p: torch.Tensor, name: str) -> torch.Tensor:
 
 _SENTINELS: dict = {}
 
+# The row layout fill_table writes, in the binding's column order (checked here, once).
+assert (TableCol.PARAM, TableCol.NUMEL, TableCol.GRAD, TableCol.BASE, TableCol.STEP,
+        TableCol.GRAD_SUM, TableCol.STATE) == tuple(range(7)), "table columns moved"
 
-def _address(t: torch.Tensor) -> int:
-    """t's address; for an empty tensor (which reports 0) a valid address on its device that
-    no kernel reads (a row of 0 elements): the tables hold no null pointer."""
-    if t.numel():
-        return t.data_ptr()
-    sentinel = _SENTINELS.get(t.device)
+
+def _sentinel(device) -> int:
+    """A valid address on ``device`` for the pointers of a row of 0 elements (an empty tensor
+    reports 0, and the tables hold no null pointer); no kernel reads it."""
+    sentinel = _SENTINELS.get(device)
     if sentinel is None:
-        sentinel = _SENTINELS[t.device] = torch.zeros(1, device=t.device)
+        sentinel = _SENTINELS[device] = torch.zeros(1, device=device)
     return sentinel.data_ptr()
 
 
 def fill_table(seg: PlanSegment) -> None:
     """The int64 table of the segment's addresses (rows in the order of seg.params)."""
-    table = np.zeros((len(seg.params), _N_COLS), dtype=np.int64)
-    for r, (p, g, states, step, gi, gsum) in enumerate(zip(
-            seg.params, seg.grads, seg.states, seg.steps, seg.groups, seg.grad_sums)):
-        table[r, TableCol.PARAM] = _address(p)
-        table[r, TableCol.GRAD_SUM] = 0 if gsum is None else _address(gsum)
-        table[r, TableCol.NUMEL] = p.numel()
-        table[r, TableCol.GRAD] = _address(g)
-        table[r, TableCol.BASE] = gi
-        table[r, TableCol.STEP] = step.data_ptr()
-        for s, t in enumerate(states):
-            table[r, TableCol.STATE + s] = _address(t)
-    seg.table = table
+    rows = []
+    for p, g, states, step, gi, gsum in zip(seg.params, seg.grads, seg.states, seg.steps,
+                                            seg.groups, seg.grad_sums):
+        n = p.numel()
+        if n:
+            row = [p.data_ptr(), n, g.data_ptr(), gi, step.data_ptr(),
+                   0 if gsum is None else gsum.data_ptr(), *[t.data_ptr() for t in states]]
+        else:
+            empty = _sentinel(p.device)
+            row = [empty, 0, empty, gi, step.data_ptr(), 0, *[empty for _ in states]]
+        row += [0] * (_N_COLS - len(row))
+        rows.append(row)
+    seg.table = np.array(rows, dtype=np.int64).reshape(len(rows), _N_COLS)
 
 
 def check_base_row(row: list[float], gi: int) -> list[float]:
@@ -276,10 +291,11 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     piece_index = {id(p): j for j, p in enumerate(opt._grads.params)} if dp else {}
     pending_shard_state: dict[torch.Tensor, dict[str, Any]] = {}
     adatask = opt.options.umm == "adatask"
+    shared_umm = Umm(opt.options.umm_code)
     device = None
     segments: dict[tuple, PlanSegment] = {}
     pending_state: dict[torch.Tensor, dict[str, Any]] = {}
-    names: dict[int, str] = {}
+    owners: dict[int, torch.Tensor] = {}
     base_rows = []
     for gi, group in enumerate(opt.param_groups):
         base_rows.append([float(v) for v in opt._base_row(group)])
@@ -296,16 +312,19 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
                     continue  # frozen since detection, or its .grad removed: not stepped
             elif p.grad is None:
                 continue
-            name = opt._param_name(p)
-            names[id(p)] = name
-            check_param(p, name, device)
+            name = LazyName(opt, p)
+            signature = (p.data_ptr(), p.dtype, p.device, p.shape, p.stride())
+            if opt._checked.get(id(p)) != signature or (device is not None
+                                                        and p.device != device):
+                check_param(p, name, device)
+                opt._checked[id(p)] = signature
             device = p.device
             grad_sum = None
             piece = piece_index.get(id(p))
             if piece is not None:
                 kind, k, stride, umm, target, grad, grad_sum = _piece(
                     opt, dp, p, piece, name, j is not None, rescan)
-                names[id(target)] = name
+                owners[id(target)] = p
                 key = (kind, flags, maximize, p.dtype)
                 seg = segments.get(key)
                 if seg is None:
@@ -332,7 +351,7 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
             if j is not None:
                 kind, k, stride = SegmentKind.SHARED, opt._k, opt._grads.row_length
                 grad = opt._grads.task_view(j)
-                umm = Umm(opt.options.umm_code)
+                umm = shared_umm
                 if rescan:
                     grad_sum = plain_grad(p, name)
             else:
@@ -349,8 +368,8 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
                     kind=kind, algo=opt._ALGO, amsgrad=flags[0], centered=flags[1],
                     momentum=flags[2], maximize=maximize, umm=umm, dtype=p.dtype, k=k,
                     grad_stride=stride, clippy=opt.options.clippy_lambdas)
-            states, step, new = prepare_state(
-                opt.state.get(p, {}), p, state_names, init,
+            states, step, new = _prepared_state(
+                opt, p, signature, state_names, init,
                 k if kind == SegmentKind.SHARED and adatask else None, name)
             if new:
                 pending_state[p] = new
@@ -368,8 +387,31 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     for seg in ordered:
         fill_table(seg)
     k = opt._k if pending and opt._k is not None else 1
-    return StepPlan(ordered, build_base(base_rows), k, device, pending_state, names,
+    return StepPlan(ordered, build_base(base_rows), k, device, pending_state, owners,
                     pending_shard_state, dp is not None)
+
+
+def _prepared_state(opt, p, signature, names, init, adatask_k, name):
+    """prepare_state for p, skipped when nothing it checked has changed since: the same
+    parameter storage and layout, and the same state tensors (objects and storage) as the
+    last time they were found right."""
+    st = opt.state.get(p, {})
+    memo = opt._state_memo.get(id(p))
+    if memo is not None:
+        _, keys, tensors, step = memo
+        if keys == (tuple(names), adatask_k) and signature == memo[0] \
+                and st.get("step") is step and all(
+                    st.get(key) is t and t.data_ptr() == ptr for key, t, ptr in tensors):
+            return [t for _, t, _ in tensors], step, {}
+    states, step, new = prepare_state(st, p, names, init, adatask_k, name)
+    keys = [("task_" + n) if adatask_k is not None else n for n in names]
+    if not new:
+        opt._state_memo[id(p)] = (signature, (tuple(names), adatask_k),
+                                  [(key, t, t.data_ptr()) for key, t in zip(keys, states)],
+                                  step)
+    else:
+        opt._state_memo.pop(id(p), None)  # remembered once the new entries are committed
+    return states, step, new
 
 
 def _in_layout(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,10 @@ class PUBOptimizer:
         self._dp: DataParallel | None = None  # data parallelism, decided at the first backward
         self._dp_resolved = False
         self._shard_state: dict = {}  # param -> its shard's state (sharded data parallelism)
+        # What the plan found right last time (so that unchanged parameters and state are not
+        # checked again): id(param) -> its signature / its state tensors.
+        self._checked: dict = {}
+        self._state_memo: dict = {}
 
     # PUB's options, also as attributes.
     update_weights_every = property(lambda self: self.options.update_weights_every)
@@ -672,7 +676,8 @@ class PUBOptimizer:
         if result.bad_tasks:
             parts.append(f"task(s) {result.bad_tasks}")
         if result.bad_params:
-            parts.append(", ".join(plan.names[id(p)] for p in result.bad_params[:5]))
+            parts.append(", ".join(self._param_name(plan.owners.get(id(p), p))
+                                   for p in result.bad_params[:5]))
         if result.outcome == StepOutcome.NONFINITE_GRAD:
             return "non-finite gradient (NaN/Inf) for " + " and ".join(parts) + tail
         if result.outcome == StepOutcome.GRAD_EDITED:
