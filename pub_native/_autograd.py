@@ -300,8 +300,9 @@ class TaskGradients:
                 and not accumulate:
             self.buffer.zero_()
         # autograd may hand one tensor to two parameters (w = a + b gives a and b the same
-        # gradient object) or a view of another: .grad must own its memory, since later tasks
-        # and later backward calls accumulate into it in place.
+        # gradient object), or views of one buffer: .grad must own its memory, since later
+        # tasks and later backward calls accumulate into it in place. A gradient is taken as it
+        # is only when no other parameter got memory of the same storage in this call.
         handed_out: set[int] = set()
         last = max((i for i, loss in enumerate(losses) if loss is not None), default=-1)
         for i, loss in enumerate(losses):
@@ -339,10 +340,12 @@ class TaskGradients:
                 if g is None:
                     continue
                 if p.grad is None:
-                    owned = (id(g) not in handed_out and g._base is None
-                             and g.layout == torch.strided and same_layout(g, p))
+                    storage = g.untyped_storage().data_ptr() if g.layout == torch.strided \
+                        else None
+                    owned = (storage is not None and storage not in handed_out
+                             and same_layout(g, p))
                     p.grad = g if owned else _grad_like(g, p)
-                    handed_out.add(id(g))
+                    handed_out.add(storage)
                 else:
                     p.grad.add_(g)
 

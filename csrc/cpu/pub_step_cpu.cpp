@@ -67,7 +67,8 @@ template <class Tp>
 void sum_rows_typed(Tp* buf, int64_t K, int64_t P) {
   using T = typename MathType<Tp>::type;
   Tp* out = buf + K * P;
-#pragma omp parallel for schedule(static)
+  // Threads only where there is work for them (waking a team costs more than a small sum).
+#pragma omp parallel for schedule(static) if (K * P >= kGramChunk)
   for (int64_t j = 0; j < P; ++j) {
     T s = T(0);
     for (int64_t i = 0; i < K; ++i) s += to_math<T>(buf[i * P + j]);

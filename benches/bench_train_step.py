@@ -1,0 +1,173 @@
+"""Benchmark: the training step a user pays for — forward + backward + optimizer step — on the
+census-income MMoE and PLE of the demo, for LS, PUB, MultiBalance and our NashMTL, and side by
+side in the same run the peers a user would pick instead: TorchJD's NashMTL and UPGrad
+(``torchjd``, in the ``bench`` extra).
+
+Every method trains its own copy of the same initial model on the same batches, round robin
+(each batch goes through every method before the next one, so the machine's load hits all of
+them alike). Reported per method: the median step time, and the median over the rounds of its
+ratio to LS in that round. Targets: PUB at most 1.2× LS (update_weights_every = 1), and at
+least 6× faster than TorchJD's NashMTL.
+
+    python benches/bench_train_step.py                          # MMoE and PLE, batch 512, 4096
+    python benches/bench_train_step.py --quick                  # MMoE, batch 512, few steps
+    python benches/bench_train_step.py --device cuda --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import pub_native
+from pub_native._platform import cpu_name
+from pub_native.demo.data import load_adult
+from pub_native.demo.methods import Method, MethodOptions
+from pub_native.demo.models import build_model
+from pub_native.demo.run import MODEL_KWARGS
+
+OURS = ["ls", "pub", "multibalance", "nashmtl"]
+PEERS = ["torchjd-nashmtl", "torchjd-upgrad"]
+LABELS = {"ls": "LS", "pub": "PUB", "multibalance": "MultiBalance", "nashmtl": "NashMTL",
+          "torchjd-nashmtl": "TorchJD NashMTL", "torchjd-upgrad": "TorchJD UPGrad"}
+TARGETS = {"pub_over_ls_max": 1.2, "torchjd_nashmtl_over_pub_min": 6.0}
+
+
+class TorchJD:
+    """A TorchJD aggregator with torch's Adam, as TorchJD's documentation trains multi-task
+    models: mtl_backward on the shared representation, then jac_to_grad on the shared
+    parameters."""
+
+    def __init__(self, key: str, params, n_tasks: int, lr: float, weight_decay: float):
+        from torchjd.aggregation import NashMTL, UPGrad
+
+        self.aggregator = NashMTL(n_tasks=n_tasks) if key == "torchjd-nashmtl" else UPGrad()
+        self.params = list(params)
+        self.opt = torch.optim.Adam(self.params, lr=lr, weight_decay=weight_decay)
+
+    def step(self, loss_fn) -> None:
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        self.opt.zero_grad(set_to_none=True)
+        losses, representation = loss_fn(True)
+        mtl_backward(losses, features=representation)
+        shared = [p for p in self.params if getattr(p, "jac", None) is not None]
+        jac_to_grad(shared, self.aggregator)
+        self.opt.step()
+
+
+def peers_available() -> bool:
+    try:
+        import torchjd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure(model_name, batch_size, methods, steps, warmup, data, device) -> dict:
+    opts = MethodOptions(lr=3e-3, weight_decay=1e-6)
+    runs = {}
+    for key in methods:
+        torch.manual_seed(0)
+        model = build_model(model_name, data, **MODEL_KWARGS).to(device)
+        if key in PEERS:
+            runs[key] = (model, TorchJD(key, model.parameters(), data.n_tasks, opts.lr,
+                                        opts.weight_decay))
+        else:
+            runs[key] = (model, Method(key, model.parameters(), data.n_tasks, opts))
+    gen = torch.Generator().manual_seed(0)
+    batches = [type(b)(*(t.to(device) for t in b)) for b in
+               data.train.batches(batch_size, shuffle=True, generator=gen, drop_last=True)]
+    times = {key: [] for key in methods}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        for key, (model, method) in runs.items():
+            def loss_fn(with_rep, model=model, batch=batch):
+                return model.task_losses(batch, with_representation=with_rep)
+
+            sync()
+            t0 = time.perf_counter()
+            method.step(loss_fn)
+            sync()
+            if i >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    ls = np.asarray(times["ls"])
+    rows = {}
+    for key in methods:
+        t = np.asarray(times[key])
+        rows[key] = {"label": LABELS[key], "median_ms": 1e3 * float(np.median(t)),
+                     "paired_over_ls": float(np.median(t / ls))}
+    return {"model": model_name, "batch_size": batch_size, "steps": steps, "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="MMoE, batch 512, 20 steps")
+    ap.add_argument("--models", default="mmoe,ple")
+    ap.add_argument("--batch-sizes", default="512,4096")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_sizes, args.steps = "mmoe", "512", 20
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_train_step: no CUDA device; nothing measured")
+        return 0
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", module="torchjd")
+    warnings.filterwarnings("ignore", message=".*DPP.*")
+    warnings.filterwarnings("ignore", message=".*inaccurate.*")
+    methods = OURS + (PEERS if peers_available() else [])
+    data = load_adult()
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "processor": cpu_name(), "device": str(device), "python": platform.python_version(),
+           "torch": torch.__version__, "pub_native": pub_native.__version__,
+           "torch_threads": torch.get_num_threads()}
+    print(f"training step (forward + backward + step) on census income, {env['processor']}, "
+          f"{env['device']}, {env['torch_threads']} torch thread(s), torch {env['torch']}; "
+          f"medians of {args.steps} round-robin steps"
+          + ("" if peers_available() else " (torchjd not installed: peers skipped; "
+             "pip install -e '.[bench]')"))
+    header = f"{'model':<5} {'batch':>5} | " + " | ".join(f"{LABELS[m]:>15}" for m in methods)
+    print(header + "\n" + "-" * len(header))
+    results = []
+    for model_name in args.models.split(","):
+        for bs in (int(b) for b in args.batch_sizes.split(",")):
+            r = measure(model_name, bs, methods, args.steps, args.warmup, data, device)
+            results.append(r)
+            cells = [f"{r['rows'][m]['median_ms']:>6.2f}ms {r['rows'][m]['paired_over_ls']:>5.2f}x"
+                     for m in methods]
+            print(f"{model_name:<5} {bs:>5} | " + " | ".join(f"{c:>15}" for c in cells),
+                  flush=True)
+    print("\n(ms: median step; x: median over rounds of the time relative to LS's)")
+    for r in results:
+        pub = r["rows"]["pub"]
+        line = (f"{r['model']} batch {r['batch_size']}: PUB {pub['paired_over_ls']:.2f}x LS "
+                f"(target ≤ {TARGETS['pub_over_ls_max']}x)")
+        if "torchjd-nashmtl" in r["rows"]:
+            speedup = r["rows"]["torchjd-nashmtl"]["median_ms"] / pub["median_ms"]
+            line += (f"; {speedup:.1f}x faster than TorchJD NashMTL (target ≥ "
+                     f"{TARGETS['torchjd_nashmtl_over_pub_min']}x)")
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "results": results, "targets": TARGETS}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
