@@ -235,3 +235,25 @@ def test_turning_on_weight_decay_mid_run_matches_reference():
             o.backward(pr.losses(t))
             o.step()
     assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_plain_steps_before_pub_steps_keep_float32_state_for_16bit(name, dtype):
+    # Plain steps (loss.backward(), step()) first make the state, then PUB steps continue it:
+    # the state is float32 throughout and the run equals the reference's.
+    problem = Problem(SHAPES["odd"], 2, dtype=dtype, seed=15)
+    twin = problem.clone()
+    opt = NATIVE[name](problem.groups())
+    ref = NATIVE[name](twin.groups(), backend="reference")
+    for t in range(5):
+        for o, pr in ((opt, problem), (ref, twin)):
+            o.zero_grad()
+            if t < 2:
+                sum(pr.losses(t)).backward()
+            else:
+                o.backward(pr.losses(t))
+            o.step()
+    for p in problem.params():
+        assert all(v.dtype == F32 for k, v in opt.state[p].items() if k != "step")
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", dtype)])

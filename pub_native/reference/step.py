@@ -128,9 +128,10 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
                     / np.linalg.norm(1 / alpha[on])) if on.any() else 0.0
         info["stats"] = {"status": status, "iterations": 0, "residual": float(residual),
                          "solve_time": elapsed, "alpha": alpha}
-    w = torch.as_tensor(weights, dtype=F64) * present
-    if options.weight_norm == "sum" and w.sum() > 0:
-        w = w / w.sum()
+    if any(seg.kind == SegmentKind.SHARED for seg in plan.segments):
+        w = torch.as_tensor(weights, dtype=F64) * present
+        if options.weight_norm == "sum" and w.sum() > 0:
+            w = w / w.sum()
 
     for seg, row, rule in rows:
         shape = [1] * row.theta.dim()
