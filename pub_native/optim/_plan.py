@@ -325,13 +325,6 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
                 kind, k, stride, umm, target, grad, grad_sum = _piece(
                     opt, dp, p, piece, name, j is not None, rescan)
                 owners[id(target)] = p
-                key = (kind, flags, maximize, p.dtype)
-                seg = segments.get(key)
-                if seg is None:
-                    seg = segments[key] = PlanSegment(
-                        kind=kind, algo=opt._ALGO, amsgrad=flags[0], centered=flags[1],
-                        momentum=flags[2], maximize=maximize, umm=umm, dtype=p.dtype, k=k,
-                        grad_stride=stride, clippy=opt.options.clippy_lambdas)
                 states, step, new, new_full = _piece_state(
                     opt, dp, p, piece, target, state_names, init,
                     k if kind == SegmentKind.SHARED and adatask else None, name)
@@ -339,28 +332,26 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
                     pending_state[p] = new_full
                 if new:
                     pending_shard_state[p] = new
-                seg.has_l2 = seg.has_l2 or l2
-                seg.params.append(target)
-                seg.grads.append(grad)
-                seg.grad_sums.append(grad_sum)
-                seg.states.append(states)
-                seg.state_names.append(state_names)
-                seg.steps.append(step)
-                seg.groups.append(gi)
-                continue
-            if j is not None:
-                kind, k, stride = SegmentKind.SHARED, opt._k, opt._grads.row_length
-                grad = opt._grads.task_view(j)
-                umm = shared_umm
-                if rescan:
-                    grad_sum = plain_grad(p, name)
             else:
-                if adatask and id(p) in opt._shared_ids():
-                    raise RuntimeError(
-                        f"{name}: umm='adatask' keeps per-task state for the shared parameters: "
-                        "call opt.backward(losses) before opt.step()")
-                kind, k, stride, umm = SegmentKind.PLAIN, 1, 0, Umm.NONE
-                grad = plain_grad(p, name).unsqueeze(0)
+                target = p
+                if j is not None:
+                    kind, k, stride = SegmentKind.SHARED, opt._k, opt._grads.row_length
+                    grad = opt._grads.task_view(j)
+                    umm = shared_umm
+                    if rescan:
+                        grad_sum = plain_grad(p, name)
+                else:
+                    if adatask and id(p) in opt._shared_ids():
+                        raise RuntimeError(
+                            f"{name}: umm='adatask' keeps per-task state for the shared "
+                            "parameters: call opt.backward(losses) before opt.step()")
+                    kind, k, stride, umm = SegmentKind.PLAIN, 1, 0, Umm.NONE
+                    grad = plain_grad(p, name).unsqueeze(0)
+                states, step, new = _prepared_state(
+                    opt, p, signature, state_names, init,
+                    k if kind == SegmentKind.SHARED and adatask else None, name)
+                if new:
+                    pending_state[p] = new
             key = (kind, flags, maximize, p.dtype)
             seg = segments.get(key)
             if seg is None:
@@ -368,13 +359,8 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
                     kind=kind, algo=opt._ALGO, amsgrad=flags[0], centered=flags[1],
                     momentum=flags[2], maximize=maximize, umm=umm, dtype=p.dtype, k=k,
                     grad_stride=stride, clippy=opt.options.clippy_lambdas)
-            states, step, new = _prepared_state(
-                opt, p, signature, state_names, init,
-                k if kind == SegmentKind.SHARED and adatask else None, name)
-            if new:
-                pending_state[p] = new
             seg.has_l2 = seg.has_l2 or l2
-            seg.params.append(p)
+            seg.params.append(target)
             seg.grads.append(grad)
             seg.grad_sums.append(grad_sum)
             seg.states.append(states)
