@@ -91,6 +91,9 @@ def train(args, model, step_model, bal, opt, ranks=None):
             bal.backward(losses)
         else:
             opt.backward(losses)
+            if args.tools:  # per-task clipping, then clipping over every parameter
+                opt.clip_task_grad_norm_(0.05)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.02)
         opt.step()
         if t == args.save_at:
             sd = opt.state_dict()  # collective under sharding: every process calls it
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default="")
     ap.add_argument("--absent", type=int, default=0)
+    ap.add_argument("--tools", type=int, default=0)
     ap.add_argument("--mode", default="ddp",
                     help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
                          "sharded-parameter")

@@ -65,7 +65,8 @@ def _assert_identical_and_exact(ranks: list[dict], single: dict) -> None:
 
 
 def _case(world, args, slow=True):
-    return pytest.param(world, args, id=f"{world}proc-" + "-".join(args[1::2]),
+    name = ",".join(f"{k.lstrip('-')}={v}" for k, v in zip(args[::2], args[1::2]))
+    return pytest.param(world, args, id=f"{world}proc-{name}",
                         marks=[pytest.mark.slow] if slow else [])
 
 
@@ -80,6 +81,8 @@ CASES = [
     _case(3, ["--optimizer", "rmsprop", "--model", "uneven", "--umm", "adatask", "--tasks",
               "3"]),
     _case(2, ["--optimizer", "adam", "--absent", "1"]),
+    _case(3, ["--optimizer", "adam", "--model", "uneven", "--tools", "1"]),  # clipping tools
+    _case(2, ["--optimizer", "adam", "--tools", "1", "--shard", "0"]),
 ]
 
 

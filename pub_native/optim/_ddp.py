@@ -106,7 +106,8 @@ class DataParallel:
         return dist.all_reduce(row, group=self.group, async_op=True)
 
     def finish_task_rows(self, grads: TaskGradients, handles) -> None:
-        """Wait for the task rows; form the sum row (the shared .grad) on every process."""
+        """Wait for the task rows; form the sum row (the shared .grad) on every process (again,
+        after the shard's rows changed, with no handles)."""
         for h in handles:
             h.wait()
         if not self.shard:

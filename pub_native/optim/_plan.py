@@ -409,7 +409,7 @@ def _in_layout(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _flat(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def flat_view(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Elements lo..hi of a dense tensor in memory order, as a 1-D view."""
     return t.detach().as_strided((hi - lo,), (1,), t.storage_offset() + lo)
 
@@ -420,14 +420,14 @@ def _piece(opt, dp, p, j, name, pending, rescan):
     lo, hi, _ = dp.pieces[j]
     target = dp.piece_view(p, j)
     if pending:
-        grad_sum = _flat(plain_grad(p, name), lo, hi) if rescan else None
+        grad_sum = flat_view(plain_grad(p, name), lo, hi) if rescan else None
         return (SegmentKind.SHARED, opt._k, dp.S, Umm(opt.options.umm_code), target,
                 dp.piece_rows(j, opt._k), grad_sum)
     if opt.options.umm == "adatask":
         raise RuntimeError(f"{name}: umm='adatask' keeps per-task state for the shared "
                            "parameters: call opt.backward(losses) before opt.step()")
     return (SegmentKind.PLAIN, 1, 0, Umm.NONE, target,
-            _flat(plain_grad(p, name), lo, hi).unsqueeze(0), None)
+            flat_view(plain_grad(p, name), lo, hi).unsqueeze(0), None)
 
 
 def _piece_state(opt, dp, p, j, target, names, init, adatask_k, name):
@@ -447,10 +447,10 @@ def _piece_state(opt, dp, p, j, target, names, init, adatask_k, name):
                     continue
                 if stored.startswith("task_") and value.dim() == p.dim() + 1 \
                         and value.shape[1:] == p.shape:
-                    mine[stored] = torch.stack([_flat(_in_layout(v, p), lo, hi)
+                    mine[stored] = torch.stack([flat_view(_in_layout(v, p), lo, hi)
                                                 for v in value.detach()])
                 elif value.shape == p.shape:
-                    mine[stored] = _flat(_in_layout(value.detach(), p), lo, hi).clone()
+                    mine[stored] = flat_view(_in_layout(value.detach(), p), lo, hi).clone()
                 else:
                     continue
                 cut[stored] = None
