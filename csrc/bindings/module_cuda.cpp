@@ -173,6 +173,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("FLAG_ITERATIONS") = static_cast<int>(cuda::kFlagIterations);
   m.attr("FLAG_GRAD_NONFINITE") = static_cast<int>(cuda::kFlagGradNonFinite);
   m.attr("FLAG_GRAD_EDITED") = static_cast<int>(cuda::kFlagGradEdited);
+  m.attr("FLAG_STICKY_ERROR") = static_cast<int>(cuda::kFlagStickyError);
   m.attr("FLAG_COUNT") = static_cast<int>(cuda::kFlagCount);
   m.def(
       "sum_rows",

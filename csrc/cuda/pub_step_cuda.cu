@@ -201,6 +201,10 @@ __global__ void finish_kernel(int K, bool solve, bool any_gram, SolveOptions opt
     // Under a GradScaler, a NaN/Inf found here backs the scale off like one found in .grad.
     if (d.found_inf && (outcome == kNonFiniteGrad || outcome == kNonFiniteUpdate))
       *d.found_inf = 1.0f;
+    // An error the host must report when it next reads (no synchronization here).
+    if (outcome == kGradEdited || (!d.found_inf && (outcome == kNonFiniteGrad ||
+                                                   outcome == kNonFiniteUpdate)))
+      d.flags[kFlagStickyError] = outcome;
   }
   if (outcome != kApplied) return;  // uniform over the warp
   if (!solve) {

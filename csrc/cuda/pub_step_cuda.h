@@ -41,6 +41,8 @@ enum StepFlag : int32_t {
   kFlagIterations = 4,    // iterations of the last solve
   kFlagGradNonFinite = 5, // phase 1 found a NaN/Inf gradient
   kFlagGradEdited = 6,    // phase 1 found a shared .grad changed in a way that is no rescaling
+  kFlagStickyError = 7,   // the outcome of a step skipped for an error since the host last
+                          // read it (not GradScaler skips): kept until the host resets it
   kFlagCount = 8,
 };
 

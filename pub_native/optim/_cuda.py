@@ -70,7 +70,8 @@ class _DeviceSegment:
 
 class DeviceStepResult:
     """A step's result (the fields of :class:`StepResult`) that stays on the device until a
-    field is read."""
+    field is read. Read after later steps, it reports the latest step's outcome and stats,
+    and an error of any step since the last read (the device keeps it: ``sticky_error``)."""
 
     lazy = True
 
@@ -85,7 +86,9 @@ class DeviceStepResult:
             return
         cmod, b = self._backend.cmod, self._backend
         flags = b.flags.cpu()
-        self._outcome = StepOutcome(int(flags[cmod.FLAG_OUTCOME]))
+        sticky = int(flags[cmod.FLAG_STICKY_ERROR])
+        b.flags[cmod.FLAG_STICKY_ERROR] = 0
+        self._outcome = StepOutcome(sticky or int(flags[cmod.FLAG_OUTCOME]))
         self._stats: dict[str, Any] = {}
         if self.solved and self._outcome == StepOutcome.APPLIED:
             self._stats = {"status": SolveStatus(int(flags[cmod.FLAG_STATUS])),
@@ -132,7 +135,10 @@ class DeviceStepResult:
 
 
 class CudaBackend:
-    """The native CUDA core (``_C_cuda``): both phases of the step as device launches."""
+    """The native CUDA core (``_C_cuda``): both phases of the step as device launches. Its
+    results are lazy: the optimizer never reads one back inside ``step()``."""
+
+    lazy = True
 
     def __init__(self, k: int, device: torch.device):
         self.cmod = cuda_module()
@@ -218,8 +224,7 @@ class CudaBackend:
             found_ptr = found_inf.data_ptr()
         ts_ptr = 0
         if task_scale is not None:
-            self._task_scale = torch.as_tensor(task_scale, dtype=torch.float64,
-                                               device=self.device)
+            self._task_scale = _upload(np.asarray(task_scale, dtype=np.float64), self.device)
             ts_ptr = self._task_scale.data_ptr()
         d = cmod.make_step(self.k, self._base.data_ptr(), self.G.data_ptr(),
                            self.alpha.data_ptr(), self.weights.data_ptr(),

@@ -656,7 +656,8 @@ class PUBOptimizer:
         task_scale = None
         if pending and self._present is not None and not all(self._present):
             task_scale = np.array(self._present, dtype=np.float64)
-        self._read_device_result(raise_errors=False)
+        if not getattr(backend, "lazy", False):
+            self._read_device_result(raise_errors=False)
         between = (lambda: dp.reduce_summary(backend)) if plan.sharded else None
         result = backend.step(plan, solve=solve, options=self.options, grad_scale=grad_scale,
                               found_inf=found_inf, task_scale=task_scale, between=between)
