@@ -1,0 +1,123 @@
+"""Gradient tools of a PUB optimizer between ``backward(losses)`` and ``step()``: per-task
+gradient norms and clipping, and a rescaling of the shared ``.grad`` (``clip_grad_norm_``,
+``GradScaler.unscale_``) carried into the task gradients. Collectives under sharded data
+parallelism, where each process holds a piece of every task gradient.
+
+A mixin of :class:`pub_native.optim._pub.PUBOptimizer`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._plan import LazyName, flat_view, plain_grad
+
+__all__ = ["GradientTools"]
+
+
+class GradientTools:
+    """task_grad_norms, clip_task_grad_norm_ and the helpers they share."""
+
+    def _task_rows(self, j: int):
+        """The (averaged) task gradients of shared parameter j that this process holds, as
+        (K, n) in memory order, and the same part of its current .grad (1-D): the whole
+        parameter, or its piece under sharded data parallelism."""
+        g, p, dp = self._grads, self._grads.params[j], self._dp
+        grad = plain_grad(p, LazyName(self, p))
+        if dp is not None and dp.shard:
+            lo, hi, _ = dp.pieces[j]
+            return dp.piece_rows(j, g.k), flat_view(grad, lo, hi)
+        o, n = g.offsets[j], g.numels[j]
+        return g.buffer[:g.k, o:o + n], flat_view(grad, 0, n)
+
+    def _summed(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        """t summed (or reduced with ``op``) over the processes when each holds a shard."""
+        dp = self._dp
+        if dp is not None and dp.shard:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=dp.group)
+        return t
+
+    def _refresh_sum(self) -> None:
+        """The sum row (the shared .grad) formed again from the task gradients."""
+        g, dp = self._grads, self._dp
+        if dp is not None and dp.shard:
+            dp.finish_task_rows(g, [])
+        else:
+            g.form_sum()
+        for j, p in enumerate(g.params):
+            if p.grad is not None and p.requires_grad:
+                p.grad = self._grad_views[j] = g.sum_view(j)
+
+    def _fold_grad_rescale(self) -> None:
+        """Carry a rescaling of the shared ``.grad`` since backward (``clip_grad_norm_``,
+        ``GradScaler.unscale_``) into the task gradients themselves, so that they and ``.grad``
+        agree again; a change that is no rescaling raises RuntimeError naming the parameter.
+        Compares each ``.grad`` with the task gradients' sum (a pass over the K×P buffer)."""
+        g = self._grads
+        if g is None or not self._pending:
+            raise RuntimeError("call backward(losses) first: there are no task gradients")
+        math = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
+        tol = {torch.bfloat16: 1 / 128, torch.float16: 1 / 512}.get(g.dtype, 1e-6)
+        active = [j for j, p in enumerate(g.params) if p.requires_grad and p.grad is not None]
+        parts, sums = [], []
+        for j in active:
+            rows, m = self._task_rows(j)
+            s = rows.sum(0, dtype=math).to(g.dtype).double()
+            md = m.double()
+            sums.append(rows)
+            parts.append(torch.stack([(md * s).sum(), (s * s).sum(), (md * md).sum()]))
+        if not parts:
+            return
+        ms, ss, mm = self._summed(torch.stack(parts)).unbind(1)
+        c = torch.where(ss > 0, ms / ss.clamp(min=1e-300), torch.ones_like(ss))
+        edited = torch.where(ss > 0, mm - c * ms > tol * tol * mm, mm != 0) | ~torch.isfinite(c)
+        for j, bad in zip(active, edited.tolist()):
+            if bad:
+                raise RuntimeError(
+                    f"the .grad of {self._param_name(g.params[j])} was changed since "
+                    "backward(losses) in a way that is not a rescaling, so the task gradients "
+                    "cannot follow it")
+        for rows, cj in zip(sums, c.tolist()):
+            if cj != 1.0:
+                rows.mul_(cj)
+        self._refresh_sum()
+
+    def task_grad_norms(self, norm_type: float = 2.0) -> torch.Tensor:
+        """Each task's gradient norm over the shared parameters, shape (K,), float64 on their
+        device: what multi-task training logs. Call between ``backward(losses)`` and ``step()``;
+        a rescaling of the shared ``.grad`` since backward (e.g. ``GradScaler.unscale_``) is
+        taken into account. (After a weight-update step, ``stats["task_grad_norms"]`` has the
+        2-norms the step used, computed in its Gram pass at no extra cost.) This reads the
+        K×P buffer and, on CUDA, waits for the device; under data parallelism it is a
+        collective (every process calls it)."""
+        self._fold_grad_rescale()
+        g = self._grads
+        rows = [self._task_rows(j)[0] for j, p in enumerate(g.params) if p.requires_grad]
+        if norm_type == math.inf:
+            local = torch.stack([r.abs().amax(1).double() for r in rows]).amax(0)
+            import torch.distributed as dist
+
+            return self._summed(local, dist.ReduceOp.MAX if self._dp else None)
+        local = torch.stack([r.double().abs().pow(norm_type).sum(1) for r in rows]).sum(0)
+        return self._summed(local).pow(1.0 / norm_type)
+
+    def clip_task_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Per-task gradient clipping: scale each task's gradient of the shared parameters to a
+        norm of at most ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_`` does for one
+        gradient), before the step balances them. The shared ``.grad`` is updated to the sum of
+        the clipped task gradients. Returns the norms before clipping (K,). Call between
+        ``backward(losses)`` and ``step()``, after ``GradScaler.unscale_`` if one is used."""
+        if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+            raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+        norms = self.task_grad_norms(norm_type)
+        g = self._grads
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0).to(g.dtype).unsqueeze(1)
+        for j, p in enumerate(g.params):
+            if p.requires_grad:
+                self._task_rows(j)[0].mul_(coef)
+        self._refresh_sum()
+        return norms
