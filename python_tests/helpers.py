@@ -143,6 +143,16 @@ def run_pub(opt_cls, problem, steps, start=0, opt=None, **kw):
     return opt
 
 
+def run_torch(opt, problem, steps, start=0):
+    """``steps`` plain steps (the first task's loss, backward, step): a torch optimizer's run
+    on a one-task ``problem``, beside which a PUB run is compared."""
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        problem.losses(t)[0].backward()
+        opt.step()
+    return opt
+
+
 class MMoE(nn.Module):
     """A small multi-gate mixture-of-experts: embedding and experts shared, gates and towers
     per task."""

@@ -17,7 +17,15 @@ import sys
 import pytest
 import torch
 from conftest import F32
-from helpers import SHAPES, Problem, assert_close, assert_unchanged, run_pub, snapshot
+from helpers import (
+    SHAPES,
+    Problem,
+    assert_close,
+    assert_unchanged,
+    run_pub,
+    run_torch,
+    snapshot,
+)
 
 import pub_native
 from pub_native import _native
@@ -29,13 +37,8 @@ def test_one_task_equals_fused_adam_on_cuda():
     twin = copy.deepcopy(problem)
     opt = pub_native.Adam(problem.groups(), shared=problem.shared)
     ref = torch.optim.Adam(twin.groups(), fused=True)
-    for t in range(7):
-        opt.zero_grad()
-        opt.backward(problem.losses(t))
-        opt.step()
-        ref.zero_grad()
-        twin.losses(t)[0].backward()
-        ref.step()
+    run_pub(None, problem, 7, opt=opt)
+    run_torch(ref, twin, 7)
     for pa, pb in zip(problem.params(), twin.params()):
         assert_close(pa, pb, 2e-6)
 

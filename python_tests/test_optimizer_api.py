@@ -25,6 +25,7 @@ from helpers import (
     mmoe_batch,
     mmoe_losses,
     run_pub,
+    run_torch,
 )
 
 import pub_native
@@ -396,12 +397,8 @@ def test_lr_schedulers_drive_pub_like_torch(name, sched):
 
     s1, s2 = make(opt), make(ref)
     for t in range(8):
-        opt.zero_grad()
-        opt.backward(problem.losses(t))
-        opt.step()
-        ref.zero_grad()
-        twin.losses(t)[0].backward()
-        ref.step()
+        run_pub(None, problem, 1, start=t, opt=opt)
+        run_torch(ref, twin, 1, start=t)
         for s in (s1, s2):
             s.step(1.0) if sched == "plateau" else s.step()
     for g1, g2 in zip(opt.param_groups, ref.param_groups):

@@ -13,7 +13,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BF16, F16, F32, F64, TOL, backends
-from helpers import NATIVE, SHAPES, TORCH, Problem, assert_close, assert_states_close, run_pub
+from helpers import (
+    NATIVE,
+    SHAPES,
+    TORCH,
+    Problem,
+    assert_close,
+    assert_states_close,
+    run_pub,
+    run_torch,
+)
 
 import pub_native
 
@@ -41,11 +50,7 @@ def torch_vs_pub(name, options, k, dtype, umm=None, every=1, steps=7, backend="n
                  device="cpu"):
     problem = Problem(SHAPES["odd"], 1, dtype=dtype, seed=3, identical=True, device=device)
     twin = problem.clone()
-    ref = TORCH[name](twin.groups(), **options)
-    for t in range(steps):
-        ref.zero_grad()
-        twin.losses(t)[0].backward()
-        ref.step()
+    ref = run_torch(TORCH[name](twin.groups(), **options), twin, steps)
     problem.k = k
     problem.heads = problem.heads[:1]
     opt = NATIVE[name](problem.groups(), **options, shared=problem.shared, umm=umm,
@@ -86,13 +91,8 @@ def test_one_task_with_umm_or_reuse_equals_torch(name, umm, every):
     ref = TORCH[name](twin.groups())
     opt = NATIVE[name](problem.groups(), shared=problem.shared, umm=umm,
                        update_weights_every=every, **kw)
-    for t in range(7):
-        ref.zero_grad()
-        twin.losses(t)[0].backward()
-        ref.step()
-        opt.zero_grad()
-        opt.backward(problem.losses(t))
-        opt.step()
+    run_torch(ref, twin, 7)
+    run_pub(None, problem, 7, opt=opt)
     for pa, pb in zip(problem.params(), twin.params()):
         assert_close(pa, pb, TOL[("torch", F64)])
 

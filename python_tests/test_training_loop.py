@@ -274,14 +274,7 @@ def test_compiled_step_equals_eager(fullgraph):
     def compiled_step():
         o1.step()
 
-    for t in range(4):
-        batch = mmoe_batch(t)
-        for o, m in ((o1, m1), (o2, m2)):
-            o.zero_grad()
-            o.backward(mmoe_losses(m, batch))
-        compiled_step()
-        o2.step()
-    assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
+    _compiled_beside_eager(compiled_step, o1, m1, o2, m2, steps=4)
 
 
 @pytest.mark.slow
@@ -291,8 +284,12 @@ def test_compiled_step_with_inductor_equals_eager():
     m2 = copy.deepcopy(m1)
     o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
     o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
-    compiled_step = torch.compile(o1.step)
-    for t in range(3):
+    _compiled_beside_eager(torch.compile(o1.step), o1, m1, o2, m2, steps=3)
+
+
+def _compiled_beside_eager(compiled_step, o1, m1, o2, m2, steps):
+    """Train twin models, o1 stepped by ``compiled_step`` and o2 eagerly: the same to the bit."""
+    for t in range(steps):
         batch = mmoe_batch(t)
         for o, m in ((o1, m1), (o2, m2)):
             o.zero_grad()
