@@ -87,7 +87,6 @@ struct SumDispatch {
 
 template <class Tp>
 void rescale_typed(const Segment& seg, double* ratio, uint8_t* edited) {
-  using T = typename MathType<Tp>::type;
   const int64_t K = seg.cfg.num_tasks, stride = seg.cfg.grad_task_stride;
   const std::vector<Item> items = detail::make_items(seg.table, seg.n_tensors);
   const int64_t n_items = static_cast<int64_t>(items.size());
@@ -100,16 +99,8 @@ void rescale_typed(const Segment& seg, double* ratio, uint8_t* edited) {
     const Tp* g = reinterpret_cast<const Tp*>(row[kTGrad]);
     const Tp* m = reinterpret_cast<const Tp*>(row[kTGradSum]);
     double ms = 0.0, ss = 0.0, mm = 0.0;
-    for (int64_t j = item.begin; j < item.end; ++j) {
-      T sum = T(0);
-      for (int64_t i = 0; i < K; ++i) sum += to_math<T>(g[i * stride + j]);
-      // s exactly as sum_rows stored it after backward: one rounding to the gradient's type.
-      const double sv = static_cast<double>(to_math<T>(from_math<Tp>(sum)));
-      const double mv = static_cast<double>(to_math<T>(m[j]));
-      ms += mv * sv;
-      ss += sv * sv;
-      mm += mv * mv;
-    }
+    for (int64_t j = item.begin; j < item.end; ++j)
+      add_rescale_terms(g, m, K, stride, j, ms, ss, mm);
     double* out = partial.data() + it * 3;
     out[0] = ms;
     out[1] = ss;

@@ -44,7 +44,6 @@ __global__ void gscale_kernel(int64_t n_tensors, int K, bool shared, const float
 template <class Tp>
 __global__ void rescale_partial_kernel(const int64_t* table, const int64_t* items, int K,
                                        int64_t task_stride, double* partial) {
-  using T = typename MathType<Tp>::type;
   __shared__ double shared[detail::kWarps];
   const int64_t it = blockIdx.x;
   const int64_t tensor = items[3 * it], begin = items[3 * it + 1], end = items[3 * it + 2];
@@ -57,15 +56,8 @@ __global__ void rescale_partial_kernel(const int64_t* table, const int64_t* item
   const Tp* g = reinterpret_cast<const Tp*>(row[kTGrad]);
   const Tp* m = reinterpret_cast<const Tp*>(row[kTGradSum]);
   double ms = 0.0, ss = 0.0, mm = 0.0;
-  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-    T sum = T(0);
-    for (int i = 0; i < K; ++i) sum += to_math<T>(g[i * task_stride + j]);
-    const double sv = static_cast<double>(to_math<T>(from_math<Tp>(sum)));
-    const double mv = static_cast<double>(to_math<T>(m[j]));
-    ms += mv * sv;
-    ss += sv * sv;
-    mm += mv * mv;
-  }
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x)
+    add_rescale_terms(g, m, K, task_stride, j, ms, ss, mm);
   ms = detail::block_sum(ms, shared);
   ss = detail::block_sum(ss, shared);
   mm = detail::block_sum(mm, shared);

@@ -187,6 +187,22 @@ PN_HD double rescale_factor(double ms, double ss, double mm, double tol, bool* e
   return c;
 }
 
+// Element j's share of the sums that rescale_factor takes, added to ms, ss and mm: m = .grad
+// and s = Σ_i g_i over the K task rows of g (`stride` apart), rounded once to the gradient's
+// type exactly as sum_rows stored it after backward.
+template <class Tp>
+PN_HD void add_rescale_terms(const Tp* g, const Tp* m, int64_t K, int64_t stride, int64_t j,
+                             double& ms, double& ss, double& mm) {
+  using T = typename MathType<Tp>::type;
+  T sum = T(0);
+  for (int64_t i = 0; i < K; ++i) sum += to_math<T>(g[i * stride + j]);
+  const double sv = static_cast<double>(to_math<T>(from_math<Tp>(sum)));
+  const double mv = static_cast<double>(to_math<T>(m[j]));
+  ms += mv * sv;
+  ss += sv * sv;
+  mm += mv * mv;
+}
+
 // α̂ from the solver's α: α/Σα (normalize_sum) or α. When α is unusable (every task update is
 // zero, or the solve failed: Σα ≤ 0 or not finite) the weights are uniform 1/K: any weights
 // give the same zero update then, and uniform ones keep the state advance that of the base
