@@ -513,8 +513,6 @@ class FAMO(GradientBalancer):
     ``stats["update"]`` says which happened (``"explicit"``, ``"next batch"`` or None).
     """
 
-    weight_task_specific_default = True
-
     def __init__(self, params, n_tasks: int, *, gamma: float = 0.01, w_lr: float = 0.025,
                  max_norm: float = 1.0, min_losses=None, shared=None):
         super().__init__(params, shared=shared)
