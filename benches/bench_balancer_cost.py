@@ -28,7 +28,7 @@ from pub_native._platform import cpu_name
 from pub_native.demo.data import load_adult
 from pub_native.demo.methods import METHODS, Method, MethodOptions, check_methods
 from pub_native.demo.models import build_model
-from pub_native.demo.run import MODEL_KWARGS
+from pub_native.demo.run import MODEL_KWARGS, MODEL_NAMES
 
 
 def measure(batch_size: int, methods: list[str], steps: int, warmup: int, model: str,
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
            "processor": cpu_name(), "python": platform.python_version(),
            "torch": torch.__version__, "pub_native": pub_native.__version__,
            "torch_threads": torch.get_num_threads()}
-    print(f"step cost on the census {args.model.upper()} (forward + backward + step), "
+    print(f"step cost on the census {MODEL_NAMES[args.model]} (forward + backward + step), "
           f"{env['processor']}, {env['torch_threads']} torch thread(s), torch {env['torch']}")
     results = []
     t0 = time.perf_counter()

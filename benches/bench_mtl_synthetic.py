@@ -93,32 +93,36 @@ def table(summary: dict, rhos: list[float], methods: list[str], model: str) -> s
     return "\n".join(lines)
 
 
-def figure(summary: dict, rhos: list[float], methods: list[str], models: list[str], title: str,
-           path: str) -> None:
+def figure(summary: dict, runs: list, rhos: list[float], methods: list[str],
+           models: list[str], title: str, path: str) -> None:
+    """Top: LS's test MSE per seed (the scale, and how much the data draw matters). Bottom:
+    every method's paired difference from LS with its 95% interval (means alone would make
+    ties look like differences)."""
     import matplotlib.pyplot as plt
 
     from pub_native.demo.plots import lines_panel, method_style
 
-    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 9), squeeze=False)
+    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 9), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 2]})
     for j, model in enumerate(models):
         ax_abs, ax = axes[0][j], axes[1][j]
-        for m in methods:
-            means = [summary[model][f"{r:g}"][m]["avg_mean"] for r in rhos]
-            stds = [summary[model][f"{r:g}"][m]["avg_std"] for r in rhos]
-            ax_abs.errorbar(range(len(rhos)), means, yerr=stds, label=METHODS[m], capsize=2,
-                            ms=4, lw=1.0, **method_style(m))
+        style = method_style("ls")
+        for i, r in enumerate(rhos):
+            vals = [float(np.mean(x["test_mse"])) for x in runs if x["model"] == model
+                    and x["rho"] == r and x["method"] == "ls"]
+            ax_abs.plot([i] * len(vals), vals, "o", color=style["color"], alpha=0.6, ms=5)
+            ax_abs.plot([i - 0.2, i + 0.2], [np.mean(vals)] * 2, color="k", lw=1.5)
         ax_abs.set_xticks(range(len(rhos)), [f"{r:g}" for r in rhos])
-        ax_abs.set(xlabel="task correlation ρ (cosine of the weight vectors)",
-                   ylabel="test MSE, average of 2 tasks (mean ± std)",
-                   title=f"{MODEL_NAMES[model]}: test MSE")
+        ax_abs.set(xlabel="task correlation ρ", ylabel="LS: test MSE (avg of 2 tasks)",
+                   title=f"{MODEL_NAMES[model]}: LS, one dot per seed (bar: mean)")
         ax_abs.grid(alpha=0.3)
         series = {m: [summary[model][f"{r:g}"][m]["diff"]["avg"] for r in rhos]
                   for m in methods if m != "ls"}
         lines_panel(ax, rhos, series, key="relative_pct", half="relative_half_width_pct",
-                    xlabel="task correlation ρ", ylabel="test MSE − LS's, % of LS's "
-                    "(95% interval; below 0 = better)")
+                    xlabel="task correlation ρ (cosine of the weight vectors)",
+                    ylabel="test MSE − LS's, % of LS's (95% interval; below 0 = better)")
         ax.set_title(f"{MODEL_NAMES[model]}: difference from LS (paired by seed)")
-    axes[0][0].legend(fontsize=7, ncol=2)
+    axes[1][0].legend(fontsize=7, ncol=3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -140,7 +144,18 @@ def main(argv=None) -> int:
                    help="smoke test: 2 seeds, 2 epochs, 2,000 rows; not results")
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="draw --png from the results in JSON (no training)")
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        cfg = saved["config"]
+        title = (f"MMoE-paper synthetic regression (2 tasks, cos(w1, w2) = ρ): {cfg['seeds']} "
+                 f"seeds, {cfg['epochs']} epochs of {cfg['n_train']} rows, Adam lr {cfg['lr']}"
+                 + ("  [SMOKE TEST: not results]" if cfg.get("quick") else ""))
+        figure(saved["summary"], saved["runs"], saved["rhos"], saved["methods"],
+               saved["models"], title, args.png)
+        return 0
     if args.quick:
         args.seeds, args.epochs, args.n_train = 2, 2, 2000
     rhos = [float(r) for r in args.rhos.split(",")]
@@ -202,7 +217,7 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.png:
-        figure(summary, rhos, methods, models, title, args.png)
+        figure(summary, runs, rhos, methods, models, title, args.png)
     print(f"\ntotal {wall / 60:.1f} min" + (f"; wrote {args.json}" if args.json else "")
           + (f", {args.png}" if args.png else ""))
     return 0

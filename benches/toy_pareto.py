@@ -38,6 +38,8 @@ from pub_native.demo.toy import (
 )
 
 REACHED = 0.05
+#: Steps between the trajectory points kept in the JSON (the figure uses every recorded one).
+JSON_EVERY = 250
 
 
 def run(method: str, start, args) -> dict:
@@ -67,6 +69,15 @@ def run(method: str, start, args) -> dict:
     f = toy_losses(end, args.scale, shift=False).tolist()
     return {"start": list(start), "end": end.tolist(), "f_end": f, "status": status,
             "trajectory": traj}
+
+
+def _compact(r: dict, args) -> dict:
+    """A run for the JSON: the trajectory every ``JSON_EVERY`` steps (and its end), rounded."""
+    stride = max(1, JSON_EVERY // args.record_every)
+    traj = r["trajectory"]
+    kept = traj[::stride] + ([traj[-1]] if (len(traj) - 1) % stride else [])
+    return {**r, "trajectory": np.round(np.asarray(kept), 4).tolist(),
+            "trajectory_every": stride * args.record_every}
 
 
 def figure(results, pareto, args, path) -> None:
@@ -156,8 +167,9 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     out = {"environment": env, "config": vars(args), "starts": [list(s) for s in STARTS],
            "lower_bounds": LOWER_BOUNDS, "reached_within": REACHED,
-           "pareto_set": pareto[::8].tolist(), "results": results, "wall_s": wall,
-           "command": "python benches/toy_pareto.py " + " ".join(sys.argv[1:])}
+           "pareto_set": np.round(pareto[::8], 4).tolist(),
+           "results": {m: [_compact(r, args) for r in runs] for m, runs in results.items()},
+           "wall_s": wall, "command": "python benches/toy_pareto.py " + " ".join(sys.argv[1:])}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out))

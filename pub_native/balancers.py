@@ -553,8 +553,6 @@ class FAMO(GradientBalancer):
     ``stats["update"]`` says which happened (``"explicit"``, ``"next batch"`` or None).
     """
 
-    weight_task_specific_default = True
-
     def __init__(self, params, n_tasks: int, *, gamma: float = 0.01, w_lr: float = 0.025,
                  max_norm: float = 1.0, min_losses=None, shared=None):
         super().__init__(params, shared=shared)
@@ -991,17 +989,89 @@ def _multibalance_weights(G: list, values, normalization: str, solver: str) -> l
         # (the min-norm point of two unit vectors is their midpoint)
         wp = [1.0 / m] * m
     else:
-        Gn = np.array([[G[a][b] / (n[x] * n[y]) for y, b in enumerate(active)]
-                       for x, a in enumerate(active)])
+        Gl = [[G[a][b] / (n[x] * n[y]) for y, b in enumerate(active)]
+              for x, a in enumerate(active)]
         if solver == "min-norm":
-            wp = min_norm_weights(Gn).tolist()
+            # Python floats for a few tasks (see backward), numpy beyond or as the fallback.
+            wp = (_wolfe_small(Gl) if m <= 8 else None) or \
+                min_norm_weights(np.array(Gl)).tolist()
         else:
-            alpha = np.asarray(solve_weights(Gn).weights, dtype=np.float64)
+            alpha = np.asarray(solve_weights(np.array(Gl)).weights, dtype=np.float64)
             wp = (alpha / alpha.sum()).tolist() if alpha.sum() > 0 else [1.0 / m] * m
     total = sum(n)
     for a, wpi, ni in zip(active, wp, n, strict=True):
         w[a] = wpi * total / ni
     return w
+
+
+def _wolfe_small(G: list) -> list[float] | None:
+    """:func:`_wolfe_min_norm` on nested lists of Python floats, for a few tasks (no numpy
+    call overhead; Gaussian elimination with partial pivoting on the (m+1)×(m+1) systems).
+    None if it did not finish (the caller falls back to :func:`min_norm_weights`)."""
+    k = len(G)
+    tr = sum(G[i][i] for i in range(k)) / k
+    if not tr > 0:
+        return [1.0 / k] * k
+    G = [[x / tr for x in row] for row in G]
+    eps = 1e-12 * max(G[i][i] for i in range(k))
+    first = min(range(k), key=lambda i: G[i][i])
+    active = [first]
+    w = [0.0] * k
+    w[first] = 1.0
+    for _ in range(50 * k):
+        gw = [sum(G[i][j] * w[j] for j in range(k)) for i in range(k)]
+        j = min(range(k), key=gw.__getitem__)
+        xx = sum(w[i] * gw[i] for i in range(k))
+        if xx - gw[j] <= eps or j in active:
+            total = sum(w)
+            return [x / total for x in w]
+        active.append(j)
+        for _ in range(k + 1):
+            m = len(active)
+            A = [[G[a][b] for b in active] + [1.0] for a in active] + [[1.0] * m + [0.0]]
+            rhs = [0.0] * m + [1.0]
+            v = _solve_small(A, rhs)
+            if v is None:
+                return None
+            v = v[:m]
+            if all(x > 0 for x in v):
+                w = [0.0] * k
+                for a, x in zip(active, v, strict=True):
+                    w[a] = x
+                break
+            cur = [w[a] for a in active]
+            ratios = [c / (c - x) for c, x in zip(cur, v, strict=True) if x <= 0 and c - x > 0]
+            theta = min(ratios) if ratios else 0.0
+            cur = [c + theta * (x - c) for c, x in zip(cur, v, strict=True)]
+            w = [0.0] * k
+            kept = [(a, c) for a, c in zip(active, cur, strict=True) if c > 0]
+            if not kept:
+                return None
+            active = [a for a, _ in kept]
+            for a, c in kept:
+                w[a] = c
+        else:
+            return None
+    return None
+
+
+def _solve_small(A: list, b: list) -> list[float] | None:
+    """A x = b for a small dense system (lists), or None if it is singular."""
+    n = len(b)
+    M = [row[:] + [bi] for row, bi in zip(A, b, strict=True)]
+    for c in range(n):
+        piv = max(range(c, n), key=lambda r: abs(M[r][c]))
+        if abs(M[piv][c]) < 1e-14:
+            return None
+        M[c], M[piv] = M[piv], M[c]
+        for r in range(c + 1, n):
+            f = M[r][c] / M[c][c]
+            if f:
+                M[r] = [x - f * y for x, y in zip(M[r], M[c], strict=True)]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (M[r][n] - sum(M[r][j] * x[j] for j in range(r + 1, n))) / M[r][r]
+    return x
 
 
 def _representation_list(representation) -> list[torch.Tensor]:
@@ -1066,7 +1136,12 @@ BALANCERS = {"ls": LS, "nashmtl": NashMTL, "mgda-ub": MGDAUB, "imtl-g": IMTLG,
 
 def min_norm_weights(G: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-12
                      ) -> np.ndarray:
-    """argmin over the simplex of wᵀGw: the min-norm point of the gradients' convex hull."""
+    """argmin over the simplex of wᵀGw: the min-norm point of the gradients' convex hull.
+
+    K = 2 in closed form; K > 2 by Wolfe's min-norm-point algorithm (Wolfe 1976: an active-set
+    method that ends, in exact arithmetic, after finitely many steps at the optimum; a few
+    K×K solves here), with projected gradient descent on the simplex (``max_iter``, ``tol``)
+    as the fallback should it not finish within 50·K major steps."""
     G = _as_gram(G)
     k = len(G)
     if k == 1:
@@ -1079,12 +1154,65 @@ def min_norm_weights(G: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-12
         denom = G[0, 0] + G[1, 1] - 2 * G[0, 1]
         gamma = 0.5 if denom <= 0 else min(max((G[0, 0] - G[0, 1]) / denom, 0.0), 1.0)
         return np.array([1 - gamma, gamma])
+    w = _wolfe_min_norm(G, 50 * k)
+    if w is not None:
+        return w
 
     def fun(w):
         gw = G @ w
         return w @ gw, 2 * gw
 
     return _minimize_on_simplex(fun, np.full(k, 1.0 / k), max_iter=max_iter, tol=tol)
+
+
+def _wolfe_min_norm(G: np.ndarray, max_major: int) -> np.ndarray | None:
+    """Wolfe's min-norm-point algorithm on the points whose Gram matrix is G (trace K): the
+    weights of the point of their convex hull nearest the origin, or None if it did not
+    finish. Major step: add the point most opposed to the current x = Σ w_i p_i; minor steps:
+    move to the affine min-norm point of the active set, dropping points whose weight would
+    turn negative."""
+    k = len(G)
+    eps = 1e-12 * max(float(np.max(np.diag(G))), 1e-300)
+    active = [int(np.argmin(np.diag(G)))]
+    w = np.zeros(k)
+    w[active[0]] = 1.0
+    for _ in range(max_major):
+        gw = G @ w
+        j = int(np.argmin(gw))
+        if w @ gw - gw[j] <= eps or j in active:
+            return w / w.sum()
+        active.append(j)
+        for _ in range(k + 1):  # minor cycle: each pass drops at least one point or ends
+            m = len(active)
+            A = np.ones((m + 1, m + 1))
+            A[:m, :m] = G[np.ix_(active, active)]
+            A[m, m] = 0.0
+            b = np.zeros(m + 1)
+            b[m] = 1.0
+            try:
+                v = np.linalg.solve(A, b)[:m]
+            except np.linalg.LinAlgError:
+                v = np.linalg.lstsq(A, b, rcond=None)[0][:m]
+            if not np.isfinite(v).all():
+                return None
+            if (v > 0).all():
+                w[:] = 0.0
+                w[active] = v
+                break
+            cur = w[active]
+            falling = (v <= 0) & (cur - v > 0)
+            theta = float(np.min(cur[falling] / (cur[falling] - v[falling]))) \
+                if falling.any() else 0.0
+            cur = cur + theta * (v - cur)
+            w[:] = 0.0
+            keep = cur > 0
+            active = [a for a, kept in zip(active, keep, strict=True) if kept]
+            w[active] = cur[keep]
+            if not active:
+                return None
+        else:
+            return None
+    return None
 
 
 def imtl_g_weights(G: np.ndarray) -> np.ndarray:

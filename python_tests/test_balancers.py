@@ -107,6 +107,35 @@ def test_mgda_min_norm_kkt(k):
     assert np.abs(Gw[w > 1e-6] - val).max() <= TOL["iterative"] * np.trace(G)
 
 
+@pytest.mark.parametrize("case", ["duplicate", "opposing", "rank1", "random"])
+@pytest.mark.parametrize("k", [3, 6])
+def test_min_norm_is_optimal_on_degenerate_gradients(case, k):
+    """Wolfe's algorithm: KKT holds to rounding, and the minimum is the one projected gradient
+    descent reaches when run to convergence."""
+    g = rand_grads(k, 4, 30 + k)
+    if case == "duplicate":
+        g[1] = g[0]
+    elif case == "opposing":
+        g[2] = -0.5 * g[0]
+    elif case == "rank1":
+        g = np.outer(np.arange(1.0, k + 1) * np.array([1, -1] * k)[:k], g[0])
+    G = g @ g.T
+    w = B.min_norm_weights(G)
+    assert w.min() >= 0 and abs(w.sum() - 1) < TOL["exact"]
+    Gw, val = G @ w, w @ G @ w
+    scale = np.trace(G)
+    assert (Gw >= val - TOL["exact"] * scale).all()
+    assert np.abs(Gw[w > 1e-9] - val).max() <= TOL["exact"] * scale
+    Gs = G / (scale / k)
+
+    def fun(x):
+        gx = Gs @ x
+        return x @ gx, 2 * gx
+
+    ref = B._minimize_on_simplex(fun, np.full(k, 1.0 / k), max_iter=5000, tol=1e-14)
+    assert w @ Gs @ w <= ref @ Gs @ ref + 1e-12
+
+
 def test_mgda_normalizations():
     t = Linear([[4.0, 0.0], [0.0, 1.0]])
     bal = B.MGDAUB(t.params, normalization="l2")

@@ -135,7 +135,7 @@ def test_toy_script(tmp_path):
     for runs in saved["results"].values():
         assert len(runs) == len(STARTS)
         for r in runs:
-            assert r["status"] == "ok" and len(r["trajectory"]) == 4
+            assert r["status"] == "ok" and len(r["trajectory"]) == 2  # JSON: start, end
             assert r["distance"] > 0.05  # 30 steps of lr 1e-3 do not get there
     assert (tmp_path / "toy.png").stat().st_size > 10_000
 
@@ -154,6 +154,9 @@ def test_synthetic_script(tmp_path, capsys):
     for r in saved["runs"]:
         assert all(math.isfinite(v) and v > 0 for v in r["test_mse"])
     assert (tmp_path / "syn.png").stat().st_size > 10_000
+    again = tmp_path / "replot.png"
+    assert bench.main(["--replot", str(out), "--png", str(again)]) == 0
+    assert again.stat().st_size > 10_000
 
 
 def test_loss_scale_script(tmp_path):
