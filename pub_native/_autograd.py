@@ -1,6 +1,6 @@
 """Per-task gradients for multi-task training: shared-parameter detection and the K×P buffer.
 
-Python layer shared by the PUB optimizers and the gradient balancers in ``pub_native.baselines``.
+Python layer shared by the PUB optimizers and the gradient balancers in ``pub_native.balancers``.
 A parameter is *shared* when the autograd graphs of two or more task losses reach it.
 """
 

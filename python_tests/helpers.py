@@ -8,6 +8,7 @@ that the same problem runs on several backends.
 from __future__ import annotations
 
 import copy
+import socket
 
 import torch
 from torch import nn
@@ -185,3 +186,10 @@ def mmoe_batch(seed=0, n=8):
 def mmoe_losses(model, batch):
     idx, y = batch
     return [((o - y) ** 2).mean() for o in model(idx)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a process group the test spawns."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -24,14 +24,7 @@ TOL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tiny problems run fastest on one thread, and two threads slow down many times
-    # over when another process keeps a core of a small machine busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Linear:

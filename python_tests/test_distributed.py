@@ -7,28 +7,23 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 HERE = Path(__file__).parent
 WORKER = HERE / "ddp_worker.py"
 TOL = 1e-5  # the bound: one process on the global batch, to float rounding
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(out: Path, world: int, args: list[str], timeout: float = 120.0) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, str(WORKER), "--rank", str(r), "--world",
                                str(world), "--port", str(port), "--out", str(out), *args],

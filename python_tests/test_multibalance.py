@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 from torch import nn
 
 from pub_native import balancers as B
@@ -34,12 +34,7 @@ TOL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tab_batch(n=64, seed=0):
@@ -322,12 +317,8 @@ def test_repr():
 _DDP_SCRIPT = Path(__file__).with_name("ddp_multibalance.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
@@ -336,7 +327,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         import ddp_multibalance as helper
     finally:
         sys.path.pop(0)
-    proc = subprocess.run([sys.executable, str(_DDP_SCRIPT), str(_free_port()), str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(_DDP_SCRIPT), str(free_port()), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
