@@ -67,7 +67,9 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
     holders = []
     ddp_type = torch.nn.parallel.DistributedDataParallel
     for obj in gc.get_objects():
-        if isinstance(obj, ddp_type):
+        # type(obj), not isinstance: isinstance also reads obj.__class__, which some module
+        # objects answer with a deprecation warning.
+        if issubclass(type(obj), ddp_type):
             mine = {id(p) for p in obj.module.parameters()}
             if ids & mine:
                 holders.append((obj, mine))
@@ -149,3 +151,20 @@ def average_gradients(params: list[torch.Tensor], group, extra: list[float] | No
 
 
 average_gradients.bytes_sent = 0.0
+
+
+def reduce_scatter(output, input, *, group, async_op=False):
+    """``reduce_scatter_single`` where torch has it (it deprecates ``reduce_scatter_tensor``,
+    the name of torch < 2.13), with a sum."""
+    import torch.distributed as dist
+
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def all_gather(output, input, *, group, async_op=False):
+    """``all_gather_single`` where torch has it, else ``all_gather_into_tensor``."""
+    import torch.distributed as dist
+
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._distributed import all_gather
 from ._compile import register as register_for_compile
 from ._plan import state_dtype
 
@@ -128,7 +129,7 @@ class Checkpoints:
                 if hi > lo and piece is not None:
                     send[:, off:off + (hi - lo)].copy_(piece.reshape(k_rows, hi - lo))
             recv = torch.empty((dp.world, k_rows, dp.S), dtype=dtype, device=grads.device)
-            dist.all_gather_into_tensor(recv.view(-1), send.view(-1), group=dp.group)
+            all_gather(recv.view(-1), send.view(-1), group=dp.group)
             flat = recv.permute(1, 0, 2).reshape(k_rows, dp.world * dp.S)
             for j, p in enumerate(grads.params):
                 if key.removeprefix("task_") not in self._state_names(groups_of[id(p)]):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .._autograd import TaskGradients
-from .._distributed import average_gradients
+from .._distributed import all_gather, average_gradients, reduce_scatter
 
 __all__ = ["DataParallel"]
 
@@ -100,8 +100,7 @@ class DataParallel:
         nbytes = row.numel() * row.element_size()
         if self.shard:
             self._count("reduce_scatter", nbytes)
-            return dist.reduce_scatter_tensor(self.shard_rows[i], row, group=self.group,
-                                              async_op=True)
+            return reduce_scatter(self.shard_rows[i], row, group=self.group, async_op=True)
         self._count("all_reduce", nbytes)
         return dist.all_reduce(row, group=self.group, async_op=True)
 
@@ -127,7 +126,7 @@ class DataParallel:
                 _C.sum_rows(int(codes[rows.dtype]), rows.data_ptr(), grads.k, self.S)
         out = grads.buffer[grads.k]
         self._count("all_gather", out.numel() * out.element_size())
-        dist.all_gather_into_tensor(out, self.shard_rows[grads.k], group=self.group)
+        all_gather(out, self.shard_rows[grads.k], group=self.group)
         grads.sum_version = grads.buffer._version
 
     def reduce_plain(self, params: list[torch.Tensor], present: list[bool]) -> list[bool]:
@@ -165,7 +164,7 @@ class DataParallel:
             if hi > lo:
                 send[off:off + (hi - lo)].copy_(self.piece_view(p, j))
         self._count("all_gather", self.gathered.numel() * self.gathered.element_size())
-        dist.all_gather_into_tensor(self.gathered, send, group=self.group)
+        all_gather(self.gathered, send, group=self.group)
         for j, p in enumerate(params):
             o, n = grads.offsets[j], grads.numels[j]
             p.detach().as_strided((n,), (1,), p.storage_offset()).copy_(self.gathered[o:o + n])
