@@ -177,6 +177,17 @@ def test_cost_script(tmp_path, capsys):
     assert "x LS" in capsys.readouterr().out
 
 
+def test_train_step_script(tmp_path, capsys):
+    bench = _bench("bench_train_step")
+    out = tmp_path / "train.json"
+    assert bench.main(["--models", "mmoe", "--batch-sizes", "64", "--steps", "3", "--warmup",
+                       "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"][0]["rows"]
+    assert {"ls", "k-backward", "pub", "multibalance", "nashmtl"} <= set(rows)
+    assert all(r["median_ms"] > 0 and math.isfinite(r["paired_over_ls"]) for r in rows.values())
+    assert "K backward passes alone" in capsys.readouterr().out
+
+
 def test_benches_are_not_collected():
     assert not any(p.name.startswith("test_") for p in BENCHES.glob("*.py"))
     assert "pub_native" in sys.modules
