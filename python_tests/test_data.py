@@ -263,3 +263,21 @@ def test_id_like_columns_are_left_out_with_the_reason():
 
 def test_adult_has_no_id_like_column(adult):
     assert adult.dropped_columns == ()
+    assert adult.label_copies == ()  # no input determines a task: no false alarm
+
+
+def test_inputs_that_copy_a_label_are_named():
+    n = 200
+    rng = np.random.default_rng(1)
+    y1 = rng.integers(0, 2, n)
+    y2 = rng.integers(0, 2, n)
+    columns = {
+        "y1": y1, "y2": y2,
+        "answer": np.where(y2 == 1, "yes", "no"),  # the label under another name
+        "bucket": y1 * 3 + rng.integers(0, 3, n),  # 6 numbers, each with one label of y1
+        "noise": rng.choice(["a", "b", "c"], n),  # unrelated
+        "tag": np.where(rng.random(n) < 0.05, 1 - y1, y1),  # close to y1, not a copy
+    }
+    data = from_columns(columns, tasks=["y1", "y2"], categorical=["answer", "noise", "tag"],
+                        numerical=["bucket"])
+    assert set(data.label_copies) == {("answer", "y2"), ("bucket", "y1")}

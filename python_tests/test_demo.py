@@ -228,6 +228,8 @@ def test_cli_on_a_csv_file(tmp_path, capsys):
     saved = json.loads((out / "results.json").read_text())
     assert saved["data"]["tasks"] == ["clicked", "plan"]
     assert saved["data"]["numerical"] == ["x"] and saved["data"]["categorical"] == ["kind"]
+    # kind predicts plan but is no copy of it (10% flipped): no warning.
+    assert saved["data"]["label_copies"] == [] and "a copy of its label" not in printed
     for row in saved["summary"]:
         assert row["task_auc_mean"][0] > 0.8 and row["task_auc_mean"][1] > 0.65, row
     assert main(["demo", "--csv", str(path), "--task", "converted", "--task", "clicked"]) == 2

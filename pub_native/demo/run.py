@@ -368,6 +368,10 @@ def describe_plan(cfg: DemoConfig, data: MultiTaskData, data_name: str,
     for col, reason in data.dropped_columns:
         lines.append(f"  left out {col} ({reason}; name it with --drop to silence this, or "
                      "rename it if it is a real feature)")
+    for col, task in data.label_copies:
+        lines.append(f"  warning  input {col} determines task {task} on every row: a copy of "
+                     f"its label? Every method will look perfect; --drop {col} unless it is "
+                     "a real feature")
     lines.append(f"  tasks    {tasks}; binary cross-entropy each"
                  + (f", multiplied by {', '.join(f'{s:g}' for s in cfg.loss_scale)}"
                     if cfg.loss_scale else ""))
@@ -449,6 +453,7 @@ def _run_demo(cfg: DemoConfig, data: MultiTaskData | None, report) -> dict:
     results = {
         "config": asdict(cfg),
         "data": {"name": data_name, "tasks": list(data.task_names),
+                 "label_copies": [list(c) for c in data.label_copies],
                  "train": len(data.train), "validation": len(data.validation),
                  "test": len(data.test), "categorical": list(data.categorical_columns),
                  "numerical": list(data.numerical_columns),
@@ -672,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "IMTL-G, PCGrad, CAGrad and MultiBalance on the UCI Adult census-income "
                     "data (tasks: income > 50K, never married) or on your own CSV file "
                     "(--csv, --task) with MMoE/PLE models. Prints the plan first, then a table "
-                    "of test AUCs, each method's difference from LS with a 95%% interval, and "
+                    "of test AUCs, each method's difference from LS with a 95% interval, and "
                     "the cost per step; writes results.json and results.png. The full study: "
                     f"{FULL_STUDY}.")
     p.add_argument("--quick", action="store_true",

@@ -121,6 +121,9 @@ class MultiTaskData:
     numerical_std: tuple[float, ...]
     #: Columns left out automatically, with the reason (see ``drop_id_like``).
     dropped_columns: tuple[tuple[str, str], ...] = ()
+    #: (input column, task) pairs where the column's value determines the task's label on
+    #: every row: most likely a copy of the label that leaks it (see :func:`label_copies`).
+    label_copies: tuple[tuple[str, str], ...] = ()
 
     @property
     def n_tasks(self) -> int:
@@ -324,6 +327,8 @@ def from_columns(columns: Mapping[str, Any], *, tasks, categorical: Sequence[str
 
     labels = np.stack([_task_labels(name, columns[name], spec)
                        for name, spec in task_specs.items()], axis=1).astype(np.float32)
+    copies = label_copies({c: columns[c] for c in (*categorical, *numerical)},
+                          dict(zip(task_specs, labels.T)))
     train_idx, val_idx, test_idx = split_indices(n, seed=split_seed, fractions=fractions)
 
     vocabularies, codes = [], []
@@ -362,7 +367,34 @@ def from_columns(columns: Mapping[str, Any], *, tasks, categorical: Sequence[str
         task_names=tuple(task_specs), categorical_columns=tuple(categorical),
         numerical_columns=tuple(numerical), vocabularies=tuple(vocabularies),
         numerical_mean=tuple(means), numerical_std=tuple(stds), dropped_columns=tuple(dropped),
+        label_copies=copies,
     )
+
+
+def label_copies(inputs: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]
+                 ) -> tuple[tuple[str, str], ...]:
+    """The (input, task) pairs where every value of the input column comes with one label of
+    the task — both labels occurring, and at most half as many distinct values as rows (so
+    that a column of unique values, which trivially "determines" anything, is not named). Such
+    a column is usually the label under another name ("bought" = "yes"/"no"); a model reads
+    the answer from it, and every method looks perfect."""
+    out = []
+    for col, values in inputs.items():
+        keys = values if _is_numeric(values) else np.array([str(v) for v in values.tolist()])
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        if len(uniq) > len(keys) // 2:
+            continue
+        inverse = inverse.reshape(-1)
+        for task, y in labels.items():
+            if y.min() == y.max():
+                continue
+            lo = np.full(len(uniq), np.inf)
+            hi = np.full(len(uniq), -np.inf)
+            np.minimum.at(lo, inverse, y)
+            np.maximum.at(hi, inverse, y)
+            if (lo == hi).all():
+                out.append((col, task))
+    return tuple(out)
 
 
 def _parse_column(cells: np.ndarray) -> np.ndarray:
