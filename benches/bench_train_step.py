@@ -38,7 +38,8 @@ from pub_native.demo.run import MODEL_KWARGS
 OURS = ["ls", "k-backward", "pub", "multibalance", "nashmtl"]
 PEERS = ["torchjd-nashmtl", "torchjd-upgrad"]
 LABELS = {"ls": "LS", "k-backward": "K backward", "pub": "PUB", "multibalance": "MultiBalance",
-          "nashmtl": "NashMTL", "torchjd-nashmtl": "TorchJD NashMTL", "torchjd-upgrad": "TorchJD UPGrad"}
+          "nashmtl": "NashMTL", "torchjd-nashmtl": "TorchJD NashMTL",
+          "torchjd-upgrad": "TorchJD UPGrad"}
 TARGETS = {"pub_over_ls_max": 1.2, "torchjd_nashmtl_over_pub_min": 6.0}
 
 
