@@ -6,7 +6,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -24,17 +27,103 @@ constexpr int64_t kTile = 256;
 // Sixteen lanes are four AVX2 registers: enough independent FMA chains to hide their latency.
 constexpr int kLanes = 16;
 
-// The element loops are bound by the divider (one division and one square root per task
-// update): x86-64 builds carry an AVX2+FMA clone of each kernel, picked once at load time.
+// Lanes of the single-sweep Gram of K ≤ kMaxFixedTasks tasks: the products of eight elements
+// side by side (two AVX2 registers of float64 per Gram entry).
+constexpr int kGramLanes = 8;
+constexpr int kMaxFixedTasks = 4;
+
+// x86-64 builds compile each kernel twice, whatever CPU builds them: for x86-64-v3 (AVX2 +
+// FMA, every x86-64 server CPU since 2013-2015), with the single-sweep loops of K ≥ 2 tasks,
+// and for the baseline instruction set with the tiled loops only; the CPU picks one at run
+// time (run_adam etc. below). Like target_clones, but the baseline version, which next to no
+// machine runs, carries neither the single-sweep loops nor the full optimization level, which
+// halves the build time of the kernels.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define PN_CPU_DISPATCH 1
+#define PN_CPU_V3 __attribute__((target("arch=x86-64-v3")))
+// PUB_NATIVE_CPU_BASELINE=1 takes the baseline version on any processor (the tests compare
+// the two versions).
+inline bool cpu_has_v3() {
+  static const bool has = [] {
+    const char* forced = std::getenv("PUB_NATIVE_CPU_BASELINE");
+    if (forced != nullptr && forced[0] != '\0' && forced[0] != '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v3") != 0;
+  }();
+  return has;
+}
 #else
-#define PN_CPU_CLONES
+#define PN_CPU_DISPATCH 0
+#define PN_CPU_V3
+#endif
+// The bodies are inlined into each compiled version of a kernel: a body compiled on its own
+// would be compiled for the baseline instruction set only.
+#if defined(__GNUC__)
+#define PN_CPU_INLINE inline __attribute__((always_inline))
+#define PN_CPU_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define PN_CPU_INLINE inline
+#define PN_CPU_LAMBDA_INLINE
+#endif
+
+#if defined(__GNUC__)
+// kLanes float64 sums held in four 4-wide vectors, so that they stay in registers at any
+// optimization level: lane l takes the terms of the elements j ≡ l (mod kLanes), and sum()
+// adds the lanes in order.
+struct Lanes16 {
+  typedef double d4 __attribute__((vector_size(32)));
+  d4 v[4] = {};
+  PN_CPU_INLINE static d4 load(const double* p) {
+    d4 x;
+    __builtin_memcpy(&x, p, sizeof x);
+    return x;
+  }
+  PN_CPU_INLINE void fma(const double* a, const double* b) {
+    for (int q = 0; q < 4; ++q) v[q] += load(a + 4 * q) * load(b + 4 * q);
+  }
+  PN_CPU_INLINE void add0(double x) { v[0][0] += x; }
+  PN_CPU_INLINE double sum() const {
+    double s = 0.0;
+    for (int q = 0; q < 4; ++q)
+      for (int l = 0; l < 4; ++l) s += v[q][l];
+    return s;
+  }
+};
+#else
+struct Lanes16 {
+  double v[kLanes] = {};
+  void fma(const double* a, const double* b) {
+    for (int l = 0; l < kLanes; ++l) v[l] += a[l] * b[l];
+  }
+  void add0(double x) { v[0] += x; }
+  double sum() const {
+    double s = 0.0;
+    for (int l = 0; l < kLanes; ++l) s += v[l];
+    return s;
+  }
+};
 #endif
 
 struct Item {
   int64_t tensor, begin, end;
 };
+
+// f(std::integral_constant<int, 0>{}), ..., f(std::integral_constant<int, N - 1>{}): loops over
+// tasks and task pairs written out, so that an element loop's body is straight-line code.
+template <int N, class F, int... I>
+PN_CPU_INLINE void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+PN_CPU_INLINE void unroll(F&& f) {
+  unroll_impl<N>(f, std::make_integer_sequence<int, N>{});
+}
+// Row i of the p-th entry of the lower triangle in row order: p = i(i + 1)/2 + k, k ≤ i.
+constexpr int pair_row(int p) {
+  int i = 0;
+  while ((i + 1) * (i + 2) / 2 <= p) ++i;
+  return i;
+}
 
 inline std::vector<Item> make_items(const int64_t* table, int64_t n_tensors) {
   std::vector<Item> items;
@@ -97,29 +186,199 @@ inline T grad_multiplier(const SegmentArgs& a, int64_t t, int64_t i) {
 template <class Rule, class Tp, bool kTheta, bool kClippy>
 struct GramKernel {
   using T = typename MathType<Tp>::type;
+  // The single-sweep loops are compiled for float32 parameters only: the other element types
+  // take the tiled loops (half-precision conversions branch, which keeps a single sweep from
+  // vectorizing; bfloat16 and float64 would double the build time of these files).
+  static constexpr bool kFixedType = std::is_same_v<Tp, float>;
 
-  // G (K×K) of the segment's task updates; with Clippy, sigma (n_tensors × K) receives each
-  // tensor's per-task scale and G is the Gram of the scaled updates. task_sq (K) receives
-  // Σ‖g_i‖² of the task gradients as the updates saw them (multipliers applied).
-  PN_CPU_CLONES static void run(const SegmentArgs& a, double* G, double* sigma,
-                                double* task_sq) {
-    const StepConfig& cfg = a.cfg;
-    const int64_t K = cfg.num_tasks;
-    const std::vector<Item> items = make_items(a.table, a.n_tensors);
-    const int64_t n_items = static_cast<int64_t>(items.size());
-    std::vector<double> partial(static_cast<size_t>(n_items * K * K), 0.0);
-    std::vector<double> partial_sq(static_cast<size_t>(n_items * K), 0.0);
-    std::vector<T> min_ratio(kClippy ? static_cast<size_t>(n_items * K) : 0,
-                             std::numeric_limits<T>::infinity());
-    const int nthreads = team_size(n_items);
-    // Per thread: the K task updates of a tile, widened to float64 once for the products, θ,
-    // and the K gradient multipliers of the item's tensor.
-    std::vector<double> scratch(static_cast<size_t>(nthreads) * K * kTile);
-    std::vector<T> theta_scratch(static_cast<size_t>(nthreads) * kTile);
-    std::vector<T> mult_scratch(static_cast<size_t>(nthreads) * K);
+  // One item with K known at compile time: a single sweep computes the K task updates of an
+  // element and adds their products, the squared gradients and Clippy's ratios into kGramLanes
+  // lanes (element j of the item feeds lane j mod kGramLanes), so loads and arithmetic
+  // interleave evenly and nothing goes through memory but the lanes.
+  template <int kK>
+  PN_CPU_INLINE static void item_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
+                         const T* mult, T wd, T lrel, T labs, double* Gp, double* Sq, T* mr) {
+    constexpr int kPairs = kK * (kK + 1) / 2;
+    constexpr int W = kGramLanes;
+    double acc[kPairs][W] = {};
+    double sq[kK][W] = {};
+    T lo[kClippy ? kK : 1][W];
+    for (int i = 0; i < (kClippy ? kK : 1); ++i)
+      for (int l = 0; l < W; ++l) lo[i][l] = std::numeric_limits<T>::infinity();
+    const Tp* g[kK];
+    T m[kK];
+    int64_t so[kK];
+    for (int i = 0; i < kK; ++i) {
+      g[i] = static_cast<const Tp*>(tv.grad) + i * tv.grad_stride;
+      m[i] = mult[i];
+      so[i] = i * tv.state_stride;
+    }
+    const Tp* param = static_cast<const Tp*>(tv.param);
+    auto element = [&](int64_t j, int l) PN_CPU_LAMBDA_INLINE {
+      T theta = T(0);
+      if constexpr (kTheta) theta = to_math<T>(param[j]);
+      T u[kK];
+      unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE {
+        constexpr int i = decltype(I)::value;
+        T s[kMaxStates], next[kMaxStates];
+        load_state<Rule>(tv.state, so[i] + j, s);
+        const T raw = to_math<T>(g[i][j]);
+        T gi = m[i] * raw;
+        if constexpr (kTheta) gi += wd * theta;
+        u[i] = rule(gi, s, next);
+        sq[i][l] += static_cast<double>(raw) * static_cast<double>(raw);
+        if constexpr (kClippy) {
+          // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores, as the
+          // ratio is defined over u ≠ 0 only.
+          const T r = (lrel * std::abs(theta) + labs) / std::abs(u[i]);
+          lo[i][l] = r < lo[i][l] ? r : lo[i][l];
+        }
+      });
+      unroll<kPairs>([&](auto P) PN_CPU_LAMBDA_INLINE {
+        constexpr int p = decltype(P)::value;
+        constexpr int i = pair_row(p), k = p - i * (i + 1) / 2;
+        acc[p][l] += static_cast<double>(u[i]) * static_cast<double>(u[k]);
+      });
+    };
+    const int64_t n = item.end - item.begin;
+    const int64_t full = item.begin + (n - n % W);
+    for (int64_t j0 = item.begin; j0 < full; j0 += W) {
+#pragma omp simd
+      for (int l = 0; l < W; ++l) element(j0 + l, l);
+    }
+    for (int64_t j = full; j < item.end; ++j) element(j, static_cast<int>(j - full));
+    // Lanes in a fixed order.
+    int p = 0;
+    for (int i = 0; i < kK; ++i) {
+      for (int k = 0; k <= i; ++k, ++p) {
+        double t = 0.0;
+        for (int l = 0; l < W; ++l) t += acc[p][l];
+        Gp[i * kK + k] = t;
+      }
+      double t = 0.0;
+      for (int l = 0; l < W; ++l) t += sq[i][l];
+      Sq[i] = t;
+      if constexpr (kClippy) {
+        T r = lo[i][0];
+        for (int l = 1; l < W; ++l) r = lo[i][l] < r ? lo[i][l] : r;
+        mr[i] = r;
+      }
+    }
+  }
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t it = 0; it < n_items; ++it) {
+  // One item for any K: tiles of kTile elements; the K task updates of a tile are widened to
+  // float64 in scratch `u` (K × kTile), then their products are summed pair by pair into
+  // kLanes lanes per Gram entry (`lanes`: K × K entries, then K squared-gradient sums), which
+  // live for the whole item and are added up once at its end.
+  PN_CPU_INLINE static void item_tiled(const Rule& rule, const TensorView<T>& tv,
+                                       const Item& item, int64_t K, const T* mult, T wd, T lrel,
+                                       T labs, double* u, T* theta, Lanes16* lanes, double* Gp,
+                                       double* Sq, T* mr) {
+    Lanes16* sq_lanes = lanes + K * K;
+    for (int64_t e = 0; e < K * K + K; ++e) lanes[e] = Lanes16{};
+    const Tp* param = static_cast<const Tp*>(tv.param);
+    const Tp* grads = static_cast<const Tp*>(tv.grad);
+    for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
+      const int64_t n = std::min(kTile, item.end - j0);
+      if constexpr (kTheta) {
+        for (int64_t j = 0; j < n; ++j) theta[j] = to_math<T>(param[j0 + j]);
+      }
+      for (int64_t i = 0; i < K; ++i) {
+        const Tp* g = grads + i * tv.grad_stride + j0;
+        const int64_t s0 = i * tv.state_stride + j0;
+        const T mi = mult[i];
+        double* ui = u + i * kTile;
+#pragma GCC ivdep
+        for (int64_t j = 0; j < n; ++j) {
+          T s[kMaxStates], next[kMaxStates];
+          load_state<Rule>(tv.state, s0 + j, s);
+          T gi = mi * to_math<T>(g[j]);
+          if constexpr (kTheta) gi += wd * theta[j];
+          ui[j] = rule(gi, s, next);
+        }
+      }
+      if constexpr (kClippy) {
+        for (int64_t i = 0; i < K; ++i) {
+          const double* ui = u + i * kTile;
+          T m = mr[i];
+#pragma GCC ivdep
+          for (int64_t j = 0; j < n; ++j) {
+            // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores.
+            const T r = (lrel * std::abs(theta[j]) + labs) / std::abs(static_cast<T>(ui[j]));
+            m = r < m ? r : m;
+          }
+          mr[i] = m;
+        }
+      }
+      // ‖g_i‖² of the tile (raw values; the multiplier is applied once per item), in
+      // independent float64 lanes like the products.
+      for (int64_t i = 0; i < K; ++i) {
+        const Tp* g = grads + i * tv.grad_stride + j0;
+        Lanes16 acc = sq_lanes[i];
+        int64_t j = 0;
+        for (; j + kLanes <= n; j += kLanes) {
+          double x[kLanes];
+          for (int l = 0; l < kLanes; ++l) x[l] = static_cast<double>(to_math<T>(g[j + l]));
+          acc.fma(x, x);
+        }
+        for (; j < n; ++j) {
+          const double x = static_cast<double>(to_math<T>(g[j]));
+          acc.add0(x * x);
+        }
+        sq_lanes[i] = acc;
+      }
+      for (int64_t i = 0; i < K; ++i) {
+        const double* ui = u + i * kTile;
+        for (int64_t k = 0; k <= i; ++k) {
+          const double* uk = u + k * kTile;
+          Lanes16 acc = lanes[i * K + k];
+          int64_t j = 0;
+          for (; j + kLanes <= n; j += kLanes) acc.fma(ui + j, uk + j);
+          for (; j < n; ++j) acc.add0(ui[j] * uk[j]);
+          lanes[i * K + k] = acc;
+        }
+      }
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      for (int64_t k = 0; k <= i; ++k) Gp[i * K + k] = lanes[i * K + k].sum();
+      Sq[i] = sq_lanes[i].sum();
+    }
+  }
+
+  // The work of one call: items, per-item partial sums and per-thread scratch.
+  struct Work {
+    const SegmentArgs& a;
+    const int64_t K;
+    const std::vector<Item> items;
+    const int64_t n_items;
+    const int nthreads;
+    std::vector<double> partial, partial_sq;
+    std::vector<T> min_ratio;
+    // Per thread: the K task updates of a tile (tiled items), widened to float64 once for the
+    // products, θ, and the K gradient multipliers of the item's tensor.
+    std::vector<double> scratch;
+    std::vector<T> theta_scratch, mult_scratch;
+    std::vector<Lanes16> lanes_scratch;
+
+    explicit Work(const SegmentArgs& args)
+        : a(args),
+          K(args.cfg.num_tasks),
+          items(make_items(args.table, args.n_tensors)),
+          n_items(static_cast<int64_t>(items.size())),
+          nthreads(team_size(n_items)),
+          partial(static_cast<size_t>(n_items * K * K), 0.0),
+          partial_sq(static_cast<size_t>(n_items * K), 0.0),
+          min_ratio(kClippy ? static_cast<size_t>(n_items * K) : 0,
+                    std::numeric_limits<T>::infinity()),
+          scratch(static_cast<size_t>(nthreads) * K * kTile),
+          theta_scratch(static_cast<size_t>(nthreads) * kTile),
+          mult_scratch(static_cast<size_t>(nthreads) * K),
+          lanes_scratch(static_cast<size_t>(nthreads * (K * K + K))) {}
+
+    // kFast: with the single-sweep loops of 2 ≤ K ≤ kMaxFixedTasks.
+    template <bool kFast>
+    PN_CPU_INLINE void item(int64_t it) {
+      const StepConfig& cfg = a.cfg;
       const Item item = items[static_cast<size_t>(it)];
       const TensorView<T> tv = tensor_view<T>(cfg, a.table, item.tensor, a.base);
       double h[kHyperCols];
@@ -128,149 +387,83 @@ struct GramKernel {
       const T wd = static_cast<T>(h[kHWeightDecay]);
       const T lrel = static_cast<T>(cfg.clippy_rel), labs = static_cast<T>(cfg.clippy_abs);
       const int tid = thread_id();
-      double* u = scratch.data() + static_cast<size_t>(tid) * K * kTile;
-      T* theta = theta_scratch.data() + static_cast<size_t>(tid) * kTile;
       T* mult = mult_scratch.data() + static_cast<size_t>(tid) * K;
       for (int64_t i = 0; i < K; ++i) mult[i] = grad_multiplier<T>(a, item.tensor, i);
       double* Gp = partial.data() + it * K * K;
       double* Sq = partial_sq.data() + it * K;
       T* mr = kClippy ? min_ratio.data() + it * K : nullptr;
-      const Tp* param = static_cast<const Tp*>(tv.param);
-      const Tp* grads = static_cast<const Tp*>(tv.grad);
-
-      for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
-        const int64_t n = std::min(kTile, item.end - j0);
-        if constexpr (kTheta) {
-          for (int64_t j = 0; j < n; ++j) theta[j] = to_math<T>(param[j0 + j]);
-        }
-        // Two tasks per sweep: two independent division chains keep the divider busy.
-        int64_t i = 0;
-        for (; i + 1 < K; i += 2) {
-          const Tp* ga = grads + i * tv.grad_stride + j0;
-          const Tp* gb = ga + tv.grad_stride;
-          const int64_t sa = i * tv.state_stride + j0, sb = sa + tv.state_stride;
-          const T ma = mult[i], mb = mult[i + 1];
-          double* ua = u + i * kTile;
-          double* ub = ua + kTile;
-#pragma GCC ivdep
-          for (int64_t j = 0; j < n; ++j) {
-            T s[kMaxStates], t[kMaxStates], next[kMaxStates];
-            load_state<Rule>(tv.state, sa + j, s);
-            load_state<Rule>(tv.state, sb + j, t);
-            T gi = ma * to_math<T>(ga[j]);
-            T gk = mb * to_math<T>(gb[j]);
-            if constexpr (kTheta) {
-              gi += wd * theta[j];
-              gk += wd * theta[j];
-            }
-            ua[j] = static_cast<double>(rule(gi, s, next));
-            ub[j] = static_cast<double>(rule(gk, t, next));
-          }
-        }
-        for (; i < K; ++i) {
-          const Tp* g = grads + i * tv.grad_stride + j0;
-          const int64_t s0 = i * tv.state_stride + j0;
-          const T mi = mult[i];
-          double* ui = u + i * kTile;
-#pragma GCC ivdep
-          for (int64_t j = 0; j < n; ++j) {
-            T s[kMaxStates], next[kMaxStates];
-            load_state<Rule>(tv.state, s0 + j, s);
-            T gi = mi * to_math<T>(g[j]);
-            if constexpr (kTheta) gi += wd * theta[j];
-            ui[j] = rule(gi, s, next);
-          }
-        }
-        if constexpr (kClippy) {
-          for (int64_t i = 0; i < K; ++i) {
-            const double* ui = u + i * kTile;
-            T m = mr[i];
-#pragma GCC ivdep
-            for (int64_t j = 0; j < n; ++j) {
-              const T a = std::abs(static_cast<T>(ui[j]));
-              const T r = a != T(0) ? (lrel * std::abs(theta[j]) + labs) / a
-                                    : std::numeric_limits<T>::infinity();
-              m = r < m ? r : m;
-            }
-            mr[i] = m;
-          }
-        }
-        // ‖g_i‖² of the tile (raw values; the multiplier is applied once per item below), in
-        // independent float64 lanes like the products.
-        for (int64_t i = 0; i < K; ++i) {
-          const Tp* g = grads + i * tv.grad_stride + j0;
-          double acc[kLanes] = {};
-          int64_t j = 0;
-          for (; j + kLanes <= n; j += kLanes)
-            for (int l = 0; l < kLanes; ++l) {
-              const double x = static_cast<double>(to_math<T>(g[j + l]));
-              acc[l] += x * x;
-            }
-          for (; j < n; ++j) {
-            const double x = static_cast<double>(to_math<T>(g[j]));
-            acc[0] += x * x;
-          }
-          double s = 0.0;
-          for (int l = 0; l < kLanes; ++l) s += acc[l];
-          Sq[i] += s;
-        }
-        for (int64_t i = 0; i < K; ++i) {
-          const double* ui = u + i * kTile;
-          for (int64_t k = 0; k <= i; ++k) {
-            const double* uk = u + k * kTile;
-            double acc[kLanes] = {};
-            int64_t j = 0;
-            for (; j + kLanes <= n; j += kLanes)
-              for (int l = 0; l < kLanes; ++l) acc[l] += ui[j + l] * uk[j + l];
-            for (; j < n; ++j) acc[0] += ui[j] * uk[j];
-            double s = 0.0;
-            for (int l = 0; l < kLanes; ++l) s += acc[l];
-            Gp[i * K + k] += s;
-          }
-        }
+      if constexpr (kFast && kFixedType) switch (K) {
+        case 2: return item_fixed<2>(rule, tv, item, mult, wd, lrel, labs, Gp, Sq, mr);
+        case 3: return item_fixed<3>(rule, tv, item, mult, wd, lrel, labs, Gp, Sq, mr);
+        case 4: return item_fixed<4>(rule, tv, item, mult, wd, lrel, labs, Gp, Sq, mr);
+        default: break;
       }
+      item_tiled(rule, tv, item, K, mult, wd, lrel, labs,
+                 scratch.data() + static_cast<size_t>(tid) * K * kTile,
+                 theta_scratch.data() + static_cast<size_t>(tid) * kTile,
+                 lanes_scratch.data() + static_cast<size_t>(tid * (K * K + K)), Gp, Sq, mr);
     }
 
     // Deterministic reduction in item order (items are ordered by tensor).
-    std::fill(task_sq, task_sq + K, 0.0);
-    for (int64_t it = 0; it < n_items; ++it)
-      for (int64_t i = 0; i < K; ++i) {
-        const double m = static_cast<double>(grad_multiplier<T>(a, items[static_cast<size_t>(it)].tensor, i));
-        task_sq[i] += m * m * partial_sq[static_cast<size_t>(it * K + i)];
-      }
-    std::fill(G, G + K * K, 0.0);
-    std::vector<double> Gt(static_cast<size_t>(K * K));
-    std::vector<double> tensor_min(static_cast<size_t>(K));
-    int64_t it = 0;
-    for (int64_t t = 0; t < a.n_tensors; ++t) {
-      std::fill(Gt.begin(), Gt.end(), 0.0);
-      std::fill(tensor_min.begin(), tensor_min.end(), std::numeric_limits<double>::infinity());
-      for (; it < n_items && items[static_cast<size_t>(it)].tensor == t; ++it) {
-        const double* Gp = partial.data() + it * K * K;
-        for (int64_t e = 0; e < K * K; ++e) Gt[static_cast<size_t>(e)] += Gp[e];
-        if constexpr (kClippy)
-          for (int64_t i = 0; i < K; ++i)
-            tensor_min[static_cast<size_t>(i)] =
-                std::min(tensor_min[static_cast<size_t>(i)],
-                         static_cast<double>(min_ratio[static_cast<size_t>(it * K + i)]));
-      }
-      if constexpr (kClippy) {
-        // σ = min(1, min_j (λ_rel|θ_j| + λ_abs)/|u_ij|); a NaN ratio (NaN update) gives NaN σ,
-        // so the Gram stays non-finite and the step is refused.
-        double* sg = sigma + t * K;
+    void reduce(double* G, double* sigma, double* task_sq) const {
+      std::fill(task_sq, task_sq + K, 0.0);
+      for (int64_t it = 0; it < n_items; ++it)
         for (int64_t i = 0; i < K; ++i) {
-          const double r = tensor_min[static_cast<size_t>(i)];
-          sg[i] = r < 1.0 ? r : (r >= 1.0 ? 1.0 : r);
+          const double m =
+              static_cast<double>(grad_multiplier<T>(a, items[static_cast<size_t>(it)].tensor, i));
+          task_sq[i] += m * m * partial_sq[static_cast<size_t>(it * K + i)];
         }
-        for (int64_t i = 0; i < K; ++i)
-          for (int64_t k = 0; k <= i; ++k)
-            G[i * K + k] += sg[i] * sg[k] * Gt[static_cast<size_t>(i * K + k)];
-      } else {
-        for (int64_t e = 0; e < K * K; ++e) G[e] += Gt[static_cast<size_t>(e)];
+      std::fill(G, G + K * K, 0.0);
+      std::vector<double> Gt(static_cast<size_t>(K * K));
+      std::vector<double> tensor_min(static_cast<size_t>(K));
+      int64_t it = 0;
+      for (int64_t t = 0; t < a.n_tensors; ++t) {
+        std::fill(Gt.begin(), Gt.end(), 0.0);
+        std::fill(tensor_min.begin(), tensor_min.end(), std::numeric_limits<double>::infinity());
+        for (; it < n_items && items[static_cast<size_t>(it)].tensor == t; ++it) {
+          const double* Gp = partial.data() + it * K * K;
+          for (int64_t e = 0; e < K * K; ++e) Gt[static_cast<size_t>(e)] += Gp[e];
+          if constexpr (kClippy)
+            for (int64_t i = 0; i < K; ++i)
+              tensor_min[static_cast<size_t>(i)] =
+                  std::min(tensor_min[static_cast<size_t>(i)],
+                           static_cast<double>(min_ratio[static_cast<size_t>(it * K + i)]));
+        }
+        if constexpr (kClippy) {
+          // σ = min(1, min_j (λ_rel|θ_j| + λ_abs)/|u_ij|); a NaN ratio (NaN update) gives NaN
+          // σ, so the Gram stays non-finite and the step is refused.
+          double* sg = sigma + t * K;
+          for (int64_t i = 0; i < K; ++i) {
+            const double r = tensor_min[static_cast<size_t>(i)];
+            sg[i] = r < 1.0 ? r : (r >= 1.0 ? 1.0 : r);
+          }
+          for (int64_t i = 0; i < K; ++i)
+            for (int64_t k = 0; k <= i; ++k)
+              G[i * K + k] += sg[i] * sg[k] * Gt[static_cast<size_t>(i * K + k)];
+        } else {
+          for (int64_t e = 0; e < K * K; ++e) G[e] += Gt[static_cast<size_t>(e)];
+        }
       }
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t k = 0; k < i; ++k) G[k * K + i] = G[i * K + k];
     }
-    for (int64_t i = 0; i < K; ++i)
-      for (int64_t k = 0; k < i; ++k) G[k * K + i] = G[i * K + k];
+  };
+
+  // G (K×K) of the segment's task updates; with Clippy, sigma (n_tensors × K) receives each
+  // tensor's per-task scale and G is the Gram of the scaled updates. task_sq (K) receives
+  // Σ‖g_i‖² of the task gradients as the updates saw them (multipliers applied). run_v3: the
+  // x86-64-v3 version with the single-sweep loops; run_base: the baseline version.
+  PN_CPU_V3 static void run_v3(const SegmentArgs& a, double* G, double* sigma, double* task_sq) {
+    Work w(a);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(w.nthreads)
+    for (int64_t it = 0; it < w.n_items; ++it) w.template item<true>(it);
+    w.reduce(G, sigma, task_sq);
+  }
+  static void run_base(const SegmentArgs& a, double* G, double* sigma, double* task_sq) {
+    Work w(a);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(w.nthreads)
+    for (int64_t it = 0; it < w.n_items; ++it) w.template item<false>(it);
+    w.reduce(G, sigma, task_sq);
   }
 };
 
@@ -281,7 +474,7 @@ struct ApplyKernel {
   using T = typename MathType<Tp>::type;
 
   template <int kK>
-  static void apply_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
+  PN_CPU_INLINE static void apply_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
                           const T* mult, const double* weights, const double* sigma, T wd,
                           T decay) {
     T w[kK], c[kK], m[kK];
@@ -301,31 +494,45 @@ struct ApplyKernel {
       T s[kMaxStates], next[kMaxStates];
       load_state<Rule>(tv.state, j, s);
       T upd = T(0), g_alpha = T(0);
-      for (int i = 0; i < kK; ++i) {
+      unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE {
+        constexpr int i = decltype(I)::value;
         const T gi = m[i] * to_math<T>(g[i][j]) + wd * theta;
         upd += c[i] * rule(gi, s, next);
         g_alpha += w[i] * gi;
-      }
+      });
       rule(g_alpha, s, next);
       store_state<Rule>(tv.state, j, next);
       param[j] = from_math<Tp>(theta * decay - upd);
     }
   }
 
-  // θ ← decay·θ − Σ_i α̂_i σ_i u_i, then the state advances with g_α = Σ_i α̂_i g_i (AdaTask:
-  // each task's state with its own g_i). weights: K values α̂ (1 for a plain segment).
-  PN_CPU_CLONES static void run(const SegmentArgs& a, const double* weights,
-                                const double* sigma) {
-    const StepConfig& cfg = a.cfg;
-    const int64_t K = cfg.num_tasks;
-    const std::vector<Item> items = make_items(a.table, a.n_tensors);
-    const int64_t n_items = static_cast<int64_t>(items.size());
-    const int nthreads = team_size(n_items);
-    std::vector<T> scratch(static_cast<size_t>(nthreads) * 3 * kTile);
-    std::vector<T> mult_scratch(static_cast<size_t>(nthreads) * K);
+  // The work of one call: items and per-thread scratch (θ, the update and g_α of a tile, the K
+  // gradient multipliers of the item's tensor).
+  struct Work {
+    const SegmentArgs& a;
+    const double* weights;
+    const double* sigma;
+    const int64_t K;
+    const std::vector<Item> items;
+    const int64_t n_items;
+    const int nthreads;
+    std::vector<T> scratch, mult_scratch;
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t it = 0; it < n_items; ++it) {
+    Work(const SegmentArgs& args, const double* w, const double* s)
+        : a(args),
+          weights(w),
+          sigma(s),
+          K(args.cfg.num_tasks),
+          items(make_items(args.table, args.n_tensors)),
+          n_items(static_cast<int64_t>(items.size())),
+          nthreads(team_size(n_items)),
+          scratch(static_cast<size_t>(nthreads) * 3 * kTile),
+          mult_scratch(static_cast<size_t>(nthreads) * K) {}
+
+    // kFast: with the single-sweep loops of K ≥ 2 tasks (K = 1, the base optimizer, always).
+    template <bool kFast>
+    PN_CPU_INLINE void item(int64_t it) {
+      const StepConfig& cfg = a.cfg;
       const Item item = items[static_cast<size_t>(it)];
       const TensorView<T> tv = tensor_view<T>(cfg, a.table, item.tensor, a.base);
       double h[kHyperCols];
@@ -341,16 +548,16 @@ struct ApplyKernel {
       for (int64_t i = 0; i < K; ++i) mult[i] = grad_multiplier<T>(a, item.tensor, i);
       Tp* param = static_cast<Tp*>(tv.param);
       if constexpr (!kAdaTask) {
-        // Up to four tasks: one sweep with the task loop unrolled, everything in registers.
-        switch (K) {
-          case 1: apply_fixed<1>(rule, tv, item, mult, weights, sigma, wd, decay); continue;
-          case 2: apply_fixed<2>(rule, tv, item, mult, weights, sigma, wd, decay); continue;
-          case 3: apply_fixed<3>(rule, tv, item, mult, weights, sigma, wd, decay); continue;
-          case 4: apply_fixed<4>(rule, tv, item, mult, weights, sigma, wd, decay); continue;
+        // K ∈ {1, 2, 3, 4, 8}: one sweep with the task loop unrolled, everything in registers.
+        if (K == 1) return apply_fixed<1>(rule, tv, item, mult, weights, sigma, wd, decay);
+        if constexpr (kFast) switch (K) {
+          case 2: return apply_fixed<2>(rule, tv, item, mult, weights, sigma, wd, decay);
+          case 3: return apply_fixed<3>(rule, tv, item, mult, weights, sigma, wd, decay);
+          case 4: return apply_fixed<4>(rule, tv, item, mult, weights, sigma, wd, decay);
+          case 8: return apply_fixed<8>(rule, tv, item, mult, weights, sigma, wd, decay);
           default: break;
         }
       }
-
       for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
         const int64_t n = std::min(kTile, item.end - j0);
 #pragma GCC ivdep
@@ -361,9 +568,10 @@ struct ApplyKernel {
         }
         for (int64_t i = 0; i < K; ++i) {
           const T w = static_cast<T>(weights[i]);
-          const T c = static_cast<T>(sigma ? weights[i] * sigma[item.tensor * K + i] : weights[i]);
-          // A task with weight 0 (excluded) contributes nothing; AdaTask still advances its state,
-          // except for a task absent from this batch, whose state is left as it was.
+          const T c =
+              static_cast<T>(sigma ? weights[i] * sigma[item.tensor * K + i] : weights[i]);
+          // A task with weight 0 (excluded) contributes nothing; AdaTask still advances its
+          // state, except for a task absent from this batch, whose state is left as it was.
           if (!kAdaTask && w == T(0)) continue;
           if (kAdaTask && a.task_scale && a.task_scale[i] == 0.0) continue;
           const Tp* g = static_cast<const Tp*>(tv.grad) + i * tv.grad_stride + j0;
@@ -394,6 +602,21 @@ struct ApplyKernel {
         for (int64_t j = 0; j < n; ++j) param[j0 + j] = from_math<Tp>(theta[j] * decay - upd[j]);
       }
     }
+  };
+
+  // θ ← decay·θ − Σ_i α̂_i σ_i u_i, then the state advances with g_α = Σ_i α̂_i g_i (AdaTask:
+  // each task's state with its own g_i). weights: K values α̂ (1 for a plain segment). run_v3:
+  // the x86-64-v3 version with the single-sweep loops; run_base: the baseline version.
+  PN_CPU_V3 static void run_v3(const SegmentArgs& a, const double* weights,
+                               const double* sigma) {
+    Work w(a, weights, sigma);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(w.nthreads)
+    for (int64_t it = 0; it < w.n_items; ++it) w.template item<true>(it);
+  }
+  static void run_base(const SegmentArgs& a, const double* weights, const double* sigma) {
+    Work w(a, weights, sigma);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(w.nthreads)
+    for (int64_t it = 0; it < w.n_items; ++it) w.template item<false>(it);
   }
 };
 
@@ -410,30 +633,45 @@ struct PassArgs {
   const double* weights;  // kApply input
 };
 
-template <class Tp>
+template <class Kernel, bool kV3>
+void run_gram(const PassArgs& a) {
+  if constexpr (kV3)
+    Kernel::run_v3(a.seg, a.G, a.sigma, a.task_sq);
+  else
+    Kernel::run_base(a.seg, a.G, a.sigma, a.task_sq);
+}
+template <class Kernel, bool kV3>
+void run_apply(const PassArgs& a) {
+  if constexpr (kV3)
+    Kernel::run_v3(a.seg, a.weights, a.sigma);
+  else
+    Kernel::run_base(a.seg, a.weights, a.sigma);
+}
+
+template <class Tp, bool kV3>
 struct GramByRule {
   const PassArgs& a;
   template <class Rule>
   void operator()() const {
     const StepConfig& c = a.seg.cfg;
     if (c.umm == Umm::kClippy)
-      GramKernel<Rule, Tp, true, true>::run(a.seg, a.G, a.sigma, a.task_sq);
+      run_gram<GramKernel<Rule, Tp, true, true>, kV3>(a);
     else if (c.gram_reads_theta())
-      GramKernel<Rule, Tp, true, false>::run(a.seg, a.G, a.sigma, a.task_sq);
+      run_gram<GramKernel<Rule, Tp, true, false>, kV3>(a);
     else
-      GramKernel<Rule, Tp, false, false>::run(a.seg, a.G, a.sigma, a.task_sq);
+      run_gram<GramKernel<Rule, Tp, false, false>, kV3>(a);
   }
 };
 
-template <class Tp>
+template <class Tp, bool kV3>
 struct ApplyByRule {
   const PassArgs& a;
   template <class Rule>
   void operator()() const {
     if (a.seg.cfg.adatask())
-      ApplyKernel<Rule, Tp, true>::run(a.seg, a.weights, a.sigma);
+      run_apply<ApplyKernel<Rule, Tp, true>, kV3>(a);
     else
-      ApplyKernel<Rule, Tp, false>::run(a.seg, a.weights, a.sigma);
+      run_apply<ApplyKernel<Rule, Tp, false>, kV3>(a);
   }
 };
 
@@ -447,27 +685,43 @@ void dispatch_dtype(DType d, F&& f) {
   }
 }
 
-template <class Family, template <class> class ByRule>
+template <class Family, template <class, bool> class ByRule, bool kV3>
 struct ByDtype {
   const PassArgs& a;
   template <class Tp>
   void operator()() const {
     using T = typename MathType<Tp>::type;
-    Family::template dispatch<T>(a.seg.cfg, ByRule<Tp>{a});
+    Family::template dispatch<T>(a.seg.cfg, ByRule<Tp, kV3>{a});
   }
 };
 
-// One pass of one base optimizer, for every element type; defined in <optimizer>_cpu.cpp.
-template <class Family>
+// One pass of one base optimizer, for every element type, in one compiled version (kV3: the
+// x86-64-v3 one, or the only one where there is no dispatch).
+template <class Family, bool kV3>
 void run_family(const PassArgs& a, Pass pass) {
   if (pass == Pass::kGram)
-    dispatch_dtype(a.seg.cfg.dtype, ByDtype<Family, GramByRule>{a});
+    dispatch_dtype(a.seg.cfg.dtype, ByDtype<Family, GramByRule, kV3>{a});
   else
-    dispatch_dtype(a.seg.cfg.dtype, ByDtype<Family, ApplyByRule>{a});
+    dispatch_dtype(a.seg.cfg.dtype, ByDtype<Family, ApplyByRule, kV3>{a});
 }
 
-void run_adam(const PassArgs& a, Pass pass);
-void run_adagrad(const PassArgs& a, Pass pass);
-void run_rmsprop(const PassArgs& a, Pass pass);
+// The versions of each optimizer live in their own translation units, which build in
+// parallel: <optimizer>_cpu.cpp (x86-64-v3, or the only version elsewhere) and
+// <optimizer>_base_cpu.cpp (the x86-64 baseline, compiled at a lower optimization level).
+void run_adam_v3(const PassArgs& a, Pass pass);
+void run_adagrad_v3(const PassArgs& a, Pass pass);
+void run_rmsprop_v3(const PassArgs& a, Pass pass);
+#if PN_CPU_DISPATCH
+void run_adam_base(const PassArgs& a, Pass pass);
+void run_adagrad_base(const PassArgs& a, Pass pass);
+void run_rmsprop_base(const PassArgs& a, Pass pass);
+#define PN_CPU_PICK(name, a, pass) (cpu_has_v3() ? name##_v3(a, pass) : name##_base(a, pass))
+#else
+#define PN_CPU_PICK(name, a, pass) name##_v3(a, pass)
+#endif
+
+inline void run_adam(const PassArgs& a, Pass pass) { PN_CPU_PICK(run_adam, a, pass); }
+inline void run_adagrad(const PassArgs& a, Pass pass) { PN_CPU_PICK(run_adagrad, a, pass); }
+inline void run_rmsprop(const PassArgs& a, Pass pass) { PN_CPU_PICK(run_rmsprop, a, pass); }
 
 }  // namespace pub_native::cpu::detail

@@ -1,0 +1,12 @@
+// CPU loops of the AdaGrad PUB step for x86-64 processors without AVX2 and FMA (the tiled loops
+// of pub_step_cpu_impl.h, baseline instruction set); adagrad_cpu.cpp holds the version that
+// every other processor runs.
+#include "pub_step_cpu_impl.h"
+
+namespace pub_native::cpu::detail {
+
+#if PN_CPU_DISPATCH
+void run_adagrad_base(const PassArgs& a, Pass pass) { run_family<AdaGradFamily, false>(a, pass); }
+#endif
+
+}  // namespace pub_native::cpu::detail

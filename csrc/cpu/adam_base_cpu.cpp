@@ -1,0 +1,12 @@
+// CPU loops of the Adam PUB step for x86-64 processors without AVX2 and FMA (the tiled loops
+// of pub_step_cpu_impl.h, baseline instruction set); adam_cpu.cpp holds the version that
+// every other processor runs.
+#include "pub_step_cpu_impl.h"
+
+namespace pub_native::cpu::detail {
+
+#if PN_CPU_DISPATCH
+void run_adam_base(const PassArgs& a, Pass pass) { run_family<AdamFamily, false>(a, pass); }
+#endif
+
+}  // namespace pub_native::cpu::detail

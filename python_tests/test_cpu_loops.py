@@ -1,0 +1,79 @@
+"""The CPU step's compiled loops: for every path that the task count, the element type and the
+options select (single sweep for 2-4 tasks, apply sweep for 8, tiled loops otherwise, Clippy,
+AdaTask, L2 weight decay), the results are bitwise independent of the number of threads, and on
+x86-64 the AVX2 version equals the baseline version (PUB_NATIVE_CPU_BASELINE=1) up to float
+rounding. Each run is a subprocess, since the version and the thread team are fixed at load.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BF16, F32, F64, TOL
+from helpers import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (K, dtype, optimizer, options)
+CASES = [
+    (2, "float32", "Adam", {}),
+    (3, "float32", "Adam", {"umm": "clippy", "clippy_preset": "tfrs"}),
+    (4, "float32", "Adam", {"weight_decay": 0.01}),
+    (4, "float32", "Adam", {"umm": "adatask"}),
+    (5, "float32", "Adam", {}),
+    (8, "float32", "Adam", {"amsgrad": True}),
+    (2, "float32", "RMSprop", {"momentum": 0.9, "centered": True}),
+    (8, "float32", "Adagrad", {}),
+    (2, "bfloat16", "Adam", {}),
+    (8, "float64", "Adam", {}),
+]
+
+SCRIPT = """
+import sys, torch, pub_native
+sys.path.insert(0, "python_tests")
+from helpers import Problem, run_pub
+CASES = {cases!r}
+out = []
+for k, dtype, name, opts in CASES:
+    # 70001 elements: two work items, so that two or more threads share the tensor.
+    p = Problem([(70001,), (3, 1001), (17,)], k, dtype=getattr(torch, dtype), seed=11)
+    o = run_pub(getattr(pub_native, name), p, 3, **opts)
+    out.append([o.task_weights.clone()] + [t.detach().clone() for t in p.params()])
+torch.save(out, sys.argv[1])
+"""
+
+
+def run_cases(tmp_path, tag, **env):
+    path = tmp_path / f"{tag}.pt"
+    full_env = dict(os.environ)
+    full_env.pop("PUB_NATIVE_CPU_BASELINE", None)
+    full_env.update(env)
+    subprocess.run([sys.executable, "-c", SCRIPT.format(cases=CASES), str(path)], cwd=ROOT,
+                   env=full_env, check=True, capture_output=True, text=True, timeout=300)
+    return torch.load(path, weights_only=True)
+
+
+def test_every_loop_is_bitwise_independent_of_thread_count(tmp_path):
+    one = run_cases(tmp_path, "one", OMP_NUM_THREADS="1")
+    three = run_cases(tmp_path, "three", OMP_NUM_THREADS="3")
+    for case, a, b in zip(CASES, one, three):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), case
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="one version only")
+def test_avx2_loops_equal_baseline_loops(tmp_path):
+    fast = run_cases(tmp_path, "fast", OMP_NUM_THREADS="2")
+    base = run_cases(tmp_path, "base", OMP_NUM_THREADS="2", PUB_NATIVE_CPU_BASELINE="1")
+    dtypes = {"float32": F32, "bfloat16": BF16, "float64": F64}
+    for case, a, b in zip(CASES, fast, base):
+        # Same equations in another order (fused multiply-adds, Gram sums in other lanes):
+        # the float32 difference of native and reference runs bounds it.
+        tol = TOL[("reference", dtypes[case[1]])]
+        assert_close(a[0], b[0], tol, f"{case} weights")
+        for j, (x, y) in enumerate(zip(a[1:], b[1:])):
+            assert_close(x, y, tol, f"{case} param {j}")
