@@ -30,8 +30,10 @@ from pub_native._platform import cpu_name
 M = 2**20
 N_TENSORS = 4
 
-# Targets of the CPU issue, for K = 2 and P = 16M (checked when that row is measured).
-TARGETS = {"vs_fused_adam_max": 2.0, "vs_reference_min": 5.0, "bandwidth_fraction_min": 0.70}
+# Targets at P = 16M (checked for the rows measured): a weight-update step at most this many
+# times torch's fused Adam, per K; a reuse step at K = 2; the reference at K = 2.
+TARGETS = {"vs_fused_adam_max": {2: 1.8, 4: 3.0, 8: 6.0}, "reuse_vs_fused_adam_max": 1.3,
+           "vs_reference_min": 5.0}
 
 
 def median_time(fn, rounds: int, warmup: int = 1, setup=None) -> float:
@@ -104,6 +106,8 @@ def bench_reference(p_total, k, rounds):
         opt.zero_grad()
         opt.backward(losses_for(shared, dirs))
 
+    if rounds <= 0:
+        return float("nan")
     setup()
     opt.step()
     return median_time(opt.step, rounds, warmup=0, setup=setup)
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None, help="comma-separated P in millions (default 1,16)")
     ap.add_argument("--tasks", default=None, help="comma-separated K (default 2,4,8)")
     ap.add_argument("--rounds", type=int, default=7, help="timed steps per median")
-    ap.add_argument("--reference-rounds", type=int, default=3)
+    ap.add_argument("--reference-rounds", type=int, default=3,
+                    help="timed steps of the reference (0: not timed)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -172,26 +177,34 @@ def main(argv=None) -> int:
                   f"{achieved / bw:>6.0%} | {solve * 1e6:>6.0f}µs")
             sys.stdout.flush()
 
-    target_row = next((r for r in rows if r["K"] == 2 and r["P"] == 16 * M), None)
-    verdict = None
-    if target_row is not None:
-        verdict = {
-            "vs_fused_adam": target_row["pub_over_fused"] <= TARGETS["vs_fused_adam_max"],
-            "vs_reference": target_row["reference_over_pub"] >= TARGETS["vs_reference_min"],
-            "bandwidth": target_row["bandwidth_fraction"] >= TARGETS["bandwidth_fraction_min"],
-        }
-        print(f"\nK = 2, P = 16M: {target_row['pub_over_fused']:.2f}x fused Adam (target ≤ "
-              f"{TARGETS['vs_fused_adam_max']}x): {'PASS' if verdict['vs_fused_adam'] else 'FAIL'}"
-              f"; {target_row['reference_over_pub']:.1f}x faster than the reference (≥ "
-              f"{TARGETS['vs_reference_min']}x): {'PASS' if verdict['vs_reference'] else 'FAIL'}"
-              f"; {target_row['bandwidth_fraction']:.0%} of copy bandwidth (≥ "
-              f"{TARGETS['bandwidth_fraction_min']:.0%}): "
-              f"{'PASS' if verdict['bandwidth'] else 'FAIL'}")
+    verdict = {}
+    for r in rows:
+        if r["P"] != 16 * M:
+            continue
+        k = r["K"]
+        limit = TARGETS["vs_fused_adam_max"].get(k)
+        if limit is not None:
+            verdict[f"K={k} step"] = (r["pub_over_fused"], limit, r["pub_over_fused"] <= limit)
+        if k == 2:
+            limit = TARGETS["reuse_vs_fused_adam_max"]
+            verdict["K=2 reuse"] = (r["reuse_over_fused"], limit, r["reuse_over_fused"] <= limit)
+            if r["reference_over_pub"] == r["reference_over_pub"]:  # timed (not NaN)
+                verdict["K=2 vs reference"] = (r["reference_over_pub"],
+                                               TARGETS["vs_reference_min"],
+                                               r["reference_over_pub"]
+                                               >= TARGETS["vs_reference_min"])
+    if verdict:
+        print("\nP = 16M, targets:")
+        for name, (value, limit, ok) in verdict.items():
+            rel = "≥" if "reference" in name else "≤"
+            print(f"  {name:<18} {value:6.2f}x  (target {rel} {limit}x)  "
+                  f"{'PASS' if ok else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "copy_bandwidth": bw, "fused_adam_bandwidth": fused_bw,
                        "rows": rows,
-                       "targets": TARGETS, "verdict": verdict}, f, indent=2)
+                       "targets": TARGETS,
+                       "verdict": {k: v[2] for k, v in verdict.items()}}, f, indent=2)
     return 0
 
 

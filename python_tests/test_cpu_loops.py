@@ -39,8 +39,9 @@ from helpers import Problem, run_pub
 CASES = {cases!r}
 out = []
 for k, dtype, name, opts in CASES:
-    # 70001 elements: two work items, so that two or more threads share the tensor.
-    p = Problem([(70001,), (3, 1001), (17,)], k, dtype=getattr(torch, dtype), seed=11)
+    # 300001 elements: five work items, and enough work for two threads at K = 2 and three
+    # from K = 3 (the team grows with elements × tasks, see team_size in pub_step_cpu_impl.h).
+    p = Problem([(300001,), (3, 1001), (17,)], k, dtype=getattr(torch, dtype), seed=11)
     o = run_pub(getattr(pub_native, name), p, 3, **opts)
     out.append([o.task_weights.clone()] + [t.detach().clone() for t in p.params()])
 torch.save(out, sys.argv[1])

@@ -31,7 +31,7 @@ void find_nonfinite_typed(const Segment& seg, uint8_t* bad) {
   const int64_t n_items = static_cast<int64_t>(items.size());
   // One flag per item and task, OR-ed per tensor afterwards: no two threads write one byte.
   std::vector<uint8_t> item_bad(static_cast<size_t>(n_items * K), 0);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(detail::team_size(n_items))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(detail::team_size(items, K))
   for (int64_t it = 0; it < n_items; ++it) {
     const Item item = items[static_cast<size_t>(it)];
     const int64_t* row = seg.table + item.tensor * kTableCols;
@@ -91,7 +91,7 @@ void rescale_typed(const Segment& seg, double* ratio, uint8_t* edited) {
   const std::vector<Item> items = detail::make_items(seg.table, seg.n_tensors);
   const int64_t n_items = static_cast<int64_t>(items.size());
   std::vector<double> partial(static_cast<size_t>(n_items * 3), 0.0);  // ⟨m,s⟩, ⟨s,s⟩, ⟨m,m⟩
-#pragma omp parallel for schedule(dynamic, 1) num_threads(detail::team_size(n_items))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(detail::team_size(items, K))
   for (int64_t it = 0; it < n_items; ++it) {
     const Item item = items[static_cast<size_t>(it)];
     const int64_t* row = seg.table + item.tensor * kTableCols;

@@ -142,9 +142,18 @@ inline int max_threads() {
   return 1;
 #endif
 }
-// Threads for a pass over n_items work items: no more than there are items.
-inline int team_size(int64_t n_items) {
-  return static_cast<int>(std::min<int64_t>(max_threads(), std::max<int64_t>(n_items, 1)));
+// Element-task pairs (elements × tasks) a thread should have before another one joins: waking
+// a team member costs microseconds on a quiet machine and a whole time slice when another
+// process holds the core, far more than a pass over a few small tensors.
+constexpr int64_t kWorkPerThread = int64_t(1) << 18;
+// Threads for a pass over `items` (K tasks each): no more than there are items, nor than the
+// work keeps busy. The results do not depend on it (per-item partial sums, fixed order).
+inline int team_size(const std::vector<Item>& items, int64_t K) {
+  int64_t elements = 0;
+  for (const Item& it : items) elements += it.end - it.begin;
+  const int64_t by_work = std::max<int64_t>(elements * std::max<int64_t>(K, 1) / kWorkPerThread, 1);
+  const int64_t n_items = std::max<int64_t>(static_cast<int64_t>(items.size()), 1);
+  return static_cast<int>(std::min<int64_t>({max_threads(), n_items, by_work}));
 }
 
 inline int thread_id() {
@@ -365,7 +374,7 @@ struct GramKernel {
           K(args.cfg.num_tasks),
           items(make_items(args.table, args.n_tensors)),
           n_items(static_cast<int64_t>(items.size())),
-          nthreads(team_size(n_items)),
+          nthreads(team_size(items, K)),
           partial(static_cast<size_t>(n_items * K * K), 0.0),
           partial_sq(static_cast<size_t>(n_items * K), 0.0),
           min_ratio(kClippy ? static_cast<size_t>(n_items * K) : 0,
@@ -525,7 +534,7 @@ struct ApplyKernel {
           K(args.cfg.num_tasks),
           items(make_items(args.table, args.n_tensors)),
           n_items(static_cast<int64_t>(items.size())),
-          nthreads(team_size(n_items)),
+          nthreads(team_size(items, K)),
           scratch(static_cast<size_t>(nthreads) * 3 * kTile),
           mult_scratch(static_cast<size_t>(nthreads) * K) {}
 
