@@ -28,7 +28,7 @@ from pub_native._platform import cpu_name
 from pub_native.reference import NashMTLSolverReference
 
 KS = (2, 3, 5, 10, 20, 40)
-TARGETS = {"newton_speedup": 1000.0, "ccp_speedup": 100.0, "newton_k2_us": 5.0}
+TARGETS = {"newton_speedup": 1000.0, "ccp_speedup": 100.0, "newton_k2_us": 3.0}
 
 
 def gram(rng, K):
@@ -45,6 +45,36 @@ def time_native(G, method, reps, rounds):
             solve_weights(G, method=method)
         per_call.append((time.perf_counter_ns() - t0) * 1e-9 / reps)
     return per_call
+
+
+def per_call_ns(fn, reps=20000, rounds=15):
+    """Median over rounds of the mean time of `reps` back-to-back calls of fn(), in ns."""
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        for _ in range(reps):
+            fn()
+        out.append((time.perf_counter_ns() - t0) / reps)
+    return statistics.median(out)
+
+
+def overhead(G):
+    """Where a K = 2 solve's time goes, called from Python: an empty Python call, an empty call
+    into the native module, the native solver entry called directly, and solve_weights."""
+    from pub_native._native import _C
+
+    code, tol, max_iter = pub_native.solver.METHODS["newton"]
+
+    def empty():
+        return None
+
+    return {
+        "python_call_ns": per_call_ns(empty),
+        "native_call_ns": per_call_ns(_C.omp_max_threads),
+        "native_solve_ns": per_call_ns(lambda: _C.solve_weights(G, None, code, 1e-8, tol,
+                                                                max_iter)),
+        "solve_weights_ns": per_call_ns(lambda: solve_weights(G)),
+    }
 
 
 def time_reference(solver, G, rounds):
@@ -139,13 +169,18 @@ def main(argv=None):
         print(f"{r['K']:>3} | {us(r['newton_s']):>26} | {us(r['ccp_s']):>28} | "
               f"{r['cvxpy_s']['median'] * 1e3:9.2f} | {r['newton_speedup']:9.0f} | "
               f"{r['ccp_speedup']:7.0f} | {r['max_rel_diff_vs_newton']:12.1e}")
+    fixed = overhead(gram(np.random.default_rng(args.seed), 2))
+    print(f"\nK = 2 from Python (ns per call): empty Python call {fixed['python_call_ns']:.0f}, "
+          f"empty native call {fixed['native_call_ns']:.0f}, native solver entry "
+          f"{fixed['native_solve_ns']:.0f}, solve_weights {fixed['solve_weights_ns']:.0f} "
+          f"(its wrapper: {fixed['solve_weights_ns'] - fixed['native_solve_ns']:.0f})")
     print()
     checks = {
         "newton >= 1000x cvxpy at every K": all(r["newton_speedup"] >= TARGETS["newton_speedup"]
                                                  for r in rows),
         "ccp >= 100x cvxpy at every K": all(r["ccp_speedup"] >= TARGETS["ccp_speedup"]
                                             for r in rows),
-        "newton at K=2 < 5 us": rows[0]["newton_s"]["median"] * 1e6 < TARGETS["newton_k2_us"],
+        "newton at K=2 <= 3 us": rows[0]["newton_s"]["median"] * 1e6 <= TARGETS["newton_k2_us"],
         "every solver moved off its start": ok,
     }
     checks = {k: bool(v) for k, v in checks.items()}
@@ -157,7 +192,8 @@ def main(argv=None):
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "targets": TARGETS, "checks": checks,
-                               "quick": args.quick, "rows": rows}, indent=2))
+                               "quick": args.quick, "rows": rows,
+                               "k2_overhead_ns": fixed}, indent=2))
     print(f"\nwrote {out}")
     return 0 if ok else 1
 

@@ -219,6 +219,8 @@ class TaskGradients:
         self.buffer = torch.zeros((k + int(with_sum), self.row_length), dtype=self.dtype,
                                   device=self.device)
         self.sum_version: int | None = None  # buffer._version when the sum row was formed
+        # Whether every task row was finite when the sum row was formed (CPU; else False).
+        self.sum_finite = False
         # The layout each parameter had when the buffer was laid out: a parameter whose shape,
         # dtype or memory order changed since (model.to, .data =) needs a new buffer.
         self.layouts = [(p.shape, p.stride(), p.dtype, p.device) for p in shared]
@@ -254,11 +256,13 @@ class TaskGradients:
 
     def form_sum(self) -> None:
         """Row K = Σ_i row i (in the math type, task order, one rounding: native sum_rows) and
-        remember the buffer's version, so that a later in-place change of it can be told."""
+        remember the buffer's version, so that a later in-place change of it can be told, and
+        (CPU) whether the task rows were finite, found in the same pass."""
         from ._native import _C, DType, cuda_module
 
         codes = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,
                  torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
+        self.sum_finite = False
         if self.size:
             if self.device.type == "cuda":
                 cmod = cuda_module()
@@ -267,8 +271,8 @@ class TaskGradients:
                                   self.row_length,
                                   torch.cuda.current_stream(self.device).cuda_stream)
             else:
-                _C.sum_rows(int(codes[self.dtype]), self.buffer.data_ptr(), self.k,
-                            self.row_length)
+                self.sum_finite = _C.sum_rows(int(codes[self.dtype]), self.buffer.data_ptr(),
+                                              self.k, self.row_length)
         self.sum_version = self.buffer._version
 
     def task_view(self, index: int) -> torch.Tensor:

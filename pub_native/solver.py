@@ -43,6 +43,9 @@ METHODS = {
 }
 
 _STATUS = tuple(SolveStatus)
+_NEWTON, _NEWTON_TOL, _NEWTON_MAX_ITER = METHODS["newton"]
+_ndarray = np.ndarray
+_new_result = tuple.__new__  # a NamedTuple built without its Python-level __new__
 
 
 _OPTIONS_CACHE: dict = {}
@@ -118,12 +121,19 @@ def solve_weights(
             bad ``method``, ``ridge``, ``tol``, ``max_iter`` or ``warm_start``.
         TypeError: G of another dtype or type.
     """
+    # The call a training step makes (one numpy matrix, default options) goes straight to the
+    # native solver: option checks and the result tuple cost as much as a K = 2 solve.
+    if (type(G) is _ndarray and warm_start is None and tol is None and max_iter is None
+            and type(method) is str and method == "newton" and type(ridge) is float
+            and ridge == 1e-8 and G.ndim == 2):
+        w, st, it, res = _C.solve_weights(G, None, _NEWTON, 1e-8, _NEWTON_TOL, _NEWTON_MAX_ITER)
+        return _new_result(SolveResult, (w, _STATUS[st], it, res))
     code, ridge, tol, max_iter = _options(method, ridge, tol, max_iter)
-    if type(G) is np.ndarray:
+    if type(G) is _ndarray:
         w, st, it, res = _C.solve_weights(G, warm_start, code, ridge, tol, max_iter)
         if G.ndim == 2:
-            return SolveResult(w, _STATUS[st], it, res)
-        return SolveResult(w, st, it, res)
+            return _new_result(SolveResult, (w, _STATUS[st], it, res))
+        return _new_result(SolveResult, (w, st, it, res))
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(G, torch.Tensor):
         return _solve_torch(torch, G, warm_start, code, ridge, tol, max_iter)

@@ -107,6 +107,62 @@ def test_nan_gradient_raises_and_changes_nothing(name, umm, reuse):
     run_pub(None, problem, 1, start=6, opt=opt)  # a good step afterwards works
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_sum_row_pass_reports_whether_the_task_rows_are_finite(dtype):
+    """backward's sum pass (row K = Σ rows) also tells whether rows 0..K-1 are finite, which
+    lets a step without a Gram pass skip its finiteness pass: never True when a row holds a
+    NaN or Inf, against torch.isfinite."""
+    from pub_native._native import _C, DType
+
+    code = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,
+            torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    K, P = 3, 70001
+    for bad in [None, float("nan"), float("inf"), -float("inf")]:
+        for where in [0, P // 2, P - 1]:
+            buf = torch.randn(K + 1, P, generator=gen).to(dtype)
+            if bad is not None:
+                buf[1, where] = bad
+            rows_finite = bool(torch.isfinite(buf[:K]).all())
+            finite = _C.sum_rows(int(code), buf.data_ptr(), K, P)
+            assert finite == rows_finite, (bad, where)
+            ref = buf[:K].float().sum(0) if dtype != torch.float64 else buf[:K].sum(0)
+            torch.testing.assert_close(buf[K], ref.to(dtype), rtol=0, atol=0, equal_nan=True)
+            if bad is None:
+                break
+    # Finite rows whose sum overflows: False (the step then checks the rows themselves).
+    big = torch.full((K + 1, 8), torch.finfo(torch.float32).max, dtype=torch.float32)
+    assert not _C.sum_rows(int(DType.FLOAT32), big.data_ptr(), K, 8)
+
+
+def test_reuse_step_with_finite_rows_whose_sum_overflows_is_applied():
+    """The finiteness found in backward's sum pass is a shortcut, never a verdict: a sum that
+    overflows on finite task gradients sends the step to its own finiteness pass."""
+    huge = 2e38  # finite; the sum of two tasks' gradients overflows float32
+    w = nn.Parameter(torch.ones(5))
+    opt = pub_native.Adam([w], lr=0.1, shared=[w], update_weights_every=100)
+    for t in range(2):
+        opt.zero_grad()
+        scale = torch.tensor([huge, 1.0, 1.0, 1.0, 1.0]) if t == 1 else torch.ones(5)
+        opt.backward([(w * scale).sum(), (w * scale * 2).sum() / 2])
+        before = w.detach().clone()
+        opt.step()
+        assert not torch.equal(w.detach()[1:], before[1:]), t
+    assert opt.state_dict()["pub"]["step"] == 2
+
+
+def test_nan_written_into_a_shared_grad_after_backward_is_caught_on_a_reuse_step():
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=45)
+    opt = run_pub(pub_native.Adam, problem, 2, update_weights_every=10)
+    snap = snapshot(opt, problem.params())
+    opt.zero_grad()
+    opt.backward(problem.losses(3))
+    problem.shared[0].grad.view(-1)[0] = float("nan")
+    with pytest.raises((FloatingPointError, RuntimeError)):
+        opt.step()
+    assert_unchanged(opt, problem.params(), snap)
+
+
 def test_nan_in_a_task_specific_gradient_names_the_parameter():
     problem = Problem(SHAPES["small"], 2, dtype=F32, seed=43)
     opt = run_pub(pub_native.Adam, problem, 1)

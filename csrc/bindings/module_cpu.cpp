@@ -228,7 +228,8 @@ void copy_in(std::vector<double>& v, const py::array& src, const char* name) {
 }
 
 void stepper_gram(cpu::Stepper& st, const py::list& segments, const DoubleArray& base,
-                  bool solve, double inv_scale, const py::object& task_scale) {
+                  bool solve, double inv_scale, const py::object& task_scale,
+                  bool shared_finite) {
   check_base(base);
   const std::vector<cpu::Segment> segs = to_segments(segments, base.shape(0));
   DoubleArray ts;
@@ -240,7 +241,7 @@ void stepper_gram(cpu::Stepper& st, const py::list& segments, const DoubleArray&
     ts_ptr = ts.data();
   }
   py::gil_scoped_release release;
-  st.gram(segs, base.data(), solve, inv_scale, ts_ptr);
+  st.gram(segs, base.data(), solve, inv_scale, ts_ptr, shared_finite);
 }
 
 int32_t stepper_finish(cpu::Stepper& st, const py::list& segments, const DoubleArray& base,
@@ -281,7 +282,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<cpu::Stepper>(m, "Stepper", "The CPU PUB step of one optimizer (pub_step_cpu.h).")
       .def(py::init<int64_t>(), py::arg("num_tasks"))
       .def("gram", &stepper_gram, py::arg("segments"), py::arg("base").noconvert(),
-           py::arg("solve"), py::arg("inv_scale"), py::arg("task_scale"))
+           py::arg("solve"), py::arg("inv_scale"), py::arg("task_scale"),
+           py::arg("shared_finite") = false)
       .def("finish", &stepper_finish, py::arg("segments"), py::arg("base").noconvert(),
            py::arg("solve"), py::arg("method"), py::arg("ridge"), py::arg("tol"),
            py::arg("max_iter"), py::arg("normalize_sum"), py::arg("found_inf"))
@@ -392,11 +394,11 @@ PYBIND11_MODULE(_C, m) {
         if (dtype < kFloat32 || dtype > kFloat16) throw py::value_error("unknown dtype code");
         if (buf == 0 || K < 1 || P < 0) throw py::value_error("sum_rows: bad buffer");
         py::gil_scoped_release release;
-        cpu::sum_rows(static_cast<DType>(dtype), reinterpret_cast<void*>(buf), K, P);
+        return cpu::sum_rows(static_cast<DType>(dtype), reinterpret_cast<void*>(buf), K, P);
       },
       py::arg("dtype"), py::arg("buffer"), py::arg("num_tasks"), py::arg("row_length"),
       "Row K of a (K + 1, P) CPU buffer = the sum of rows 0..K-1 (in the math type, rounded "
-      "once).");
+      "once). Returns whether every sum is finite, which proves rows 0..K-1 finite.");
   m.attr("MAX_STATES") = kMaxStates;
   m.attr("CUDA_MAX_TASKS") = kCudaMaxTasks;
   m.attr("SYMMETRY_TOL_F64") = kSymmetryTolF64;

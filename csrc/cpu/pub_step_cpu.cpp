@@ -64,24 +64,31 @@ struct FiniteDispatch {
 };
 
 template <class Tp>
-void sum_rows_typed(Tp* buf, int64_t K, int64_t P) {
+bool sum_rows_typed(Tp* buf, int64_t K, int64_t P) {
   using T = typename MathType<Tp>::type;
   Tp* out = buf + K * P;
+  int bad = 0;
   // Threads only where there is work for them (waking a team costs more than a small sum).
-#pragma omp parallel for schedule(static) if (K * P >= kGramChunk)
+#pragma omp parallel for schedule(static) num_threads(detail::team_size(K * P, P)) \
+    reduction(| : bad)
   for (int64_t j = 0; j < P; ++j) {
     T s = T(0);
     for (int64_t i = 0; i < K; ++i) s += to_math<T>(buf[i * P + j]);
+    // A NaN or Inf in any row makes the sum NaN or Inf (the converse may fail: an overflow).
+    const T d = s - s;
+    bad |= static_cast<int>(d != d);
     out[j] = from_math<Tp>(s);
   }
+  return bad == 0;
 }
 
 struct SumDispatch {
   void* buf;
   int64_t K, P;
+  bool* finite;
   template <class Tp>
   void operator()() const {
-    sum_rows_typed(static_cast<Tp*>(buf), K, P);
+    *finite = sum_rows_typed(static_cast<Tp*>(buf), K, P);
   }
 };
 
@@ -144,8 +151,10 @@ void find_nonfinite(const Segment& seg, uint8_t* bad) {
   detail::dispatch_dtype(seg.cfg.dtype, FiniteDispatch{seg, bad});
 }
 
-void sum_rows(DType d, void* buf, int64_t K, int64_t P) {
-  detail::dispatch_dtype(d, SumDispatch{buf, K, P});
+bool sum_rows(DType d, void* buf, int64_t K, int64_t P) {
+  bool finite = false;
+  detail::dispatch_dtype(d, SumDispatch{buf, K, P, &finite});
+  return finite;
 }
 
 void rescale_factors(const Segment& seg, double* ratio, uint8_t* edited) {
@@ -167,7 +176,7 @@ Stepper::Stepper(int64_t num_tasks)
 }
 
 void Stepper::gram(const std::vector<Segment>& segs, const double* base, bool solve,
-                   double inv_scale, const double* task_scale) {
+                   double inv_scale, const double* task_scale, bool shared_finite) {
   const size_t n = segs.size();
   sigma_.resize(n);
   gscale_.resize(n);
@@ -213,7 +222,7 @@ void Stepper::gram(const std::vector<Segment>& segs, const double* base, bool so
       any_gram = true;
     } else {
       sigma_[s].clear();
-      find_nonfinite(seg, bad_tensor[s].data());
+      if (!(shared && shared_finite)) find_nonfinite(seg, bad_tensor[s].data());
     }
   }
   // A task absent from this batch: no row or column in G, so the solver gives it weight 0.

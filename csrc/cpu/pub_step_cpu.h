@@ -24,8 +24,10 @@ struct Segment {
 void find_nonfinite(const Segment& seg, uint8_t* bad);
 
 // Row K of the (K + 1) × P buffer `buf` (element type d) = Σ_i row i, summed in the math type in
-// task order and rounded once: what a shared parameter's .grad holds after backward.
-void sum_rows(DType d, void* buf, int64_t K, int64_t P);
+// task order and rounded once: what a shared parameter's .grad holds after backward. Returns
+// whether every sum was finite, which proves rows 0..K-1 finite (a NaN or Inf in a row makes
+// its sum NaN or Inf); false may also mean a sum overflowed.
+bool sum_rows(DType d, void* buf, int64_t K, int64_t P);
 
 // For each tensor of a shared segment whose kTGradSum is set: the factor c with
 // .grad ≈ c·Σ_i g_i (the sum recomputed exactly as sum_rows forms it), and whether .grad is no
@@ -43,8 +45,10 @@ class Stepper {
   // finiteness pass over the task gradients; and a finiteness pass over the plain segments'
   // gradients. A task with task_scale 0 is absent from this batch: its row and column of G are
   // zero (so its weight is 0).
+  // shared_finite: the shared segments' task gradients are known to be finite (sum_rows said so
+  // and nothing wrote them since), so a step without a Gram pass skips their finiteness pass.
   void gram(const std::vector<Segment>& segs, const double* base, bool solve, double inv_scale,
-            const double* task_scale);
+            const double* task_scale, bool shared_finite = false);
 
   // Phase 2. Decides the outcome from found_inf and the flags of phase 1 (step_outcome); if the
   // step is applied: solves for α on solve steps (warm-started) and forms α̂, runs the apply

@@ -148,12 +148,14 @@ inline int max_threads() {
 constexpr int64_t kWorkPerThread = int64_t(1) << 18;
 // Threads for a pass over `items` (K tasks each): no more than there are items, nor than the
 // work keeps busy. The results do not depend on it (per-item partial sums, fixed order).
+inline int team_size(int64_t work, int64_t n_items) {
+  const int64_t by_work = std::max<int64_t>(work / kWorkPerThread, 1);
+  return static_cast<int>(std::min<int64_t>({max_threads(), std::max<int64_t>(n_items, 1), by_work}));
+}
 inline int team_size(const std::vector<Item>& items, int64_t K) {
   int64_t elements = 0;
   for (const Item& it : items) elements += it.end - it.begin;
-  const int64_t by_work = std::max<int64_t>(elements * std::max<int64_t>(K, 1) / kWorkPerThread, 1);
-  const int64_t n_items = std::max<int64_t>(static_cast<int64_t>(items.size()), 1);
-  return static_cast<int>(std::min<int64_t>({max_threads(), n_items, by_work}));
+  return team_size(elements * std::max<int64_t>(K, 1), static_cast<int64_t>(items.size()));
 }
 
 inline int thread_id() {

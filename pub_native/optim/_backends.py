@@ -112,7 +112,7 @@ class CpuBackend:
         inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         found = found_inf is not None and bool(found_inf)
         segs = [(self._config(seg), seg.table) for seg in plan.segments]
-        st.gram(segs, plan.base, solve, inv_scale, task_scale)
+        st.gram(segs, plan.base, solve, inv_scale, task_scale, plan.shared_finite)
         if between is not None:
             between()
         code, ridge, tol, max_iter = solver_args(options)

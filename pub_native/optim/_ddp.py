@@ -112,6 +112,7 @@ class DataParallel:
         if not self.shard:
             grads.form_sum()
             return
+        grads.sum_finite = False  # each process summed its shard only
         from .._native import _C, DType, cuda_module
 
         codes = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,

@@ -80,6 +80,9 @@ class StepPlan:
     # state entries a shard was cut from (removed once the shard holds them).
     pending_shard_state: dict[torch.Tensor, dict[str, Any]] = field(default_factory=dict)
     sharded: bool = False
+    # The shared segments' task gradients are known to be finite (checked as their sum was formed
+    # in backward, unwritten since): a step without a Gram pass may skip their finiteness pass.
+    shared_finite: bool = False
 
     @property
     def has_shared(self) -> bool:

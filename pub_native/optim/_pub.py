@@ -495,6 +495,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if plan is None:
             self._pending = False
             return
+        plan.shared_finite = (pending and not rescan and dp is None
+                              and self._grads.sum_finite)
         backend = self._backend_for(plan)
         every = self.options.update_weights_every
         solve = pending and plan.has_shared and (not self._solved or self._t % every == 0)
