@@ -47,20 +47,11 @@ def time_native(G, method, reps, rounds):
     return per_call
 
 
-def per_call_ns(fn, reps=20000, rounds=15):
-    """Median over rounds of the mean time of `reps` back-to-back calls of fn(), in ns."""
-    out = []
-    for _ in range(rounds):
-        t0 = time.perf_counter_ns()
-        for _ in range(reps):
-            fn()
-        out.append((time.perf_counter_ns() - t0) / reps)
-    return statistics.median(out)
-
-
-def overhead(G):
-    """Where a K = 2 solve's time goes, called from Python: an empty Python call, an empty call
-    into the native module, the native solver entry called directly, and solve_weights."""
+def overhead(G, reps=20000, rounds=15):
+    """Where a K = 2 solve's time goes, called from Python (ns per call; medians over rounds, the
+    four timed round robin so that a change of machine load hits them alike): an empty Python
+    call, an empty call into the native module, the native solver entry called directly, and
+    solve_weights."""
     from pub_native._native import _C
 
     code, tol, max_iter = pub_native.solver.METHODS["newton"]
@@ -68,13 +59,20 @@ def overhead(G):
     def empty():
         return None
 
-    return {
-        "python_call_ns": per_call_ns(empty),
-        "native_call_ns": per_call_ns(_C.omp_max_threads),
-        "native_solve_ns": per_call_ns(lambda: _C.solve_weights(G, None, code, 1e-8, tol,
-                                                                max_iter)),
-        "solve_weights_ns": per_call_ns(lambda: solve_weights(G)),
+    calls = {
+        "python_call_ns": empty,
+        "native_call_ns": _C.omp_max_threads,
+        "native_solve_ns": lambda: _C.solve_weights(G, None, code, 1e-8, tol, max_iter),
+        "solve_weights_ns": lambda: solve_weights(G),
     }
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter_ns()
+            for _ in range(reps):
+                fn()
+            times[name].append((time.perf_counter_ns() - t0) / reps)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def time_reference(solver, G, rounds):
