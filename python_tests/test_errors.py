@@ -151,6 +151,23 @@ def test_reuse_step_with_finite_rows_whose_sum_overflows_is_applied():
     assert opt.state_dict()["pub"]["step"] == 2
 
 
+def test_rescaled_grad_that_overflows_the_task_gradients_is_refused_not_applied():
+    """.grad scaled up between backward and step: each task's gradient is rescaled alike, and
+    when that overflows float32 the step is refused as non-finite instead of writing NaN."""
+    w = nn.Parameter(torch.ones(3))
+    opt = pub_native.Adam([w], lr=0.1, shared=[w], update_weights_every=100)
+    opt.zero_grad()
+    opt.backward([w.sum(), (2 * w).sum()])
+    opt.step()
+    snap = snapshot(opt, [w])
+    opt.zero_grad()
+    opt.backward([(10 * w).sum(), (-9.999 * w).sum()])
+    w.grad.mul_(1e38)  # .grad stays finite (~1e35); the task gradients times 1e38 do not
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \[0, 1\]"):
+        opt.step()
+    assert_unchanged(opt, [w], snap)
+
+
 def test_nan_written_into_a_shared_grad_after_backward_is_caught_on_a_reuse_step():
     problem = Problem(SHAPES["small"], 2, dtype=F32, seed=45)
     opt = run_pub(pub_native.Adam, problem, 2, update_weights_every=10)

@@ -24,7 +24,7 @@ void run(const PassArgs& a, Pass pass) {
 }
 
 template <class Tp>
-void find_nonfinite_typed(const Segment& seg, uint8_t* bad) {
+void find_nonfinite_typed(const Segment& seg, const double* gscale, uint8_t* bad) {
   using T = typename MathType<Tp>::type;
   const int64_t K = seg.cfg.num_tasks;
   const std::vector<Item> items = detail::make_items(seg.table, seg.n_tensors);
@@ -38,10 +38,13 @@ void find_nonfinite_typed(const Segment& seg, uint8_t* bad) {
     const Tp* g = reinterpret_cast<const Tp*>(row[kTGrad]);
     for (int64_t i = 0; i < K; ++i) {
       const Tp* gi = g + i * seg.cfg.grad_task_stride;
+      // The gradient as the passes see it (unscaled, rescaled): a finite value that a
+      // multiplier above 1 takes past the largest float is caught too.
+      const T mult = static_cast<T>(gscale ? gscale[item.tensor * K + i] : 1.0);
       // x − x is 0 for finite x and NaN otherwise; an integer OR keeps the loop vectorizable.
       int flag = 0;
       for (int64_t j = item.begin; j < item.end; ++j) {
-        const T x = to_math<T>(gi[j]);
+        const T x = mult * to_math<T>(gi[j]);
         const T d = x - x;
         flag |= static_cast<int>(d != d);
       }
@@ -56,10 +59,11 @@ void find_nonfinite_typed(const Segment& seg, uint8_t* bad) {
 
 struct FiniteDispatch {
   const Segment& seg;
+  const double* gscale;
   uint8_t* bad;
   template <class Tp>
   void operator()() const {
-    find_nonfinite_typed<Tp>(seg, bad);
+    find_nonfinite_typed<Tp>(seg, gscale, bad);
   }
 };
 
@@ -147,8 +151,8 @@ bool all_finite(const std::vector<double>& v) {
 
 }  // namespace
 
-void find_nonfinite(const Segment& seg, uint8_t* bad) {
-  detail::dispatch_dtype(seg.cfg.dtype, FiniteDispatch{seg, bad});
+void find_nonfinite(const Segment& seg, const double* gscale, uint8_t* bad) {
+  detail::dispatch_dtype(seg.cfg.dtype, FiniteDispatch{seg, gscale, bad});
 }
 
 bool sum_rows(DType d, void* buf, int64_t K, int64_t P) {
@@ -222,7 +226,10 @@ void Stepper::gram(const std::vector<Segment>& segs, const double* base, bool so
       any_gram = true;
     } else {
       sigma_[s].clear();
-      if (!(shared && shared_finite)) find_nonfinite(seg, bad_tensor[s].data());
+      // Rows known to be finite stay finite under multipliers ≤ 1 (GradScaler's 1/scale with
+      // scale ≥ 1, task scales 0 or 1; a rescaled .grad turns the shortcut off upstream).
+      const bool known_finite = shared && shared_finite && inv_scale <= 1.0;
+      if (!known_finite) find_nonfinite(seg, gs.data(), bad_tensor[s].data());
     }
   }
   // A task absent from this batch: no row or column in G, so the solver gives it weight 0.
@@ -233,7 +240,7 @@ void Stepper::gram(const std::vector<Segment>& segs, const double* base, bool so
     // Attribute the failure: NaN/Inf gradients, or finite gradients whose updates overflow.
     for (size_t s = 0; s < n; ++s)
       if (segs[s].cfg.kind == SegmentKind::kShared && !sigma_[s].empty())
-        find_nonfinite(segs[s], bad_tensor[s].data());
+        find_nonfinite(segs[s], gscale_[s].data(), bad_tensor[s].data());
     update_nonfinite = true;
   }
   grad_nonfinite = false;

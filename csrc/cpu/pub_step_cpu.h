@@ -20,8 +20,8 @@ struct Segment {
 };
 
 // A finiteness pass over the gradients of a segment: bad[t·K + i] = 1 when task i's gradient
-// of tensor t holds a NaN or Inf.
-void find_nonfinite(const Segment& seg, uint8_t* bad);
+// of tensor t, times its multiplier gscale[t·K + i] (null: 1), holds a NaN or Inf.
+void find_nonfinite(const Segment& seg, const double* gscale, uint8_t* bad);
 
 // Row K of the (K + 1) × P buffer `buf` (element type d) = Σ_i row i, summed in the math type in
 // task order and rounded once: what a shared parameter's .grad holds after backward. Returns
