@@ -104,6 +104,44 @@ struct Lanes16 {
 };
 #endif
 
+// Σ_j a_j·b_j over a tile (n ≤ kTile elements) in float32, kLanes lanes (lane l takes the
+// elements j ≡ l mod kLanes, so each lane sums at most kTile/kLanes = 16 products), added to
+// the float64 lanes `acc`. Float32 products and block sums have a relative error of at most
+// ~17·2⁻²⁴ of Σ|a_j b_j| per tile, the float64 accumulation over tiles adds next to nothing:
+// the Gram entries carry the error the float32 task updates already have, at half the work
+// of float64 products.
+PN_CPU_INLINE void add_tile_products(Lanes16& acc, const float* a, const float* b, int64_t n) {
+#if defined(__GNUC__)
+  typedef float f8 __attribute__((vector_size(32)));
+  f8 s0 = {}, s1 = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    f8 a0, a1, b0, b1;
+    __builtin_memcpy(&a0, a + j, sizeof a0);
+    __builtin_memcpy(&a1, a + j + 8, sizeof a1);
+    __builtin_memcpy(&b0, b + j, sizeof b0);
+    __builtin_memcpy(&b1, b + j + 8, sizeof b1);
+    s0 += a0 * b0;
+    s1 += a1 * b1;
+  }
+  double w[kLanes];
+  for (int l = 0; l < 8; ++l) {
+    w[l] = static_cast<double>(s0[l]);
+    w[8 + l] = static_cast<double>(s1[l]);
+  }
+#else
+  float s[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] += a[j + l] * b[j + l];
+  double w[kLanes];
+  for (int l = 0; l < kLanes; ++l) w[l] = static_cast<double>(s[l]);
+#endif
+  static const double ones[kLanes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  acc.fma(w, ones);
+  for (; j < n; ++j) acc.add0(static_cast<double>(a[j]) * static_cast<double>(b[j]));
+}
+
 struct Item {
   int64_t tensor, begin, end;
 };
@@ -277,13 +315,17 @@ struct GramKernel {
     }
   }
 
-  // One item for any K: tiles of kTile elements; the K task updates of a tile are widened to
-  // float64 in scratch `u` (K × kTile), then their products are summed pair by pair into
-  // kLanes lanes per Gram entry (`lanes`: K × K entries, then K squared-gradient sums), which
-  // live for the whole item and are added up once at its end.
+  // The task updates of a tile as the tiled loops keep them: float32 updates as they are (their
+  // products summed in float32 over the tile, add_tile_products), float64 ones as float64.
+  using U = T;
+
+  // One item for any K: tiles of kTile elements; the K task updates of a tile go to scratch
+  // `u` (K × kTile), then their products are summed pair by pair into kLanes float64 lanes per
+  // Gram entry (`lanes`: K × K entries, then K squared-gradient sums), which live for the
+  // whole item and are added up once at its end.
   PN_CPU_INLINE static void item_tiled(const Rule& rule, const TensorView<T>& tv,
                                        const Item& item, int64_t K, const T* mult, T wd, T lrel,
-                                       T labs, double* u, T* theta, Lanes16* lanes, double* Gp,
+                                       T labs, U* u, T* theta, Lanes16* lanes, double* Gp,
                                        double* Sq, T* mr) {
     Lanes16* sq_lanes = lanes + K * K;
     for (int64_t e = 0; e < K * K + K; ++e) lanes[e] = Lanes16{};
@@ -298,7 +340,7 @@ struct GramKernel {
         const Tp* g = grads + i * tv.grad_stride + j0;
         const int64_t s0 = i * tv.state_stride + j0;
         const T mi = mult[i];
-        double* ui = u + i * kTile;
+        U* ui = u + i * kTile;
 #pragma GCC ivdep
         for (int64_t j = 0; j < n; ++j) {
           T s[kMaxStates], next[kMaxStates];
@@ -310,7 +352,7 @@ struct GramKernel {
       }
       if constexpr (kClippy) {
         for (int64_t i = 0; i < K; ++i) {
-          const double* ui = u + i * kTile;
+          const U* ui = u + i * kTile;
           T m = mr[i];
 #pragma GCC ivdep
           for (int64_t j = 0; j < n; ++j) {
@@ -339,13 +381,17 @@ struct GramKernel {
         sq_lanes[i] = acc;
       }
       for (int64_t i = 0; i < K; ++i) {
-        const double* ui = u + i * kTile;
+        const U* ui = u + i * kTile;
         for (int64_t k = 0; k <= i; ++k) {
-          const double* uk = u + k * kTile;
+          const U* uk = u + k * kTile;
           Lanes16 acc = lanes[i * K + k];
-          int64_t j = 0;
-          for (; j + kLanes <= n; j += kLanes) acc.fma(ui + j, uk + j);
-          for (; j < n; ++j) acc.add0(ui[j] * uk[j]);
+          if constexpr (std::is_same_v<U, float>) {
+            add_tile_products(acc, ui, uk, n);
+          } else {
+            int64_t j = 0;
+            for (; j + kLanes <= n; j += kLanes) acc.fma(ui + j, uk + j);
+            for (; j < n; ++j) acc.add0(ui[j] * uk[j]);
+          }
           lanes[i * K + k] = acc;
         }
       }
@@ -365,9 +411,9 @@ struct GramKernel {
     const int nthreads;
     std::vector<double> partial, partial_sq;
     std::vector<T> min_ratio;
-    // Per thread: the K task updates of a tile (tiled items), widened to float64 once for the
-    // products, θ, and the K gradient multipliers of the item's tensor.
-    std::vector<double> scratch;
+    // Per thread: the K task updates of a tile (tiled items), θ, and the K gradient
+    // multipliers of the item's tensor.
+    std::vector<U> scratch;
     std::vector<T> theta_scratch, mult_scratch;
     std::vector<Lanes16> lanes_scratch;
 
