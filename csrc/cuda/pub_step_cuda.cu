@@ -150,13 +150,14 @@ __global__ void gram_reduce_kernel(int K, const int64_t* items, int64_t n_items,
   if (i != k) G[k * K + i] = G[i * K + k];
 }
 
-// One block per work item: bad[t·K + i] = 1 when task i's gradient of the item's tensor holds a
-// NaN or Inf, and the step's grad flag. With `gate`, only when the K×K gate is non-finite (the
-// attribution pass after a non-finite Gram matrix costs nothing otherwise).
+// One block per work item: bad[t·K + i] = 1 when task i's gradient of the item's tensor, times
+// its multiplier gscale[t·K + i] (as the passes see it), holds a NaN or Inf, and the step's grad
+// flag. With `gate`, only when the K×K gate is non-finite (the attribution pass after a
+// non-finite Gram matrix costs nothing otherwise).
 template <class Tp>
 __global__ void check_kernel(const int64_t* table, const int64_t* items, int K,
-                             int64_t task_stride, const double* gate, int32_t* bad,
-                             int32_t* flags) {
+                             int64_t task_stride, const double* gscale, const double* gate,
+                             int32_t* bad, int32_t* flags) {
   using T = typename MathType<Tp>::type;
   if (gate) {
     bool finite = true;
@@ -167,9 +168,10 @@ __global__ void check_kernel(const int64_t* table, const int64_t* items, int K,
   const int64_t tensor = items[3 * it], begin = items[3 * it + 1], end = items[3 * it + 2];
   const Tp* g = reinterpret_cast<const Tp*>(table[tensor * kTableCols + kTGrad]);
   for (int i = 0; i < K; ++i) {
+    const T mult = static_cast<T>(gscale[tensor * K + i]);
     bool nonfinite = false;
     for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x)
-      nonfinite |= !pn_isfinite_t(to_math<T>(g[i * task_stride + j]));
+      nonfinite |= !pn_isfinite_t(mult * to_math<T>(g[i * task_stride + j]));
     if (__syncthreads_or(nonfinite) && threadIdx.x == 0) {
       bad[tensor * K + i] = 1;
       flags[kFlagGradNonFinite] = 1;
@@ -243,17 +245,17 @@ void launch_check(const DeviceSegment& s, const double* gate, const DeviceStep& 
   switch (s.cfg.dtype) {
     case kFloat32:
       check_kernel<float><<<grid, kThreads, 0, stream>>>(s.table, s.items, K,
-                                                         s.cfg.grad_task_stride, gate, s.bad,
+                                                         s.cfg.grad_task_stride, s.gscale, gate, s.bad,
                                                          d.flags);
       break;
     case kBFloat16:
       check_kernel<bf16_t><<<grid, kThreads, 0, stream>>>(s.table, s.items, K,
-                                                          s.cfg.grad_task_stride, gate, s.bad,
+                                                          s.cfg.grad_task_stride, s.gscale, gate, s.bad,
                                                           d.flags);
       break;
     case kFloat16:
       check_kernel<half_t><<<grid, kThreads, 0, stream>>>(s.table, s.items, K,
-                                                          s.cfg.grad_task_stride, gate, s.bad,
+                                                          s.cfg.grad_task_stride, s.gscale, gate, s.bad,
                                                           d.flags);
       break;
     default:
