@@ -11,6 +11,7 @@ model on the whole batches in one process and compares.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
         except Exception as exc:  # the test reads the error from the rank's file
             torch.save({"error": f"{type(exc).__name__}: {exc}"},
                        os.path.join(args.out, f"rank{args.rank}.pt"))
-            dist.destroy_process_group()
+            _leave(args)
             return 0
         rank_file = f"rank{args.rank}.pt"
     weights = None if bal is not None else opt.task_weights
@@ -180,8 +181,18 @@ def main(argv=None) -> int:
                 "state": None if bal is not None else opt.state_dict()},
                os.path.join(args.out, rank_file))
     if args.mode != "single":
-        dist.destroy_process_group()
+        _leave(args)
     return 0
+
+
+def _leave(args) -> None:
+    """Leave the process group together: a rank that tears gloo down while its peer still
+    talks to it can abort the peer ("terminate called without an active exception")."""
+    if args.backend == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    else:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
