@@ -274,7 +274,9 @@ def test_compiled_step_equals_eager(fullgraph):
     def compiled_step():
         o1.step()
 
-    _compiled_beside_eager(compiled_step, o1, m1, o2, m2, steps=4)
+    _train_compiled_beside_eager(compiled_step, o1, m1, o2, m2, steps=4)
+    assert o1.state_dict()["pub"]["step"] == o2.state_dict()["pub"]["step"] == 4
+    assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
 
 
 @pytest.mark.slow
@@ -284,11 +286,13 @@ def test_compiled_step_with_inductor_equals_eager():
     m2 = copy.deepcopy(m1)
     o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
     o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
-    _compiled_beside_eager(torch.compile(o1.step), o1, m1, o2, m2, steps=3)
+    _train_compiled_beside_eager(torch.compile(o1.step), o1, m1, o2, m2, steps=3)
+    assert o1.state_dict()["pub"]["step"] == o2.state_dict()["pub"]["step"] == 3
+    assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
 
 
-def _compiled_beside_eager(compiled_step, o1, m1, o2, m2, steps):
-    """Train twin models, o1 stepped by ``compiled_step`` and o2 eagerly: the same to the bit."""
+def _train_compiled_beside_eager(compiled_step, o1, m1, o2, m2, steps):
+    """Train twin models on the same batches, o1 stepped by ``compiled_step``, o2 eagerly."""
     for t in range(steps):
         batch = mmoe_batch(t)
         for o, m in ((o1, m1), (o2, m2)):
@@ -296,7 +300,6 @@ def _compiled_beside_eager(compiled_step, o1, m1, o2, m2, steps):
             o.backward(mmoe_losses(m, batch))
         compiled_step()
         o2.step()
-    assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------
