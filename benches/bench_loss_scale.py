@@ -54,7 +54,7 @@ def table(per_scale: dict, scales: list[float], methods: list[str], tasks: list[
 def figure(per_scale: dict, scales, methods, tasks, title, path) -> None:
     import matplotlib.pyplot as plt
 
-    from pub_native.demo.plots import lines_panel, method_style
+    from pub_native.demo.plots import lines_panel, method_style, save_figure
 
     fig, axes = plt.subplots(2, len(tasks), figsize=(7 * len(tasks), 9), squeeze=False)
     for k, task in enumerate(tasks):
@@ -74,10 +74,7 @@ def figure(per_scale: dict, scales, methods, tasks, title, path) -> None:
                     ylabel="test AUC − LS's (95% interval; above 0 = better)")
         ax.set_title(f"{task}: difference from LS (paired by seed)")
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def main(argv=None) -> int:

@@ -100,7 +100,7 @@ def figure(summary: dict, runs: list, rhos: list[float], methods: list[str],
     ties look like differences)."""
     import matplotlib.pyplot as plt
 
-    from pub_native.demo.plots import lines_panel, method_style
+    from pub_native.demo.plots import lines_panel, method_style, save_figure
 
     fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 9), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 2]})
@@ -123,10 +123,7 @@ def figure(summary: dict, runs: list, rhos: list[float], methods: list[str],
                     ylabel="test MSE − LS's, % of LS's (95% interval; below 0 = better)")
         ax.set_title(f"{MODEL_NAMES[model]}: difference from LS (paired by seed)")
     axes[1][0].legend(fontsize=7, ncol=3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def main(argv=None) -> int:

@@ -83,6 +83,8 @@ def _compact(r: dict, args) -> dict:
 def figure(results, pareto, args, path) -> None:
     import matplotlib.pyplot as plt
 
+    from pub_native.demo.plots import save_figure
+
     methods = list(results)
     cols = 4
     rows = math.ceil(len(methods) / cols)
@@ -110,12 +112,9 @@ def figure(results, pareto, args, path) -> None:
     for ax in axes.ravel()[len(methods):]:
         ax.axis("off")
     axes[0][0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Two-objective toy problem (CAGrad/NashMTL), f1 × {args.scale:g}: Adam lr "
-                 f"{args.lr:g}, {args.steps} steps from 5 starts (black dots; stars: ends); "
-                 "background: f1 + f2 (shifted)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, f"Two-objective toy problem (CAGrad/NashMTL), f1 × {args.scale:g}: Adam lr "
+                f"{args.lr:g}, {args.steps} steps from 5 starts (black dots; stars: ends); "
+                "background: f1 + f2 (shifted)", path, dpi=100)
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = ["as_loss_list", "compiled_graph", "reached_parameters", "split_shared",
-           "split_shared_by_gradients", "task_roots", "TaskGradients"]
+           "split_shared_by_gradients", "task_roots", "TaskGradients", "walk_graph"]
 
 
 def as_loss_list(losses, expected_k: int | None = None,
@@ -80,31 +80,33 @@ def task_roots(losses, items: list[torch.Tensor]) -> list:
     return [fn if fn is not None else losses] * len(items)
 
 
-def reached_parameters(root) -> set[int]:
-    """ids of the leaf tensors that the autograd graph below ``root`` (a loss tensor or an
-    autograd node) accumulates gradient into."""
-    seen_nodes: set = set()
+def walk_graph(starts) -> tuple[set, set[int]]:
+    """The autograd nodes reachable from ``starts`` (nodes, None allowed) and the ids of the
+    leaf tensors their AccumulateGrad nodes hold (the walk stops at those)."""
+    nodes: set = set()
     leaves: set[int] = set()
-    if isinstance(root, torch.Tensor):
-        if root.grad_fn is None:
-            if root.requires_grad:
-                leaves.add(id(root))
-            return leaves
-        root = root.grad_fn
-    if root is None:
-        return leaves
-    stack = [root]
+    stack = list(starts)
     while stack:
         node = stack.pop()
-        if node is None or node in seen_nodes:
+        if node is None or node in nodes:
             continue
-        seen_nodes.add(node)
+        nodes.add(node)
         var = getattr(node, "variable", None)
         if var is not None:
             leaves.add(id(var))
             continue
         stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-    return leaves
+    return nodes, leaves
+
+
+def reached_parameters(root) -> set[int]:
+    """ids of the leaf tensors that the autograd graph below ``root`` (a loss tensor or an
+    autograd node) accumulates gradient into."""
+    if isinstance(root, torch.Tensor):
+        if root.grad_fn is None:
+            return {id(root)} if root.requires_grad else set()
+        root = root.grad_fn
+    return walk_graph([root])[1]
 
 
 def split_shared(roots: list, params: list[torch.Tensor]) -> list[bool]:

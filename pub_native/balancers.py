@@ -38,6 +38,7 @@ from ._autograd import (
     reached_parameters,
     split_shared,
     task_roots,
+    walk_graph,
 )
 from ._distributed import average_gradients, data_parallel_group
 from .solver import SolveStatus, solve_weights
@@ -1110,21 +1111,10 @@ def _check_independent(reps: list[torch.Tensor]) -> None:
 
 def _graph_nodes(z: torch.Tensor) -> set:
     """Autograd nodes below z (z's own node excluded) and ids of the leaves they reach."""
-    seen: set = set()
-    out: set = set()
-    stack = [fn for fn, _ in z.grad_fn.next_functions] if z.grad_fn is not None else []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        out.add(node)
-        var = getattr(node, "variable", None)
-        if var is not None:
-            out.add(id(var))
-            continue
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-    return out
+    if z.grad_fn is None:
+        return set()
+    nodes, leaves = walk_graph(fn for fn, _ in z.grad_fn.next_functions)
+    return nodes | leaves
 
 
 BALANCERS = {"ls": LS, "nashmtl": NashMTL, "mgda-ub": MGDAUB, "imtl-g": IMTLG,

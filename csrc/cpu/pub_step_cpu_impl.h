@@ -81,6 +81,9 @@ struct Lanes16 {
   PN_CPU_INLINE void fma(const double* a, const double* b) {
     for (int q = 0; q < 4; ++q) v[q] += load(a + 4 * q) * load(b + 4 * q);
   }
+  PN_CPU_INLINE void add(const double* a) {
+    for (int q = 0; q < 4; ++q) v[q] += load(a + 4 * q);
+  }
   PN_CPU_INLINE void add0(double x) { v[0][0] += x; }
   PN_CPU_INLINE double sum() const {
     double s = 0.0;
@@ -94,6 +97,9 @@ struct Lanes16 {
   double v[kLanes] = {};
   void fma(const double* a, const double* b) {
     for (int l = 0; l < kLanes; ++l) v[l] += a[l] * b[l];
+  }
+  void add(const double* a) {
+    for (int l = 0; l < kLanes; ++l) v[l] += a[l];
   }
   void add0(double x) { v[0] += x; }
   double sum() const {
@@ -137,8 +143,7 @@ PN_CPU_INLINE void add_tile_products(Lanes16& acc, const float* a, const float* 
   double w[kLanes];
   for (int l = 0; l < kLanes; ++l) w[l] = static_cast<double>(s[l]);
 #endif
-  static const double ones[kLanes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-  acc.fma(w, ones);
+  acc.add(w);
   for (; j < n; ++j) acc.add0(static_cast<double>(a[j]) * static_cast<double>(b[j]));
 }
 

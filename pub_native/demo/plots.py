@@ -99,11 +99,18 @@ def difference_and_cost_figure(panels: list[tuple[str, list[dict]]], tasks: list
         ax_c.set_xlabel("time per step / LS's")
         ax_c.set_title(f"{model}: cost per step", fontsize=10)
         ax_c.grid(axis="x", alpha=0.3)
+    save_figure(fig, title, path)
+    return str(path)
+
+
+def save_figure(fig, title: str, path, dpi: int = 110) -> None:
+    """Title a figure, lay it out, write it to ``path`` and free it."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return str(path)
 
 
 def lines_panel(ax, xs: list, series: dict, *, key: str = "mean", half: str = "half_width",
