@@ -16,6 +16,8 @@ import torch
 from conftest import BF16, F32, F64, TOL
 from helpers import assert_close
 
+import pub_native
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (K, dtype, optimizer, options)
@@ -78,3 +80,33 @@ def test_avx2_loops_equal_baseline_loops(tmp_path):
         assert_close(a[0], b[0], tol, f"{case} weights")
         for j, (x, y) in enumerate(zip(a[1:], b[1:])):
             assert_close(x, y, tol, f"{case} param {j}")
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8])
+def test_float32_gram_sums_stay_within_their_error_bound(k):
+    # The Gram pass sums float32 products of float32 task updates over blocks of 16 per lane
+    # before float64 takes them (single sweep for K ≤ 4, tiles above). Bound per entry:
+    # |G − G₆₄| ≤ c·2⁻²⁴·Σ_j |u_ij·u_kj|, with G₆₄ the float64 Gram of the exact updates. c = 8
+    # leaves room for the updates' own rounding and the 16-term float32 sums (0.4 is typical);
+    # float32 sums over a whole work item (65536 elements) reach c ≈ 50 here.
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(300001,), (3, 1001), (17,), (129,)]
+    shared = [torch.zeros(s, requires_grad=True) for s in shapes]
+    # Gradients from far below ε to far above it: updates lr·g/(|g| + ε) of every magnitude.
+    grads = [[(torch.randn(s, generator=gen, dtype=F64)
+               * torch.exp(4 * torch.randn(s, generator=gen, dtype=F64)) * 1e-8).to(F32)
+              for s in shapes] for _ in range(k)]
+    opt = pub_native.Adam(shared, lr=1e-3, shared=shared)
+    opt.zero_grad()
+    opt.backward([sum((w * d).sum() for w, d in zip(shared, task)) for task in grads])
+    opt.step()
+    G = torch.from_numpy(opt._backend._stepper.G.copy())  # the Gram the step solved with
+    # Adam's first step from zero state, in float64: u = lr·(m/bc1)/(sqrt(v/bc2) + ε).
+    b1, b2, lr, eps = 0.9, 0.999, 1e-3, 1e-8
+    U = torch.stack([torch.cat([
+        (lr * ((1 - b1) * g.to(F64) / (1 - b1))
+         / (((1 - b2) * g.to(F64) ** 2 / (1 - b2)).sqrt() + eps)).reshape(-1) for g in task])
+        for task in grads])
+    exact, scale = U @ U.T, U.abs() @ U.abs().T
+    err = (G - exact).abs() / scale
+    assert err.max().item() <= 8 * 2.0 ** -24, err

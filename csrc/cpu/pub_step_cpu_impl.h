@@ -31,6 +31,8 @@ constexpr int kLanes = 16;
 // side by side (two AVX2 registers of float64 per Gram entry).
 constexpr int kGramLanes = 8;
 constexpr int kMaxFixedTasks = 4;
+// Elements per lane summed in float32 before a single-sweep lane adds them to its float64 sum.
+constexpr int kGramBlock = 16;
 
 // x86-64 builds compile each kernel twice, whatever CPU builds them: for x86-64-v3 (AVX2 +
 // FMA, every x86-64 server CPU since 2013-2015), with the single-sweep loops of K ≥ 2 tasks,
@@ -69,8 +71,10 @@ inline bool cpu_has_v3() {
 #if defined(__GNUC__)
 // kLanes float64 sums held in four 4-wide vectors, so that they stay in registers at any
 // optimization level: lane l takes the terms of the elements j ≡ l (mod kLanes), and sum()
-// adds the lanes in order.
-struct Lanes16 {
+// adds the lanes in order. The alignment is explicit: the baseline compilation of a file
+// aligns 32-byte vector types to 16 bytes only, while its x86-64-v3 functions load them with
+// aligned AVX instructions.
+struct alignas(32) Lanes16 {
   typedef double d4 __attribute__((vector_size(32)));
   d4 v[4] = {};
   PN_CPU_INLINE static d4 load(const double* p) {
@@ -254,6 +258,7 @@ struct GramKernel {
                          const T* mult, T wd, T lrel, T labs, double* Gp, double* Sq, T* mr) {
     constexpr int kPairs = kK * (kK + 1) / 2;
     constexpr int W = kGramLanes;
+    // float64 lanes, each fed once per block by the float32 sums of kGramBlock elements.
     double acc[kPairs][W] = {};
     double sq[kK][W] = {};
     T lo[kClippy ? kK : 1][W];
@@ -268,7 +273,10 @@ struct GramKernel {
       so[i] = i * tv.state_stride;
     }
     const Tp* param = static_cast<const Tp*>(tv.param);
-    auto element = [&](int64_t j, int l) PN_CPU_LAMBDA_INLINE {
+    // The task updates of element j; their products and squared gradients go to lane l of the
+    // float32 block sums `pa` and `qa`.
+    auto element = [&](int64_t j, int l, T (&pa)[kPairs][W], T (&qa)[kK][W])
+                       PN_CPU_LAMBDA_INLINE {
       T theta = T(0);
       if constexpr (kTheta) theta = to_math<T>(param[j]);
       T u[kK];
@@ -280,7 +288,7 @@ struct GramKernel {
         T gi = m[i] * raw;
         if constexpr (kTheta) gi += wd * theta;
         u[i] = rule(gi, s, next);
-        sq[i][l] += static_cast<double>(raw) * static_cast<double>(raw);
+        qa[i][l] += raw * raw;
         if constexpr (kClippy) {
           // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores, as the
           // ratio is defined over u ≠ 0 only.
@@ -291,16 +299,38 @@ struct GramKernel {
       unroll<kPairs>([&](auto P) PN_CPU_LAMBDA_INLINE {
         constexpr int p = decltype(P)::value;
         constexpr int i = pair_row(p), k = p - i * (i + 1) / 2;
-        acc[p][l] += static_cast<double>(u[i]) * static_cast<double>(u[k]);
+        pa[p][l] += u[i] * u[k];
       });
     };
+    auto flush = [&](const T (&pa)[kPairs][W], const T (&qa)[kK][W]) {
+      for (int p = 0; p < kPairs; ++p)
+        for (int l = 0; l < W; ++l) acc[p][l] += static_cast<double>(pa[p][l]);
+      for (int i = 0; i < kK; ++i)
+        for (int l = 0; l < W; ++l) sq[i][l] += static_cast<double>(qa[i][l]);
+    };
+    // Blocks of kGramBlock elements per lane: each float32 sum takes at most kGramBlock
+    // products, as in add_tile_products (the same error bound), before its float64 lane does.
+    constexpr int64_t kBlock = int64_t(W) * kGramBlock;
     const int64_t n = item.end - item.begin;
-    const int64_t full = item.begin + (n - n % W);
-    for (int64_t j0 = item.begin; j0 < full; j0 += W) {
+    const int64_t full = item.begin + (n - n % kBlock);
+    for (int64_t b0 = item.begin; b0 < full; b0 += kBlock) {
+      T pa[kPairs][W] = {};
+      T qa[kK][W] = {};
+      // Not unrolled: sixteen copies of the body would lengthen the build for nothing.
+#pragma GCC unroll 1
+      for (int64_t j0 = b0; j0 < b0 + kBlock; j0 += W) {
 #pragma omp simd
-      for (int l = 0; l < W; ++l) element(j0 + l, l);
+        for (int l = 0; l < W; ++l) element(j0 + l, l, pa, qa);
+      }
+      flush(pa, qa);
     }
-    for (int64_t j = full; j < item.end; ++j) element(j, static_cast<int>(j - full));
+    if (full < item.end) {  // the last, partial block
+      T pa[kPairs][W] = {};
+      T qa[kK][W] = {};
+      for (int64_t j = full; j < item.end; ++j)
+        element(j, static_cast<int>((j - full) % W), pa, qa);
+      flush(pa, qa);
+    }
     // Lanes in a fixed order.
     int p = 0;
     for (int i = 0; i < kK; ++i) {
@@ -368,20 +398,24 @@ struct GramKernel {
           mr[i] = m;
         }
       }
-      // ‖g_i‖² of the tile (raw values; the multiplier is applied once per item), in
-      // independent float64 lanes like the products.
+      // ‖g_i‖² of the tile (raw values; the multiplier is applied once per item), in the lanes
+      // of the products: float32 gradients summed like float32 updates, others in float64.
       for (int64_t i = 0; i < K; ++i) {
         const Tp* g = grads + i * tv.grad_stride + j0;
         Lanes16 acc = sq_lanes[i];
-        int64_t j = 0;
-        for (; j + kLanes <= n; j += kLanes) {
-          double x[kLanes];
-          for (int l = 0; l < kLanes; ++l) x[l] = static_cast<double>(to_math<T>(g[j + l]));
-          acc.fma(x, x);
-        }
-        for (; j < n; ++j) {
-          const double x = static_cast<double>(to_math<T>(g[j]));
-          acc.add0(x * x);
+        if constexpr (std::is_same_v<Tp, float>) {
+          add_tile_products(acc, g, g, n);
+        } else {
+          int64_t j = 0;
+          for (; j + kLanes <= n; j += kLanes) {
+            double x[kLanes];
+            for (int l = 0; l < kLanes; ++l) x[l] = static_cast<double>(to_math<T>(g[j + l]));
+            acc.fma(x, x);
+          }
+          for (; j < n; ++j) {
+            const double x = static_cast<double>(to_math<T>(g[j]));
+            acc.add0(x * x);
+          }
         }
         sq_lanes[i] = acc;
       }
