@@ -3,9 +3,11 @@
 For P shared parameters (four tensors) and K tasks, times ``opt.step()`` of pub_native.Adam on a
 weight-update step (Gram pass + K×K solve + apply pass) and on a reuse step
 (update_weights_every > 1: finiteness check + apply pass), torch.optim.Adam(fused=True) on the
-same P, and the plain-PyTorch reference PUB (``backend="reference"``). The backward
-that fills the per-task gradients is not timed. Achieved bandwidth uses SPEC section 6's byte
-model (2K + 8)·4·P for a weight-update step, against the copy bandwidth measured here.
+same P, and the plain-PyTorch reference PUB (``backend="reference"``). Fused Adam and the two PUB
+steps are timed in turn, round after round, so that each row's ratios come from steps that saw
+the same state of the machine; the backward that fills the per-task gradients is not timed.
+Achieved bandwidth uses SPEC section 6's byte model (2K + 8)·4·P for a weight-update step,
+against the copy bandwidth measured here.
 
     python benches/bench_step.py            # P ∈ {1M, 16M}, K ∈ {2, 4, 8}
     python benches/bench_step.py --quick    # P = 1M, K = 2
@@ -72,29 +74,59 @@ def losses_for(shared, dirs):
     return [sum((p * d).sum() for p, d in zip(shared, ds)) for ds in dirs]
 
 
-def bench_pub(p_total, k, rounds, every):
-    shared = make_shared(p_total, 0)
-    dirs = task_directions(shared, k, 1)
-    opt = pub_native.Adam(shared, lr=1e-3, shared=shared, update_weights_every=every)
+class PubStep:
+    """pub_native.Adam on P shared parameters and K tasks; setup() runs the (untimed) backward."""
 
-    def setup():
-        opt.zero_grad()
-        opt.backward(losses_for(shared, dirs))
+    def __init__(self, p_total, k, every):
+        self.shared = make_shared(p_total, 0)
+        self.dirs = task_directions(self.shared, k, 1)
+        self.opt = pub_native.Adam(self.shared, lr=1e-3, shared=self.shared,
+                                   update_weights_every=every)
+        self.setup()
+        self.opt.step()  # first step: state allocation and the first solve
 
-    setup()
-    opt.step()  # first step: state allocation and the first solve
-    t = median_time(opt.step, rounds, warmup=1, setup=setup)
-    solve = opt.stats.get("solve_time", float("nan"))
-    return t, solve
+    def setup(self):
+        self.opt.zero_grad()
+        self.opt.backward(losses_for(self.shared, self.dirs))
+
+    def step(self):
+        self.opt.step()
+
+
+class FusedAdamStep:
+    """torch.optim.Adam(fused=True) on the same P, gradients set once."""
+
+    def __init__(self, p_total):
+        self.shared = make_shared(p_total, 0)
+        for p in self.shared:
+            p.grad = torch.randn_like(p)
+        self.opt = torch.optim.Adam(self.shared, lr=1e-3, fused=True)
+        self.opt.step()
+
+    def setup(self):
+        pass
+
+    def step(self):
+        self.opt.step()
+
+
+def round_robin(steps, rounds: int, warmup: int = 1) -> list[float]:
+    """Median time of each step's step(), timed in turn (one of each per round), so that every
+    step sees the same state of a shared, noisy machine; setup() is not timed."""
+    times = [[] for _ in steps]
+    for r in range(warmup + rounds):
+        for s, t in zip(steps, times):
+            s.setup()
+            t0 = time.perf_counter()
+            s.step()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                t.append(dt)
+    return [statistics.median(t) for t in times]
 
 
 def bench_fused_adam(p_total, rounds):
-    shared = make_shared(p_total, 0)
-    for p in shared:
-        p.grad = torch.randn_like(p)
-    opt = torch.optim.Adam(shared, lr=1e-3, fused=True)
-    opt.step()
-    return median_time(opt.step, rounds, warmup=1)
+    return round_robin([FusedAdamStep(p_total)], rounds)[0]
 
 
 def bench_reference(p_total, k, rounds):
@@ -118,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="P = 1M, K = 2 only")
     ap.add_argument("--sizes", default=None, help="comma-separated P in millions (default 1,16)")
     ap.add_argument("--tasks", default=None, help="comma-separated K (default 2,4,8)")
-    ap.add_argument("--rounds", type=int, default=7, help="timed steps per median")
+    ap.add_argument("--rounds", type=int, default=11, help="timed steps per median")
     ap.add_argument("--reference-rounds", type=int, default=3,
                     help="timed steps of the reference (0: not timed)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -147,7 +179,8 @@ def main(argv=None) -> int:
     fused_bw = 7 * 4 * fused_p / bench_fused_adam(fused_p, max(rounds, 5))
     print(f"fused Adam on its own byte model 7·4·P ({max(sizes)}M): {fused_bw / 1e9:.2f} GB/s "
           f"({fused_bw / bw:.0%} of copy)")
-    print(f"medians of {rounds} steps (reference: {ref_rounds}); ratios from the same run\n")
+    print(f"medians of {rounds} rounds of fused Adam, PUB solve and PUB reuse steps timed in turn "
+          f"(reference: {ref_rounds} steps)\n")
     header = (f"{'P':>5} {'K':>2} | {'fused Adam':>10} {'PUB solve':>10} {'PUB reuse':>10} "
               f"{'reference':>10} | {'PUB/fused':>9} {'reuse/fused':>11} {'ref/PUB':>8} | "
               f"{'GB/s':>6} {'of copy':>7} | {'solver':>8}")
@@ -156,10 +189,12 @@ def main(argv=None) -> int:
     rows = []
     for p_m in sizes:
         p_total = p_m * M
-        t_fused = bench_fused_adam(p_total, rounds)
         for k in tasks:
-            t_pub, solve = bench_pub(p_total, k, rounds, every=1)
-            t_reuse, _ = bench_pub(p_total, k, rounds, every=10**9)
+            # Fused Adam, a weight-update step and a reuse step in turn, round after round.
+            pub, reuse = PubStep(p_total, k, every=1), PubStep(p_total, k, every=10**9)
+            t_fused, t_pub, t_reuse = round_robin([FusedAdamStep(p_total), pub, reuse], rounds)
+            solve = pub.opt.stats.get("solve_time", float("nan"))
+            del pub, reuse
             t_ref = bench_reference(p_total, k, ref_rounds)
             bytes_model = (2 * k + 8) * 4 * p_total
             achieved = bytes_model / t_pub
