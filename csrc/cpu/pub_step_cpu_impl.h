@@ -31,8 +31,10 @@ constexpr int kLanes = 16;
 // side by side (two AVX2 registers of float64 per Gram entry).
 constexpr int kGramLanes = 8;
 constexpr int kMaxFixedTasks = 4;
-// Elements per lane summed in float32 before a single-sweep lane adds them to its float64 sum.
+// Elements per lane summed in float32 before a single-sweep lane adds them to its float64 sum,
+// and the elements of such a block.
 constexpr int kGramBlock = 16;
+constexpr int64_t kFixedBlock = int64_t(kGramLanes) * kGramBlock;
 
 // x86-64 builds compile each kernel twice, whatever CPU builds them: for x86-64-v3 (AVX2 +
 // FMA, every x86-64 server CPU since 2013-2015), with the single-sweep loops of K ≥ 2 tasks,
@@ -249,10 +251,11 @@ struct GramKernel {
   // vectorizing; bfloat16 and float64 would double the build time of these files).
   static constexpr bool kFixedType = std::is_same_v<Tp, float>;
 
-  // One item with K known at compile time: a single sweep computes the K task updates of an
-  // element and adds their products, the squared gradients and Clippy's ratios into kGramLanes
-  // lanes (element j of the item feeds lane j mod kGramLanes), so loads and arithmetic
-  // interleave evenly and nothing goes through memory but the lanes.
+  // Whole blocks (kFixedBlock elements each) of an item with K known at compile time: a single
+  // sweep computes the K task updates of an element and adds their products, the squared
+  // gradients and Clippy's ratios into kGramLanes lanes (element j feeds lane j mod
+  // kGramLanes), so loads and arithmetic interleave evenly and nothing goes through memory but
+  // the lanes. Writes the item's partial sums to Gp, Sq and mr.
   template <int kK>
   PN_CPU_INLINE static void item_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
                          const T* mult, T wd, T lrel, T labs, double* Gp, double* Sq, T* mr) {
@@ -310,25 +313,15 @@ struct GramKernel {
     };
     // Blocks of kGramBlock elements per lane: each float32 sum takes at most kGramBlock
     // products, as in add_tile_products (the same error bound), before its float64 lane does.
-    constexpr int64_t kBlock = int64_t(W) * kGramBlock;
-    const int64_t n = item.end - item.begin;
-    const int64_t full = item.begin + (n - n % kBlock);
-    for (int64_t b0 = item.begin; b0 < full; b0 += kBlock) {
+    for (int64_t b0 = item.begin; b0 < item.end; b0 += kFixedBlock) {
       T pa[kPairs][W] = {};
       T qa[kK][W] = {};
       // Not unrolled: sixteen copies of the body would lengthen the build for nothing.
 #pragma GCC unroll 1
-      for (int64_t j0 = b0; j0 < b0 + kBlock; j0 += W) {
+      for (int64_t j0 = b0; j0 < b0 + kFixedBlock; j0 += W) {
 #pragma omp simd
         for (int l = 0; l < W; ++l) element(j0 + l, l, pa, qa);
       }
-      flush(pa, qa);
-    }
-    if (full < item.end) {  // the last, partial block
-      T pa[kPairs][W] = {};
-      T qa[kK][W] = {};
-      for (int64_t j = full; j < item.end; ++j)
-        element(j, static_cast<int>((j - full) % W), pa, qa);
       flush(pa, qa);
     }
     // Lanes in a fixed order.
@@ -488,16 +481,40 @@ struct GramKernel {
       double* Gp = partial.data() + it * K * K;
       double* Sq = partial_sq.data() + it * K;
       T* mr = kClippy ? min_ratio.data() + it * K : nullptr;
-      if constexpr (kFast && kFixedType) switch (K) {
-        case 2: return item_fixed<2>(rule, tv, item, mult, wd, lrel, labs, Gp, Sq, mr);
-        case 3: return item_fixed<3>(rule, tv, item, mult, wd, lrel, labs, Gp, Sq, mr);
-        case 4: return item_fixed<4>(rule, tv, item, mult, wd, lrel, labs, Gp, Sq, mr);
-        default: break;
+      auto tiled = [&](const Item& part, double* G, double* S, T* r) {
+        item_tiled(rule, tv, part, K, mult, wd, lrel, labs,
+                   scratch.data() + static_cast<size_t>(tid) * K * kTile,
+                   theta_scratch.data() + static_cast<size_t>(tid) * kTile,
+                   lanes_scratch.data() + static_cast<size_t>(tid * (K * K + K)), G, S, r);
+      };
+      if constexpr (kFast && kFixedType) {
+        // Whole blocks in one sweep, the rest of the item (fewer than kFixedBlock elements) in
+        // the tiled loop: the sweep's body is compiled once, without a scalar remainder copy.
+        const int64_t full = item.begin + (item.end - item.begin) / kFixedBlock * kFixedBlock;
+        const Item head{item.tensor, item.begin, full};
+        bool swept = full > item.begin;
+        if (swept) switch (K) {
+          case 2: item_fixed<2>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr); break;
+          case 3: item_fixed<3>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr); break;
+          case 4: item_fixed<4>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr); break;
+          default: swept = false;
+        }
+        if (swept) {
+          if (full < item.end) {
+            double Gt[kMaxFixedTasks * kMaxFixedTasks], St[kMaxFixedTasks];
+            T rt[kMaxFixedTasks];
+            std::fill(rt, rt + kMaxFixedTasks, std::numeric_limits<T>::infinity());
+            tiled(Item{item.tensor, full, item.end}, Gt, St, rt);
+            for (int64_t i = 0; i < K; ++i) {
+              for (int64_t k = 0; k <= i; ++k) Gp[i * K + k] += Gt[i * K + k];
+              Sq[i] += St[i];
+              if constexpr (kClippy) mr[i] = rt[i] < mr[i] ? rt[i] : mr[i];
+            }
+          }
+          return;
+        }
       }
-      item_tiled(rule, tv, item, K, mult, wd, lrel, labs,
-                 scratch.data() + static_cast<size_t>(tid) * K * kTile,
-                 theta_scratch.data() + static_cast<size_t>(tid) * kTile,
-                 lanes_scratch.data() + static_cast<size_t>(tid * (K * K + K)), Gp, Sq, mr);
+      tiled(item, Gp, Sq, mr);
     }
 
     // Deterministic reduction in item order (items are ordered by tensor).
