@@ -110,3 +110,24 @@ def test_float32_gram_sums_stay_within_their_error_bound(k):
     exact, scale = U @ U.T, U.abs() @ U.abs().T
     err = (G - exact).abs() / scale
     assert err.max().item() <= 8 * 2.0 ** -24, err
+
+
+@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("scale", [1e-24, 1e-21, 1.0, 1e19, 1e30])
+def test_step_gradient_norms_at_every_float32_magnitude(k, scale):
+    # stats["task_grad_norms"] from the Gram pass equals torch's float64 norm of the task's
+    # gradient, also where float32 squares would overflow (|g| ≳ 1e19) or fall into the
+    # subnormal range (|g| ≲ 1e-19): single sweep (K = 2, with a tail) and tiled loop (K = 5).
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(70001,), (300,), (1,)]
+    shared = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    dirs = [[torch.randn(s, generator=gen) * (scale if i == 0 else 1.0) for s in shapes]
+            for i in range(k)]
+    opt = pub_native.Adam(shared, lr=1e-3, shared=shared)
+    opt.zero_grad()
+    opt.backward([sum((w * d).sum() for w, d in zip(shared, task)) for task in dirs])
+    opt.step()
+    exact = torch.stack([torch.cat([d.to(F64).reshape(-1) for d in task]).norm()
+                         for task in dirs])
+    got = opt.stats["task_grad_norms"]
+    assert ((got - exact).abs() <= 1e-6 * exact).all(), (scale, got, exact)  # each task alone

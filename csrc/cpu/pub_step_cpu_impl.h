@@ -35,6 +35,9 @@ constexpr int kMaxFixedTasks = 4;
 // and the elements of such a block.
 constexpr int kGramBlock = 16;
 constexpr int64_t kFixedBlock = int64_t(kGramLanes) * kGramBlock;
+// Smallest float32 block sum of squared gradients taken as it is (2⁻¹⁰⁰): above it, squares
+// that fell into the subnormal range (below 2⁻¹²⁶) are too small to matter to the sum.
+constexpr float kSquareSumMin = 0x1p-100f;
 
 // x86-64 builds compile each kernel twice, whatever CPU builds them: for x86-64-v3 (AVX2 +
 // FMA, every x86-64 server CPU since 2013-2015), with the single-sweep loops of K ≥ 2 tasks,
@@ -261,7 +264,8 @@ struct GramKernel {
                          const T* mult, T wd, T lrel, T labs, double* Gp, double* Sq, T* mr) {
     constexpr int kPairs = kK * (kK + 1) / 2;
     constexpr int W = kGramLanes;
-    // float64 lanes, each fed once per block by the float32 sums of kGramBlock elements.
+    // float64 lanes of the products, each fed once per block by the float32 sums of kGramBlock
+    // elements, and of the squared gradients.
     double acc[kPairs][W] = {};
     double sq[kK][W] = {};
     T lo[kClippy ? kK : 1][W];
@@ -305,12 +309,6 @@ struct GramKernel {
         pa[p][l] += u[i] * u[k];
       });
     };
-    auto flush = [&](const T (&pa)[kPairs][W], const T (&qa)[kK][W]) {
-      for (int p = 0; p < kPairs; ++p)
-        for (int l = 0; l < W; ++l) acc[p][l] += static_cast<double>(pa[p][l]);
-      for (int i = 0; i < kK; ++i)
-        for (int l = 0; l < W; ++l) sq[i][l] += static_cast<double>(qa[i][l]);
-    };
     // Blocks of kGramBlock elements per lane: each float32 sum takes at most kGramBlock
     // products, as in add_tile_products (the same error bound), before its float64 lane does.
     for (int64_t b0 = item.begin; b0 < item.end; b0 += kFixedBlock) {
@@ -322,7 +320,25 @@ struct GramKernel {
 #pragma omp simd
         for (int l = 0; l < W; ++l) element(j0 + l, l, pa, qa);
       }
-      flush(pa, qa);
+      for (int p = 0; p < kPairs; ++p)
+        for (int l = 0; l < W; ++l) acc[p][l] += static_cast<double>(pa[p][l]);
+      // ‖g_i‖²: float32 squares serve when every lane's sum is a normal number well above the
+      // subnormal range; otherwise (a square overflowed from |g| ~ 1e19, squares too small to
+      // keep their precision, zeros, NaN) the block's squares again in float64, from L1.
+      for (int i = 0; i < kK; ++i) {
+        bool redo = false;
+        for (int l = 0; l < W; ++l)
+          redo |= !(qa[i][l] >= kSquareSumMin && qa[i][l] <= std::numeric_limits<T>::max());
+        if (!redo) {
+          for (int l = 0; l < W; ++l) sq[i][l] += static_cast<double>(qa[i][l]);
+          continue;
+        }
+        for (int64_t j0 = b0; j0 < b0 + kFixedBlock; j0 += W)
+          for (int l = 0; l < W; ++l) {
+            const double x = static_cast<double>(to_math<T>(g[i][j0 + l]));
+            sq[i][l] += x * x;
+          }
+      }
     }
     // Lanes in a fixed order.
     int p = 0;
@@ -391,24 +407,20 @@ struct GramKernel {
           mr[i] = m;
         }
       }
-      // ‖g_i‖² of the tile (raw values; the multiplier is applied once per item), in the lanes
-      // of the products: float32 gradients summed like float32 updates, others in float64.
+      // ‖g_i‖² of the tile (raw values; the multiplier is applied once per item) in float64:
+      // float32 squares would overflow from |g| ~ 1e19.
       for (int64_t i = 0; i < K; ++i) {
         const Tp* g = grads + i * tv.grad_stride + j0;
         Lanes16 acc = sq_lanes[i];
-        if constexpr (std::is_same_v<Tp, float>) {
-          add_tile_products(acc, g, g, n);
-        } else {
-          int64_t j = 0;
-          for (; j + kLanes <= n; j += kLanes) {
-            double x[kLanes];
-            for (int l = 0; l < kLanes; ++l) x[l] = static_cast<double>(to_math<T>(g[j + l]));
-            acc.fma(x, x);
-          }
-          for (; j < n; ++j) {
-            const double x = static_cast<double>(to_math<T>(g[j]));
-            acc.add0(x * x);
-          }
+        int64_t j = 0;
+        for (; j + kLanes <= n; j += kLanes) {
+          double x[kLanes];
+          for (int l = 0; l < kLanes; ++l) x[l] = static_cast<double>(to_math<T>(g[j + l]));
+          acc.fma(x, x);
+        }
+        for (; j < n; ++j) {
+          const double x = static_cast<double>(to_math<T>(g[j]));
+          acc.add0(x * x);
         }
         sq_lanes[i] = acc;
       }
