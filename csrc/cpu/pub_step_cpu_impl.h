@@ -359,17 +359,13 @@ struct GramKernel {
     }
   }
 
-  // The task updates of a tile as the tiled loops keep them: float32 updates as they are (their
-  // products summed in float32 over the tile, add_tile_products), float64 ones as float64.
-  using U = T;
-
   // One item for any K: tiles of kTile elements; the K task updates of a tile go to scratch
   // `u` (K × kTile), then their products are summed pair by pair into kLanes float64 lanes per
   // Gram entry (`lanes`: K × K entries, then K squared-gradient sums), which live for the
   // whole item and are added up once at its end.
   PN_CPU_INLINE static void item_tiled(const Rule& rule, const TensorView<T>& tv,
                                        const Item& item, int64_t K, const T* mult, T wd, T lrel,
-                                       T labs, U* u, T* theta, Lanes16* lanes, double* Gp,
+                                       T labs, T* u, T* theta, Lanes16* lanes, double* Gp,
                                        double* Sq, T* mr) {
     Lanes16* sq_lanes = lanes + K * K;
     for (int64_t e = 0; e < K * K + K; ++e) lanes[e] = Lanes16{};
@@ -384,7 +380,7 @@ struct GramKernel {
         const Tp* g = grads + i * tv.grad_stride + j0;
         const int64_t s0 = i * tv.state_stride + j0;
         const T mi = mult[i];
-        U* ui = u + i * kTile;
+        T* ui = u + i * kTile;
 #pragma GCC ivdep
         for (int64_t j = 0; j < n; ++j) {
           T s[kMaxStates], next[kMaxStates];
@@ -396,7 +392,7 @@ struct GramKernel {
       }
       if constexpr (kClippy) {
         for (int64_t i = 0; i < K; ++i) {
-          const U* ui = u + i * kTile;
+          const T* ui = u + i * kTile;
           T m = mr[i];
 #pragma GCC ivdep
           for (int64_t j = 0; j < n; ++j) {
@@ -425,11 +421,11 @@ struct GramKernel {
         sq_lanes[i] = acc;
       }
       for (int64_t i = 0; i < K; ++i) {
-        const U* ui = u + i * kTile;
+        const T* ui = u + i * kTile;
         for (int64_t k = 0; k <= i; ++k) {
-          const U* uk = u + k * kTile;
+          const T* uk = u + k * kTile;
           Lanes16 acc = lanes[i * K + k];
-          if constexpr (std::is_same_v<U, float>) {
+          if constexpr (std::is_same_v<T, float>) {
             add_tile_products(acc, ui, uk, n);
           } else {
             int64_t j = 0;
@@ -452,7 +448,7 @@ struct GramKernel {
   PN_CPU_V3 __attribute__((noinline))
 #endif
   static void tiled_v3(const Rule& rule, const TensorView<T>& tv, const Item& item, int64_t K,
-                       const T* mult, T wd, T lrel, T labs, U* u, T* theta, Lanes16* lanes,
+                       const T* mult, T wd, T lrel, T labs, T* u, T* theta, Lanes16* lanes,
                        double* Gp, double* Sq, T* mr) {
     item_tiled(rule, tv, item, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
   }
@@ -468,7 +464,7 @@ struct GramKernel {
     std::vector<T> min_ratio;
     // Per thread: the K task updates of a tile (tiled items), θ, and the K gradient
     // multipliers of the item's tensor.
-    std::vector<U> scratch;
+    std::vector<T> scratch;
     std::vector<T> theta_scratch, mult_scratch;
     std::vector<Lanes16> lanes_scratch;
 
@@ -504,16 +500,21 @@ struct GramKernel {
       double* Gp = partial.data() + it * K * K;
       double* Sq = partial_sq.data() + it * K;
       T* mr = kClippy ? min_ratio.data() + it * K : nullptr;
+      T* u = scratch.data() + static_cast<size_t>(tid) * K * kTile;
+      T* theta = theta_scratch.data() + static_cast<size_t>(tid) * kTile;
+      Lanes16* lanes = lanes_scratch.data() + static_cast<size_t>(tid * (K * K + K));
+      auto tiled = [&](const Item& part) PN_CPU_LAMBDA_INLINE {
+        if constexpr (kFast)
+          tiled_v3(rule, tv, part, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
+        else
+          item_tiled(rule, tv, part, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
+      };
       // Whole blocks of 2-4 tasks in a single sweep, the rest of the item (fewer than
       // kFixedBlock elements) in the tiled loop, first: the sweep adds its sums to the tail's.
       if constexpr (kFast && kFixedType) {
         const int64_t full = item.begin + (item.end - item.begin) / kFixedBlock * kFixedBlock;
         if (full > item.begin && K >= 2 && K <= kMaxFixedTasks) {
-          if (full < item.end)
-            tiled_v3(rule, tv, Item{item.tensor, full, item.end}, K, mult, wd, lrel, labs,
-                     scratch.data() + static_cast<size_t>(tid) * K * kTile,
-                     theta_scratch.data() + static_cast<size_t>(tid) * kTile,
-                     lanes_scratch.data() + static_cast<size_t>(tid * (K * K + K)), Gp, Sq, mr);
+          if (full < item.end) tiled(Item{item.tensor, full, item.end});
           const Item head{item.tensor, item.begin, full};
           switch (K) {
             case 2: return item_fixed<2>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
@@ -522,11 +523,7 @@ struct GramKernel {
           }
         }
       }
-      (kFast ? tiled_v3 : item_tiled)(
-          rule, tv, item, K, mult, wd, lrel, labs,
-          scratch.data() + static_cast<size_t>(tid) * K * kTile,
-          theta_scratch.data() + static_cast<size_t>(tid) * kTile,
-          lanes_scratch.data() + static_cast<size_t>(tid * (K * K + K)), Gp, Sq, mr);
+      tiled(item);
     }
 
     // Deterministic reduction in item order (items are ordered by tensor).
