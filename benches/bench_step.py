@@ -38,23 +38,16 @@ TARGETS = {"vs_fused_adam_max": {2: 1.8, 4: 3.0, 8: 6.0}, "reuse_vs_fused_adam_m
            "vs_reference_min": 5.0}
 
 
-def median_time(fn, rounds: int, warmup: int = 1, setup=None) -> float:
-    times = []
-    for r in range(warmup + rounds):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        if r >= warmup:
-            times.append(dt)
-    return statistics.median(times)
-
-
 def copy_bandwidth(n: int, rounds: int) -> float:
     src = torch.randn(n)
     dst = torch.empty(n)
-    t = median_time(lambda: dst.copy_(src), rounds, warmup=2)
+    times = []
+    for r in range(2 + rounds):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if r >= 2:  # two warm-up copies
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
     return 2 * 4 * n / t
 
 
@@ -77,11 +70,12 @@ def losses_for(shared, dirs):
 class PubStep:
     """pub_native.Adam on P shared parameters and K tasks; setup() runs the (untimed) backward."""
 
-    def __init__(self, p_total, k, every):
+    def __init__(self, p_total, k, every, backend=None):
         self.shared = make_shared(p_total, 0)
         self.dirs = task_directions(self.shared, k, 1)
+        options = {} if backend is None else {"backend": backend}
         self.opt = pub_native.Adam(self.shared, lr=1e-3, shared=self.shared,
-                                   update_weights_every=every)
+                                   update_weights_every=every, **options)
         self.setup()
         self.opt.step()  # first step: state allocation and the first solve
 
@@ -130,19 +124,9 @@ def bench_fused_adam(p_total, rounds):
 
 
 def bench_reference(p_total, k, rounds):
-    shared = make_shared(p_total, 0)
-    dirs = task_directions(shared, k, 1)
-    opt = pub_native.Adam(shared, lr=1e-3, shared=shared, backend="reference")
-
-    def setup():
-        opt.zero_grad()
-        opt.backward(losses_for(shared, dirs))
-
     if rounds <= 0:
         return float("nan")
-    setup()
-    opt.step()
-    return median_time(opt.step, rounds, warmup=0, setup=setup)
+    return round_robin([PubStep(p_total, k, every=1, backend="reference")], rounds, warmup=0)[0]
 
 
 def main(argv=None) -> int:
