@@ -163,7 +163,9 @@ def dense_strides(t: torch.Tensor) -> bool:
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape and the same memory order (strides equal on every dimension of size > 1)."""
-    return a.shape == b.shape and all(
+    if a.shape != b.shape:
+        return False
+    return a.stride() == b.stride() or all(
         sa == sb for sa, sb, sz in zip(a.stride(), b.stride(), a.shape) if sz != 1)
 
 
@@ -229,7 +231,8 @@ class TaskGradients:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.pop("_task_views", None)
+        for cache in ("_task_views", "_row_views", "_sum_views"):
+            state.pop(cache, None)
         # A copy's buffer starts a new version count: keep only whether the sum was current.
         state["sum_version"] = self.sum_version is not None and \
             self.sum_version == self.buffer._version
@@ -246,15 +249,24 @@ class TaskGradients:
                    for p, lay in zip(self.params, self.layouts))
 
     def views(self, i: int) -> list[torch.Tensor]:
-        """Row i of the buffer as tensors shaped (and laid out) like the shared parameters."""
-        row = self.buffer[i]
-        return [layout_view(row[o:o + n], p) for p, o, n in zip(self.params, self.offsets,
-                                                                 self.numels)]
+        """Row i of the buffer as tensors shaped (and laid out) like the shared parameters
+        (made once: the buffer lives as long as this object)."""
+        cache = self.__dict__.setdefault("_row_views", {})
+        views = cache.get(i)
+        if views is None:
+            row = self.buffer[i]
+            views = cache[i] = [layout_view(row[o:o + n], p) for p, o, n in
+                                zip(self.params, self.offsets, self.numels)]
+        return views
 
     def sum_view(self, index: int) -> torch.Tensor:
         """The sum row's part for shared parameter ``index``, shaped and laid out like it."""
-        o, n = self.offsets[index], self.numels[index]
-        return layout_view(self.buffer[self.k, o:o + n], self.params[index])
+        cache = self.__dict__.setdefault("_sum_views", {})
+        view = cache.get(index)
+        if view is None:
+            o, n = self.offsets[index], self.numels[index]
+            view = cache[index] = layout_view(self.buffer[self.k, o:o + n], self.params[index])
+        return view
 
     def form_sum(self) -> None:
         """Row K = Σ_i row i (in the math type, task order, one rounding: native sum_rows) and
@@ -320,10 +332,9 @@ class TaskGradients:
             grads = torch.autograd.grad(
                 loss, inputs, retain_graph=retain_graph or i < last, allow_unused=True
             )
-            row = self.buffer[i]
+            row = self.views(i)
             for j, g in zip(active, grads[:len(shared)]):
-                view = layout_view(row[self.offsets[j]:self.offsets[j] + self.numels[j]],
-                                   self.params[j])
+                view = row[j]
                 if g is None:
                     if not accumulate:
                         view.zero_()
