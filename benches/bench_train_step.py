@@ -10,17 +10,30 @@ them alike). Reported per method: the median step time, and the median over the 
 ratio to LS in that round. Targets: PUB at most 1.2× LS (update_weights_every = 1), and at
 least 6× faster than TorchJD's NashMTL.
 
+The steps allocate and free megabytes of activations. With its default settings glibc's malloc
+hands the top of the heap back to the system when enough of it is free and takes it back on the
+next allocation, and each page taken back costs a page fault: on the 2-core development machine
+~2000-4000 faults and 3-10 ms per step at batch 4096, landing on whichever methods the heap's
+layout happens to disfavour (the same method ran at 21 or 31 ms in two processes). On glibc the
+benchmark therefore turns that off (mallopt M_TRIM_THRESHOLD and M_MMAP_THRESHOLD at 1 GiB, as
+the environment variables MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ would), for every
+method alike, and reports the minor page faults per step; ``--malloc-defaults`` keeps glibc's
+defaults.
+
     python benches/bench_train_step.py                          # MMoE and PLE, batch 512, 4096
     python benches/bench_train_step.py --quick                  # MMoE, batch 512, few steps
     python benches/bench_train_step.py --device cuda --json out.json
+    python benches/bench_train_step.py --malloc-defaults        # glibc's heap trimming left on
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import platform
+import resource
 import sys
 import time
 import warnings
@@ -91,6 +104,23 @@ class KBackward:
         self.opt.step()
 
 
+def keep_heap() -> bool:
+    """Stop glibc's malloc from returning the top of the heap to the system and from mapping
+    large blocks of its own (both thresholds 1 GiB), so that freed activations are reused
+    instead of faulted in again at every step. Returns whether it could (glibc only)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 1 << 30))
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def peers_available() -> bool:
     try:
         import torchjd  # noqa: F401
@@ -116,6 +146,7 @@ def measure(model_name, batch_size, methods, steps, warmup, data, device) -> dic
     batches = [type(b)(*(t.to(device) for t in b)) for b in
                data.train.batches(batch_size, shuffle=True, generator=gen, drop_last=True)]
     times = {key: [] for key in methods}
+    faults = {key: [] for key in methods}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
@@ -124,17 +155,20 @@ def measure(model_name, batch_size, methods, steps, warmup, data, device) -> dic
                 return model.task_losses(batch, with_representation=with_rep)
 
             sync()
+            f0 = minor_faults()
             t0 = time.perf_counter()
             method.step(loss_fn)
             sync()
             if i >= warmup:
                 times[key].append(time.perf_counter() - t0)
+                faults[key].append(minor_faults() - f0)
     ls = np.asarray(times["ls"])
     rows = {}
     for key in methods:
         t = np.asarray(times[key])
         rows[key] = {"label": LABELS[key], "median_ms": 1e3 * float(np.median(t)),
-                     "paired_over_ls": float(np.median(t / ls))}
+                     "paired_over_ls": float(np.median(t / ls)),
+                     "page_faults_per_step": float(np.mean(faults[key]))}
     return {"model": model_name, "batch_size": batch_size, "steps": steps, "rows": rows}
 
 
@@ -148,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--malloc-defaults", action="store_true",
+                    help="leave glibc's heap trimming on (see the module's docstring)")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.batch_sizes, args.steps = "mmoe", "512", 20
@@ -156,6 +192,7 @@ def main(argv=None) -> int:
         print("bench_train_step: no CUDA device; nothing measured")
         return 0
     torch.set_num_threads(args.threads)
+    heap_kept = False if args.malloc_defaults else keep_heap()
     warnings.filterwarnings("ignore", module="torchjd")
     warnings.filterwarnings("ignore", message=".*DPP.*")
     warnings.filterwarnings("ignore", message=".*inaccurate.*")
@@ -165,10 +202,11 @@ def main(argv=None) -> int:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "processor": cpu_name(), "device": str(device), "python": platform.python_version(),
            "torch": torch.__version__, "pub_native": pub_native.__version__,
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(),
+           "malloc": "heap kept (trim and mmap thresholds 1 GiB)" if heap_kept else "defaults"}
     print(f"training step (forward + backward + step) on census income, {env['processor']}, "
           f"{env['device']}, {env['torch_threads']} torch thread(s), torch {env['torch']}; "
-          f"medians of {args.steps} round-robin steps"
+          f"medians of {args.steps} round-robin steps; malloc: {env['malloc']}"
           + ("" if peers_available() else " (torchjd not installed: peers skipped; "
              "pip install -e '.[bench]')"))
     header = f"{'model':<5} {'batch':>5} | " + " | ".join(f"{LABELS[m]:>15}" for m in methods)
@@ -183,6 +221,10 @@ def main(argv=None) -> int:
             print(f"{model_name:<5} {bs:>5} | " + " | ".join(f"{c:>15}" for c in cells),
                   flush=True)
     print("\n(ms: median step; x: median over rounds of the time relative to LS's)")
+    print("minor page faults per step: " + "; ".join(
+        f"{r['model']} {r['batch_size']} " + " ".join(
+            f"{LABELS[m]} {r['rows'][m]['page_faults_per_step']:.0f}" for m in methods)
+        for r in results))
     for r in results:
         pub = r["rows"]["pub"]
         floor = r["rows"]["k-backward"]
