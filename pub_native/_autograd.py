@@ -231,7 +231,7 @@ class TaskGradients:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for cache in ("_task_views", "_row_views", "_sum_views"):
+        for cache in ("_task_views", "_row_views"):
             state.pop(cache, None)
         # A copy's buffer starts a new version count: keep only whether the sum was current.
         state["sum_version"] = self.sum_version is not None and \
@@ -250,7 +250,7 @@ class TaskGradients:
 
     def views(self, i: int) -> list[torch.Tensor]:
         """Row i of the buffer as tensors shaped (and laid out) like the shared parameters
-        (made once: the buffer lives as long as this object)."""
+        (made once: the buffer lives as long as this object; for the optimizer's own use)."""
         cache = self.__dict__.setdefault("_row_views", {})
         views = cache.get(i)
         if views is None:
@@ -260,13 +260,12 @@ class TaskGradients:
         return views
 
     def sum_view(self, index: int) -> torch.Tensor:
-        """The sum row's part for shared parameter ``index``, shaped and laid out like it."""
-        cache = self.__dict__.setdefault("_sum_views", {})
-        view = cache.get(index)
-        if view is None:
-            o, n = self.offsets[index], self.numels[index]
-            view = cache[index] = layout_view(self.buffer[self.k, o:o + n], self.params[index])
-        return view
+        """The sum row's part for shared parameter ``index``, shaped and laid out like it: a new
+        view at every call, since it is handed out as the parameter's ``.grad``, which a user
+        may re-point (``p.grad.data = ...``)."""
+        p = self.params[index]
+        return self.buffer.as_strided(p.shape, p.stride(), self.buffer.storage_offset()
+                                      + self.k * self.row_length + self.offsets[index])
 
     def form_sum(self) -> None:
         """Row K = Σ_i row i (in the math type, task order, one rounding: native sum_rows) and
