@@ -249,8 +249,9 @@ class TaskGradients:
                    for p, lay in zip(self.params, self.layouts))
 
     def views(self, i: int) -> list[torch.Tensor]:
-        """Row i of the buffer as tensors shaped (and laid out) like the shared parameters
-        (made once: the buffer lives as long as this object; for the optimizer's own use)."""
+        """Row i of the buffer as tensors shaped (and laid out) like the shared parameters,
+        made once: the buffer lives as long as this object, which serves only while
+        :meth:`matches` (its owner lays out a new one when a parameter's layout changes)."""
         cache = self.__dict__.setdefault("_row_views", {})
         views = cache.get(i)
         if views is None:

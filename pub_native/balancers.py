@@ -169,6 +169,10 @@ class GradientBalancer:
             self.stats["updated"] = False
             self._finish()
             return
+        if not self._grads.matches():
+            # A shared parameter changed its shape, dtype, device or memory order since the
+            # buffer was laid out (model.to(...), .data = ...): lay it out again.
+            self._grads = TaskGradients(self.shared, self.k)
         specific = self._specific_all
         stash = [p.grad for p in specific]
         for p in specific:

@@ -463,3 +463,37 @@ def test_channels_last_shared_parameter_gets_its_gradient_in_its_layout():
     (2 * loss(w2)).backward()
     assert w.grad.stride() == w.stride()
     torch.testing.assert_close(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize("change", ["channels_last", "float64"])
+@pytest.mark.parametrize("cls", [B.IMTLG, B.MGDAUB])
+def test_shared_parameter_changed_between_steps_gets_the_weighted_gradient(cls, change):
+    # model.to(...) between steps changes a shared parameter's memory order or dtype: the
+    # per-task buffer is laid out again, and .grad is still Σ_i w_i ∂L_i/∂θ (element for element,
+    # against torch.autograd.grad) in the parameter's new layout.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    heads = torch.nn.ModuleList(torch.nn.Linear(4 * 16, 1) for _ in range(2))
+    x = torch.randn(5, 3, 4, 4)
+    ys = [torch.randn(5), torch.randn(5)]
+    bal = cls(list(conv.parameters()) + list(heads.parameters()))
+    for step in range(2):
+        if step == 1:
+            if change == "channels_last":
+                conv.to(memory_format=torch.channels_last)
+            else:
+                conv.double()
+                heads.double()
+                x = x.double()
+                ys = [y.double() for y in ys]
+        for p in [*conv.parameters(), *heads.parameters()]:
+            p.grad = None
+        h = conv(x).relu().flatten(1)
+        losses = [((hd(h).squeeze(1) - y) ** 2).mean() for hd, y in zip(heads, ys)]
+        task_grads = [torch.autograd.grad(loss, conv.weight, retain_graph=True)[0]
+                      for loss in losses]
+        bal.backward(losses)
+        expected = sum(float(w) * g for w, g in zip(bal.weights, task_grads))
+        assert conv.weight.grad.stride() == conv.weight.stride()
+        assert conv.weight.grad.dtype == conv.weight.dtype
+        torch.testing.assert_close(conv.weight.grad, expected)
