@@ -15,10 +15,11 @@ hands the top of the heap back to the system when enough of it is free and takes
 next allocation, and each page taken back costs a page fault: on the 2-core development machine
 ~2000-4000 faults and 3-10 ms per step at batch 4096, landing on whichever methods the heap's
 layout happens to disfavour (the same method ran at 21 or 31 ms in two processes). On glibc the
-benchmark therefore turns that off (mallopt M_TRIM_THRESHOLD and M_MMAP_THRESHOLD at 1 GiB, as
-the environment variables MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ would), for every
-method alike, and reports the minor page faults per step; ``--malloc-defaults`` keeps glibc's
-defaults.
+benchmark therefore turns that off (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB, as
+the environment variables MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would), for every
+method alike, and reports the minor page faults per step, which show whether it took (another
+allocator preloaded in glibc's place may accept mallopt and ignore it); ``--malloc-defaults``
+keeps glibc's defaults.
 
     python benches/bench_train_step.py                          # MMoE and PLE, batch 512, 4096
     python benches/bench_train_step.py --quick                  # MMoE, batch 512, few steps
@@ -33,7 +34,6 @@ import ctypes
 import datetime
 import json
 import platform
-import resource
 import sys
 import time
 import warnings
@@ -106,18 +106,27 @@ class KBackward:
 
 def keep_heap() -> bool:
     """Stop glibc's malloc from returning the top of the heap to the system and from mapping
-    large blocks of its own (both thresholds 1 GiB), so that freed activations are reused
-    instead of faulted in again at every step. Returns whether it could (glibc only)."""
+    large blocks of its own, so that freed activations are reused instead of faulted in again at
+    every step: the mmap threshold at 1 GiB (or 32 MiB, the most older glibc versions take), then
+    the trim threshold at 1 GiB. Returns whether both took (glibc only; elsewhere nothing
+    changes). Setting either turns off glibc's own adjustment of both, so the trim threshold is
+    set only once the mmap threshold has taken."""
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt
+    except Exception:  # no C library by that name (Windows), or no mallopt (macOS, musl)
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 1 << 30))
+    if not (mallopt(m_mmap_threshold, 1 << 30) or mallopt(m_mmap_threshold, 32 << 20)):
+        return False
+    return bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the resource module is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -203,7 +212,8 @@ def main(argv=None) -> int:
            "processor": cpu_name(), "device": str(device), "python": platform.python_version(),
            "torch": torch.__version__, "pub_native": pub_native.__version__,
            "torch_threads": torch.get_num_threads(),
-           "malloc": "heap kept (trim and mmap thresholds 1 GiB)" if heap_kept else "defaults"}
+           "malloc": "heap kept (mallopt trim and mmap thresholds)" if heap_kept
+           else "defaults"}
     print(f"training step (forward + backward + step) on census income, {env['processor']}, "
           f"{env['device']}, {env['torch_threads']} torch thread(s), torch {env['torch']}; "
           f"medians of {args.steps} round-robin steps; malloc: {env['malloc']}"

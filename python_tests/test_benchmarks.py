@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -180,12 +181,38 @@ def test_cost_script(tmp_path, capsys):
 def test_train_step_script(tmp_path, capsys):
     bench = _bench("bench_train_step")
     out = tmp_path / "train.json"
+    # --malloc-defaults: the allocator settings would last for the rest of the test session
+    # (test_train_step_keeps_the_heap runs the script as it is, in its own process).
     assert bench.main(["--models", "mmoe", "--batch-sizes", "64", "--steps", "3", "--warmup",
-                       "1", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"][0]["rows"]
+                       "1", "--json", str(out), "--malloc-defaults"]) == 0
+    result = json.loads(out.read_text())
+    rows = result["results"][0]["rows"]
     assert {"ls", "k-backward", "pub", "multibalance", "nashmtl"} <= set(rows)
     assert all(r["median_ms"] > 0 and math.isfinite(r["paired_over_ls"]) for r in rows.values())
+    assert all(r["page_faults_per_step"] >= 0 for r in rows.values())
+    assert result["environment"]["malloc"] == "defaults"
     assert "K backward passes alone" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_train_step_keeps_the_heap():
+    # In a process of its own: with the heap kept, freed 64 MiB blocks are reused, so taking one
+    # again (once the heap has grown to hold it with its alignment) costs no page faults; with
+    # glibc's defaults each is mapped afresh and faulted in (16384 faults).
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import bench_train_step as b, torch\n"
+        "kept = sys.argv[2] == 'kept' and b.keep_heap()\n"
+        "def take():\n"
+        "    f0 = b.minor_faults(); t = torch.ones(16 << 20); return b.minor_faults() - f0, t\n"
+        "print(kept, [take()[0] for _ in range(4)][-1])\n")
+    faults = {}
+    for mode in ("kept", "defaults"):
+        out = subprocess.run([sys.executable, "-c", code, str(BENCHES), mode],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        kept, faults[mode] = out.stdout.split()
+        assert kept == str(mode == "kept")
+    assert int(faults["kept"]) < 100 <= int(faults["defaults"])
 
 
 def test_benches_are_not_collected():
