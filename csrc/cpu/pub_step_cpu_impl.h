@@ -119,56 +119,25 @@ struct Lanes16 {
 };
 #endif
 
-// Σ_j a_j·b_j over a tile (n ≤ kTile elements) in float32, kLanes lanes (lane l takes the
-// elements j ≡ l mod kLanes, so each lane sums at most kTile/kLanes = 16 products), added to
-// the float64 lanes `acc`. Float32 products and block sums have a relative error of at most
-// ~17·2⁻²⁴ of Σ|a_j b_j| per tile, the float64 accumulation over tiles adds next to nothing:
-// the Gram entries carry the error the float32 task updates already have, at half the work
-// of float64 products.
-PN_CPU_INLINE void add_tile_products(Lanes16& acc, const float* a, const float* b, int64_t n) {
+// Σ_j a_j·b_c,j over a tile (n ≤ kTile elements) in float32 for C columns b_0..b_{C-1} at once
+// (a is loaded once per C products), kLanes lanes each (lane l takes the elements j ≡ l mod
+// kLanes, so each lane sums at most kTile/kLanes = 16 products), added to the float64 lanes
+// `*acc[c]`. Float32 products and block sums have a relative error of at most ~17·2⁻²⁴ of
+// Σ|a_j b_c,j| per tile, the float64 accumulation over tiles adds next to nothing: the Gram
+// entries carry the error the float32 task updates already have, at half the work of float64
+// products. Each column's sums do not depend on C.
+template <int C>
+PN_CPU_INLINE void add_tile_products(Lanes16* const* acc, const float* a, const float* const* b,
+                                     int64_t n) {
 #if defined(__GNUC__)
   typedef float f8 __attribute__((vector_size(32)));
-  f8 s0 = {}, s1 = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    f8 a0, a1, b0, b1;
-    __builtin_memcpy(&a0, a + j, sizeof a0);
-    __builtin_memcpy(&a1, a + j + 8, sizeof a1);
-    __builtin_memcpy(&b0, b + j, sizeof b0);
-    __builtin_memcpy(&b1, b + j + 8, sizeof b1);
-    s0 += a0 * b0;
-    s1 += a1 * b1;
-  }
-  double w[kLanes];
-  for (int l = 0; l < 8; ++l) {
-    w[l] = static_cast<double>(s0[l]);
-    w[8 + l] = static_cast<double>(s1[l]);
-  }
-#else
-  float s[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) s[l] += a[j + l] * b[j + l];
-  double w[kLanes];
-  for (int l = 0; l < kLanes; ++l) w[l] = static_cast<double>(s[l]);
-#endif
-  acc.add(w);
-  for (; j < n; ++j) acc.add0(static_cast<double>(a[j]) * static_cast<double>(b[j]));
-}
-
-// add_tile_products for four columns at once, acc[c] += Σ_j a_j·b_c,j: a is loaded once per
-// four products instead of once per product (the same lanes, order and error bound).
-PN_CPU_INLINE void add_tile_products4(Lanes16* const* acc, const float* a, const float* const* b,
-                                      int64_t n) {
-#if defined(__GNUC__)
-  typedef float f8 __attribute__((vector_size(32)));
-  f8 s[4][2] = {};
+  f8 s[C][2] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     f8 a0, a1;
     __builtin_memcpy(&a0, a + j, sizeof a0);
     __builtin_memcpy(&a1, a + j + 8, sizeof a1);
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < C; ++c) {
       f8 b0, b1;
       __builtin_memcpy(&b0, b[c] + j, sizeof b0);
       __builtin_memcpy(&b1, b[c] + j + 8, sizeof b1);
@@ -176,19 +145,29 @@ PN_CPU_INLINE void add_tile_products4(Lanes16* const* acc, const float* a, const
       s[c][1] += a1 * b1;
     }
   }
-  for (int c = 0; c < 4; ++c) {
+  for (int c = 0; c < C; ++c) {
     double w[kLanes];
     for (int l = 0; l < 8; ++l) {
       w[l] = static_cast<double>(s[c][0][l]);
       w[8 + l] = static_cast<double>(s[c][1][l]);
     }
     acc[c]->add(w);
-    for (int64_t r = j; r < n; ++r)
-      acc[c]->add0(static_cast<double>(a[r]) * static_cast<double>(b[c][r]));
   }
 #else
-  for (int c = 0; c < 4; ++c) add_tile_products(*acc[c], a, b[c], n);
+  float s[C][kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int c = 0; c < C; ++c)
+      for (int l = 0; l < kLanes; ++l) s[c][l] += a[j + l] * b[c][j + l];
+  for (int c = 0; c < C; ++c) {
+    double w[kLanes];
+    for (int l = 0; l < kLanes; ++l) w[l] = static_cast<double>(s[c][l]);
+    acc[c]->add(w);
+  }
 #endif
+  for (int c = 0; c < C; ++c)
+    for (int64_t r = j; r < n; ++r)
+      acc[c]->add0(static_cast<double>(a[r]) * static_cast<double>(b[c][r]));
 }
 
 struct Item {
@@ -468,14 +447,15 @@ struct GramKernel {
               acc[c] = lanes + i * K + k + c;
               uk[c] = u + (k + c) * kTile;
             }
-            add_tile_products4(acc, ui, uk, n);
+            add_tile_products<4>(acc, ui, uk, n);
           }
         }
         for (; k <= i; ++k) {
           const T* uk = u + k * kTile;
           Lanes16 acc = lanes[i * K + k];
           if constexpr (std::is_same_v<T, float>) {
-            add_tile_products(acc, ui, uk, n);
+            Lanes16* accs[1] = {&acc};
+            add_tile_products<1>(accs, ui, &uk, n);
           } else {
             int64_t j = 0;
             for (; j + kLanes <= n; j += kLanes) acc.fma(ui + j, uk + j);
