@@ -67,23 +67,37 @@ struct FiniteDispatch {
   }
 };
 
+// Row K = Σ_i row i (rows added in order), and whether every sum is finite: a NaN or Inf in any
+// row makes its sum NaN or Inf (the converse may fail: an overflow), and s - s is 0 for a finite
+// s and NaN otherwise, so `check`, a sum of those, is 0 exactly when every sum is finite. Blocks
+// of kSumBlock elements, a row at a time, so that the element loops vectorize for any K.
+constexpr int64_t kSumBlock = 256;
+
 template <class Tp>
 bool sum_rows_typed(Tp* buf, int64_t K, int64_t P) {
   using T = typename MathType<Tp>::type;
   Tp* out = buf + K * P;
-  int bad = 0;
+  T check = T(0);
   // Threads only where there is work for them (waking a team costs more than a small sum).
 #pragma omp parallel for schedule(static) num_threads(detail::team_size(K * P, P)) \
-    reduction(| : bad)
-  for (int64_t j = 0; j < P; ++j) {
-    T s = T(0);
-    for (int64_t i = 0; i < K; ++i) s += to_math<T>(buf[i * P + j]);
-    // A NaN or Inf in any row makes the sum NaN or Inf (the converse may fail: an overflow).
-    const T d = s - s;
-    bad |= static_cast<int>(d != d);
-    out[j] = from_math<Tp>(s);
+    reduction(+ : check)
+  for (int64_t j0 = 0; j0 < P; j0 += kSumBlock) {
+    const int64_t n = std::min(kSumBlock, P - j0);
+    T s[kSumBlock];
+    for (int64_t j = 0; j < n; ++j) s[j] = T(0);
+    for (int64_t i = 0; i < K; ++i) {
+      const Tp* row = buf + i * P + j0;
+      for (int64_t j = 0; j < n; ++j) s[j] += to_math<T>(row[j]);
+    }
+    T c = T(0);
+#pragma omp simd reduction(+ : c)
+    for (int64_t j = 0; j < n; ++j) {
+      c += s[j] - s[j];
+      out[j0 + j] = from_math<Tp>(s[j]);
+    }
+    check += c;
   }
-  return bad == 0;
+  return check == T(0);
 }
 
 struct SumDispatch {
