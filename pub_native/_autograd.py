@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _native
+
 __all__ = ["as_loss_list", "compiled_graph", "reached_parameters", "split_shared",
            "split_shared_by_gradients", "task_roots", "TaskGradients", "walk_graph"]
 
@@ -175,6 +177,12 @@ def layout_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.as_strided(like.shape, like.stride(), flat.storage_offset())
 
 
+# The native dtype codes of the gradient buffers form_sum adds up.
+_SUM_DTYPES = {torch.float32: int(_native.DType.FLOAT32), torch.float64: int(_native.DType.FLOAT64),
+               torch.bfloat16: int(_native.DType.BFLOAT16),
+               torch.float16: int(_native.DType.FLOAT16)}
+
+
 class TaskGradients:
     """The K×P buffer of per-task gradients of the shared parameters.
 
@@ -272,21 +280,19 @@ class TaskGradients:
         """Row K = Σ_i row i (in the math type, task order, one rounding: native sum_rows) and
         remember the buffer's version, so that a later in-place change of it can be told, and
         (CPU) whether the task rows were finite, found in the same pass."""
-        from ._native import _C, DType, cuda_module
-
-        codes = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,
-                 torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
         self.sum_finite = False
         if self.size:
+            code = _SUM_DTYPES.get(self.dtype)
+            if code is None:
+                raise TypeError(f"no native sum for gradients of dtype {self.dtype}")
             if self.device.type == "cuda":
-                cmod = cuda_module()
+                cmod = _native.cuda_module()
                 with torch.cuda.device(self.device):
-                    cmod.sum_rows(int(codes[self.dtype]), self.buffer.data_ptr(), self.k,
-                                  self.row_length,
+                    cmod.sum_rows(code, self.buffer.data_ptr(), self.k, self.row_length,
                                   torch.cuda.current_stream(self.device).cuda_stream)
             else:
-                self.sum_finite = _C.sum_rows(int(codes[self.dtype]), self.buffer.data_ptr(),
-                                              self.k, self.row_length)
+                self.sum_finite = _native._C.sum_rows(code, self.buffer.data_ptr(), self.k,
+                                                      self.row_length)
         self.sum_version = self.buffer._version
 
     def task_view(self, index: int) -> torch.Tensor:
