@@ -13,8 +13,8 @@ import torch
 
 from . import _native
 
-__all__ = ["as_loss_list", "compiled_graph", "reached_parameters", "split_shared",
-           "split_shared_by_gradients", "task_roots", "TaskGradients", "walk_graph"]
+__all__ = ["DTYPES", "as_loss_list", "compiled_graph", "reached_parameters", "split_shared",
+           "split_shared_by_gradients", "sum_rows", "task_roots", "TaskGradients", "walk_graph"]
 
 
 def as_loss_list(losses, expected_k: int | None = None,
@@ -177,10 +177,22 @@ def layout_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.as_strided(like.shape, like.stride(), flat.storage_offset())
 
 
-# The native dtype codes of the gradient buffers form_sum adds up.
-_SUM_DTYPES = {torch.float32: int(_native.DType.FLOAT32), torch.float64: int(_native.DType.FLOAT64),
-               torch.bfloat16: int(_native.DType.BFLOAT16),
-               torch.float16: int(_native.DType.FLOAT16)}
+# The native core's code of each parameter dtype it steps.
+DTYPES = {torch.float32: _native.DType.FLOAT32, torch.float64: _native.DType.FLOAT64,
+          torch.bfloat16: _native.DType.BFLOAT16, torch.float16: _native.DType.FLOAT16}
+
+
+def sum_rows(rows: torch.Tensor, k: int, length: int) -> bool:
+    """Row k of the contiguous rows (each ``length`` long) = Σ_{i<k} row i, natively, on the rows'
+    device (on CUDA in its current stream); whether every task row was finite (CPU; False on
+    CUDA, which does not look)."""
+    code = int(DTYPES[rows.dtype])
+    if rows.device.type == "cuda":
+        with torch.cuda.device(rows.device):
+            _native.cuda_module().sum_rows(code, rows.data_ptr(), k, length,
+                                           torch.cuda.current_stream(rows.device).cuda_stream)
+        return False
+    return _native._C.sum_rows(code, rows.data_ptr(), k, length)
 
 
 class TaskGradients:
@@ -280,19 +292,7 @@ class TaskGradients:
         """Row K = Σ_i row i (in the math type, task order, one rounding: native sum_rows) and
         remember the buffer's version, so that a later in-place change of it can be told, and
         (CPU) whether the task rows were finite, found in the same pass."""
-        self.sum_finite = False
-        if self.size:
-            code = _SUM_DTYPES.get(self.dtype)
-            if code is None:
-                raise TypeError(f"no native sum for gradients of dtype {self.dtype}")
-            if self.device.type == "cuda":
-                cmod = _native.cuda_module()
-                with torch.cuda.device(self.device):
-                    cmod.sum_rows(code, self.buffer.data_ptr(), self.k, self.row_length,
-                                  torch.cuda.current_stream(self.device).cuda_stream)
-            else:
-                self.sum_finite = _native._C.sum_rows(code, self.buffer.data_ptr(), self.k,
-                                                      self.row_length)
+        self.sum_finite = bool(self.size) and sum_rows(self.buffer, self.k, self.row_length)
         self.sum_version = self.buffer._version
 
     def task_view(self, index: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .._autograd import TaskGradients
+from .._autograd import TaskGradients, sum_rows
 from .._distributed import all_gather, average_gradients, reduce_scatter
 
 __all__ = ["DataParallel"]
@@ -113,18 +113,8 @@ class DataParallel:
             grads.form_sum()
             return
         grads.sum_finite = False  # each process summed its shard only
-        from .._native import _C, DType, cuda_module
-
-        codes = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,
-                 torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
         if self.S:
-            rows = self.shard_rows
-            if rows.device.type == "cuda":
-                with torch.cuda.device(rows.device):
-                    cuda_module().sum_rows(int(codes[rows.dtype]), rows.data_ptr(), grads.k,
-                                           self.S, torch.cuda.current_stream().cuda_stream)
-            else:
-                _C.sum_rows(int(codes[rows.dtype]), rows.data_ptr(), grads.k, self.S)
+            sum_rows(self.shard_rows, grads.k, self.S)
         out = grads.buffer[grads.k]
         self._count("all_gather", out.numel() * out.element_size())
         all_gather(out, self.shard_rows[grads.k], group=self.group)

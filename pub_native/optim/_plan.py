@@ -17,13 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._autograd import dense_strides, same_layout
-from .._native import Algorithm, BaseCol, DType, SegmentKind, TableCol, Umm
+from .._autograd import DTYPES, dense_strides, same_layout
+from .._native import Algorithm, BaseCol, SegmentKind, TableCol, Umm
 
 __all__ = ["DTYPES", "PlanSegment", "StepPlan", "build_plan", "check_param", "state_dtype"]
 
-DTYPES = {torch.float32: DType.FLOAT32, torch.float64: DType.FLOAT64,
-          torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
 _HALF = (torch.bfloat16, torch.float16)
 _N_COLS = int(TableCol.COLS)
 
