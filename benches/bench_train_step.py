@@ -41,6 +41,11 @@ import warnings
 import numpy as np
 import torch
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 import pub_native
 from pub_native._platform import cpu_name
 from pub_native.demo.data import load_adult
@@ -123,11 +128,7 @@ def keep_heap() -> bool:
 
 def minor_faults() -> int:
     """Minor page faults of this process so far (0 where the resource module is missing)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def peers_available() -> bool:
