@@ -86,6 +86,13 @@ class StepPlan:
     def has_shared(self) -> bool:
         return any(s.kind == SegmentKind.SHARED for s in self.segments)
 
+    def release_grads(self) -> None:
+        """Let go of the plain parameters' ``.grad`` once the step has read them (a plan kept
+        for the next step must not keep them alive past ``zero_grad``)."""
+        for seg in self.segments:
+            if seg.kind == SegmentKind.PLAIN:
+                seg.grads = [None] * len(seg.grads)
+
 
 class LazyName:
     """How errors name a parameter, worked out only when an error is raised."""
@@ -283,6 +290,12 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     task gradients' sum (a shared parameter whose ``.grad`` was set to None since backward is
     not stepped, as torch skips it).
     """
+    memo = opt._plan_memo
+    if memo is not None:
+        plan = memo.reuse(opt, pending, rescan)
+        if plan is not None:
+            return plan
+        opt._plan_memo = None
     shared_index = {}
     if pending:
         shared_index = {id(p): j for j, p in enumerate(opt._grads.params)}
@@ -298,16 +311,18 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     pending_state: dict[torch.Tensor, dict[str, Any]] = {}
     owners: dict[int, torch.Tensor] = {}
     base_rows = []
+    # What a later step may reuse (PlanMemo): per group its parameters and configuration, per
+    # parameter whether it was stepped and with what.
+    memo_groups, memo_rows = [], []
     for gi, group in enumerate(opt.param_groups):
-        base_rows.append([float(v) for v in opt._base_row(group)])
-        flags = opt._rule_flags(group)
-        maximize = bool(group.get("maximize", False))
-        l2 = opt._base_row(group)[BaseCol.WEIGHT_DECAY] != 0.0 and not (
-            group.get("decoupled_weight_decay", False))
-        state_names = opt._state_names(group)
-        init = [opt._initial_state_value(group, n) for n in state_names]
+        base_row = [float(v) for v in opt._base_row(group)]
+        base_rows.append(base_row)
+        config = _group_config(opt, group, base_row)
+        flags, maximize, l2, state_names, init = config
+        memo_groups.append((tuple(map(id, group["params"])), config))
         for p in group["params"]:
             j = shared_index.get(id(p))
+            memo_rows.append((p, j is not None, None))
             if j is not None:
                 if not p.requires_grad or p.grad is None:
                     continue  # frozen since detection, or its .grad removed: not stepped
@@ -368,14 +383,109 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
             seg.state_names.append(state_names)
             seg.steps.append(step)
             seg.groups.append(gi)
+            keys = ["task_" + n for n in state_names] if (
+                kind == SegmentKind.SHARED and adatask) else state_names
+            memo_rows[-1] = (p, j is not None, (
+                name, signature, opt.state.get(p), step,
+                [(key, t, t.data_ptr()) for key, t in zip(keys, states)],
+                seg, len(seg.params) - 1, kind))
     if not segments:
         return None
     ordered = sorted(segments.values(), key=lambda s: int(s.kind))  # shared segments first
     for seg in ordered:
         fill_table(seg)
     k = opt._k if pending and opt._k is not None else 1
-    return StepPlan(ordered, build_base(base_rows), k, device, pending_state, owners,
+    plan = StepPlan(ordered, build_base(base_rows), k, device, pending_state, owners,
                     pending_shard_state, dp is not None)
+    if dp is None and opt._dp is None and not rescan and not pending_state \
+            and (pending or not adatask):
+        opt._plan_memo = PlanMemo(opt, plan, pending, memo_groups, memo_rows)
+    return plan
+
+
+def _group_config(opt, group, base_row) -> tuple:
+    """What a group decides of its parameters' kernels and state: (rule flags, maximize, L2
+    weight decay, state names, their initial values)."""
+    l2 = base_row[BaseCol.WEIGHT_DECAY] != 0.0 and not group.get("decoupled_weight_decay",
+                                                                  False)
+    names = opt._state_names(group)
+    return (opt._rule_flags(group), bool(group.get("maximize", False)), l2, names,
+            [opt._initial_state_value(group, n) for n in names])
+
+
+class PlanMemo:
+    """A plan kept for the steps after it, which mostly step the same tensors in the same way.
+
+    ``reuse`` gives the plan again when nothing it was built from has changed: the optimizer's
+    options, task gradients (the K×P buffer) and parameter groups (the same parameters, in the
+    same order, with the same configuration), and for every parameter whether it is stepped,
+    its storage and layout, and its state tensors (the same objects on the same storage). Only
+    what changes at every step is taken again: the learning rates and other constants of the
+    groups, and the ``.grad`` of the plain (not shared) parameters, checked as a fresh plan
+    checks it. Anything else is a miss and the plan is built anew.
+
+    Plans that are to commit new state, that read ``.grad`` edits of shared parameters
+    (rescan) or that step shards of data parallelism are not kept. The memo holds its tensors
+    alive; ``_reset_pub`` (checkpoint loading) drops it.
+    """
+
+    __slots__ = ("plan", "pending", "grads", "buffer_ptr", "k", "options", "groups", "rows")
+
+    def __init__(self, opt, plan: StepPlan, pending: bool, groups: list, rows: list):
+        self.plan, self.pending, self.groups, self.rows = plan, pending, groups, rows
+        self.grads = opt._grads if pending else None
+        self.buffer_ptr = self.grads.buffer.data_ptr() if self.grads is not None else 0
+        self.k = opt._k
+        self.options = opt.options
+
+    def reuse(self, opt, pending: bool, rescan: bool) -> StepPlan | None:
+        if (rescan or pending != self.pending or opt._k != self.k
+                or opt.options is not self.options or opt._dp is not None):
+            return None
+        grads = opt._grads if pending else None
+        if grads is not self.grads or (
+                grads is not None and grads.buffer.data_ptr() != self.buffer_ptr):
+            return None
+        groups = opt.param_groups
+        if len(groups) != len(self.groups):
+            return None
+        base_rows = []
+        for group, (ids, config) in zip(groups, self.groups):
+            if tuple(map(id, group["params"])) != ids:
+                return None
+            base_row = [float(v) for v in opt._base_row(group)]
+            if _group_config(opt, group, base_row) != config:
+                return None
+            base_rows.append(base_row)
+        state = opt.state
+        plain_grads = []
+        for p, shared, entry in self.rows:
+            g = p.grad
+            if entry is None:
+                if g is not None and not (shared and not p.requires_grad):
+                    return None  # stepped now, not then
+                continue
+            name, signature, st, step, tensors, seg, r, kind = entry
+            if g is None or (shared and not p.requires_grad):
+                return None
+            if (p.data_ptr(), p.dtype, p.device, p.shape, p.stride()) != signature:
+                return None
+            st_now = state.get(p)
+            if st_now is not st or st.get("step") is not step:
+                return None
+            for key, t, ptr in tensors:  # the same objects, not re-pointed in place
+                if st.get(key) is not t or t.data_ptr() != ptr:
+                    return None
+            if kind == SegmentKind.PLAIN:
+                plain_grads.append((seg, r, plain_grad(p, name)))
+        for seg, r, g in plain_grads:
+            seg.grads[r] = g.unsqueeze(0)
+            if seg.table[r, TableCol.NUMEL]:
+                seg.table[r, TableCol.GRAD] = g.data_ptr()
+        plan = self.plan
+        plan.base = build_base(base_rows)
+        plan.shared_finite = False
+        return plan
 
 
 def _prepared_state(opt, p, signature, names, init, adatask_k, name):

@@ -131,6 +131,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         # checked again): id(param) -> its signature / its state tensors.
         self._checked: dict = {}
         self._state_memo: dict = {}
+        self._plan_memo = None  # the last plan, for the steps that step the same tensors
 
     # PUB's options, also as attributes.
     update_weights_every = property(lambda self: self.options.update_weights_every)
@@ -330,6 +331,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
             for p in shared:
                 check_param(p, self._param_name(p), shared[0].device)
             size = sum(p.numel() for p in shared)
+            self._plan_memo = None  # it holds the old buffer
             grads = self._grads = _autograd.TaskGradients(
                 shared, k, with_sum=True, row_length=dp.row_length(size) if dp else None)
             if dp is not None and self._shard_state:
@@ -506,8 +508,12 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if not getattr(backend, "lazy", False):
             self._read_device_result(raise_errors=False)
         between = (lambda: dp.reduce_summary(backend)) if plan.sharded else None
-        result = backend.step(plan, solve=solve, options=self.options, grad_scale=grad_scale,
-                              found_inf=found_inf, task_scale=task_scale, between=between)
+        try:
+            result = backend.step(plan, solve=solve, options=self.options,
+                                  grad_scale=grad_scale, found_inf=found_inf,
+                                  task_scale=task_scale, between=between)
+        finally:
+            plan.release_grads()
         if plan.sharded and (getattr(result, "lazy", False)
                              or result.outcome == StepOutcome.APPLIED):
             # On CUDA the device decides: gathering unchanged shards is harmless.

@@ -1,0 +1,215 @@
+"""A step reuses the previous step's plan (PlanMemo) when nothing it was built from changed.
+
+Every change a training loop can make between two steps (learning rates, a group's options,
+parameters re-pointed with ``.data``, state entries replaced or re-pointed in place, a ``.grad``
+removed, re-laid out or of the wrong dtype, a checkpoint loaded, a parameter frozen) is made to
+two copies of one problem: one optimizer keeps its plan between steps, the other builds every
+plan anew. They must agree bitwise; on plain (K = 1) steps both must also agree with torch's own
+Adam given the same changes.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from helpers import (
+    F64,
+    SHAPES,
+    Problem,
+    assert_states_close,
+    assert_states_equal,
+    assert_unchanged,
+    snapshot,
+)
+
+import pub_native
+
+
+def _lr(opt, params):
+    for g in opt.param_groups:
+        g["lr"] *= 0.5
+
+
+def _amsgrad(opt, params):
+    opt.param_groups[0]["amsgrad"] = True
+
+
+def _weight_decay(opt, params):
+    opt.param_groups[0]["weight_decay"] = 0.1
+
+
+def _maximize(opt, params):
+    opt.param_groups[-1]["maximize"] = True
+
+
+def _param_data(opt, params):
+    for p in params:
+        p.data = p.data.clone()
+
+
+def _state_replaced(opt, params):
+    for p in params:
+        st = opt.state[p]
+        st["exp_avg"] = st["exp_avg"].clone() * 0.5
+
+
+def _state_set_(opt, params):
+    for p in params:
+        st = opt.state[p]
+        st["exp_avg_sq"].set_(st["exp_avg_sq"].clone() * 2.0)
+
+
+def _step_replaced(opt, params):
+    opt.state[params[0]]["step"] = torch.tensor(20.0)
+
+
+def _load_state_dict(opt, params):
+    opt.load_state_dict(opt.state_dict())
+
+
+def _state_cleared(opt, params):
+    opt.state[params[-1]].clear()
+
+
+# Changes made before backward (and, for the torch comparison, before the plain step's backward).
+CHANGES = {"lr": _lr, "amsgrad": _amsgrad, "weight_decay": _weight_decay,
+           "maximize": _maximize, "param_data": _param_data, "state_replaced": _state_replaced,
+           "state_set_": _state_set_, "step_replaced": _step_replaced,
+           "load_state_dict": _load_state_dict, "state_cleared": _state_cleared}
+
+
+def _grad_none(params):
+    params[-1].grad = None
+
+
+def _grad_transposed(params):
+    for p in params:
+        if p.dim() == 2:
+            p.grad = p.grad.t().contiguous().t()  # same values, column-major
+
+
+def _grad_new_tensor(params):
+    for p in params:
+        p.grad = p.grad.clone()
+
+
+# Changes to plain .grad made between backward and step.
+GRAD_CHANGES = {"grad_none": _grad_none, "grad_transposed": _grad_transposed,
+                "grad_new_tensor": _grad_new_tensor}
+
+
+def _fresh_step(opt):
+    """A step whose plan is built anew (the reference for a step that may reuse it)."""
+    opt._plan_memo = None
+    opt.step()
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES) + sorted(GRAD_CHANGES))
+def test_pub_step_with_a_kept_plan_equals_a_fresh_plan(change):
+    base = Problem(SHAPES["odd"], 2, dtype=F64, seed=3)
+    probs = [base.clone(), base.clone()]
+    opts = [pub_native.Adam(p.groups(), lr=1e-2) for p in probs]
+    for t in range(6):
+        for prob, opt, fresh in zip(probs, opts, (False, True)):
+            params = prob.params()
+            if t == 3 and change in CHANGES:
+                CHANGES[change](opt, params)
+            opt.zero_grad()
+            opt.backward(prob.losses(t))
+            if t == 3 and change in GRAD_CHANGES:
+                GRAD_CHANGES[change](prob.heads)
+            _fresh_step(opt) if fresh else opt.step()
+        assert_states_equal(opts[0], probs[0].params(), opts[1], probs[1].params())
+    assert opts[0]._plan_memo is not None  # the kept plan was in use
+
+
+@pytest.mark.parametrize("change", sorted(set(CHANGES) - {"amsgrad"}) + sorted(GRAD_CHANGES))
+def test_plain_steps_with_a_kept_plan_equal_torch_adam(change):
+    # (torch's Adam cannot take amsgrad=True once it has state without max_exp_avg_sq)
+    base = Problem(SHAPES["small"] + [(4, 6)], 1, dtype=F64, seed=5, identical=True)
+    ours, theirs = base.clone(), base.clone()
+    opt = pub_native.Adam(ours.params(), lr=1e-2)
+    ref = torch.optim.Adam(theirs.params(), lr=1e-2)
+    for t in range(6):
+        for prob, o in ((ours, opt), (theirs, ref)):
+            params = prob.params()
+            if t == 3 and change in CHANGES:
+                if change == "step_replaced":
+                    # torch keeps the step counter as a float32 tensor too
+                    o.state[params[0]]["step"] = torch.tensor(20.0)
+                else:
+                    CHANGES[change](o, params)
+            o.zero_grad()
+            prob.losses(t)[0].backward()
+            if t == 3 and change in GRAD_CHANGES:
+                GRAD_CHANGES[change](params)
+            o.step()
+        assert_states_close(opt, ours.params(), ref, theirs.params(), 1e-12)
+
+
+def test_a_kept_plan_checks_the_plain_grad_and_a_failed_step_changes_nothing():
+    prob = Problem(SHAPES["small"], 2, dtype=F64, seed=7)
+    opt = pub_native.Adam(prob.groups(), lr=1e-2)
+    for t in range(3):
+        opt.zero_grad()
+        opt.backward(prob.losses(t))
+        opt.step()
+    assert opt._plan_memo is not None
+    opt.zero_grad()
+    opt.backward(prob.losses(3))
+    head = prob.heads[1]
+    head.grad = head.grad.to_sparse()
+    snap = snapshot(opt, prob.params())
+    with pytest.raises(TypeError, match=r"param_groups\[2\]\['params'\]\[1\].*sparse"):
+        opt.step()
+    assert_unchanged(opt, prob.params(), snap)
+    head.grad = head.grad.to_dense()
+    opt.step()
+    assert not torch.equal(head, snap[0][len(prob.shared) + 1])
+
+
+def test_a_kept_plan_follows_a_frozen_shared_parameter_and_a_new_group():
+    base = Problem(SHAPES["odd"], 2, dtype=F64, seed=11)
+    probs = [base.clone(), base.clone()]
+    opts = [pub_native.Adam(p.groups(), lr=1e-2) for p in probs]
+    extra = [torch.ones(4, dtype=F64, requires_grad=True) for _ in probs]
+    for t in range(7):
+        for prob, opt, x, fresh in zip(probs, opts, extra, (False, True)):
+            if t == 2:
+                prob.shared[1].requires_grad_(False)
+            if t == 4:
+                prob.shared[1].requires_grad_(True)
+                opt.add_param_group({"params": [x], "lr": 1e-3})
+            opt.zero_grad()
+            opt.backward(prob.losses(t))
+            if t >= 4:
+                x.grad = torch.full_like(x, float(t))
+            _fresh_step(opt) if fresh else opt.step()
+        added = ([extra[0]], [extra[1]]) if t >= 4 else ([], [])
+        assert_states_equal(opts[0], probs[0].params() + added[0], opts[1],
+                            probs[1].params() + added[1])
+
+
+def test_a_kept_plan_holds_no_gradient_past_zero_grad():
+    prob = Problem(SHAPES["small"], 2, dtype=F64, seed=13)
+    opt = pub_native.Adam(prob.groups(), lr=1e-2)
+    for t in range(3):
+        opt.zero_grad()
+        opt.backward(prob.losses(t))
+        opt.step()
+    grad = weakref.ref(prob.heads[0].grad)
+    opt.zero_grad()
+    gc.collect()
+    assert grad() is None, "the kept plan holds a plain .grad alive"
+    # A new layout of the task gradients: the old K×P buffer is not kept alive by the plan.
+    buffer = weakref.ref(opt._grads.buffer)
+    for p in prob.shared:
+        p.data = p.data.float().double().contiguous()
+    prob.shared[0].data = prob.shared[0].data.t().contiguous().t()  # column-major
+    opt.backward(prob.losses(3))
+    gc.collect()
+    assert buffer() is None, "the old task-gradient buffer is still alive"
+    opt.step()
