@@ -27,6 +27,7 @@ from helpers import (
     run_pub,
     run_torch,
 )
+from torch.optim import optimizer as torch_optimizer
 
 import pub_native
 
@@ -369,6 +370,76 @@ def test_step_hooks_fire_once_even_beside_torch_optimizers():
     (p * p).sum().backward()
     opt.step()
     assert calls == ["pre", "post", "pre", "post"]
+
+
+# torch's wrapper of step (profiler range, step hooks) is taken only when something observes it.
+
+
+def _trained(steps=2):
+    prob = Problem(SHAPES["small"], 2, dtype=F64, seed=17)
+    opt = pub_native.Adam(prob.groups(), lr=1e-2)
+    for t in range(steps):
+        opt.zero_grad()
+        opt.backward(prob.losses(t))
+        opt.step()
+    return prob, opt
+
+
+def test_global_step_hooks_fire_once_per_step():
+    prob, opt = _trained()
+    calls = []
+    pre = torch_optimizer.register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("pre", o)))
+    post = torch_optimizer.register_optimizer_step_post_hook(
+        lambda o, a, k: calls.append(("post", o)))
+    try:
+        opt.zero_grad()
+        opt.backward(prob.losses(2))
+        opt.step()
+    finally:
+        pre.remove()
+        post.remove()
+    opt.zero_grad()
+    opt.backward(prob.losses(3))
+    opt.step()
+    assert calls == [("pre", opt), ("post", opt)]
+
+
+def test_a_step_pre_hook_may_replace_the_arguments():
+    prob, opt = _trained()
+    opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: 7.0}))
+    opt.zero_grad()
+    opt.backward(prob.losses(2))
+    assert opt.step() == 7.0
+
+
+def test_the_profiler_sees_step_and_zero_grad():
+    prob, opt = _trained()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.zero_grad()
+        opt.backward(prob.losses(2))
+        opt.step()
+    names = [e.name for e in prof.events()]
+    assert names.count("Optimizer.step#Adam.step") == 1
+    assert names.count("Optimizer.zero_grad#Adam.zero_grad") == 1
+
+
+def test_an_unobserved_step_enters_no_profiler_range(monkeypatch):
+    prob, opt = _trained()
+    entered = []
+    real = torch.autograd.profiler.record_function
+
+    class Counting(real):
+        def __enter__(self):
+            entered.append(self.name)
+            return super().__enter__()
+
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", Counting)
+    opt.zero_grad()
+    opt.backward(prob.losses(2))
+    opt.step()
+    assert entered == []
+    opt.zero_grad(set_to_none=False)  # torch's own zero_grad, with its range
+    assert entered == ["Optimizer.zero_grad#Adam.zero_grad"]
 
 
 def test_torch_spellings_are_exported():

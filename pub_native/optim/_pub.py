@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim import optimizer as _torch_optimizer
 
 from .. import _autograd
 from .._distributed import data_parallel_group
@@ -35,6 +36,23 @@ __all__ = ["BACKENDS", "CLIPPY_PRESETS", "PUBOptimizer"]
 #: Step backends by name; "native" picks the CPU or CUDA core by the parameters' device.
 #: PUB_NATIVE_BACKEND in the environment sets the default.
 BACKENDS = ("native", "reference")
+
+
+# What observes an optimizer step besides its own hooks (torch.optim.optimizer): global step hooks
+# and the profiler. Where this torch lacks either, every step is treated as observed.
+_GLOBAL_STEP_HOOKS = tuple(getattr(_torch_optimizer, name, None) for name in (
+    "_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"))
+_profiler_enabled = getattr(torch._C._autograd, "_profiler_enabled", None)
+_OBSERVABLE = _profiler_enabled is not None and None not in _GLOBAL_STEP_HOOKS
+
+
+def _observed(opt, hooks: bool) -> bool:
+    """Whether torch's own wrapping of ``step`` (``hooks``) or ``zero_grad`` must run: step
+    hooks registered (for ``step``), the profiler on, or the compiler tracing."""
+    if not _OBSERVABLE or torch.compiler.is_compiling() or _profiler_enabled():
+        return True
+    return hooks and bool(opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
+                          or _GLOBAL_STEP_HOOKS[0] or _GLOBAL_STEP_HOOKS[1])
 
 
 #: The keyword arguments every PUB optimizer takes besides its torch base class's.
@@ -424,6 +442,11 @@ class PUBOptimizer(GradientTools, Checkpoints):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the ``.grad`` of every parameter and drop pending per-task gradients."""
         self._pending = False
+        if set_to_none and not _observed(self, hooks=False):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return
         super().zero_grad(set_to_none=set_to_none)
 
     # ---- step --------------------------------------------------------------------------------
@@ -431,6 +454,18 @@ class PUBOptimizer(GradientTools, Checkpoints):
     def step(self, closure=None):
         """One optimizer step: SPEC section 5 after ``backward(losses)``, else the base step
         (K = 1) on every parameter's ``.grad``."""
+        if _observed(self, hooks=True):
+            # (the hooks see the arguments as given: none, or the closure)
+            return self._observed_step() if closure is None else self._observed_step(closure)
+        return self._step(closure)
+
+    # torch.optim wraps the step of every optimizer class in a profiler range and its step hooks
+    # (Optimizer.profile_hook_step). Entering the range costs tens of microseconds in a training
+    # loop even when no profiler listens, so the step takes torch's wrapper only when something
+    # observes it: a step hook, the profiler, or the compiler.
+    step.hooked = True  # type: ignore[attr-defined]  # torch: "already wrapped"
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -441,6 +476,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
             else:
                 self._take_step()
         return loss
+
+    _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
 
     def _backend_for(self, plan: StepPlan):
         k = self._k or 1
