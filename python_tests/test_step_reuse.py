@@ -213,3 +213,52 @@ def test_a_kept_plan_holds_no_gradient_past_zero_grad():
     gc.collect()
     assert buffer() is None, "the old task-gradient buffer is still alive"
     opt.step()
+
+
+def _betas_list_mutated(opt, params):
+    opt.param_groups[0]["betas"][0] = 0.5  # a list option changed in place
+
+
+def _lr_tensor_filled(opt, params):
+    for g in opt.param_groups:
+        g["lr"].fill_(g["lr"].item() * 0.5)  # as torch's schedulers set a tensor lr
+
+
+@pytest.mark.parametrize("change", [_betas_list_mutated, _lr_tensor_filled])
+def test_options_changed_in_place_reach_a_kept_plan(change):
+    base = Problem(SHAPES["small"], 2, dtype=F64, seed=19)
+    probs = [base.clone(), base.clone()]
+    opts = [pub_native.Adam(p.groups()) for p in probs]
+    for opt in opts:
+        for g in opt.param_groups:
+            if change is _lr_tensor_filled:
+                g["lr"] = torch.tensor(float(g["lr"]))
+            else:
+                g["betas"] = list(g["betas"])
+    for t in range(6):
+        for prob, opt, fresh in zip(probs, opts, (False, True)):
+            if t == 3:
+                change(opt, prob.params())
+            opt.zero_grad()
+            opt.backward(prob.losses(t))
+            _fresh_step(opt) if fresh else opt.step()
+        assert_states_equal(opts[0], probs[0].params(), opts[1], probs[1].params())
+
+
+def test_a_non_finite_lr_under_a_kept_plan_raises_and_changes_nothing():
+    prob = Problem(SHAPES["small"], 2, dtype=F64, seed=23)
+    opt = pub_native.Adam(prob.groups(), lr=1e-2)
+    for t in range(3):
+        opt.zero_grad()
+        opt.backward(prob.losses(t))
+        opt.step()
+    opt.param_groups[1]["lr"] = float("nan")
+    opt.zero_grad()
+    opt.backward(prob.losses(3))
+    snap = snapshot(opt, prob.params())
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] is nan"):
+        opt.step()
+    assert_unchanged(opt, prob.params(), snap)
+    opt.param_groups[1]["lr"] = 1e-2
+    opt.step()
+    assert not torch.equal(prob.shared[1], snap[0][1])

@@ -48,7 +48,8 @@ class PlanSegment:
     clippy: tuple[float, float]
     has_l2: bool = False
     params: list[torch.Tensor] = field(default_factory=list)
-    grads: list[torch.Tensor] = field(default_factory=list)    # (K, *shape), p's layout
+    # Shared: (K, *shape) in p's layout; plain: p's .grad (p's shape and layout).
+    grads: list[torch.Tensor] = field(default_factory=list)
     grad_sums: list[torch.Tensor | None] = field(default_factory=list)  # shared: .grad to check
     states: list[list[torch.Tensor]] = field(default_factory=list)
     state_names: list[list[str]] = field(default_factory=list)
@@ -362,7 +363,7 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
                             f"{name}: umm='adatask' keeps per-task state for the shared "
                             "parameters: call opt.backward(losses) before opt.step()")
                     kind, k, stride, umm = SegmentKind.PLAIN, 1, 0, Umm.NONE
-                    grad = plain_grad(p, name).unsqueeze(0)
+                    grad = plain_grad(p, name)
                 states, step, new = _prepared_state(
                     opt, p, signature, state_names, init,
                     k if kind == SegmentKind.SHARED and adatask else None, name)
@@ -429,14 +430,24 @@ class PlanMemo:
     alive; ``_reset_pub`` (checkpoint loading) drops it.
     """
 
-    __slots__ = ("plan", "pending", "grads", "buffer_ptr", "k", "options", "groups", "rows")
+    __slots__ = ("plan", "pending", "grads", "buffer_ptr", "k", "options", "groups", "rows",
+                 "base_rows", "plain")
 
     def __init__(self, opt, plan: StepPlan, pending: bool, groups: list, rows: list):
-        self.plan, self.pending, self.groups, self.rows = plan, pending, groups, rows
+        self.plan, self.pending, self.rows = plan, pending, rows
         self.grads = opt._grads if pending else None
         self.buffer_ptr = self.grads.buffer.data_ptr() if self.grads is not None else 0
         self.k = opt._k
         self.options = opt.options
+        # Per group: its parameters' ids, its configuration and its options (None where one is a
+        # tensor, which a scheduler may change in place: those groups are read at every step).
+        self.groups = [(ids, config, _options_of(group))
+                       for (ids, config), group in zip(groups, opt.param_groups)]
+        self.base_rows = [[float(v) for v in row] for row in plan.base.tolist()]
+        # The plain segments' rows whose .grad address is taken again at every step.
+        self.plain = {id(seg): np.array([r for r, p in enumerate(seg.params) if p.numel()],
+                                        dtype=np.intp)
+                      for seg in plan.segments if seg.kind == SegmentKind.PLAIN}
 
     def reuse(self, opt, pending: bool, rescan: bool) -> StepPlan | None:
         if (rescan or pending != self.pending or opt._k != self.k
@@ -449,16 +460,19 @@ class PlanMemo:
         groups = opt.param_groups
         if len(groups) != len(self.groups):
             return None
-        base_rows = []
-        for group, (ids, config) in zip(groups, self.groups):
+        changed = {}  # group index -> (its new base row, its options)
+        for gi, (group, (ids, config, options)) in enumerate(zip(groups, self.groups)):
             if tuple(map(id, group["params"])) != ids:
                 return None
+            now = _options_of(group)
+            if options is not None and now == options:
+                continue
             base_row = [float(v) for v in opt._base_row(group)]
             if _group_config(opt, group, base_row) != config:
                 return None
-            base_rows.append(base_row)
+            changed[gi] = (base_row, now)
         state = opt.state
-        plain_grads = []
+        plain = {}  # id(segment) -> (segment, [(row, .grad)])
         for p, shared, entry in self.rows:
             g = p.grad
             if entry is None:
@@ -470,22 +484,58 @@ class PlanMemo:
                 return None
             if (p.data_ptr(), p.dtype, p.device, p.shape, p.stride()) != signature:
                 return None
-            st_now = state.get(p)
-            if st_now is not st or st.get("step") is not step:
+            if state.get(p) is not st or st.get("step") is not step:
                 return None
             for key, t, ptr in tensors:  # the same objects, not re-pointed in place
                 if st.get(key) is not t or t.data_ptr() != ptr:
                     return None
             if kind == SegmentKind.PLAIN:
-                plain_grads.append((seg, r, plain_grad(p, name)))
-        for seg, r, g in plain_grads:
-            seg.grads[r] = g.unsqueeze(0)
-            if seg.table[r, TableCol.NUMEL]:
-                seg.table[r, TableCol.GRAD] = g.data_ptr()
+                plain.setdefault(id(seg), (seg, []))[1].append((r, plain_grad(p, name)))
         plan = self.plan
-        plan.base = build_base(base_rows)
+        if changed:
+            rows = list(self.base_rows)
+            for gi, (base_row, _) in changed.items():
+                rows[gi] = base_row
+            plan.base = build_base(rows)  # checks them (a non-finite lr raises here)
+            self.base_rows = rows
+            self.groups = [(ids, config, changed[gi][1] if gi in changed else options)
+                           for gi, (ids, config, options) in enumerate(self.groups)]
+        for seg, row_grads in plain.values():
+            ptrs = []
+            for r, g in row_grads:
+                seg.grads[r] = g
+                if g.numel():
+                    ptrs.append(g.data_ptr())
+            seg.table[self.plain[id(seg)], TableCol.GRAD] = ptrs
         plan.shared_finite = False
         return plan
+
+
+def _options_of(group: dict) -> dict | None:
+    """A group's options (every entry but its parameters) as values that cannot change in place,
+    or None when one is something else (a tensor, which a scheduler may fill in place, or any
+    other object): such groups are read again at every step."""
+    options = {}
+    for key, value in group.items():
+        if key != "params":
+            value = _frozen(value)
+            if value is _UNFROZEN:
+                return None
+            options[key] = value
+    return options
+
+
+_UNFROZEN = object()
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _frozen(value):
+    if type(value) in _SCALARS:
+        return value
+    if isinstance(value, (tuple, list)):
+        items = tuple(_frozen(v) for v in value)
+        return _UNFROZEN if any(v is _UNFROZEN for v in items) else items
+    return _UNFROZEN
 
 
 def _prepared_state(opt, p, signature, names, init, adatask_k, name):
@@ -538,7 +588,7 @@ def _piece(opt, dp, p, j, name, pending, rescan):
         raise RuntimeError(f"{name}: umm='adatask' keeps per-task state for the shared "
                            "parameters: call opt.backward(losses) before opt.step()")
     return (SegmentKind.PLAIN, 1, 0, Umm.NONE, target,
-            flat_view(plain_grad(p, name), lo, hi).unsqueeze(0), None)
+            flat_view(plain_grad(p, name), lo, hi), None)
 
 
 def _piece_state(opt, dp, p, j, target, names, init, adatask_k, name):

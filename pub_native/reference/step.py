@@ -56,6 +56,8 @@ class _Row:
         l2, self.decay = _decay(seg, row)
         sign = -1.0 if seg.maximize else 1.0
         g = seg.grads[r].detach().to(F64)
+        if seg.kind == SegmentKind.PLAIN:
+            g = g.unsqueeze(0)  # a plain step's one "task"
         mult = torch.as_tensor(multipliers, dtype=F64).view(-1, *([1] * self.theta.dim()))
         self.raw = g * mult * sign  # non-finite inputs show here
         self.g = self.raw + l2 * self.theta
