@@ -412,6 +412,35 @@ def test_a_step_pre_hook_may_replace_the_arguments():
     assert opt.step() == 7.0
 
 
+def test_a_subclass_that_overrides_step_fires_the_hooks_once():
+    class Mine(pub_native.Adam):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    prob = Problem(SHAPES["small"], 2, dtype=F64, seed=17)
+    opt = Mine(prob.groups(), lr=1e-2)
+    calls = []
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    for t in range(3):
+        opt.zero_grad()
+        opt.backward(prob.losses(t))
+        opt.step()
+    assert calls == ["post"] * 3
+
+
+def test_step_hooks_see_the_closure_as_it_was_passed():
+    prob, opt = _trained()
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append((len(args), sorted(kwargs))))
+    for call in (lambda: opt.step(closure=lambda: 1.0), lambda: opt.step(lambda: 1.0),
+                 lambda: opt.step()):
+        opt.zero_grad()
+        opt.backward(prob.losses(2))
+        assert call() in (1.0, None)
+    # as torch's own wrapper passes them: (self,) plus the closure where it was given
+    assert seen == [(1, ["closure"]), (2, []), (1, [])]
+
+
 def test_the_profiler_sees_step_and_zero_grad():
     prob, opt = _trained()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

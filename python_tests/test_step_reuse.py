@@ -66,6 +66,20 @@ def _step_replaced(opt, params):
     opt.state[params[0]]["step"] = torch.tensor(20.0)
 
 
+def _step_data_swapped(opt, params):
+    opt.state[params[0]]["step"].data = torch.tensor(20.0)  # same object, new storage
+
+
+def _state_reset_in_place(opt, params):
+    for p in params:
+        opt.state[p]["exp_avg"].zero_()
+
+
+def _state_reshaped_in_place(opt, params):
+    for p in params:
+        opt.state[p]["exp_avg_sq"].unsqueeze_(0)  # same storage and address, another shape
+
+
 def _load_state_dict(opt, params):
     opt.load_state_dict(opt.state_dict())
 
@@ -78,7 +92,9 @@ def _state_cleared(opt, params):
 CHANGES = {"lr": _lr, "amsgrad": _amsgrad, "weight_decay": _weight_decay,
            "maximize": _maximize, "param_data": _param_data, "state_replaced": _state_replaced,
            "state_set_": _state_set_, "step_replaced": _step_replaced,
-           "load_state_dict": _load_state_dict, "state_cleared": _state_cleared}
+           "load_state_dict": _load_state_dict, "state_cleared": _state_cleared,
+           "step_data_swapped": _step_data_swapped, "state_reset_in_place": _state_reset_in_place,
+           "state_reshaped_in_place": _state_reshaped_in_place}
 
 
 def _grad_none(params):
@@ -102,8 +118,11 @@ GRAD_CHANGES = {"grad_none": _grad_none, "grad_transposed": _grad_transposed,
 
 
 def _fresh_step(opt):
-    """A step whose plan is built anew (the reference for a step that may reuse it)."""
+    """A step whose plan is built anew, every parameter and state entry checked again (the
+    reference for a step that may reuse what it checked before)."""
     opt._plan_memo = None
+    opt._state_memo.clear()
+    opt._checked.clear()
     opt.step()
 
 
@@ -126,9 +145,25 @@ def test_pub_step_with_a_kept_plan_equals_a_fresh_plan(change):
     assert opts[0]._plan_memo is not None  # the kept plan was in use
 
 
-@pytest.mark.parametrize("change", sorted(set(CHANGES) - {"amsgrad"}) + sorted(GRAD_CHANGES))
+def test_steady_steps_reuse_one_plan():
+    prob = Problem(SHAPES["odd"], 2, dtype=F64, seed=29)
+    opt = pub_native.Adam(prob.groups(), lr=1e-2)
+    plans = []
+    for t in range(5):
+        opt.zero_grad()
+        opt.backward(prob.losses(t))
+        opt.step()
+        plans.append(opt._plan_memo and opt._plan_memo.plan)
+    # The first step commits new state, so its plan is not kept; the second's is used from then on.
+    assert plans[0] is None and plans[1] is not None
+    assert all(plan is plans[1] for plan in plans[2:])
+
+
+@pytest.mark.parametrize("change", sorted(set(CHANGES) - {"amsgrad", "state_reshaped_in_place"})
+                         + sorted(GRAD_CHANGES))
 def test_plain_steps_with_a_kept_plan_equal_torch_adam(change):
-    # (torch's Adam cannot take amsgrad=True once it has state without max_exp_avg_sq)
+    # (torch's Adam cannot take amsgrad=True once it has state without max_exp_avg_sq, nor a
+    # state entry of another shape)
     base = Problem(SHAPES["small"] + [(4, 6)], 1, dtype=F64, seed=5, identical=True)
     ours, theirs = base.clone(), base.clone()
     opt = pub_native.Adam(ours.params(), lr=1e-2)
@@ -262,3 +297,65 @@ def test_a_non_finite_lr_under_a_kept_plan_raises_and_changes_nothing():
     opt.param_groups[1]["lr"] = 1e-2
     opt.step()
     assert not torch.equal(prob.shared[1], snap[0][1])
+
+
+def _clip(params):
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+
+
+def _rescaled_copies(params):
+    for p in params:
+        if p.grad is not None:
+            p.grad = p.grad * 0.5  # a new tensor at every step
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("rescale", [_clip, _rescaled_copies])
+def test_rescaling_at_every_step_keeps_the_plan_and_equals_a_fresh_plan(rescale, frozen):
+    # clip_grad_norm_ rescales the shared .grad in place, or a loop replaces it by a rescaled
+    # copy: each step measures that rescaling against the task gradients (a rescan), and a kept
+    # plan reads the shared .grad again.
+    base = Problem(SHAPES["odd"], 2, dtype=F64, seed=31)
+    probs = [base.clone(), base.clone()]
+    opts = [pub_native.Adam(p.groups(), lr=1e-2) for p in probs]
+    plans = []
+    for t in range(6):
+        for prob, opt, fresh in zip(probs, opts, (False, True)):
+            if frozen and t == 1:
+                prob.shared[2].requires_grad_(False)
+            opt.zero_grad()
+            opt.backward(prob.losses(t))
+            rescale(prob.params())
+            _fresh_step(opt) if fresh else opt.step()
+        plans.append(opts[0]._plan_memo and opts[0]._plan_memo.plan)
+        assert_states_equal(opts[0], probs[0].params(), opts[1], probs[1].params())
+    assert plans[-1] is not None and all(plan is plans[-1] for plan in plans[3:])
+    # a .grad that is not a rescaling is still refused under the kept plan
+    opt = opts[0]
+    opt.zero_grad()
+    opt.backward(probs[0].losses(6))
+    probs[0].shared[1].grad[0] += 1.0  # one element: not a rescaling of the tensor
+    snap = snapshot(opt, probs[0].params())
+    with pytest.raises(RuntimeError, match="not a rescaling"):
+        opt.step()
+    assert_unchanged(opt, probs[0].params(), snap)
+
+
+def test_a_dropped_optimizer_is_freed_without_the_cycle_collector():
+    prob = Problem(SHAPES["small"], 2, dtype=F64, seed=37)
+    gc.collect()
+    gc.disable()
+    try:
+        opt = pub_native.Adam(prob.groups(), lr=1e-2)
+        for t in range(3):
+            opt.zero_grad()
+            opt.backward(prob.losses(t))
+            opt.step()
+        assert opt._plan_memo is not None
+        alive = weakref.ref(opt), weakref.ref(opt.state[prob.shared[0]]["exp_avg"])
+        for p in prob.params():
+            p.grad = None
+        del opt
+        assert [r() is None for r in alive] == [True, True]
+    finally:
+        gc.enable()

@@ -11,6 +11,7 @@ skipped leaves the state as it was.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,23 +89,28 @@ class StepPlan:
         return any(s.kind == SegmentKind.SHARED for s in self.segments)
 
     def release_grads(self) -> None:
-        """Let go of the plain parameters' ``.grad`` once the step has read them (a plan kept
-        for the next step must not keep them alive past ``zero_grad``)."""
+        """Let go of the ``.grad`` tensors (the plain parameters', and the shared ones' that a
+        rescan compared) once the step has read them: a plan kept for the next step must not
+        keep them alive past ``zero_grad``."""
         for seg in self.segments:
             if seg.kind == SegmentKind.PLAIN:
                 seg.grads = [None] * len(seg.grads)
+            seg.grad_sums = [None] * len(seg.grad_sums)
 
 
 class LazyName:
-    """How errors name a parameter, worked out only when an error is raised."""
+    """How errors name a parameter, worked out only when an error is raised. It holds the
+    optimizer weakly: the plan an optimizer keeps holds these, and must not keep it alive."""
 
     __slots__ = ("opt", "p")
 
     def __init__(self, opt, p):
-        self.opt, self.p = opt, p
+        self.opt, self.p = weakref.ref(opt), p
 
     def __str__(self) -> str:
-        return self.opt._param_name(self.p)
+        opt = self.opt()
+        return f"a parameter of shape {tuple(self.p.shape)}" if opt is None else \
+            opt._param_name(self.p)
 
 
 def _fail(exc, name: str, what: str):
@@ -387,8 +393,7 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
             keys = ["task_" + n for n in state_names] if (
                 kind == SegmentKind.SHARED and adatask) else state_names
             memo_rows[-1] = (p, j is not None, (
-                name, signature, opt.state.get(p), step,
-                [(key, t, t.data_ptr()) for key, t in zip(keys, states)],
+                name, signature, opt.state.get(p), _state_marks(keys, states, step),
                 seg, len(seg.params) - 1, kind))
     if not segments:
         return None
@@ -398,9 +403,8 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     k = opt._k if pending and opt._k is not None else 1
     plan = StepPlan(ordered, build_base(base_rows), k, device, pending_state, owners,
                     pending_shard_state, dp is not None)
-    if dp is None and opt._dp is None and not rescan and not pending_state \
-            and (pending or not adatask):
-        opt._plan_memo = PlanMemo(opt, plan, pending, memo_groups, memo_rows)
+    if dp is None and opt._dp is None and not pending_state and (pending or not adatask):
+        opt._plan_memo = PlanMemo(opt, plan, pending, rescan, memo_groups, memo_rows)
     return plan
 
 
@@ -420,21 +424,24 @@ class PlanMemo:
     ``reuse`` gives the plan again when nothing it was built from has changed: the optimizer's
     options, task gradients (the K×P buffer) and parameter groups (the same parameters, in the
     same order, with the same configuration), and for every parameter whether it is stepped,
-    its storage and layout, and its state tensors (the same objects on the same storage). Only
-    what changes at every step is taken again: the learning rates and other constants of the
-    groups, and the ``.grad`` of the plain (not shared) parameters, checked as a fresh plan
-    checks it. Anything else is a miss and the plan is built anew.
+    its storage and layout, and its state entries (``_state_marks``: the same objects, not
+    changed since). Only what changes at every step is taken again: the learning rates and other
+    constants of the groups, the ``.grad`` of the plain (not shared) parameters, and on steps
+    that measure edits of the shared ``.grad`` (``rescan``: clipping, GradScaler unscaling) the
+    shared ``.grad``, each checked as a fresh plan checks it. Anything else is a miss and the
+    plan is built anew.
 
-    Plans that are to commit new state, that read ``.grad`` edits of shared parameters
-    (rescan) or that step shards of data parallelism are not kept. The memo holds its tensors
-    alive; ``_reset_pub`` (checkpoint loading) drops it.
+    Plans that are to commit new state or that step shards of data parallelism are not kept.
+    The memo holds its tensors alive (``StepPlan.release_grads`` lets go of the gradients after
+    each step); a new task-gradient buffer and ``_reset_pub`` (checkpoint loading) drop it.
     """
 
-    __slots__ = ("plan", "pending", "grads", "buffer_ptr", "k", "options", "groups", "rows",
-                 "base_rows", "plain")
+    __slots__ = ("plan", "pending", "rescan", "grads", "buffer_ptr", "k", "options", "groups",
+                 "rows", "base_rows", "nonempty")
 
-    def __init__(self, opt, plan: StepPlan, pending: bool, groups: list, rows: list):
-        self.plan, self.pending, self.rows = plan, pending, rows
+    def __init__(self, opt, plan: StepPlan, pending: bool, rescan: bool, groups: list,
+                 rows: list):
+        self.plan, self.pending, self.rescan, self.rows = plan, pending, rescan, rows
         self.grads = opt._grads if pending else None
         self.buffer_ptr = self.grads.buffer.data_ptr() if self.grads is not None else 0
         self.k = opt._k
@@ -444,13 +451,12 @@ class PlanMemo:
         self.groups = [(ids, config, _options_of(group))
                        for (ids, config), group in zip(groups, opt.param_groups)]
         self.base_rows = [[float(v) for v in row] for row in plan.base.tolist()]
-        # The plain segments' rows whose .grad address is taken again at every step.
-        self.plain = {id(seg): np.array([r for r, p in enumerate(seg.params) if p.numel()],
-                                        dtype=np.intp)
-                      for seg in plan.segments if seg.kind == SegmentKind.PLAIN}
+        # Per segment, its rows with elements (whose .grad addresses are written at each step).
+        self.nonempty = {id(seg): np.array([r for r, p in enumerate(seg.params) if p.numel()],
+                                           dtype=np.intp) for seg in plan.segments}
 
     def reuse(self, opt, pending: bool, rescan: bool) -> StepPlan | None:
-        if (rescan or pending != self.pending or opt._k != self.k
+        if (rescan != self.rescan or pending != self.pending or opt._k != self.k
                 or opt.options is not self.options or opt._dp is not None):
             return None
         grads = opt._grads if pending else None
@@ -472,25 +478,22 @@ class PlanMemo:
                 return None
             changed[gi] = (base_row, now)
         state = opt.state
-        plain = {}  # id(segment) -> (segment, [(row, .grad)])
+        fresh = {}  # id(segment) -> (segment, [(row, .grad)]): the .grad read at this step
         for p, shared, entry in self.rows:
             g = p.grad
             if entry is None:
                 if g is not None and not (shared and not p.requires_grad):
                     return None  # stepped now, not then
                 continue
-            name, signature, st, step, tensors, seg, r, kind = entry
+            name, signature, st, marks, seg, r, kind = entry
             if g is None or (shared and not p.requires_grad):
                 return None
             if (p.data_ptr(), p.dtype, p.device, p.shape, p.stride()) != signature:
                 return None
-            if state.get(p) is not st or st.get("step") is not step:
+            if state.get(p) is not st or not _state_holds(st, marks):
                 return None
-            for key, t, ptr in tensors:  # the same objects, not re-pointed in place
-                if st.get(key) is not t or t.data_ptr() != ptr:
-                    return None
-            if kind == SegmentKind.PLAIN:
-                plain.setdefault(id(seg), (seg, []))[1].append((r, plain_grad(p, name)))
+            if kind == SegmentKind.PLAIN or rescan:
+                fresh.setdefault(id(seg), (seg, []))[1].append((r, plain_grad(p, name)))
         plan = self.plan
         if changed:
             rows = list(self.base_rows)
@@ -500,13 +503,16 @@ class PlanMemo:
             self.base_rows = rows
             self.groups = [(ids, config, changed[gi][1] if gi in changed else options)
                            for gi, (ids, config, options) in enumerate(self.groups)]
-        for seg, row_grads in plain.values():
+        for seg, row_grads in fresh.values():
+            # plain: the gradient the step applies; shared: the .grad it measures edits of
+            held, col = (seg.grads, TableCol.GRAD) if seg.kind == SegmentKind.PLAIN else (
+                seg.grad_sums, TableCol.GRAD_SUM)
             ptrs = []
             for r, g in row_grads:
-                seg.grads[r] = g
+                held[r] = g
                 if g.numel():
                     ptrs.append(g.data_ptr())
-            seg.table[self.plain[id(seg)], TableCol.GRAD] = ptrs
+            seg.table[self.nonempty[id(seg)], col] = ptrs
         plan.shared_finite = False
         return plan
 
@@ -538,24 +544,38 @@ def _frozen(value):
     return _UNFROZEN
 
 
+def _state_marks(keys, states, step) -> list[tuple]:
+    """What tells that a parameter's state entries are still those the kernels were given: for
+    the step counter, then each state tensor, (key, tensor, address, version). The kernels write
+    through the addresses and move no version; a tensor replaced, re-pointed (``set_``,
+    ``.data =``) or changed in place by anything else (a reset, a reshape, ``resize_``) no
+    longer matches."""
+    return [("step", step, step.data_ptr(), step._version)] + [
+        (key, t, t.data_ptr(), t._version) for key, t in zip(keys, states)]
+
+
+def _state_holds(st: dict, marks: list[tuple]) -> bool:
+    for key, t, ptr, version in marks:
+        if st.get(key) is not t or t.data_ptr() != ptr or t._version != version:
+            return False
+    return True
+
+
 def _prepared_state(opt, p, signature, names, init, adatask_k, name):
     """prepare_state for p, skipped when nothing it checked has changed since: the same
-    parameter storage and layout, and the same state tensors (objects and storage) as the
-    last time they were found right."""
+    parameter storage and layout, and the same state entries (``_state_marks``) as the last
+    time they were found right."""
     st = opt.state.get(p, {})
     memo = opt._state_memo.get(id(p))
     if memo is not None:
-        _, keys, tensors, step = memo
-        if keys == (tuple(names), adatask_k) and signature == memo[0] \
-                and st.get("step") is step and all(
-                    st.get(key) is t and t.data_ptr() == ptr for key, t, ptr in tensors):
-            return [t for _, t, _ in tensors], step, {}
+        sig, keys, marks = memo
+        if keys == (tuple(names), adatask_k) and signature == sig and _state_holds(st, marks):
+            return [t for _, t, _, _ in marks[1:]], marks[0][1], {}
     states, step, new = prepare_state(st, p, names, init, adatask_k, name)
     keys = [("task_" + n) if adatask_k is not None else n for n in names]
     if not new:
         opt._state_memo[id(p)] = (signature, (tuple(names), adatask_k),
-                                  [(key, t, t.data_ptr()) for key, t in zip(keys, states)],
-                                  step)
+                                  _state_marks(keys, states, step))
     else:
         opt._state_memo.pop(id(p), None)  # remembered once the new entries are committed
     return states, step, new

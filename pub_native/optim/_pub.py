@@ -11,6 +11,7 @@ every parameter goes through one path and step hooks fire once.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from typing import Any
@@ -386,10 +387,11 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 grads.form_sum()
                 dp.unreduced = True
         for j, p in enumerate(shared):
+            view = None  # (a frozen parameter has no .grad of ours to watch)
             if p.requires_grad:
                 view = grads.sum_view(j)
                 p.grad = view
-                self._grad_views[j] = view
+            self._grad_views[j] = view
         self._pending = True
 
     def _data_parallel(self) -> DataParallel | None:
@@ -451,18 +453,19 @@ class PUBOptimizer(GradientTools, Checkpoints):
 
     # ---- step --------------------------------------------------------------------------------
 
-    def step(self, closure=None):
+    def step(self, *args, **kwargs):
         """One optimizer step: SPEC section 5 after ``backward(losses)``, else the base step
-        (K = 1) on every parameter's ``.grad``."""
-        if _observed(self, hooks=True):
-            # (the hooks see the arguments as given: none, or the closure)
-            return self._observed_step() if closure is None else self._observed_step(closure)
-        return self._step(closure)
+        (K = 1) on every parameter's ``.grad``. ``step(closure=None)``, as torch's."""
+        # A subclass's own step() is wrapped by torch (below): its hooks have run already.
+        if type(self).step is PUBOptimizer.step and _observed(self, hooks=True):
+            return self._observed_step(*args, **kwargs)  # the hooks see the arguments as given
+        return self._step(*args, **kwargs)
 
     # torch.optim wraps the step of every optimizer class in a profiler range and its step hooks
     # (Optimizer.profile_hook_step). Entering the range costs tens of microseconds in a training
     # loop even when no profiler listens, so the step takes torch's wrapper only when something
-    # observes it: a step hook, the profiler, or the compiler.
+    # observes it: a step hook, the profiler, or the compiler. (RecordFunction observers without
+    # the profiler, such as a standalone ExecutionTraceObserver, are not seen.)
     step.hooked = True  # type: ignore[attr-defined]  # torch: "already wrapped"
 
     def _step(self, closure=None):
@@ -478,6 +481,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         return loss
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
+    step.__signature__ = inspect.signature(_step)  # type: ignore[attr-defined]
 
     def _backend_for(self, plan: StepPlan):
         k = self._k or 1
