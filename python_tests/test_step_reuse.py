@@ -126,34 +126,54 @@ def _fresh_step(opt):
     opt.step()
 
 
-@pytest.mark.parametrize("change", sorted(CHANGES) + sorted(GRAD_CHANGES))
-def test_pub_step_with_a_kept_plan_equals_a_fresh_plan(change):
-    base = Problem(SHAPES["odd"], 2, dtype=F64, seed=3)
+def _side_by_side(base, steps, before=None, after=None, make=None):
+    """Two copies of ``base`` stepped in turn, one keeping its plan between steps and one
+    building every plan anew, bitwise equal after every step. ``before(t, prob, opt)`` runs
+    before zero_grad, ``after(t, prob, opt)`` between backward and step; a problem's ``extra``
+    tensors are compared too. Returns the kept plan after each step."""
     probs = [base.clone(), base.clone()]
-    opts = [pub_native.Adam(p.groups(), lr=1e-2) for p in probs]
-    for t in range(6):
+    opts = [make(p) if make else pub_native.Adam(p.groups(), lr=1e-2) for p in probs]
+    plans = []
+    for t in range(steps):
         for prob, opt, fresh in zip(probs, opts, (False, True)):
-            params = prob.params()
-            if t == 3 and change in CHANGES:
-                CHANGES[change](opt, params)
+            if before is not None:
+                before(t, prob, opt)
             opt.zero_grad()
             opt.backward(prob.losses(t))
-            if t == 3 and change in GRAD_CHANGES:
-                GRAD_CHANGES[change](prob.heads)
+            if after is not None:
+                after(t, prob, opt)
             _fresh_step(opt) if fresh else opt.step()
-        assert_states_equal(opts[0], probs[0].params(), opts[1], probs[1].params())
-    assert opts[0]._plan_memo is not None  # the kept plan was in use
+        plans.append(opts[0]._plan_memo and opts[0]._plan_memo.plan)
+        compared = [p.params() + getattr(p, "extra", []) for p in probs]
+        assert_states_equal(opts[0], compared[0], opts[1], compared[1])
+    return plans, probs, opts
 
 
-def test_steady_steps_reuse_one_plan():
-    prob = Problem(SHAPES["odd"], 2, dtype=F64, seed=29)
+def _trained(prob, steps=3):
     opt = pub_native.Adam(prob.groups(), lr=1e-2)
-    plans = []
-    for t in range(5):
+    for t in range(steps):
         opt.zero_grad()
         opt.backward(prob.losses(t))
         opt.step()
-        plans.append(opt._plan_memo and opt._plan_memo.plan)
+    return opt
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES) + sorted(GRAD_CHANGES))
+def test_pub_step_with_a_kept_plan_equals_a_fresh_plan(change):
+    def before(t, prob, opt):
+        if t == 3 and change in CHANGES:
+            CHANGES[change](opt, prob.params())
+
+    def after(t, prob, opt):
+        if t == 3 and change in GRAD_CHANGES:
+            GRAD_CHANGES[change](prob.heads)
+
+    plans, _, _ = _side_by_side(Problem(SHAPES["odd"], 2, dtype=F64, seed=3), 6, before, after)
+    assert plans[-1] is not None  # the kept plan was in use
+
+
+def test_steady_steps_reuse_one_plan():
+    plans, _, _ = _side_by_side(Problem(SHAPES["odd"], 2, dtype=F64, seed=29), 5)
     # The first step commits new state, so its plan is not kept; the second's is used from then on.
     assert plans[0] is None and plans[1] is not None
     assert all(plan is plans[1] for plan in plans[2:])
@@ -187,11 +207,7 @@ def test_plain_steps_with_a_kept_plan_equal_torch_adam(change):
 
 def test_a_kept_plan_checks_the_plain_grad_and_a_failed_step_changes_nothing():
     prob = Problem(SHAPES["small"], 2, dtype=F64, seed=7)
-    opt = pub_native.Adam(prob.groups(), lr=1e-2)
-    for t in range(3):
-        opt.zero_grad()
-        opt.backward(prob.losses(t))
-        opt.step()
+    opt = _trained(prob)
     assert opt._plan_memo is not None
     opt.zero_grad()
     opt.backward(prob.losses(3))
@@ -207,34 +223,24 @@ def test_a_kept_plan_checks_the_plain_grad_and_a_failed_step_changes_nothing():
 
 
 def test_a_kept_plan_follows_a_frozen_shared_parameter_and_a_new_group():
-    base = Problem(SHAPES["odd"], 2, dtype=F64, seed=11)
-    probs = [base.clone(), base.clone()]
-    opts = [pub_native.Adam(p.groups(), lr=1e-2) for p in probs]
-    extra = [torch.ones(4, dtype=F64, requires_grad=True) for _ in probs]
-    for t in range(7):
-        for prob, opt, x, fresh in zip(probs, opts, extra, (False, True)):
-            if t == 2:
-                prob.shared[1].requires_grad_(False)
-            if t == 4:
-                prob.shared[1].requires_grad_(True)
-                opt.add_param_group({"params": [x], "lr": 1e-3})
-            opt.zero_grad()
-            opt.backward(prob.losses(t))
-            if t >= 4:
-                x.grad = torch.full_like(x, float(t))
-            _fresh_step(opt) if fresh else opt.step()
-        added = ([extra[0]], [extra[1]]) if t >= 4 else ([], [])
-        assert_states_equal(opts[0], probs[0].params() + added[0], opts[1],
-                            probs[1].params() + added[1])
+    def before(t, prob, opt):
+        if t == 2:
+            prob.shared[1].requires_grad_(False)
+        if t == 4:
+            prob.shared[1].requires_grad_(True)
+            prob.extra = [torch.ones(4, dtype=F64, requires_grad=True)]
+            opt.add_param_group({"params": prob.extra, "lr": 1e-3})
+
+    def after(t, prob, opt):
+        for x in getattr(prob, "extra", []):
+            x.grad = torch.full_like(x, float(t))
+
+    _side_by_side(Problem(SHAPES["odd"], 2, dtype=F64, seed=11), 7, before, after)
 
 
 def test_a_kept_plan_holds_no_gradient_past_zero_grad():
     prob = Problem(SHAPES["small"], 2, dtype=F64, seed=13)
-    opt = pub_native.Adam(prob.groups(), lr=1e-2)
-    for t in range(3):
-        opt.zero_grad()
-        opt.backward(prob.losses(t))
-        opt.step()
+    opt = _trained(prob)
     grad = weakref.ref(prob.heads[0].grad)
     opt.zero_grad()
     gc.collect()
@@ -261,32 +267,25 @@ def _lr_tensor_filled(opt, params):
 
 @pytest.mark.parametrize("change", [_betas_list_mutated, _lr_tensor_filled])
 def test_options_changed_in_place_reach_a_kept_plan(change):
-    base = Problem(SHAPES["small"], 2, dtype=F64, seed=19)
-    probs = [base.clone(), base.clone()]
-    opts = [pub_native.Adam(p.groups()) for p in probs]
-    for opt in opts:
+    def make(prob):
+        opt = pub_native.Adam(prob.groups())
         for g in opt.param_groups:
             if change is _lr_tensor_filled:
                 g["lr"] = torch.tensor(float(g["lr"]))
             else:
                 g["betas"] = list(g["betas"])
-    for t in range(6):
-        for prob, opt, fresh in zip(probs, opts, (False, True)):
-            if t == 3:
-                change(opt, prob.params())
-            opt.zero_grad()
-            opt.backward(prob.losses(t))
-            _fresh_step(opt) if fresh else opt.step()
-        assert_states_equal(opts[0], probs[0].params(), opts[1], probs[1].params())
+        return opt
+
+    def before(t, prob, opt):
+        if t == 3:
+            change(opt, prob.params())
+
+    _side_by_side(Problem(SHAPES["small"], 2, dtype=F64, seed=19), 6, before, make=make)
 
 
 def test_a_non_finite_lr_under_a_kept_plan_raises_and_changes_nothing():
     prob = Problem(SHAPES["small"], 2, dtype=F64, seed=23)
-    opt = pub_native.Adam(prob.groups(), lr=1e-2)
-    for t in range(3):
-        opt.zero_grad()
-        opt.backward(prob.losses(t))
-        opt.step()
+    opt = _trained(prob)
     opt.param_groups[1]["lr"] = float("nan")
     opt.zero_grad()
     opt.backward(prob.losses(3))
@@ -315,20 +314,12 @@ def test_rescaling_at_every_step_keeps_the_plan_and_equals_a_fresh_plan(rescale,
     # clip_grad_norm_ rescales the shared .grad in place, or a loop replaces it by a rescaled
     # copy: each step measures that rescaling against the task gradients (a rescan), and a kept
     # plan reads the shared .grad again.
-    base = Problem(SHAPES["odd"], 2, dtype=F64, seed=31)
-    probs = [base.clone(), base.clone()]
-    opts = [pub_native.Adam(p.groups(), lr=1e-2) for p in probs]
-    plans = []
-    for t in range(6):
-        for prob, opt, fresh in zip(probs, opts, (False, True)):
-            if frozen and t == 1:
-                prob.shared[2].requires_grad_(False)
-            opt.zero_grad()
-            opt.backward(prob.losses(t))
-            rescale(prob.params())
-            _fresh_step(opt) if fresh else opt.step()
-        plans.append(opts[0]._plan_memo and opts[0]._plan_memo.plan)
-        assert_states_equal(opts[0], probs[0].params(), opts[1], probs[1].params())
+    def before(t, prob, opt):
+        if frozen and t == 1:
+            prob.shared[2].requires_grad_(False)
+
+    plans, probs, opts = _side_by_side(Problem(SHAPES["odd"], 2, dtype=F64, seed=31), 6, before,
+                                       lambda t, prob, opt: rescale(prob.params()))
     assert plans[-1] is not None and all(plan is plans[-1] for plan in plans[3:])
     # a .grad that is not a rescaling is still refused under the kept plan
     opt = opts[0]
@@ -346,11 +337,7 @@ def test_a_dropped_optimizer_is_freed_without_the_cycle_collector():
     gc.collect()
     gc.disable()
     try:
-        opt = pub_native.Adam(prob.groups(), lr=1e-2)
-        for t in range(3):
-            opt.zero_grad()
-            opt.backward(prob.losses(t))
-            opt.step()
+        opt = _trained(prob)
         assert opt._plan_memo is not None
         alive = weakref.ref(opt), weakref.ref(opt.state[prob.shared[0]]["exp_avg"])
         for p in prob.params():
