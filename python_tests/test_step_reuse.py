@@ -346,3 +346,25 @@ def test_a_dropped_optimizer_is_freed_without_the_cycle_collector():
         assert [r() is None for r in alive] == [True, True]
     finally:
         gc.enable()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("change", ["lr", "param_data", "state_replaced", "state_set_",
+                                    "state_reset_in_place", "load_state_dict", "grad_transposed",
+                                    "grad_none", "clip"])
+def test_a_kept_plan_on_cuda_equals_a_fresh_plan(change):
+    # The CUDA step is lazy and uploads its address tables only when they change: the kept plan
+    # must hand it the same addresses as a plan built anew (float32, bitwise).
+    def before(t, prob, opt):
+        if t == 3 and change in CHANGES:
+            CHANGES[change](opt, prob.params())
+
+    def after(t, prob, opt):
+        if change == "clip":
+            _clip(prob.params())
+        elif t == 3 and change in GRAD_CHANGES:
+            GRAD_CHANGES[change](prob.heads)
+
+    base = Problem(SHAPES["odd"], 2, dtype=torch.float32, seed=41, device="cuda")
+    plans, _, _ = _side_by_side(base, 6, before, after)
+    assert plans[-1] is not None
