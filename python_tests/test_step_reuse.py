@@ -80,6 +80,18 @@ def _state_reshaped_in_place(opt, params):
         opt.state[p]["exp_avg_sq"].unsqueeze_(0)  # same storage and address, another shape
 
 
+def _state_data_transposed(opt, params):
+    for p in params:
+        t = opt.state[p]["exp_avg"]
+        if t.dim() > 1:  # the same memory, another view, no version moved
+            t.data = t.data.transpose(0, -1)
+
+
+def _step_data_retyped(opt, params):
+    st = opt.state[params[0]]
+    st["step"].data = st["step"].data.view(torch.int32)  # the same memory read as int32
+
+
 def _load_state_dict(opt, params):
     opt.load_state_dict(opt.state_dict())
 
@@ -94,7 +106,8 @@ CHANGES = {"lr": _lr, "amsgrad": _amsgrad, "weight_decay": _weight_decay,
            "state_set_": _state_set_, "step_replaced": _step_replaced,
            "load_state_dict": _load_state_dict, "state_cleared": _state_cleared,
            "step_data_swapped": _step_data_swapped, "state_reset_in_place": _state_reset_in_place,
-           "state_reshaped_in_place": _state_reshaped_in_place}
+           "state_reshaped_in_place": _state_reshaped_in_place,
+           "state_data_transposed": _state_data_transposed, "step_data_retyped": _step_data_retyped}
 
 
 def _grad_none(params):
@@ -179,11 +192,12 @@ def test_steady_steps_reuse_one_plan():
     assert all(plan is plans[1] for plan in plans[2:])
 
 
-@pytest.mark.parametrize("change", sorted(set(CHANGES) - {"amsgrad", "state_reshaped_in_place"})
-                         + sorted(GRAD_CHANGES))
+@pytest.mark.parametrize("change", sorted(set(CHANGES) - {
+    "amsgrad", "state_reshaped_in_place", "state_data_transposed", "step_data_retyped"})
+    + sorted(GRAD_CHANGES))
 def test_plain_steps_with_a_kept_plan_equal_torch_adam(change):
     # (torch's Adam cannot take amsgrad=True once it has state without max_exp_avg_sq, nor a
-    # state entry of another shape)
+    # state entry of another shape, and reads a retyped step counter its own way)
     base = Problem(SHAPES["small"] + [(4, 6)], 1, dtype=F64, seed=5, identical=True)
     ours, theirs = base.clone(), base.clone()
     opt = pub_native.Adam(ours.params(), lr=1e-2)
@@ -308,18 +322,23 @@ def _rescaled_copies(params):
             p.grad = p.grad * 0.5  # a new tensor at every step
 
 
+@pytest.mark.parametrize("every", [1, 2])
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("rescale", [_clip, _rescaled_copies])
-def test_rescaling_at_every_step_keeps_the_plan_and_equals_a_fresh_plan(rescale, frozen):
+def test_rescaling_keeps_the_plan_and_equals_a_fresh_plan(rescale, frozen, every):
     # clip_grad_norm_ rescales the shared .grad in place, or a loop replaces it by a rescaled
-    # copy: each step measures that rescaling against the task gradients (a rescan), and a kept
-    # plan reads the shared .grad again.
+    # copy: such a step measures that rescaling against the task gradients (a rescan), and a
+    # kept plan reads the shared .grad again; at every step or at every other one.
     def before(t, prob, opt):
         if frozen and t == 1:
             prob.shared[2].requires_grad_(False)
 
-    plans, probs, opts = _side_by_side(Problem(SHAPES["odd"], 2, dtype=F64, seed=31), 6, before,
-                                       lambda t, prob, opt: rescale(prob.params()))
+    def after(t, prob, opt):
+        if t % every == 0:
+            rescale(prob.params())
+
+    plans, probs, opts = _side_by_side(Problem(SHAPES["odd"], 2, dtype=F64, seed=31), 7, before,
+                                       after)
     assert plans[-1] is not None and all(plan is plans[-1] for plan in plans[3:])
     # a .grad that is not a rescaling is still refused under the kept plan
     opt = opts[0]

@@ -456,7 +456,7 @@ class PlanMemo:
                                            dtype=np.intp) for seg in plan.segments}
 
     def reuse(self, opt, pending: bool, rescan: bool) -> StepPlan | None:
-        if (rescan != self.rescan or pending != self.pending or opt._k != self.k
+        if (pending != self.pending or opt._k != self.k
                 or opt.options is not self.options or opt._dp is not None):
             return None
         grads = opt._grads if pending else None
@@ -513,6 +513,11 @@ class PlanMemo:
                 if g.numel():
                     ptrs.append(g.data_ptr())
             seg.table[self.nonempty[id(seg)], col] = ptrs
+        if self.rescan and not rescan:  # no .grad of a shared parameter to compare this time
+            for seg in plan.segments:
+                if seg.kind == SegmentKind.SHARED:
+                    seg.table[:, TableCol.GRAD_SUM] = 0
+        self.rescan = rescan  # whether the table names the shared .grad
         plan.shared_finite = False
         return plan
 
@@ -546,17 +551,22 @@ def _frozen(value):
 
 def _state_marks(keys, states, step) -> list[tuple]:
     """What tells that a parameter's state entries are still those the kernels were given: for
-    the step counter, then each state tensor, (key, tensor, address, version). The kernels write
-    through the addresses and move no version; a tensor replaced, re-pointed (``set_``,
-    ``.data =``) or changed in place by anything else (a reset, a reshape, ``resize_``) no
-    longer matches."""
-    return [("step", step, step.data_ptr(), step._version)] + [
-        (key, t, t.data_ptr(), t._version) for key, t in zip(keys, states)]
+    the step counter, then each state tensor, (key, tensor, its view: address, version, dtype,
+    shape, strides). The kernels write through the addresses and move no version. A tensor
+    replaced, changed in place (a reset, ``resize_``, ``t_``: the version moves) or re-pointed
+    (``set_``; ``.data =``, which moves no version, to other memory or to another view of the
+    same memory) no longer matches."""
+    return [("step", step, _view_of(step))] + [(key, t, _view_of(t))
+                                              for key, t in zip(keys, states)]
+
+
+def _view_of(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t._version, t.dtype, t.shape, t.stride()
 
 
 def _state_holds(st: dict, marks: list[tuple]) -> bool:
-    for key, t, ptr, version in marks:
-        if st.get(key) is not t or t.data_ptr() != ptr or t._version != version:
+    for key, t, view in marks:
+        if st.get(key) is not t or _view_of(t) != view:
             return False
     return True
 
@@ -570,7 +580,7 @@ def _prepared_state(opt, p, signature, names, init, adatask_k, name):
     if memo is not None:
         sig, keys, marks = memo
         if keys == (tuple(names), adatask_k) and signature == sig and _state_holds(st, marks):
-            return [t for _, t, _, _ in marks[1:]], marks[0][1], {}
+            return [t for _, t, _ in marks[1:]], marks[0][1], {}
     states, step, new = prepare_state(st, p, names, init, adatask_k, name)
     keys = [("task_" + n) if adatask_k is not None else n for n in names]
     if not new:
