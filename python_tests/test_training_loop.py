@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import BF16, F16, F32, TOL
 from helpers import (
+    SHAPES,
     MMoE,
+    Problem,
     assert_close,
     assert_states_close,
     assert_states_equal,
@@ -356,3 +358,45 @@ def test_cuda_compiled_model_and_step():
         o2.step()
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert_close(a, b, 1e-4)
+
+
+def _clip_shared(prob):
+    torch.nn.utils.clip_grad_norm_(prob.shared, 0.05)
+
+
+def _rescaled_copy(prob):
+    for p in prob.shared:
+        p.grad = p.grad * 0.25
+
+
+def _not_a_rescaling(prob):
+    prob.shared[1].grad[0] += 1.0
+
+
+@pytest.mark.parametrize("edit", [_clip_shared, _rescaled_copy, _not_a_rescaling])
+def test_the_reference_backend_measures_shared_grad_edits_as_the_native_one(edit):
+    # A rescaling of a shared .grad between backward and step applies to every task's gradient
+    # of that tensor, on both backends; any other change raises on both, changing nothing.
+    base = Problem(SHAPES["odd"], 3, dtype=torch.float64, seed=43)
+    runs = {}
+    for backend in ("native", "reference"):
+        prob = base.clone()
+        opt = pub_native.Adam(prob.groups(), lr=1e-2, backend=backend)
+        outcome = []
+        for t in range(4):
+            opt.zero_grad()
+            opt.backward(prob.losses(t))
+            edit(prob)
+            before = [p.detach().clone() for p in prob.params()]
+            try:
+                opt.step()
+                outcome.append("applied")
+            except RuntimeError as exc:
+                assert "not a rescaling" in str(exc)
+                assert all(torch.equal(p, b) for p, b in zip(prob.params(), before))
+                outcome.append("refused")
+        runs[backend] = (outcome, prob)
+    assert runs["native"][0] == runs["reference"][0]
+    assert runs["native"][0] == ["refused"] * 4 if edit is _not_a_rescaling else ["applied"] * 4
+    for a, b in zip(runs["native"][1].params(), runs["reference"][1].params()):
+        assert_close(a, b, 1e-10)

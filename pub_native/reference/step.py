@@ -11,6 +11,7 @@ shell (options, detection, state, checkpoints) on this math.
 from __future__ import annotations
 
 import time
+from math import isfinite as math_isfinite
 
 import numpy as np
 import torch
@@ -67,6 +68,28 @@ class _Row:
         self.state = {n: t.detach().to(F64) for n, t in zip(self.names, seg.states[r])}
 
 
+# How far (relative, 2-norm) a rescaled .grad may be from c·s and still count as a rescaling.
+_RESCALE_TOL = {torch.bfloat16: 1.0 / 128.0, torch.float16: 1.0 / 512.0}
+
+
+def _rescaling(task_grads: torch.Tensor, grad: torch.Tensor) -> tuple[float, bool]:
+    """(c, edited): the factor c with .grad ≈ c·s, where s = Σ_i g_i is what backward left in
+    .grad (summed in task order in the math type, rounded once to the gradient's type), and
+    whether .grad is not a multiple of s within the tolerance of its type."""
+    math = torch.float32 if task_grads.dtype in _RESCALE_TOL else task_grads.dtype
+    s = task_grads[0].to(math)
+    for g in task_grads[1:]:
+        s = s + g.to(math)
+    s = s.to(task_grads.dtype).to(F64).reshape(-1)
+    m = grad.detach().to(F64).reshape(-1)
+    ms, ss, mm = float(m @ s), float(s @ s), float(m @ m)
+    if not ss > 0.0:  # s = 0: only m = 0 is a rescaling of it
+        return 1.0, mm != 0.0
+    c = ms / ss
+    tol = _RESCALE_TOL.get(task_grads.dtype, 1e-6)
+    return c, not (mm - c * ms <= tol * tol * mm) or not math_isfinite(c)
+
+
 def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
              task_scale=None, found: bool = False):
     """One step on ``plan`` (see ``pub_native.optim._plan``). ``weights``: α̂ in use (None
@@ -82,12 +105,19 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
     G = torch.zeros(k, k, dtype=F64)
     bad_tasks = torch.zeros(k, dtype=torch.bool)
     bad_params = []
+    edited_params = []  # shared parameters whose .grad was changed otherwise than rescaled
     any_gram = False
     for seg in plan.segments:
         rule = RULES[_RULE_OF[seg.algo]]
         shared = seg.kind == SegmentKind.SHARED
         for r in range(len(seg.params)):
-            row = _Row(seg, r, plan.base, multipliers if shared else [inv_scale])
+            row_multipliers = multipliers if shared else [inv_scale]
+            if shared and seg.grad_sums[r] is not None:
+                ratio, edited = _rescaling(seg.grads[r], seg.grad_sums[r])
+                if edited:
+                    edited_params.append(seg.params[r])
+                row_multipliers = multipliers * ratio
+            row = _Row(seg, r, plan.base, row_multipliers)
             finite = torch.isfinite(row.raw.reshape(row.raw.shape[0], -1)).all(dim=1)
             if shared:
                 bad_tasks |= ~finite
@@ -108,6 +138,9 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
             "stats": {}}
     if found:
         return StepOutcome.SKIPPED_FOUND_INF, weights, info
+    if edited_params:
+        info["bad_params"] = edited_params
+        return StepOutcome.GRAD_EDITED, weights, info
     if grad_bad:
         return StepOutcome.NONFINITE_GRAD, weights, info
     if any_gram and not bool(torch.isfinite(G).all()):
