@@ -51,7 +51,7 @@ def as_loss_list(losses, expected_k: int | None = None,
                 continue
             raise ValueError(f"losses[{i}] does not require grad (it is not connected to any "
                              "parameter)")
-        out.append(loss.reshape(()))
+        out.append(loss if loss.dim() == 0 else loss.reshape(()))
     if expected_k is not None and len(items) != expected_k:
         raise ValueError(
             f"losses has {len(items)} tasks, but this optimizer was built for K = {expected_k}"
