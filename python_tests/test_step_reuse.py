@@ -387,3 +387,25 @@ def test_a_kept_plan_on_cuda_equals_a_fresh_plan(change):
     base = Problem(SHAPES["odd"], 2, dtype=torch.float32, seed=41, device="cuda")
     plans, _, _ = _side_by_side(base, 6, before, after)
     assert plans[-1] is not None
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_steps_under_inference_mode_equal_steps_outside_it(k):
+    # State made under torch.inference_mode() is made of inference tensors, which have no
+    # version counter: the plan's checks must not need one.
+    base = Problem(SHAPES["small"], k, dtype=F64, seed=47, identical=k == 1)
+    runs = []
+    for inference in (False, True):
+        prob = base.clone()
+        opt = pub_native.Adam(prob.groups(), lr=1e-2)
+        for t in range(4):
+            opt.zero_grad()
+            if k == 1:
+                prob.losses(t)[0].backward()
+            else:
+                opt.backward(prob.losses(t))
+            with torch.inference_mode(inference):
+                opt.step()
+        runs.append((prob, opt))
+    assert runs[1][0].params()[0].grad is not None and runs[1][1]._plan_memo is not None
+    assert_states_equal(runs[0][1], runs[0][0].params(), runs[1][1], runs[1][0].params())

@@ -446,8 +446,9 @@ class PlanMemo:
         self.buffer_ptr = self.grads.buffer.data_ptr() if self.grads is not None else 0
         self.k = opt._k
         self.options = opt.options
-        # Per group: its parameters' ids, its configuration and its options (None where one is a
-        # tensor, which a scheduler may change in place: those groups are read at every step).
+        # Per group: its parameters' ids, its configuration and its options (None where one is
+        # not a plain value, e.g. a tensor lr that a scheduler fills in place: such groups are
+        # read at every step).
         self.groups = [(ids, config, _options_of(group))
                        for (ids, config), group in zip(groups, opt.param_groups)]
         self.base_rows = [[float(v) for v in row] for row in plan.base.tolist()]
@@ -551,17 +552,17 @@ def _frozen(value):
 
 def _state_marks(keys, states, step) -> list[tuple]:
     """What tells that a parameter's state entries are still those the kernels were given: for
-    the step counter, then each state tensor, (key, tensor, its view: address, version, dtype,
-    shape, strides). The kernels write through the addresses and move no version. A tensor
-    replaced, changed in place (a reset, ``resize_``, ``t_``: the version moves) or re-pointed
-    (``set_``; ``.data =``, which moves no version, to other memory or to another view of the
-    same memory) no longer matches."""
+    the step counter, then each state tensor, (key, tensor, its view: address, dtype, shape,
+    strides). A tensor replaced, re-pointed (``set_``; ``.data =``, to other memory or to
+    another view of the same memory) or reshaped in place (``resize_``, ``t_``, ``unsqueeze_``)
+    no longer matches. A change of values in place needs no check: the kernels read memory.
+    (Versions are not compared: tensors made under ``torch.inference_mode`` have none.)"""
     return [("step", step, _view_of(step))] + [(key, t, _view_of(t))
                                               for key, t in zip(keys, states)]
 
 
 def _view_of(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t._version, t.dtype, t.shape, t.stride()
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
 
 
 def _state_holds(st: dict, marks: list[tuple]) -> bool:
