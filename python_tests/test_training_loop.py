@@ -400,3 +400,18 @@ def test_the_reference_backend_measures_shared_grad_edits_as_the_native_one(edit
     assert runs["native"][0] == ["refused"] * 4 if edit is _not_a_rescaling else ["applied"] * 4
     for a, b in zip(runs["native"][1].params(), runs["reference"][1].params()):
         assert_close(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_a_non_finite_loss_then_clipping_raises_the_non_finite_error(backend):
+    # clip_grad_norm_ after an Inf loss leaves a NaN .grad that no factor relates to the task
+    # gradients: the step names the cause, the non-finite gradient, not an edited .grad.
+    prob = Problem(SHAPES["small"], 2, dtype=torch.float64, seed=53)
+    opt = pub_native.Adam(prob.groups(), lr=1e-2, backend=backend)
+    losses = prob.losses(0)
+    opt.backward([losses[0] * float("inf"), losses[1]])
+    torch.nn.utils.clip_grad_norm_(prob.params(), 1.0)
+    before = [p.detach().clone() for p in prob.params()]
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(prob.params(), before))

@@ -138,11 +138,11 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
             "stats": {}}
     if found:
         return StepOutcome.SKIPPED_FOUND_INF, weights, info
+    if grad_bad:
+        return StepOutcome.NONFINITE_GRAD, weights, info
     if edited_params:
         info["bad_params"] = edited_params
         return StepOutcome.GRAD_EDITED, weights, info
-    if grad_bad:
-        return StepOutcome.NONFINITE_GRAD, weights, info
     if any_gram and not bool(torch.isfinite(G).all()):
         return StepOutcome.NONFINITE_UPDATE, weights, info
 

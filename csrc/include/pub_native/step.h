@@ -136,12 +136,14 @@ enum StepOutcome : int32_t {
   kGradEdited = 4,         // a shared .grad was changed in a way that is not a rescaling
 };
 
-// Skip rules in order of precedence. Nothing is written unless the result is kApplied.
+// Skip rules in order of precedence. Nothing is written unless the result is kApplied. A
+// non-finite gradient comes before an edited .grad: a NaN/Inf loss followed by clipping
+// leaves a .grad that no factor relates to the task gradients, and the NaN/Inf is the cause.
 PN_HD int32_t step_outcome(bool found_inf, bool grad_edited, bool grad_nonfinite,
                            bool update_nonfinite) {
   if (found_inf) return kSkippedFoundInf;
-  if (grad_edited) return kGradEdited;
   if (grad_nonfinite) return kNonFiniteGrad;
+  if (grad_edited) return kGradEdited;
   if (update_nonfinite) return kNonFiniteUpdate;
   return kApplied;
 }
