@@ -69,9 +69,6 @@ class CpuBackend:
         return self._stepper.num_tasks
 
     def _config(self, seg: PlanSegment):
-        cfg = seg.__dict__.get("native_config")  # a kept plan's segment remembers it
-        if cfg is not None:
-            return cfg
         key = seg.key
         cfg = self._configs.get(key)
         if cfg is None:
@@ -79,7 +76,6 @@ class CpuBackend:
                 int(seg.algo), seg.amsgrad, seg.centered, seg.momentum, int(seg.umm),
                 int(DTYPES[seg.dtype]), int(seg.kind), seg.k, seg.grad_stride,
                 -1.0 if seg.maximize else 1.0, seg.clippy[0], seg.clippy[1], seg.has_l2)
-        seg.native_config = cfg
         return cfg
 
     # α̂ in use and the warm start, for checkpoints.

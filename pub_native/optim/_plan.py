@@ -10,6 +10,7 @@ skipped leaves the state as it was.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -58,9 +59,10 @@ class PlanSegment:
     groups: list[int] = field(default_factory=list)
     table: np.ndarray | None = None
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple:
-        """What selects the native kernel (cached configurations are keyed by it)."""
+        """What selects the native kernel (cached configurations are keyed by it). Taken once
+        the segment is built, whose configuration a kept plan never changes."""
         return (int(self.kind), int(self.algo), self.amsgrad, self.centered, self.momentum,
                 self.maximize, int(self.umm), self.dtype, self.k, self.grad_stride,
                 self.clippy, self.has_l2)
@@ -336,7 +338,7 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
             elif p.grad is None:
                 continue
             name = LazyName(opt, p)
-            signature = (p.data_ptr(), p.dtype, p.device, p.shape, p.stride())
+            signature = _signature(p)
             if opt._checked.get(id(p)) != signature or (device is not None
                                                         and p.device != device):
                 check_param(p, name, device)
@@ -404,7 +406,8 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     plan = StepPlan(ordered, build_base(base_rows), k, device, pending_state, owners,
                     pending_shard_state, dp is not None)
     if dp is None and opt._dp is None and not pending_state and (pending or not adatask):
-        opt._plan_memo = PlanMemo(opt, plan, pending, rescan, memo_groups, memo_rows)
+        opt._plan_memo = PlanMemo(opt, plan, pending, rescan, memo_groups, memo_rows,
+                                  base_rows)
     return plan
 
 
@@ -440,7 +443,7 @@ class PlanMemo:
                  "rows", "base_rows", "nonempty")
 
     def __init__(self, opt, plan: StepPlan, pending: bool, rescan: bool, groups: list,
-                 rows: list):
+                 rows: list, base_rows: list[list[float]]):
         self.plan, self.pending, self.rescan, self.rows = plan, pending, rescan, rows
         self.grads = opt._grads if pending else None
         self.buffer_ptr = self.grads.buffer.data_ptr() if self.grads is not None else 0
@@ -451,7 +454,7 @@ class PlanMemo:
         # read at every step).
         self.groups = [(ids, config, _options_of(group))
                        for (ids, config), group in zip(groups, opt.param_groups)]
-        self.base_rows = [[float(v) for v in row] for row in plan.base.tolist()]
+        self.base_rows = base_rows
         # Per segment, its rows with elements (whose .grad addresses are written at each step).
         self.nonempty = {id(seg): np.array([r for r, p in enumerate(seg.params) if p.numel()],
                                            dtype=np.intp) for seg in plan.segments}
@@ -489,7 +492,7 @@ class PlanMemo:
             name, signature, st, marks, seg, r, kind = entry
             if g is None or (shared and not p.requires_grad):
                 return None
-            if (p.data_ptr(), p.dtype, p.device, p.shape, p.stride()) != signature:
+            if _signature(p) != signature:
                 return None
             if state.get(p) is not st or not _state_holds(st, marks):
                 return None
@@ -563,6 +566,11 @@ def _state_marks(keys, states, step) -> list[tuple]:
 
 def _view_of(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
+def _signature(p: torch.Tensor) -> tuple:
+    """A parameter as the kernels read it: its view and its device (checked once per change)."""
+    return *_view_of(p), p.device
 
 
 def _state_holds(st: dict, marks: list[tuple]) -> bool:
