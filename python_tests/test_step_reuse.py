@@ -26,6 +26,7 @@ from helpers import (
 )
 
 import pub_native
+from pub_native._native import BaseCol
 
 
 def _lr(opt, params):
@@ -249,7 +250,13 @@ def test_a_kept_plan_follows_a_frozen_shared_parameter_and_a_new_group():
         for x in getattr(prob, "extra", []):
             x.grad = torch.full_like(x, float(t))
 
-    _side_by_side(Problem(SHAPES["odd"], 2, dtype=F64, seed=11), 7, before, after)
+    plans, probs, opts = _side_by_side(Problem(SHAPES["odd"], 2, dtype=F64, seed=11), 7, before,
+                                       after)
+    # A new plan after the freeze (t = 2) and after the new group (t = 4, whose new state is
+    # committed first), each kept from then on; the new parameter was stepped three times.
+    assert plans[2] is not plans[1] and plans[3] is plans[2]
+    assert plans[4] is None and plans[5] is not None and plans[6] is plans[5]
+    assert [float(o.state[p.extra[0]]["step"]) for o, p in zip(opts, probs)] == [3.0, 3.0]
 
 
 def test_a_kept_plan_holds_no_gradient_past_zero_grad():
@@ -294,7 +301,13 @@ def test_options_changed_in_place_reach_a_kept_plan(change):
         if t == 3:
             change(opt, prob.params())
 
-    _side_by_side(Problem(SHAPES["small"], 2, dtype=F64, seed=19), 6, before, make=make)
+    plans, probs, opts = _side_by_side(Problem(SHAPES["small"], 2, dtype=F64, seed=19), 6,
+                                       before, make=make)
+    # The plan is kept across the change, and its constants are the groups' current ones.
+    assert plans[1] is not None and all(plan is plans[1] for plan in plans[2:])
+    lr, beta1 = int(BaseCol.LR), int(BaseCol.BETA1)
+    for row, group in zip(plans[-1].base, opts[0].param_groups):
+        assert (row[lr], row[beta1]) == (float(group["lr"]), float(group["betas"][0]))
 
 
 def test_a_non_finite_lr_under_a_kept_plan_raises_and_changes_nothing():
