@@ -46,6 +46,12 @@ _STATUS = tuple(SolveStatus)
 _NEWTON, _NEWTON_TOL, _NEWTON_MAX_ITER = METHODS["newton"]
 _ndarray = np.ndarray
 _new_result = tuple.__new__  # a NamedTuple built without its Python-level __new__
+# torch's types for the fast path of one CPU tensor (None when torch is not loaded: the general
+# path then finds torch when a tensor comes).
+_torch = sys.modules.get("torch")
+_Tensor, _STRIDED, _from_numpy = (_torch.Tensor, _torch.strided, _torch.from_numpy) \
+    if _torch is not None else (None,) * 3
+_REAL_SIZES = {_torch.float32: 4, _torch.float64: 8} if _torch is not None else {}
 
 
 _OPTIONS_CACHE: dict = {}
@@ -121,13 +127,29 @@ def solve_weights(
             bad ``method``, ``ridge``, ``tol``, ``max_iter`` or ``warm_start``.
         TypeError: G of another dtype or type.
     """
-    # The call a training step makes (one numpy matrix, default options) goes straight to the
-    # native solver: option checks and the result tuple cost as much as a K = 2 solve.
-    if (type(G) is _ndarray and warm_start is None and tol is None and max_iter is None
-            and type(method) is str and method == "newton" and type(ridge) is float
-            and ridge == 1e-8 and G.ndim == 2):
-        w, st, it, res = _C.solve_weights(G, None, _NEWTON, 1e-8, _NEWTON_TOL, _NEWTON_MAX_ITER)
-        return _new_result(SolveResult, (w, _STATUS[st], it, res))
+    # The call a training step makes (one matrix, default options) goes straight to the native
+    # solver: option checks and the result tuple cost as much as a K = 2 solve. A square CPU
+    # tensor is read from its memory (its data pointer and strides; its numpy view alone would
+    # cost half a solve) and the weights come back as a tensor over the solver's array.
+    if (warm_start is None and tol is None and max_iter is None and type(method) is str
+            and method == "newton" and type(ridge) is float and ridge == 1e-8):
+        if type(G) is _ndarray and G.ndim == 2:
+            w, st, it, res = _C.solve_weights(G, None, _NEWTON, 1e-8, _NEWTON_TOL,
+                                              _NEWTON_MAX_ITER)
+            return _new_result(SolveResult, (w, _STATUS[st], it, res))
+        if type(G) is _Tensor:
+            size = _REAL_SIZES.get(G.dtype)
+            if (size is not None and G.layout is _STRIDED and G.is_cpu and G.dim() == 2
+                    and not G.is_neg()):
+                k, k1 = G.shape
+                s0, s1 = G.stride()
+                # Its memory must still be there (a storage resized to 0 keeps its views).
+                if k == k1 > 0 and G.untyped_storage().nbytes() >= (
+                        G.storage_offset() + (k - 1) * (s0 + s1) + 1) * size:
+                    w, st, it, res = _C.solve_weights_at(G.data_ptr(), size == 8, k, s0, s1,
+                                                         _NEWTON, 1e-8, _NEWTON_TOL,
+                                                         _NEWTON_MAX_ITER)
+                    return _new_result(SolveResult, (_from_numpy(w), _STATUS[st], it, res))
     code, ridge, tol, max_iter = _options(method, ridge, tol, max_iter)
     if type(G) is _ndarray:
         w, st, it, res = _C.solve_weights(G, warm_start, code, ridge, tol, max_iter)
@@ -154,16 +176,19 @@ def _solve_torch(torch, G, warm_start, code, ridge, tol, max_iter):
         return _solve_cuda(torch, G, warm_start, code, ridge, tol, max_iter)
     if G.device.type != "cpu":
         raise TypeError(f"G must be on the CPU or a CUDA device, got device {G.device}")
+    if G.numel() and G.untyped_storage().nbytes() < (
+            G.storage_offset() + sum((n - 1) * s for n, s in zip(G.shape, G.stride())) + 1
+    ) * G.element_size():
+        raise ValueError("G's storage is smaller than its view (was it resized or freed?)")
     if warm_start is not None and isinstance(warm_start, torch.Tensor):
         warm_start = warm_start.detach().cpu().numpy()
     w, st, it, res = _C.solve_weights(
-        G.detach().resolve_conj().numpy(), warm_start, code, ridge, tol, max_iter
+        G.detach().resolve_conj().resolve_neg().numpy(), warm_start, code, ridge, tol, max_iter
     )
     if G.ndim == 2:
-        return SolveResult(torch.from_numpy(w), _STATUS[st], it, res)
-    return SolveResult(
-        torch.from_numpy(w), torch.from_numpy(st), torch.from_numpy(it), torch.from_numpy(res)
-    )
+        return _new_result(SolveResult, (torch.from_numpy(w), _STATUS[st], it, res))
+    return _new_result(SolveResult, (torch.from_numpy(w), torch.from_numpy(st),
+                                     torch.from_numpy(it), torch.from_numpy(res)))
 
 
 def _solve_cuda(torch, G, warm_start, code, ridge, tol, max_iter):

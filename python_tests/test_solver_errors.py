@@ -3,6 +3,10 @@ the argument, for numpy and torch inputs alike."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +98,29 @@ def test_input_not_modified():
     solve_weights(G, warm_start=warm, method="ccp")
     np.testing.assert_array_equal(G, GOOD)
     np.testing.assert_array_equal(warm, [0.3, 0.7])
+
+
+# One matrix with the default options (the fast path) and a batch with options (the general one).
+@pytest.mark.parametrize("shape,kwargs", [((2, 2), {}), ((3, 2, 2), {"method": "ccp"})],
+                         ids=["matrix", "batch"])
+def test_freed_tensor_storage_raises(shape, kwargs):
+    """A tensor whose storage was resized to 0 (as FSDP frees parameters) keeps its shape; its
+    memory is gone, and reading it must raise, not crash. Run in a subprocess: a read of the
+    freed memory would abort the interpreter."""
+    n = int(np.prod(shape))
+    code = textwrap.dedent(f"""
+        import torch
+        from pub_native import solve_weights
+        G = torch.zeros(4096, dtype=torch.float64)[4000:{4000 + n}].view({shape})
+        G.copy_(torch.tensor({GOOD.tolist()!r}, dtype=torch.float64))
+        G.untyped_storage().resize_(0)
+        try:
+            solve_weights(G, **{kwargs!r})
+        except ValueError as e:
+            assert "storage" in str(e), e
+            print("raised")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "raised"

@@ -245,6 +245,37 @@ def test_torch_cpu_input(dtype):
     torch.testing.assert_close(rb.weights[1], rb.weights[0] / np.sqrt(2), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_views_read_as_their_values(dtype):
+    """A CPU tensor is read from its memory with its strides (the fast path of one matrix): every
+    kind of view gives the weights of its values, bitwise those of a contiguous numpy copy."""
+    rng = np.random.default_rng(21)
+    G = torch.tensor(random_gram(rng, 3), dtype=dtype)
+    # Inside a larger, non-symmetric tensor: a wrong stride or offset reads its other entries.
+    parent = torch.randn(9, 11, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 50
+    parent[1:7:2, 4:7] = G
+    parent_t = torch.randn(11, 9, dtype=dtype, generator=torch.Generator().manual_seed(1)) * 50
+    parent_t[4:7, 1:7:2] = G.t()
+    views = {
+        "strided slice": parent[1:7:2, 4:7],
+        "transposed slice": parent_t[4:7, 1:7:2].t(),
+        "expanded": torch.tensor([[3.0]], dtype=dtype).expand(2, 2),
+        "requires grad": G.clone().requires_grad_(),
+        "negative view": torch._neg_view(-G),
+        "parameter": torch.nn.Parameter(G.clone()),
+    }
+    for name, view in views.items():
+        values = view.detach().resolve_neg().contiguous().numpy()
+        ref = solve_weights(values)
+        r = solve_weights(view)
+        assert type(r.weights) is torch.Tensor and r.weights.dtype == dtype, name
+        np.testing.assert_array_equal(r.weights.numpy(), ref.weights, err_msg=name)
+        assert (r.status, r.iterations, r.residual) == (ref.status, ref.iterations,
+                                                        ref.residual), name
+        # The weights are memory of their own.
+        assert r.weights.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
+
+
 def test_result_fields():
     r = solve_weights(np.eye(2))
     assert r._fields == ("weights", "status", "iterations", "residual")

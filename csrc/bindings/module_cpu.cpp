@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <sstream>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "../cpu/pub_step_cpu.h"
 #include "../cpu/solve_weights_cpu.h"
@@ -59,6 +61,52 @@ void check_gram(const T* G, int64_t batch, int64_t K) {
   }
 }
 
+// One checked (K, K) problem, C-contiguous: (weights, status, iterations, residual).
+template <class T>
+py::tuple solve_one(const T* G, const T* warm, int64_t K, const SolveOptions& o) {
+  py::array_t<T> alpha(K);
+  int32_t status = 0, iterations = 0;
+  double residual = 0.0;
+  // Releasing the GIL costs about as much as solving a small problem.
+  if (K >= 16) {
+    py::gil_scoped_release release;
+    cpu::solve_weights_batch<T>(G, warm, alpha.mutable_data(), &status, &iterations, &residual,
+                                1, K, o);
+  } else {
+    cpu::solve_weights_batch<T>(G, warm, alpha.mutable_data(), &status, &iterations, &residual,
+                                1, K, o);
+  }
+  return py::make_tuple(alpha, status, iterations, residual);
+}
+
+// One (K, K) problem read from memory the caller owns: element (i, j) at address +
+// (i·stride0 + j·stride1) elements (a CPU tensor's data pointer and strides; Python has checked
+// its dtype and that it is square with K ≥ 1), gathered into a contiguous copy first.
+template <class T>
+py::tuple solve_at_typed(uintptr_t address, int64_t K, int64_t stride0, int64_t stride1,
+                         const SolveOptions& o) {
+  const T* src = reinterpret_cast<const T*>(address);
+  std::vector<T> G(static_cast<size_t>(K * K));
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j)
+      G[static_cast<size_t>(i * K + j)] = src[i * stride0 + j * stride1];
+  check_gram(G.data(), 1, K);
+  return solve_one<T>(G.data(), nullptr, K, o);
+}
+
+py::tuple solve_weights_at(uintptr_t address, bool is_double, int64_t K, int64_t stride0,
+                           int64_t stride1, int32_t method, double ridge, double tol,
+                           int32_t max_iter) {
+  if (address == 0 || K < 1) throw py::value_error("solve_weights_at: no matrix");
+  SolveOptions o;
+  o.method = method;
+  o.ridge = ridge;
+  o.tol = tol;
+  o.max_iter = max_iter;
+  return is_double ? solve_at_typed<double>(address, K, stride0, stride1, o)
+                   : solve_at_typed<float>(address, K, stride0, stride1, o);
+}
+
 template <class T>
 py::tuple solve_typed(const py::array& G_any, const py::object& warm_obj, int64_t batch,
                       int64_t K, bool batched, const SolveOptions& o) {
@@ -86,21 +134,7 @@ py::tuple solve_typed(const py::array& G_any, const py::object& warm_obj, int64_
     }
   }
   check_gram(G.data(), batch, K);
-  if (!batched) {
-    py::array_t<T> alpha(K);
-    int32_t status = 0, iterations = 0;
-    double residual = 0.0;
-    // Releasing the GIL costs about as much as solving a small problem.
-    if (K >= 16) {
-      py::gil_scoped_release release;
-      cpu::solve_weights_batch<T>(G.data(), warm_ptr, alpha.mutable_data(), &status, &iterations,
-                                  &residual, 1, K, o);
-    } else {
-      cpu::solve_weights_batch<T>(G.data(), warm_ptr, alpha.mutable_data(), &status, &iterations,
-                                  &residual, 1, K, o);
-    }
-    return py::make_tuple(alpha, status, iterations, residual);
-  }
+  if (!batched) return solve_one<T>(G.data(), warm_ptr, K, o);
   py::array_t<T> alpha(std::vector<py::ssize_t>{batch, K});
   py::array_t<int32_t> status(batch), iterations(batch);
   py::array_t<double> residual(batch);
@@ -266,6 +300,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("method"), py::arg("ridge"), py::arg("tol"), py::arg("max_iter"),
         "Solve G a = 1/a for one (K, K) or a batch (B, K, K) of Gram matrices. Returns "
         "(weights, status, iterations, residual).");
+  m.def("solve_weights_at", &solve_weights_at, py::arg("address"), py::arg("is_double"),
+        py::arg("K"), py::arg("stride0"), py::arg("stride1"), py::arg("method"),
+        py::arg("ridge"), py::arg("tol"), py::arg("max_iter"),
+        "solve_weights for one (K, K) matrix at a raw address with element strides (a CPU "
+        "tensor's memory).");
   m.def("build_info", &build_info);
   m.def("omp_max_threads", &omp_threads);
   m.def("workspace_size", [](int64_t K) { return solver_workspace_size(K); },
