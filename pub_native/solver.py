@@ -143,13 +143,21 @@ def solve_weights(
                     and not G.is_neg()):
                 k, k1 = G.shape
                 s0, s1 = G.stride()
-                # Its memory must still be there (a storage resized to 0 keeps its views).
-                if k == k1 > 0 and G.untyped_storage().nbytes() >= (
-                        G.storage_offset() + (k - 1) * (s0 + s1) + 1) * size:
-                    w, st, it, res = _C.solve_weights_at(G.data_ptr(), size == 8, k, s0, s1,
-                                                         _NEWTON, 1e-8, _NEWTON_TOL,
-                                                         _NEWTON_MAX_ITER)
-                    return _new_result(SolveResult, (_from_numpy(w), _STATUS[st], it, res))
+                try:
+                    storage = G.untyped_storage()
+                    base = storage.data_ptr()
+                except (NotImplementedError, RuntimeError):
+                    base = 0
+                # Only memory that is there (as _unreadable checks; else the general path
+                # raises its error).
+                if k == k1 > 0 and base:
+                    address = G.data_ptr()
+                    if address + ((k - 1) * (s0 + s1) + 1) * size <= base + storage.nbytes():
+                        w, st, it, res = _C.solve_weights_at(address, size == 8, k, s0, s1,
+                                                             _NEWTON, 1e-8, _NEWTON_TOL,
+                                                             _NEWTON_MAX_ITER)
+                        return _new_result(SolveResult,
+                                           (_from_numpy(w), _STATUS[st], it, res))
     code, ridge, tol, max_iter = _options(method, ridge, tol, max_iter)
     if type(G) is _ndarray:
         w, st, it, res = _C.solve_weights(G, warm_start, code, ridge, tol, max_iter)
@@ -167,19 +175,40 @@ def solve_weights(
     raise TypeError(f"G must be a numpy array or a torch tensor, got {type(G).__name__}")
 
 
+def _unreadable(G, extent: int, size: int):
+    """Why the memory of CPU tensor G (``extent`` elements of ``size`` bytes from its offset)
+    cannot be read, as (exception type, message), or None when it can. A storage resized to 0
+    (as FSDP frees parameters) or shrunk keeps its views, and some tensors have no memory of
+    their own: wrappers of torch.func and vmap, ZeroTensors, tensors under functionalize."""
+    try:
+        storage = G.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return TypeError, ("G is a wrapper tensor without memory of its own (inside torch.func "
+                           "or vmap?); solve outside the transform")
+    if storage.nbytes() < (G.storage_offset() + extent) * size:
+        return ValueError, "G's storage is smaller than its view (was it resized or freed?)"
+    try:
+        if storage.data_ptr():
+            return None
+    except RuntimeError:  # a ZeroTensor's storage refuses to give its (null) address
+        pass
+    return TypeError, "G has no memory behind it (a ZeroTensor or a functionalized tensor)"
+
+
 def _solve_torch(torch, G, warm_start, code, ridge, tol, max_iter):
     if G.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"G must be float32 or float64, got {G.dtype}")
-    if G.is_sparse or G.is_complex():
-        raise TypeError("G must be a dense real tensor")
+    if G.layout is not torch.strided:
+        raise TypeError(f"G must be a dense (strided) tensor, got layout {G.layout}")
     if G.device.type == "cuda":
         return _solve_cuda(torch, G, warm_start, code, ridge, tol, max_iter)
     if G.device.type != "cpu":
         raise TypeError(f"G must be on the CPU or a CUDA device, got device {G.device}")
-    if G.numel() and G.untyped_storage().nbytes() < (
-            G.storage_offset() + sum((n - 1) * s for n, s in zip(G.shape, G.stride())) + 1
-    ) * G.element_size():
-        raise ValueError("G's storage is smaller than its view (was it resized or freed?)")
+    if G.numel():
+        problem = _unreadable(G, sum((n - 1) * s for n, s in zip(G.shape, G.stride())) + 1,
+                              G.element_size())
+        if problem is not None:
+            raise problem[0](problem[1])
     if warm_start is not None and isinstance(warm_start, torch.Tensor):
         warm_start = warm_start.detach().cpu().numpy()
     w, st, it, res = _C.solve_weights(

@@ -124,3 +124,62 @@ def test_freed_tensor_storage_raises(shape, kwargs):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "raised"
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_tensor_without_memory_raises():
+    """A ZeroTensor has a storage size but no memory (its data pointer is 0 plus the view's
+    offset): a view of one must raise, not be read (in a subprocess: a read would crash)."""
+    out = _run("""
+        import torch
+        from pub_native import solve_weights
+        z = torch._efficientzerotensor((3, 3), dtype=torch.float64)
+        for G, kwargs in [(z, {}), (z[1:, 1:], {}), (z[1:, 1:], {"method": "ccp"})]:
+            try:
+                solve_weights(G, **kwargs)
+            except TypeError as e:
+                assert "no memory" in str(e), e
+                print("raised")
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["raised"] * 3
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("make", [
+    lambda G: G.to_sparse_csr(),
+    lambda G: G.to_sparse_csc(),
+    lambda G: G.float().to_mkldnn(),
+    lambda G: torch.nested.nested_tensor([G, G], layout=torch.jagged),
+], ids=["csr", "csc", "mkldnn", "jagged"])
+def test_other_layouts_raise_type_error(make):
+    with pytest.raises(TypeError, match="G must be a dense"):
+        solve_weights(make(torch.tensor(GOOD)))
+
+
+def test_inside_function_transforms_raises_type_error():
+    G = torch.tensor(GOOD)
+    for transform in (torch.vmap(lambda g: solve_weights(g).weights),
+                      torch.func.grad(lambda g: solve_weights(g).weights.sum())):
+        with pytest.raises(TypeError, match="wrapper tensor"):
+            transform(torch.stack([G, G]) if "vmap" in repr(transform) else G)
+
+
+def test_array_too_large_to_copy_raises_memory_error():
+    """A broadcast (stride 0) array whose contiguous copy cannot be allocated (in a subprocess:
+    it used to be read through a null pointer)."""
+    out = _run("""
+        import numpy as np
+        from pub_native import solve_weights
+        try:
+            solve_weights(np.broadcast_to(np.ones(1), (2**20, 2**20)))
+        except MemoryError as e:
+            assert "G could not be copied" in str(e), e
+            print("raised")
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "raised"

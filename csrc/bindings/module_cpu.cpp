@@ -112,6 +112,12 @@ py::tuple solve_typed(const py::array& G_any, const py::object& warm_obj, int64_
                       int64_t K, bool batched, const SolveOptions& o) {
   using Arr = py::array_t<T, py::array::c_style | py::array::forcecast>;
   Arr G = Arr::ensure(G_any);
+  if (!G) {
+    // A copy (of a non-contiguous or broadcast array) that could not be made.
+    PyErr_SetString(PyExc_MemoryError, ("G could not be copied into a contiguous array of " +
+                                        std::to_string(G_any.size()) + " values").c_str());
+    throw py::error_already_set();
+  }
   Arr warm;
   const T* warm_ptr = nullptr;
   if (!warm_obj.is_none()) {
