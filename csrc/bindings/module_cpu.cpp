@@ -94,17 +94,122 @@ py::tuple solve_at_typed(uintptr_t address, int64_t K, int64_t stride0, int64_t 
   return solve_one<T>(G.data(), nullptr, K, o);
 }
 
-py::tuple solve_weights_at(uintptr_t address, bool is_double, int64_t K, int64_t stride0,
-                           int64_t stride1, int32_t method, double ridge, double tol,
-                           int32_t max_iter) {
-  if (address == 0 || K < 1) throw py::value_error("solve_weights_at: no matrix");
+// torch's objects that the tensor fast path compares with and calls, given once by Python (the
+// module is never linked against torch), and the attribute names it reads, interned once (a
+// name made at every call cost more than the attribute). Never released: a static py::object
+// would be destroyed after the interpreter.
+struct TorchRefs {
+  PyObject* float32 = nullptr;
+  PyObject* float64 = nullptr;
+  PyObject* strided = nullptr;
+  PyObject* from_numpy = nullptr;
+  PyObject *dtype, *layout, *is_cpu, *is_neg, *shape, *stride, *untyped_storage, *data_ptr,
+      *nbytes;
+};
+TorchRefs& torch_refs() {
+  static TorchRefs refs;
+  return refs;
+}
+
+void set_torch_refs(py::object float32, py::object float64, py::object strided,
+                    py::object from_numpy) {
+  TorchRefs& r = torch_refs();
+  r.dtype = PyUnicode_InternFromString("dtype");
+  r.layout = PyUnicode_InternFromString("layout");
+  r.is_cpu = PyUnicode_InternFromString("is_cpu");
+  r.is_neg = PyUnicode_InternFromString("is_neg");
+  r.shape = PyUnicode_InternFromString("shape");
+  r.stride = PyUnicode_InternFromString("stride");
+  r.untyped_storage = PyUnicode_InternFromString("untyped_storage");
+  r.data_ptr = PyUnicode_InternFromString("data_ptr");
+  r.nbytes = PyUnicode_InternFromString("nbytes");
+  for (PyObject* name : {r.dtype, r.layout, r.is_cpu, r.is_neg, r.shape, r.stride,
+                         r.untyped_storage, r.data_ptr, r.nbytes})
+    if (name == nullptr) throw py::error_already_set();
+  r.float32 = float32.release().ptr();
+  r.float64 = float64.release().ptr();
+  r.strided = strided.release().ptr();
+  r.from_numpy = from_numpy.release().ptr();
+}
+
+// obj.name (get) and obj.name() (call): a new reference, or null with the Python error cleared.
+py::object get(py::handle obj, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(obj.ptr(), name);
+  if (v == nullptr) PyErr_Clear();
+  return py::reinterpret_steal<py::object>(v);
+}
+py::object call(py::handle obj, PyObject* name) {
+  PyObject* v = PyObject_CallMethodNoArgs(obj.ptr(), name);
+  if (v == nullptr) PyErr_Clear();
+  return py::reinterpret_steal<py::object>(v);
+}
+
+// An int64 (-1 when `o` is not an int that fits), and a two-item tuple's items.
+int64_t as_int64(PyObject* o) {
+  if (o == nullptr || !PyLong_Check(o)) return -1;
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) PyErr_Clear();
+  return static_cast<int64_t>(v);
+}
+bool pair_of(const py::object& t, int64_t& a, int64_t& b) {
+  if (!t || !PyTuple_Check(t.ptr()) || PyTuple_GET_SIZE(t.ptr()) != 2) return false;
+  a = as_int64(PyTuple_GET_ITEM(t.ptr(), 0));
+  b = as_int64(PyTuple_GET_ITEM(t.ptr(), 1));
+  return true;
+}
+
+// Where one CPU tensor's K×K values lie, when they can be read here: a square float32/float64
+// strided CPU tensor without the negative bit whose storage has memory covering its view (not
+// freed, shrunk or a placeholder, as ZeroTensors and wrappers of torch.func are). False for
+// anything else; solver.py's general path then checks the tensor and raises.
+struct TensorMatrix {
+  uintptr_t address = 0;
+  int64_t K = 0, stride0 = 0, stride1 = 0;
+  bool is_double = false;
+};
+bool readable_matrix(py::handle G, TensorMatrix& m) {
+  const TorchRefs& r = torch_refs();
+  if (r.float32 == nullptr) return false;
+  const py::object dtype = get(G, r.dtype);
+  m.is_double = dtype.ptr() == r.float64;
+  if (!m.is_double && dtype.ptr() != r.float32) return false;
+  if (get(G, r.layout).ptr() != r.strided || get(G, r.is_cpu).ptr() != Py_True ||
+      call(G, r.is_neg).ptr() != Py_False)
+    return false;
+  int64_t k1 = 0;
+  if (!pair_of(get(G, r.shape), m.K, k1) || !pair_of(call(G, r.stride), m.stride0, m.stride1))
+    return false;
+  // Bounds that keep the extent's arithmetic far from overflow; larger views go the general way.
+  constexpr int64_t kMaxStride = int64_t(1) << 36;
+  if (m.K < 1 || m.K > (int64_t(1) << 20) || k1 != m.K || m.stride0 < 0 || m.stride1 < 0 ||
+      m.stride0 > kMaxStride || m.stride1 > kMaxStride)
+    return false;
+  // Wrappers of torch.func have no storage, a ZeroTensor's storage no address (both raise).
+  const py::object storage = call(G, r.untyped_storage);
+  if (!storage) return false;
+  const int64_t base = as_int64(call(storage, r.data_ptr).ptr());
+  const int64_t nbytes = as_int64(call(storage, r.nbytes).ptr());
+  const int64_t address = as_int64(call(G, r.data_ptr).ptr());
+  const int64_t extent = ((m.K - 1) * (m.stride0 + m.stride1) + 1) * (m.is_double ? 8 : 4);
+  m.address = static_cast<uintptr_t>(address);
+  return base > 0 && address >= base && address - base <= nbytes - extent;
+}
+
+// solve_weights(G) for one CPU tensor G, when readable_matrix finds its values: the weights as
+// a tensor over the solver's array, status, iterations, residual; None otherwise.
+py::object solve_tensor(py::handle G, int32_t method, double ridge, double tol,
+                        int32_t max_iter) {
+  TensorMatrix m;
+  if (!readable_matrix(G, m)) return py::none();
   SolveOptions o;
   o.method = method;
   o.ridge = ridge;
   o.tol = tol;
   o.max_iter = max_iter;
-  return is_double ? solve_at_typed<double>(address, K, stride0, stride1, o)
-                   : solve_at_typed<float>(address, K, stride0, stride1, o);
+  py::tuple out = m.is_double ? solve_at_typed<double>(m.address, m.K, m.stride0, m.stride1, o)
+                              : solve_at_typed<float>(m.address, m.K, m.stride0, m.stride1, o);
+  py::object weights = py::reinterpret_borrow<py::object>(torch_refs().from_numpy)(out[0]);
+  return py::make_tuple(weights, out[1], out[2], out[3]);
 }
 
 template <class T>
@@ -306,11 +411,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("method"), py::arg("ridge"), py::arg("tol"), py::arg("max_iter"),
         "Solve G a = 1/a for one (K, K) or a batch (B, K, K) of Gram matrices. Returns "
         "(weights, status, iterations, residual).");
-  m.def("solve_weights_at", &solve_weights_at, py::arg("address"), py::arg("is_double"),
-        py::arg("K"), py::arg("stride0"), py::arg("stride1"), py::arg("method"),
-        py::arg("ridge"), py::arg("tol"), py::arg("max_iter"),
-        "solve_weights for one (K, K) matrix at a raw address with element strides (a CPU "
-        "tensor's memory).");
+  m.def("set_torch_refs", &set_torch_refs, py::arg("float32"), py::arg("float64"),
+        py::arg("strided"), py::arg("from_numpy"),
+        "torch's float32, float64, strided and from_numpy, for solve_tensor.");
+  m.def("solve_tensor", &solve_tensor, py::arg("G"), py::arg("method"), py::arg("ridge"),
+        py::arg("tol"), py::arg("max_iter"),
+        "solve_weights for one square float32/float64 CPU tensor read from its memory: "
+        "(weights tensor, status, iterations, residual), or None when the tensor cannot be "
+        "read that way.");
   m.def("build_info", &build_info);
   m.def("omp_max_threads", &omp_threads);
   m.def("workspace_size", [](int64_t K) { return solver_workspace_size(K); },
