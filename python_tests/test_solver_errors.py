@@ -100,30 +100,31 @@ def test_input_not_modified():
     np.testing.assert_array_equal(warm, [0.3, 0.7])
 
 
-# One matrix with the default options (the fast path) and a batch with options (the general one).
-@pytest.mark.parametrize("shape,kwargs", [((2, 2), {}), ((3, 2, 2), {"method": "ccp"})],
-                         ids=["matrix", "batch"])
-def test_freed_tensor_storage_raises(shape, kwargs):
-    """A tensor whose storage was resized to 0 (as FSDP frees parameters) keeps its shape; its
-    memory is gone, and reading it must raise, not crash. Run in a subprocess: a read of the
-    freed memory would abort the interpreter."""
-    n = int(np.prod(shape))
-    code = textwrap.dedent(f"""
+def test_freed_tensor_storage_raises():
+    """A tensor whose storage was resized to 0 (as FSDP frees parameters) or shrunk keeps its
+    shape; its memory is gone, and reading it must raise, not crash: one matrix with the default
+    options (the fast path), and a batch and a matrix with options (the general path). In a
+    subprocess: a read of the freed memory would abort the interpreter."""
+    out = _run(f"""
         import torch
         from pub_native import solve_weights
-        G = torch.zeros(4096, dtype=torch.float64)[4000:{4000 + n}].view({shape})
-        G.copy_(torch.tensor({GOOD.tolist()!r}, dtype=torch.float64))
-        G.untyped_storage().resize_(0)
-        try:
-            solve_weights(G, **{kwargs!r})
-        except ValueError as e:
-            assert "storage" in str(e), e
-            print("raised")
+        for shape, kwargs, keep in [((2, 2), {{}}, 0), ((2, 2), {{}}, 4002 * 8),
+                                    ((3, 2, 2), {{"method": "ccp"}}, 0),
+                                    ((2, 2), {{"method": "ccp"}}, 4002 * 8)]:
+            n = 1
+            for d in shape:
+                n *= d
+            G = torch.zeros(4096, dtype=torch.float64)[4000:4000 + n].view(shape)
+            G.copy_(torch.tensor({GOOD.tolist()!r}, dtype=torch.float64).expand(shape))
+            G.untyped_storage().resize_(keep)
+            try:
+                solve_weights(G, **kwargs)
+            except ValueError as e:
+                assert "storage is smaller" in str(e), e
+                print("raised")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "raised"
+    assert out.stdout.split() == ["raised"] * 4
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
