@@ -51,7 +51,16 @@ _new_result = tuple.__new__  # a NamedTuple built without its Python-level __new
 _torch = sys.modules.get("torch")
 _Tensor = _torch.Tensor if _torch is not None else None
 if _torch is not None:
-    _C.set_torch_refs(_torch.float32, _torch.float64, _torch.strided, _torch.from_numpy)
+    _base, _storage = _torch._C.TensorBase.__dict__, _torch._C.StorageBase.__dict__
+    _C.set_torch_refs({
+        "float32": _torch.float32, "float64": _torch.float64, "strided": _torch.strided,
+        "from_numpy": _torch.from_numpy,
+        "mode_enabled": _torch._C._is_torch_function_mode_enabled,
+        **{name: _base[name] for name in ("dtype", "layout", "is_cpu", "shape", "is_neg",
+                                          "stride", "untyped_storage", "data_ptr")},
+        "storage_data_ptr": _storage["data_ptr"], "storage_nbytes": _storage["nbytes"],
+    })
+    del _base, _storage
 
 
 _OPTIONS_CACHE: dict = {}
@@ -183,8 +192,9 @@ def _unreadable(G, extent: int, size: int):
 def _solve_torch(torch, G, warm_start, code, ridge, tol, max_iter):
     if G.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"G must be float32 or float64, got {G.dtype}")
-    if G.layout is not torch.strided:
-        raise TypeError(f"G must be a dense (strided) tensor, got layout {G.layout}")
+    if G.layout is not torch.strided or G.is_nested:
+        raise TypeError(f"G must be a dense (strided) tensor, got "
+                        f"{'a nested tensor' if G.is_nested else f'layout {G.layout}'}")
     if G.device.type == "cuda":
         return _solve_cuda(torch, G, warm_start, code, ridge, tol, max_iter)
     if G.device.type != "cpu":

@@ -151,12 +151,14 @@ def test_tensor_without_memory_raises():
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
 @pytest.mark.parametrize("make", [
     lambda G: G.to_sparse_csr(),
     lambda G: G.to_sparse_csc(),
     lambda G: G.float().to_mkldnn(),
     lambda G: torch.nested.nested_tensor([G, G], layout=torch.jagged),
-], ids=["csr", "csc", "mkldnn", "jagged"])
+    lambda G: torch.nested.nested_tensor([G, G]),
+], ids=["csr", "csc", "mkldnn", "jagged", "nested"])
 def test_other_layouts_raise_type_error(make):
     with pytest.raises(TypeError, match="G must be a dense"):
         solve_weights(make(torch.tensor(GOOD)))
@@ -184,3 +186,55 @@ def test_array_too_large_to_copy_raises_memory_error():
     """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "raised"
+
+
+def test_tensor_that_lies_about_its_memory_is_not_trusted():
+    """The native side reads a tensor's address, strides and storage through torch's own C
+    descriptors: an attribute set on the tensor, a patch of torch.Tensor or UntypedStorage, or a
+    torch function mode that answers other values cannot make it read other memory. Each gives
+    the weights of the tensor's real values (in a subprocess: a read elsewhere would crash)."""
+    out = _run("""
+        import torch
+        from torch.overrides import TorchFunctionMode
+        from pub_native import solve_weights
+        G = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        expected = solve_weights(G.numpy().copy()).weights
+
+        class Fake:
+            def data_ptr(self):
+                return 4096
+            def nbytes(self):
+                return 1 << 40
+
+        other = torch.full((1 << 16,), 7.0, dtype=torch.float64)  # real memory, other values
+
+        class Lies(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name == "data_ptr":
+                    return other.data_ptr()
+                if name == "untyped_storage":
+                    return other.untyped_storage()
+                return func(*args, **(kwargs or {}))
+
+        def check(what):
+            r = solve_weights(G)
+            assert torch.equal(r.weights, torch.from_numpy(expected)), (what, r.weights)
+            print(what)
+
+        G.untyped_storage = lambda: Fake()
+        G.data_ptr = lambda: 4096 * 1024
+        G.stride = lambda: (0, 0)
+        check("instance")
+        del G.untyped_storage, G.data_ptr, G.stride
+        saved = torch.Tensor.data_ptr, torch.Tensor.stride, torch.UntypedStorage.nbytes
+        torch.Tensor.data_ptr = lambda self: 4096 * 1024
+        torch.Tensor.stride = lambda self: (0, 0)
+        torch.UntypedStorage.nbytes = lambda self: 1 << 40
+        check("class")
+        torch.Tensor.data_ptr, torch.Tensor.stride, torch.UntypedStorage.nbytes = saved
+        with Lies():
+            check("mode")
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["instance", "class", "mode"]

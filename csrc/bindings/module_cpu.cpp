@@ -5,9 +5,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 #include <cstdint>
+#include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../cpu/pub_step_cpu.h"
@@ -95,51 +96,50 @@ py::tuple solve_at_typed(uintptr_t address, int64_t K, int64_t stride0, int64_t 
 }
 
 // torch's objects that the tensor fast path compares with and calls, given once by Python (the
-// module is never linked against torch), and the attribute names it reads, interned once (a
-// name made at every call cost more than the attribute). Never released: a static py::object
-// would be destroyed after the interpreter.
+// module is never linked against torch). The tensor's attributes are read through torch's own
+// C descriptors (TensorBase and StorageBase), not by name: an attribute set on the tensor or a
+// patch of torch.Tensor cannot hand the native side another address or other bounds. Never
+// released: a static py::object would be destroyed after the interpreter.
 struct TorchRefs {
   PyObject* float32 = nullptr;
   PyObject* float64 = nullptr;
   PyObject* strided = nullptr;
   PyObject* from_numpy = nullptr;
-  PyObject *dtype, *layout, *is_cpu, *is_neg, *shape, *stride, *untyped_storage, *data_ptr,
-      *nbytes;
+  PyObject* mode_enabled = nullptr;  // torch._C._is_torch_function_mode_enabled
+  // TensorBase's getset descriptors and method descriptors, StorageBase's methods.
+  PyObject *dtype, *layout, *is_cpu, *shape, *is_neg, *stride, *untyped_storage, *data_ptr,
+      *storage_data_ptr, *storage_nbytes;
 };
 TorchRefs& torch_refs() {
   static TorchRefs refs;
   return refs;
 }
 
-void set_torch_refs(py::object float32, py::object float64, py::object strided,
-                    py::object from_numpy) {
-  TorchRefs& r = torch_refs();
-  r.dtype = PyUnicode_InternFromString("dtype");
-  r.layout = PyUnicode_InternFromString("layout");
-  r.is_cpu = PyUnicode_InternFromString("is_cpu");
-  r.is_neg = PyUnicode_InternFromString("is_neg");
-  r.shape = PyUnicode_InternFromString("shape");
-  r.stride = PyUnicode_InternFromString("stride");
-  r.untyped_storage = PyUnicode_InternFromString("untyped_storage");
-  r.data_ptr = PyUnicode_InternFromString("data_ptr");
-  r.nbytes = PyUnicode_InternFromString("nbytes");
-  for (PyObject* name : {r.dtype, r.layout, r.is_cpu, r.is_neg, r.shape, r.stride,
-                         r.untyped_storage, r.data_ptr, r.nbytes})
-    if (name == nullptr) throw py::error_already_set();
-  r.float32 = float32.release().ptr();
-  r.float64 = float64.release().ptr();
-  r.strided = strided.release().ptr();
-  r.from_numpy = from_numpy.release().ptr();
+void set_torch_refs(const py::dict& refs) {
+  TorchRefs r;
+  const std::pair<const char*, PyObject**> names[] = {
+      {"float32", &r.float32}, {"float64", &r.float64}, {"strided", &r.strided},
+      {"from_numpy", &r.from_numpy}, {"mode_enabled", &r.mode_enabled}, {"dtype", &r.dtype},
+      {"layout", &r.layout}, {"is_cpu", &r.is_cpu}, {"shape", &r.shape}, {"is_neg", &r.is_neg},
+      {"stride", &r.stride}, {"untyped_storage", &r.untyped_storage}, {"data_ptr", &r.data_ptr},
+      {"storage_data_ptr", &r.storage_data_ptr}, {"storage_nbytes", &r.storage_nbytes}};
+  for (const auto& [name, slot] : names) *slot = py::object(refs[name]).release().ptr();
+  for (PyObject* d : {r.dtype, r.layout, r.is_cpu, r.shape})
+    if (Py_TYPE(d)->tp_descr_get == nullptr)
+      throw py::type_error("set_torch_refs: tensor attributes must be descriptors");
+  torch_refs() = r;
 }
 
-// obj.name (get) and obj.name() (call): a new reference, or null with the Python error cleared.
-py::object get(py::handle obj, PyObject* name) {
-  PyObject* v = PyObject_GetAttr(obj.ptr(), name);
+// descr.__get__(obj) (a getset descriptor) and descr(obj) (a method descriptor): a new
+// reference, or null with the Python error cleared.
+py::object get(PyObject* descr, py::handle obj) {
+  PyObject* v = Py_TYPE(descr)->tp_descr_get(descr, obj.ptr(),
+                                             reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())));
   if (v == nullptr) PyErr_Clear();
   return py::reinterpret_steal<py::object>(v);
 }
-py::object call(py::handle obj, PyObject* name) {
-  PyObject* v = PyObject_CallMethodNoArgs(obj.ptr(), name);
+py::object call(PyObject* descr, py::handle obj) {
+  PyObject* v = PyObject_CallOneArg(descr, obj.ptr());
   if (v == nullptr) PyErr_Clear();
   return py::reinterpret_steal<py::object>(v);
 }
@@ -170,26 +170,33 @@ struct TensorMatrix {
 bool readable_matrix(py::handle G, TensorMatrix& m) {
   const TorchRefs& r = torch_refs();
   if (r.float32 == nullptr) return false;
-  const py::object dtype = get(G, r.dtype);
+  // Under a torch function mode the tensor's methods answer what the mode makes them answer.
+  const py::object mode = py::reinterpret_steal<py::object>(PyObject_CallNoArgs(r.mode_enabled));
+  if (mode.ptr() != Py_False) {
+    if (!mode) PyErr_Clear();
+    return false;
+  }
+  const py::object dtype = get(r.dtype, G);
   m.is_double = dtype.ptr() == r.float64;
   if (!m.is_double && dtype.ptr() != r.float32) return false;
-  if (get(G, r.layout).ptr() != r.strided || get(G, r.is_cpu).ptr() != Py_True ||
-      call(G, r.is_neg).ptr() != Py_False)
+  if (get(r.layout, G).ptr() != r.strided || get(r.is_cpu, G).ptr() != Py_True ||
+      call(r.is_neg, G).ptr() != Py_False)
     return false;
   int64_t k1 = 0;
-  if (!pair_of(get(G, r.shape), m.K, k1) || !pair_of(call(G, r.stride), m.stride0, m.stride1))
+  if (!pair_of(get(r.shape, G), m.K, k1) || !pair_of(call(r.stride, G), m.stride0, m.stride1))
     return false;
-  // Bounds that keep the extent's arithmetic far from overflow; larger views go the general way.
+  // Bounds that keep the extent's arithmetic far from overflow and the gathered copy small;
+  // larger views go the general way.
   constexpr int64_t kMaxStride = int64_t(1) << 36;
-  if (m.K < 1 || m.K > (int64_t(1) << 20) || k1 != m.K || m.stride0 < 0 || m.stride1 < 0 ||
+  if (m.K < 1 || m.K > 4096 || k1 != m.K || m.stride0 < 0 || m.stride1 < 0 ||
       m.stride0 > kMaxStride || m.stride1 > kMaxStride)
     return false;
   // Wrappers of torch.func have no storage, a ZeroTensor's storage no address (both raise).
-  const py::object storage = call(G, r.untyped_storage);
+  const py::object storage = call(r.untyped_storage, G);
   if (!storage) return false;
-  const int64_t base = as_int64(call(storage, r.data_ptr).ptr());
-  const int64_t nbytes = as_int64(call(storage, r.nbytes).ptr());
-  const int64_t address = as_int64(call(G, r.data_ptr).ptr());
+  const int64_t base = as_int64(call(r.storage_data_ptr, storage).ptr());
+  const int64_t nbytes = as_int64(call(r.storage_nbytes, storage).ptr());
+  const int64_t address = as_int64(call(r.data_ptr, G).ptr());
   const int64_t extent = ((m.K - 1) * (m.stride0 + m.stride1) + 1) * (m.is_double ? 8 : 4);
   m.address = static_cast<uintptr_t>(address);
   return base > 0 && address >= base && address - base <= nbytes - extent;
@@ -411,9 +418,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("method"), py::arg("ridge"), py::arg("tol"), py::arg("max_iter"),
         "Solve G a = 1/a for one (K, K) or a batch (B, K, K) of Gram matrices. Returns "
         "(weights, status, iterations, residual).");
-  m.def("set_torch_refs", &set_torch_refs, py::arg("float32"), py::arg("float64"),
-        py::arg("strided"), py::arg("from_numpy"),
-        "torch's float32, float64, strided and from_numpy, for solve_tensor.");
+  m.def("set_torch_refs", &set_torch_refs, py::arg("refs"),
+        "torch's dtypes, layout, from_numpy, mode query and tensor and storage descriptors, "
+        "for solve_tensor.");
   m.def("solve_tensor", &solve_tensor, py::arg("G"), py::arg("method"), py::arg("ridge"),
         py::arg("tol"), py::arg("max_iter"),
         "solve_weights for one square float32/float64 CPU tensor read from its memory: "
