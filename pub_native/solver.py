@@ -50,17 +50,28 @@ _new_result = tuple.__new__  # a NamedTuple built without its Python-level __new
 # to the native module here (without torch loaded, tensors take the general path).
 _torch = sys.modules.get("torch")
 _Tensor = _torch.Tensor if _torch is not None else None
+
+
+def _give_torch_refs(torch) -> None:
+    """Hand the native side torch's objects and the C descriptors it reads a tensor through;
+    on a torch that lacks one of them, tensors take the general path."""
+    try:
+        base, storage = torch._C.TensorBase.__dict__, torch._C.StorageBase.__dict__
+        refs = {
+            "float32": torch.float32, "float64": torch.float64, "strided": torch.strided,
+            "from_numpy": torch.from_numpy,
+            "mode_enabled": torch._C._is_torch_function_mode_enabled,
+            **{name: base[name] for name in ("dtype", "layout", "is_cpu", "shape", "is_neg",
+                                             "stride", "untyped_storage", "data_ptr")},
+            "storage_data_ptr": storage["data_ptr"], "storage_nbytes": storage["nbytes"],
+        }
+    except (AttributeError, KeyError):
+        return
+    _C.set_torch_refs(refs)
+
+
 if _torch is not None:
-    _base, _storage = _torch._C.TensorBase.__dict__, _torch._C.StorageBase.__dict__
-    _C.set_torch_refs({
-        "float32": _torch.float32, "float64": _torch.float64, "strided": _torch.strided,
-        "from_numpy": _torch.from_numpy,
-        "mode_enabled": _torch._C._is_torch_function_mode_enabled,
-        **{name: _base[name] for name in ("dtype", "layout", "is_cpu", "shape", "is_neg",
-                                          "stride", "untyped_storage", "data_ptr")},
-        "storage_data_ptr": _storage["data_ptr"], "storage_nbytes": _storage["nbytes"],
-    })
-    del _base, _storage
+    _give_torch_refs(_torch)
 
 
 _OPTIONS_CACHE: dict = {}

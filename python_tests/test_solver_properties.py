@@ -276,6 +276,22 @@ def test_torch_views_read_as_their_values(dtype):
         assert r.weights.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
 
 
+def test_torch_without_the_fast_path_objects_is_taken_as_it_is():
+    """On a torch that lacks an object the native tensor path reads through, the refs are not
+    handed over (tensors take the general path) and importing does not fail."""
+    import types
+
+    from pub_native import solver
+
+    stripped = types.SimpleNamespace(float32=torch.float32, float64=torch.float64,
+                                     strided=torch.strided, from_numpy=torch.from_numpy,
+                                     _C=types.SimpleNamespace())
+    assert solver._give_torch_refs(stripped) is None
+    G = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    np.testing.assert_array_equal(solve_weights(G).weights.numpy(),
+                                  solve_weights(G.numpy()).weights)
+
+
 def test_result_fields():
     r = solve_weights(np.eye(2))
     assert r._fields == ("weights", "status", "iterations", "residual")
