@@ -65,9 +65,9 @@ def _give_torch_refs(torch) -> None:
                                              "stride", "untyped_storage", "data_ptr")},
             "storage_data_ptr": storage["data_ptr"], "storage_nbytes": storage["nbytes"],
         }
-    except (AttributeError, KeyError):
+        _C.set_torch_refs(refs)  # TypeError when an attribute is not a C descriptor
+    except (AttributeError, KeyError, TypeError):
         return
-    _C.set_torch_refs(refs)
 
 
 if _torch is not None:
