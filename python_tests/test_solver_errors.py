@@ -100,54 +100,57 @@ def test_input_not_modified():
     np.testing.assert_array_equal(warm, [0.3, 0.7])
 
 
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _assert_each_raises(prelude: str, cases: str, exc: str, text: str, count: int) -> None:
+    """In a subprocess (where a read of memory that is not there would crash): after `prelude`,
+    solve_weights(G, **kwargs) for each (G, kwargs) of `cases` raises `exc` with `text`."""
+    out = _run(textwrap.dedent(prelude) + textwrap.dedent(f"""
+        for G, kwargs in {cases}:
+            try:
+                solve_weights(G, **kwargs)
+            except {exc} as e:
+                assert {text!r} in str(e), e
+                print("raised")
+    """))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["raised"] * count
+
+
 def test_freed_tensor_storage_raises():
     """A tensor whose storage was resized to 0 (as FSDP frees parameters) or shrunk keeps its
-    shape; its memory is gone, and reading it must raise, not crash: one matrix with the default
-    options (the fast path), and a batch and a matrix with options (the general path). In a
-    subprocess: a read of the freed memory would abort the interpreter."""
-    out = _run(f"""
+    shape; its memory is gone, and reading it must raise: one matrix with the default options
+    (the fast path), and a batch and a matrix with options (the general path)."""
+    _assert_each_raises(f"""
         import torch
         from pub_native import solve_weights
-        for shape, kwargs, keep in [((2, 2), {{}}, 0), ((2, 2), {{}}, 4002 * 8),
-                                    ((3, 2, 2), {{"method": "ccp"}}, 0),
-                                    ((2, 2), {{"method": "ccp"}}, 4002 * 8)]:
+
+        def freed(shape, keep):
             n = 1
             for d in shape:
                 n *= d
             G = torch.zeros(4096, dtype=torch.float64)[4000:4000 + n].view(shape)
             G.copy_(torch.tensor({GOOD.tolist()!r}, dtype=torch.float64).expand(shape))
             G.untyped_storage().resize_(keep)
-            try:
-                solve_weights(G, **kwargs)
-            except ValueError as e:
-                assert "storage is smaller" in str(e), e
-                print("raised")
-    """)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["raised"] * 4
-
-
-def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120)
+            return G
+    """, """[(freed((2, 2), 0), {}), (freed((2, 2), 4002 * 8), {}),
+             (freed((3, 2, 2), 0), {"method": "ccp"}),
+             (freed((2, 2), 4002 * 8), {"method": "ccp"})]""",
+        "ValueError", "storage is smaller", 4)
 
 
 def test_tensor_without_memory_raises():
     """A ZeroTensor has a storage size but no memory (its data pointer is 0 plus the view's
-    offset): a view of one must raise, not be read (in a subprocess: a read would crash)."""
-    out = _run("""
+    offset): a view of one must raise, not be read."""
+    _assert_each_raises("""
         import torch
         from pub_native import solve_weights
         z = torch._efficientzerotensor((3, 3), dtype=torch.float64)
-        for G, kwargs in [(z, {}), (z[1:, 1:], {}), (z[1:, 1:], {"method": "ccp"})]:
-            try:
-                solve_weights(G, **kwargs)
-            except TypeError as e:
-                assert "no memory" in str(e), e
-                print("raised")
-    """)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["raised"] * 3
+    """, """[(z, {}), (z[1:, 1:], {}), (z[1:, 1:], {"method": "ccp"})]""",
+        "TypeError", "no memory", 3)
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
