@@ -184,7 +184,9 @@ def _unreadable(G, extent: int, size: int):
     """Why the memory of CPU tensor G (``extent`` elements of ``size`` bytes from its offset)
     cannot be read, as (exception type, message), or None when it can. A storage resized to 0
     (as FSDP frees parameters) or shrunk keeps its views, and some tensors have no memory of
-    their own: wrappers of torch.func and vmap, ZeroTensors, tensors under functionalize."""
+    their own: wrappers of torch.func and vmap, ZeroTensors, tensors under functionalize.
+    (The native fast path, ``readable_matrix`` in module_cpu.cpp, refuses the same tensors;
+    this names the reason.)"""
     try:
         storage = G.untyped_storage()
     except (NotImplementedError, RuntimeError):

@@ -81,8 +81,8 @@ py::tuple solve_one(const T* G, const T* warm, int64_t K, const SolveOptions& o)
 }
 
 // One (K, K) problem read from memory the caller owns: element (i, j) at address +
-// (i·stride0 + j·stride1) elements (a CPU tensor's data pointer and strides; Python has checked
-// its dtype and that it is square with K ≥ 1), gathered into a contiguous copy first.
+// (i·stride0 + j·stride1) elements (a CPU tensor's data pointer and strides, which
+// readable_matrix has checked to lie inside its storage), gathered into a contiguous copy first.
 template <class T>
 py::tuple solve_at_typed(uintptr_t address, int64_t K, int64_t stride0, int64_t stride1,
                          const SolveOptions& o) {
@@ -161,7 +161,8 @@ bool pair_of(const py::object& t, int64_t& a, int64_t& b) {
 // Where one CPU tensor's K×K values lie, when they can be read here: a square float32/float64
 // strided CPU tensor without the negative bit whose storage has memory covering its view (not
 // freed, shrunk or a placeholder, as ZeroTensors and wrappers of torch.func are). False for
-// anything else; solver.py's general path then checks the tensor and raises.
+// anything else; solver.py's general path then checks the tensor and raises (its _unreadable
+// applies the same storage rule, to name what is wrong).
 struct TensorMatrix {
   uintptr_t address = 0;
   int64_t K = 0, stride0 = 0, stride1 = 0;
