@@ -49,14 +49,14 @@ def time_native(G, method, reps, rounds):
 
 def overhead(G, reps=20000, rounds=15):
     """Where a K = 2 solve's time goes, called from Python (ns per call; medians over rounds, the
-    four timed round robin so that a change of machine load hits them alike): an empty Python
-    call, an empty call into the native module, the native solver entry called directly, and
+    calls timed round robin so that a change of machine load hits them alike): an empty Python
+    call, an empty call into the native module, the native entry of the default call
+    (``_C.solve_default``: checks, the solve, the result tuple) called directly, and
     solve_weights on a numpy array and on a torch tensor."""
     import torch
 
     from pub_native._native import _C
 
-    code, tol, max_iter = pub_native.solver.METHODS["newton"]
     G_torch = torch.from_numpy(G.copy())
 
     def empty():
@@ -65,7 +65,7 @@ def overhead(G, reps=20000, rounds=15):
     calls = {
         "python_call_ns": empty,
         "native_call_ns": _C.omp_max_threads,
-        "native_solve_ns": lambda: _C.solve_weights(G, None, code, 1e-8, tol, max_iter),
+        "native_solve_ns": lambda: _C.solve_default(G, "newton", None, 1e-8, None, None),
         "solve_weights_ns": lambda: solve_weights(G),
         "solve_weights_torch_ns": lambda: solve_weights(G_torch),
     }
@@ -173,7 +173,7 @@ def main(argv=None):
               f"{r['ccp_speedup']:7.0f} | {r['max_rel_diff_vs_newton']:12.1e}")
     fixed = overhead(gram(np.random.default_rng(args.seed), 2))
     print(f"\nK = 2 from Python (ns per call): empty Python call {fixed['python_call_ns']:.0f}, "
-          f"empty native call {fixed['native_call_ns']:.0f}, native solver entry "
+          f"empty native call {fixed['native_call_ns']:.0f}, native default-call entry "
           f"{fixed['native_solve_ns']:.0f}, solve_weights {fixed['solve_weights_ns']:.0f} "
           f"(its wrapper: {fixed['solve_weights_ns'] - fixed['native_solve_ns']:.0f}), "
           f"solve_weights on a torch tensor {fixed['solve_weights_torch_ns']:.0f}")

@@ -43,13 +43,15 @@ METHODS = {
 }
 
 _STATUS = tuple(SolveStatus)
-_NEWTON, _NEWTON_TOL, _NEWTON_MAX_ITER = METHODS["newton"]
+assert all(int(s) == code for code, s in enumerate(_STATUS)), "status codes moved"
 _ndarray = np.ndarray
 _new_result = tuple.__new__  # a NamedTuple built without its Python-level __new__
-# The fast path of one CPU tensor (_C.solve_tensor) compares with torch's own objects, given
-# to the native module here (without torch loaded, tensors take the general path).
+# solve_weights' default call is answered by _C.solve_default, which builds the SolveResult
+# itself; a CPU tensor is read there by comparing with torch's own objects, given to the native
+# module here (without torch loaded, tensors take the general path).
+_C.set_result_refs(SolveResult, _STATUS, METHODS["newton"][1], METHODS["newton"][2])
+_solve_default = _C.solve_default
 _torch = sys.modules.get("torch")
-_Tensor = _torch.Tensor if _torch is not None else None
 
 
 def _give_torch_refs(torch) -> None:
@@ -59,7 +61,7 @@ def _give_torch_refs(torch) -> None:
         base, storage = torch._C.TensorBase.__dict__, torch._C.StorageBase.__dict__
         refs = {
             "float32": torch.float32, "float64": torch.float64, "strided": torch.strided,
-            "from_numpy": torch.from_numpy,
+            "Tensor": torch.Tensor, "from_numpy": torch.from_numpy,
             "mode_enabled": torch._C._is_torch_function_mode_enabled,
             **{name: base[name] for name in ("dtype", "layout", "is_cpu", "shape", "is_neg",
                                              "stride", "untyped_storage", "data_ptr")},
@@ -147,22 +149,15 @@ def solve_weights(
             bad ``method``, ``ridge``, ``tol``, ``max_iter`` or ``warm_start``.
         TypeError: G of another dtype or type.
     """
-    # The call a training step makes (one matrix, default options) goes straight to the native
-    # solver: option checks and the result tuple cost as much as a K = 2 solve. A CPU tensor
-    # is checked and read from its memory by the native side (its numpy view alone would cost
-    # half a solve, and each attribute read from Python ~0.1 µs); the weights come back as a
-    # tensor over the solver's array. A tensor it cannot read that way (None) takes the general
-    # path, which says why.
-    if (warm_start is None and tol is None and max_iter is None and type(method) is str
-            and method == "newton" and type(ridge) is float and ridge == 1e-8):
-        if type(G) is _ndarray and G.ndim == 2:
-            w, st, it, res = _C.solve_weights(G, None, _NEWTON, 1e-8, _NEWTON_TOL,
-                                              _NEWTON_MAX_ITER)
-            return _new_result(SolveResult, (w, _STATUS[st], it, res))
-        if type(G) is _Tensor:
-            out = _C.solve_tensor(G, _NEWTON, 1e-8, _NEWTON_TOL, _NEWTON_MAX_ITER)
-            if out is not None:
-                return _new_result(SolveResult, (out[0], _STATUS[out[1]], out[2], out[3]))
+    # The call a training step makes (one matrix, default options) is answered by the native
+    # side in one call: option checks and building the result in Python cost as much as a
+    # K = 2 solve. A CPU tensor is checked and read from its memory there (its numpy view alone
+    # would cost half a solve, and each attribute read from Python ~0.1 µs); the weights come
+    # back as a tensor over the solver's array. Anything else (None) takes the general path,
+    # which checks the arguments and says what is wrong.
+    result = _solve_default(G, method, warm_start, ridge, tol, max_iter)
+    if result is not None:
+        return result
     code, ridge, tol, max_iter = _options(method, ridge, tol, max_iter)
     if type(G) is _ndarray:
         w, st, it, res = _C.solve_weights(G, warm_start, code, ridge, tol, max_iter)

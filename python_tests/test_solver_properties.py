@@ -300,6 +300,37 @@ def test_result_fields():
     assert pub_native.METHODS.keys() == {"newton", "ccp"}
 
 
+@pytest.mark.parametrize("kind", ["array", "tensor"])
+def test_default_call_gives_what_the_general_path_gives(kind):
+    """The default call (answered natively, result built there) against the same options
+    spelled so that they take the general path: the same result, of the same types; and the
+    result behaves as a SolveResult (pickles, unpacks, survives a collection)."""
+    import gc
+    import pickle
+
+    class Str(str):
+        pass
+
+    rng = np.random.default_rng(11)
+    G = random_gram(rng, 3)
+    if kind == "tensor":
+        G = torch.from_numpy(G)
+    fast = solve_weights(G)
+    gc.collect()
+    for spelled in ({"method": Str("newton")}, {"ridge": np.float64(1e-8)},
+                    {"tol": pub_native.METHODS["newton"][1]},
+                    {"max_iter": pub_native.METHODS["newton"][2]}):
+        general = solve_weights(G, **spelled)
+        assert type(fast) is type(general) is pub_native.SolveResult, spelled
+        assert type(fast.weights) is type(general.weights) and type(fast.status) is SolveStatus
+        np.testing.assert_array_equal(np.asarray(fast.weights), np.asarray(general.weights))
+        assert fast[1:] == general[1:], spelled
+        assert type(fast.iterations) is int and type(fast.residual) is float
+    w, status, iterations, residual = pickle.loads(pickle.dumps(fast))
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(fast.weights))
+    assert (status, iterations, residual) == fast[1:]
+
+
 def test_max_iter_reports_status():
     rng = np.random.default_rng(9)
     G = ill_conditioned_gram(rng, 10, cond=1e8)

@@ -1,5 +1,6 @@
 // pybind11 module pub_native._C (always built): the CPU entry points and the build report.
-// It takes numpy arrays only; pub_native/solver.py turns torch tensors into views of them.
+// It is never linked against torch: it takes numpy arrays and raw pointers, and reads the one
+// CPU tensor of solve_weights' default call through torch's own descriptors, given at import.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -104,6 +105,7 @@ struct TorchRefs {
   PyObject* float32 = nullptr;
   PyObject* float64 = nullptr;
   PyObject* strided = nullptr;
+  PyObject* tensor = nullptr;  // torch.Tensor: only this exact type takes the fast path
   PyObject* from_numpy = nullptr;
   PyObject* mode_enabled = nullptr;  // torch._C._is_torch_function_mode_enabled
   // TensorBase's getset descriptors and method descriptors, StorageBase's methods.
@@ -119,7 +121,7 @@ void set_torch_refs(const py::dict& refs) {
   TorchRefs r;
   const std::pair<const char*, PyObject**> names[] = {
       {"float32", &r.float32}, {"float64", &r.float64}, {"strided", &r.strided},
-      {"from_numpy", &r.from_numpy}, {"mode_enabled", &r.mode_enabled}, {"dtype", &r.dtype},
+      {"Tensor", &r.tensor}, {"from_numpy", &r.from_numpy}, {"mode_enabled", &r.mode_enabled}, {"dtype", &r.dtype},
       {"layout", &r.layout}, {"is_cpu", &r.is_cpu}, {"shape", &r.shape}, {"is_neg", &r.is_neg},
       {"stride", &r.stride}, {"untyped_storage", &r.untyped_storage}, {"data_ptr", &r.data_ptr},
       {"storage_data_ptr", &r.storage_data_ptr}, {"storage_nbytes", &r.storage_nbytes}};
@@ -127,6 +129,7 @@ void set_torch_refs(const py::dict& refs) {
   for (PyObject* d : {r.dtype, r.layout, r.is_cpu, r.shape})
     if (Py_TYPE(d)->tp_descr_get == nullptr)
       throw py::type_error("set_torch_refs: tensor attributes must be descriptors");
+  if (!PyType_Check(r.tensor)) throw py::type_error("set_torch_refs: Tensor must be a type");
   torch_refs() = r;
 }
 
@@ -203,23 +206,6 @@ bool readable_matrix(py::handle G, TensorMatrix& m) {
   return base > 0 && address >= base && address - base <= nbytes - extent;
 }
 
-// solve_weights(G) for one CPU tensor G, when readable_matrix finds its values: the weights as
-// a tensor over the solver's array, status, iterations, residual; None otherwise.
-py::object solve_tensor(py::handle G, int32_t method, double ridge, double tol,
-                        int32_t max_iter) {
-  TensorMatrix m;
-  if (!readable_matrix(G, m)) return py::none();
-  SolveOptions o;
-  o.method = method;
-  o.ridge = ridge;
-  o.tol = tol;
-  o.max_iter = max_iter;
-  py::tuple out = m.is_double ? solve_at_typed<double>(m.address, m.K, m.stride0, m.stride1, o)
-                              : solve_at_typed<float>(m.address, m.K, m.stride0, m.stride1, o);
-  py::object weights = py::reinterpret_borrow<py::object>(torch_refs().from_numpy)(out[0]);
-  return py::make_tuple(weights, out[1], out[2], out[3]);
-}
-
 template <class T>
 py::tuple solve_typed(const py::array& G_any, const py::object& warm_obj, int64_t batch,
                       int64_t K, bool batched, const SolveOptions& o) {
@@ -288,6 +274,122 @@ py::tuple solve_weights_py(const py::array& G, const py::object& warm, int32_t m
   throw py::type_error("G must be float32 or float64, got dtype " +
                        std::string(py::str(G.dtype())));
 }
+
+// ---- solve_weights' default call -----------------------------------------------------------
+
+// What the default call returns, given once by pub_native/solver.py: the SolveResult class (a
+// NamedTuple), the SolveStatus members by code, and Newton's default tolerance and step limit.
+// Never released, like TorchRefs.
+struct ResultRefs {
+  PyTypeObject* cls = nullptr;
+  PyObject* statuses = nullptr;
+  double tol = 0.0;
+  int32_t max_iter = 0;
+};
+ResultRefs& result_refs() {
+  static ResultRefs refs;
+  return refs;
+}
+
+void set_result_refs(const py::type& cls, const py::tuple& statuses, double tol,
+                     int32_t max_iter) {
+  auto* type = reinterpret_cast<PyTypeObject*>(cls.ptr());
+  if (!PyType_IsSubtype(type, &PyTuple_Type) || type->tp_alloc == nullptr)
+    throw py::type_error("set_result_refs: the result class must be a tuple type");
+  ResultRefs r;
+  r.cls = reinterpret_cast<PyTypeObject*>(py::object(cls).release().ptr());
+  r.statuses = py::object(statuses).release().ptr();
+  r.tol = tol;
+  r.max_iter = max_iter;
+  result_refs() = r;
+}
+
+// SolveResult(weights, SolveStatus(status), iterations, residual) from the solver's tuple
+// (weights, status code, iterations, residual), built as tuple.__new__ builds a tuple subclass.
+PyObject* make_result(const py::object& weights, const py::tuple& out) {
+  const ResultRefs& r = result_refs();
+  const int64_t code = as_int64(out[1].ptr());
+  if (code < 0 || code >= PyTuple_GET_SIZE(r.statuses))
+    throw py::value_error("solver returned an unknown status " + std::to_string(code));
+  PyObject* result = r.cls->tp_alloc(r.cls, 4);
+  if (result == nullptr) throw py::error_already_set();
+  PyObject* items[4] = {weights.ptr(), PyTuple_GET_ITEM(r.statuses, code), out[2].ptr(),
+                        out[3].ptr()};
+  for (Py_ssize_t i = 0; i < 4; ++i) {
+    Py_INCREF(items[i]);
+    PyTuple_SET_ITEM(result, i, items[i]);
+  }
+  return result;
+}
+
+// The options are solve_weights' defaults (method "newton" as a str, ridge 1e-8 as a float, no
+// warm start, tol or max_iter), compared as solver.py's general path would see them.
+bool default_options(PyObject* const* args) {
+  PyObject *method = args[1], *ridge = args[3];
+  return args[2] == Py_None && args[4] == Py_None && args[5] == Py_None &&
+         PyUnicode_CheckExact(method) && PyUnicode_CompareWithASCIIString(method, "newton") == 0 &&
+         PyFloat_CheckExact(ridge) && PyFloat_AS_DOUBLE(ridge) == 1e-8;
+}
+
+// The call a training step makes: one (K, K) numpy array, or one CPU tensor that
+// readable_matrix can read, with the default options; the SolveResult, or None for anything
+// else (solver.py's general path then checks the arguments and says what is wrong). The
+// weights of a tensor come back as a tensor over the solver's array.
+py::object solve_default_impl(PyObject* const* args) {
+  const ResultRefs& rr = result_refs();
+  if (rr.cls == nullptr || !default_options(args)) return py::none();
+  PyObject* G = args[0];
+  SolveOptions o;
+  o.method = kNewton;
+  o.ridge = 1e-8;
+  o.tol = rr.tol;
+  o.max_iter = rr.max_iter;
+  if (Py_TYPE(G) == py::detail::npy_api::get().PyArray_Type_) {
+    const auto a = py::reinterpret_borrow<py::array>(G);
+    if (a.ndim() != 2) return py::none();
+    const py::tuple out = solve_weights_py(a, py::none(), o.method, o.ridge, o.tol, o.max_iter);
+    return py::reinterpret_steal<py::object>(make_result(out[0], out));
+  }
+  const TorchRefs& tr = torch_refs();
+  TensorMatrix m;
+  if (tr.tensor == nullptr || reinterpret_cast<PyObject*>(Py_TYPE(G)) != tr.tensor ||
+      !readable_matrix(G, m))
+    return py::none();
+  const py::tuple out = m.is_double
+                            ? solve_at_typed<double>(m.address, m.K, m.stride0, m.stride1, o)
+                            : solve_at_typed<float>(m.address, m.K, m.stride0, m.stride1, o);
+  const py::object weights = py::reinterpret_borrow<py::object>(tr.from_numpy)(out[0]);
+  return py::reinterpret_steal<py::object>(make_result(weights, out));
+}
+
+// solve_default(G, method, warm_start, ridge, tol, max_iter), a plain CPython function: one
+// call from solver.solve_weights without pybind11's argument conversion, which costs about a
+// fifth of a K = 2 solve.
+PyObject* solve_default(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 6) {
+    PyErr_SetString(PyExc_TypeError,
+                    "solve_default takes (G, method, warm_start, ridge, tol, max_iter)");
+    return nullptr;
+  }
+  try {
+    return solve_default_impl(args).release().ptr();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::bad_alloc&) {
+    PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyMethodDef solve_default_def = {
+    "solve_default", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(solve_default)),
+    METH_FASTCALL,
+    "solve_default(G, method, warm_start, ridge, tol, max_iter): solve_weights' result for one "
+    "(K, K) numpy array or readable CPU tensor with the default options, else None."};
 
 py::dict build_info() {
   py::dict d;
@@ -420,13 +522,15 @@ PYBIND11_MODULE(_C, m) {
         "Solve G a = 1/a for one (K, K) or a batch (B, K, K) of Gram matrices. Returns "
         "(weights, status, iterations, residual).");
   m.def("set_torch_refs", &set_torch_refs, py::arg("refs"),
-        "torch's dtypes, layout, from_numpy, mode query and tensor and storage descriptors, "
-        "for solve_tensor.");
-  m.def("solve_tensor", &solve_tensor, py::arg("G"), py::arg("method"), py::arg("ridge"),
+        "torch's Tensor type, dtypes, layout, from_numpy, mode query and tensor and storage "
+        "descriptors, for solve_default.");
+  m.def("set_result_refs", &set_result_refs, py::arg("cls"), py::arg("statuses"),
         py::arg("tol"), py::arg("max_iter"),
-        "solve_weights for one square float32/float64 CPU tensor read from its memory: "
-        "(weights tensor, status, iterations, residual), or None when the tensor cannot be "
-        "read that way.");
+        "The SolveResult class, the SolveStatus members by code and Newton's defaults, for "
+        "solve_default.");
+  PyObject* fast = PyCFunction_NewEx(&solve_default_def, nullptr, m.ptr());
+  if (fast == nullptr) throw py::error_already_set();
+  m.add_object("solve_default", py::reinterpret_steal<py::object>(fast));
   m.def("build_info", &build_info);
   m.def("omp_max_threads", &omp_threads);
   m.def("workspace_size", [](int64_t K) { return solver_workspace_size(K); },
