@@ -241,3 +241,21 @@ def test_tensor_that_lies_about_its_memory_is_not_trusted():
     """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["instance", "class", "mode"]
+
+
+def test_native_result_class_must_be_a_named_tuple():
+    """The native default call fills the four items of the result class it was given; a
+    tuple type that keeps other items (struct sequences such as os.stat_result, whose hidden
+    fields would be left unset) or has other fields is refused, and the class in use stays."""
+    import os
+    import time
+
+    from pub_native import SolveStatus
+    from pub_native._native import _C
+
+    statuses = tuple(SolveStatus)
+    for cls in (os.stat_result, time.struct_time, tuple, list):
+        with pytest.raises(TypeError, match="NamedTuple"):
+            _C.set_result_refs(cls, statuses, 1e-12, 50)
+    r = solve_weights(np.eye(2))
+    assert type(r).__name__ == "SolveResult" and r.status is SolveStatus.CONVERGED

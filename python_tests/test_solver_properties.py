@@ -331,6 +331,29 @@ def test_default_call_gives_what_the_general_path_gives(kind):
     assert (status, iterations, residual) == fast[1:]
 
 
+def test_solve_weights_inside_a_compiled_function():
+    """torch.compile traces around the native entry (a builtin it looks up by module name) and
+    the compiled function gives the eager results, for a tensor and for an array."""
+    import warnings
+
+    import torch._dynamo
+
+    G = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+
+    def weights_of(M):
+        return solve_weights(M).weights * 2
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Dynamo's note that it does not trace into a builtin
+        compiled = torch.compile(weights_of, backend="eager")
+        torch.testing.assert_close(compiled(G), weights_of(G), rtol=0, atol=0)
+        np.testing.assert_array_equal(torch.compile(lambda M: solve_weights(M).weights,
+                                                    backend="eager")(G.numpy()),
+                                      solve_weights(G.numpy()).weights)
+    torch._dynamo.reset()
+
+
 def test_max_iter_reports_status():
     rng = np.random.default_rng(9)
     G = ill_conditioned_gram(rng, 10, cond=1e8)

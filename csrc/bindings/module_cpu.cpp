@@ -293,9 +293,20 @@ ResultRefs& result_refs() {
 
 void set_result_refs(const py::type& cls, const py::tuple& statuses, double tol,
                      int32_t max_iter) {
+  // make_result fills the four items of a tuple subclass made by a class statement, with no
+  // storage of its own (a NamedTuple); struct sequences such as os.stat_result keep hidden
+  // items that it would leave unset.
   auto* type = reinterpret_cast<PyTypeObject*>(cls.ptr());
-  if (!PyType_IsSubtype(type, &PyTuple_Type) || type->tp_alloc == nullptr)
-    throw py::type_error("set_result_refs: the result class must be a tuple type");
+  const bool named_tuple =
+      (type->tp_flags & Py_TPFLAGS_HEAPTYPE) && type->tp_base == &PyTuple_Type &&
+      type->tp_basicsize == PyTuple_Type.tp_basicsize &&
+      type->tp_itemsize == PyTuple_Type.tp_itemsize && type->tp_alloc != nullptr &&
+      py::hasattr(cls, "_fields") &&
+      py::tuple(cls.attr("_fields")).equal(
+          py::make_tuple("weights", "status", "iterations", "residual"));
+  if (!named_tuple)
+    throw py::type_error("set_result_refs: the result class must be a NamedTuple of (weights, "
+                         "status, iterations, residual)");
   ResultRefs r;
   r.cls = reinterpret_cast<PyTypeObject*>(py::object(cls).release().ptr());
   r.statuses = py::object(statuses).release().ptr();
@@ -385,11 +396,14 @@ PyObject* solve_default(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return nullptr;
 }
 
-PyMethodDef solve_default_def = {
-    "solve_default", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(solve_default)),
-    METH_FASTCALL,
-    "solve_default(G, method, warm_start, ridge, tol, max_iter): solve_weights' result for one "
-    "(K, K) numpy array or readable CPU tensor with the default options, else None."};
+// Added with PyModule_AddFunctions, so that the function's __module__ is the module's name, as
+// for any builtin (torch.compile and pickle look it up by that name).
+PyMethodDef plain_functions[] = {
+    {"solve_default", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(solve_default)),
+     METH_FASTCALL,
+     "solve_default(G, method, warm_start, ridge, tol, max_iter): solve_weights' result for one "
+     "(K, K) numpy array or readable CPU tensor with the default options, else None."},
+    {nullptr, nullptr, 0, nullptr}};
 
 py::dict build_info() {
   py::dict d;
@@ -528,9 +542,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tol"), py::arg("max_iter"),
         "The SolveResult class, the SolveStatus members by code and Newton's defaults, for "
         "solve_default.");
-  PyObject* fast = PyCFunction_NewEx(&solve_default_def, nullptr, m.ptr());
-  if (fast == nullptr) throw py::error_already_set();
-  m.add_object("solve_default", py::reinterpret_steal<py::object>(fast));
+  if (PyModule_AddFunctions(m.ptr(), plain_functions) != 0) throw py::error_already_set();
   m.def("build_info", &build_info);
   m.def("omp_max_threads", &omp_threads);
   m.def("workspace_size", [](int64_t K) { return solver_workspace_size(K); },
