@@ -120,11 +120,22 @@ TorchRefs& torch_refs() {
 void set_torch_refs(const py::dict& refs) {
   TorchRefs r;
   const std::pair<const char*, PyObject**> names[] = {
-      {"float32", &r.float32}, {"float64", &r.float64}, {"strided", &r.strided},
-      {"Tensor", &r.tensor}, {"from_numpy", &r.from_numpy}, {"mode_enabled", &r.mode_enabled},
-      {"dtype", &r.dtype}, {"layout", &r.layout}, {"is_cpu", &r.is_cpu}, {"shape", &r.shape},
-      {"is_neg", &r.is_neg}, {"stride", &r.stride}, {"untyped_storage", &r.untyped_storage}, {"data_ptr", &r.data_ptr},
-      {"storage_data_ptr", &r.storage_data_ptr}, {"storage_nbytes", &r.storage_nbytes}};
+      {"float32", &r.float32},
+      {"float64", &r.float64},
+      {"strided", &r.strided},
+      {"Tensor", &r.tensor},
+      {"from_numpy", &r.from_numpy},
+      {"mode_enabled", &r.mode_enabled},
+      {"dtype", &r.dtype},
+      {"layout", &r.layout},
+      {"is_cpu", &r.is_cpu},
+      {"shape", &r.shape},
+      {"is_neg", &r.is_neg},
+      {"stride", &r.stride},
+      {"untyped_storage", &r.untyped_storage},
+      {"data_ptr", &r.data_ptr},
+      {"storage_data_ptr", &r.storage_data_ptr},
+      {"storage_nbytes", &r.storage_nbytes}};
   for (const auto& [name, slot] : names) *slot = py::object(refs[name]).release().ptr();
   for (PyObject* d : {r.dtype, r.layout, r.is_cpu, r.shape})
     if (Py_TYPE(d)->tp_descr_get == nullptr)
