@@ -237,7 +237,8 @@ py::tuple solve_typed(const py::array& G_any, const py::object& warm_obj, int64_
                             : (warm.ndim() == 1 && warm.shape(0) == K);
     if (!ok) {
       std::ostringstream s;
-      s << "warm_start must have shape " << (batched ? "(B, K) = (" + std::to_string(batch) + ", " : "(")
+      s << "warm_start must have shape "
+        << (batched ? "(B, K) = (" + std::to_string(batch) + ", " : "(")
         << K << (batched ? ")" : ",)") << ", got " << shape_str(warm);
       throw py::value_error(s.str());
     }
@@ -271,7 +272,8 @@ py::tuple solve_weights_py(const py::array& G, const py::object& warm, int32_t m
   const int64_t K = G.shape(G.ndim() - 1);
   if (G.shape(G.ndim() - 2) != K)
     throw py::value_error("G must be square (K, K), got shape " + shape_str(G));
-  if (K == 0) throw py::value_error("G must have at least one task (K >= 1), got shape " + shape_str(G));
+  if (K == 0)
+    throw py::value_error("G must have at least one task (K >= 1), got shape " + shape_str(G));
   const int64_t batch = batched ? G.shape(0) : 1;
   SolveOptions o;
   o.method = method;
