@@ -47,8 +47,9 @@ assert all(int(s) == code for code, s in enumerate(_STATUS)), "status codes move
 _ndarray = np.ndarray
 _new_result = tuple.__new__  # a NamedTuple built without its Python-level __new__
 # solve_weights' default call is answered by _C.solve_default, which builds the SolveResult
-# itself (of the class given here, once); a CPU tensor is read there by comparing with torch's own objects, given to the native
-# module here (without torch loaded, tensors take the general path).
+# itself (of the class given here, once); a CPU tensor is read there by comparing with torch's
+# own objects, given to the native module here (without torch loaded, tensors take the general
+# path).
 _C.set_result_refs(SolveResult, _STATUS, METHODS["newton"][1], METHODS["newton"][2])
 _solve_default = _C.solve_default
 _torch = sys.modules.get("torch")
