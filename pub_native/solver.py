@@ -52,7 +52,6 @@ _new_result = tuple.__new__  # a NamedTuple built without its Python-level __new
 # path).
 _C.set_result_refs(SolveResult, _STATUS, METHODS["newton"][1], METHODS["newton"][2])
 _solve_default = _C.solve_default
-_torch = sys.modules.get("torch")
 
 
 def _give_torch_refs(torch) -> None:
@@ -73,8 +72,8 @@ def _give_torch_refs(torch) -> None:
         return
 
 
-if _torch is not None:
-    _give_torch_refs(_torch)
+if "torch" in sys.modules:
+    _give_torch_refs(sys.modules["torch"])
 
 
 _OPTIONS_CACHE: dict = {}

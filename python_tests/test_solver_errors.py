@@ -178,17 +178,11 @@ def test_inside_function_transforms_raises_type_error():
 def test_array_too_large_to_copy_raises_memory_error():
     """A broadcast (stride 0) array whose contiguous copy cannot be allocated (in a subprocess:
     it used to be read through a null pointer)."""
-    out = _run("""
+    _assert_each_raises("""
         import numpy as np
         from pub_native import solve_weights
-        try:
-            solve_weights(np.broadcast_to(np.ones(1), (2**20, 2**20)))
-        except MemoryError as e:
-            assert "G could not be copied" in str(e), e
-            print("raised")
-    """)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "raised"
+    """, "[(np.broadcast_to(np.ones(1), (2**20, 2**20)), {})]", "MemoryError",
+        "G could not be copied", 1)
 
 
 def test_tensor_that_lies_about_its_memory_is_not_trusted():

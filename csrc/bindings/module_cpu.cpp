@@ -376,8 +376,8 @@ py::object solve_default_impl(PyObject* const* args) {
   }
   const TorchRefs& tr = torch_refs();
   TensorMatrix m;
-  if (tr.tensor == nullptr || reinterpret_cast<PyObject*>(Py_TYPE(G)) != tr.tensor ||
-      !readable_matrix(G, m))
+  // (tr.tensor is null until torch's refs are given: nothing matches it then.)
+  if (reinterpret_cast<PyObject*>(Py_TYPE(G)) != tr.tensor || !readable_matrix(G, m))
     return py::none();
   const py::tuple out = m.is_double
                             ? solve_at_typed<double>(m.address, m.K, m.stride0, m.stride1, o)
