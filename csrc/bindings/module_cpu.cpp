@@ -365,7 +365,7 @@ py::object solve_default_impl(PyObject* const* args) {
   PyObject* G = args[0];
   SolveOptions o;
   o.method = kNewton;
-  o.ridge = 1e-8;
+  o.ridge = PyFloat_AS_DOUBLE(args[3]);  // 1e-8, as default_options found
   o.tol = rr.tol;
   o.max_iter = rr.max_iter;
   if (Py_TYPE(G) == py::detail::npy_api::get().PyArray_Type_) {
