@@ -1,8 +1,9 @@
 """The CPU step's compiled loops: for every path that the task count, the element type and the
-options select (single sweep for 2-4 tasks, apply sweep for 8, tiled loops otherwise, Clippy,
-AdaTask, L2 weight decay), the results are bitwise independent of the number of threads, and on
-x86-64 the AVX2 version equals the baseline version (PUB_NATIVE_CPU_BASELINE=1) up to float
-rounding. Each run is a subprocess, since the version and the thread team are fixed at load.
+options select (single sweeps for 2-4 and 8 tasks, tiled loops otherwise and for Clippy at 8,
+Clippy, AdaTask, L2 weight decay), the results are bitwise independent of the number of threads,
+and on x86-64 the AVX2 version equals the baseline version (PUB_NATIVE_CPU_BASELINE=1) up to
+float rounding. Each run is a subprocess, since the version and the thread team are fixed at
+load.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CASES = [
     (4, "float32", "Adam", {"umm": "adatask"}),
     (5, "float32", "Adam", {}),
     (8, "float32", "Adam", {"amsgrad": True}),
+    (8, "float32", "Adam", {"umm": "clippy", "clippy_preset": "tfrs"}),
     (2, "float32", "RMSprop", {"momentum": 0.9, "centered": True}),
     (8, "float32", "Adagrad", {}),
     (2, "bfloat16", "Adam", {}),
@@ -85,7 +87,7 @@ def test_avx2_loops_equal_baseline_loops(tmp_path):
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 8])
 def test_float32_gram_sums_stay_within_their_error_bound(k):
     # The Gram pass sums float32 products of float32 task updates over blocks of 16 per lane
-    # before float64 takes them (single sweep for K ≤ 4, tiles above). Bound per entry:
+    # before float64 takes them (single sweep for K ≤ 4 and 8, tiles for 5). Bound per entry:
     # |G − G₆₄| ≤ c·2⁻²⁴·Σ_j |u_ij·u_kj|, with G₆₄ the float64 Gram of the exact updates. c = 8
     # leaves room for the updates' own rounding and the 16-term float32 sums (0.4 is typical);
     # float32 sums over a whole work item (65536 elements) reach c ≈ 50 here.
@@ -112,12 +114,13 @@ def test_float32_gram_sums_stay_within_their_error_bound(k):
     assert err.max().item() <= 8 * 2.0 ** -24, err
 
 
-@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("k", [2, 5, 8])
 @pytest.mark.parametrize("scale", [1e-24, 1e-21, 1.0, 1e19, 1e30])
 def test_step_gradient_norms_at_every_float32_magnitude(k, scale):
     # stats["task_grad_norms"] from the Gram pass equals torch's float64 norm of the task's
     # gradient, also where float32 squares would overflow (|g| ≳ 1e19) or fall into the
-    # subnormal range (|g| ≲ 1e-19): single sweep (K = 2, with a tail) and tiled loop (K = 5).
+    # subnormal range (|g| ≲ 1e-19): single sweeps (K = 2 and 8, with a tail) and tiled loop
+    # (K = 5).
     gen = torch.Generator().manual_seed(9)
     shapes = [(70001,), (300,), (1,)]
     shared = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]

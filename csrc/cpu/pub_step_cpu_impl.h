@@ -27,10 +27,15 @@ constexpr int64_t kTile = 256;
 // Sixteen lanes are four AVX2 registers: enough independent FMA chains to hide their latency.
 constexpr int kLanes = 16;
 
-// Lanes of the single-sweep Gram of K ≤ kMaxFixedTasks tasks: the products of eight elements
-// side by side (two AVX2 registers of float64 per Gram entry).
+// Lanes of the single-sweep Gram: the products of eight elements side by side (two AVX2
+// registers of float64 per Gram entry).
 constexpr int kGramLanes = 8;
-constexpr int kMaxFixedTasks = 4;
+// Task counts with a single-sweep Gram pass (float32 parameters, x86-64-v3): 2-4 and 8, the
+// ones whose apply pass has a single sweep too (K = 1 has no Gram pass); with Clippy 2-4 only
+// (a K = 8 sweep for each rule's Clippy variant would add a tenth to the kernels' build).
+constexpr bool single_sweep_tasks(int64_t K, bool clippy) {
+  return (K >= 2 && K <= 4) || (K == 8 && !clippy);
+}
 // Elements per lane summed in float32 before a single-sweep lane adds them to its float64 sum,
 // and the elements of such a block.
 constexpr int kGramBlock = 16;
@@ -272,7 +277,10 @@ struct GramKernel {
   // sweep computes the K task updates of an element and adds their products, the squared
   // gradients and Clippy's ratios into kGramLanes lanes (element j feeds lane j mod
   // kGramLanes), so loads and arithmetic interleave evenly and nothing goes through memory but
-  // the lanes. Adds the blocks' sums to Gp and Sq and takes the least Clippy ratio into mr.
+  // the lanes (up to K = 4 they stay in registers; at K = 8 the 36 product sums live in L1,
+  // which still beats a tile's stores and reloads of the updates: K = 8 Gram pass at P = 16M
+  // 69-79 -> 50 ms). Adds the blocks' sums to Gp and Sq and takes the least Clippy ratio into
+  // mr.
   template <int kK>
   PN_CPU_INLINE static void item_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
                          const T* mult, T wd, T lrel, T labs, double* Gp, double* Sq, T* mr) {
@@ -512,7 +520,7 @@ struct GramKernel {
           mult_scratch(static_cast<size_t>(nthreads) * K),
           lanes_scratch(static_cast<size_t>(nthreads * (K * K + K))) {}
 
-    // kFast: with the single-sweep loops of 2 ≤ K ≤ kMaxFixedTasks.
+    // kFast: with the single-sweep loops of the task counts single_sweep_tasks names.
     template <bool kFast>
     PN_CPU_INLINE void item(int64_t it) {
       const StepConfig& cfg = a.cfg;
@@ -538,17 +546,20 @@ struct GramKernel {
         else
           item_tiled(rule, tv, part, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
       };
-      // Whole blocks of 2-4 tasks in a single sweep, the rest of the item (fewer than
+      // Whole blocks of 2-4 or 8 tasks in a single sweep, the rest of the item (fewer than
       // kFixedBlock elements) in the tiled loop, first: the sweep adds its sums to the tail's.
       if constexpr (kFast && kFixedType) {
         const int64_t full = item.begin + (item.end - item.begin) / kFixedBlock * kFixedBlock;
-        if (full > item.begin && K >= 2 && K <= kMaxFixedTasks) {
+        if (full > item.begin && single_sweep_tasks(K, kClippy)) {
           if (full < item.end) tiled(Item{item.tensor, full, item.end});
           const Item head{item.tensor, item.begin, full};
           switch (K) {
             case 2: return item_fixed<2>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
             case 3: return item_fixed<3>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
-            default: return item_fixed<4>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
+            case 4: return item_fixed<4>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
+            default:
+              if constexpr (!kClippy)
+                return item_fixed<8>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
           }
         }
       }
