@@ -30,12 +30,6 @@ constexpr int kLanes = 16;
 // Lanes of the single-sweep Gram: the products of eight elements side by side (two AVX2
 // registers of float64 per Gram entry).
 constexpr int kGramLanes = 8;
-// Task counts with a single-sweep Gram pass (float32 parameters, x86-64-v3): 2-4 and 8, the
-// ones whose apply pass has a single sweep too (K = 1 has no Gram pass); with Clippy 2-4 only
-// (a K = 8 sweep for each rule's Clippy variant would add a tenth to the kernels' build).
-constexpr bool single_sweep_tasks(int64_t K, bool clippy) {
-  return (K >= 2 && K <= 4) || (K == 8 && !clippy);
-}
 // Elements per lane summed in float32 before a single-sweep lane adds them to its float64 sum,
 // and the elements of such a block.
 constexpr int kGramBlock = 16;
@@ -520,7 +514,7 @@ struct GramKernel {
           mult_scratch(static_cast<size_t>(nthreads) * K),
           lanes_scratch(static_cast<size_t>(nthreads * (K * K + K))) {}
 
-    // kFast: with the single-sweep loops of the task counts single_sweep_tasks names.
+    // kFast: with the single-sweep loops (float32 parameters, K = 2-4 and 8).
     template <bool kFast>
     PN_CPU_INLINE void item(int64_t it) {
       const StepConfig& cfg = a.cfg;
@@ -546,21 +540,26 @@ struct GramKernel {
         else
           item_tiled(rule, tv, part, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
       };
-      // Whole blocks of 2-4 or 8 tasks in a single sweep, the rest of the item (fewer than
-      // kFixedBlock elements) in the tiled loop, first: the sweep adds its sums to the tail's.
+      // Whole blocks of 2-4 or 8 tasks (the task counts whose apply pass has a single sweep
+      // too) in a single sweep, the rest of the item (fewer than kFixedBlock elements) in the
+      // tiled loop, first: the sweep adds its sums to the tail's. Every other case, and K = 8
+      // with Clippy (a K = 8 sweep for each rule's Clippy variant would add a tenth to the
+      // kernels' build), takes the tiled loop for the whole item.
       if constexpr (kFast && kFixedType) {
         const int64_t full = item.begin + (item.end - item.begin) / kFixedBlock * kFixedBlock;
-        if (full > item.begin && single_sweep_tasks(K, kClippy)) {
+        auto sweep = [&](auto kK) PN_CPU_LAMBDA_INLINE {
           if (full < item.end) tiled(Item{item.tensor, full, item.end});
-          const Item head{item.tensor, item.begin, full};
-          switch (K) {
-            case 2: return item_fixed<2>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
-            case 3: return item_fixed<3>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
-            case 4: return item_fixed<4>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
-            default:
-              if constexpr (!kClippy)
-                return item_fixed<8>(rule, tv, head, mult, wd, lrel, labs, Gp, Sq, mr);
-          }
+          item_fixed<decltype(kK)::value>(rule, tv, Item{item.tensor, item.begin, full}, mult,
+                                          wd, lrel, labs, Gp, Sq, mr);
+        };
+        if (full > item.begin) switch (K) {
+          case 2: return sweep(std::integral_constant<int, 2>{});
+          case 3: return sweep(std::integral_constant<int, 3>{});
+          case 4: return sweep(std::integral_constant<int, 4>{});
+          case 8:
+            if constexpr (!kClippy) return sweep(std::integral_constant<int, 8>{});
+            break;
+          default: break;
         }
       }
       tiled(item);
