@@ -99,8 +99,8 @@ PN_HD double relative_residual(const Team& tm, const double* a, const double* Ga
 // When lambda^2 / 2 <= stop_below the full step is taken and *done is set: inside the region of
 // quadratic convergence the full step is both feasible and a descent step.
 template <class Team>
-PN_HD int32_t newton_step(const Team& tm, Workspace& w, int64_t m, double stop_below,
-                          double* lambda2, bool* done) {
+PN_HD_CALLED int32_t newton_step(const Team& tm, Workspace& w, int64_t m, double stop_below,
+                                 double* lambda2, bool* done) {
   for (int64_t i = tm.rank(); i < m; i += tm.size()) w.g[i] = w.Ga[i] - 1.0 / w.a[i];
   for (int64_t i = tm.rank(); i < m; i += tm.size()) {
     for (int64_t j = 0; j <= i; ++j) w.H[i * m + j] = w.G[i * m + j];
@@ -143,7 +143,8 @@ PN_HD int32_t newton_step(const Team& tm, Workspace& w, int64_t m, double stop_b
 }
 
 template <class Team>
-PN_HD SolveOutcome newton_solve(const Team& tm, Workspace& w, int64_t m, const SolveOptions& o) {
+PN_HD_CALLED SolveOutcome newton_solve(const Team& tm, Workspace& w, int64_t m,
+                                       const SolveOptions& o) {
   SolveOutcome out;
   out.status = kMaxIter;
   for (int32_t it = 0; it < o.max_iter; ++it) {
@@ -207,7 +208,7 @@ constexpr double kPolishTol = 1e-12;
 // Solves the convex CCP subproblem  min c'x  s.t.  log x_i + log (G x)_i >= 0  by the log-barrier
 // method, from the strictly feasible w.x (with w.Gx = G x). Leaves the solution in w.x, w.Gx.
 template <class Team>
-PN_HD int32_t ccp_subproblem(const Team& tm, Workspace& w, int64_t m) {
+PN_HD_CALLED int32_t ccp_subproblem(const Team& tm, Workspace& w, int64_t m) {
   const double md = static_cast<double>(m);
   // The barrier problem's duality gap is m / t: stop once it is negligible next to |c'x|.
   double t = kBarrierStart * md / pn_max(pn_abs(team_dot(tm, w.c, w.x, m)), 1e-300);
@@ -308,7 +309,8 @@ PN_HD int32_t ccp_subproblem(const Team& tm, Workspace& w, int64_t m) {
 }
 
 template <class Team>
-PN_HD SolveOutcome ccp_solve(const Team& tm, Workspace& w, int64_t m, const SolveOptions& o) {
+PN_HD_CALLED SolveOutcome ccp_solve(const Team& tm, Workspace& w, int64_t m,
+                                    const SolveOptions& o) {
   SolveOutcome out;
   out.status = kMaxIter;
   for (int32_t it = 0; it < o.max_iter; ++it) {
