@@ -36,9 +36,12 @@ fi
 
 step "build (PUB_NATIVE_CUDA=ON)"
 t0=$SECONDS
-# Only the architecture of the device present, to keep the build short (default: 80-real;90).
-arch=$("$py" -c "import torch; c=torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print(f'{c[0]}{c[1]}' if c else '80-real;90')")
-if PUB_NATIVE_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$arch" \
+# The default architectures (sm_80, sm_90, compute_80 PTX: what a user's build gets) on an
+# Ampere or Hopper device; on any other, only the device's own, so nothing is JIT-compiled.
+arch=$("$py" -c "import torch; c=torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print('default' if c is None or c[0] in (8, 9) else f'{c[0]}{c[1]}')")
+cmake_args=""
+[ "$arch" = default ] || cmake_args="-DCMAKE_CUDA_ARCHITECTURES=$arch"
+if PUB_NATIVE_CUDA=ON CMAKE_ARGS="$cmake_args" \
     "$py" -m pip install -q --no-build-isolation --no-deps -e . ; then
   echo "built in $((SECONDS - t0)) s for CUDA architectures $arch"
 else
