@@ -36,10 +36,11 @@ fi
 
 step "build (PUB_NATIVE_CUDA=ON)"
 t0=$SECONDS
-# The default architectures (sm_80, sm_90, compute_80 PTX: what a user's build gets) on an
-# Ampere or Hopper device; on any other, only the device's own, so nothing is JIT-compiled.
+# The default architectures (sm_80, sm_90, compute_80 PTX: what a user's build gets) on a device
+# of compute capability 8.x or 9.0, whose machine code they hold; on any other, only the
+# device's own, so nothing is JIT-compiled. An empty value resets one cached by an earlier build.
 arch=$("$py" -c "import torch; c=torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print('default' if c is None or c[0] in (8, 9) else f'{c[0]}{c[1]}')")
-cmake_args=""
+cmake_args="-DCMAKE_CUDA_ARCHITECTURES="
 [ "$arch" = default ] || cmake_args="-DCMAKE_CUDA_ARCHITECTURES=$arch"
 if PUB_NATIVE_CUDA=ON CMAKE_ARGS="$cmake_args" \
     "$py" -m pip install -q --no-build-isolation --no-deps -e . ; then
