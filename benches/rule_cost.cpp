@@ -71,7 +71,7 @@ V3 void sqrt_rcp(const float* g, const float* m0, const float* v0, float* u, lon
 int main() {
   const long n = 2048;
   const int reps = 200000;
-  std::vector<float> g(n), m(n), v(n), u(n), u2(n);
+  std::vector<float> g(n), m(n), v(n);
   for (long j = 0; j < n; ++j) {
     g[j] = std::sin(static_cast<float>(j) * 0.37f) * 1e-3f * static_cast<float>(1 + j % 7);
     m[j] = std::cos(static_cast<float>(j) * 0.11f) * 1e-4f;
@@ -81,7 +81,7 @@ int main() {
   typedef void (*Variant)(const float*, const float*, const float*, float*, long, Hyper);
   const Variant variants[3] = {exact, estimated, sqrt_rcp};
   const char* names[3] = {"exact", "estimated", "sqrt+rcp"};
-  std::vector<float> out[3] = {u, u, u};
+  std::vector<std::vector<float>> out(3, std::vector<float>(n));
   for (int round = 0; round < 3; ++round) {
     for (int which = 0; which < 3; ++which) {
       const auto t0 = std::chrono::steady_clock::now();
