@@ -2,7 +2,8 @@
 // with m and v advanced by the gradient), on data that stays in L1, one thread: IEEE division
 // and square root ("exact"); hardware reciprocal and reciprocal-square-root estimates refined by
 // one Newton step each ("estimated"); an IEEE square root and a reciprocal estimate refined by
-// one Newton step ("sqrt+rcp"); and the largest relative difference of each from "exact".
+// one Newton step ("sqrt+rcp"); the same with the divisors the estimate gets wrong sent to the
+// IEEE division ("safe"); and the largest relative difference of each from "exact".
 // Standalone:
 //
 //   g++ -O2 -fno-math-errno -fopenmp-simd benches/rule_cost.cpp -o /tmp/rule_cost && /tmp/rule_cost
@@ -68,6 +69,34 @@ V3 void sqrt_rcp(const float* g, const float* m0, const float* v0, float* u, lon
   }
 }
 
+// sqrt+rcp made safe: divisors outside [2⁻¹²⁵, 2¹²⁵] (0, subnormal, huge, Inf, NaN), where the
+// estimate and its Newton step go wrong (rcp(Inf) then a Newton step gives NaN, IEEE gives 0),
+// take the IEEE division; a branch per eight elements, never taken here.
+V3 void sqrt_rcp_safe(const float* g, const float* m0, const float* v0, float* u, long n,
+                      Hyper h) {
+  const __m256 b1 = _mm256_set1_ps(h.one_minus_beta1), b2 = _mm256_set1_ps(h.beta2);
+  const __m256 b2c = _mm256_set1_ps(h.one_minus_beta2), c = _mm256_set1_ps(h.c);
+  const __m256 eps = _mm256_set1_ps(h.eps), s = _mm256_set1_ps(h.s);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 lo = _mm256_set1_ps(0x1p-125f), hi = _mm256_set1_ps(0x1p125f);
+  for (long j = 0; j + 8 <= n; j += 8) {
+    const __m256 gg = _mm256_loadu_ps(g + j), mm = _mm256_loadu_ps(m0 + j);
+    const __m256 vv = _mm256_loadu_ps(v0 + j);
+    const __m256 m = _mm256_fmadd_ps(_mm256_sub_ps(gg, mm), b1, mm);
+    const __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(b2c, gg), gg, _mm256_mul_ps(vv, b2));
+    const __m256 d = _mm256_fmadd_ps(_mm256_sqrt_ps(v), c, eps);
+    const __m256 q0 = _mm256_rcp_ps(d);
+    const __m256 q = _mm256_fmadd_ps(q0, _mm256_fnmadd_ps(d, q0, one), q0);
+    const __m256 num = _mm256_mul_ps(s, m);
+    __m256 out = _mm256_mul_ps(num, q);
+    const __m256 ok =
+        _mm256_and_ps(_mm256_cmp_ps(d, lo, _CMP_GE_OQ), _mm256_cmp_ps(d, hi, _CMP_LE_OQ));
+    if (__builtin_expect(_mm256_movemask_ps(ok) != 0xFF, 0))
+      out = _mm256_blendv_ps(_mm256_div_ps(num, d), out, ok);
+    _mm256_storeu_ps(u + j, out);
+  }
+}
+
 int main() {
   const long n = 2048;
   const int reps = 200000;
@@ -79,11 +108,11 @@ int main() {
   }
   const Hyper h{1e-3f, 0.1f, 0.999f, 0.001f, 31.6f, 1e-8f};
   typedef void (*Variant)(const float*, const float*, const float*, float*, long, Hyper);
-  const Variant variants[3] = {exact, estimated, sqrt_rcp};
-  const char* names[3] = {"exact", "estimated", "sqrt+rcp"};
-  std::vector<std::vector<float>> out(3, std::vector<float>(n));
+  const Variant variants[4] = {exact, estimated, sqrt_rcp, sqrt_rcp_safe};
+  const char* names[4] = {"exact", "estimated", "sqrt+rcp", "safe"};
+  std::vector<std::vector<float>> out(4, std::vector<float>(n));
   for (int round = 0; round < 3; ++round) {
-    for (int which = 0; which < 3; ++which) {
+    for (int which = 0; which < 4; ++which) {
       const auto t0 = std::chrono::steady_clock::now();
       for (int it = 0; it < reps; ++it)
         variants[which](g.data(), m.data(), v.data(), out[which].data(), n, h);
@@ -93,7 +122,7 @@ int main() {
                   dt / (static_cast<double>(reps) * n) * 1e9);
     }
   }
-  for (int which = 1; which < 3; ++which) {
+  for (int which = 1; which < 4; ++which) {
     double worst = 0.0;
     for (long j = 0; j < n; ++j)
       worst = std::fmax(worst, std::fabs(static_cast<double>(out[which][j]) - out[0][j]) /
