@@ -3,7 +3,8 @@
 // and square root ("exact"); hardware reciprocal and reciprocal-square-root estimates refined by
 // one Newton step each ("estimated"); an IEEE square root and a reciprocal estimate refined by
 // one Newton step ("sqrt+rcp"); the same with the divisors the estimate gets wrong sent to the
-// IEEE division ("safe"); and the largest relative difference of each from "exact".
+// IEEE division ("safe rcp"); a safe reciprocal-square-root estimate with IEEE division ("safe
+// rsqrt"); and the largest relative difference of each from "exact".
 // Standalone:
 //
 //   g++ -O2 -fno-math-errno -fopenmp-simd benches/rule_cost.cpp -o /tmp/rule_cost && /tmp/rule_cost
@@ -97,6 +98,31 @@ V3 void sqrt_rcp_safe(const float* g, const float* m0, const float* v0, float* u
   }
 }
 
+// A reciprocal-square-root estimate made safe, and IEEE division ("safe rsqrt"): x = v·2²⁴ (a
+// subnormal v becomes normal), the estimate r of 1/sqrt(max(2⁻¹²⁶, x)) (v = 0 gives 0), one Newton
+// step of the square root x·r, the 2⁻¹² folded into c. v > 2¹⁰⁴, Inf and NaN give NaN, which a
+// kernel would have to catch and compute again.
+V3 void rsqrt_safe(const float* g, const float* m0, const float* v0, float* u, long n, Hyper h) {
+  const __m256 b1 = _mm256_set1_ps(h.one_minus_beta1), b2 = _mm256_set1_ps(h.beta2);
+  const __m256 b2c = _mm256_set1_ps(h.one_minus_beta2), c = _mm256_set1_ps(h.c * 0x1p-12f);
+  const __m256 eps = _mm256_set1_ps(h.eps), s = _mm256_set1_ps(h.s);
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 up = _mm256_set1_ps(0x1p24f), tiny = _mm256_set1_ps(0x1p-126f);
+  for (long j = 0; j + 8 <= n; j += 8) {
+    const __m256 gg = _mm256_loadu_ps(g + j), mm = _mm256_loadu_ps(m0 + j);
+    const __m256 vv = _mm256_loadu_ps(v0 + j);
+    const __m256 m = _mm256_fmadd_ps(_mm256_sub_ps(gg, mm), b1, mm);
+    const __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(b2c, gg), gg, _mm256_mul_ps(vv, b2));
+    const __m256 x = _mm256_mul_ps(v, up);
+    const __m256 r = _mm256_rsqrt_ps(_mm256_max_ps(tiny, x));
+    const __m256 s0 = _mm256_mul_ps(x, r);
+    const __m256 e = _mm256_fnmadd_ps(s0, r, one);
+    const __m256 sq = _mm256_fmadd_ps(_mm256_mul_ps(half, s0), e, s0);
+    const __m256 d = _mm256_fmadd_ps(sq, c, eps);
+    _mm256_storeu_ps(u + j, _mm256_div_ps(_mm256_mul_ps(s, m), d));
+  }
+}
+
 int main() {
   const long n = 2048;
   const int reps = 200000;
@@ -108,26 +134,26 @@ int main() {
   }
   const Hyper h{1e-3f, 0.1f, 0.999f, 0.001f, 31.6f, 1e-8f};
   typedef void (*Variant)(const float*, const float*, const float*, float*, long, Hyper);
-  const Variant variants[4] = {exact, estimated, sqrt_rcp, sqrt_rcp_safe};
-  const char* names[4] = {"exact", "estimated", "sqrt+rcp", "safe"};
-  std::vector<std::vector<float>> out(4, std::vector<float>(n));
+  const Variant variants[5] = {exact, estimated, sqrt_rcp, sqrt_rcp_safe, rsqrt_safe};
+  const char* names[5] = {"exact", "estimated", "sqrt+rcp", "safe rcp", "safe rsqrt"};
+  std::vector<std::vector<float>> out(5, std::vector<float>(n));
   for (int round = 0; round < 3; ++round) {
-    for (int which = 0; which < 4; ++which) {
+    for (int which = 0; which < 5; ++which) {
       const auto t0 = std::chrono::steady_clock::now();
       for (int it = 0; it < reps; ++it)
         variants[which](g.data(), m.data(), v.data(), out[which].data(), n, h);
       const auto t1 = std::chrono::steady_clock::now();
       const double dt = std::chrono::duration<double>(t1 - t0).count();
-      std::printf("%-9s %.3f ns per element\n", names[which],
+      std::printf("%-10s %.3f ns per element\n", names[which],
                   dt / (static_cast<double>(reps) * n) * 1e9);
     }
   }
-  for (int which = 1; which < 4; ++which) {
+  for (int which = 1; which < 5; ++which) {
     double worst = 0.0;
     for (long j = 0; j < n; ++j)
       worst = std::fmax(worst, std::fabs(static_cast<double>(out[which][j]) - out[0][j]) /
                                    std::fabs(out[0][j]));
-    std::printf("%-9s largest relative difference from exact %.3g (%.1f float32 ulp)\n",
+    std::printf("%-10s largest relative difference from exact %.3g (%.1f float32 ulp)\n",
                 names[which], worst, worst / 5.96e-8);
   }
   return 0;
