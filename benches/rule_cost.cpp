@@ -18,9 +18,30 @@
 #include <vector>
 
 #define V3 __attribute__((target("arch=x86-64-v3"), noinline))
+#define V3_INLINE __attribute__((target("arch=x86-64-v3"), always_inline)) inline
 
 struct Hyper {
   float s, one_minus_beta1, beta2, one_minus_beta2, c, eps;
+};
+
+// What the AVX2 variants share: the hyper-parameters in vectors, and the moments m and v of
+// eight elements advanced by their gradients.
+struct Avx2Adam {
+  __m256 b1, b2, b2c, c, eps, s;
+  V3_INLINE explicit Avx2Adam(const Hyper& h, float c_scale = 1.0f)
+      : b1(_mm256_set1_ps(h.one_minus_beta1)),
+        b2(_mm256_set1_ps(h.beta2)),
+        b2c(_mm256_set1_ps(h.one_minus_beta2)),
+        c(_mm256_set1_ps(h.c * c_scale)),
+        eps(_mm256_set1_ps(h.eps)),
+        s(_mm256_set1_ps(h.s)) {}
+  V3_INLINE void moments(const float* g, const float* m0, const float* v0, long j, __m256& m,
+                         __m256& v) const {
+    const __m256 gg = _mm256_loadu_ps(g + j), mm = _mm256_loadu_ps(m0 + j);
+    const __m256 vv = _mm256_loadu_ps(v0 + j);
+    m = _mm256_fmadd_ps(_mm256_sub_ps(gg, mm), b1, mm);
+    v = _mm256_fmadd_ps(_mm256_mul_ps(b2c, gg), gg, _mm256_mul_ps(vv, b2));
+  }
 };
 
 V3 void exact(const float* g, const float* m0, const float* v0, float* u, long n, Hyper h) {
@@ -33,40 +54,32 @@ V3 void exact(const float* g, const float* m0, const float* v0, float* u, long n
 }
 
 V3 void estimated(const float* g, const float* m0, const float* v0, float* u, long n, Hyper h) {
-  const __m256 b1 = _mm256_set1_ps(h.one_minus_beta1), b2 = _mm256_set1_ps(h.beta2);
-  const __m256 b2c = _mm256_set1_ps(h.one_minus_beta2), c = _mm256_set1_ps(h.c);
-  const __m256 eps = _mm256_set1_ps(h.eps), s = _mm256_set1_ps(h.s);
+  const Avx2Adam a(h);
   const __m256 half = _mm256_set1_ps(0.5f), three = _mm256_set1_ps(3.0f);
   const __m256 two = _mm256_set1_ps(2.0f), tiny = _mm256_set1_ps(1.17549435e-38f);
   for (long j = 0; j + 8 <= n; j += 8) {
-    const __m256 gg = _mm256_loadu_ps(g + j), mm = _mm256_loadu_ps(m0 + j);
-    const __m256 vv = _mm256_loadu_ps(v0 + j);
-    const __m256 m = _mm256_fmadd_ps(_mm256_sub_ps(gg, mm), b1, mm);
-    const __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(b2c, gg), gg, _mm256_mul_ps(vv, b2));
+    __m256 m, v;
+    a.moments(g, m0, v0, j, m, v);
     const __m256 vm = _mm256_max_ps(v, tiny);
     __m256 r = _mm256_rsqrt_ps(vm);  // 1/sqrt(v), then r·(3 − v·r²)/2
     r = _mm256_mul_ps(_mm256_mul_ps(half, r), _mm256_fnmadd_ps(_mm256_mul_ps(vm, r), r, three));
-    const __m256 d = _mm256_fmadd_ps(_mm256_mul_ps(v, r), c, eps);  // sqrt(v)·c + ε
-    __m256 q = _mm256_rcp_ps(d);                                    // 1/d, then q·(2 − d·q)
+    const __m256 d = _mm256_fmadd_ps(_mm256_mul_ps(v, r), a.c, a.eps);  // sqrt(v)·c + ε
+    __m256 q = _mm256_rcp_ps(d);  // 1/d, then q·(2 − d·q)
     q = _mm256_mul_ps(q, _mm256_fnmadd_ps(d, q, two));
-    _mm256_storeu_ps(u + j, _mm256_mul_ps(_mm256_mul_ps(s, m), q));
+    _mm256_storeu_ps(u + j, _mm256_mul_ps(_mm256_mul_ps(a.s, m), q));
   }
 }
 
 V3 void sqrt_rcp(const float* g, const float* m0, const float* v0, float* u, long n, Hyper h) {
-  const __m256 b1 = _mm256_set1_ps(h.one_minus_beta1), b2 = _mm256_set1_ps(h.beta2);
-  const __m256 b2c = _mm256_set1_ps(h.one_minus_beta2), c = _mm256_set1_ps(h.c);
-  const __m256 eps = _mm256_set1_ps(h.eps), s = _mm256_set1_ps(h.s);
+  const Avx2Adam a(h);
   const __m256 one = _mm256_set1_ps(1.0f);
   for (long j = 0; j + 8 <= n; j += 8) {
-    const __m256 gg = _mm256_loadu_ps(g + j), mm = _mm256_loadu_ps(m0 + j);
-    const __m256 vv = _mm256_loadu_ps(v0 + j);
-    const __m256 m = _mm256_fmadd_ps(_mm256_sub_ps(gg, mm), b1, mm);
-    const __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(b2c, gg), gg, _mm256_mul_ps(vv, b2));
-    const __m256 d = _mm256_fmadd_ps(_mm256_sqrt_ps(v), c, eps);  // sqrt(v)·c + ε
-    const __m256 q0 = _mm256_rcp_ps(d);                           // 1/d, then q + q·(1 − d·q)
+    __m256 m, v;
+    a.moments(g, m0, v0, j, m, v);
+    const __m256 d = _mm256_fmadd_ps(_mm256_sqrt_ps(v), a.c, a.eps);  // sqrt(v)·c + ε
+    const __m256 q0 = _mm256_rcp_ps(d);  // 1/d, then q + q·(1 − d·q)
     const __m256 q = _mm256_fmadd_ps(q0, _mm256_fnmadd_ps(d, q0, one), q0);
-    _mm256_storeu_ps(u + j, _mm256_mul_ps(_mm256_mul_ps(s, m), q));
+    _mm256_storeu_ps(u + j, _mm256_mul_ps(_mm256_mul_ps(a.s, m), q));
   }
 }
 
@@ -75,20 +88,16 @@ V3 void sqrt_rcp(const float* g, const float* m0, const float* v0, float* u, lon
 // take the IEEE division; a branch per eight elements, never taken here.
 V3 void sqrt_rcp_safe(const float* g, const float* m0, const float* v0, float* u, long n,
                       Hyper h) {
-  const __m256 b1 = _mm256_set1_ps(h.one_minus_beta1), b2 = _mm256_set1_ps(h.beta2);
-  const __m256 b2c = _mm256_set1_ps(h.one_minus_beta2), c = _mm256_set1_ps(h.c);
-  const __m256 eps = _mm256_set1_ps(h.eps), s = _mm256_set1_ps(h.s);
+  const Avx2Adam a(h);
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 lo = _mm256_set1_ps(0x1p-125f), hi = _mm256_set1_ps(0x1p125f);
   for (long j = 0; j + 8 <= n; j += 8) {
-    const __m256 gg = _mm256_loadu_ps(g + j), mm = _mm256_loadu_ps(m0 + j);
-    const __m256 vv = _mm256_loadu_ps(v0 + j);
-    const __m256 m = _mm256_fmadd_ps(_mm256_sub_ps(gg, mm), b1, mm);
-    const __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(b2c, gg), gg, _mm256_mul_ps(vv, b2));
-    const __m256 d = _mm256_fmadd_ps(_mm256_sqrt_ps(v), c, eps);
+    __m256 m, v;
+    a.moments(g, m0, v0, j, m, v);
+    const __m256 d = _mm256_fmadd_ps(_mm256_sqrt_ps(v), a.c, a.eps);
     const __m256 q0 = _mm256_rcp_ps(d);
     const __m256 q = _mm256_fmadd_ps(q0, _mm256_fnmadd_ps(d, q0, one), q0);
-    const __m256 num = _mm256_mul_ps(s, m);
+    const __m256 num = _mm256_mul_ps(a.s, m);
     __m256 out = _mm256_mul_ps(num, q);
     const __m256 ok =
         _mm256_and_ps(_mm256_cmp_ps(d, lo, _CMP_GE_OQ), _mm256_cmp_ps(d, hi, _CMP_LE_OQ));
@@ -103,23 +112,19 @@ V3 void sqrt_rcp_safe(const float* g, const float* m0, const float* v0, float* u
 // step of the square root x·r, the 2⁻¹² folded into c. v > 2¹⁰⁴, Inf and NaN give NaN, which a
 // kernel would have to catch and compute again.
 V3 void rsqrt_safe(const float* g, const float* m0, const float* v0, float* u, long n, Hyper h) {
-  const __m256 b1 = _mm256_set1_ps(h.one_minus_beta1), b2 = _mm256_set1_ps(h.beta2);
-  const __m256 b2c = _mm256_set1_ps(h.one_minus_beta2), c = _mm256_set1_ps(h.c * 0x1p-12f);
-  const __m256 eps = _mm256_set1_ps(h.eps), s = _mm256_set1_ps(h.s);
+  const Avx2Adam a(h, 0x1p-12f);  // the 2⁻¹² of the scaled square root
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
   const __m256 up = _mm256_set1_ps(0x1p24f), tiny = _mm256_set1_ps(0x1p-126f);
   for (long j = 0; j + 8 <= n; j += 8) {
-    const __m256 gg = _mm256_loadu_ps(g + j), mm = _mm256_loadu_ps(m0 + j);
-    const __m256 vv = _mm256_loadu_ps(v0 + j);
-    const __m256 m = _mm256_fmadd_ps(_mm256_sub_ps(gg, mm), b1, mm);
-    const __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(b2c, gg), gg, _mm256_mul_ps(vv, b2));
+    __m256 m, v;
+    a.moments(g, m0, v0, j, m, v);
     const __m256 x = _mm256_mul_ps(v, up);
     const __m256 r = _mm256_rsqrt_ps(_mm256_max_ps(tiny, x));
     const __m256 s0 = _mm256_mul_ps(x, r);
     const __m256 e = _mm256_fnmadd_ps(s0, r, one);
     const __m256 sq = _mm256_fmadd_ps(_mm256_mul_ps(half, s0), e, s0);
-    const __m256 d = _mm256_fmadd_ps(sq, c, eps);
-    _mm256_storeu_ps(u + j, _mm256_div_ps(_mm256_mul_ps(s, m), d));
+    const __m256 d = _mm256_fmadd_ps(sq, a.c, a.eps);
+    _mm256_storeu_ps(u + j, _mm256_div_ps(_mm256_mul_ps(a.s, m), d));
   }
 }
 
