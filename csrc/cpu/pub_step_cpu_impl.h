@@ -278,10 +278,81 @@ struct GramKernel {
   // sweep computes the K task updates of an element and adds their products, the squared
   // gradients and Clippy's ratios into kGramLanes lanes (element j feeds lane j mod
   // kGramLanes), so loads and arithmetic interleave evenly and nothing goes through memory but
-  // the lanes (up to K = 4 they stay in registers; at K = 8 the 36 product sums live in L1,
-  // which still beats a tile's stores and reloads of the updates: K = 8 Gram pass at P = 16M
-  // 69-79 -> 50 ms). Adds the blocks' sums to Gp and Sq and takes the least Clippy ratio into
-  // mr.
+  // the lanes (up to K = 4 they stay in registers; at K = 8 the sweep stores the block's
+  // updates, 4 KiB, and products_tiled sums them: K = 8 Gram pass at P = 16M 69-79 ms with
+  // 256-element tiles, 50 ms with the 36 sums in L1, 5% less with products_tiled). Adds the
+  // blocks' sums to Gp and Sq and takes the least Clippy ratio into mr.
+  // pa[p] += Σ_t u_i,t · u_k,t over the kGramBlock vectors t of a block's updates ub, for the
+  // 36 pairs p = (i, k ≤ i) of 8 tasks, in tiles whose sums stay in registers: rows 0-3 and
+  // 4-7 with themselves (10 sums each), rows 4-5 and 6-7 with columns 0-3 (8 each). Each sum
+  // takes its terms in the order t = 0, 1, ..., as pa[p][l] += u_i·u_k does in the sweep.
+  PN_CPU_INLINE static void products_tiled(const T (&ub)[kGramBlock][8][kGramLanes],
+                                           T (&pa)[36][kGramLanes]) {
+#if defined(__GNUC__)
+    typedef float f8 __attribute__((vector_size(32)));
+    auto load = [&](int t, int i) PN_CPU_LAMBDA_INLINE {
+      f8 x;
+      __builtin_memcpy(&x, ub[t][i], sizeof x);
+      return x;
+    };
+    auto add = [&](int i, int k, f8 x) PN_CPU_LAMBDA_INLINE {
+      T* dst = pa[i * (i + 1) / 2 + k];
+      f8 y;
+      __builtin_memcpy(&y, dst, sizeof y);
+      y += x;
+      __builtin_memcpy(dst, &y, sizeof y);
+    };
+    // Lower triangle of rows and columns r0..r0+3.
+    auto diagonal = [&](int r0) PN_CPU_LAMBDA_INLINE {
+      f8 s[10] = {};
+      for (int t = 0; t < kGramBlock; ++t) {
+        const f8 a0 = load(t, r0), a1 = load(t, r0 + 1), a2 = load(t, r0 + 2),
+                 a3 = load(t, r0 + 3);
+        s[0] += a0 * a0;
+        s[1] += a1 * a0;
+        s[2] += a1 * a1;
+        s[3] += a2 * a0;
+        s[4] += a2 * a1;
+        s[5] += a2 * a2;
+        s[6] += a3 * a0;
+        s[7] += a3 * a1;
+        s[8] += a3 * a2;
+        s[9] += a3 * a3;
+      }
+      int q = 0;
+      for (int i = 0; i < 4; ++i)
+        for (int k = 0; k <= i; ++k) add(r0 + i, r0 + k, s[q++]);
+    };
+    // Rows r0, r0+1 against columns 0-3.
+    auto off = [&](int r0) PN_CPU_LAMBDA_INLINE {
+      f8 s[8] = {};
+      for (int t = 0; t < kGramBlock; ++t) {
+        const f8 a0 = load(t, r0), a1 = load(t, r0 + 1);
+        for (int k = 0; k < 4; ++k) {
+          const f8 b = load(t, k);
+          s[k] += a0 * b;
+          s[4 + k] += a1 * b;
+        }
+      }
+      for (int k = 0; k < 4; ++k) {
+        add(r0, k, s[k]);
+        add(r0 + 1, k, s[4 + k]);
+      }
+    };
+    diagonal(0);
+    diagonal(4);
+    off(4);
+    off(6);
+#else
+    for (int t = 0; t < kGramBlock; ++t) {
+      int p = 0;
+      for (int i = 0; i < 8; ++i)
+        for (int k = 0; k <= i; ++k, ++p)
+          for (int l = 0; l < kGramLanes; ++l) pa[p][l] += ub[t][i][l] * ub[t][k][l];
+    }
+#endif
+  }
+
   template <int kK>
   PN_CPU_INLINE static void item_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
                          const T* mult, T wd, T lrel, T labs, double* Gp, double* Sq, T* mr) {
@@ -303,9 +374,16 @@ struct GramKernel {
       so[i] = i * tv.state_stride;
     }
     const Tp* param = static_cast<const Tp*>(tv.param);
+    // At K = 8 the 36 product sums do not fit in registers: the sweep stores a block's updates
+    // (16 × 8 tasks × 8 lanes, 4 KiB) and products_tiled sums tiles of products from them in
+    // registers, each in the order the sweep would (the same bits; in L2, P = 64K, one thread:
+    // Gram pass 0.263 -> 0.248 ms, where a load, an FMA and a store per product and element
+    // group were bound by the stores).
+    constexpr bool kTiledProducts = kK == 8;
+    T ub[kTiledProducts ? kGramBlock : 1][kK][W];
     // The task updates of element j; their products and squared gradients go to lane l of the
     // float32 block sums `pa` and `qa`.
-    auto element = [&](int64_t j, int l, T (&pa)[kPairs][W], T (&qa)[kK][W])
+    auto element = [&](int64_t j, int l, T (&pa)[kPairs][W], T (&qa)[kK][W], T (&ut)[kK][W])
                        PN_CPU_LAMBDA_INLINE {
       T theta = T(0);
       if constexpr (kTheta) theta = to_math<T>(param[j]);
@@ -326,11 +404,15 @@ struct GramKernel {
           lo[i][l] = r < lo[i][l] ? r : lo[i][l];
         }
       });
-      unroll<kPairs>([&](auto P) PN_CPU_LAMBDA_INLINE {
-        constexpr int p = decltype(P)::value;
-        constexpr int i = pair_row(p), k = p - i * (i + 1) / 2;
-        pa[p][l] += u[i] * u[k];
-      });
+      if constexpr (kTiledProducts) {
+        unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE { ut[decltype(I)::value][l] = u[I]; });
+      } else {
+        unroll<kPairs>([&](auto P) PN_CPU_LAMBDA_INLINE {
+          constexpr int p = decltype(P)::value;
+          constexpr int i = pair_row(p), k = p - i * (i + 1) / 2;
+          pa[p][l] += u[i] * u[k];
+        });
+      }
     };
     // Blocks of kGramBlock elements per lane: each float32 sum takes at most kGramBlock
     // products, as in add_tile_products (the same error bound), before its float64 lane does.
@@ -340,9 +422,11 @@ struct GramKernel {
       // Not unrolled: sixteen copies of the body would lengthen the build for nothing.
 #pragma GCC unroll 1
       for (int64_t j0 = b0; j0 < b0 + kFixedBlock; j0 += W) {
+        T (&ut)[kK][W] = ub[kTiledProducts ? (j0 - b0) / W : 0];
 #pragma omp simd
-        for (int l = 0; l < W; ++l) element(j0 + l, l, pa, qa);
+        for (int l = 0; l < W; ++l) element(j0 + l, l, pa, qa, ut);
       }
+      if constexpr (kTiledProducts) products_tiled(ub, pa);
       for (int p = 0; p < kPairs; ++p)
         for (int l = 0; l < W; ++l) acc[p][l] += static_cast<double>(pa[p][l]);
       // ‖g_i‖²: float32 squares serve when every lane's sum is a normal number well above the
