@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from conftest import BF16, F32, F64, TOL
-from helpers import assert_close
+from helpers import Problem, assert_close, assert_states_close, run_pub
 
 import pub_native
 
@@ -134,3 +134,19 @@ def test_step_gradient_norms_at_every_float32_magnitude(k, scale):
                          for task in dirs])
     got = opt.stats["task_grad_norms"]
     assert ((got - exact).abs() <= 1e-6 * exact).all(), (scale, got, exact)  # each task alone
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=["f32", "bf16", "f64"])
+def test_task_rows_span_an_odd_number_of_cache_lines(dtype):
+    # A row length of a power of two would put element j of every task row into one cache set
+    # (eight rows overflow its eight ways); the optimizer pads its rows to an odd number of
+    # 64-byte lines, and the padded rows give the reference's step.
+    problem = Problem([(64, 64), (32, 32)], 8, dtype=dtype, seed=17)  # 5120 = 5·2^10 elements
+    twin = problem.clone()
+    opt = run_pub(pub_native.Adam, problem, 3)
+    ref = run_pub(pub_native.Adam, twin, 3, backend="reference")
+    line = 64 // torch.empty((), dtype=dtype).element_size()
+    rows = opt._grads.row_length
+    assert rows >= 5120 and rows % line == 0 and (rows // line) % 2 == 1, rows
+    assert opt._grads.buffer.stride(0) == rows
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", dtype)])
