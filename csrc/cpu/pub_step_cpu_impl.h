@@ -274,14 +274,6 @@ struct GramKernel {
   // vectorizing; bfloat16 and float64 would double the build time of these files).
   static constexpr bool kFixedType = std::is_same_v<Tp, float>;
 
-  // Whole blocks (kFixedBlock elements each) of an item with K known at compile time: a single
-  // sweep computes the K task updates of an element and adds their products, the squared
-  // gradients and Clippy's ratios into kGramLanes lanes (element j feeds lane j mod
-  // kGramLanes), so loads and arithmetic interleave evenly and nothing goes through memory but
-  // the lanes (up to K = 4 they stay in registers; at K = 8 the sweep stores the block's
-  // updates, 4 KiB, and products_tiled sums them: K = 8 Gram pass at P = 16M 69-79 ms with
-  // 256-element tiles, 50 ms with the 36 sums in L1, 5% less with products_tiled). Adds the
-  // blocks' sums to Gp and Sq and takes the least Clippy ratio into mr.
   // pa[p] += Σ_t u_i,t · u_k,t over the kGramBlock vectors t of a block's updates ub, for the
   // 36 pairs p = (i, k ≤ i) of 8 tasks, in tiles whose sums stay in registers: rows 0-3 and
   // 4-7 with themselves (10 sums each), rows 4-5 and 6-7 with columns 0-3 (8 each). Each sum
@@ -353,6 +345,14 @@ struct GramKernel {
 #endif
   }
 
+  // Whole blocks (kFixedBlock elements each) of an item with K known at compile time: a single
+  // sweep computes the K task updates of an element and adds their products, the squared
+  // gradients and Clippy's ratios into kGramLanes lanes (element j feeds lane j mod
+  // kGramLanes), so loads and arithmetic interleave evenly and nothing goes through memory but
+  // the lanes (up to K = 4 they stay in registers; at K = 8 the sweep stores the block's
+  // updates, 4 KiB, and products_tiled sums them: K = 8 Gram pass at P = 16M 69-79 ms with
+  // 256-element tiles, 50 ms with the 36 sums in L1; in L2, products_tiled takes 5% off the
+  // latter). Adds the blocks' sums to Gp and Sq and takes the least Clippy ratio into mr.
   template <int kK>
   PN_CPU_INLINE static void item_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
                          const T* mult, T wd, T lrel, T labs, double* Gp, double* Sq, T* mr) {
