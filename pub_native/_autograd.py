@@ -227,7 +227,7 @@ class TaskGradients:
     """
 
     def __init__(self, shared: list[torch.Tensor], k: int, with_sum: bool = False,
-                 row_length: int | None = None):
+                 row_length: int | None = None, pad_rows: bool = False):
         self.params = shared
         self.k = k
         self.with_sum = with_sum
@@ -252,9 +252,14 @@ class TaskGradients:
         self.device = shared[0].device if shared else torch.device("cpu")
         # With a sum row (row K): Σ_i g_i, which the optimizers expose as the shared parameters'
         # .grad (see PUBOptimizer.backward).
-        # Rows may be padded past P (to equal shards under data parallelism, or to
-        # padded_row_length for the native kernels).
-        self.row_length = self.size if row_length is None else max(row_length, self.size)
+        # Rows may be padded past P: to row_length (equal shards under data parallelism), or,
+        # with pad_rows, to an odd number of cache lines for the native kernels.
+        if row_length is not None:
+            self.row_length = max(row_length, self.size)
+        elif pad_rows:
+            self.row_length = padded_row_length(self.size, self.dtype)
+        else:
+            self.row_length = self.size
         self.buffer = torch.zeros((k + int(with_sum), self.row_length), dtype=self.dtype,
                                   device=self.device)
         self.sum_version: int | None = None  # buffer._version when the sum row was formed

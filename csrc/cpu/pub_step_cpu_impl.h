@@ -80,6 +80,15 @@ PN_CPU_INLINE int square_sum_bad(float q) {
 }
 
 #if defined(__GNUC__)
+// Eight floats, one AVX2 register in the x86-64-v3 code, and their unaligned load and store.
+typedef float f8 __attribute__((vector_size(32)));
+PN_CPU_INLINE f8 load8(const float* p) {
+  f8 x;
+  __builtin_memcpy(&x, p, sizeof x);
+  return x;
+}
+PN_CPU_INLINE void store8(float* p, f8 x) { __builtin_memcpy(p, &x, sizeof x); }
+
 // kLanes float64 sums held in four 4-wide vectors, so that they stay in registers at any
 // optimization level: lane l takes the terms of the elements j ≡ l (mod kLanes), and sum()
 // adds the lanes in order. The alignment is explicit: the baseline compilation of a file
@@ -136,19 +145,13 @@ template <int C>
 PN_CPU_INLINE void add_tile_products(Lanes16* const* acc, const float* a, const float* const* b,
                                      int64_t n) {
 #if defined(__GNUC__)
-  typedef float f8 __attribute__((vector_size(32)));
   f8 s[C][2] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    f8 a0, a1;
-    __builtin_memcpy(&a0, a + j, sizeof a0);
-    __builtin_memcpy(&a1, a + j + 8, sizeof a1);
+    const f8 a0 = load8(a + j), a1 = load8(a + j + 8);
     for (int c = 0; c < C; ++c) {
-      f8 b0, b1;
-      __builtin_memcpy(&b0, b[c] + j, sizeof b0);
-      __builtin_memcpy(&b1, b[c] + j + 8, sizeof b1);
-      s[c][0] += a0 * b0;
-      s[c][1] += a1 * b1;
+      s[c][0] += a0 * load8(b[c] + j);
+      s[c][1] += a1 * load8(b[c] + j + 8);
     }
   }
   for (int c = 0; c < C; ++c) {
@@ -281,35 +284,19 @@ struct GramKernel {
   PN_CPU_INLINE static void products_tiled(const T (&ub)[kGramBlock][8][kGramLanes],
                                            T (&pa)[36][kGramLanes]) {
 #if defined(__GNUC__)
-    typedef float f8 __attribute__((vector_size(32)));
-    auto load = [&](int t, int i) PN_CPU_LAMBDA_INLINE {
-      f8 x;
-      __builtin_memcpy(&x, ub[t][i], sizeof x);
-      return x;
-    };
     auto add = [&](int i, int k, f8 x) PN_CPU_LAMBDA_INLINE {
       T* dst = pa[i * (i + 1) / 2 + k];
-      f8 y;
-      __builtin_memcpy(&y, dst, sizeof y);
-      y += x;
-      __builtin_memcpy(dst, &y, sizeof y);
+      store8(dst, load8(dst) + x);
     };
     // Lower triangle of rows and columns r0..r0+3.
     auto diagonal = [&](int r0) PN_CPU_LAMBDA_INLINE {
       f8 s[10] = {};
       for (int t = 0; t < kGramBlock; ++t) {
-        const f8 a0 = load(t, r0), a1 = load(t, r0 + 1), a2 = load(t, r0 + 2),
-                 a3 = load(t, r0 + 3);
-        s[0] += a0 * a0;
-        s[1] += a1 * a0;
-        s[2] += a1 * a1;
-        s[3] += a2 * a0;
-        s[4] += a2 * a1;
-        s[5] += a2 * a2;
-        s[6] += a3 * a0;
-        s[7] += a3 * a1;
-        s[8] += a3 * a2;
-        s[9] += a3 * a3;
+        f8 a[4];
+        for (int i = 0; i < 4; ++i) a[i] = load8(ub[t][r0 + i]);
+        int q = 0;
+        for (int i = 0; i < 4; ++i)
+          for (int k = 0; k <= i; ++k) s[q++] += a[i] * a[k];
       }
       int q = 0;
       for (int i = 0; i < 4; ++i)
@@ -319,9 +306,9 @@ struct GramKernel {
     auto off = [&](int r0) PN_CPU_LAMBDA_INLINE {
       f8 s[8] = {};
       for (int t = 0; t < kGramBlock; ++t) {
-        const f8 a0 = load(t, r0), a1 = load(t, r0 + 1);
+        const f8 a0 = load8(ub[t][r0]), a1 = load8(ub[t][r0 + 1]);
         for (int k = 0; k < 4; ++k) {
-          const f8 b = load(t, k);
+          const f8 b = load8(ub[t][k]);
           s[k] += a0 * b;
           s[4 + k] += a1 * b;
         }

@@ -351,11 +351,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 check_param(p, self._param_name(p), shared[0].device)
             size = sum(p.numel() for p in shared)
             self._plan_memo = None  # it holds the old buffer
-            row_length = (dp.row_length(size) if dp else
-                          _autograd.padded_row_length(size, shared[0].dtype if shared else
-                                                      torch.float32))
             grads = self._grads = _autograd.TaskGradients(
-                shared, k, with_sum=True, row_length=row_length)
+                shared, k, with_sum=True, row_length=dp.row_length(size) if dp else None,
+                pad_rows=True)
             if dp is not None and self._shard_state:
                 raise RuntimeError(
                     "the shared parameters changed under sharded data parallelism: the "
