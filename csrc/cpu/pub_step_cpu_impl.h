@@ -189,14 +189,19 @@ struct Item {
 // the block kPrefetchAhead elements further on, into L2 (P = 16M, K = 8, two threads: Gram
 // pass 44-50 -> 36-39 ms, apply pass 29-31 -> 27-31 ms; into L1, or 512-2048 elements ahead,
 // did less). At K = 2 and 4 it gained nothing (K = 4 Gram pass 13.3-15.1 -> 14.0-16.3 ms).
+// The tiled loops (K = 5-7, 9 and more, Clippy at 8) prefetch the next tile of every row
+// from K = kPrefetchTiledTasks (P = 4M, two threads: K = 6 Gram pass 12.6-14.4 -> 11.2-11.7
+// ms, apply pass 10.0-11.3 -> 7.6-7.7 ms; K = 16 41.6-42.6 -> 39.3-39.5 and 21.4-22.0 ->
+// 19.8-20.7 ms).
 constexpr int kPrefetchTasks = 8;
+constexpr int64_t kPrefetchTiledTasks = 5;
 constexpr int64_t kPrefetchAhead = 256;
-// The kFixedBlock elements of `row` from `at` (kWrite: lines that will be written).
-template <bool kWrite, class X>
+// The kN elements of `row` from `at` (kWrite: lines that will be written).
+template <bool kWrite, int64_t kN = kFixedBlock, class X>
 PN_CPU_INLINE void prefetch_block(const X* row, int64_t at) {
 #if defined(__GNUC__)
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(X));
-  for (int64_t e = 0; e < kFixedBlock; e += kLine) __builtin_prefetch(row + at + e, kWrite, 1);
+  for (int64_t e = 0; e < kN; e += kLine) __builtin_prefetch(row + at + e, kWrite, 1);
 #else
   (void)row;
   (void)at;
@@ -496,6 +501,15 @@ struct GramKernel {
     const Tp* grads = static_cast<const Tp*>(tv.grad);
     for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
       const int64_t n = std::min(kTile, item.end - j0);
+      if (K >= kPrefetchTiledTasks) {
+        const int64_t ahead = j0 + kTile;
+        for (int64_t i = 0; i < K; ++i)
+          prefetch_block<false, kTile>(grads + i * tv.grad_stride, ahead);
+        for (int64_t i = 0; i < (tv.state_stride != 0 ? K : 1); ++i)
+          for (int k = 0; k < Rule::kStates; ++k)
+            prefetch_block<false, kTile>(tv.state[k] + i * tv.state_stride, ahead);
+        if constexpr (kTheta) prefetch_block<false, kTile>(param, ahead);
+      }
       if constexpr (kTheta) {
         for (int64_t j = 0; j < n; ++j) theta[j] = to_math<T>(param[j0 + j]);
       }
@@ -842,6 +856,16 @@ struct ApplyKernel {
       }
       for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
         const int64_t n = std::min(kTile, item.end - j0);
+        if (K >= kPrefetchTiledTasks) {
+          const int64_t ahead = j0 + kTile;
+          const Tp* grads = static_cast<const Tp*>(tv.grad);
+          for (int64_t i = 0; i < K; ++i)
+            prefetch_block<false, kTile>(grads + i * tv.grad_stride, ahead);
+          for (int64_t i = 0; i < (tv.state_stride != 0 ? K : 1); ++i)
+            for (int k = 0; k < Rule::kStates; ++k)
+              prefetch_block<true, kTile>(tv.state[k] + i * tv.state_stride, ahead);
+          prefetch_block<true, kTile>(param, ahead);
+        }
 #pragma GCC ivdep
         for (int64_t j = 0; j < n; ++j) {
           theta[j] = to_math<T>(param[j0 + j]);
