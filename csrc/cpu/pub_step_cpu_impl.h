@@ -183,25 +183,28 @@ struct Item {
   int64_t tensor, begin, end;
 };
 
-// Software prefetch for the single sweeps of K ≥ kPrefetchTasks tasks: with the K gradient
-// rows, the state and θ, a thread reads ten or more streams at once, more than the hardware
-// prefetchers keep ahead of. At the start of each block of kFixedBlock elements, the lines of
-// the block kPrefetchAhead elements further on, into L2 (P = 16M, K = 8, two threads: Gram
-// pass 44-50 -> 36-39 ms, apply pass 29-31 -> 27-31 ms; into L1, or 512-2048 elements ahead,
-// did less). At K = 2 and 4 it gained nothing (K = 4 Gram pass 13.3-15.1 -> 14.0-16.3 ms).
-// The tiled loops (K = 5-7, 9 and more, Clippy at 8) prefetch the next tile of every row
-// from K = kPrefetchTiledTasks (P = 4M, two threads: K = 6 Gram pass 12.6-14.4 -> 11.2-11.7
-// ms, apply pass 10.0-11.3 -> 7.6-7.7 ms; K = 16 41.6-42.6 -> 39.3-39.5 and 21.4-22.0 ->
-// 19.8-20.7 ms).
+// Software prefetch in the Gram passes of many tasks: with the K gradient rows and the state,
+// a thread reads K + 2 or more streams at once, more than the hardware prefetchers keep ahead
+// of. The single sweep of K ≥ kPrefetchTasks (8) tasks prefetches, at the start of each block of
+// kFixedBlock elements, the lines of the block kPrefetchAhead elements further on, into L2
+// (two threads, K = 8 Gram pass: P = 8M 21.1-22.0 -> 17.5-18.8 ms, 16M 44-50 -> 36-39 ms, 32M
+// 93-95 -> 88-90 ms; 1M unchanged; 4M 8.4-8.7 -> 8.9-9.5 ms, the one size that lost; into
+// L1, or 512-2048 elements ahead, did less; at K = 2 and 4 it gained nothing: K = 4 Gram pass
+// at 16M 13.3-15.1 -> 14.0-16.3 ms). The tiled loops (K = 5-7, 9 and more, Clippy at 8)
+// prefetch the next tile of every row from K = kPrefetchTiledTasks (K = 6 Gram pass: 4M
+// 12.6-14.4 -> 11.2-11.7 ms, 16M 53.5-59.6 -> 43.7-46.8 ms, 1M unchanged; K = 16 at 4M
+// 41.6-42.6 -> 39.3-39.5 ms). The apply passes do not: prefetching there gained at some sizes
+// and lost at others (K = 8: 16M 29-31 -> 26-27 ms, 4M 5.9 -> 6.5-6.7 ms, 32M 65-66 -> 68-70 ms;
+// K = 6 tiled: 4M 10.0-11.3 -> 7.6-7.7 ms, 1M 1.5-1.9 -> 2.0-2.1 ms).
 constexpr int kPrefetchTasks = 8;
 constexpr int64_t kPrefetchTiledTasks = 5;
 constexpr int64_t kPrefetchAhead = 256;
-// The kN elements of `row` from `at` (kWrite: lines that will be written).
-template <bool kWrite, int64_t kN = kFixedBlock, class X>
+// The kN elements of `row` from `at`, for reading.
+template <int64_t kN, class X>
 PN_CPU_INLINE void prefetch_block(const X* row, int64_t at) {
 #if defined(__GNUC__)
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(X));
-  for (int64_t e = 0; e < kN; e += kLine) __builtin_prefetch(row + at + e, kWrite, 1);
+  for (int64_t e = 0; e < kN; e += kLine) __builtin_prefetch(row + at + e, 0, 1);
 #else
   (void)row;
   (void)at;
@@ -431,11 +434,11 @@ struct GramKernel {
     for (int64_t b0 = item.begin; b0 < item.end; b0 += kFixedBlock) {
       if constexpr (kK >= kPrefetchTasks) {
         const int64_t ahead = b0 + kPrefetchAhead;
-        for (int i = 0; i < kK; ++i) prefetch_block<false>(g[i], ahead);
+        for (int i = 0; i < kK; ++i) prefetch_block<kFixedBlock>(g[i], ahead);
         for (int i = 0; i < (tv.state_stride != 0 ? kK : 1); ++i)
           for (int k = 0; k < Rule::kStates; ++k)
-            prefetch_block<false>(tv.state[k] + so[i], ahead);
-        if constexpr (kTheta) prefetch_block<false>(param, ahead);
+            prefetch_block<kFixedBlock>(tv.state[k] + so[i], ahead);
+        if constexpr (kTheta) prefetch_block<kFixedBlock>(param, ahead);
       }
       T pa[kPairs][W] = {};
       T qa[kK][W] = {};
@@ -504,11 +507,11 @@ struct GramKernel {
       if (K >= kPrefetchTiledTasks) {
         const int64_t ahead = j0 + kTile;
         for (int64_t i = 0; i < K; ++i)
-          prefetch_block<false, kTile>(grads + i * tv.grad_stride, ahead);
+          prefetch_block<kTile>(grads + i * tv.grad_stride, ahead);
         for (int64_t i = 0; i < (tv.state_stride != 0 ? K : 1); ++i)
           for (int k = 0; k < Rule::kStates; ++k)
-            prefetch_block<false, kTile>(tv.state[k] + i * tv.state_stride, ahead);
-        if constexpr (kTheta) prefetch_block<false, kTile>(param, ahead);
+            prefetch_block<kTile>(tv.state[k] + i * tv.state_stride, ahead);
+        if constexpr (kTheta) prefetch_block<kTile>(param, ahead);
       }
       if constexpr (kTheta) {
         for (int64_t j = 0; j < n; ++j) theta[j] = to_math<T>(param[j0 + j]);
@@ -768,38 +771,24 @@ struct ApplyKernel {
       g[i] = static_cast<const Tp*>(tv.grad) + i * tv.grad_stride;
     }
     Tp* param = static_cast<Tp*>(tv.param);
-    auto sweep = [&](int64_t begin, int64_t end) PN_CPU_LAMBDA_INLINE {
-      // θ, the state and the gradient rows are distinct tensors: no dependence between
-      // iterations (without this, GCC gives up its run-time alias checks beyond a few
-      // pointers).
+    // θ, the state and the gradient rows are distinct tensors: no dependence between
+    // iterations (without this, GCC gives up its run-time alias checks beyond a few pointers).
 #pragma GCC ivdep
-      for (int64_t j = begin; j < end; ++j) {
-        const T theta = to_math<T>(param[j]);
-        T s[kMaxStates], next[kMaxStates];
-        load_state<Rule>(tv.state, j, s);
-        T upd = T(0), g_alpha = T(0);
-        unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE {
-          constexpr int i = decltype(I)::value;
-          const T gi = m[i] * to_math<T>(g[i][j]) + wd * theta;
-          upd += c[i] * rule(gi, s, next);
-          g_alpha += w[i] * gi;
-        });
-        rule(g_alpha, s, next);
-        store_state<Rule>(tv.state, j, next);
-        param[j] = from_math<Tp>(theta * decay - upd);
-      }
-    };
-    if constexpr (kK >= kPrefetchTasks) {
-      for (int64_t b0 = item.begin; b0 < item.end; b0 += kFixedBlock) {
-        const int64_t ahead = b0 + kPrefetchAhead;
-        for (int i = 0; i < kK; ++i) prefetch_block<false>(g[i], ahead);
-        for (int k = 0; k < Rule::kStates; ++k) prefetch_block<true>(tv.state[k], ahead);
-        prefetch_block<true>(param, ahead);
-        sweep(b0, std::min(item.end, b0 + kFixedBlock));
-      }
-      return;
+    for (int64_t j = item.begin; j < item.end; ++j) {
+      const T theta = to_math<T>(param[j]);
+      T s[kMaxStates], next[kMaxStates];
+      load_state<Rule>(tv.state, j, s);
+      T upd = T(0), g_alpha = T(0);
+      unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE {
+        constexpr int i = decltype(I)::value;
+        const T gi = m[i] * to_math<T>(g[i][j]) + wd * theta;
+        upd += c[i] * rule(gi, s, next);
+        g_alpha += w[i] * gi;
+      });
+      rule(g_alpha, s, next);
+      store_state<Rule>(tv.state, j, next);
+      param[j] = from_math<Tp>(theta * decay - upd);
     }
-    sweep(item.begin, item.end);
   }
 
   // The work of one call: items and per-thread scratch (θ, the update and g_α of a tile, the K
@@ -856,16 +845,6 @@ struct ApplyKernel {
       }
       for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
         const int64_t n = std::min(kTile, item.end - j0);
-        if (K >= kPrefetchTiledTasks) {
-          const int64_t ahead = j0 + kTile;
-          const Tp* grads = static_cast<const Tp*>(tv.grad);
-          for (int64_t i = 0; i < K; ++i)
-            prefetch_block<false, kTile>(grads + i * tv.grad_stride, ahead);
-          for (int64_t i = 0; i < (tv.state_stride != 0 ? K : 1); ++i)
-            for (int k = 0; k < Rule::kStates; ++k)
-              prefetch_block<true, kTile>(tv.state[k] + i * tv.state_stride, ahead);
-          prefetch_block<true, kTile>(param, ahead);
-        }
 #pragma GCC ivdep
         for (int64_t j = 0; j < n; ++j) {
           theta[j] = to_math<T>(param[j0 + j]);
