@@ -432,7 +432,8 @@ struct GramKernel {
     // Blocks of kGramBlock elements per lane: each float32 sum takes at most kGramBlock
     // products, as in add_tile_products (the same error bound), before its float64 lane does.
     for (int64_t b0 = item.begin; b0 < item.end; b0 += kFixedBlock) {
-      if constexpr (kK >= kPrefetchTasks) {
+      // Within the tensor only (the addresses stay inside its arrays).
+      if (kK >= kPrefetchTasks && b0 + kPrefetchAhead + kFixedBlock <= tv.numel) {
         const int64_t ahead = b0 + kPrefetchAhead;
         for (int i = 0; i < kK; ++i) prefetch_block<kFixedBlock>(g[i], ahead);
         for (int i = 0; i < (tv.state_stride != 0 ? kK : 1); ++i)
@@ -504,7 +505,7 @@ struct GramKernel {
     const Tp* grads = static_cast<const Tp*>(tv.grad);
     for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
       const int64_t n = std::min(kTile, item.end - j0);
-      if (K >= kPrefetchTiledTasks) {
+      if (K >= kPrefetchTiledTasks && j0 + 2 * kTile <= tv.numel) {
         const int64_t ahead = j0 + kTile;
         for (int64_t i = 0; i < K; ++i)
           prefetch_block<kTile>(grads + i * tv.grad_stride, ahead);
