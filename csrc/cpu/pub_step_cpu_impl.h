@@ -505,7 +505,8 @@ struct GramKernel {
     const Tp* grads = static_cast<const Tp*>(tv.grad);
     for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
       const int64_t n = std::min(kTile, item.end - j0);
-      if (K >= kPrefetchTiledTasks && j0 + 2 * kTile <= tv.numel) {
+      // (float32 parameters only, like the single sweeps: fewer loops to build.)
+      if (kFixedType && K >= kPrefetchTiledTasks && j0 + 2 * kTile <= tv.numel) {
         const int64_t ahead = j0 + kTile;
         for (int64_t i = 0; i < K; ++i)
           prefetch_block<kTile>(grads + i * tv.grad_stride, ahead);
