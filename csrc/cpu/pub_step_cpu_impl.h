@@ -190,12 +190,14 @@ struct Item {
 // (two threads, K = 8 Gram pass: P = 8M 21.1-22.0 -> 17.5-18.8 ms, 16M 44-50 -> 36-39 ms, 32M
 // 93-95 -> 88-90 ms; 1M unchanged; 4M 8.4-8.7 -> 8.9-9.5 ms, the one size that lost; into
 // L1, or 512-2048 elements ahead, did less; at K = 2 and 4 it gained nothing: K = 4 Gram pass
-// at 16M 13.3-15.1 -> 14.0-16.3 ms). The tiled loops (K = 5-7, 9 and more, Clippy at 8)
-// prefetch the next tile of every row from K = kPrefetchTiledTasks (K = 6 Gram pass: 4M
-// 12.6-14.4 -> 11.2-11.7 ms, 16M 53.5-59.6 -> 43.7-46.8 ms, 1M unchanged; K = 16 at 4M
-// 41.6-42.6 -> 39.3-39.5 ms). The apply passes do not: prefetching there gained at some sizes
-// and lost at others (K = 8: 16M 29-31 -> 26-27 ms, 4M 5.9 -> 6.5-6.7 ms, 32M 65-66 -> 68-70 ms;
-// K = 6 tiled: 4M 10.0-11.3 -> 7.6-7.7 ms, 1M 1.5-1.9 -> 2.0-2.1 ms).
+// at 16M 13.3-15.1 -> 14.0-16.3 ms). The tiled loops (K = 5-7, 9 and more, Clippy at 8) of
+// float32 parameters prefetch the next tile of every row from K = kPrefetchTiledTasks (K = 6
+// Gram pass: 4M 12.6-14.4 -> 11.2-11.7 ms, 16M 53.5-59.6 -> 43.7-46.8 ms, 1M unchanged;
+// K = 16 at 4M 41.6-42.6 -> 39.3-39.5 ms). The apply passes do not: prefetching there gained
+// at some sizes and lost at others (K = 8: 16M 29-31 -> 26-27 ms, 4M 5.9 -> 6.5-6.7 ms, 32M
+// 65-66 -> 68-70 ms; K = 6 tiled: 4M 10.0-11.3 -> 7.6-7.7 ms, 1M 1.5-1.9 -> 2.0-2.1 ms).
+// Prefetching from a function of its own, not inlined, lost the gain (K = 8 Gram pass at 16M
+// 36-38 -> 45-49 ms).
 constexpr int kPrefetchTasks = 8;
 constexpr int64_t kPrefetchTiledTasks = 5;
 constexpr int64_t kPrefetchAhead = 256;
