@@ -195,18 +195,32 @@ def sum_rows(rows: torch.Tensor, k: int, length: int) -> bool:
     return _native._C.sum_rows(code, rows.data_ptr(), k, length)
 
 
+# Rows of at least ROW_SKEW_MIN_BYTES are skewed by ROW_SKEW_BYTES (37 pages, odd): see
+# padded_row_length.
+ROW_SKEW_MIN_BYTES = 4 << 20
+ROW_SKEW_BYTES = 37 * 4096
+
+
 def padded_row_length(n: int, dtype: torch.dtype) -> int:
-    """The least row length ≥ n that spans an odd number of 64-byte cache lines (0 stays 0).
+    """The row length for n elements: an odd number of 64-byte cache lines (0 stays 0), and for
+    rows of 4 MiB or more, 37 pages (148 KiB, under 3.6% of such a row) more.
 
     With a row length of a power of two (a model of 16M shared parameters), element j of every
     task row fell into one cache set, which eight rows or more overflow; rows of an odd number
     of lines fall into different sets (benches/bench_step.py's model at K = 8: apply pass
-    34-36 -> 29-30 ms)."""
+    34-36 -> 29-30 ms). Rows that far apart still shared the address bits above the page that
+    a large allocation keeps (for the DRAM banks, most likely): skewing each row by an odd
+    number of pages took the K = 8 passes at P = 16M from 44-50 to 33-36 ms (Gram) and from
+    29-33 to 22-27 ms (apply); one page gained a little, three more, 37 the most."""
     if n == 0:
         return 0
-    line = max(64 // torch.empty((), dtype=dtype).element_size(), 1)
+    size = torch.empty((), dtype=dtype).element_size()
+    line = max(64 // size, 1)
     lines = -(-n // line)
-    return (lines + 1 - lines % 2) * line
+    length = (lines + 1 - lines % 2) * line
+    if length * size >= ROW_SKEW_MIN_BYTES:
+        length += ROW_SKEW_BYTES // size  # 37·64 lines: the count stays odd
+    return length
 
 
 class TaskGradients:

@@ -18,6 +18,7 @@ from conftest import BF16, F32, F64, TOL
 from helpers import Problem, assert_close, assert_states_close, run_pub
 
 import pub_native
+from pub_native._autograd import padded_row_length
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,4 +150,30 @@ def test_task_rows_span_an_odd_number_of_cache_lines(dtype):
     rows = opt._grads.row_length
     assert rows >= 5120 and rows % line == 0 and (rows // line) % 2 == 1, rows
     assert opt._grads.buffer.stride(0) == rows
+    assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", dtype)])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=["f32", "bf16", "f64"])
+def test_large_task_rows_are_skewed_by_an_odd_number_of_pages(dtype):
+    # Rows of 4 MiB or more also shift by 37 pages (rows a power of two apart shared the
+    # address bits above the page); the line count stays odd, and small rows are not skewed.
+    size = torch.empty((), dtype=dtype).element_size()
+    line, page = 64 // size, 4096 // size
+    for n in [1, 1000, (4 << 20) // size - line, (4 << 20) // size, 16 << 20, (16 << 20) + 3]:
+        rows = padded_row_length(n, dtype)
+        assert rows >= n and rows % line == 0 and (rows // line) % 2 == 1, (n, rows)
+        unskewed = -(-n // line)
+        unskewed = (unskewed + 1 - unskewed % 2) * line
+        if unskewed * size < 4 << 20:
+            assert rows == unskewed, (n, rows)
+        else:
+            assert rows == unskewed + 37 * page, (n, rows)
+            assert (rows * size // 4096) % 2 == 1  # an odd number of whole pages apart, too
+    # A model whose shared rows are skewed steps as the reference does.
+    problem = Problem([(1 << 19, 2), (3,)], 2, dtype=dtype, seed=19)
+    twin = problem.clone()
+    opt = run_pub(pub_native.Adam, problem, 2)
+    ref = run_pub(pub_native.Adam, twin, 2, backend="reference")
+    assert opt._grads.row_length == padded_row_length((1 << 20) + 3, dtype)
+    assert opt._grads.row_length * size >= 4 << 20 or size == 2
     assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", dtype)])

@@ -183,24 +183,17 @@ struct Item {
   int64_t tensor, begin, end;
 };
 
-// Software prefetch in the Gram passes of many tasks: with the K gradient rows and the state,
-// a thread reads K + 2 or more streams at once, more than the hardware prefetchers keep ahead
-// of. The single sweep of K ≥ kPrefetchTasks (8) tasks prefetches, at the start of each block of
-// kFixedBlock elements, the lines of the block kPrefetchAhead elements further on, into L2
-// (two threads, K = 8 Gram pass: P = 8M 21.1-22.0 -> 17.5-18.8 ms, 16M 44-50 -> 36-39 ms, 32M
-// 93-95 -> 88-90 ms; 1M unchanged; 4M 8.4-8.7 -> 8.9-9.5 ms, the one size that lost; into
-// L1, or 512-2048 elements ahead, did less; at K = 2 and 4 it gained nothing: K = 4 Gram pass
-// at 16M 13.3-15.1 -> 14.0-16.3 ms). The tiled loops (K = 5-7, 9 and more, Clippy at 8) of
-// float32 parameters prefetch the next tile of every row from K = kPrefetchTiledTasks (K = 6
-// Gram pass: 4M 12.6-14.4 -> 11.2-11.7 ms, 16M 53.5-59.6 -> 43.7-46.8 ms, 1M unchanged;
-// K = 16 at 4M 41.6-42.6 -> 39.3-39.5 ms). The apply passes do not: prefetching there gained
-// at some sizes and lost at others (K = 8: 16M 29-31 -> 26-27 ms, 4M 5.9 -> 6.5-6.7 ms, 32M
-// 65-66 -> 68-70 ms; K = 6 tiled: 4M 10.0-11.3 -> 7.6-7.7 ms, 1M 1.5-1.9 -> 2.0-2.1 ms).
-// Prefetching from a function of its own, not inlined, lost the gain (K = 8 Gram pass at 16M
-// 36-38 -> 45-49 ms).
-constexpr int kPrefetchTasks = 8;
+// Software prefetch in the tiled Gram loops (K = 5-7, 9 and more, Clippy at 8) of float32
+// parameters from K = kPrefetchTiledTasks: at the start of each tile, the next tile of every
+// gradient row, state row and θ, into L2. A tile reads 256 elements of a row, then of the next
+// one, bursts that the hardware prefetchers follow poorly (two threads, K = 6 Gram pass: 4M
+// 11.4-12.3 -> 10.4-10.5 ms, 1M unchanged; at 16M 43.7-48.8 against 43.2-46.5 ms). The single
+// sweeps (K = 2-4, 8) do not: with the task rows skewed by 37 pages (padded_row_length in
+// _autograd.py) a prefetch in the K = 8 sweep made its Gram pass slower (16M 32.7 -> 34.1-36.5
+// ms, 4M 8.1 -> 8.8-8.9 ms), as it did at K = 2 and 4; nor do the apply passes (it gained at
+// some sizes and lost at others: K = 8 4M 5.9 -> 6.5-6.7 ms, 32M 65-66 -> 68-70 ms; K = 6 1M
+// 1.5-1.9 -> 2.0-2.1 ms). Prefetching from a function of its own, not inlined, lost the gain.
 constexpr int64_t kPrefetchTiledTasks = 5;
-constexpr int64_t kPrefetchAhead = 256;
 // The kN elements of `row` from `at`, for reading.
 template <int64_t kN, class X>
 PN_CPU_INLINE void prefetch_block(const X* row, int64_t at) {
@@ -434,15 +427,6 @@ struct GramKernel {
     // Blocks of kGramBlock elements per lane: each float32 sum takes at most kGramBlock
     // products, as in add_tile_products (the same error bound), before its float64 lane does.
     for (int64_t b0 = item.begin; b0 < item.end; b0 += kFixedBlock) {
-      // Within the tensor only (the addresses stay inside its arrays).
-      if (kK >= kPrefetchTasks && b0 + kPrefetchAhead + kFixedBlock <= tv.numel) {
-        const int64_t ahead = b0 + kPrefetchAhead;
-        for (int i = 0; i < kK; ++i) prefetch_block<kFixedBlock>(g[i], ahead);
-        for (int i = 0; i < (tv.state_stride != 0 ? kK : 1); ++i)
-          for (int k = 0; k < Rule::kStates; ++k)
-            prefetch_block<kFixedBlock>(tv.state[k] + so[i], ahead);
-        if constexpr (kTheta) prefetch_block<kFixedBlock>(param, ahead);
-      }
       T pa[kPairs][W] = {};
       T qa[kK][W] = {};
       // Not unrolled: sixteen copies of the body would lengthen the build for nothing.
@@ -507,7 +491,8 @@ struct GramKernel {
     const Tp* grads = static_cast<const Tp*>(tv.grad);
     for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
       const int64_t n = std::min(kTile, item.end - j0);
-      // (float32 parameters only, like the single sweeps: fewer loops to build.)
+      // (float32 parameters only, like the single sweeps: fewer loops to build; within the
+      // tensor only, so that the addresses stay inside its arrays.)
       if (kFixedType && K >= kPrefetchTiledTasks && j0 + 2 * kTile <= tv.numel) {
         const int64_t ahead = j0 + kTile;
         for (int64_t i = 0; i < K; ++i)
