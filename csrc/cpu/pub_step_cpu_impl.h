@@ -183,29 +183,6 @@ struct Item {
   int64_t tensor, begin, end;
 };
 
-// Software prefetch in the tiled Gram loops (K = 5-7, 9 and more, Clippy at 8) of float32
-// parameters from K = kPrefetchTiledTasks: at the start of each tile, the next tile of every
-// gradient row, state row and θ, into L2. A tile reads 256 elements of a row, then of the next
-// one, bursts that the hardware prefetchers follow poorly (two threads, K = 6 Gram pass: 4M
-// 11.4-12.3 -> 10.4-10.5 ms, 1M unchanged; at 16M 43.7-48.8 against 43.2-46.5 ms). The single
-// sweeps (K = 2-4, 8) do not: with the task rows skewed by 37 pages (padded_row_length in
-// _autograd.py) a prefetch in the K = 8 sweep made its Gram pass slower (16M 32.7 -> 34.1-36.5
-// ms, 4M 8.1 -> 8.8-8.9 ms), as it did at K = 2 and 4; nor do the apply passes (it gained at
-// some sizes and lost at others: K = 8 4M 5.9 -> 6.5-6.7 ms, 32M 65-66 -> 68-70 ms; K = 6 1M
-// 1.5-1.9 -> 2.0-2.1 ms). Prefetching from a function of its own, not inlined, lost the gain.
-constexpr int64_t kPrefetchTiledTasks = 5;
-// The kN elements of `row` from `at`, for reading.
-template <int64_t kN, class X>
-PN_CPU_INLINE void prefetch_block(const X* row, int64_t at) {
-#if defined(__GNUC__)
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(X));
-  for (int64_t e = 0; e < kN; e += kLine) __builtin_prefetch(row + at + e, 0, 1);
-#else
-  (void)row;
-  (void)at;
-#endif
-}
-
 // f(std::integral_constant<int, 0>{}), ..., f(std::integral_constant<int, N - 1>{}): loops over
 // tasks and task pairs written out, so that an element loop's body is straight-line code.
 template <int N, class F, int... I>
@@ -491,17 +468,6 @@ struct GramKernel {
     const Tp* grads = static_cast<const Tp*>(tv.grad);
     for (int64_t j0 = item.begin; j0 < item.end; j0 += kTile) {
       const int64_t n = std::min(kTile, item.end - j0);
-      // (float32 parameters only, like the single sweeps: fewer loops to build; within the
-      // tensor only, so that the addresses stay inside its arrays.)
-      if (kFixedType && K >= kPrefetchTiledTasks && j0 + 2 * kTile <= tv.numel) {
-        const int64_t ahead = j0 + kTile;
-        for (int64_t i = 0; i < K; ++i)
-          prefetch_block<kTile>(grads + i * tv.grad_stride, ahead);
-        for (int64_t i = 0; i < (tv.state_stride != 0 ? K : 1); ++i)
-          for (int k = 0; k < Rule::kStates; ++k)
-            prefetch_block<kTile>(tv.state[k] + i * tv.state_stride, ahead);
-        if constexpr (kTheta) prefetch_block<kTile>(param, ahead);
-      }
       if constexpr (kTheta) {
         for (int64_t j = 0; j < n; ++j) theta[j] = to_math<T>(param[j0 + j]);
       }
