@@ -447,8 +447,10 @@ class CAGrad(GradientBalancer):
     NashMTL code's "match the sum loss" factor, so c = 0 gives exactly the LS gradient
     Σ_i g_i). ``weights``: w with K·d = Σ_i w_i g_i. The dual is solved on G normalized to
     unit mean diagonal (scale-free; the published code adds absolute 1e-8 terms instead) by
-    bisection for K = 2 and projected gradient descent on the simplex for K > 2, replacing
-    scipy's SLSQP. Task parameters get their ordinary gradient.
+    bisection for K = 2 and, for K > 2, as a root in one variable of min-norm points of the
+    shifted gradients (exact, also where G is ill-conditioned; projected gradient descent on
+    the simplex when the hull holds the origin), replacing scipy's SLSQP. Task parameters get
+    their ordinary gradient.
     """
 
     def __init__(self, params, *, shared=None, c: float = 0.5,
@@ -1273,10 +1275,78 @@ def cagrad_weights(G: np.ndarray, c: float = 0.5, *, max_iter: int = 1000,
     if k == 2:
         w = _bisect_pair(fun)
     else:
-        w = _minimize_on_simplex(fun, b.copy(), max_iter=max_iter, tol=tol)
+        w, exact = _cagrad_shifted_min_norm(A, b, phi)
+        if not exact:
+            # Projected gradient descent as well, and the lower f of the two.
+            candidates = [_minimize_on_simplex(fun, b.copy(), max_iter=max_iter, tol=tol)]
+            if w is not None:
+                candidates.insert(0, w)
+            w = min(candidates, key=lambda v: fun(v)[0])
     gw_norm = math.sqrt(max(w @ A @ w, 0.0))
     lam = phi / gw_norm if gw_norm > 0 else 0.0
     return k * (b + lam * w) / (1 + c * c)
+
+
+def _cagrad_shifted_min_norm(A: np.ndarray, b: np.ndarray, phi: float
+                             ) -> tuple[np.ndarray | None, bool]:
+    """CAGrad's dual, argmin over the simplex of f(w) = wᵀAb + φ·√(wᵀAw), exactly, for K > 2.
+
+    With g_0 = Σ b_i g_i and t > 0, let w(t) be the min-norm point of the hull of the shifted
+    gradients g_i + t·g_0 (Gram A + t(a1ᵀ + 1aᵀ) + t²β11ᵀ, a = Ab, β = bᵀAb; Wolfe's exact
+    algorithm). Its optimality conditions, A(w + t·b) = μ1 on the support, are f's at the t
+    where ‖g_w(t)‖ = φ·t (∇f = A(b + w·φ/‖g_w‖)), so any root of h(t) = ‖g_w(t)‖ − φt gives
+    f's minimum. h < 0 at t = 2·max_i ‖g_i‖/φ, and h > 0 at t = ‖m‖/(2φ) (m the min-norm
+    point of the hull, ‖g_w‖ ≥ ‖m‖) or, when the hull (nearly) holds the origin, at some
+    smaller t found by halving if f < 0 anywhere; geometric bisection then brackets the root
+    to rounding. Ill-conditioned G (task gradients of very different sizes) is where projected
+    gradient descent stalls far from the minimum; this does not. None when no t with h > 0 is
+    found (min f = 0 at g_w = 0). Returns (w or None, whether every min-norm point was
+    Wolfe's: where rounding stalls it (affinely dependent points), descent stands in)."""
+    k = len(A)
+    a = A @ b
+    beta = float(b @ a)
+    exact = True
+
+    def shifted(t):
+        nonlocal exact
+        Gt = A + t * (a[:, None] + a[None, :]) + (t * t) * beta
+        w = _wolfe_min_norm(Gt, 50 * k)
+        if w is None:
+            exact = False
+            w = _minimize_on_simplex(lambda v: (v @ Gt @ v, 2.0 * (Gt @ v)), np.full(k, 1.0 / k),
+                                     max_iter=1000, tol=1e-12)
+        return w
+
+    def positive(t, w):  # h(t) > 0
+        return math.sqrt(max(float(w @ A @ w), 0.0)) > phi * t
+
+    top = math.sqrt(float(np.max(np.diag(A))))
+    hi = 2.0 * top / phi
+    m = shifted(0.0)
+    m_norm = math.sqrt(max(float(m @ A @ m), 0.0))
+    if m_norm > 1e-9 * top:
+        lo = 0.5 * m_norm / phi
+        w = shifted(lo)
+    else:
+        # The hull (nearly) holds the origin: h > 0 somewhere below hi if f < 0 anywhere.
+        lo = hi
+        for _ in range(120):
+            lo *= 0.5
+            w = shifted(lo)
+            if positive(lo, w):
+                break
+        else:
+            return None, exact
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        w_mid = shifted(mid)
+        if positive(mid, w_mid):
+            lo, w = mid, w_mid
+        else:
+            hi = mid
+        if hi <= lo * (1.0 + 4e-16):
+            break
+    return w, exact
 
 
 def _bisect_pair(fun) -> np.ndarray:

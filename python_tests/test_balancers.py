@@ -248,6 +248,29 @@ def test_cagrad_solves_its_dual(k):
     assert abs(np.linalg.norm(d - g0) - phi) < TOL["iterative"] * np.linalg.norm(g0)
 
 
+@pytest.mark.parametrize("dim", [12, 3])  # full rank; fewer dimensions than tasks (low rank)
+def test_cagrad_matches_the_primal_optimum_on_ill_conditioned_tasks(dim):
+    # Task gradients whose sizes differ by up to e^6 (cond(G) up to ~1e6 and beyond): CAGrad's
+    # direction must reach the optimum of its primal problem, max_d min_i ⟨g_i, d⟩ subject to
+    # ‖d − g_0‖ ≤ c‖g_0‖, solved independently by cvxpy.
+    cp = pytest.importorskip("cvxpy")
+    rng = np.random.default_rng(7 + dim)
+    for _ in range(30):
+        k = int(rng.integers(3, 7))
+        g = rng.standard_normal((k, dim)) * np.exp(rng.uniform(-3, 3, (k, 1)))
+        g0 = g.mean(0)
+        for c in (0.1, 0.5, 0.9):
+            d_var, t_var = cp.Variable(dim), cp.Variable()
+            prob = cp.Problem(cp.Maximize(t_var),
+                              [g @ d_var >= t_var, cp.norm(d_var - g0) <= c * np.linalg.norm(g0)])
+            prob.solve(solver="CLARABEL")
+            w = B.cagrad_weights(g @ g.T, c)
+            d = (w @ g) / k * (1 + c * c)  # the direction before CAGrad's 1/(1 + c²) rescale
+            assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) * (1 + 1e-9)
+            scale = np.abs(g @ d).max()
+            assert (g @ d).min() >= prob.value - 1e-6 * scale, (k, c, (g @ d).min(), prob.value)
+
+
 # -- NashMTL -------------------------------------------------------------------------------------
 
 def test_nashmtl_weights_solve_the_bargaining_equation():
