@@ -162,10 +162,11 @@ class GradientBalancer:
         raw, losses = losses, as_loss_list(losses, self.k)
         if self.k is None:
             self._setup(raw, losses)
+        # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
-        self.steps += 1
         if reuse:
             self._backward_fixed(losses, self.weights)
+            self.steps += 1
             self.stats["updated"] = False
             self._finish()
             return
@@ -182,9 +183,7 @@ class GradientBalancer:
             if self._dp_group is not None:
                 self._average_task_gradients()
             buf = self._grads.buffer
-            # Gram in the buffer's dtype (BLAS accumulates in blocks), then float64 for the
-            # K×K math; all methods are invariant or equivariant to G's scale.
-            G = torch.mm(buf, buf.t()).to(torch.float64)
+            G = _gram_float64(buf)
             if not bool(torch.isfinite(G).all()):
                 bad = [i for i in range(self.k) if not math.isfinite(float(G[i, i]))]
                 raise FloatingPointError(
@@ -202,10 +201,11 @@ class GradientBalancer:
             for p, g in zip(specific, stash, strict=True):
                 p.grad = g
             raise
+        self.steps += 1
         self.stats["updated"] = True
         self.weights = w
         if self._grads.size:
-            combined = torch.mv(buf.t(), w.to(buf.dtype))
+            combined = torch.mv(buf.t(), w.to(device=buf.device, dtype=buf.dtype))
             _accumulate(self.shared, torch.split(combined, self._grads.numels))
         if self.weight_task_specific:
             for wi, spec in zip(w.tolist(), self._single, strict=True):
@@ -1103,6 +1103,14 @@ def _check_independent(reps: list[torch.Tensor]) -> None:
     path through the other one, counting it twice)."""
     if len(reps) < 2:
         return
+    seen: dict = {}
+    for i, z in enumerate(reps):
+        # The same autograd output twice (the same tensor, or the same output of one node).
+        key = (z.grad_fn, z.output_nr) if z.grad_fn is not None else id(z)
+        if key in seen:
+            raise ValueError(f"representation[{i}] is representation[{seen[key]}] again; pass "
+                             "each tensor once")
+        seen[key] = i
     for i, z in enumerate(reps):
         below = _graph_nodes(z)
         for j, other in enumerate(reps):
@@ -1397,6 +1405,27 @@ def _project_simplex(v: np.ndarray) -> np.ndarray:
     ind = np.arange(1, len(v) + 1)
     rho = np.nonzero(u - css / ind > 0)[0][-1]
     return np.maximum(v - css[rho] / (rho + 1), 0.0)
+
+
+def _gram_float64(rows: torch.Tensor) -> torch.Tensor:
+    """G = rows·rowsᵀ (K×K) with float64 products and sums, exactly symmetric, on the CPU.
+
+    Float16, bfloat16 and float32 rows are converted in column blocks of 2^18 elements (one
+    block of all P was 4× slower at P = 1M, in fresh pages), so that gradients whose squares
+    overflow or underflow their own type (float16 from |g| ~ 256, float32 from ~1e19) still
+    give a finite, accurate G, as SPEC section 4 asks (float64 accumulation); a product in the
+    rows' own type was also not exactly symmetric,
+    which the native solver refuses beyond its tolerance."""
+    k, n = rows.shape
+    if rows.dtype == torch.float64:
+        G = rows @ rows.t()
+    else:
+        G = torch.zeros((k, k), dtype=torch.float64, device=rows.device)
+        step = max(4096, (1 << 18) // max(k, 1))  # 2 MiB of float64: reused, cache-sized
+        for s in range(0, n, step):
+            block = rows[:, s:s + step].to(torch.float64)
+            G.addmm_(block, block.t())
+    return (0.5 * (G + G.t())).cpu()
 
 
 def _as_gram(G) -> np.ndarray:

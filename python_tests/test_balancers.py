@@ -290,6 +290,65 @@ def test_nashmtl_weights_solve_the_bargaining_equation():
     assert bal.stats["solve_time"] > 0
 
 
+@pytest.mark.parametrize("magnitude", [300.0, 1e-4])  # float16: squares overflow; underflow
+@pytest.mark.parametrize("name", ["MGDAUB", "IMTLG", "CAGrad", "NashMTL"])
+def test_gram_of_half_precision_gradients_is_float64(name, magnitude):
+    # G is formed with float64 products and sums (SPEC section 4), whatever the parameters'
+    # dtype: float16 gradients of a few hundred (squares past float16's 65504) or of 1e-4
+    # (squares below its subnormals) give the weights of the float64 Gram of the same values.
+    k, p = 3, 64
+    g16 = (magnitude * torch.as_tensor(rand_grads(k, p, 40))).to(torch.float16)
+    theta = torch.zeros(p, dtype=torch.float16, requires_grad=True)
+    bal = getattr(B, name)([theta], **({"max_norm": 0.0} if name == "NashMTL" else {}))
+    bal.backward([(g16[i] * theta).sum() for i in range(k)])
+    G = (g16.double() @ g16.double().T).numpy()
+    if name == "MGDAUB":
+        expected = B.min_norm_weights(G)
+    elif name == "IMTLG":
+        expected = B.imtl_g_weights(G)
+    elif name == "CAGrad":
+        expected = B.cagrad_weights(G, 0.5)
+    else:
+        expected = pub_native.solve_weights(G / np.linalg.norm(G)).weights
+    np.testing.assert_allclose(bal.weights.numpy(), expected, rtol=1e-6)
+    assert bal.weights.abs().sum() > 0
+
+
+def test_gram_is_exactly_symmetric_float64():
+    rows = torch.randn(5, 272, generator=torch.Generator().manual_seed(0))
+    G = B._gram_float64(rows)
+    assert G.dtype == torch.float64 and torch.equal(G, G.t())
+    torch.testing.assert_close(G, rows.double() @ rows.double().T, rtol=1e-14, atol=0)
+    # NashMTL on a float32 model of five tasks: the solver accepts G at every seed (a Gram in
+    # float32 was not exactly symmetric, which it refused on some).
+    for seed in range(20):
+        torch.manual_seed(seed)
+        trunk = torch.nn.Linear(16, 16)
+        heads = [torch.nn.Linear(16, 1) for _ in range(5)]
+        bal = B.NashMTL([*trunk.parameters(), *(q for h in heads for q in h.parameters())])
+        z = torch.tanh(trunk(torch.randn(64, 16)))
+        bal.backward([h(z).square().mean() for h in heads])
+        assert bal.stats["status"] == pub_native.SolveStatus.CONVERGED
+
+
+def test_a_step_that_raises_is_taken_again_as_the_same_kind():
+    # update_weights_every = 2: a weight update that raises (NaN) does not count, so the next
+    # call computes the weights again instead of reusing the old ones.
+    t = Linear(rand_grads(2, 4, 8))
+    bal = B.NashMTL(t.params, max_norm=0.0, update_weights_every=2)
+    t.run(bal)
+    assert bal.stats["updated"] and bal.steps == 1
+    t.run(bal)
+    assert not bal.stats["updated"] and bal.steps == 2
+    bad = t.losses()
+    bad[1] = bad[1] * float("nan")
+    with pytest.raises(FloatingPointError):
+        bal.backward(bad)
+    assert bal.steps == 2
+    t.run(bal)
+    assert bal.stats["updated"] and bal.steps == 3
+
+
 def test_nashmtl_clips_the_shared_gradient():
     t = Linear(10 * rand_grads(2, 4, 6))
     bal = B.NashMTL(t.params, max_norm=1.0)

@@ -289,6 +289,9 @@ def test_errors():
     z2 = h * 2
     with pytest.raises(ValueError, match="computed from"):
         B.MultiBalance(model.parameters()).backward([(z2.sum() + h.sum())] * 2, [h, z2])
+    h = torch.relu(model.trunk(x))
+    with pytest.raises(ValueError, match=r"representation\[1\] is representation\[0\]"):
+        B.MultiBalance(model.parameters()).backward([h.sum(), 2 * h.sum()], [h, h])
     other = torch.randn(8, 4, requires_grad=True)
     with pytest.raises(ValueError, match="no task loss depends"):
         B.MultiBalance(model.parameters()).backward(losses, other)
