@@ -517,3 +517,27 @@ def test_repr_lists_pub_options_and_groups():
         "ridge=1e-08, umm='clippy', clippy_lambda_rel=0.1, clippy_lambda_abs=1e-07",
     ]
     assert "    lr: 0.5" in text and text.endswith(")")
+
+
+# ---- autograd sees the step ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("tasks", [2, 1])
+def test_step_bumps_the_parameters_versions(name, tasks):
+    # The native core writes the parameters through raw pointers; like torch.optim's in-place
+    # step, it must count as an in-place change, so that a graph that saved a parameter before
+    # the step refuses to differentiate through the new values instead of doing so silently.
+    torch.manual_seed(0)
+    model = MMoE()
+    opt = NATIVE[name](model.parameters(), lr=0.01)
+    losses = mmoe_losses(model, mmoe_batch())
+    before = [p._version for p in model.parameters()]
+    if tasks == 2:
+        opt.backward(losses, retain_graph=True)
+    else:
+        sum(losses).backward(retain_graph=True)
+    opt.step()
+    assert all(p._version > v for p, v in zip(model.parameters(), before))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sum(losses).backward()

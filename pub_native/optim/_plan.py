@@ -22,7 +22,8 @@ import torch
 from .._autograd import DTYPES, dense_strides, same_layout
 from .._native import Algorithm, BaseCol, SegmentKind, TableCol, Umm
 
-__all__ = ["DTYPES", "PlanSegment", "StepPlan", "build_plan", "check_param", "state_dtype"]
+__all__ = ["DTYPES", "PlanSegment", "StepPlan", "build_plan", "check_param", "mark_written",
+           "state_dtype"]
 
 _HALF = (torch.bfloat16, torch.float16)
 _N_COLS = int(TableCol.COLS)
@@ -90,6 +91,12 @@ class StepPlan:
     def has_shared(self) -> bool:
         return any(s.kind == SegmentKind.SHARED for s in self.segments)
 
+    @functools.cached_property
+    def written(self) -> list[torch.Tensor]:
+        """The parameters (or their pieces, views that share their version counter) that an
+        applied step writes."""
+        return [p for seg in self.segments for p in seg.params]
+
     def release_grads(self) -> None:
         """Let go of the ``.grad`` tensors (the plain parameters', and the shared ones' that a
         rescan compared) once the step has read them: a plan kept for the next step must not
@@ -113,6 +120,28 @@ class LazyName:
         opt = self.opt()
         return f"a parameter of shape {tuple(self.p.shape)}" if opt is None else \
             opt._param_name(self.p)
+
+
+def _increments_lists() -> bool:
+    try:  # a list of tensors in one call since torch 2.5 or so; one tensor before
+        torch.autograd.graph.increment_version([torch.zeros(())])
+    except TypeError:
+        return False
+    return True
+
+
+_INCREMENT_LIST = _increments_lists()
+
+
+def mark_written(tensors: list[torch.Tensor]) -> None:
+    """Tell autograd that the native core wrote these tensors in place: their version counters
+    go up as torch's own in-place operations (and torch.optim's steps) make them, so a graph
+    that saved a parameter before the step refuses to differentiate through the new values."""
+    if _INCREMENT_LIST:
+        torch.autograd.graph.increment_version(tensors)
+    else:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 def _fail(exc, name: str, what: str):

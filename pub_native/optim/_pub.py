@@ -30,7 +30,7 @@ from ._compile import register as register_for_compile
 from ._ddp import DataParallel
 from ._grad_tools import GradientTools
 from ._options import CLIPPY_PRESETS, PubOptions
-from ._plan import StepPlan, build_plan, check_param
+from ._plan import StepPlan, build_plan, check_param, mark_written
 
 __all__ = ["BACKENDS", "CLIPPY_PRESETS", "PUBOptimizer"]
 
@@ -578,6 +578,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if getattr(result, "lazy", False):
             # The device decides; nothing here may wait for it. The entries the kernels used are
             # kept either way (a skipped step leaves their values as they were).
+            mark_written(plan.written)
             self._commit_state(plan)
             if pending and plan.has_shared:
                 self._t += 1
@@ -587,6 +588,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
             return
         outcome = result.outcome
         if outcome == StepOutcome.APPLIED:
+            mark_written(plan.written)
             self._commit_state(plan)
             if pending and plan.has_shared:
                 self._t += 1
