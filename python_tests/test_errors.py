@@ -224,3 +224,74 @@ def test_torch_optimizer_state_of_the_wrong_size_is_named():
     (p * p).sum().backward()
     with pytest.raises(RuntimeError, match=r"'exp_avg' has shape \(5,\), expected \(3,\)"):
         opt.step()
+
+
+# ---- storages shrunk under the tensors ----------------------------------------------------------
+
+_SHRUNK = r"""
+import torch, pub_native
+for name in ("Adam", "AdaGrad", "RMSProp"):
+    for which in ("param", "grad", "state", "step"):
+        torch.manual_seed(0)
+        p, q = (torch.nn.Parameter(torch.randn(1 << 16)) for _ in range(2))
+        opt = getattr(pub_native, name)([p, q], lr=1e-2)
+        (p.sum() + q.sum()).backward(); opt.step()
+        (p.sum() + q.sum()).backward()
+        target = {"param": p, "grad": p.grad, "state": list(opt.state[p].values())[-1],
+                  "step": opt.state[p]["step"]}[which]
+        target.untyped_storage().resize_(0 if which == "step" else 16)
+        q_before = q.detach().clone()
+        try:
+            opt.step()
+            print(name, which, "NO ERROR")
+        except (ValueError, RuntimeError) as e:
+            assert torch.equal(q.detach(), q_before), "the other parameter moved"
+            print(name, which, "RAISED", e)
+"""
+
+
+def test_a_storage_shrunk_under_a_tensor_is_a_clear_error():
+    # untyped_storage().resize_ (as FSDP does) leaves a view larger than its storage: the step
+    # must name the tensor instead of reading or writing past the storage's end (a crash, or
+    # memory corrupted silently). In a subprocess, so that a crash fails only this test.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SHRUNK], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, f"code {proc.returncode}: {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 12, proc.stdout
+    for line in lines:
+        assert " RAISED " in line and "storage" in line, line
+        assert "param_groups[0]['params'][0]" in line, line
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_a_parameter_listed_twice_in_a_group_is_an_error(name):
+    # torch warns and steps such a parameter twice with one state; PUB's one pass over a group
+    # cannot, so it refuses the group, before adding it.
+    w, v = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+    again = r"\['params'\]\[1\] \(shape \(3,\)\) is \['params'\]\[0\]"
+    with pytest.raises(ValueError, match=again):
+        NATIVE[name]([w, w])
+    opt = NATIVE[name]([w])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[2\]"):
+        opt.add_param_group({"params": [v, nn.Parameter(torch.randn(1)), v]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": (p for p in [v])})  # a generator is read once, and kept
+    assert opt.param_groups[1]["params"] == [v]
+
+
+def test_a_step_counter_of_the_wrong_shape_names_the_parameter():
+    w = nn.Parameter(torch.randn(3))
+    opt = pub_native.Adam([w], lr=0.1)
+    w.grad = torch.ones(3)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = torch.tensor([1.0, 2.0])
+    opt.load_state_dict(sd)
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match=r"params'\]\[0\].*'step' has shape \(2,\)"):
+        opt.step()
+    assert torch.equal(w.detach(), before)

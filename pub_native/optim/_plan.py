@@ -144,6 +144,23 @@ def mark_written(tensors: list[torch.Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
+def _storage_holds(t: torch.Tensor) -> bool:
+    """Whether t's storage holds every element of its view (a storage shrunk in place, by
+    ``untyped_storage().resize_`` as FSDP does, would send the kernels past its end)."""
+    if t.numel() == 0:
+        return True
+    if t.is_contiguous():
+        last = t.storage_offset() + t.numel() - 1
+    else:
+        last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def _short_storage(t: torch.Tensor) -> str:
+    return (f"its storage ({t.untyped_storage().nbytes()} bytes) is smaller than its shape "
+            f"{tuple(t.shape)} needs")
+
+
 def _fail(exc, name: str, what: str):
     raise exc(f"{name}: {what}")
 
@@ -168,6 +185,8 @@ def check_param(p: torch.Tensor, name: str, device: torch.device | None) -> None
         _fail(NotImplementedError, name, "is a strided view with gaps (not dense); PUB steps "
                                          "dense parameters (contiguous, channels_last, "
                                          "transposed, ...)")
+    if not _storage_holds(p):
+        _fail(ValueError, name, _short_storage(p))
 
 
 def _state_like(p: torch.Tensor, k: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -180,7 +199,7 @@ def _state_like(p: torch.Tensor, k: int | None, dtype: torch.dtype) -> torch.Ten
 
 def _matches(t, p: torch.Tensor, k: int | None, dtype: torch.dtype) -> bool:
     if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != p.device \
-            or t.layout != torch.strided:
+            or t.layout != torch.strided or not _storage_holds(t):
         return False
     if k is None:
         return same_layout(t, p)
@@ -198,6 +217,8 @@ def _converted(value, p, k, dtype, name, key):
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise RuntimeError(f"{name}: optimizer state {key!r} has shape {shape}, expected "
                            f"{want}; was the parameter resized after its state was made?")
+    if value.layout == torch.strided and not _storage_holds(value):
+        raise RuntimeError(f"{name}: optimizer state {key!r}: {_short_storage(value)}")
     out = _state_like(p, k, dtype)
     out.copy_(value.detach().reshape(want))
     return out
@@ -212,6 +233,11 @@ def prepare_state(state: dict, p: torch.Tensor, names: list[str], init: list[flo
     dtype = state_dtype(p)
     new: dict[str, Any] = {}
     step = state.get("step")
+    if isinstance(step, torch.Tensor) and (step.numel() != 1 or (
+            step.layout == torch.strided and not _storage_holds(step))):
+        what = (f"has shape {tuple(step.shape)}, expected one number" if step.numel() != 1
+                else f"is not readable: {_short_storage(step)}")
+        raise RuntimeError(f"{name}: optimizer state 'step' {what}")
     if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
             and step.device == p.device and step.numel() == 1 and step.dim() == 0):
         value = 0.0 if step is None else float(step)
@@ -254,6 +280,8 @@ def plain_grad(p: torch.Tensor, name: str) -> torch.Tensor:
     if g.layout != torch.strided:
         _fail(TypeError, name, "sparse gradients are not supported (use sparse=False in "
                                "nn.Embedding)")
+    if not _storage_holds(g):
+        _fail(ValueError, name, "gradient: " + _short_storage(g))
     if g.dtype != p.dtype or g.device != p.device:
         _fail(TypeError, name, f"gradient of dtype {g.dtype} on {g.device} for a parameter "
                                f"of dtype {p.dtype} on {p.device}")

@@ -165,7 +165,21 @@ class PUBOptimizer(GradientTools, Checkpoints):
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's ``add_param_group``; a ``"shared"`` flag decides the new parameters (else
-        they are detected at the next ``backward``)."""
+        they are detected at the next ``backward``). A parameter listed twice in the group is
+        an error (torch warns and would step it twice, one state for both; PUB's single pass
+        over the group cannot), raised before the group is added."""
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (torch.Tensor, set)):
+            params = list(params)  # a generator is read once: hand torch the list
+            param_group = {**param_group, "params": params}
+        if isinstance(params, list):
+            seen: dict[int, int] = {}
+            for j, p in enumerate(params):
+                if isinstance(p, torch.Tensor) and seen.setdefault(id(p), j) != j:
+                    raise ValueError(
+                        f"param_groups[{len(self.param_groups)}]['params'][{j}] (shape "
+                        f"{tuple(p.shape)}) is ['params'][{seen[id(p)]}] again: list each "
+                        "parameter once")
         super().add_param_group(param_group)
         if hasattr(self, "_decided"):
             group = self.param_groups[-1]
