@@ -118,6 +118,7 @@ class GradientBalancer:
         self.weights: torch.Tensor | None = None
         self.stats: dict = {}
         self.steps = 0
+        self._scale = 1.0  # the GradScaler's scale of the last backward's losses
         self._grads: TaskGradients | None = None
         self._solve_time: float | None = None
 
@@ -157,11 +158,18 @@ class GradientBalancer:
 
     # -- the step -----------------------------------------------------------------------------
 
-    def backward(self, losses) -> None:
-        """Per-task gradients -> weights -> combined gradient in ``.grad`` (accumulated)."""
+    def backward(self, losses, *, scaler=None) -> None:
+        """Per-task gradients -> weights -> combined gradient in ``.grad`` (accumulated).
+
+        ``scaler``: the ``torch.amp.GradScaler`` that scaled ``losses``, if any. With it, a
+        non-finite Gram (an overflow of the scaled losses) is no error: ``.grad`` gets the
+        plain sum of the task gradients, non-finite, so that ``scaler.step`` skips the step and
+        the scale backs off, as for ``loss.backward()``; the weights stay as they were. And a
+        ``max_norm`` clips the gradient as it will be once unscaled."""
         raw, losses = losses, as_loss_list(losses, self.k)
         if self.k is None:
             self._setup(raw, losses)
+        self._scale = 1.0 if scaler is None else float(scaler.get_scale())
         # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
         if reuse:
@@ -184,13 +192,14 @@ class GradientBalancer:
                 self._average_task_gradients()
             buf = self._grads.buffer
             G = _gram_float64(buf)
-            if not bool(torch.isfinite(G).all()):
+            overflow = not bool(torch.isfinite(G).all())
+            if overflow and scaler is None:
                 bad = [i for i in range(self.k) if not math.isfinite(float(G[i, i]))]
                 raise FloatingPointError(
                     f"non-finite gradient of the shared parameters in task(s) {bad}")
             t0 = time.perf_counter()
             self._solve_time = None
-            if self._grads.size == 0:
+            if self._grads.size == 0 or overflow:
                 w = torch.ones(self.k, dtype=torch.float64)
             else:
                 w = torch.as_tensor(self._compute_weights(G.numpy(), losses), dtype=torch.float64)
@@ -201,13 +210,14 @@ class GradientBalancer:
             for p, g in zip(specific, stash, strict=True):
                 p.grad = g
             raise
-        self.steps += 1
-        self.stats["updated"] = True
-        self.weights = w
+        if not overflow:
+            self.steps += 1
+            self.weights = w
+        self.stats["updated"] = not overflow
         if self._grads.size:
             combined = torch.mv(buf.t(), w.to(device=buf.device, dtype=buf.dtype))
             _accumulate(self.shared, torch.split(combined, self._grads.numels))
-        if self.weight_task_specific:
+        if self.weight_task_specific and not overflow:
             for wi, spec in zip(w.tolist(), self._single, strict=True):
                 for p in spec:
                     if p.grad is not None:
@@ -337,7 +347,7 @@ class NashMTL(GradientBalancer):
 
     def _finish(self):
         if self.max_norm > 0 and self.shared:
-            torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm)
+            torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm * self._scale)
 
     def __repr__(self):
         return (f"NashMTL(update_weights_every={self.update_weights_every}, "
@@ -586,9 +596,9 @@ class FAMO(GradientBalancer):
         """z = softmax(ξ), the tasks' share of the weighting (float64)."""
         return torch.softmax(self.logits.detach(), 0)
 
-    def _log_d(self, losses) -> torch.Tensor:
+    def _log_d(self, losses, scale: float = 1.0) -> torch.Tensor:
         values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(
-            device="cpu", dtype=torch.float64)
+            device="cpu", dtype=torch.float64) / scale
         d = values - self.min_losses + self.eps
         if not bool((d > 0).all()) or not bool(torch.isfinite(d).all()):
             raise ValueError(
@@ -619,12 +629,24 @@ class FAMO(GradientBalancer):
         self.logits.grad = grad
         self._logit_opt.step()
 
-    def backward(self, losses) -> None:
+    def backward(self, losses, *, scaler=None) -> None:
+        """The weighted losses' gradient into ``.grad``. ``scaler``: the
+        ``torch.amp.GradScaler`` that scaled ``losses``, if any: FAMO then reads the unscaled
+        losses, ``max_norm`` clips the gradient as it will be once unscaled, and a non-finite
+        loss (an overflow) gives ``.grad`` the plain, non-finite sum for the scaler to skip,
+        leaving FAMO's state as it was."""
         raw, items = losses, as_loss_list(losses, self.k)
         if self.shared is None and self.max_norm > 0:
             self._detect(raw, items)
+        scale = 1.0 if scaler is None else float(scaler.get_scale())
+        if scaler is not None and not all(bool(torch.isfinite(loss.detach()).all())
+                                          for loss in items):
+            torch.autograd.backward(sum(items), inputs=self.params)
+            self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
+                          "update": None}
+            return
         self.steps += 1
-        log_d = self._log_d(items)
+        log_d = self._log_d(items, scale)
         update = None
         if not self._updated:
             self._update_from(log_d)
@@ -636,7 +658,7 @@ class FAMO(GradientBalancer):
         total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
         torch.autograd.backward(total, inputs=self.params)
         if self.max_norm > 0 and self.shared:
-            torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm)
+            torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm * scale)
         self.weights = w
         self._prev_log_d = log_d
         self._updated = False

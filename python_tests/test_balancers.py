@@ -579,3 +579,65 @@ def test_shared_parameter_changed_between_steps_gets_the_weighted_gradient(cls, 
         assert conv.weight.grad.stride() == conv.weight.stride()
         assert conv.weight.grad.dtype == conv.weight.dtype
         torch.testing.assert_close(conv.weight.grad, expected)
+
+
+# -- under a GradScaler ---------------------------------------------------------------------------
+
+def _scaled_model(seed):
+    torch.manual_seed(seed)
+    trunk = torch.nn.Linear(6, 8)
+    heads = [torch.nn.Linear(8, 1) for _ in range(2)]
+    params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+    x = torch.randn(32, 6)
+
+    def losses(scale=(30.0, 30.0)):
+        z = torch.tanh(trunk(x))
+        return [s * h(z).square().mean() for s, h in zip(scale, heads)]
+    return trunk, params, losses
+
+
+@pytest.mark.parametrize("name", ["NashMTL", "FAMO"])
+def test_clipping_under_a_grad_scaler_clips_the_unscaled_gradient(name):
+    # With backward(..., scaler=scaler), max_norm applies to the gradient as it is once
+    # unscaled: after scaler.unscale_ it equals the run without a scaler (max_norm = 1 bites).
+    grads = []
+    for use_scaler in (False, True):
+        trunk, params, losses = _scaled_model(0)
+        bal = B.NashMTL(params) if name == "NashMTL" else B.FAMO(params, n_tasks=2)
+        opt = torch.optim.SGD(params, lr=0.1)
+        if use_scaler:
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            bal.backward([scaler.scale(loss) for loss in losses()], scaler=scaler)
+            scaler.unscale_(opt)
+        else:
+            bal.backward(losses())
+        grads.append(torch.cat([p.grad.reshape(-1) for p in trunk.parameters()]))
+    assert abs(float(grads[0].norm()) - 1.0) < 1e-5  # clipped
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["NashMTL", "MGDAUB", "CAGrad", "FAMO"])
+def test_an_overflow_under_a_grad_scaler_is_skipped_and_backs_off(name):
+    # An overflow of the scaled losses: no error with scaler=, the scaler skips the step
+    # (parameters unchanged) and halves its scale; the balancer's weights stay as they were.
+    trunk, params, losses = _scaled_model(1)
+    bal = getattr(B, name)(params, **({"n_tasks": 2} if name == "FAMO" else {}))
+    opt = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for overflow in (False, True, False):
+        opt.zero_grad()
+        ls = losses((30.0, float("inf") if overflow else 30.0))
+        before = [p.detach().clone() for p in params]
+        weights = bal.weights
+        scale = scaler.get_scale()
+        bal.backward([scaler.scale(loss) for loss in ls], scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        moved = any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+        assert moved != overflow
+        assert (scaler.get_scale() < scale) == overflow
+        if overflow:
+            assert not bal.stats["updated"] and bal.weights is weights
+    with pytest.raises(FloatingPointError if name != "FAMO" else ValueError):
+        getattr(B, name)(params, **({"n_tasks": 2} if name == "FAMO" else {})).backward(
+            losses((30.0, float("inf"))))
