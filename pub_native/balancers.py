@@ -1435,9 +1435,9 @@ def _gram_float64(rows: torch.Tensor) -> torch.Tensor:
     Float16, bfloat16 and float32 rows are converted in column blocks of 2^18 elements (one
     block of all P was 4× slower at P = 1M, in fresh pages), so that gradients whose squares
     overflow or underflow their own type (float16 from |g| ~ 256, float32 from ~1e19) still
-    give a finite, accurate G, as SPEC section 4 asks (float64 accumulation); a product in the
-    rows' own type was also not exactly symmetric,
-    which the native solver refuses beyond its tolerance."""
+    give a finite, accurate G, as SPEC section 4 asks (float64 accumulation). A product in
+    the rows' own type was also not exactly symmetric, which the native solver refuses beyond
+    its tolerance."""
     k, n = rows.shape
     if rows.dtype == torch.float64:
         G = rows @ rows.t()
