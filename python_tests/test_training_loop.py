@@ -415,3 +415,22 @@ def test_a_non_finite_loss_then_clipping_raises_the_non_finite_error(backend):
     with pytest.raises(FloatingPointError, match="non-finite gradient"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(prob.params(), before))
+
+
+def test_grad_scaler_does_not_hide_updates_that_overflow_from_finite_gradients():
+    # eps = 0 and a shared parameter whose gradient is always 0: its Adam update is 0/0 whatever
+    # the scale. The scaler cannot mend that (and a skip would repeat at every step, silently),
+    # so the step raises as it does without a scaler, and changes nothing.
+    torch.manual_seed(0)
+    model = MMoE()
+    idle = torch.nn.Parameter(torch.ones(3))
+    params = [*model.parameters(), idle]
+    opt = pub_native.Adam(params, lr=1e-2, eps=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = [p.detach().clone() for p in params]
+    idx, y = mmoe_batch(0)
+    losses = [((o - y) ** 2).mean() + 0.0 * idle.sum() for o in model(idx)]
+    opt.backward([scaler.scale(loss) for loss in losses])
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))

@@ -232,7 +232,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
             self._stats = dict(result.stats if result.solved else self._stats,
                                updated=result.solved)
         elif raise_errors and outcome != StepOutcome.SKIPPED_FOUND_INF and (
-                not under_scaler or outcome == StepOutcome.GRAD_EDITED):
+                not under_scaler or outcome != StepOutcome.NONFINITE_GRAD):
             error = RuntimeError if outcome == StepOutcome.GRAD_EDITED else FloatingPointError
             raise error(self._failure_message(result._plan, result)
                         + " (the CUDA step was skipped on the device)")
@@ -611,10 +611,12 @@ class PUBOptimizer(GradientTools, Checkpoints):
             self._pending = False
             return
         if outcome == StepOutcome.SKIPPED_FOUND_INF or (
-                found_inf is not None and outcome != StepOutcome.GRAD_EDITED):
-            # Under a GradScaler a skipped step is the protocol, not an error.
-            if found_inf is not None:
-                found_inf.fill_(1.0)
+                found_inf is not None and outcome == StepOutcome.NONFINITE_GRAD):
+            # Under a GradScaler a step skipped for an overflowed gradient is the protocol, not
+            # an error (the scaler found it in .grad, the tasks' sum, and backs off). Updates
+            # that overflow from finite gradients are not the scale's doing, and a smaller
+            # scale would not mend them: they raise as without a scaler (the found_inf handed
+            # to step() is the scaler's copy, so setting it would not back the scale off).
             self._pending = False
             return
         error = RuntimeError if outcome == StepOutcome.GRAD_EDITED else FloatingPointError
