@@ -186,8 +186,10 @@ __global__ void finish_kernel(int K, bool solve, bool any_gram, SolveOptions opt
   const bool found = d.found_inf && *d.found_inf != 0.0f;
   const bool grad_bad = d.flags[kFlagGradNonFinite] != 0;
   const bool edited = d.flags[kFlagGradEdited] != 0;
+  // On solve steps G is checked even where this process formed none of it (an empty shard
+  // under data parallelism: the all-reduced G of the others decides here too, as on the CPU).
   bool gram_bad = false;
-  if (any_gram)
+  if (any_gram || solve)
     for (int e = 0; e < K * K; ++e) gram_bad = gram_bad || !pn_isfinite(d.G[e]);
   const int32_t outcome = step_outcome(found, edited, grad_bad, gram_bad && !grad_bad);
   if (team.rank() == 0) {
