@@ -85,6 +85,13 @@ def train(args, model, step_model, bal, opt, ranks=None):
             rank, world = ranks
             x, y = x[rank::world], y[:, rank::world]
         opt.zero_grad()
+        if args.accumulate > 1:  # synced backward calls on micro-batches, one step
+            n = args.accumulate
+            for j in range(n):
+                losses = [loss / n for loss in task_losses(step_model(x[j::n]), y[:, j::n])]
+                (bal or opt).backward(losses)
+            opt.step()
+            continue
         losses = task_losses(step_model(x), y)
         if args.absent and t == args.start + 1:
             losses[-1] = torch.zeros(())  # no labels for the last task in this batch
@@ -122,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--load", default="")
     ap.add_argument("--absent", type=int, default=0)
     ap.add_argument("--tools", type=int, default=0)
+    ap.add_argument("--accumulate", type=int, default=1)
     ap.add_argument("--mode", default="ddp",
                     help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
                          "sharded-parameter")

@@ -78,6 +78,9 @@ CASES = [
     _case(2, ["--optimizer", "adam", "--absent", "1"]),
     _case(3, ["--optimizer", "adam", "--model", "uneven", "--tools", "1"]),  # clipping tools
     _case(2, ["--optimizer", "adam", "--tools", "1", "--shard", "0"]),
+    # Two synced backward calls (micro-batches) before one step.
+    _case(2, ["--optimizer", "adam", "--shard", "0", "--accumulate", "2"], slow=False),
+    _case(3, ["--optimizer", "rmsprop", "--model", "uneven", "--accumulate", "2"]),
 ]
 
 

@@ -390,6 +390,12 @@ class PUBOptimizer(GradientTools, Checkpoints):
             dp.set_layout(grads)
             handles: list = []
             sync = dp.syncing()
+            if accumulate and sync and not dp.shard and not dp.unreduced:
+                # The replicated rows hold the average of an earlier synced backward, the same
+                # on every process: ÷ N, so that this call's all-reduce (a sum) keeps it once,
+                # as average_gradients does with .grad (the sharded scheme reduce-scatters
+                # from rows it leaves unreduced).
+                grads.buffer[:k].div_(dp.world)
             grads.compute(items, [specific] * k, retain_graph=retain_graph,
                           accumulate=accumulate, scale=1.0 / dp.world,
                           on_task=(lambda i: handles.append(dp.reduce_task(grads, i)))
