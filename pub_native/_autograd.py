@@ -84,20 +84,37 @@ def task_roots(losses, items: list[torch.Tensor]) -> list:
 
 def walk_graph(starts) -> tuple[set, set[int]]:
     """The autograd nodes reachable from ``starts`` (nodes, None allowed) and the ids of the
-    leaf tensors their AccumulateGrad nodes hold (the walk stops at those)."""
+    leaf tensors their AccumulateGrad nodes hold (the walk stops at those).
+
+    DistributedDataParallel with ``find_unused_parameters`` or ``static_graph`` passes every
+    output of the model through one node (``_DDPSinkBackward``, output j's gradient going to
+    its input j alone): entered through output j, the walk follows input j only, or every
+    task would reach every parameter of the model."""
     nodes: set = set()
+    sinks: set = set()
     leaves: set[int] = set()
-    stack = list(starts)
+    stack: list = [(node, None) for node in starts]
     while stack:
-        node = stack.pop()
-        if node is None or node in nodes:
+        node, output_nr = stack.pop()
+        if node is None:
+            continue
+        edges = node.next_functions
+        if output_nr is not None and output_nr < len(edges) \
+                and node.name() == "_DDPSinkBackward":
+            if (node, output_nr) in sinks:
+                continue
+            sinks.add((node, output_nr))
+            nodes.add(node)
+            stack.append(edges[output_nr])
+            continue
+        if node in nodes:
             continue
         nodes.add(node)
         var = getattr(node, "variable", None)
         if var is not None:
             leaves.add(id(var))
             continue
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+        stack.extend((fn, nr) for fn, nr in edges if fn is not None)
     return nodes, leaves
 
 

@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--absent", type=int, default=0)
     ap.add_argument("--tools", type=int, default=0)
     ap.add_argument("--accumulate", type=int, default=1)
+    ap.add_argument("--ddp", default="")
     ap.add_argument("--mode", default="ddp",
                     help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
                          "sharded-parameter")
@@ -149,8 +150,12 @@ def main(argv=None) -> int:
     else:
         dist.init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{args.port}",
                                 rank=args.rank, world_size=args.world)
+        # --ddp find_unused / static_graph: DDP then routes every output through one autograd
+        # node, which shared-parameter detection must see through.
+        ddp_kw = {"find_unused": {"find_unused_parameters": True},
+                  "static_graph": {"static_graph": True}}.get(args.ddp, {})
         wrapped = model if args.mode in ("no-wrapper", "explicit-group") else \
-            torch.nn.parallel.DistributedDataParallel(model)
+            torch.nn.parallel.DistributedDataParallel(model, **ddp_kw)
         group = dist.group.WORLD if args.mode == "explicit-group" else "auto"
         bal, opt = make_optimizer(args, list(wrapped.parameters()), group)
         if args.load:

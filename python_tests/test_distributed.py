@@ -81,6 +81,9 @@ CASES = [
     # Two synced backward calls (micro-batches) before one step.
     _case(2, ["--optimizer", "adam", "--shard", "0", "--accumulate", "2"], slow=False),
     _case(3, ["--optimizer", "rmsprop", "--model", "uneven", "--accumulate", "2"]),
+    # DDP's options that pass every output through one node (detection must see through it).
+    _case(2, ["--optimizer", "adam", "--ddp", "find_unused"], slow=False),
+    _case(2, ["--optimizer", "adagrad", "--ddp", "static_graph"]),
 ]
 
 
@@ -117,9 +120,11 @@ def test_checkpoint_resumes_on_another_world_size(tmp_path, args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("balancer", ["nashmtl", "mgda-ub", "imtl-g", "pcgrad", "cagrad"])
-def test_gradient_balancers_under_ddp(tmp_path, balancer):
-    args = ["--balancer", balancer]
+@pytest.mark.parametrize("balancer,ddp", [("nashmtl", ""), ("mgda-ub", ""), ("imtl-g", ""),
+                                         ("pcgrad", ""), ("cagrad", ""),
+                                         ("nashmtl", "find_unused")])
+def test_gradient_balancers_under_ddp(tmp_path, balancer, ddp):
+    args = ["--balancer", balancer, "--ddp", ddp]
     ranks = _run(tmp_path, 2, args)
     _assert_identical_and_exact(ranks, _single(tmp_path, args))
 
