@@ -93,6 +93,10 @@ def train(args, model, step_model, bal, opt, ranks=None):
             opt.step()
             continue
         losses = task_losses(step_model(x), y)
+        if args.diverge and (ranks is None or ranks[0] == 0):
+            # Task 1 touches task 0's tower (with weight 0) on the first process only: each
+            # process's graph alone would detect different shared parameters.
+            losses[1] = losses[1] + 0.0 * sum(p.sum() for p in model.towers[0].parameters())
         if args.absent and t == args.start + 1:
             losses[-1] = torch.zeros(())  # no labels for the last task in this batch
         if bal is not None:
@@ -131,9 +135,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tools", type=int, default=0)
     ap.add_argument("--accumulate", type=int, default=1)
     ap.add_argument("--ddp", default="")
+    ap.add_argument("--diverge", type=int, default=0)
     ap.add_argument("--mode", default="ddp",
                     help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
-                         "sharded-parameter")
+                         "sharded-parameter | different-k")
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -171,6 +176,13 @@ def main(argv=None) -> int:
                 w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
                 opt = pub_native.Adam([w])
                 opt.backward([(w * w).sum(), w.sum()])
+            if args.mode == "different-k":  # the last process has one task more
+                x, y = global_batch(args.model, 0, args.tasks)
+                losses = task_losses(wrapped(x), y)
+                if args.rank == args.world - 1:
+                    losses.append(losses[0] * 2)
+                opt.zero_grad()
+                opt.backward(losses)
             if args.mode == "no-sync-misuse":
                 x, y = global_batch(args.model, 0, args.tasks)
                 opt.zero_grad()

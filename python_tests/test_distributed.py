@@ -84,6 +84,8 @@ CASES = [
     # DDP's options that pass every output through one node (detection must see through it).
     _case(2, ["--optimizer", "adam", "--ddp", "find_unused"], slow=False),
     _case(2, ["--optimizer", "adagrad", "--ddp", "static_graph"]),
+    # Processes whose own graphs detect different shared parameters: they agree (the union).
+    _case(2, ["--optimizer", "adam", "--diverge", "1"], slow=False),
 ]
 
 
@@ -147,6 +149,7 @@ def test_nccl_world_of_one_on_cuda(tmp_path):
 
 @pytest.mark.parametrize("mode,match", [
     ("no-sync-misuse", "no_sync"),
+    ("different-k", "same number of losses"),  # a clear error on every process, not a hang
     pytest.param("no-wrapper", "not wrapped in DistributedDataParallel",
                  marks=pytest.mark.slow),
     pytest.param("sharded-parameter", "sharded \\(FSDP or DTensor\\)",

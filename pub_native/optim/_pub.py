@@ -350,8 +350,18 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if not any(present):
             raise ValueError("losses: no task loss requires grad (none is connected to a "
                              "parameter), so there is nothing to differentiate")
+        decided = len(self._decided)
         shared = self._resolve_shared(losses, items)
         dp = self._data_parallel()
+        if dp is not None and (self._k is None or len(self._decided) != decided):
+            # Decided from this process's batch: agree with the others before any collective
+            # that depends on it (a different K, or a parameter one batch reached with two
+            # tasks and another with one, would pair mismatched collectives: a hang or abort).
+            params = self._all_params()
+            agreed = dp.agree(k, [self._decided[id(p)] for p in params])
+            for p, flag in zip(params, agreed):
+                self._decided[id(p)] = flag
+            shared = [p for p in params if self._decided[id(p)]]
         grads = self._grads
         accumulate = self._accumulating(shared)
         if (grads is None or grads.k != k
