@@ -74,6 +74,10 @@ class GradientBalancer:
         weight_task_specific: whether a parameter reached by task i alone gets w_i·∂L_i/∂p
             (the method weights the losses) or ∂L_i/∂p. ``None``: what the method's published
             code does (see each class).
+        process_group: under torch.distributed, ``"auto"`` (the DistributedDataParallel module
+            that holds the parameters: the task gradients are averaged over its group), a
+            group to average over, or None (every process trains on its own), as for
+            ``pub_native.Adam``.
 
     Attributes:
         weights: the K task weights w of the last :meth:`backward` (float64 tensor), or None.
@@ -91,8 +95,9 @@ class GradientBalancer:
     _reusable = False
 
     def __init__(self, params, *, shared=None, weight_task_specific: bool | None = None,
-                 update_weights_every: int = 1):
+                 update_weights_every: int = 1, process_group="auto"):
         self.params = _param_list(params, "params")
+        self._process_group = process_group
         if not self.params:
             raise ValueError("params is empty (no tensor requires grad)")
         ids = {id(p) for p in self.params}
@@ -129,7 +134,7 @@ class GradientBalancer:
         self._grads = TaskGradients(self.shared, len(losses))
         # Under DistributedDataParallel the per-task gradients (taken with autograd.grad, which
         # DDP does not see) are averaged here, so every process computes the same weights.
-        self._dp_group, _ = data_parallel_group(self.params)
+        self._dp_group, _ = data_parallel_group(self.params, self._process_group)
 
     def _detect(self, raw_losses, losses: list[torch.Tensor]) -> None:
         """Shared and task-specific parameters from the autograd graph of the first losses."""
@@ -317,9 +322,9 @@ class NashMTL(GradientBalancer):
 
     def __init__(self, params, *, shared=None, update_weights_every: int = 1,
                  max_norm: float = 1.0, solver: str = "newton",
-                 weight_task_specific: bool | None = None):
+                 weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
-                         update_weights_every=update_weights_every)
+                         update_weights_every=update_weights_every, process_group=process_group)
         if not (isinstance(max_norm, (int, float)) and 0 <= max_norm < math.inf):
             raise ValueError(f"max_norm must be a finite number >= 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
@@ -376,9 +381,10 @@ class MGDAUB(GradientBalancer):
     NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
     def __init__(self, params, *, shared=None, normalization: str = "none",
-                 update_weights_every: int = 1, weight_task_specific: bool | None = None):
+                 update_weights_every: int = 1, weight_task_specific: bool | None = None,
+                 process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
-                         update_weights_every=update_weights_every)
+                         update_weights_every=update_weights_every, process_group=process_group)
         if normalization not in self.NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {self.NORMALIZATIONS}, got "
                              f"{normalization!r}")
@@ -409,9 +415,9 @@ class IMTLG(GradientBalancer):
     _reusable = True
 
     def __init__(self, params, *, shared=None, update_weights_every: int = 1,
-                 weight_task_specific: bool | None = None):
+                 weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
-                         update_weights_every=update_weights_every)
+                         update_weights_every=update_weights_every, process_group=process_group)
 
     def _compute_weights(self, G, losses):
         return imtl_g_weights(G)
@@ -432,8 +438,9 @@ class PCGrad(GradientBalancer):
     """
 
     def __init__(self, params, *, shared=None, seed: int | None = 0, reduction: str = "sum",
-                 weight_task_specific: bool | None = None):
-        super().__init__(params, shared=shared, weight_task_specific=weight_task_specific)
+                 weight_task_specific: bool | None = None, process_group="auto"):
+        super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
+                         process_group=process_group)
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
@@ -464,8 +471,9 @@ class CAGrad(GradientBalancer):
     """
 
     def __init__(self, params, *, shared=None, c: float = 0.5,
-                 weight_task_specific: bool | None = None):
-        super().__init__(params, shared=shared, weight_task_specific=weight_task_specific)
+                 weight_task_specific: bool | None = None, process_group="auto"):
+        super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
+                         process_group=process_group)
         if not (isinstance(c, (int, float)) and 0 <= c < math.inf):
             raise ValueError(f"c must be a finite number >= 0, got {c!r}")
         self.c = float(c)

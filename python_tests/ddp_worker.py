@@ -66,7 +66,8 @@ def make_optimizer(args, params, group="auto"):
     if args.balancer:
         from pub_native import balancers
 
-        bal = balancers.BALANCERS[args.balancer](params)
+        cls = balancers.BALANCERS[args.balancer]
+        bal = cls(params, process_group=group) if group != "auto" else cls(params)
         return bal, torch.optim.Adam(params, lr=1e-2)
     cls = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad,
            "rmsprop": pub_native.RMSProp}[args.optimizer]
@@ -199,7 +200,10 @@ def main(argv=None) -> int:
         rank_file = f"rank{args.rank}.pt"
     weights = None if bal is not None else opt.task_weights
     if args.mode == "explicit-group":
-        assert opt._dp is not None and opt._dp.world == args.world
+        if bal is not None:
+            assert bal._dp_group is not None
+        else:
+            assert opt._dp is not None and opt._dp.world == args.world
     dp = getattr(opt, "_dp", None)
     torch.save({"params": [p.detach().cpu().clone() for p in model.parameters()],
                 "weights": weights, "bytes": None if dp is None else dp.bytes_sent,

@@ -79,13 +79,13 @@ CASES = [
     _case(3, ["--optimizer", "adam", "--model", "uneven", "--tools", "1"]),  # clipping tools
     _case(2, ["--optimizer", "adam", "--tools", "1", "--shard", "0"]),
     # Two synced backward calls (micro-batches) before one step.
-    _case(2, ["--optimizer", "adam", "--shard", "0", "--accumulate", "2"], slow=False),
+    _case(2, ["--optimizer", "adam", "--shard", "0", "--accumulate", "2"]),
     _case(3, ["--optimizer", "rmsprop", "--model", "uneven", "--accumulate", "2"]),
     # DDP's options that pass every output through one node (detection must see through it).
     _case(2, ["--optimizer", "adam", "--ddp", "find_unused"], slow=False),
     _case(2, ["--optimizer", "adagrad", "--ddp", "static_graph"]),
     # Processes whose own graphs detect different shared parameters: they agree (the union).
-    _case(2, ["--optimizer", "adam", "--diverge", "1"], slow=False),
+    _case(2, ["--optimizer", "adam", "--diverge", "1"]),
 ]
 
 
@@ -132,6 +132,15 @@ def test_gradient_balancers_under_ddp(tmp_path, balancer, ddp):
 
 
 @pytest.mark.slow
+def test_gradient_balancer_with_an_explicit_process_group(tmp_path):
+    # No DDP wrapper: process_group= names the group over which the balancer averages the task
+    # gradients (the task-specific ones too), and two processes train like one.
+    args = ["--balancer", "nashmtl"]
+    ranks = _run(tmp_path, 2, ["--mode", "explicit-group", *args])
+    _assert_identical_and_exact(ranks, _single(tmp_path, args))
+
+
+@pytest.mark.slow
 def test_explicit_process_group_of_one_exercises_the_data_parallel_path(tmp_path):
     # process_group=<group>: the collectives run even with one process (what a GPU check with
     # NCCL and one device can run), and the result is the single-process one.
@@ -149,7 +158,8 @@ def test_nccl_world_of_one_on_cuda(tmp_path):
 
 @pytest.mark.parametrize("mode,match", [
     ("no-sync-misuse", "no_sync"),
-    ("different-k", "same number of losses"),  # a clear error on every process, not a hang
+    pytest.param("different-k", "same number of losses",  # an error everywhere, not a hang
+                 marks=pytest.mark.slow),
     pytest.param("no-wrapper", "not wrapped in DistributedDataParallel",
                  marks=pytest.mark.slow),
     pytest.param("sharded-parameter", "sharded \\(FSDP or DTensor\\)",
