@@ -64,15 +64,7 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
     if torch.distributed.get_world_size() == 1:
         return None, None
     ids = {id(p) for p in params}
-    holders = []
-    ddp_type = torch.nn.parallel.DistributedDataParallel
-    for obj in gc.get_objects():
-        # type(obj), not isinstance: isinstance also reads obj.__class__, which some module
-        # objects answer with a deprecation warning.
-        if issubclass(type(obj), ddp_type):
-            mine = {id(p) for p in obj.module.parameters()}
-            if ids & mine:
-                holders.append((obj, mine))
+    holders = ddp_holders(ids)
     if len(holders) > 1:
         raise NotImplementedError(
             f"the parameters belong to {len(holders)} DistributedDataParallel modules; "
@@ -91,6 +83,21 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
             "wrapped in DistributedDataParallel: PUB would balance each process's local "
             f"gradients and the replicas would drift apart; {SUPPORTED}")
     return None, None
+
+
+def ddp_holders(ids: set[int]) -> list:
+    """(module, ids of its parameters) of every DistributedDataParallel module that holds a
+    parameter whose id is in ``ids``."""
+    holders = []
+    ddp_type = torch.nn.parallel.DistributedDataParallel
+    for obj in gc.get_objects():
+        # type(obj), not isinstance: isinstance also reads obj.__class__, which some module
+        # objects answer with a deprecation warning.
+        if issubclass(type(obj), ddp_type):
+            mine = {id(p) for p in obj.module.parameters()}
+            if ids & mine:
+                holders.append((obj, mine))
+    return holders
 
 
 def _replicated(params: list[torch.Tensor]) -> bool:

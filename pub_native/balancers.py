@@ -40,7 +40,7 @@ from ._autograd import (
     task_roots,
     walk_graph,
 )
-from ._distributed import average_gradients, data_parallel_group
+from ._distributed import average_gradients, data_parallel_group, ddp_holders
 from .solver import SolveStatus, solve_weights
 
 __all__ = [
@@ -798,7 +798,14 @@ class MultiBalance(GradientBalancer):
                     f"params[{around[0]}] (shape {tuple(p.shape)}) is reached by a task loss "
                     "both through the representation and around it; pass the tensor that "
                     "head reads it from as part of the representation (a list of tensors)")
-        self.heads = [[p for p in self.params if id(p) in r] for r in reach]
+        heads = [[p for p in self.params if id(p) in r] for r in reach]
+        if _world(self.process_group) > 1 and ddp_holders({id(p) for h in heads for p in h}):
+            raise ValueError(
+                "the task heads are inside a DistributedDataParallel module: wrap only the trunk "
+                "(the part below the representation) in DDP and keep the heads plain modules; "
+                "MultiBalance averages the heads' gradients itself, and DDP's own reduction "
+                "would see only part of its parameters' gradients")
+        self.heads = heads
         self.trunk = [p for p in self.params if id(p) in behind]
         self.k = len(items)
 

@@ -56,12 +56,30 @@ def train(world: int, rank: int) -> dict:
             "params": {n: p.detach().reshape(-1).tolist() for n, p in zip(names, params)}}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def whole_model_wrapped(rank: int) -> dict:
+    """The misuse: trunk and heads in one DDP module. The first backward must refuse it."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"trunk": nn.Sequential(nn.Linear(6, 8), nn.ReLU()),
+                           "heads": nn.ModuleList(nn.Linear(8, 1) for _ in range(2))})
+    ddp = nn.parallel.DistributedDataParallel(model)
+    bal = MultiBalance(list(model.parameters()))
+    x, y = _data(0)
+    z = ddp.module["trunk"](x[rank::2])
+    losses = [nn.functional.mse_loss(h(z).squeeze(1), y[rank::2, k])
+              for k, h in enumerate(ddp.module["heads"])]
+    try:
+        bal.backward(losses, z)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
+def _worker(rank: int, port: int, out: str, mode: str = "trunk") -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=rank, world_size=2)
     try:
-        result = train(world=2, rank=rank)
+        result = train(world=2, rank=rank) if mode == "trunk" else whole_model_wrapped(rank)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         # Neither process leaves while the other still talks to the store rank 0 hosts.
         torch.distributed.barrier()
@@ -70,4 +88,5 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    torch.multiprocessing.spawn(_worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+    mode = sys.argv[3] if len(sys.argv) > 3 else "trunk"
+    torch.multiprocessing.spawn(_worker, args=(int(sys.argv[1]), sys.argv[2], mode), nprocs=2)
