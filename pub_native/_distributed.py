@@ -85,6 +85,23 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
     return None, None
 
 
+def agree_on(group, k: int, flags: list[bool]) -> list[bool]:
+    """What the processes of ``group`` decided from their own batches, made one decision: the
+    same task count K on every process (else a ValueError on every process, not a hang in a
+    later collective), and each flag set where any process set it, in one small all-reduce."""
+    dist = torch.distributed
+    values = torch.tensor([k, -k] + [float(x) for x in flags], dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        values = values.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+    values = values.cpu()
+    if values[0] != -values[1]:
+        other = int(values[0]) if values[0] != k else int(-values[1])
+        raise ValueError(f"losses: this process has {k} tasks, another {other}; every process "
+                         "must pass the same number of losses")
+    return [bool(x > 0) for x in values[2:]]
+
+
 def ddp_holders(ids: set[int]) -> list:
     """(module, ids of its parameters) of every DistributedDataParallel module that holds a
     parameter whose id is in ``ids``."""

@@ -36,11 +36,10 @@ from ._autograd import (
     as_loss_list,
     layout_view,
     reached_parameters,
-    split_shared,
     task_roots,
     walk_graph,
 )
-from ._distributed import average_gradients, data_parallel_group, ddp_holders
+from ._distributed import agree_on, average_gradients, data_parallel_group, ddp_holders
 from .solver import SolveStatus, solve_weights
 
 __all__ = [
@@ -130,25 +129,31 @@ class GradientBalancer:
     # -- set-up -------------------------------------------------------------------------------
 
     def _setup(self, raw_losses, losses: list[torch.Tensor]) -> None:
-        self._detect(raw_losses, losses)
-        self._grads = TaskGradients(self.shared, len(losses))
         # Under DistributedDataParallel the per-task gradients (taken with autograd.grad, which
         # DDP does not see) are averaged here, so every process computes the same weights.
         self._dp_group, _ = data_parallel_group(self.params, self._process_group)
+        self._detect(raw_losses, losses)
+        self._grads = TaskGradients(self.shared, len(losses))
 
     def _detect(self, raw_losses, losses: list[torch.Tensor]) -> None:
-        """Shared and task-specific parameters from the autograd graph of the first losses."""
+        """Shared and task-specific parameters from the autograd graph of the first losses
+        (under data parallelism, what any process's graph reached: see agree_on)."""
         # The optimizers' detection (pub_native._autograd): a stacked 1-D tensor of losses is
         # split back into its tasks at the stack, so its tasks reach what the list's would.
         roots = task_roots(raw_losses, losses)
         reach = [reached_parameters(root) for root in roots]
+        if getattr(self, "_dp_group", None) is not None:
+            flags = agree_on(self._dp_group, len(losses),
+                             [id(p) in r for r in reach for p in self.params])
+            n = len(self.params)
+            reach = [{id(p) for j, p in enumerate(self.params) if flags[i * n + j]}
+                     for i in range(len(losses))]
         counts = [sum(id(p) in r for r in reach) for p in self.params]
         if self._shared_given is not None:
             shared_ids = {id(p) for p in self._shared_given}
             self.shared = [p for p in self.params if id(p) in shared_ids]
         else:
-            is_shared = split_shared(roots, self.params)
-            self.shared = [p for p, s in zip(self.params, is_shared, strict=True) if s]
+            self.shared = [p for p, c in zip(self.params, counts, strict=True) if c >= 2]
             shared_ids = {id(p) for p in self.shared}
         # specific[i]: non-shared parameters task i reaches; a non-shared parameter reached by
         # several tasks (possible only with an explicit ``shared``) gets the plain sum.

@@ -124,9 +124,11 @@ def test_checkpoint_resumes_on_another_world_size(tmp_path, args):
 @pytest.mark.slow
 @pytest.mark.parametrize("balancer,ddp", [("nashmtl", ""), ("mgda-ub", ""), ("imtl-g", ""),
                                          ("pcgrad", ""), ("cagrad", ""),
-                                         ("nashmtl", "find_unused")])
+                                         ("nashmtl", "find_unused"), ("mgda-ub", "diverge")])
 def test_gradient_balancers_under_ddp(tmp_path, balancer, ddp):
-    args = ["--balancer", balancer, "--ddp", ddp]
+    # diverge: the processes' own graphs detect different shared parameters (they agree).
+    args = ["--balancer", balancer] + (["--diverge", "1"] if ddp == "diverge" else
+                                       ["--ddp", ddp])
     ranks = _run(tmp_path, 2, args)
     _assert_identical_and_exact(ranks, _single(tmp_path, args))
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .._autograd import TaskGradients, sum_rows
-from .._distributed import all_gather, average_gradients, reduce_scatter
+from .._distributed import agree_on, all_gather, average_gradients, reduce_scatter
 
 __all__ = ["DataParallel"]
 
@@ -85,20 +85,10 @@ class DataParallel:
     # ---- backward ----------------------------------------------------------------------------
 
     def agree(self, k: int, shared: list[bool]) -> list[bool]:
-        """The same task count on every process (else a ValueError on every process, not a
-        hang), and each parameter shared where any process detected it shared, in one small
-        all-reduce."""
-        flags = torch.tensor([k, -k] + [float(x) for x in shared], dtype=torch.float64)
-        if dist.get_backend(self.group) == "nccl":
-            flags = flags.to(torch.device("cuda", torch.cuda.current_device()))
-        self._count("all_reduce", flags.numel() * 8)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        flags = flags.cpu()
-        if flags[0] != -flags[1]:
-            other = int(flags[0]) if flags[0] != k else int(-flags[1])
-            raise ValueError(f"losses: this process has {k} tasks, another {other}; every "
-                             "process must pass the same number of losses")
-        return [bool(x > 0) for x in flags[2:]]
+        """The same task count on every process, and each parameter shared where any process
+        detected it shared (:func:`agree_on`)."""
+        self._count("all_reduce", (len(shared) + 2) * 8)
+        return agree_on(self.group, k, shared)
 
     def syncing(self) -> bool:
         """False inside ``ddp.no_sync()``: accumulate locally, reduce later."""
