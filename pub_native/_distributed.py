@@ -88,18 +88,28 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
 def agree_on(group, k: int, flags: list[bool]) -> list[bool]:
     """What the processes of ``group`` decided from their own batches, made one decision: the
     same task count K on every process (else a ValueError on every process, not a hang in a
-    later collective), and each flag set where any process set it, in one small all-reduce."""
+    later collective), and each flag set where any process set it: two small all-reduces, the
+    sizes first."""
     dist = torch.distributed
-    values = torch.tensor([k, -k] + [float(x) for x in flags], dtype=torch.float64)
-    if dist.get_backend(group) == "nccl":
-        values = values.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
-    values = values.cpu()
-    if values[0] != -values[1]:
-        other = int(values[0]) if values[0] != k else int(-values[1])
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+    def reduce_max(values: list[float]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.float64).to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return t.cpu()
+
+    # First the sizes (a fixed-size call): the flags' call must have one size everywhere.
+    n = len(flags)
+    sizes = reduce_max([k, -k, n, -n])
+    if sizes[0] != -sizes[1]:
+        other = int(sizes[0]) if sizes[0] != k else int(-sizes[1])
         raise ValueError(f"losses: this process has {k} tasks, another {other}; every process "
                          "must pass the same number of losses")
-    return [bool(x > 0) for x in values[2:]]
+    if sizes[2] != -sizes[3]:
+        raise ValueError("the processes hold different numbers of parameters; every process "
+                         "must build the same model and optimizer")
+    return [bool(x > 0) for x in reduce_max([float(x) for x in flags])] if n else []
 
 
 def ddp_holders(ids: set[int]) -> list:

@@ -1326,7 +1326,7 @@ def cagrad_weights(G: np.ndarray, c: float = 0.5, *, max_iter: int = 1000,
         w = _bisect_pair(fun)
     else:
         w, exact = _cagrad_shifted_min_norm(A, b, phi)
-        if not exact:
+        if w is None or not exact:
             # Projected gradient descent as well, and the lower f of the two.
             candidates = [_minimize_on_simplex(fun, b.copy(), max_iter=max_iter, tol=tol)]
             if w is not None:

@@ -183,7 +183,7 @@ def main(argv=None) -> int:
                 if args.rank == args.world - 1:
                     losses.append(losses[0] * 2)
                 opt.zero_grad()
-                opt.backward(losses)
+                (bal or opt).backward(losses)
             if args.mode == "no-sync-misuse":
                 x, y = global_batch(args.model, 0, args.tasks)
                 opt.zero_grad()

@@ -271,6 +271,21 @@ def test_cagrad_matches_the_primal_optimum_on_ill_conditioned_tasks(dim):
             assert (g @ d).min() >= prob.value - 1e-6 * scale, (k, c, (g @ d).min(), prob.value)
 
 
+@pytest.mark.parametrize("case", ["zero task", "opposite tasks"])
+def test_cagrad_when_the_hull_holds_the_origin(case):
+    # A task with zero gradient, or two opposite ones (K = 3): the hull of the gradients holds
+    # the origin, so no direction improves every task; the optimum of the primal problem is 0,
+    # reached by the plain mean (w = K/(1 + c²)·(1/K)), within CAGrad's ball.
+    g = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]) if case == "zero task" else \
+        np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    c = 0.5
+    w = B.cagrad_weights(g @ g.T, c)
+    d = (w @ g) / 3 * (1 + c * c)
+    g0 = g.mean(0)
+    assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) * (1 + 1e-9)
+    assert (g @ d).min() >= -1e-9
+
+
 # -- NashMTL -------------------------------------------------------------------------------------
 
 def test_nashmtl_weights_solve_the_bargaining_equation():

@@ -171,3 +171,10 @@ def test_set_ups_that_cannot_be_exact_raise(tmp_path, mode, match):
     ranks = _run(tmp_path, 2, ["--mode", mode])
     for r in ranks:
         assert "error" in r and re.search(match, r["error"]), r
+
+
+@pytest.mark.slow
+def test_a_different_number_of_losses_under_a_balancer_raises_everywhere(tmp_path):
+    ranks = _run(tmp_path, 2, ["--mode", "different-k", "--balancer", "imtl-g"])
+    for r in ranks:
+        assert "error" in r and "same number of losses" in r["error"], r

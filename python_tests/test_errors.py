@@ -281,6 +281,9 @@ def test_a_parameter_listed_twice_in_a_group_is_an_error(name):
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": (p for p in [v])})  # a generator is read once, and kept
     assert opt.param_groups[1]["params"] == [v]
+    named = [("w", w), ("v", v), ("w again", w)]  # (name, parameter) pairs, as torch takes
+    with pytest.raises(ValueError, match=r"\['params'\]\[2\] \(shape \(3,\)\) is"):
+        NATIVE[name](named)
 
 
 def test_a_step_counter_of_the_wrong_shape_names_the_parameter():

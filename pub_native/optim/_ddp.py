@@ -87,7 +87,7 @@ class DataParallel:
     def agree(self, k: int, shared: list[bool]) -> list[bool]:
         """The same task count on every process, and each parameter shared where any process
         detected it shared (:func:`agree_on`)."""
-        self._count("all_reduce", (len(shared) + 2) * 8)
+        self._count("all_reduce", (len(shared) + 4) * 8)
         return agree_on(self.group, k, shared)
 
     def syncing(self) -> bool:

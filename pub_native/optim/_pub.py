@@ -175,6 +175,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if isinstance(params, list):
             seen: dict[int, int] = {}
             for j, p in enumerate(params):
+                if isinstance(p, tuple) and len(p) == 2:  # (name, parameter), as torch takes
+                    p = p[1]
                 if isinstance(p, torch.Tensor) and seen.setdefault(id(p), j) != j:
                     raise ValueError(
                         f"param_groups[{len(self.param_groups)}]['params'][{j}] (shape "
