@@ -122,7 +122,7 @@ class GradientBalancer:
         self.weights: torch.Tensor | None = None
         self.stats: dict = {}
         self.steps = 0
-        self._scale = 1.0  # the GradScaler's scale of the last backward's losses
+        self._dp_group = None  # the data-parallel group, decided at the first backward
         self._grads: TaskGradients | None = None
         self._solve_time: float | None = None
 
@@ -142,7 +142,7 @@ class GradientBalancer:
         # split back into its tasks at the stack, so its tasks reach what the list's would.
         roots = task_roots(raw_losses, losses)
         reach = [reached_parameters(root) for root in roots]
-        if getattr(self, "_dp_group", None) is not None:
+        if self._dp_group is not None:
             flags = agree_on(self._dp_group, len(losses),
                              [id(p) in r for r in reach for p in self.params])
             n = len(self.params)
@@ -179,14 +179,14 @@ class GradientBalancer:
         raw, losses = losses, as_loss_list(losses, self.k)
         if self.k is None:
             self._setup(raw, losses)
-        self._scale = 1.0 if scaler is None else float(scaler.get_scale())
+        scale = 1.0 if scaler is None else float(scaler.get_scale())
         # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
         if reuse:
             self._backward_fixed(losses, self.weights)
             self.steps += 1
             self.stats["updated"] = False
-            self._finish()
+            self._finish(scale)
             return
         if not self._grads.matches():
             # A shared parameter changed its shape, dtype, device or memory order since the
@@ -235,7 +235,7 @@ class GradientBalancer:
         for p, g in zip(specific, stash, strict=True):
             if g is not None:
                 p.grad = g.add_(p.grad) if p.grad is not None else g
-        self._finish()
+        self._finish(scale)
 
     def _backward_fixed(self, losses: list[torch.Tensor], w: torch.Tensor) -> None:
         """A step that reuses the weights w: one backward of Σ w_i L_i (two without weighting
@@ -289,8 +289,9 @@ class GradientBalancer:
     def _compute_weights(self, G: np.ndarray, losses: list[torch.Tensor]) -> np.ndarray:
         raise NotImplementedError
 
-    def _finish(self) -> None:
-        """Hook after the combined gradient is in ``.grad`` (NashMTL clips it)."""
+    def _finish(self, scale: float) -> None:
+        """Hook after the combined gradient is in ``.grad`` (NashMTL clips it); ``scale``: the
+        GradScaler's scale of the losses (1 without one)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -355,9 +356,9 @@ class NashMTL(GradientBalancer):
             self._prev_alpha = alpha
         return alpha
 
-    def _finish(self):
+    def _finish(self, scale):
         if self.max_norm > 0 and self.shared:
-            torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm * self._scale)
+            torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm * scale)
 
     def __repr__(self):
         return (f"NashMTL(update_weights_every={self.update_weights_every}, "

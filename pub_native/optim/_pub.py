@@ -74,6 +74,17 @@ def _default_backend() -> str:
     return name
 
 
+def _scaler_skip(outcome, under_scaler: bool) -> bool:
+    """Whether a skipped step is a GradScaler's protocol, not an error: the scaler found an
+    inf/NaN, or, under a scaler, a gradient overflowed (the scaler found it in .grad, the
+    tasks' sum, and backs off). Updates that overflow from finite gradients are not the
+    scale's doing, and a smaller scale would not mend them: they raise as without a scaler
+    (the found_inf handed to step() is the scaler's copy, so setting it would not back the
+    scale off)."""
+    return outcome == StepOutcome.SKIPPED_FOUND_INF or (
+        under_scaler and outcome == StepOutcome.NONFINITE_GRAD)
+
+
 class PUBOptimizer(GradientTools, Checkpoints):
     """Mixin that turns a ``torch.optim`` optimizer into its PUB version (see the subclasses).
 
@@ -233,8 +244,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if outcome == StepOutcome.APPLIED:
             self._stats = dict(result.stats if result.solved else self._stats,
                                updated=result.solved)
-        elif raise_errors and outcome != StepOutcome.SKIPPED_FOUND_INF and (
-                not under_scaler or outcome != StepOutcome.NONFINITE_GRAD):
+        elif raise_errors and not _scaler_skip(outcome, under_scaler):
             error = RuntimeError if outcome == StepOutcome.GRAD_EDITED else FloatingPointError
             raise error(self._failure_message(result._plan, result)
                         + " (the CUDA step was skipped on the device)")
@@ -628,13 +638,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 self._stats = dict(result.stats if solve else self._stats, updated=solve)
             self._pending = False
             return
-        if outcome == StepOutcome.SKIPPED_FOUND_INF or (
-                found_inf is not None and outcome == StepOutcome.NONFINITE_GRAD):
-            # Under a GradScaler a step skipped for an overflowed gradient is the protocol, not
-            # an error (the scaler found it in .grad, the tasks' sum, and backs off). Updates
-            # that overflow from finite gradients are not the scale's doing, and a smaller
-            # scale would not mend them: they raise as without a scaler (the found_inf handed
-            # to step() is the scaler's copy, so setting it would not back the scale off).
+        if _scaler_skip(outcome, found_inf is not None):
             self._pending = False
             return
         error = RuntimeError if outcome == StepOutcome.GRAD_EDITED else FloatingPointError
