@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BF16, F32, F64, TOL
+from conftest import BF16, F16, F32, F64, TOL
 from helpers import Problem, assert_close, assert_states_close, run_pub
 
 import pub_native
@@ -34,6 +34,7 @@ CASES = [
     (2, "float32", "RMSprop", {"momentum": 0.9, "centered": True}),
     (8, "float32", "Adagrad", {}),
     (2, "bfloat16", "Adam", {}),
+    (3, "float16", "RMSprop", {"momentum": 0.9}),
     (8, "float64", "Adam", {}),
 ]
 
@@ -75,7 +76,7 @@ def test_every_loop_is_bitwise_independent_of_thread_count(tmp_path):
 def test_avx2_loops_equal_baseline_loops(tmp_path):
     fast = run_cases(tmp_path, "fast", OMP_NUM_THREADS="2")
     base = run_cases(tmp_path, "base", OMP_NUM_THREADS="2", PUB_NATIVE_CPU_BASELINE="1")
-    dtypes = {"float32": F32, "bfloat16": BF16, "float64": F64}
+    dtypes = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
     for case, a, b in zip(CASES, fast, base):
         # Same equations in another order (fused multiply-adds, Gram sums in other lanes):
         # the float32 difference of native and reference runs bounds it.
@@ -177,3 +178,28 @@ def test_large_task_rows_are_skewed_by_an_odd_number_of_pages(dtype):
     assert opt._grads.row_length == padded_row_length((1 << 20) + 3, dtype)
     assert opt._grads.row_length * size >= 4 << 20 or size == 2
     assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", dtype)])
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("decay", [1.0, 0.5, 0.75, 0.7, 1 - 2.0**-12, -2.0])
+def test_16bit_rounding_of_the_step_equals_torch(dtype, decay):
+    # Every 16-bit value θ (all 65536 bit patterns) through one step whose float32 result is
+    # θ·d exactly once rounded: Adam with decoupled weight decay, d = 1 − lr·wd, and zero
+    # gradients (u = 0). The stored 16-bit value must be torch's conversion (round to nearest
+    # even, subnormals, overflow to Inf, Inf and NaN kept) of the same float32 product.
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    # Not θ = ±Inf: the step adds the L2 term wd·θ with wd = 0 here, NaN for an infinite θ
+    # (torch adds none).
+    bits = bits[~bits.view(dtype).isinf()]
+    theta = bits.view(dtype).clone().requires_grad_()
+    lr = 1.0
+    opt = pub_native.Adam([theta], lr=lr, weight_decay=1.0 - decay, decoupled_weight_decay=True)
+    d32 = torch.tensor(1.0 - lr * (1.0 - decay), dtype=F64).to(F32)
+    expected = (bits.view(dtype).to(F32) * d32).to(dtype)
+    theta.grad = torch.zeros_like(theta)
+    opt.step()
+    got = theta.detach()
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan)
+    mismatch = (got.view(torch.int16) != expected.view(torch.int16)) & ~nan
+    assert not mismatch.any(), (bits[mismatch][:8], got[mismatch][:8], expected[mismatch][:8])
