@@ -68,14 +68,17 @@ def losses_for(shared, dirs):
 
 
 class PubStep:
-    """pub_native.Adam on P shared parameters and K tasks; setup() runs the (untimed) backward."""
+    """pub_native.Adam (or ``cls`` with ``options``) on P shared parameters and K tasks; setup()
+    runs the (untimed) backward."""
 
-    def __init__(self, p_total, k, every, backend=None):
+    def __init__(self, p_total, k, every, backend=None, cls=None, options=None):
         self.shared = make_shared(p_total, 0)
         self.dirs = task_directions(self.shared, k, 1)
-        options = {} if backend is None else {"backend": backend}
-        self.opt = pub_native.Adam(self.shared, lr=1e-3, shared=self.shared,
-                                   update_weights_every=every, **options)
+        options = dict(options or {})
+        if backend is not None:
+            options["backend"] = backend
+        self.opt = (cls or pub_native.Adam)(self.shared, lr=1e-3, shared=self.shared,
+                                            update_weights_every=every, **options)
         self.setup()
         self.opt.step()  # first step: state allocation and the first solve
 
@@ -102,6 +105,59 @@ class FusedAdamStep:
 
     def step(self):
         self.opt.step()
+
+
+class PlainStep:
+    """One optimizer without tasks on the same P, gradients set once: torch's (fused where torch
+    has a fused version for the CPU, else foreach) or pub_native's (K = 1, the base step)."""
+
+    def __init__(self, p_total, cls, options, torch_impl=False):
+        self.shared = make_shared(p_total, 0)
+        for p in self.shared:
+            p.grad = torch.randn_like(p)
+        self.impl = ""
+        if torch_impl:
+            try:
+                self.opt = cls(self.shared, lr=1e-3, fused=True, **options)
+                self.impl = "fused"
+            except TypeError:  # no fused version
+                self.opt = cls(self.shared, lr=1e-3, foreach=True, **options)
+                self.impl = "foreach"
+        else:
+            self.opt = cls(self.shared, lr=1e-3, **options)
+        self.opt.step()
+
+    def setup(self):
+        pass
+
+    def step(self):
+        self.opt.step()
+
+
+# Option sets of the other rules (the table above is Adam's default): torch's step, the base
+# step of pub_native (K = 1) and a PUB weight-update step at K = 2, timed in turn.
+OPTION_SETS = [
+    ("Adam amsgrad", torch.optim.Adam, pub_native.Adam, {"amsgrad": True}),
+    ("AdaGrad", torch.optim.Adagrad, pub_native.Adagrad, {}),
+    ("RMSProp", torch.optim.RMSprop, pub_native.RMSprop, {}),
+    ("RMSProp centered+momentum", torch.optim.RMSprop, pub_native.RMSprop,
+     {"centered": True, "momentum": 0.9}),
+]
+
+
+def bench_option_sets(p_total, rounds):
+    """Rows of (name, torch's implementation, torch s, K = 1 s, K = 2 s) for OPTION_SETS."""
+    rows = []
+    for name, torch_cls, pub_cls, options in OPTION_SETS:
+        ref = PlainStep(p_total, torch_cls, options, torch_impl=True)
+        base = PlainStep(p_total, pub_cls, options)
+        pub = PubStep(p_total, 2, every=1, cls=pub_cls, options=options)
+        t_ref, t_base, t_pub = round_robin([ref, base, pub], rounds)
+        rows.append({"options": name, "torch_impl": ref.impl, "torch_s": t_ref, "k1_s": t_base,
+                     "k2_s": t_pub, "k1_over_torch": t_base / t_ref,
+                     "k2_over_torch": t_pub / t_ref})
+        del ref, base, pub
+    return rows
 
 
 def round_robin(steps, rounds: int, warmup: int = 1) -> list[float]:
@@ -201,6 +257,17 @@ def main(argv=None) -> int:
               f"{r['reference_over_pub']:>7.1f}x | {r['achieved_bandwidth'] / 1e9:>6.2f} "
               f"{r['bandwidth_fraction']:>6.0%} | {r['solve_s'] * 1e6:>6.0f}µs")
 
+    p_opts = max(sizes) * M
+    option_rows = bench_option_sets(p_opts, rounds)
+    print(f"\nother option sets at P = {p_opts // M}M: torch's step, pub_native's base step "
+          "(K = 1) and a PUB weight-update step (K = 2), timed in turn")
+    print(f"{'options':<26} | {'torch':>16} {'K = 1':>8} {'K = 2':>8} | {'K1/torch':>8} "
+          f"{'K2/torch':>8}")
+    for r in option_rows:
+        print(f"{r['options']:<26} | {r['torch_impl']:>7} {r['torch_s'] * 1e3:>6.1f}ms "
+              f"{r['k1_s'] * 1e3:>6.1f}ms {r['k2_s'] * 1e3:>6.1f}ms | "
+              f"{r['k1_over_torch']:>7.2f}x {r['k2_over_torch']:>7.2f}x")
+
     verdict = {}
     for r in rows:
         if r["P"] != 16 * M:
@@ -226,7 +293,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "copy_bandwidth": bw, "fused_adam_bandwidth": fused_bw,
-                       "rows": rows,
+                       "rows": rows, "option_sets": option_rows,
                        "targets": TARGETS,
                        "verdict": {k: v[2] for k, v in verdict.items()}}, f, indent=2)
     return 0
