@@ -489,15 +489,29 @@ struct GramKernel {
         }
       }
       if constexpr (kClippy) {
+        // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores.
+        auto ratio = [&](const T* ui, int64_t j) PN_CPU_LAMBDA_INLINE {
+          return (lrel * std::abs(theta[j]) + labs) / std::abs(static_cast<T>(ui[j]));
+        };
         for (int64_t i = 0; i < K; ++i) {
           const T* ui = u + i * kTile;
+          // The least ratio per lane (element j in lane j mod kLanes), then over the lanes: a
+          // running minimum over j stayed a scalar loop with a division per element. A NaN
+          // never replaces a minimum, so the result is the sequential one.
+          T lane_min[kLanes];
+          for (int l = 0; l < kLanes; ++l) lane_min[l] = std::numeric_limits<T>::infinity();
+          int64_t j = 0;
+          for (; j + kLanes <= n; j += kLanes)
+            for (int l = 0; l < kLanes; ++l) {
+              const T r = ratio(ui, j + l);
+              lane_min[l] = r < lane_min[l] ? r : lane_min[l];
+            }
           T m = mr[i];
-#pragma GCC ivdep
-          for (int64_t j = 0; j < n; ++j) {
-            // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores.
-            const T r = (lrel * std::abs(theta[j]) + labs) / std::abs(static_cast<T>(ui[j]));
+          for (; j < n; ++j) {
+            const T r = ratio(ui, j);
             m = r < m ? r : m;
           }
+          for (int l = 0; l < kLanes; ++l) m = lane_min[l] < m ? lane_min[l] : m;
           mr[i] = m;
         }
       }
