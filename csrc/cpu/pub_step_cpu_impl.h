@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <stdexcept>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -61,6 +62,17 @@ inline bool cpu_has_v3() {
 #else
 #define PN_CPU_DISPATCH 0
 #define PN_CPU_V3
+#endif
+// Element types whose every loop the x86-64-v3 version compiles where there is a dispatch: all
+// but float16, which CPUs train in bfloat16 instead. For float16 parameters it compiles the base
+// optimizer's step (K = 1) only, and their PUB steps take the baseline version at about twice
+// the time: their loops in the x86-64-v3 version were a sixth of the build (see v3_compiles).
+#if PN_CPU_DISPATCH
+template <class Tp>
+constexpr bool kV3AllSteps = !std::is_same_v<Tp, half_t>;
+#else
+template <class Tp>
+constexpr bool kV3AllSteps = true;
 #endif
 // The bodies are inlined into each compiled version of a kernel: a body compiled on its own
 // would be compiled for the baseline instruction set only.
@@ -804,6 +816,18 @@ struct ApplyKernel {
       T* mult = mult_scratch.data() + static_cast<size_t>(tid) * K;
       for (int64_t i = 0; i < K; ++i) mult[i] = grad_multiplier<T>(a, item.tensor, i);
       Tp* param = static_cast<Tp*>(tv.param);
+      if constexpr (kFast && !kV3AllSteps<Tp>) {
+        // The base optimizer's step, the only one of this type that reaches this version.
+        apply_fixed<1>(rule, tv, item, mult, weights, sigma, wd, decay);
+      } else {
+        tiled_or_fixed<kFast>(rule, tv, item, mult, wd, decay, theta, upd, g_alpha, param);
+      }
+    }
+
+    template <bool kFast>
+    PN_CPU_INLINE void tiled_or_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
+                                      const T* mult, T wd, T decay, T* theta, T* upd,
+                                      T* g_alpha, Tp* param) {
       if constexpr (!kAdaTask) {
         // K ∈ {1, 2, 3, 4, 8}: one sweep with the task loop unrolled, everything in registers.
         if (K == 1) return apply_fixed<1>(rule, tv, item, mult, weights, sigma, wd, decay);
@@ -910,6 +934,14 @@ struct GramByRule {
   const PassArgs& a;
   template <class Rule>
   void operator()() const {
+    if constexpr (kV3 && !kV3AllSteps<Tp>) {
+      throw std::logic_error("a Gram pass of this element type in the x86-64-v3 version");
+    } else {
+      run<Rule>();
+    }
+  }
+  template <class Rule>
+  void run() const {
     const StepConfig& c = a.seg.cfg;
     if (c.umm == Umm::kClippy)
       run_gram<GramKernel<Rule, Tp, true, true>, kV3>(a);
@@ -925,10 +957,15 @@ struct ApplyByRule {
   const PassArgs& a;
   template <class Rule>
   void operator()() const {
-    if (a.seg.cfg.adatask())
-      run_apply<ApplyKernel<Rule, Tp, true>, kV3>(a);
-    else
+    if constexpr (kV3 && !kV3AllSteps<Tp>) {
+      // The base optimizer's step only (v3_compiles).
       run_apply<ApplyKernel<Rule, Tp, false>, kV3>(a);
+    } else {
+      if (a.seg.cfg.adatask())
+        run_apply<ApplyKernel<Rule, Tp, true>, kV3>(a);
+      else
+        run_apply<ApplyKernel<Rule, Tp, false>, kV3>(a);
+    }
   }
 };
 
@@ -972,7 +1009,14 @@ void run_rmsprop_v3(const PassArgs& a, Pass pass);
 void run_adam_base(const PassArgs& a, Pass pass);
 void run_adagrad_base(const PassArgs& a, Pass pass);
 void run_rmsprop_base(const PassArgs& a, Pass pass);
-#define PN_CPU_PICK(name, a, pass) (cpu_has_v3() ? name##_v3(a, pass) : name##_base(a, pass))
+// Whether the x86-64-v3 version compiles the loops of this pass (kV3AllSteps): every pass but
+// those of float16 segments, of which the base optimizer's step only.
+inline bool v3_compiles(const PassArgs& a, Pass pass) {
+  const StepConfig& c = a.seg.cfg;
+  return c.dtype != kFloat16 || (pass == Pass::kApply && c.num_tasks == 1 && !c.adatask());
+}
+#define PN_CPU_PICK(name, a, pass) \
+  (cpu_has_v3() && v3_compiles(a, pass) ? name##_v3(a, pass) : name##_base(a, pass))
 #else
 #define PN_CPU_PICK(name, a, pass) name##_v3(a, pass)
 #endif

@@ -77,15 +77,10 @@ PN_HD half_t float_to_half(float f) {
   const uint32_t special = pn_select(a > 0x7F800000u, 0x7E00u, 0x7C00u);
   // Normal: rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even.
   const uint32_t normal = (a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13;
-  // Below the smallest normal 2⁻¹⁴: |f|·2²⁴ rounded to an integer, the subnormal's mantissa (a
-  // carry into 0x400 is the smallest normal). With m the significand and e the biased exponent,
-  // |f|·2²⁴ = m / 2^(126 − e), rounded as the normal case is: add half a unit less one, plus the
-  // last kept bit, and shift. e ≤ 112 here; the shift is clamped to [14, 25] for the other cases
-  // (their value is not used) and for float subnormals (e = 0), which round to 0 anyway.
-  const uint32_t e = a >> 23;
-  const uint32_t sh = 126u - (e > 112u ? 112u : (e < 101u ? 101u : e));
-  const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
-  const uint32_t sub = (m + (1u << (sh - 1u)) - 1u + ((m >> sh) & 1u)) >> sh;
+  // Below the smallest normal 2⁻¹⁴: |f| in units of 2⁻²⁴, rounded to nearest even, is the
+  // subnormal's mantissa (a carry into 0x400 is the smallest normal). Added to 0.5, whose float
+  // ulp is 2⁻²⁴, |f| is rounded so by the float addition itself, and the sum's low bits are it.
+  const uint32_t sub = pn_float_bits(pn_bits_float(a) + 0.5f) - 0x3F000000u;
   const uint32_t mag = pn_select(a >= 0x7F800000u, special,
                                  pn_select(a >= 0x477FF000u, 0x7C00u,  // rounds past 65504
                                            pn_select(a < 0x38800000u, sub, normal)));
