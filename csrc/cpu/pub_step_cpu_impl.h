@@ -958,7 +958,9 @@ struct ApplyByRule {
   template <class Rule>
   void operator()() const {
     if constexpr (kV3 && !kV3AllSteps<Tp>) {
-      // The base optimizer's step only (v3_compiles).
+      // The base optimizer's step only (v3_compiles); checked here, outside the threads.
+      if (a.seg.cfg.num_tasks != 1 || a.seg.cfg.adatask())
+        throw std::logic_error("a PUB step of this element type in the x86-64-v3 version");
       run_apply<ApplyKernel<Rule, Tp, false>, kV3>(a);
     } else {
       if (a.seg.cfg.adatask())
