@@ -66,7 +66,8 @@ inline bool cpu_has_v3() {
 // Element types whose every loop the x86-64-v3 version compiles where there is a dispatch: all
 // but float16, which CPUs train in bfloat16 instead. For float16 parameters it compiles the base
 // optimizer's step (K = 1) only, and their PUB steps take the baseline version at about twice
-// the time: their loops in the x86-64-v3 version were a sixth of the build (see v3_compiles).
+// the time: their loops in the x86-64-v3 version were an eighth of the kernels' compile time
+// (see v3_compiles).
 #if PN_CPU_DISPATCH
 template <class Tp>
 constexpr bool kV3AllSteps = !std::is_same_v<Tp, half_t>;
