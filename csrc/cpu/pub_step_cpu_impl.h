@@ -935,16 +935,10 @@ struct GramByRule {
   const PassArgs& a;
   template <class Rule>
   void operator()() const {
-    if constexpr (kV3 && !kV3AllSteps<Tp>) {
-      throw std::logic_error("a Gram pass of this element type in the x86-64-v3 version");
-    } else {
-      run<Rule>();
-    }
-  }
-  template <class Rule>
-  void run() const {
     const StepConfig& c = a.seg.cfg;
-    if (c.umm == Umm::kClippy)
+    if constexpr (kV3 && !kV3AllSteps<Tp>)  // never sent here (v3_compiles)
+      throw std::logic_error("a Gram pass of this element type in the x86-64-v3 version");
+    else if (c.umm == Umm::kClippy)
       run_gram<GramKernel<Rule, Tp, true, true>, kV3>(a);
     else if (c.gram_reads_theta())
       run_gram<GramKernel<Rule, Tp, true, false>, kV3>(a);
