@@ -257,3 +257,98 @@ def test_plain_steps_before_pub_steps_keep_float32_state_for_16bit(name, dtype):
     for p in problem.params():
         assert all(v.dtype == F32 for k, v in opt.state[p].items() if k != "step")
     assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", dtype)])
+
+
+def _nonfinite_params(dtype, device="cpu"):
+    """Two parameters with ±Inf and NaN entries among finite ones, and loss directions (the
+    gradients, finite whatever the parameters hold)."""
+    gen = torch.Generator().manual_seed(11)
+    params, dirs = [], []
+    for n in (37, 300):
+        p = torch.randn(n, generator=gen, dtype=F64)
+        p[3], p[7], p[n - 1] = float("inf"), -float("inf"), float("nan")
+        params.append(p.to(dtype=dtype, device=device).requires_grad_())
+        dirs.append([torch.randn(n, generator=gen, dtype=F64).to(dtype=dtype, device=device)
+                     for _ in range(2)])
+    return params, dirs
+
+
+def _assert_close_nan(actual, expected, tol, what):
+    """NaN where expected has NaN, equal infinities, and the rest as assert_close has it."""
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN elsewhere"
+    inf = expected.isinf()
+    assert torch.equal(actual[inf], expected[inf]), f"{what}: infinities differ"
+    finite = expected.isfinite()
+    assert_close(actual[finite], expected[finite], tol, what)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name,options", [
+    ("adam", dict()), ("adam", dict(amsgrad=True)),
+    ("adam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+    ("adagrad", dict()), ("rmsprop", dict(momentum=0.9, centered=True)),
+    ("adam", dict(weight_decay=0.1)), ("rmsprop", dict(weight_decay=0.01))], ids=_ids)
+def test_nonfinite_parameters_step_as_torch(name, options, dtype, backend):
+    # torch adds the L2 term only when weight_decay ≠ 0: with 0, an infinite or NaN parameter
+    # stays as it is and leaves the state finite (0·Inf would be NaN). With L2 weight decay,
+    # torch's update there is NaN: a plain step (K = 1 on .grad) makes it so too, a PUB step
+    # (here with one task) refuses the non-finite update and changes nothing (SPEC section 7).
+    l2 = bool(options.get("weight_decay")) and not options.get("decoupled_weight_decay")
+    for pub in (False, True):
+        mine, dirs = _nonfinite_params(dtype)
+        theirs = [p.detach().clone().requires_grad_() for p in mine]
+        kw = dict(shared=mine) if pub else {}
+        opt = NATIVE[name](mine, **options, backend=backend, **kw)
+        ref = TORCH[name](theirs, **options)
+        if pub and l2:
+            opt.backward([sum((p * d[0]).sum() for p, d in zip(mine, dirs))])
+            with pytest.raises(FloatingPointError, match="non-finite"):
+                opt.step()
+            for pa, pb in zip(mine, theirs):
+                assert torch.equal(pa.isnan(), pb.isnan())
+                assert torch.equal(pa.nan_to_num(), pb.nan_to_num()), "changed by a refused step"
+            continue
+        for t in range(3):
+            for o, ps in ((opt, mine), (ref, theirs)):
+                o.zero_grad()
+                loss = sum((p * d[t % 2]).sum() for p, d in zip(ps, dirs))
+                if pub and o is opt:
+                    o.backward([loss])
+                else:
+                    loss.backward()
+                o.step()
+        tol = TOL[("torch", dtype, "centered")] if options.get("centered") and dtype == F32 \
+            else TOL[("torch", dtype)]
+        for j, (pa, pb) in enumerate(zip(mine, theirs)):
+            what = f"pub={pub} param {j}"
+            _assert_close_nan(pa.detach(), pb.detach(), tol, what)
+            for key, value in ref.state[pb].items():
+                if key == "step":
+                    continue
+                _assert_close_nan(opt.state[pa][key].reshape(value.shape), value, tol,
+                                  f"{what} state {key!r}")
+            if not l2:
+                # The state of an infinite or NaN parameter stays finite, as torch's does.
+                for key, value in opt.state[pa].items():
+                    if key != "step":
+                        assert torch.isfinite(value).all(), f"{what} state {key!r}"
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_nonfinite_parameters_in_a_pub_step(backend):
+    # K = 2 with Clippy, which reads θ: an infinite or NaN parameter without weight decay stays
+    # as it is, and every other coordinate steps as the float64 reference has it.
+    results = []
+    for b in (backend, "reference"):
+        params, dirs = _nonfinite_params(F64)
+        opt = pub_native.Adam(params, shared=params, umm="clippy", backend=b)
+        for _ in range(3):
+            opt.zero_grad()
+            opt.backward([sum((p * d[i]).sum() for p, d in zip(params, dirs)) for i in range(2)])
+            opt.step()
+        assert torch.isfinite(opt.task_weights).all()
+        results.append([p.detach().clone() for p in params])
+    for j, (pa, pb) in enumerate(zip(*results)):
+        assert pa.isinf().sum() == 2 and pa.isnan().sum() == 1, f"param {j}"
+        _assert_close_nan(pa, pb, TOL[("reference", F64)], f"param {j}")

@@ -397,7 +397,7 @@ struct GramKernel {
         load_state<Rule>(tv.state, so[i] + j, s);
         const T raw = to_math<T>(g[i][j]);
         T gi = m[i] * raw;
-        if constexpr (kTheta) gi += wd * theta;
+        if constexpr (kTheta) gi = pn_add_l2(gi, wd, theta);
         u[i] = rule(gi, s, next);
         qa[i][l] += raw * raw;
         if constexpr (kClippy) {
@@ -497,7 +497,7 @@ struct GramKernel {
           T s[kMaxStates], next[kMaxStates];
           load_state<Rule>(tv.state, s0 + j, s);
           T gi = mi * to_math<T>(g[j]);
-          if constexpr (kTheta) gi += wd * theta[j];
+          if constexpr (kTheta) gi = pn_add_l2(gi, wd, theta[j]);
           ui[j] = rule(gi, s, next);
         }
       }
@@ -766,7 +766,7 @@ struct ApplyKernel {
       T upd = T(0), g_alpha = T(0);
       unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE {
         constexpr int i = decltype(I)::value;
-        const T gi = m[i] * to_math<T>(g[i][j]) + wd * theta;
+        const T gi = pn_add_l2(m[i] * to_math<T>(g[i][j]), wd, theta);
         upd += c[i] * rule(gi, s, next);
         g_alpha += w[i] * gi;
       });
@@ -863,7 +863,7 @@ struct ApplyKernel {
           for (int64_t j = 0; j < n; ++j) {
             T s[kMaxStates], next[kMaxStates];
             load_state<Rule>(tv.state, s0 + j, s);
-            const T gi = mi * to_math<T>(g[j]) + wd * theta[j];
+            const T gi = pn_add_l2(mi * to_math<T>(g[j]), wd, theta[j]);
             upd[j] += c * rule(gi, s, next);
             if constexpr (kAdaTask) {
               store_state<Rule>(tv.state, s0 + j, next);

@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < Rule::kStates; ++k) s[k] = tv.state[k][i * tv.state_stride + j];
         T g = mult[i] * to_math<T>(grads[i * tv.grad_stride + j]);
         if (p0 == 0) sq[i] += static_cast<double>(g) * static_cast<double>(g);
-        if constexpr (kTheta) g += wd * theta;
+        if constexpr (kTheta) g = pn_add_l2(g, wd, theta);
         u[i] = rule(g, s, next);
         if constexpr (kClippy) {
           const T a = fabs(u[i]);
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (!kAdaTask)
       for (int k = 0; k < Rule::kStates; ++k) s[k] = tv.state[k][j];
     for (int i = 0; i < K; ++i) {
-      const T gi = m_s[i] * to_math<T>(grads[i * tv.grad_stride + j]) + wd * theta;
+      const T gi = pn_add_l2(m_s[i] * to_math<T>(grads[i * tv.grad_stride + j]), wd, theta);
       if constexpr (kAdaTask) {
         if (task_scale && task_scale[i] == 0.0) continue;  // absent: its state stays as it was
         T* const* st = tv.state;

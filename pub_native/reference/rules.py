@@ -62,9 +62,10 @@ def clippy_scale(u, theta, lambda_rel, lambda_abs):
     """Clippy (SPEC section 5) for one tensor: σ_i = min(1, min_j (λ_rel|θ_j| + λ_abs)/|u_ij|)
     over the coordinates with u_ij ≠ 0; u is (K, *theta.shape). Returns σ (K,)."""
     bound = lambda_rel * theta.abs() + lambda_abs
-    ratio = torch.where(u != 0, bound / u.abs(), torch.full_like(u, math.inf))
-    # The column of ones is the "min(1, ·)" and keeps empty tensors well defined; a NaN in u
-    # propagates, so the finiteness check still sees it.
+    # A NaN parameter bounds nothing (as the native kernels have it, and as torch steps around
+    # it); a NaN in u propagates, and the Gram's finiteness check sees it anyway.
+    ratio = torch.where((u != 0) & ~bound.isnan(), bound / u.abs(), torch.full_like(u, math.inf))
+    # The column of ones is the "min(1, ·)" and keeps empty tensors well defined.
     ratio = torch.cat([ratio.reshape(u.shape[0], -1), ratio.new_ones(u.shape[0], 1)], dim=1)
     return ratio.amin(dim=1)
 

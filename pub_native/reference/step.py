@@ -61,7 +61,8 @@ class _Row:
             g = g.unsqueeze(0)  # a plain step's one "task"
         mult = torch.as_tensor(multipliers, dtype=F64).view(-1, *([1] * self.theta.dim()))
         self.raw = g * mult * sign  # non-finite inputs show here
-        self.g = self.raw + l2 * self.theta
+        # torch adds the L2 term only for wd ≠ 0 (0·Inf would make an infinite θ's gradient NaN)
+        self.g = self.raw + l2 * self.theta if l2 != 0.0 else self.raw
         self.names = seg.state_names[r]
         self.targets = seg.states[r]
         self.step = seg.steps[r]

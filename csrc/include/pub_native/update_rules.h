@@ -40,6 +40,13 @@ PN_HD T pn_lerp(T a, T b, T w) {
   return a + w * (b - a);
 }
 
+// g + wd·θ, the L2 term, which torch adds only for wd ≠ 0: there θ is taken as 0, so that an
+// infinite or NaN θ leaves g as it is (0·Inf would be NaN), as in torch.
+template <class T>
+PN_HD T pn_add_l2(T g, T wd, T theta) {
+  return g + wd * pn_keep(theta, wd != T(0));
+}
+
 // Adam (torch.optim.Adam): state exp_avg, exp_avg_sq[, max_exp_avg_sq].
 template <class T, bool kAmsgrad>
 struct AdamRule {
