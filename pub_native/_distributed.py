@@ -85,11 +85,12 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
     return None, None
 
 
-def agree_on(group, k: int, flags: list[bool]) -> list[bool]:
+def agree_on(group, k: int, flags: list[bool], failed: bool = False) -> list[bool]:
     """What the processes of ``group`` decided from their own batches, made one decision: the
     same task count K on every process (else a ValueError on every process, not a hang in a
     later collective), and each flag set where any process set it: two small all-reduces, the
-    sizes first."""
+    sizes first. ``failed``: this process could not decide from its batch (it raises its own
+    error after this call); every process then raises instead of waiting for it."""
     dist = torch.distributed
     device = torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -101,7 +102,12 @@ def agree_on(group, k: int, flags: list[bool]) -> list[bool]:
 
     # First the sizes (a fixed-size call): the flags' call must have one size everywhere.
     n = len(flags)
-    sizes = reduce_max([k, -k, n, -n])
+    sizes = reduce_max([k, -k, n, -n, float(failed)])
+    if sizes[4] > 0:
+        raise ValueError("another process could not detect the shared parameters from its "
+                         "batch (a task without a loss graph there): pass shared= (or "
+                         "param-group 'shared' flags), or start with a batch in which every "
+                         "task has a loss on every process")
     if sizes[0] != -sizes[1]:
         other = int(sizes[0]) if sizes[0] != k else int(-sizes[1])
         raise ValueError(f"losses: this process has {k} tasks, another {other}; every process "

@@ -84,11 +84,11 @@ class DataParallel:
 
     # ---- backward ----------------------------------------------------------------------------
 
-    def agree(self, k: int, shared: list[bool]) -> list[bool]:
+    def agree(self, k: int, shared: list[bool], failed: bool = False) -> list[bool]:
         """The same task count on every process, and each parameter shared where any process
         detected it shared (:func:`agree_on`)."""
-        self._count("all_reduce", (len(shared) + 4) * 8)
-        return agree_on(self.group, k, shared)
+        self._count("all_reduce", (len(shared) + 5) * 8)
+        return agree_on(self.group, k, shared, failed)
 
     def syncing(self) -> bool:
         """False inside ``ddp.no_sync()``: accumulate locally, reduce later."""

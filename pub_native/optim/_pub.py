@@ -11,6 +11,7 @@ every parameter goes through one path and step hooks fire once.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
@@ -363,8 +364,18 @@ class PUBOptimizer(GradientTools, Checkpoints):
             raise ValueError("losses: no task loss requires grad (none is connected to a "
                              "parameter), so there is nothing to differentiate")
         decided = len(self._decided)
-        shared = self._resolve_shared(losses, items)
         dp = self._data_parallel()
+        try:
+            shared = self._resolve_shared(losses, items)
+        except ValueError:
+            if dp is None or self._k is not None:
+                raise
+            # The first batch of every process goes through the agreement below: join it, so
+            # that the other processes raise too instead of waiting in a collective that this
+            # one never reaches; then raise this process's own error.
+            with contextlib.suppress(ValueError):
+                dp.agree(k, [False] * len(self._all_params()), failed=True)
+            raise
         if dp is not None and (self._k is None or len(self._decided) != decided):
             # Decided from this process's batch: agree with the others before any collective
             # that depends on it (a different K, or a parameter one batch reached with two
