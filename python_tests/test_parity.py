@@ -352,3 +352,34 @@ def test_nonfinite_parameters_in_a_pub_step(backend):
     for j, (pa, pb) in enumerate(zip(*results)):
         assert pa.isinf().sum() == 2 and pa.isnan().sum() == 1, f"param {j}"
         _assert_close_nan(pa, pb, TOL[("reference", F64)], f"param {j}")
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name,options", [
+    ("adam", dict()), ("adam", dict(maximize=True)), ("adagrad", dict()),
+    ("adagrad", dict(weight_decay=0.1)), ("rmsprop", dict()),
+    ("rmsprop", dict(centered=True, momentum=0.9))], ids=_ids)
+def test_signed_zeros_step_as_torch(name, options, dtype):
+    # Every pair of θ, g ∈ {+0, −0}, beside a coordinate that moves: the same values and the
+    # same signs of zero as torch's step, in the parameters and the state (plain steps and PUB
+    # steps with one task, whose weight is 1).
+    theta = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0], dtype=dtype)
+    grad = torch.tensor([0.0, -0.0, -0.0, 0.0, 0.5], dtype=dtype)
+    for pub in (False, True):
+        mine, theirs = theta.clone().requires_grad_(), theta.clone().requires_grad_()
+        opt = NATIVE[name]([mine], **options, **(dict(shared=[mine]) if pub else {}))
+        ref = TORCH[name]([theirs], **options)
+        for _ in range(2):
+            if pub:
+                opt.zero_grad()
+                opt.backward([(mine * grad).sum()])  # ∂/∂θ is grad itself, signs of zero too
+            else:
+                mine.grad = grad.clone()
+            theirs.grad = grad.clone()
+            opt.step()
+            ref.step()
+        pairs = [(mine.detach(), theirs.detach(), "param")]
+        pairs += [(opt.state[mine][k], v, k) for k, v in ref.state[theirs].items() if k != "step"]
+        for a, b, what in pairs:
+            assert torch.equal(a[:4], b[:4]) and torch.equal(a[:4].signbit(), b[:4].signbit()), \
+                (pub, what, a.tolist(), b.tolist())

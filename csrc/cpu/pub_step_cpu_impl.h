@@ -763,7 +763,9 @@ struct ApplyKernel {
       const T theta = to_math<T>(param[j]);
       T s[kMaxStates], next[kMaxStates];
       load_state<Rule>(tv.state, j, s);
-      T upd = T(0), g_alpha = T(0);
+      // Sums from −0, which adds nothing to any term, −0 included: one task's update of −0
+      // (g = −0) stays −0, so that θ = −0 steps to +0 as torch's θ + (−lr)·u does.
+      T upd = -T(0), g_alpha = -T(0);
       unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE {
         constexpr int i = decltype(I)::value;
         const T gi = pn_add_l2(m[i] * to_math<T>(g[i][j]), wd, theta);
@@ -845,8 +847,8 @@ struct ApplyKernel {
 #pragma GCC ivdep
         for (int64_t j = 0; j < n; ++j) {
           theta[j] = to_math<T>(param[j0 + j]);
-          upd[j] = T(0);
-          g_alpha[j] = T(0);
+          upd[j] = -T(0);  // −0, as in apply_fixed
+          g_alpha[j] = -T(0);
         }
         for (int64_t i = 0; i < K; ++i) {
           const T w = static_cast<T>(weights[i]);

@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
   const Tp* grads = static_cast<const Tp*>(tv.grad);
   for (int64_t j = b.begin + threadIdx.x; j < b.end; j += kThreads) {
     const T theta = to_math<T>(param[j]);
-    T upd = T(0), g_alpha = T(0);
+    T upd = -T(0), g_alpha = -T(0);  // −0 adds nothing to any term (see the CPU's apply_fixed)
     T s[kMaxStates], next[kMaxStates];
     if constexpr (!kAdaTask)
       for (int k = 0; k < Rule::kStates; ++k) s[k] = tv.state[k][j];

@@ -36,17 +36,20 @@ PN_HD float pn_bits_float(uint32_t u) {
 #endif
 }
 
-// x where keep, +0 elsewhere, by a mask of its bits: a select the element loops vectorize
-// (GCC keeps a select between floating-point values a branch there).
+// x where keep, -0 elsewhere (the number whose sum with any y is y), by masks of its bits: a
+// select the element loops vectorize (GCC keeps a select between floating-point values a branch
+// there).
 PN_HD float pn_keep(float x, bool keep) {
-  return pn_bits_float(pn_float_bits(x) & (0u - static_cast<uint32_t>(keep)));
+  const uint32_t m = 0u - static_cast<uint32_t>(keep);
+  return pn_bits_float((pn_float_bits(x) & m) | (0x80000000u & ~m));
 }
 PN_HD double pn_keep(double x, bool keep) {
+  const uint64_t m = uint64_t(0) - static_cast<uint64_t>(keep), sign = uint64_t(1) << 63;
 #if defined(__CUDA_ARCH__)
-  return __longlong_as_double(__double_as_longlong(x) & -static_cast<long long>(keep));
+  return __longlong_as_double(static_cast<long long>(
+      (static_cast<uint64_t>(__double_as_longlong(x)) & m) | (sign & ~m)));
 #else
-  return __builtin_bit_cast(
-      double, __builtin_bit_cast(uint64_t, x) & (uint64_t(0) - static_cast<uint64_t>(keep)));
+  return __builtin_bit_cast(double, (__builtin_bit_cast(uint64_t, x) & m) | (sign & ~m));
 #endif
 }
 

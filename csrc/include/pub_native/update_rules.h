@@ -40,11 +40,12 @@ PN_HD T pn_lerp(T a, T b, T w) {
   return a + w * (b - a);
 }
 
-// g + wd·θ, the L2 term, which torch adds only for wd ≠ 0: there θ is taken as 0, so that an
-// infinite or NaN θ leaves g as it is (0·Inf would be NaN), as in torch.
+// g + wd·θ, the L2 term, which torch adds only for wd ≠ 0: otherwise g is left exactly as it is
+// (g + (−0) = g, also for g = −0), so that an infinite or NaN θ does not turn it into NaN
+// (0·Inf), as in torch.
 template <class T>
 PN_HD T pn_add_l2(T g, T wd, T theta) {
-  return g + wd * pn_keep(theta, wd != T(0));
+  return g + pn_keep(wd * theta, wd != T(0));
 }
 
 // Adam (torch.optim.Adam): state exp_avg, exp_avg_sq[, max_exp_avg_sq].
