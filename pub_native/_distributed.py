@@ -90,7 +90,7 @@ def agree_on(group, k: int, flags: list[bool], failed: bool = False) -> list[boo
     same task count K on every process (else a ValueError on every process, not a hang in a
     later collective), and each flag set where any process set it: two small all-reduces, the
     sizes first. ``failed``: this process could not decide from its batch (it raises its own
-    error after this call); every process then raises instead of waiting for it."""
+    error after this call); every process then raises a ValueError instead of waiting for it."""
     dist = torch.distributed
     device = torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -104,10 +104,10 @@ def agree_on(group, k: int, flags: list[bool], failed: bool = False) -> list[boo
     n = len(flags)
     sizes = reduce_max([k, -k, n, -n, float(failed)])
     if sizes[4] > 0:
-        raise ValueError("another process could not detect the shared parameters from its "
-                         "batch (a task without a loss graph there): pass shared= (or "
-                         "param-group 'shared' flags), or start with a batch in which every "
-                         "task has a loss on every process")
+        raise ValueError("backward(losses) failed on another process, which raised its own "
+                         "error (its batch lacked a task whose loss the shared parameters must "
+                         "be detected from, for example: pass shared= or param-group 'shared' "
+                         "flags); every process stops here instead of waiting for it")
     if sizes[0] != -sizes[1]:
         other = int(sizes[0]) if sizes[0] != k else int(-sizes[1])
         raise ValueError(f"losses: this process has {k} tasks, another {other}; every process "

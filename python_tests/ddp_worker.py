@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--diverge", type=int, default=0)
     ap.add_argument("--mode", default="ddp",
                     help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
-                         "sharded-parameter | different-k | absent-first")
+                         "sharded-parameter | different-k | absent-first | all-absent-first")
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -184,11 +184,13 @@ def main(argv=None) -> int:
                     losses.append(losses[0] * 2)
                 opt.zero_grad()
                 (bal or opt).backward(losses)
-            if args.mode == "absent-first":  # the last process's first batch lacks a task
+            if args.mode in ("absent-first", "all-absent-first"):
+                # The last process's first batch lacks a task (or every task).
                 x, y = global_batch(args.model, 0, args.tasks)
                 losses = task_losses(wrapped(x), y)
                 if args.rank == args.world - 1:
-                    losses[-1] = torch.zeros(())
+                    for i in range(len(losses) if args.mode == "all-absent-first" else 1):
+                        losses[-1 - i] = torch.zeros(())
                 opt.zero_grad()
                 opt.backward(losses)
             if args.mode == "no-sync-misuse":

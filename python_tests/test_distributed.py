@@ -180,11 +180,14 @@ def test_a_different_number_of_losses_under_a_balancer_raises_everywhere(tmp_pat
         assert "error" in r and "same number of losses" in r["error"], r
 
 
-def test_a_task_absent_from_one_first_batch_raises_everywhere(tmp_path):
-    # Shared parameters cannot be detected from a first batch that lacks a task on one process:
-    # that process says so, and the others that it could not (rather than "connection closed
-    # by peer" when it exits, or a hang while it lives on).
-    first, last = _run(tmp_path, 2, ["--mode", "absent-first"])
-    assert "another process could not detect the shared parameters" in first.get("error", ""), \
-        first
-    assert "no loss graph in this batch" in last.get("error", ""), last
+@pytest.mark.parametrize("mode,match", [
+    ("absent-first", "no loss graph in this batch"),
+    pytest.param("all-absent-first", "no task loss requires grad", marks=pytest.mark.slow)])
+def test_a_task_absent_from_one_first_batch_raises_everywhere(tmp_path, mode, match):
+    # Shared parameters cannot be detected from a first batch that lacks a task on one process,
+    # nor anything done with a batch that lacks every task: that process says so, and the
+    # others that it failed (rather than "connection closed by peer" when it exits, or a hang
+    # while it lives on).
+    first, last = _run(tmp_path, 2, ["--mode", mode])
+    assert "failed on another process" in first.get("error", ""), first
+    assert match in last.get("error", ""), last

@@ -329,6 +329,22 @@ class PUBOptimizer(GradientTools, Checkpoints):
                     self._decided[id(p)] = auto[id(p)]
         return [p for p in params if self._decided[id(p)]]
 
+    def _task_losses(self, losses) -> tuple[list, list[torch.Tensor]]:
+        """The K task losses (None for a task absent from this batch) and the shared
+        parameters, or a ValueError."""
+        skip_absent = self.options.absent_tasks == "skip"
+        try:
+            items = _autograd.as_loss_list(losses, self._k, allow_absent=skip_absent)
+        except ValueError as exc:
+            if "does not require grad" in str(exc):
+                raise ValueError(f"{exc}; a task with no labels in a batch can be skipped at "
+                                 "that step with absent_tasks='skip'") from None
+            raise
+        if not any(loss is not None for loss in items):
+            raise ValueError("losses: no task loss requires grad (none is connected to a "
+                             "parameter), so there is nothing to differentiate")
+        return items, self._resolve_shared(losses, items)
+
     def backward(self, losses, *, retain_graph: bool = False) -> None:
         """Per-task gradients of the shared parameters into the K×P buffer, and the ordinary
         gradients (of Σ_i L_i) of every other parameter into ``.grad``.
@@ -350,32 +366,24 @@ class PUBOptimizer(GradientTools, Checkpoints):
         Calling ``backward`` again before ``step`` (or without ``zero_grad`` in between)
         accumulates, as ``Tensor.backward`` does.
         """
-        skip_absent = self.options.absent_tasks == "skip"
+        # The data-parallel set-up first: deciding it may take collectives, which every
+        # process must reach in the same order whatever its batch holds.
+        dp = self._data_parallel()
+        decided = len(self._decided)
         try:
-            items = _autograd.as_loss_list(losses, self._k, allow_absent=skip_absent)
-        except ValueError as exc:
-            if "does not require grad" in str(exc):
-                raise ValueError(f"{exc}; a task with no labels in a batch can be skipped at "
-                                 "that step with absent_tasks='skip'") from None
+            items, shared = self._task_losses(losses)
+        except ValueError:
+            # Where the other processes go on to the agreement below (the first batch, or
+            # parameters still to be detected), join it, so that they raise too instead of
+            # waiting in a collective that this process never reaches; then raise this
+            # process's own error.
+            if dp is not None and (self._k is None or any(
+                    id(p) not in self._decided for p in self._all_params())):
+                with contextlib.suppress(ValueError):
+                    dp.agree(0, [False] * len(self._all_params()), failed=True)
             raise
         k = len(items)
         present = [loss is not None for loss in items]
-        if not any(present):
-            raise ValueError("losses: no task loss requires grad (none is connected to a "
-                             "parameter), so there is nothing to differentiate")
-        decided = len(self._decided)
-        dp = self._data_parallel()
-        try:
-            shared = self._resolve_shared(losses, items)
-        except ValueError:
-            if dp is None or self._k is not None:
-                raise
-            # The first batch of every process goes through the agreement below: join it, so
-            # that the other processes raise too instead of waiting in a collective that this
-            # one never reaches; then raise this process's own error.
-            with contextlib.suppress(ValueError):
-                dp.agree(k, [False] * len(self._all_params()), failed=True)
-            raise
         if dp is not None and (self._k is None or len(self._decided) != decided):
             # Decided from this process's batch: agree with the others before any collective
             # that depends on it (a different K, or a parameter one batch reached with two
