@@ -293,7 +293,8 @@ def test_nonfinite_parameters_step_as_torch(name, options, dtype, backend):
     # torch adds the L2 term only when weight_decay ≠ 0: with 0, an infinite or NaN parameter
     # stays as it is and leaves the state finite (0·Inf would be NaN). With L2 weight decay,
     # torch's update there is NaN: a plain step (K = 1 on .grad) makes it so too, a PUB step
-    # (here with one task) refuses the non-finite update and changes nothing (SPEC section 7).
+    # that solves for the weights (here with one task) refuses the non-finite update, names
+    # the parameter and changes nothing (SPEC section 7).
     l2 = bool(options.get("weight_decay")) and not options.get("decoupled_weight_decay")
     for pub in (False, True):
         mine, dirs = _nonfinite_params(dtype)
@@ -303,7 +304,7 @@ def test_nonfinite_parameters_step_as_torch(name, options, dtype, backend):
         ref = TORCH[name](theirs, **options)
         if pub and l2:
             opt.backward([sum((p * d[0]).sum() for p, d in zip(mine, dirs))])
-            with pytest.raises(FloatingPointError, match="non-finite"):
+            with pytest.raises(FloatingPointError, match="hold Inf or NaN"):
                 opt.step()
             for pa, pb in zip(mine, theirs):
                 assert torch.equal(pa.isnan(), pb.isnan())
@@ -354,12 +355,13 @@ def test_nonfinite_parameters_in_a_pub_step(backend):
         _assert_close_nan(pa, pb, TOL[("reference", F64)], f"param {j}")
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name,options", [
     ("adam", dict()), ("adam", dict(maximize=True)), ("adagrad", dict()),
     ("adagrad", dict(weight_decay=0.1)), ("rmsprop", dict()),
     ("rmsprop", dict(centered=True, momentum=0.9))], ids=_ids)
-def test_signed_zeros_step_as_torch(name, options, dtype):
+def test_signed_zeros_step_as_torch(name, options, dtype, backend):
     # Every pair of θ, g ∈ {+0, −0}, beside a coordinate that moves: the same values and the
     # same signs of zero as torch's step, in the parameters and the state (plain steps and PUB
     # steps with one task, whose weight is 1).
@@ -367,7 +369,8 @@ def test_signed_zeros_step_as_torch(name, options, dtype):
     grad = torch.tensor([0.0, -0.0, -0.0, 0.0, 0.5], dtype=dtype)
     for pub in (False, True):
         mine, theirs = theta.clone().requires_grad_(), theta.clone().requires_grad_()
-        opt = NATIVE[name]([mine], **options, **(dict(shared=[mine]) if pub else {}))
+        opt = NATIVE[name]([mine], **options, backend=backend,
+                           **(dict(shared=[mine]) if pub else {}))
         ref = TORCH[name]([theirs], **options)
         for _ in range(2):
             if pub:
@@ -383,3 +386,24 @@ def test_signed_zeros_step_as_torch(name, options, dtype):
         for a, b, what in pairs:
             assert torch.equal(a[:4], b[:4]) and torch.equal(a[:4].signbit(), b[:4].signbit()), \
                 (pub, what, a.tolist(), b.tolist())
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_clippy_without_a_relative_bound_ignores_theta(backend, dtype):
+    # λ_rel = 0: the bound is λ_abs whatever θ holds, so an infinite or NaN θ[0] clips the other
+    # coordinates exactly as a finite one does (0·Inf would be NaN, a bound the minimum ignores,
+    # letting the largest update escape the clip).
+    steps = []
+    for first in (5.0, float("inf"), float("nan")):
+        theta = torch.tensor([first, 0.3, -0.2, 0.1], dtype=dtype, requires_grad=True)
+        opt = pub_native.Adam([theta], lr=0.1, shared=[theta], umm="clippy",
+                              clippy_lambda_rel=0.0, clippy_lambda_abs=1e-5, backend=backend)
+        d = [torch.tensor([1.0, 2.0, -3.0, 0.5], dtype=dtype),
+             torch.tensor([0.5, -1.0, 4.0, 2.0], dtype=dtype)]
+        before = theta.detach().clone()
+        opt.backward([(theta * d[i]).sum() for i in range(2)])
+        opt.step()
+        steps.append((theta.detach() - before)[1:])
+        assert steps[-1].abs().max() <= 2e-5, steps[-1]  # clipped to about λ_abs per task
+    assert torch.equal(steps[0], steps[1]) and torch.equal(steps[0], steps[2]), steps

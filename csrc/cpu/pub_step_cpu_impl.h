@@ -403,7 +403,7 @@ struct GramKernel {
         if constexpr (kClippy) {
           // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores, as the
           // ratio is defined over u ≠ 0 only.
-          const T r = (lrel * std::abs(theta) + labs) / std::abs(u[i]);
+          const T r = pn_clippy_bound(lrel, labs, std::abs(theta)) / std::abs(u[i]);
           lo[i][l] = r < lo[i][l] ? r : lo[i][l];
         }
       });
@@ -504,7 +504,8 @@ struct GramKernel {
       if constexpr (kClippy) {
         // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores.
         auto ratio = [&](const T* ui, int64_t j) PN_CPU_LAMBDA_INLINE {
-          return (lrel * std::abs(theta[j]) + labs) / std::abs(static_cast<T>(ui[j]));
+          return pn_clippy_bound(lrel, labs, std::abs(theta[j])) /
+                 std::abs(static_cast<T>(ui[j]));
         };
         for (int64_t i = 0; i < K; ++i) {
           const T* ui = u + i * kTile;

@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads)
         if constexpr (kClippy) {
           const T a = fabs(u[i]);
           if (a != T(0)) {
-            const T r = (lrel * fabs(theta) + labs) / a;
+            const T r = pn_clippy_bound(lrel, labs, static_cast<T>(fabs(theta))) / a;
             min_ratio[i] = r < min_ratio[i] ? r : min_ratio[i];
           }
         }

@@ -678,5 +678,14 @@ class PUBOptimizer(GradientTools, Checkpoints):
                     "between backward(losses) and step() in a way that is not a rescaling (a "
                     "rescaling, as clip_grad_norm_ or GradScaler.unscale_ make, is applied to "
                     "every task's gradient; other changes cannot be)" + tail)
+        # Off the hot path: which shared parameters hold Inf or NaN themselves (their L2 term
+        # makes their updates NaN), for a message that names them.
+        nonfinite = [p for p in (self._shared or [])
+                     if not bool(torch.isfinite(p.detach()).all())]
+        if nonfinite:
+            names = ", ".join(self._param_name(p) for p in nonfinite[:5])
+            return (f"the task updates are non-finite (non-finite Gram matrix) although every "
+                    f"gradient is finite: shared parameter(s) {names} hold Inf or NaN, which "
+                    "L2 weight decay turns into NaN updates" + tail)
         return ("the task updates overflowed (non-finite Gram matrix) although every gradient "
                 "is finite: check the learning rate and eps" + tail)

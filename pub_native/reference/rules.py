@@ -61,7 +61,9 @@ def rmsprop_rule(g, state, c, t):
 def clippy_scale(u, theta, lambda_rel, lambda_abs):
     """Clippy (SPEC section 5) for one tensor: σ_i = min(1, min_j (λ_rel|θ_j| + λ_abs)/|u_ij|)
     over the coordinates with u_ij ≠ 0; u is (K, *theta.shape). Returns σ (K,)."""
-    bound = lambda_rel * theta.abs() + lambda_abs
+    # λ_abs alone for λ_rel = 0, also where θ is infinite or NaN (0·Inf would be NaN).
+    bound = lambda_rel * theta.abs() + lambda_abs if lambda_rel != 0 else \
+        torch.full_like(theta, lambda_abs)
     # A NaN parameter bounds nothing (as the native kernels have it, and as torch steps around
     # it); a NaN in u propagates, and the Gram's finiteness check sees it anyway.
     ratio = torch.where((u != 0) & ~bound.isnan(), bound / u.abs(), torch.full_like(u, math.inf))

@@ -45,6 +45,15 @@ def _decay(seg, base_row) -> tuple[float, float]:
     return wd, 1.0
 
 
+def _task_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over the tasks (dim 0) from −0, as the kernels sum: −0 adds nothing to any term, so one
+    task's −0 stays −0 (torch's sum starts from +0)."""
+    total = torch.full_like(x[0], -0.0)
+    for term in x:
+        total = total + term
+    return total
+
+
 class _Row:
     """One tensor of a segment, in float64: θ, its K effective gradients and its state."""
 
@@ -173,13 +182,13 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
         shape = [1] * row.theta.dim()
         if seg.kind == SegmentKind.SHARED:
             c = (w * row.sigma).view(-1, *shape)
-            theta = row.theta * row.decay - (c * row.u).sum(0)
+            theta = row.theta * row.decay - _task_sum(c * row.u)
             if seg.umm == Umm.ADATASK:
                 _, advanced = rule(row.g, row.state, row.c, row.t)
                 keep = present.view(-1, *shape)
                 new_state = {n: torch.where(keep, v, row.state[n]) for n, v in advanced.items()}
             else:
-                g_alpha = (w.view(-1, *shape) * row.g).sum(0)
+                g_alpha = _task_sum(w.view(-1, *shape) * row.g)
                 _, new_state = rule(g_alpha, row.state, row.c, row.t)
         else:
             theta = row.theta * row.decay - row.u[0]

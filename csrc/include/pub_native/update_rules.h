@@ -48,6 +48,13 @@ PN_HD T pn_add_l2(T g, T wd, T theta) {
   return g + pn_keep(wd * theta, wd != T(0));
 }
 
+// Clippy's bound on |u| at θ (SPEC section 5): λ_rel·|θ| + λ_abs, and λ_abs alone for λ_rel = 0,
+// also for an infinite or NaN θ (0·Inf would be NaN, a bound the minimum ignores).
+template <class T>
+PN_HD T pn_clippy_bound(T lrel, T labs, T abs_theta) {
+  return pn_keep(lrel * abs_theta, lrel != T(0)) + labs;
+}
+
 // Adam (torch.optim.Adam): state exp_avg, exp_avg_sq[, max_exp_avg_sq].
 template <class T, bool kAmsgrad>
 struct AdamRule {
