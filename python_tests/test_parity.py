@@ -282,6 +282,7 @@ def _assert_close_nan(actual, expected, tol, what):
     assert_close(actual[finite], expected[finite], tol, what)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name,options", [
@@ -289,7 +290,7 @@ def _assert_close_nan(actual, expected, tol, what):
     ("adam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
     ("adagrad", dict()), ("rmsprop", dict(momentum=0.9, centered=True)),
     ("adam", dict(weight_decay=0.1)), ("rmsprop", dict(weight_decay=0.01))], ids=_ids)
-def test_nonfinite_parameters_step_as_torch(name, options, dtype, backend):
+def test_nonfinite_parameters_step_as_torch(name, options, dtype, backend, device):
     # torch adds the L2 term only when weight_decay ≠ 0: with 0, an infinite or NaN parameter
     # stays as it is and leaves the state finite (0·Inf would be NaN). With L2 weight decay,
     # torch's update there is NaN: a plain step (K = 1 on .grad) makes it so too, a PUB step
@@ -297,7 +298,7 @@ def test_nonfinite_parameters_step_as_torch(name, options, dtype, backend):
     # the parameter and changes nothing (SPEC section 7).
     l2 = bool(options.get("weight_decay")) and not options.get("decoupled_weight_decay")
     for pub in (False, True):
-        mine, dirs = _nonfinite_params(dtype)
+        mine, dirs = _nonfinite_params(dtype, device)
         theirs = [p.detach().clone().requires_grad_() for p in mine]
         kw = dict(shared=mine) if pub else {}
         opt = NATIVE[name](mine, **options, backend=backend, **kw)
@@ -355,18 +356,19 @@ def test_nonfinite_parameters_in_a_pub_step(backend):
         _assert_close_nan(pa, pb, TOL[("reference", F64)], f"param {j}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name,options", [
     ("adam", dict()), ("adam", dict(maximize=True)), ("adagrad", dict()),
     ("adagrad", dict(weight_decay=0.1)), ("rmsprop", dict()),
     ("rmsprop", dict(centered=True, momentum=0.9))], ids=_ids)
-def test_signed_zeros_step_as_torch(name, options, dtype, backend):
+def test_signed_zeros_step_as_torch(name, options, dtype, backend, device):
     # Every pair of θ, g ∈ {+0, −0}, beside a coordinate that moves: the same values and the
     # same signs of zero as torch's step, in the parameters and the state (plain steps and PUB
     # steps with one task, whose weight is 1).
-    theta = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0], dtype=dtype)
-    grad = torch.tensor([0.0, -0.0, -0.0, 0.0, 0.5], dtype=dtype)
+    theta = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0], dtype=dtype, device=device)
+    grad = torch.tensor([0.0, -0.0, -0.0, 0.0, 0.5], dtype=dtype, device=device)
     for pub in (False, True):
         mine, theirs = theta.clone().requires_grad_(), theta.clone().requires_grad_()
         opt = NATIVE[name]([mine], **options, backend=backend,
