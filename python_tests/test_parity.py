@@ -390,19 +390,21 @@ def test_signed_zeros_step_as_torch(name, options, dtype, backend, device):
                 (pub, what, a.tolist(), b.tolist())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-def test_clippy_without_a_relative_bound_ignores_theta(backend, dtype):
+def test_clippy_without_a_relative_bound_ignores_theta(backend, dtype, device):
     # λ_rel = 0: the bound is λ_abs whatever θ holds, so an infinite or NaN θ[0] clips the other
     # coordinates exactly as a finite one does (0·Inf would be NaN, a bound the minimum ignores,
     # letting the largest update escape the clip).
     steps = []
     for first in (5.0, float("inf"), float("nan")):
-        theta = torch.tensor([first, 0.3, -0.2, 0.1], dtype=dtype, requires_grad=True)
+        theta = torch.tensor([first, 0.3, -0.2, 0.1], dtype=dtype, device=device,
+                             requires_grad=True)
         opt = pub_native.Adam([theta], lr=0.1, shared=[theta], umm="clippy",
                               clippy_lambda_rel=0.0, clippy_lambda_abs=1e-5, backend=backend)
-        d = [torch.tensor([1.0, 2.0, -3.0, 0.5], dtype=dtype),
-             torch.tensor([0.5, -1.0, 4.0, 2.0], dtype=dtype)]
+        d = [torch.tensor([1.0, 2.0, -3.0, 0.5], dtype=dtype, device=device),
+             torch.tensor([0.5, -1.0, 4.0, 2.0], dtype=dtype, device=device)]
         before = theta.detach().clone()
         opt.backward([(theta * d[i]).sum() for i in range(2)])
         opt.step()
