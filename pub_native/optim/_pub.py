@@ -377,10 +377,11 @@ class PUBOptimizer(GradientTools, Checkpoints):
             # parameters still to be detected), join it, so that they raise too instead of
             # waiting in a collective that this process never reaches; then raise this
             # process's own error.
-            if dp is not None and (self._k is None or any(
-                    id(p) not in self._decided for p in self._all_params())):
+            params = self._all_params()
+            if dp is not None and (self._k is None or any(id(p) not in self._decided
+                                                          for p in params)):
                 with contextlib.suppress(ValueError):
-                    dp.agree(0, [False] * len(self._all_params()), failed=True)
+                    dp.agree(0, [False] * len(params), failed=True)
             raise
         k = len(items)
         present = [loss is not None for loss in items]
