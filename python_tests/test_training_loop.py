@@ -281,6 +281,68 @@ def test_compiled_step_equals_eager(fullgraph):
     assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
 
 
+def test_compiled_step_with_one_op_per_parameter_count(monkeypatch):
+    # The ops torch 2.4 needs (it cannot compile an op that mutates a list of tensors), here
+    # on whatever torch runs the tests: one op per number of parameters, made when the
+    # optimizer is built and when a group is added, so that nothing is registered while
+    # compiling (fullgraph: no graph break).
+    from pub_native.optim import _compile
+
+    monkeypatch.setattr(_compile, "_LIST_MUTATION", False)
+    torch.manual_seed(12)
+    m1 = MMoE()
+    m2 = copy.deepcopy(m1)
+    extra = [torch.randn(3, requires_grad=True) for _ in range(2)]
+    twin = [p.detach().clone().requires_grad_() for p in extra]
+    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
+    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
+    n = len(list(m1.parameters()))
+    assert n in _compile._OPS_BY_COUNT
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def compiled_step():
+        o1.step()
+
+    _train_compiled_beside_eager(compiled_step, o1, m1, o2, m2, steps=2)
+    o1.add_param_group({"params": extra})
+    o2.add_param_group({"params": twin})
+    assert n + 2 in _compile._OPS_BY_COUNT
+    for t in range(2):
+        for step, o, m, e in ((compiled_step, o1, m1, extra), (o2.step, o2, m2, twin)):
+            o.zero_grad()
+            losses = mmoe_losses(m, mmoe_batch(10 + t))
+            o.backward([losses[0] + (e[0] ** 2).sum(), losses[1] + (e[1] ** 2).sum()])
+            step()
+    assert o1.state_dict()["pub"]["step"] == o2.state_dict()["pub"]["step"] == 4
+    assert_states_equal(o1, list(m1.parameters()) + extra, o2, list(m2.parameters()) + twin)
+
+
+def test_compiled_step_without_its_op_runs_outside_the_graph(monkeypatch):
+    # torch 2.4's ops take at most 64 arguments, the handle included (here: at most 4): an
+    # optimizer of more parameters (or whose parameters were appended to a group by hand) is
+    # built as usual and its compiled step runs outside the graph, with the eager step's
+    # results.
+    from pub_native.optim import _compile
+
+    monkeypatch.setattr(_compile, "_LIST_MUTATION", False)
+    monkeypatch.setattr(_compile, "_MAX_OP_ARGS", 4)
+    monkeypatch.setattr(_compile, "_OPS_BY_COUNT", {})  # as if none were made yet
+    torch.manual_seed(13)
+    mine = [torch.randn(2, requires_grad=True) for _ in range(4)]
+    theirs = [p.detach().clone().requires_grad_() for p in mine]
+    o1 = pub_native.Adam(mine, lr=1e-2, shared=mine)
+    o2 = pub_native.Adam(theirs, lr=1e-2, shared=theirs)
+    assert _compile._OPS_BY_COUNT == {}
+    compiled = torch.compile(o1.step, backend="aot_eager")
+    for t in range(2):
+        for step, o, ps in ((compiled, o1, mine), (o2.step, o2, theirs)):
+            o.zero_grad()
+            o.backward([sum((p ** 2).sum() for p in ps), sum(((t + 1) * p).sum() for p in ps)])
+            step()
+    assert o1.state_dict()["pub"]["step"] == o2.state_dict()["pub"]["step"] == 2
+    assert_states_equal(o1, mine, o2, theirs)
+
+
 @pytest.mark.slow
 def test_compiled_step_with_inductor_equals_eager():
     torch.manual_seed(10)

@@ -5,15 +5,21 @@ A training step compiled with ``torch.compile`` that calls ``opt.step()`` reache
 into the step (plan building, raw pointers, native calls) nor breaks the graph on it. The op is
 declared to mutate the parameters, and runs the optimizer's ordinary step when the compiled code
 runs; the optimizer state is the optimizer's own, outside the graph.
+
+torch 2.4 compiles ops that mutate single tensors only, not a list of them: there the step is
+``pub_native::optimizer_step_<n>``, one op per number n < 64 of parameters with one tensor
+argument each (torch's limit on an op's arguments), made when an optimizer with n parameters is
+built, restored or given a parameter group. With more parameters, torch 2.4 runs the step
+outside the compiled graph (a graph break).
 """
 
-from __future__ import annotations
-
+import re
+import typing
 import weakref
 
 import torch
 
-__all__ = ["compiled_step", "register"]
+__all__ = ["compiled_step", "prepare", "register"]
 
 _OPTIMIZERS: dict[int, weakref.ref] = {}
 
@@ -25,11 +31,16 @@ def register(opt) -> int:
     ref = _OPTIMIZERS.get(handle)
     if ref is None or ref() is not opt:
         _OPTIMIZERS[handle] = weakref.ref(opt)
+    prepare(opt)
     return handle
 
 
-@torch.library.custom_op("pub_native::optimizer_step", mutates_args=("params",))
-def _optimizer_step(handle: int, params: list[torch.Tensor]) -> None:
+def _params(opt) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _run(handle: int, params) -> None:
+    """The body of the op: the optimizer's eager step."""
     ref = _OPTIMIZERS.get(handle)
     opt = None if ref is None else ref()
     if opt is None:
@@ -38,17 +49,73 @@ def _optimizer_step(handle: int, params: list[torch.Tensor]) -> None:
     # Where the compiler functionalized the op, `params` are copies that it writes back to the
     # parameters afterwards: they must hold the new values too. (Reinplaced, they are the
     # parameters themselves and nothing is copied.)
-    mine = [p for g in opt.param_groups for p in g["params"]]
-    for arg, p in zip(params, mine):
+    for arg, p in zip(params, _params(opt)):
         if arg.data_ptr() != p.data_ptr():
             arg.copy_(p)
 
 
-@_optimizer_step.register_fake
-def _(handle: int, params: list[torch.Tensor]) -> None:
-    return None
+_LIST_MUTATION = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 5)
+
+# The op's signature is read by torch.library: its annotations must be real types (no
+# ``from __future__ import annotations``), and torch 2.4 knows typing.List but not list[...].
+_Tensors = typing.List[torch.Tensor]  # noqa: UP006
+
+if _LIST_MUTATION:
+
+    @torch.library.custom_op("pub_native::optimizer_step", mutates_args=("params",))
+    def _optimizer_step(handle: int, params: _Tensors) -> None:
+        _run(handle, params)
+
+    @_optimizer_step.register_fake
+    def _(handle: int, params: _Tensors) -> None:
+        return None
+
+
+_OPS_BY_COUNT: dict[int, typing.Any] = {}
+
+
+# torch's limit on the arguments of an op, the handle included.
+_MAX_OP_ARGS = 64
+
+
+def _op_for(n: int):
+    """torch 2.4: the op for n parameters, ``(int handle, Tensor(a0!) p0, ...) -> ()``."""
+    op = _OPS_BY_COUNT.get(n)
+    if op is None and n < _MAX_OP_ARGS:
+        names = [f"p{i}" for i in range(n)]
+        schema = "(" + ", ".join(["int handle"] + [f"Tensor(a{i}!) {x}"
+                                                   for i, x in enumerate(names)]) + ") -> ()"
+
+        def step(handle, *params):
+            _run(handle, params)
+
+        op = torch.library.custom_op(f"pub_native::optimizer_step_{n}", step,
+                                     mutates_args=tuple(names), schema=schema)
+        op.register_fake(lambda handle, *params: None)
+        _OPS_BY_COUNT[n] = op
+    return op
+
+
+def prepare(opt) -> None:
+    """Make the op that ``compiled_step(opt)`` calls, outside compiled code (torch 2.4)."""
+    if not _LIST_MUTATION:
+        _op_for(len(_params(opt)))
+
+
+@torch.compiler.disable
+def _eager_step(opt) -> None:
+    # torch 2.4 with 64 parameters or more (no op can take them), or parameters appended to a
+    # group by hand since the last prepare() (none can be made while compiling): the step runs
+    # outside the graph (a graph break).
+    opt._take_step()
 
 
 def compiled_step(opt) -> None:
     """The step of ``opt`` as the custom op (what ``step()`` calls under torch.compile)."""
-    _optimizer_step(opt._compile_handle, [p for g in opt.param_groups for p in g["params"]])
+    params = _params(opt)
+    if _LIST_MUTATION:
+        _optimizer_step(opt._compile_handle, params)
+    elif len(params) in _OPS_BY_COUNT:
+        _OPS_BY_COUNT[len(params)](opt._compile_handle, *params)
+    else:
+        _eager_step(opt)

@@ -123,9 +123,9 @@ class LazyName:
 
 
 def _increments_lists() -> bool:
-    try:  # a list of tensors in one call since torch 2.5 or so; one tensor before
+    try:  # a list of tensors in one call since torch 2.5; one tensor before (RuntimeError)
         torch.autograd.graph.increment_version([torch.zeros(())])
-    except TypeError:
+    except (TypeError, RuntimeError):
         return False
     return True
 

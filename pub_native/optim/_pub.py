@@ -27,6 +27,7 @@ from .._native import StepOutcome
 from ._backends import CpuBackend
 from ._checkpoint import Checkpoints
 from ._compile import compiled_step
+from ._compile import prepare as prepare_for_compile
 from ._compile import register as register_for_compile
 from ._ddp import DataParallel
 from ._grad_tools import GradientTools
@@ -195,6 +196,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
                         f"{tuple(p.shape)}) is ['params'][{seen[id(p)]}] again: list each "
                         "parameter once")
         super().add_param_group(param_group)
+        if hasattr(self, "_compile_handle"):
+            prepare_for_compile(self)
         if hasattr(self, "_decided"):
             group = self.param_groups[-1]
             for p in group["params"]:
