@@ -8,6 +8,7 @@ that the same problem runs on several backends.
 from __future__ import annotations
 
 import copy
+import inspect
 import socket
 
 import torch
@@ -18,7 +19,21 @@ import pub_native
 F64, F32 = torch.float64, torch.float32
 
 NATIVE = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad, "rmsprop": pub_native.RMSProp}
-TORCH = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
+
+TORCH_ADAM_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam).parameters
+
+
+def torch_adam(params, decoupled_weight_decay=False, **options):
+    """torch.optim.Adam; with decoupled_weight_decay on a torch whose Adam lacks it (< 2.6),
+    torch.optim.AdamW, which takes the same step."""
+    if decoupled_weight_decay and not TORCH_ADAM_DECOUPLED:
+        return torch.optim.AdamW(params, **{"weight_decay": 0.0, **options})
+    if decoupled_weight_decay:
+        options["decoupled_weight_decay"] = True
+    return torch.optim.Adam(params, **options)
+
+
+TORCH = {"adam": torch_adam, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
 
 SHAPES = {
     "small": [(5, 3), (3,)],

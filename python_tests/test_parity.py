@@ -97,6 +97,31 @@ def test_one_task_with_umm_or_reuse_equals_torch(name, umm, every):
         assert_close(pa, pb, TOL[("torch", F64)])
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_decoupled_weight_decay_is_adamw_in_every_group(backend):
+    # On any torch (before 2.6 its Adam has no such option, and the optimizer keeps it in the
+    # defaults itself): a group added later inherits it, a group may set its own.
+    torch.manual_seed(4)
+    a = [torch.randn(6, dtype=F64, requires_grad=True) for _ in range(3)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    mine = NATIVE["adam"]([a[0]], lr=0.1, weight_decay=0.2, decoupled_weight_decay=True,
+                          backend=backend)
+    mine.add_param_group({"params": [a[1]]})
+    mine.add_param_group({"params": [a[2]], "decoupled_weight_decay": False})
+    theirs = torch.optim.AdamW([{"params": b[:2]}], lr=0.1, weight_decay=0.2)
+    plain = torch.optim.Adam([b[2]], lr=0.1, weight_decay=0.2)
+    assert [g["decoupled_weight_decay"] for g in mine.param_groups] == [True, True, False]
+    for t in range(3):
+        for ps, opts in ((a, [mine]), (b, [theirs, plain])):
+            for o in opts:
+                o.zero_grad()
+            sum(((p - t) ** 2).sum() for p in ps).backward()
+            for o in opts:
+                o.step()
+    for pa, pb in zip(a, b):
+        assert_close(pa, pb, TOL[("torch", F64)], "param")
+
+
 @pytest.mark.parametrize("name", sorted(NATIVE))
 def test_plain_backward_step_is_the_base_optimizer(name):
     # step() after loss.backward(), before and after PUB steps, is torch's step (K = 1) on every

@@ -81,12 +81,15 @@ class Adam(PUBOptimizer, torch.optim.Adam):
                       differentiable=differentiable, fused=fused)
         if _HAS_DECOUPLED:
             kwargs["decoupled_weight_decay"] = decoupled_weight_decay
-        elif decoupled_weight_decay:
-            raise NotImplementedError(
-                "decoupled_weight_decay=True needs a torch whose Adam accepts it (>= 2.6)"
-            )
         torch.optim.Adam.__init__(self, params, lr=lr, betas=betas, eps=eps,
                                   weight_decay=weight_decay, amsgrad=amsgrad, **kwargs)
+        if not _HAS_DECOUPLED:
+            # torch < 2.6: its Adam has no such option, the native step does (AdamW's decay).
+            # It is kept in the defaults and the groups, as newer torch keeps it, so that
+            # add_param_group and checkpoints carry it.
+            self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
+            for group in self.param_groups:
+                group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
         self._pub_setup(**pub_arguments(locals()))
 
     def _state_names(self, group):
