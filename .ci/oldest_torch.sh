@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# CI, second part: the test suite (slow tests excluded) on the oldest torch the project supports,
+# 2.4.1, in a virtual environment of its own. That torch comes from the package index as a CUDA
+# build (about 2.7 GB, downloaded on purpose; its CUDA libraries are not used). The native
+# modules do not link against torch, so only the CPU module is built here, in a build folder of
+# its own.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.venv-torch-oldest
+rm -rf "$venv"
+python3 -m venv "$venv"
+"$venv"/bin/pip install -q torch==2.4.1
+PUB_NATIVE_CUDA=OFF "$venv"/bin/pip install -q --config-settings=build-dir=build/torch-oldest \
+  -e ".[test]"
+"$venv"/bin/python -c "import torch, pub_native; print('torch', torch.__version__, '| pub_native', pub_native.__version__)"
+"$venv"/bin/python -m pytest python_tests -q -p no:cacheprovider
