@@ -316,6 +316,7 @@ class NashMTLSolverReference:
                 raise CvxpyReferenceError(
                     f"ECOS (status {status!r}) returned an α with non-positive or non-finite "
                     f"entries on CCP outer iteration {iteration} (K={k}): {alpha_new}"
+                    + _failure_hint(g, alpha_t)
                 )
             residual = relative_residual(g, alpha_new)
             step = float(np.linalg.norm(alpha_new - alpha_t))
