@@ -178,6 +178,7 @@ def test_cuda_path_without_module_names_the_rebuild_flag(monkeypatch):
         _native.cuda_module()
 
 
+@pytest.mark.slow  # test_cpu_loops.py covers every loop at 1 and 3 threads in the quick suite
 def test_cpu_gram_is_bitwise_independent_of_thread_count():
     code = (
         "import sys, torch, pub_native; sys.path.insert(0, 'python_tests');"
