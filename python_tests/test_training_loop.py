@@ -342,6 +342,14 @@ def test_compiled_step_without_its_op_runs_outside_the_graph(monkeypatch):
     assert o1.state_dict()["pub"]["step"] == o2.state_dict()["pub"]["step"] == 2
     assert_states_equal(o1, mine, o2, theirs)
 
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+
+    # torch refusing the op (a name already taken, say) does not stop the optimizer.
+    monkeypatch.setattr(torch.library, "custom_op", refuse)
+    pub_native.Adam(mine[:3], lr=1e-2)
+    assert _compile._OPS_BY_COUNT == {}
+
 
 @pytest.mark.slow
 def test_compiled_step_with_inductor_equals_eager():

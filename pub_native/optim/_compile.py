@@ -72,14 +72,13 @@ if _LIST_MUTATION:
 
 
 _OPS_BY_COUNT: dict[int, typing.Any] = {}
-
-
-# torch's limit on the arguments of an op, the handle included.
-_MAX_OP_ARGS = 64
+_MAX_OP_ARGS = 64  # torch's limit on the arguments of an op, the handle included
 
 
 def _op_for(n: int):
-    """torch 2.4: the op for n parameters, ``(int handle, Tensor(a0!) p0, ...) -> ()``."""
+    """torch 2.4: the op for n parameters, ``(int handle, Tensor(a0!) p0, ...) -> ()``; None
+    where there is none (too many parameters, or torch refused it: the step then breaks the
+    graph, and eager training is never stopped by a compile op)."""
     op = _OPS_BY_COUNT.get(n)
     if op is None and n < _MAX_OP_ARGS:
         names = [f"p{i}" for i in range(n)]
@@ -89,9 +88,12 @@ def _op_for(n: int):
         def step(handle, *params):
             _run(handle, params)
 
-        op = torch.library.custom_op(f"pub_native::optimizer_step_{n}", step,
-                                     mutates_args=tuple(names), schema=schema)
-        op.register_fake(lambda handle, *params: None)
+        try:
+            op = torch.library.custom_op(f"pub_native::optimizer_step_{n}", step,
+                                         mutates_args=tuple(names), schema=schema)
+            op.register_fake(lambda handle, *params: None)
+        except (RuntimeError, ValueError):  # e.g. the name taken (this module reloaded)
+            return None
         _OPS_BY_COUNT[n] = op
     return op
 
