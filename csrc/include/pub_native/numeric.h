@@ -36,6 +36,21 @@ PN_HD float pn_bits_float(uint32_t u) {
 #endif
 }
 
+PN_HD uint64_t pn_double_bits(double d) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(d));
+#else
+  return __builtin_bit_cast(uint64_t, d);
+#endif
+}
+PN_HD double pn_bits_double(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  return __builtin_bit_cast(double, u);
+#endif
+}
+
 PN_HD float bf16_to_float(bf16_t h) { return pn_bits_float(static_cast<uint32_t>(h.bits) << 16); }
 
 PN_HD bf16_t float_to_bf16(float f) {
@@ -51,6 +66,10 @@ PN_HD uint32_t pn_select(bool c, uint32_t a, uint32_t b) {
   const uint32_t m = 0u - static_cast<uint32_t>(c);
   return (a & m) | (b & ~m);
 }
+PN_HD uint64_t pn_select(bool c, uint64_t a, uint64_t b) {
+  const uint64_t m = uint64_t(0) - static_cast<uint64_t>(c);
+  return (a & m) | (b & ~m);
+}
 
 // x where keep, −0 elsewhere (the number whose sum with any y is y), by pn_select on its bits:
 // a select the element loops vectorize (GCC keeps a select between floating-point values a
@@ -59,13 +78,7 @@ PN_HD float pn_keep(float x, bool keep) {
   return pn_bits_float(pn_select(keep, pn_float_bits(x), 0x80000000u));
 }
 PN_HD double pn_keep(double x, bool keep) {
-  const uint64_t m = uint64_t(0) - static_cast<uint64_t>(keep), sign = uint64_t(1) << 63;
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(
-      (static_cast<uint64_t>(__double_as_longlong(x)) & m) | (sign & ~m)));
-#else
-  return __builtin_bit_cast(double, (__builtin_bit_cast(uint64_t, x) & m) | (sign & ~m));
-#endif
+  return pn_bits_double(pn_select(keep, pn_double_bits(x), uint64_t(1) << 63));
 }
 
 // The two half-precision conversions compute the value of every case and select one, so that
