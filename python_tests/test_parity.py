@@ -46,6 +46,12 @@ def _ids(v):
     return ",".join(f"{a}={b}" for a, b in v.items()) or "default"
 
 
+def _torch_tol(options, dtype):
+    """The tolerance against torch.optim (centered RMSProp in float32 has its own)."""
+    return TOL[("torch", dtype, "centered")] if options.get("centered") and dtype == F32 \
+        else TOL[("torch", dtype)]
+
+
 def torch_vs_pub(name, options, k, dtype, umm=None, every=1, steps=7, backend="native",
                  device="cpu"):
     problem = Problem(SHAPES["odd"], 1, dtype=dtype, seed=3, identical=True, device=device)
@@ -56,8 +62,7 @@ def torch_vs_pub(name, options, k, dtype, umm=None, every=1, steps=7, backend="n
     opt = NATIVE[name](problem.groups(), **options, shared=problem.shared, umm=umm,
                        update_weights_every=every, backend=backend)
     run_pub(None, problem, steps, opt=opt)
-    tol = TOL[("torch", dtype, "centered")] if options.get("centered") and dtype == F32 \
-        else TOL[("torch", dtype)]
+    tol = _torch_tol(options, dtype)
     for j, (pa, pb) in enumerate(zip(problem.params(), twin.params())):
         assert_close(pa, pb, tol, f"param {j}")
         for key, value in ref.state[pb].items():
@@ -345,8 +350,7 @@ def test_nonfinite_parameters_step_as_torch(name, options, dtype, backend, devic
                 else:
                     loss.backward()
                 o.step()
-        tol = TOL[("torch", dtype, "centered")] if options.get("centered") and dtype == F32 \
-            else TOL[("torch", dtype)]
+        tol = _torch_tol(options, dtype)
         for j, (pa, pb) in enumerate(zip(mine, theirs)):
             what = f"pub={pub} param {j}"
             _assert_close_nan(pa.detach(), pb.detach(), tol, what)
