@@ -318,10 +318,10 @@ def test_compiled_step_with_one_op_per_parameter_count(monkeypatch):
 
 
 def test_compiled_step_without_its_op_runs_outside_the_graph(monkeypatch):
-    # torch 2.4's ops take at most 64 arguments, the handle included (here: at most 4): an
-    # optimizer of more parameters (or whose parameters were appended to a group by hand) is
-    # built as usual and its compiled step runs outside the graph, with the eager step's
-    # results.
+    # torch 2.4's ops take at most 64 arguments (here: at most 4), the handle and the list of
+    # gradients included: an optimizer of more parameters (or whose parameters were appended
+    # to a group by hand) is built as usual and its compiled step runs outside the graph, with
+    # the eager step's results.
     from pub_native.optim import _compile
 
     monkeypatch.setattr(_compile, "_LIST_MUTATION", False)
@@ -347,8 +347,86 @@ def test_compiled_step_without_its_op_runs_outside_the_graph(monkeypatch):
 
     # torch refusing the op (a name already taken, say) does not stop the optimizer.
     monkeypatch.setattr(torch.library, "custom_op", refuse)
-    pub_native.Adam(mine[:3], lr=1e-2)
+    pub_native.Adam(mine[:2], lr=1e-2)
     assert _compile._OPS_BY_COUNT == {}
+
+
+def _edit_grads(model, edit):
+    """What a training step may do to the gradients between backward and opt.step()."""
+    params = list(model.parameters())
+    if edit == "scale":  # an in-place rescaling, as GradScaler.unscale_ makes
+        for p in params:
+            p.grad.mul_(0.25)
+    elif edit == "clip":
+        torch.nn.utils.clip_grad_norm_(params, max_norm=0.05)
+    else:  # "drop": a tower's gradient set to None, so that the step leaves it alone
+        model.towers[1].weight.grad = None
+
+
+@pytest.mark.parametrize("per_count_op", [False, True])
+@pytest.mark.parametrize("edit", ["scale", "clip", "drop"])
+def test_compiled_step_sees_gradients_changed_before_it_in_the_graph(monkeypatch, edit,
+                                                                      per_count_op):
+    # The compiler hands the op the gradients as the graph changed them, and writes them to
+    # .grad only after the graph: the step must take them from the op, as an eager step
+    # takes them from .grad. Both backwards: opt.backward (shared .grad are views of the task
+    # gradients, so a change is a rescaling of them) and loss.backward (the base step).
+    from pub_native.optim import _compile
+
+    if per_count_op:  # torch 2.4's ops, here on any torch
+        monkeypatch.setattr(_compile, "_LIST_MUTATION", False)
+    torch.compiler.reset()  # the same step code in every case: compiled afresh for each
+    torch.manual_seed(14)
+    m1 = MMoE()
+    m2 = copy.deepcopy(m1)
+    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
+    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
+
+    def step_of(o, m):
+        def step():
+            _edit_grads(m, edit)
+            o.step()
+        return step
+
+    compiled = torch.compile(step_of(o1, m1), backend="aot_eager", fullgraph=edit != "clip")
+    frozen = m1.towers[1].weight.detach().clone()
+    for t in range(4):
+        batch = mmoe_batch(t)
+        for step, o, m in ((compiled, o1, m1), (step_of(o2, m2), o2, m2)):
+            o.zero_grad()
+            if t % 2 == 0:
+                o.backward(mmoe_losses(m, batch))
+            else:
+                sum(mmoe_losses(m, batch)).backward()
+            step()
+    assert o1.state_dict()["pub"]["step"] == o2.state_dict()["pub"]["step"] == 2
+    assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
+    if edit == "drop":
+        assert torch.equal(m1.towers[1].weight, frozen)
+
+
+def test_compiled_step_and_zero_grad_equal_eager():
+    # zero_grad runs outside the graph (a graph break), as torch.optim's does: torch 2.5-2.11
+    # failed to trace the attribute it sets.
+    torch.manual_seed(15)
+    m1 = MMoE()
+    m2 = copy.deepcopy(m1)
+    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
+    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
+
+    def step_and_zero(o):
+        def f():
+            o.step()
+            o.zero_grad()
+        return f
+
+    compiled = torch.compile(step_and_zero(o1), backend="aot_eager")
+    for t in range(3):
+        for step, o, m in ((compiled, o1, m1), (step_and_zero(o2), o2, m2)):
+            o.backward(mmoe_losses(m, mmoe_batch(t)))
+            step()
+            assert all(p.grad is None for p in m.parameters())
+    assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
 
 
 @pytest.mark.slow

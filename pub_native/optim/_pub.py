@@ -26,7 +26,7 @@ from .._distributed import data_parallel_group
 from .._native import StepOutcome
 from ._backends import CpuBackend
 from ._checkpoint import Checkpoints
-from ._compile import compiled_step
+from ._compile import compiled_step, eager_zero_grad
 from ._compile import prepare as prepare_for_compile
 from ._compile import register as register_for_compile
 from ._ddp import DataParallel
@@ -509,6 +509,10 @@ class PUBOptimizer(GradientTools, Checkpoints):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the ``.grad`` of every parameter and drop pending per-task gradients."""
+        if torch.compiler.is_compiling():
+            # Outside the graph, as torch.optim's zero_grad is (torch 2.5-2.11 fail on the
+            # attribute set below when they trace it).
+            return eager_zero_grad(self, set_to_none)
         self._pending = False
         if set_to_none and not _observed(self, hooks=False):
             for group in self.param_groups:
