@@ -39,6 +39,7 @@ def test_roc_auc_edge_cases():
         roc_auc([0, 1], [0.1, 0.2, 0.3])
 
 
+@pytest.mark.slow  # the README's first command runs the demo; test_cli runs it from the CLI
 def test_demo_end_to_end(tmp_path):
     cfg = DemoConfig(models=("mmoe", "ple"), seeds=3, epochs=2, batch_size=128, lr=1e-2,
                      train_rows=512, eval_rows=512, out=str(tmp_path), progress=False)
