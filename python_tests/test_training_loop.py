@@ -139,11 +139,7 @@ def test_shared_grad_is_the_sum_and_clipping_sees_it():
 def test_clip_grad_norm_reaches_the_step():
     # Clipping the shared .grad by c scales every task's gradient of it by c: the same step as
     # losses multiplied by c (a large eps keeps Adam sensitive to the scale).
-    torch.manual_seed(3)
-    m1 = MMoE()
-    m2 = copy.deepcopy(m1)
-    o1 = pub_native.Adam(m1.parameters(), lr=1e-2, eps=1.0)
-    o2 = pub_native.Adam(m2.parameters(), lr=1e-2, eps=1.0)
+    m1, o1, m2, o2 = _twins(3, eps=1.0)
     batch = mmoe_batch(1)
     o1.backward(mmoe_losses(m1, batch))
     total = torch.nn.utils.clip_grad_norm_(m1.parameters(), 0.01)
@@ -266,11 +262,7 @@ class _no_warning:
 
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_compiled_step_equals_eager(fullgraph):
-    torch.manual_seed(9)
-    m1 = MMoE()
-    m2 = copy.deepcopy(m1)
-    o1 = pub_native.Adam(m1.parameters(), lr=1e-2, update_weights_every=2)
-    o2 = pub_native.Adam(m2.parameters(), lr=1e-2, update_weights_every=2)
+    m1, o1, m2, o2 = _twins(9, update_weights_every=2)
 
     @torch.compile(backend="aot_eager", fullgraph=fullgraph)
     def compiled_step():
@@ -289,13 +281,9 @@ def test_compiled_step_with_one_op_per_parameter_count(monkeypatch):
     from pub_native.optim import _compile
 
     monkeypatch.setattr(_compile, "_LIST_MUTATION", False)
-    torch.manual_seed(12)
-    m1 = MMoE()
-    m2 = copy.deepcopy(m1)
+    m1, o1, m2, o2 = _twins(12)
     extra = [torch.randn(3, requires_grad=True) for _ in range(2)]
     twin = [p.detach().clone().requires_grad_() for p in extra]
-    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
-    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
     n = len(list(m1.parameters()))
     assert n in _compile._OPS_BY_COUNT
 
@@ -378,11 +366,7 @@ def test_compiled_step_sees_gradients_changed_before_it_in_the_graph(monkeypatch
     if per_count_op:  # torch 2.4's ops, here on any torch
         monkeypatch.setattr(_compile, "_LIST_MUTATION", False)
     torch.compiler.reset()  # the same step code in every case: compiled afresh for each
-    torch.manual_seed(14)
-    m1 = MMoE()
-    m2 = copy.deepcopy(m1)
-    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
-    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
+    m1, o1, m2, o2 = _twins(14)
 
     def step_of(o, m):
         def step():
@@ -410,11 +394,7 @@ def test_compiled_step_sees_gradients_changed_before_it_in_the_graph(monkeypatch
 def test_compiled_step_and_zero_grad_equal_eager():
     # zero_grad runs outside the graph (a graph break), as torch.optim's does: torch 2.5-2.11
     # failed to trace the attribute it sets.
-    torch.manual_seed(15)
-    m1 = MMoE()
-    m2 = copy.deepcopy(m1)
-    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
-    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
+    m1, o1, m2, o2 = _twins(15)
 
     def step_and_zero(o):
         def f():
@@ -433,14 +413,19 @@ def test_compiled_step_and_zero_grad_equal_eager():
 
 @pytest.mark.slow
 def test_compiled_step_with_inductor_equals_eager():
-    torch.manual_seed(10)
-    m1 = MMoE()
-    m2 = copy.deepcopy(m1)
-    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
-    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
+    m1, o1, m2, o2 = _twins(10)
     _train_compiled_beside_eager(torch.compile(o1.step), o1, m1, o2, m2, steps=3)
     assert o1.state_dict()["pub"]["step"] == o2.state_dict()["pub"]["step"] == 3
     assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
+
+
+def _twins(seed, device="cpu", **options):
+    """Two equal MMoE models, each with its own pub_native.Adam(lr=1e-2, **options)."""
+    torch.manual_seed(seed)
+    m1 = MMoE().to(device)
+    m2 = copy.deepcopy(m1)
+    return (m1, pub_native.Adam(m1.parameters(), lr=1e-2, **options),
+            m2, pub_native.Adam(m2.parameters(), lr=1e-2, **options))
 
 
 def _train_compiled_beside_eager(compiled_step, o1, m1, o2, m2, steps):
@@ -490,11 +475,7 @@ def test_cuda_mixed_precision_equals_cpu(mode):
 
 @pytest.mark.cuda
 def test_cuda_compiled_model_and_step():
-    torch.manual_seed(12)
-    m1 = MMoE().cuda()
-    m2 = copy.deepcopy(m1)
-    o1 = pub_native.Adam(m1.parameters(), lr=1e-2)
-    o2 = pub_native.Adam(m2.parameters(), lr=1e-2)
+    m1, o1, m2, o2 = _twins(12, device="cuda")
     cm = torch.compile(m1)
     step = torch.compile(o1.step)
     for t in range(3):
