@@ -152,8 +152,10 @@ def test_cli(tmp_path):
 
 
 def test_import_pub_native_does_not_load_the_demo():
+    # Nor torch's compiler (torch._dynamo: over a second of import time), which a compiled
+    # step loads anyway.
     code = ("import sys, pub_native; "
-            "print(sorted(m for m in sys.modules if m.startswith('pub_native')))")
+            "print(sorted(m for m in sys.modules if m.startswith(('pub_native', 'torch._dyn'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -161,6 +163,7 @@ def test_import_pub_native_does_not_load_the_demo():
     assert "pub_native.balancers" in loaded and "pub_native.optim" in loaded
     assert not [m for m in loaded if m.startswith("pub_native.demo")], loaded
     assert "pub_native.baselines" not in loaded
+    assert "torch._dynamo" not in loaded
 
 
 def test_version_flag(capsys):

@@ -133,7 +133,6 @@ def prepare(opt) -> None:
         _op_for(len(_params(opt)))
 
 
-@torch.compiler.disable
 def _eager_step(opt) -> None:
     # torch 2.4 with 63 parameters or more (no op can take them), or parameters appended to a
     # group by hand since the last prepare() (none can be made while compiling): the step runs
@@ -141,10 +140,27 @@ def _eager_step(opt) -> None:
     opt._take_step()
 
 
-@torch.compiler.disable
-def eager_zero_grad(opt, set_to_none: bool) -> None:
-    """``opt.zero_grad()`` called from compiled code: run outside the graph (a graph break)."""
+def _zero_grad(opt, set_to_none: bool) -> None:
     opt.zero_grad(set_to_none=set_to_none)
+
+
+_OUTSIDE: dict[typing.Any, typing.Any] = {}
+
+
+def _outside_graph(fn):
+    """``fn`` under ``torch.compiler.disable``: called from compiled code, it runs outside the
+    graph (a graph break; with ``fullgraph=True`` the compiler raises). Made on first use, from
+    compiled code: ``torch.compiler.disable`` imports torch._dynamo, which would add over a
+    second to ``import pub_native``."""
+    wrapped = _OUTSIDE.get(fn)
+    if wrapped is None:
+        wrapped = _OUTSIDE[fn] = torch.compiler.disable(fn)
+    return wrapped
+
+
+def eager_zero_grad(opt, set_to_none: bool) -> None:
+    """``opt.zero_grad()`` called from compiled code: run outside the graph, as torch.optim's."""
+    _outside_graph(_zero_grad)(opt, set_to_none)
 
 
 def compiled_step(opt) -> None:
@@ -155,4 +171,4 @@ def compiled_step(opt) -> None:
     elif len(params) in _OPS_BY_COUNT:
         _OPS_BY_COUNT[len(params)](opt._compile_handle, *params, [p.grad for p in params])
     else:
-        _eager_step(opt)
+        _outside_graph(_eager_step)(opt)
