@@ -17,14 +17,13 @@ runs the step outside the compiled graph (a graph break).
 """
 
 import re
+import sys
 import typing
 import weakref
 
 import torch
 
-from ._plan import mark_written
-
-__all__ = ["compiled_step", "eager_zero_grad", "prepare", "register"]
+__all__ = ["compiled_step", "eager_backward", "eager_zero_grad", "prepare", "register"]
 
 _OPTIMIZERS: dict[int, weakref.ref] = {}
 
@@ -44,25 +43,27 @@ def _params(opt) -> list[torch.Tensor]:
     return [p for g in opt.param_groups for p in g["params"]]
 
 
-def _take_graph_grads(params, grads) -> None:
-    """Give each parameter the gradient that the compiled code passed to the op. Where that code
-    changed a ``.grad`` before the step (``clip_grad_norm_``, an in-place scaling), the compiler
-    hands the op the new value and writes it to ``.grad`` only after the graph: the step must
-    see it now, as an eager step would. An unchanged ``.grad`` arrives as itself (same memory),
-    and is left alone."""
-    copied = []
-    for p, g in zip(params, grads):
-        if g is None:
-            if p.grad is not None:
-                p.grad = None
-        elif p.grad is None:
-            p.grad = g.detach().clone()
-        elif g.data_ptr() != p.grad.data_ptr():
-            p.grad.copy_(g)
-            copied.append(p.grad)
-    # The step notices a changed .grad by its version; torch 2.4 does not count writes made
-    # inside a custom op in a compiled graph.
-    mark_written(copied)
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+def _swap_in_graph_grads(params, grads) -> list:
+    """Give each parameter, for the step, the gradient that the compiled code passed to the op;
+    returns (parameter, .grad before) for each one changed. Where that code changed a gradient
+    before the step (``clip_grad_norm_``, an in-place scaling, ``p.grad = ...``), the compiler
+    hands the op the new value and sets ``.grad`` only after the graph: the step must see it
+    now, as an eager step would. It is put in place of ``.grad``, never written into it: the
+    compiler's own write after the graph is then the only one, whether it writes into the old
+    tensor (an in-place change) or replaces it, and gradients that alias each other (swapped,
+    transposed) stay as they are. An unchanged gradient arrives as the same view of the same
+    memory, and is left alone."""
+    changed = [(p, g) for p, g in zip(params, grads)
+               if (g is None) != (p.grad is None) or (g is not None and not _same_view(g, p.grad))]
+    swapped = [(p, p.grad) for p, _ in changed]
+    for p, g in changed:
+        p.grad = g
+    return swapped
 
 
 def _run(handle: int, params, grads) -> None:
@@ -71,8 +72,12 @@ def _run(handle: int, params, grads) -> None:
     opt = None if ref is None else ref()
     if opt is None:
         raise RuntimeError("pub_native::optimizer_step: the optimizer no longer exists")
-    _take_graph_grads(_params(opt), grads)
-    opt._take_step()
+    swapped = _swap_in_graph_grads(_params(opt), grads)
+    try:
+        opt._take_step()
+    finally:
+        for p, old in swapped:
+            p.grad = old
     # Where the compiler functionalized the op, `params` are copies that it writes back to the
     # parameters afterwards: they must hold the new values too. (Reinplaced, they are the
     # parameters themselves and nothing is copied.)
@@ -128,9 +133,13 @@ def _op_for(n: int):
 
 
 def prepare(opt) -> None:
-    """Make the op that ``compiled_step(opt)`` calls, outside compiled code (torch 2.4)."""
+    """Make what compiled code calls, outside compiled code: the op of ``compiled_step(opt)``
+    (torch 2.4), and the wrappers of ``_outside_graph`` once torch's compiler is loaded."""
     if not _LIST_MUTATION:
         _op_for(len(_params(opt)))
+    if "torch._dynamo" in sys.modules:
+        for fn in _EAGER_ONLY:
+            _outside_graph(fn)
 
 
 def _eager_step(opt) -> None:
@@ -144,23 +153,38 @@ def _zero_grad(opt, set_to_none: bool) -> None:
     opt.zero_grad(set_to_none=set_to_none)
 
 
+def _backward(opt, losses, retain_graph: bool) -> None:
+    opt.backward(losses, retain_graph=retain_graph)
+
+
 _OUTSIDE: dict[typing.Any, typing.Any] = {}
 
 
 def _outside_graph(fn):
     """``fn`` under ``torch.compiler.disable``: called from compiled code, it runs outside the
-    graph (a graph break; with ``fullgraph=True`` the compiler raises). Made on first use, from
-    compiled code: ``torch.compiler.disable`` imports torch._dynamo, which would add over a
-    second to ``import pub_native``."""
+    graph (a graph break; with ``fullgraph=True`` the compiler raises). ``torch.compiler.disable``
+    imports torch._dynamo, which would add over a second to ``import pub_native``: the wrappers
+    are made when an optimizer is built or restored after torch's compiler was loaded, else on
+    first use, from compiled code (then a ``fullgraph=True`` error names torch's ``disable``
+    instead of the function)."""
     wrapped = _OUTSIDE.get(fn)
     if wrapped is None:
         wrapped = _OUTSIDE[fn] = torch.compiler.disable(fn)
     return wrapped
 
 
+_EAGER_ONLY = (_eager_step, _zero_grad, _backward)
+
+
 def eager_zero_grad(opt, set_to_none: bool) -> None:
     """``opt.zero_grad()`` called from compiled code: run outside the graph, as torch.optim's."""
     _outside_graph(_zero_grad)(opt, set_to_none)
+
+
+def eager_backward(opt, losses, retain_graph: bool) -> None:
+    """``opt.backward(losses)`` called from compiled code: run outside the graph, as
+    ``loss.backward()`` is (torch 2.11 fails to trace the optimizer's attribute writes)."""
+    _outside_graph(_backward)(opt, losses, retain_graph)
 
 
 def compiled_step(opt) -> None:

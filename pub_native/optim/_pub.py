@@ -26,7 +26,7 @@ from .._distributed import data_parallel_group
 from .._native import StepOutcome
 from ._backends import CpuBackend
 from ._checkpoint import Checkpoints
-from ._compile import compiled_step, eager_zero_grad
+from ._compile import compiled_step, eager_backward, eager_zero_grad
 from ._compile import prepare as prepare_for_compile
 from ._compile import register as register_for_compile
 from ._ddp import DataParallel
@@ -369,6 +369,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
         Calling ``backward`` again before ``step`` (or without ``zero_grad`` in between)
         accumulates, as ``Tensor.backward`` does.
         """
+        if torch.compiler.is_compiling():
+            return eager_backward(self, losses, retain_graph)  # as loss.backward(): a graph break
         # The data-parallel set-up first: deciding it may take collectives, which every
         # process must reach in the same order whatever its batch holds.
         dp = self._data_parallel()
