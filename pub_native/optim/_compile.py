@@ -58,8 +58,8 @@ def _swap_in_graph_grads(params, grads) -> list:
     tensor (an in-place change) or replaces it, and gradients that alias each other (swapped,
     transposed) stay as they are. An unchanged gradient arrives as the same view of the same
     memory, and is left alone."""
-    changed = [(p, g) for p, g in zip(params, grads)
-               if (g is None) != (p.grad is None) or (g is not None and not _same_view(g, p.grad))]
+    changed = [(p, g) for p, g in zip(params, grads) if g is not p.grad and (
+        g is None or p.grad is None or not _same_view(g, p.grad))]
     swapped = [(p, p.grad) for p, _ in changed]
     for p, g in changed:
         p.grad = g
