@@ -394,6 +394,33 @@ def test_compiled_step_sees_gradients_changed_before_it_in_the_graph(monkeypatch
         assert torch.equal(m1.towers[1].weight, frozen)
 
 
+def test_compiled_step_that_raises_leaves_the_graph_gradients_as_eager_does():
+    # The step refuses a NaN gradient that the compiled code made; the graph stops at the op,
+    # so its write-back never runs: .grad must still hold what the code made of it (as after
+    # an eager step that raised), parameters and state nothing new.
+    m1, o1, m2, o2 = _twins(16)
+
+    def step_of(o, m):
+        def step():
+            m.towers[0].weight.grad.mul_(float("nan"))
+            o.step()
+        return step
+
+    compiled = torch.compile(step_of(o1, m1), backend="aot_eager", fullgraph=True)
+    for o, m in ((o1, m1), (o2, m2)):
+        o.backward(mmoe_losses(m, mmoe_batch(0)))
+        o.step()
+        o.zero_grad()
+        o.backward(mmoe_losses(m, mmoe_batch(1)))
+    for step in (compiled, step_of(o2, m2)):
+        with pytest.raises(FloatingPointError, match="non-finite gradient"):
+            step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(m1.towers[0].weight.grad).all()
+    assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
+
+
 @pytest.mark.filterwarnings("ignore:the model is compiled")  # losses from a compiled graph
 @pytest.mark.parametrize("whole", [False, True])
 def test_compiled_step_and_zero_grad_equal_eager(whole):

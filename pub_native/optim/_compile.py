@@ -73,11 +73,11 @@ def _run(handle: int, params, grads) -> None:
     if opt is None:
         raise RuntimeError("pub_native::optimizer_step: the optimizer no longer exists")
     swapped = _swap_in_graph_grads(_params(opt), grads)
-    try:
-        opt._take_step()
-    finally:
-        for p, old in swapped:
-            p.grad = old
+    # If the step raises, the graph stops here and never writes its gradients back: they stay
+    # in .grad, as after an eager step that raised.
+    opt._take_step()
+    for p, old in swapped:
+        p.grad = old
     # Where the compiler functionalized the op, `params` are copies that it writes back to the
     # parameters afterwards: they must hold the new values too. (Reinplaced, they are the
     # parameters themselves and nothing is copied.)
