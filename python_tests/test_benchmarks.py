@@ -194,6 +194,7 @@ def test_train_step_script(tmp_path, capsys):
     assert "K backward passes alone" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two processes of the benchmark's own (CI runs it)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_train_step_keeps_the_heap():
     # In a process of its own. With the heap kept, a freed 64 MiB block stays mapped (the resident
