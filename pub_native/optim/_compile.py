@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-__all__ = ["compiled_step", "eager_backward", "eager_zero_grad", "prepare", "register"]
+__all__ = ["compiled_step", "outside_graph", "prepare", "register"]
 
 _OPTIMIZERS: dict[int, weakref.ref] = {}
 
@@ -134,12 +134,12 @@ def _op_for(n: int):
 
 def prepare(opt) -> None:
     """Make what compiled code calls, outside compiled code: the op of ``compiled_step(opt)``
-    (torch 2.4), and the wrappers of ``_outside_graph`` once torch's compiler is loaded."""
+    (torch 2.4), and the ``outside_graph`` wrappers once torch's compiler is loaded."""
     if not _LIST_MUTATION:
         _op_for(len(_params(opt)))
     if "torch._dynamo" in sys.modules:
-        for fn in _EAGER_ONLY:
-            _outside_graph(fn)
+        for fn in (_eager_step, type(opt).zero_grad, type(opt).backward):
+            outside_graph(fn)
 
 
 def _eager_step(opt) -> None:
@@ -149,42 +149,21 @@ def _eager_step(opt) -> None:
     opt._take_step()
 
 
-def _zero_grad(opt, set_to_none: bool) -> None:
-    opt.zero_grad(set_to_none=set_to_none)
-
-
-def _backward(opt, losses, retain_graph: bool) -> None:
-    opt.backward(losses, retain_graph=retain_graph)
-
-
 _OUTSIDE: dict[typing.Any, typing.Any] = {}
 
 
-def _outside_graph(fn):
+def outside_graph(fn):
     """``fn`` under ``torch.compiler.disable``: called from compiled code, it runs outside the
-    graph (a graph break; with ``fullgraph=True`` the compiler raises). ``torch.compiler.disable``
-    imports torch._dynamo, which would add over a second to ``import pub_native``: the wrappers
-    are made when an optimizer is built or restored after torch's compiler was loaded, else on
-    first use, from compiled code (then a ``fullgraph=True`` error names torch's ``disable``
-    instead of the function)."""
+    graph (a graph break; with ``fullgraph=True`` the compiler raises), as torch.optim's
+    ``zero_grad`` and ``loss.backward()`` do. ``torch.compiler.disable`` imports torch._dynamo,
+    which would add over a second to ``import pub_native``: the wrappers are made when an
+    optimizer is built or restored after torch's compiler was loaded, else on first use, from
+    compiled code (then a ``fullgraph=True`` error names torch's ``disable`` instead of the
+    function)."""
     wrapped = _OUTSIDE.get(fn)
     if wrapped is None:
         wrapped = _OUTSIDE[fn] = torch.compiler.disable(fn)
     return wrapped
-
-
-_EAGER_ONLY = (_eager_step, _zero_grad, _backward)
-
-
-def eager_zero_grad(opt, set_to_none: bool) -> None:
-    """``opt.zero_grad()`` called from compiled code: run outside the graph, as torch.optim's."""
-    _outside_graph(_zero_grad)(opt, set_to_none)
-
-
-def eager_backward(opt, losses, retain_graph: bool) -> None:
-    """``opt.backward(losses)`` called from compiled code: run outside the graph, as
-    ``loss.backward()`` is (torch 2.11 fails to trace the optimizer's attribute writes)."""
-    _outside_graph(_backward)(opt, losses, retain_graph)
 
 
 def compiled_step(opt) -> None:
@@ -195,4 +174,4 @@ def compiled_step(opt) -> None:
     elif len(params) in _OPS_BY_COUNT:
         _OPS_BY_COUNT[len(params)](opt._compile_handle, *params, [p.grad for p in params])
     else:
-        _outside_graph(_eager_step)(opt)
+        outside_graph(_eager_step)(opt)

@@ -26,7 +26,7 @@ from .._distributed import data_parallel_group
 from .._native import StepOutcome
 from ._backends import CpuBackend
 from ._checkpoint import Checkpoints
-from ._compile import compiled_step, eager_backward, eager_zero_grad
+from ._compile import compiled_step, outside_graph
 from ._compile import prepare as prepare_for_compile
 from ._compile import register as register_for_compile
 from ._ddp import DataParallel
@@ -369,8 +369,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
         Calling ``backward`` again before ``step`` (or without ``zero_grad`` in between)
         accumulates, as ``Tensor.backward`` does.
         """
-        if torch.compiler.is_compiling():
-            return eager_backward(self, losses, retain_graph)  # as loss.backward(): a graph break
+        if torch.compiler.is_compiling():  # torch 2.11 fails on the attributes set below
+            return outside_graph(type(self).backward)(self, losses, retain_graph=retain_graph)
         # The data-parallel set-up first: deciding it may take collectives, which every
         # process must reach in the same order whatever its batch holds.
         dp = self._data_parallel()
@@ -511,10 +511,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the ``.grad`` of every parameter and drop pending per-task gradients."""
-        if torch.compiler.is_compiling():
-            # Outside the graph, as torch.optim's zero_grad is (torch 2.5-2.11 fail on the
-            # attribute set below when they trace it).
-            return eager_zero_grad(self, set_to_none)
+        if torch.compiler.is_compiling():  # torch 2.5-2.11 fail on the attribute set below
+            return outside_graph(type(self).zero_grad)(self, set_to_none)
         self._pending = False
         if set_to_none and not _observed(self, hooks=False):
             for group in self.param_groups:
