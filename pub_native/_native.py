@@ -21,35 +21,34 @@ else:
 
 __all__ = [
     "Algorithm", "BaseCol", "CUDA_MAX_TASKS", "DType", "MAX_STATES", "SYMMETRY_TOL",
-    "SegmentKind", "SolveMethod", "SolveStatus", "StepOutcome", "TableCol", "ZERO_TASK_REL_TOL",
+    "SegmentKind", "SolveMethod", "SolveStatus", "StepOutcome", "TableCol", "Umm",
+    "ZERO_TASK_REL_TOL",
     "_C", "cuda_available", "cuda_module",
 ]
 
 
-def _mirror(native_enum, doc: str) -> type[enum.IntEnum]:
-    mirrored = enum.IntEnum(native_enum.__name__,
-                            {name: int(value) for name, value in native_enum.__members__.items()},
-                            module=__name__)
+def _mirror(name: str, doc: str) -> type[enum.IntEnum]:
+    mirrored = enum.IntEnum(name, dict(_C.CODES[name]), module=__name__)
     mirrored.__doc__ = doc
     return mirrored
 
 
-Algorithm = _mirror(_C.Algorithm, "Base optimizer of a step segment (update_rules.h).")
-DType = _mirror(_C.DType, "Element type of a step segment's parameters (numeric.h).")
-SegmentKind = _mirror(_C.SegmentKind, "Shared tensors (K task gradients) or plain ones (step.h).")
-TableCol = _mirror(_C.TableCol, "Columns of the int64 tensor table (step.h).")
-BaseCol = _mirror(_C.BaseCol, "Columns of the float64 table of param-group constants (hyper.h).")
-Umm = _mirror(_C.Umm, "Update manipulation method codes (update_rules.h).")
-StepOutcome = _mirror(_C.StepOutcome, """What an optimizer step did (step.h).
+Algorithm = _mirror("Algorithm", "Base optimizer of a step segment (update_rules.h).")
+DType = _mirror("DType", "Element type of a step segment's parameters (numeric.h).")
+SegmentKind = _mirror("SegmentKind", "Shared tensors (K task gradients) or plain ones (step.h).")
+TableCol = _mirror("TableCol", "Columns of the int64 tensor table (step.h).")
+BaseCol = _mirror("BaseCol", "Columns of the float64 table of param-group constants (hyper.h).")
+Umm = _mirror("Umm", "Update manipulation method codes (update_rules.h).")
+StepOutcome = _mirror("StepOutcome", """What an optimizer step did (step.h).
 
 APPLIED: parameters, state and step counters advanced. SKIPPED_FOUND_INF: a
 ``torch.amp.GradScaler`` found inf/NaN in the gradients, the step was skipped. NONFINITE_GRAD:
 a gradient was NaN/Inf. NONFINITE_UPDATE: the gradients were finite but a task update or the
 Gram matrix overflowed (learning rate, eps). GRAD_EDITED: a shared parameter's ``.grad`` was
 changed between ``backward(losses)`` and ``step()`` in a way that is not a rescaling.""")
-SolveStatus = _mirror(_C.SolveStatus, "Outcome of one weight solve (values shared with the "
-                                      "native core).")
-SolveMethod = _mirror(_C.SolveMethod, "Weight solver codes (common.h).")
+SolveStatus = _mirror("SolveStatus", "Outcome of one weight solve (values shared with the "
+                                     "native core).")
+SolveMethod = _mirror("SolveMethod", "Weight solver codes (common.h).")
 
 MAX_STATES: int = _C.MAX_STATES
 CUDA_MAX_TASKS: int = _C.CUDA_MAX_TASKS

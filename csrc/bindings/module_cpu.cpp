@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -629,55 +630,41 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("solve_time", &cpu::Stepper::solve_time)
       .def_readonly("outcome", &cpu::Stepper::outcome);
 
-  // Codes and columns shared with Python (mirrored once, in pub_native/_native.py).
-  py::enum_<Algorithm>(m, "Algorithm")
-      .value("ADAM", Algorithm::kAdam)
-      .value("ADAGRAD", Algorithm::kAdaGrad)
-      .value("RMSPROP", Algorithm::kRMSProp);
-  py::enum_<Umm>(m, "Umm")
-      .value("NONE", Umm::kNone)
-      .value("CLIPPY", Umm::kClippy)
-      .value("ADATASK", Umm::kAdaTask);
-  py::enum_<DType>(m, "DType")
-      .value("FLOAT32", kFloat32)
-      .value("FLOAT64", kFloat64)
-      .value("BFLOAT16", kBFloat16)
-      .value("FLOAT16", kFloat16);
-  py::enum_<SegmentKind>(m, "SegmentKind")
-      .value("SHARED", SegmentKind::kShared)
-      .value("PLAIN", SegmentKind::kPlain);
-  py::enum_<TableCol>(m, "TableCol")
-      .value("PARAM", kTParam)
-      .value("NUMEL", kTNumel)
-      .value("GRAD", kTGrad)
-      .value("BASE", kTBase)
-      .value("STEP", kTStep)
-      .value("GRAD_SUM", kTGradSum)
-      .value("STATE", kTState)
-      .value("COLS", kTableCols);
-  py::enum_<BaseCol>(m, "BaseCol")
-      .value("LR", kBLr)
-      .value("BETA1", kBBeta1)
-      .value("BETA2", kBBeta2)
-      .value("EPS", kBEps)
-      .value("WEIGHT_DECAY", kBWeightDecay)
-      .value("DECOUPLED", kBDecoupled)
-      .value("LR_DECAY", kBLrDecay)
-      .value("COLS", kBaseCols);
-  py::enum_<StepOutcome>(m, "StepOutcome")
-      .value("APPLIED", kApplied)
-      .value("SKIPPED_FOUND_INF", kSkippedFoundInf)
-      .value("NONFINITE_GRAD", kNonFiniteGrad)
-      .value("NONFINITE_UPDATE", kNonFiniteUpdate)
-      .value("GRAD_EDITED", kGradEdited);
-  py::enum_<SolveStatus>(m, "SolveStatus")
-      .value("CONVERGED", kConverged)
-      .value("MAX_ITER", kMaxIter)
-      .value("LINE_SEARCH_FAILED", kLineSearchFailed)
-      .value("NOT_POSITIVE_DEFINITE", kNotPositiveDefinite)
-      .value("ALL_ZERO", kAllZero)
-      .value("INVALID_INPUT", kInvalidInput);
-  py::enum_<SolveMethod>(m, "SolveMethod").value("NEWTON", kNewton).value("CCP", kCcp);
+  // Codes and columns shared with Python, as {name: {member: value}} (mirrored once as IntEnums,
+  // in pub_native/_native.py). Plain dicts: nine py::enum_ classes were 40% of this file's
+  // compile time.
+  py::dict codes;
+  auto add = [&codes](const char* name,
+                      std::initializer_list<std::pair<const char*, int64_t>> members) {
+    py::dict d;
+    for (const auto& [member, value] : members) d[member] = value;
+    codes[name] = d;
+  };
+  add("Algorithm", {{"ADAM", int64_t(Algorithm::kAdam)},
+                    {"ADAGRAD", int64_t(Algorithm::kAdaGrad)},
+                    {"RMSPROP", int64_t(Algorithm::kRMSProp)}});
+  add("Umm", {{"NONE", int64_t(Umm::kNone)},
+              {"CLIPPY", int64_t(Umm::kClippy)},
+              {"ADATASK", int64_t(Umm::kAdaTask)}});
+  add("DType", {{"FLOAT32", kFloat32}, {"FLOAT64", kFloat64}, {"BFLOAT16", kBFloat16},
+                {"FLOAT16", kFloat16}});
+  add("SegmentKind", {{"SHARED", int64_t(SegmentKind::kShared)},
+                      {"PLAIN", int64_t(SegmentKind::kPlain)}});
+  add("TableCol", {{"PARAM", kTParam}, {"NUMEL", kTNumel}, {"GRAD", kTGrad}, {"BASE", kTBase},
+                   {"STEP", kTStep}, {"GRAD_SUM", kTGradSum}, {"STATE", kTState},
+                   {"COLS", kTableCols}});
+  add("BaseCol", {{"LR", kBLr}, {"BETA1", kBBeta1}, {"BETA2", kBBeta2}, {"EPS", kBEps},
+                  {"WEIGHT_DECAY", kBWeightDecay}, {"DECOUPLED", kBDecoupled},
+                  {"LR_DECAY", kBLrDecay}, {"COLS", kBaseCols}});
+  add("StepOutcome", {{"APPLIED", kApplied}, {"SKIPPED_FOUND_INF", kSkippedFoundInf},
+                      {"NONFINITE_GRAD", kNonFiniteGrad}, {"NONFINITE_UPDATE", kNonFiniteUpdate},
+                      {"GRAD_EDITED", kGradEdited}});
+  add("SolveStatus", {{"CONVERGED", kConverged}, {"MAX_ITER", kMaxIter},
+                      {"LINE_SEARCH_FAILED", kLineSearchFailed},
+                      {"NOT_POSITIVE_DEFINITE", kNotPositiveDefinite}, {"ALL_ZERO", kAllZero},
+                      {"INVALID_INPUT", kInvalidInput}});
+  add("SolveMethod", {{"NEWTON", kNewton}, {"CCP", kCcp}});
+  m.attr("CODES") = codes;
   m.def(
       "sum_rows",
       [](int32_t dtype, uintptr_t buf, int64_t K, int64_t P) {
