@@ -286,6 +286,31 @@ def test_a_parameter_listed_twice_in_a_group_is_an_error(name):
         NATIVE[name](named)
 
 
+@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("group, error, match", [
+    ({"params": [nn.Parameter(torch.randn(3, dtype=torch.complex64))]}, TypeError,
+     r"param_groups\[1\]\['params'\]\[0\].*complex"),
+    ({"params": [nn.Parameter(torch.randn(3))], "differentiable": True}, NotImplementedError,
+     "differentiable"),
+    ({"params": [nn.Parameter(torch.randn(3))], "capturable": True}, NotImplementedError,
+     "capturable"),
+], ids=["complex", "differentiable", "capturable"])
+def test_a_group_added_with_what_the_step_cannot_do_is_refused_and_not_kept(
+        name, group, error, match):
+    # What the constructor refuses, add_param_group refuses too, and the optimizer stays as it
+    # was (torch appends the group before the check can see it).
+    w = nn.Parameter(torch.randn(3))
+    opt, ref = NATIVE[name]([w], lr=0.1), TORCH[name]([nn.Parameter(w.detach().clone())], lr=0.1)
+    with pytest.raises(error, match=match):
+        opt.add_param_group(group)
+    assert len(opt.param_groups) == 1
+    for o in (opt, ref):
+        o.param_groups[0]["params"][0].grad = torch.ones(3)
+        o.step()
+    assert set(opt.state) == {w}
+    torch.testing.assert_close(w, ref.param_groups[0]["params"][0])
+
+
 def test_a_step_counter_of_the_wrong_shape_names_the_parameter():
     w = nn.Parameter(torch.randn(3))
     opt = pub_native.Adam([w], lr=0.1)

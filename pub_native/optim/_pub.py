@@ -125,16 +125,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
             raise ValueError(f"Invalid backend: {backend!r}, expected one of {BACKENDS}")
         self.backend = backend
         for group in self.param_groups:
-            if group.get("differentiable", False):
-                raise NotImplementedError("PUB optimizers do not support differentiable=True")
-            if group.get("capturable", False):
-                raise NotImplementedError(
-                    "capturable=True is not needed: on CUDA the PUB step never synchronizes "
-                    "and keeps its step counters on the device")
-            for p in group["params"]:
-                if p.is_complex():
-                    raise TypeError(f"{self._param_name(p)}: complex parameters are not "
-                                    "supported")
+            self._refuse_unsupported(group)
         known = {id(p) for p in self._all_params()}
         self._compile_handle = register_for_compile(self)
         self._explicit_shared = None if shared is None else list(shared)
@@ -196,16 +187,30 @@ class PUBOptimizer(GradientTools, Checkpoints):
                         f"{tuple(p.shape)}) is ['params'][{seen[id(p)]}] again: list each "
                         "parameter once")
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if hasattr(self, "_decided"):  # (the constructor checks its groups itself)
+            try:
+                self._refuse_unsupported(group)
+            except (NotImplementedError, TypeError):
+                self.param_groups.pop()  # torch only appended it: the optimizer is as it was
+                raise
         if hasattr(self, "_compile_handle"):
             prepare_for_compile(self)
-        if hasattr(self, "_decided"):
-            group = self.param_groups[-1]
+        if hasattr(self, "_decided") and group.get("shared") is not None:
             for p in group["params"]:
-                if p.is_complex():
-                    raise TypeError(f"{self._param_name(p)}: complex parameters are not "
-                                    "supported")
-                if group.get("shared") is not None:
-                    self._decided[id(p)] = bool(group["shared"])
+                self._decided[id(p)] = bool(group["shared"])
+
+    def _refuse_unsupported(self, group: dict) -> None:
+        """Raises for a group that asks what the PUB step cannot do (a group in param_groups)."""
+        if group.get("differentiable", False):
+            raise NotImplementedError("PUB optimizers do not support differentiable=True")
+        if group.get("capturable", False):
+            raise NotImplementedError(
+                "capturable=True is not needed: on CUDA the PUB step never synchronizes "
+                "and keeps its step counters on the device")
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(f"{self._param_name(p)}: complex parameters are not supported")
 
     def __repr__(self) -> str:
         base = super().__repr__()
