@@ -27,6 +27,7 @@ from helpers import (
     run_pub,
     run_torch,
 )
+from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
 import pub_native
@@ -278,6 +279,41 @@ def test_load_state_dict_mismatch_raises_and_keeps_optimizer():
     for key, st in snapshot["state"].items():
         for name, value in st.items():
             assert torch.equal(after["state"][key][name], value)
+
+
+def test_a_checkpoint_that_balanced_other_parameters_than_shared_names_raises():
+    # Detected from the graph: trunk and mid are shared. An optimizer told shared=trunk must not
+    # take the checkpoint's set silently; told the same set, or nothing, it loads.
+    torch.manual_seed(0)
+    trunk, mid, h1, h2 = (nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 1), nn.Linear(8, 1))
+    params = [*trunk.parameters(), *mid.parameters(), *h1.parameters(), *h2.parameters()]
+    x = torch.randn(16, 4)
+
+    def losses():
+        z = mid(trunk(x)).relu()
+        return [h1(z).pow(2).mean(), h2(z).pow(2).mean()]
+
+    opt = pub_native.Adam(params, lr=1e-2)
+    opt.backward(losses())
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    assert len(sd["pub"]["shared"]) == 4
+    told = pub_native.Adam(params, lr=1e-2, shared=list(trunk.parameters()))
+    before = copy.deepcopy(told.state_dict())
+    with pytest.raises(ValueError, match=r"balances 4 shared .* names 2 \(shared in the "
+                       r"checkpoint but not in shared=: param_groups\[0\]\['params'\]\[2\]"):
+        told.load_state_dict(sd)
+    after = told.state_dict()
+    assert after["state"] == before["state"] == {} and after["pub"] == before["pub"]
+    told.zero_grad()
+    told.backward(losses())  # and it still balances what it was told
+    assert told.shared_parameters == list(trunk.parameters())
+    for shared in (list(trunk.parameters()) + list(mid.parameters()), None):
+        twin = pub_native.Adam(params, lr=1e-2, shared=shared)
+        twin.load_state_dict(sd)
+        twin.zero_grad()
+        twin.backward(losses())
+        assert len(twin.shared_parameters) == 4
 
 
 @pytest.mark.parametrize("name", sorted(NATIVE))

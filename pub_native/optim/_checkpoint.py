@@ -146,8 +146,9 @@ class Checkpoints:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer (or of its torch base class).
 
-        Raises ValueError, leaving the optimizer unchanged, when the number of tasks, the UMM or
-        any state tensor's shape does not match. State of 16-bit parameters stays float32.
+        Raises ValueError, leaving the optimizer unchanged, when the number of tasks, the UMM,
+        the shared parameters (where this optimizer was given ``shared``) or any state tensor's
+        shape does not match. State of 16-bit parameters stays float32.
         """
         pub = state_dict.get("pub")
         params = self._all_params()
@@ -169,6 +170,8 @@ class Checkpoints:
                 shared_idx = sorted(set(pub["shared"]))
                 if any(not 0 <= i < len(params) for i in shared_idx):
                     raise ValueError("loaded state dict names shared parameters out of range")
+                if self._explicit_shared is not None:
+                    self._check_explicit_shared(params, shared_idx)
             for name in ("task_weights", "warm_start"):
                 v = pub.get(name)
                 if v is not None and (k is None or tuple(v.shape) != (k,)):
@@ -235,3 +238,25 @@ class Checkpoints:
                         for n in ("task_weights", "warm_start"))
         self._solved = weights[0] is not None
         self._seed_weights = weights
+
+    def _check_explicit_shared(self, params: list, shared_idx: list[int]) -> None:
+        """Raises where a checkpoint balanced other parameters than the ``shared`` argument of
+        this optimizer names: loading it would silently balance the checkpoint's set."""
+        index = {id(p): i for i, p in enumerate(params)}
+        mine = set(index[id(p)] for p in self._explicit_shared)
+        if mine == set(shared_idx):
+            return
+        only_saved = [self._param_name(params[i]) for i in sorted(set(shared_idx) - mine)]
+        only_mine = [self._param_name(params[i]) for i in sorted(mine - set(shared_idx))]
+        parts = []
+        if only_saved:
+            parts.append(f"shared in the checkpoint but not in shared=: {', '.join(only_saved[:3])}"
+                         + (f" and {len(only_saved) - 3} more" if len(only_saved) > 3 else ""))
+        if only_mine:
+            parts.append(f"in shared= but not shared in the checkpoint: {', '.join(only_mine[:3])}"
+                         + (f" and {len(only_mine) - 3} more" if len(only_mine) > 3 else ""))
+        raise ValueError(
+            f"loaded state dict balances {len(shared_idx)} shared parameter(s), the shared= "
+            f"argument of this optimizer names {len(mine)} ({'; '.join(parts)}): build the "
+            "optimizer with the checkpoint's shared parameters, or without shared= to take them "
+            "from the checkpoint")
