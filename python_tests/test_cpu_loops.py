@@ -66,18 +66,32 @@ def run_cases(tmp_path, tag, **env):
     return torch.load(path, weights_only=True)
 
 
-def test_every_loop_is_bitwise_independent_of_thread_count(tmp_path):
-    one = run_cases(tmp_path, "one", OMP_NUM_THREADS="1")
-    three = run_cases(tmp_path, "three", OMP_NUM_THREADS="3")
+@pytest.fixture(scope="module")
+def case_runs(tmp_path_factory):
+    """run_cases(tag, **env), each tag run once per module: the one-thread run serves both
+    tests below (about 5 s a run)."""
+    done = {}
+
+    def get(tag, **env):
+        if tag not in done:
+            done[tag] = run_cases(tmp_path_factory.mktemp(tag), tag, **env)
+        return done[tag]
+    return get
+
+
+def test_every_loop_is_bitwise_independent_of_thread_count(case_runs):
+    one = case_runs("one", OMP_NUM_THREADS="1")
+    three = case_runs("three", OMP_NUM_THREADS="3")
     for case, a, b in zip(CASES, one, three):
         for x, y in zip(a, b):
             assert torch.equal(x, y), case
 
 
 @pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="one version only")
-def test_avx2_loops_equal_baseline_loops(tmp_path):
-    fast = run_cases(tmp_path, "fast", OMP_NUM_THREADS="2")
-    base = run_cases(tmp_path, "base", OMP_NUM_THREADS="2", PUB_NATIVE_CPU_BASELINE="1")
+def test_avx2_loops_equal_baseline_loops(case_runs):
+    # (The AVX2 version on one thread: any other thread count gives the same bits, above.)
+    fast = case_runs("one", OMP_NUM_THREADS="1")
+    base = case_runs("base", OMP_NUM_THREADS="2", PUB_NATIVE_CPU_BASELINE="1")
     dtypes = {"float32": F32, "bfloat16": BF16, "float16": F16, "float64": F64}
     for case, a, b in zip(CASES, fast, base):
         # Same equations in another order (fused multiply-adds, Gram sums in other lanes):
