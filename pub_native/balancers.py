@@ -197,7 +197,7 @@ class GradientBalancer:
         for p in specific:
             p.grad = None
         try:
-            self._grads.compute(losses, self._specific)
+            self._grads.compute(losses, [_active(spec) for spec in self._specific])
             if self._dp_group is not None:
                 self._average_task_gradients()
             buf = self._grads.buffer
@@ -209,7 +209,8 @@ class GradientBalancer:
                     f"non-finite gradient of the shared parameters in task(s) {bad}")
             t0 = time.perf_counter()
             self._solve_time = None
-            if self._grads.size == 0 or overflow:
+            if self._grads.size == 0 or overflow or not _active(self.shared):
+                # Nothing shared to balance (every shared parameter frozen): the plain sum.
                 w = torch.ones(self.k, dtype=torch.float64)
             else:
                 w = torch.as_tensor(self._compute_weights(G.numpy(), losses), dtype=torch.float64)
@@ -247,6 +248,7 @@ class GradientBalancer:
             plain_inputs = self._multi
         else:
             weighted_inputs, plain_inputs = self.shared, self._specific_all
+        weighted_inputs, plain_inputs = _active(weighted_inputs), _active(plain_inputs)
         if self._dp_group is not None:
             self._backward_fixed_distributed(weighted, sum(losses), weighted_inputs,
                                              plain_inputs)
@@ -304,7 +306,7 @@ class LS(GradientBalancer):
         losses = as_loss_list(losses, self.k)
         self.k = len(losses)
         self.steps += 1
-        torch.autograd.backward(sum(losses), inputs=self.params)
+        torch.autograd.backward(sum(losses), inputs=_active(self.params))
         self.weights = torch.ones(self.k, dtype=torch.float64)
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
 
@@ -551,7 +553,7 @@ class Uncertainty(GradientBalancer):
         else:
             total = (torch.exp(-s) * loss_vec + 0.5 * s).sum()
             w = torch.exp(-s.detach())
-        torch.autograd.backward(total, inputs=self.params + [s])
+        torch.autograd.backward(total, inputs=_active(self.params) + [s])
         self.weights = w.to(torch.float64).cpu()
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
 
@@ -655,7 +657,7 @@ class FAMO(GradientBalancer):
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         if scaler is not None and not all(bool(torch.isfinite(loss.detach()).all())
                                           for loss in items):
-            torch.autograd.backward(sum(items), inputs=self.params)
+            torch.autograd.backward(sum(items), inputs=_active(self.params))
             self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                           "update": None}
             return
@@ -670,7 +672,7 @@ class FAMO(GradientBalancer):
         c = float((z / d).sum())
         w = z / (c * d)
         total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
-        torch.autograd.backward(total, inputs=self.params)
+        torch.autograd.backward(total, inputs=_active(self.params))
         if self.max_norm > 0 and self.shared:
             torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm * scale)
         self.weights = w
@@ -826,11 +828,12 @@ class MultiBalance(GradientBalancer):
             self._split(raw, items, reps)
         k, m = len(items), len(reps)
         t0 = time.perf_counter()
+        heads = [_active(params) for params in self.heads]
         # rows[t][i]: ∂L_i/∂z_t (None where task i does not reach z_t); head[i]: ∂L_i/∂φ.
         rows = [[None] * k for _ in range(m)]
         head = []
         for i, loss in enumerate(items):
-            grads = torch.autograd.grad(loss, reps + self.heads[i], retain_graph=i < k - 1,
+            grads = torch.autograd.grad(loss, reps + heads[i], retain_graph=i < k - 1,
                                         allow_unused=True)
             for t in range(m):
                 rows[t][i] = grads[t]
@@ -867,8 +870,8 @@ class MultiBalance(GradientBalancer):
         elapsed = time.perf_counter() - t1
         self.steps += 1
         self.weights = torch.tensor(wl, dtype=torch.float64)
-        self._head_grads(head, wl, world)
-        if self.trunk:
+        self._head_grads(heads, head, wl, world)
+        if _active(self.trunk):
             self._trunk_backward(reps, rows, wl)
         self.stats = {"weights_time": elapsed, "solve_time": elapsed, "updated": True,
                       "gram_time": t1 - t0}
@@ -899,14 +902,14 @@ class MultiBalance(GradientBalancer):
                 tensors.append(z)
                 grads.append(combined)
         if tensors:
-            torch.autograd.backward(tensors, grads, inputs=self.trunk)
+            torch.autograd.backward(tensors, grads, inputs=_active(self.trunk))
 
-    def _head_grads(self, head, wl, world) -> None:
+    def _head_grads(self, heads, head, wl, world) -> None:
         """φ.grad += Σ_i w_i ∂L_i/∂φ (averaged over the ranks under torch.distributed); one
         ``_foreach`` product per task."""
         sums: dict[int, torch.Tensor] = {}
         order = []
-        for wi, params, grads in zip(wl, self.heads, head, strict=True):
+        for wi, params, grads in zip(wl, heads, head, strict=True):
             present = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
             if not present:
                 continue
@@ -1484,9 +1487,18 @@ def _as_gram(G) -> np.ndarray:
     return G
 
 
+def _active(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters that require grad now: one frozen after the balancer was built gets no
+    ``.grad``, as after ``loss.backward()``."""
+    return [p for p in params if p.requires_grad]
+
+
 def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> None:
-    """p.grad += g for flat g laid out in p's memory order (as TaskGradients lays them out)."""
+    """p.grad += g for flat g laid out in p's memory order (as TaskGradients lays them out);
+    frozen parameters (their rows hold zeros) are left without a gradient."""
     for p, g in zip(params, grads, strict=True):
+        if not p.requires_grad:
+            continue
         g = layout_view(g, p)
         if p.grad is None:
             p.grad = g.clone(memory_format=torch.preserve_format)

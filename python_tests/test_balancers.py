@@ -656,3 +656,82 @@ def test_an_overflow_under_a_grad_scaler_is_skipped_and_backs_off(name):
     with pytest.raises(FloatingPointError if name != "FAMO" else ValueError):
         getattr(B, name)(params, **({"n_tasks": 2} if name == "FAMO" else {})).backward(
             losses((30.0, float("inf"))))
+
+
+class _Heads(torch.nn.Module):
+    """A trunk and two heads, float64, with the representation the heads read."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.trunk = torch.nn.Linear(4, 6).double()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(6, 1).double() for _ in range(2)])
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        self.x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        self.y = torch.randn(8, 2, generator=g, dtype=torch.float64)
+
+    def run(self, bal):
+        z = torch.tanh(self.trunk(self.x))
+        losses = [((h(z).squeeze(1) - self.y[:, i]) ** 2).mean()
+                  for i, h in enumerate(self.heads)]
+        if isinstance(bal, B.MultiBalance):
+            bal.backward(losses, z)
+        else:
+            bal.backward(losses)
+
+
+def _make(name, params):
+    cls = B.BALANCERS[name]
+    return cls(params, 2) if name in ("uncertainty", "famo") else cls(params)
+
+
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_parameters_frozen_after_the_balancer_was_built_get_no_gradient(name):
+    # As loss.backward() leaves them: no .grad (so no optimizer moves them), while the others
+    # get what a balancer built with them frozen from the start gives. Before, LS, Uncertainty
+    # and FAMO raised torch's error, and the others gave a frozen shared parameter zeros.
+    frozen = ("trunk.bias", "heads.0.bias")
+    models, bals = [], []
+    for frozen_from_start in (False, True):
+        m = _Heads()
+        for n, p in m.named_parameters():
+            p.requires_grad_(not (frozen_from_start and n in frozen))
+        bals.append(_make(name, m.parameters()))
+        models.append(m)
+    for m, bal in zip(models, bals):
+        m.run(bal)  # first step: detection (the frozen ones are shared / specific in models[0])
+    named = dict(models[0].named_parameters())
+    for n in frozen:
+        named[n].requires_grad_(False)
+    for m, bal in zip(models, bals):
+        m.zero_grad(set_to_none=True)
+        m.run(bal)
+    late, early = (dict(m.named_parameters()) for m in models)
+    for n, p in late.items():
+        if n in frozen:
+            assert p.grad is None, n
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            torch.testing.assert_close(p.grad, early[n].grad, rtol=1e-6, atol=1e-9, msg=n)
+
+
+def test_a_balancer_whose_shared_parameters_are_all_frozen_sums_the_tasks():
+    # Nothing left to balance: the heads get their plain gradients (w = 1), not w = 0.
+    m = _Heads()
+    bal = B.NashMTL(m.parameters())
+    m.run(bal)
+    for p in m.trunk.parameters():
+        p.requires_grad_(False)
+    m.zero_grad(set_to_none=True)
+    m.run(bal)
+    assert bal.weights.tolist() == [1.0, 1.0]
+    ref = _Heads()
+    for p in ref.trunk.parameters():
+        p.requires_grad_(False)
+    B.LS(list(ref.heads.parameters())).backward(
+        [((h(torch.tanh(ref.trunk(ref.x))).squeeze(1) - ref.y[:, i]) ** 2).mean()
+         for i, h in enumerate(ref.heads)])
+    for p, q in zip(m.heads.parameters(), ref.heads.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
