@@ -302,7 +302,10 @@ class GradientBalancer:
 class LS(GradientBalancer):
     """Linear scalarization: the gradient of Σ_i L_i, w = 1 (one ordinary backward pass)."""
 
-    def backward(self, losses) -> None:
+    def backward(self, losses, *, scaler=None) -> None:
+        """``.grad`` += the gradient of Σ_i L_i. ``scaler`` (a ``torch.amp.GradScaler``) is
+        taken as the other balancers take it and changes nothing: an overflow gives the
+        non-finite sum that ``scaler.step`` skips."""
         losses = as_loss_list(losses, self.k)
         self.k = len(losses)
         self.steps += 1
@@ -542,16 +545,21 @@ class Uncertainty(GradientBalancer):
         """The balancer's own trainable tensors (``[log_vars]``), for the optimizer."""
         return [self.log_vars]
 
-    def backward(self, losses) -> None:
+    def backward(self, losses, *, scaler=None) -> None:
+        """``.grad`` += ∂L/∂θ, ``log_vars.grad`` += ∂L/∂s. ``scaler``: the
+        ``torch.amp.GradScaler`` that scaled ``losses``, if any: the s_i terms of L are scaled
+        by the same factor, so that every gradient, ``log_vars``' included, is the scaled one
+        that ``scaler.unscale_`` and ``scaler.step`` expect."""
         losses = as_loss_list(losses, self.k)
         self.steps += 1
         s = self.log_vars
         loss_vec = torch.stack(losses).to(s.dtype)
+        c = 1.0 if scaler is None else float(scaler.get_scale())
         if self.form == "regression":
-            total = 0.5 * (torch.exp(-s) * loss_vec + s).sum()
+            total = 0.5 * (torch.exp(-s) * loss_vec + c * s).sum()
             w = 0.5 * torch.exp(-s.detach())
         else:
-            total = (torch.exp(-s) * loss_vec + 0.5 * s).sum()
+            total = (torch.exp(-s) * loss_vec + 0.5 * c * s).sum()
             w = torch.exp(-s.detach())
         torch.autograd.backward(total, inputs=_active(self.params) + [s])
         self.weights = w.to(torch.float64).cpu()
@@ -817,8 +825,13 @@ class MultiBalance(GradientBalancer):
         self.trunk = [p for p in self.params if id(p) in behind]
         self.k = len(items)
 
-    def backward(self, losses, representation=None) -> None:
-        """Head passes -> Gram -> weights -> head gradients and one trunk pass (see above)."""
+    def backward(self, losses, representation=None, *, scaler=None) -> None:
+        """Head passes -> Gram -> weights -> head gradients and one trunk pass (see above).
+
+        ``scaler``: the ``torch.amp.GradScaler`` that scaled ``losses``, if any. With it, a
+        non-finite Gram (an overflow) is no error: the heads and the trunk get the plain,
+        non-finite sum of the task gradients, so that ``scaler.step`` skips the step, and the
+        weights, the Gram average and the step count stay as they were."""
         # The K×K math runs on Python floats: for a handful of tasks that is several times
         # faster than numpy's per-call overhead, and this step is meant to cost about as much
         # as a plain backward.
@@ -843,8 +856,9 @@ class MultiBalance(GradientBalancer):
                              "task heads are computed from (not a detached copy)")
         dots, pairs = _gram_entries(rows, k)
         values = None
-        if self.normalization == "loss":
-            values = [float(loss.detach()) for loss in items]
+        if self.normalization == "loss":  # the unscaled losses under a GradScaler
+            c = 1.0 if scaler is None else float(scaler.get_scale())
+            values = [float(loss.detach()) / c for loss in items]
         world = _world(self.process_group)
         if world > 1:
             dots, values = self._all_reduce_gram(dots, values, k, world)
@@ -854,6 +868,14 @@ class MultiBalance(GradientBalancer):
             if i != j:
                 G[j][i] += v
         if not all(math.isfinite(G[i][i]) for i in range(k)):
+            if scaler is not None:
+                ones = [1.0] * k
+                self._head_grads(heads, head, ones, world)
+                if _active(self.trunk):
+                    self._trunk_backward(reps, rows, ones)
+                self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
+                              "gram_time": time.perf_counter() - t0}
+                return
             bad = [i for i in range(k) if not math.isfinite(G[i][i])]
             raise FloatingPointError(f"non-finite representation gradient in task(s) {bad}")
         self._last_gram = G

@@ -735,3 +735,64 @@ def test_a_balancer_whose_shared_parameters_are_all_frozen_sums_the_tasks():
          for i, h in enumerate(ref.heads)])
     for p, q in zip(m.heads.parameters(), ref.heads.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_every_balancer_takes_the_grad_scaler_and_skips_an_overflow(name):
+    # bal.backward(scaled losses, scaler=scaler) as the README shows, for every balancer: an
+    # overflow is skipped by scaler.step and backs the scale off, the weights stay as they were,
+    # and the steps before and after move the parameters (LS, Uncertainty and MultiBalance did
+    # not take scaler=; MultiBalance raised on the overflow).
+    torch.manual_seed(1)
+    trunk = torch.nn.Linear(6, 8)
+    heads = [torch.nn.Linear(8, 1) for _ in range(2)]
+    params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+    x = torch.randn(32, 6)
+    bal = B.BALANCERS[name](params, 2) if name in ("uncertainty", "famo") else \
+        B.BALANCERS[name](params)
+    opt = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for overflow in (False, True, False):
+        opt.zero_grad()
+        z = torch.tanh(trunk(x))
+        ls = [s * h(z).square().mean()
+              for s, h in zip((30.0, float("inf") if overflow else 30.0), heads)]
+        scaled = [scaler.scale(loss) for loss in ls]
+        before = [p.detach().clone() for p in params]
+        weights, steps, scale = bal.weights, bal.steps, scaler.get_scale()
+        if name == "multibalance":
+            bal.backward(scaled, z, scaler=scaler)
+        else:
+            bal.backward(scaled, scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        moved = any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+        assert moved != overflow
+        assert (scaler.get_scale() < scale) == overflow
+        if overflow and name not in ("ls", "uncertainty"):  # (these two have no state)
+            assert bal.weights is weights and bal.steps == steps
+
+
+def test_uncertainty_under_a_grad_scaler_gives_the_unscaled_gradients():
+    # The s_i terms are scaled with the losses: after scaler.unscale_, log_vars' gradient and
+    # the parameters' are those of the run without a scaler (log_vars' was off by the scale).
+    grads = []
+    for use_scaler in (False, True):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(3, 2)
+        x = torch.randn(16, 3)
+        bal = B.Uncertainty(lin.parameters(), 2)
+        with torch.no_grad():
+            bal.log_vars.copy_(torch.tensor([0.3, -0.7]))
+        opt = torch.optim.SGD([*lin.parameters(), bal.log_vars], lr=0.1)
+        out = lin(x)
+        losses = [out[:, 0].square().mean(), out[:, 1].abs().mean()]
+        if use_scaler:
+            scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+            bal.backward([scaler.scale(loss) for loss in losses], scaler=scaler)
+            scaler.unscale_(opt)
+        else:
+            bal.backward(losses)
+        grads.append([bal.log_vars.grad.clone()] + [p.grad.clone() for p in lin.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
