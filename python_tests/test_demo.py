@@ -200,6 +200,9 @@ def test_cli_errors_and_build_report(capsys):
     assert "unknown method 'sgd'" in capsys.readouterr().err
     assert main(["demo", "--seeds", "0"]) == 2
     assert "seeds must be a positive integer" in capsys.readouterr().err
+    for rows in ("0", "-5"):  # 0 ended in a StopIteration traceback, -5 meant "all but 5"
+        assert main(["demo", "--train-rows", rows]) == 2
+        assert "train_rows must be a positive integer" in capsys.readouterr().err
     assert main([]) == 0  # no argument: the build report, as before
     assert "build_type" in capsys.readouterr().out
 

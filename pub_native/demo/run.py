@@ -95,8 +95,11 @@ class DemoConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.clippy_preset not in ("paper", "tfrs"):
             raise ValueError(f"clippy_preset must be 'paper' or 'tfrs', got {self.clippy_preset!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        for name in ("threads", "train_rows", "eval_rows"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if (self.csv is None) != (not self.tasks):
             raise ValueError("a CSV file (--csv) and its tasks (--task) go together")
         if self.csv is not None and len(self.tasks) < 2:
