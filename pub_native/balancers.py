@@ -1068,8 +1068,15 @@ def _multibalance_weights(G: list, values, normalization: str, solver: str) -> l
               for x, a in enumerate(active)]
         if solver == "min-norm":
             # Python floats for a few tasks (see backward), numpy beyond or as the fallback.
-            wp = (_wolfe_small(Gl) if m <= 8 else None) or \
-                min_norm_weights(np.array(Gl)).tolist()
+            wp = _wolfe_small(Gl) if m <= 8 else None
+            if wp is None:
+                wp = min_norm_weights(np.array(Gl)).tolist()
+            else:  # uniform weights where they are as short (as min_norm_weights does)
+                u = 1.0 / m
+                short = sum(map(sum, Gl)) * u * u
+                if short <= sum(wp[i] * Gl[i][j] * wp[j] for i in range(m) for j in range(m)) \
+                        + 1e-12:
+                    wp = [u] * m
         else:
             alpha = np.asarray(solve_weights(np.array(Gl)).weights, dtype=np.float64)
             wp = (alpha / alpha.sum()).tolist() if alpha.sum() > 0 else [1.0 / m] * m
@@ -1227,14 +1234,19 @@ def min_norm_weights(G: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-12
         gamma = 0.5 if denom <= 0 else min(max((G[0, 0] - G[0, 1]) / denom, 0.0), 1.0)
         return np.array([1 - gamma, gamma])
     w = _wolfe_min_norm(G, 50 * k)
-    if w is not None:
-        return w
+    if w is None:
+        def fun(w):
+            gw = G @ w
+            return w @ gw, 2 * gw
 
-    def fun(w):
-        gw = G @ w
-        return w @ gw, 2 * gw
-
-    return _minimize_on_simplex(fun, np.full(k, 1.0 / k), max_iter=max_iter, tol=tol)
+        w = _minimize_on_simplex(fun, np.full(k, 1.0 / k), max_iter=max_iter, tol=tol)
+    # The min-norm point is unique, its weights are not where gradients coincide: Wolfe's
+    # algorithm ends on a vertex (K identical tasks: w = e_1, every other head without a
+    # gradient). Where the uniform weights reach the same norm, they are taken.
+    uniform = np.full(k, 1.0 / k)
+    if uniform @ G @ uniform <= w @ G @ w + 1e-12:
+        return uniform
+    return w
 
 
 def _wolfe_min_norm(G: np.ndarray, max_major: int) -> np.ndarray | None:
@@ -1307,7 +1319,10 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     try:
         rest = np.linalg.solve(DU.T, first)
     except np.linalg.LinAlgError:
-        rest = np.linalg.lstsq(DU.T, first, rcond=None)[0]
+        # Coinciding gradients: many weights solve it. The one nearest the uniform weights
+        # (K identical tasks: 1/K each, where the least-squares solution alone gave e_1).
+        c = np.full(len(idx) - 1, 1.0 / len(idx))
+        rest = c + np.linalg.lstsq(DU.T, first - DU.T @ c, rcond=None)[0]
     w[idx[1:]] = rest
     w[idx[0]] = 1.0 - rest.sum()
     return w

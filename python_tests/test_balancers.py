@@ -796,3 +796,35 @@ def test_uncertainty_under_a_grad_scaler_gives_the_unscaled_gradients():
         grads.append([bal.log_vars.grad.clone()] + [p.grad.clone() for p in lin.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("name", ["mgda-ub", "imtl-g", "multibalance"])
+def test_identical_tasks_share_the_weight_evenly(name, k):
+    # K identical task gradients: every weight vector on the simplex gives the same combined
+    # gradient, and the even one is taken, so every head is trained (MultiBalance: exactly LS,
+    # as its documentation says). Before, K ≥ 3 (IMTL-G: any K) put all weight on task 0.
+    g = torch.Generator().manual_seed(k)
+    v = torch.randn(6, generator=g, dtype=torch.float64)
+    results = []
+    for bal_name in (name, "ls"):
+        theta = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+        heads = [torch.ones(2, dtype=torch.float64, requires_grad=True) for _ in range(k)]
+        z = theta * 1.0
+        losses = [(v * z).sum() + (h ** 2).sum() for h in heads]
+        bal = B.BALANCERS[bal_name]([theta, *heads])
+        if bal_name == "multibalance":
+            bal.backward(losses, z)
+        else:
+            bal.backward(losses)
+        results.append((bal.weights, [h.grad for h in heads], theta.grad))
+    weights, head_grads, shared = results[0]
+    even = 1.0 if name == "multibalance" else 1.0 / k
+    torch.testing.assert_close(weights, torch.full((k,), even, dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+    for h in head_grads:  # every head trained, all alike
+        torch.testing.assert_close(h, head_grads[0], rtol=1e-12, atol=0)
+        assert h.abs().sum() > 0
+    if name == "multibalance":
+        for a, b in zip(head_grads + [shared], results[1][1] + [results[1][2]]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
