@@ -24,6 +24,7 @@ your optimizer and :class:`FAMO` updates its weights after the step (``update``)
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterable
@@ -183,6 +184,13 @@ class GradientBalancer:
         # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
         if reuse:
+            # No Gram to see a NaN or Inf on a step that reuses the weights: the losses are
+            # checked instead (under a GradScaler, an overflow is the scaler's to skip).
+            if scaler is None:
+                bad = [i for i, loss in enumerate(losses)
+                       if not bool(torch.isfinite(loss.detach()).all())]
+                if bad:
+                    raise FloatingPointError(f"non-finite loss in task(s) {bad}")
             self._backward_fixed(losses, self.weights)
             self.steps += 1
             self.stats["updated"] = False
@@ -614,6 +622,7 @@ class FAMO(GradientBalancer):
         self.k = n_tasks
         self._prev_log_d: torch.Tensor | None = None
         self._updated = True
+        self._skip_update = False
 
     @property
     def task_probabilities(self) -> torch.Tensor:
@@ -640,6 +649,10 @@ class FAMO(GradientBalancer):
                              f"K = {self.k}")
         if self._prev_log_d is None:
             raise RuntimeError("FAMO.update() needs a preceding backward()")
+        if self._skip_update:  # after a step the GradScaler skipped
+            self._skip_update = False
+            self.stats["update"] = "skipped"
+            return
         self._update_from(self._log_d(items))
         self._updated = True
         self.stats["update"] = "explicit"
@@ -668,21 +681,33 @@ class FAMO(GradientBalancer):
             torch.autograd.backward(sum(items), inputs=_active(self.params))
             self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                           "update": None}
+            # The scaler skips this step: an update() after it has no step to measure.
+            self._skip_update = True
             return
-        self.steps += 1
         log_d = self._log_d(items, scale)
-        update = None
-        if not self._updated:
-            self._update_from(log_d)
-            update = "next batch"
-        z = torch.softmax(self.logits.detach(), 0)
-        d = log_d.exp()
-        c = float((z / d).sum())
-        w = z / (c * d)
-        total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
-        torch.autograd.backward(total, inputs=_active(self.params))
+        # A call that raises leaves FAMO as it was: the logits' implicit update below comes
+        # before the backward pass that may still fail.
+        saved = (self.logits.detach().clone(), copy.deepcopy(self._logit_opt.state_dict()))
+        try:
+            update = None
+            if not self._updated:
+                self._update_from(log_d)
+                update = "next batch"
+            z = torch.softmax(self.logits.detach(), 0)
+            d = log_d.exp()
+            c = float((z / d).sum())
+            w = z / (c * d)
+            total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
+            torch.autograd.backward(total, inputs=_active(self.params))
+        except BaseException:
+            with torch.no_grad():
+                self.logits.copy_(saved[0])
+            self._logit_opt.load_state_dict(saved[1])
+            raise
         if self.max_norm > 0 and self.shared:
             torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm * scale)
+        self.steps += 1
+        self._skip_update = False
         self.weights = w
         self._prev_log_d = log_d
         self._updated = False

@@ -3,6 +3,7 @@ against its closed form or its definition; shared-parameter detection; the .grad
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -828,3 +829,80 @@ def test_identical_tasks_share_the_weight_evenly(name, k):
     if name == "multibalance":
         for a, b in zip(head_grads + [shared], results[1][1] + [results[1][2]]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_famo_call_that_raises_leaves_famo_as_it_was():
+    # The implicit update of the logits (no update() since the last step) came before the
+    # backward pass that failed, and a NaN loss counted a step.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(8, 3)
+
+    def losses():
+        out = lin(x)
+        return [out[:, 0].square().mean(), out[:, 1].square().mean() + 1.0]
+
+    famo = B.FAMO(lin.parameters(), 2)
+    famo.backward(losses())
+    before = (famo.logits.detach().clone(), famo.steps, copy.deepcopy(famo._logit_opt.state_dict()))
+    ls = losses()
+    sum(ls).backward(retain_graph=False)  # frees the graph: FAMO's backward pass fails
+    with pytest.raises(RuntimeError):
+        famo.backward(ls)
+    with pytest.raises(ValueError, match="finite"):
+        famo.backward([losses()[0], torch.tensor(float("nan"), requires_grad=True)])
+    assert torch.equal(famo.logits.detach(), before[0]) and famo.steps == before[1]
+    state = famo._logit_opt.state_dict()["state"]
+    assert state.keys() == before[2]["state"].keys()  # (no logit step yet: none taken)
+    famo.backward(losses())  # and the next call updates once, as without the failures
+    assert famo.steps == 2 and famo._logit_opt.state_dict()["state"][0]["step"] == 1
+
+
+def test_famo_update_after_a_step_the_grad_scaler_skipped_does_nothing():
+    # The README loop calls update() after every step: after an overflow no step was taken,
+    # and the update applied the last step's loss change a second time.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(8, 3)
+    famo = B.FAMO(lin.parameters(), 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    def losses(bad=False):
+        out = lin(x)
+        return [out[:, 0].square().mean() + 0.5,
+                out[:, 1].square().mean() + (float("inf") if bad else 0.5)]
+
+    for bad in (False, True):
+        opt.zero_grad()
+        famo.backward([scaler.scale(loss) for loss in losses(bad)], scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        logits = famo.logits.detach().clone()
+        with torch.no_grad():
+            famo.update(losses())
+        if bad:
+            assert torch.equal(famo.logits.detach(), logits)
+            assert famo.stats["update"] == "skipped"
+        else:
+            assert not torch.equal(famo.logits.detach(), logits)
+
+
+@pytest.mark.parametrize("name", ["nashmtl", "mgda-ub", "imtl-g"])
+def test_a_non_finite_loss_on_a_step_that_reuses_the_weights_raises(name):
+    # As on the steps that compute the weights (there the Gram sees it): a FloatingPointError
+    # naming the task, .grad and the step count as they were. Before, the NaN went into .grad.
+    t = Linear(rand_grads(2, 4, 8))
+    bal = B.BALANCERS[name](t.params, update_weights_every=3)
+    t.run(bal)
+    grads = [p.grad.clone() for p in t.params]
+    steps, weights = bal.steps, bal.weights
+    losses = t.losses()
+    losses[1] = losses[1] * float("nan")
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \[1\]"):
+        bal.backward(losses)
+    assert bal.steps == steps and bal.weights is weights
+    for p, g in zip(t.params, grads):
+        assert torch.equal(p.grad, g)
+    t.run(bal)  # the reuse step, taken again
+    assert not bal.stats["updated"] and bal.steps == steps + 1
