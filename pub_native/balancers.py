@@ -862,7 +862,8 @@ class MultiBalance(GradientBalancer):
         # as a plain backward.
         raw, items = losses, as_loss_list(losses, self.k)
         reps = _representation_list(representation)
-        if self.heads is None:
+        split_now = self.heads is None
+        if split_now:
             self._split(raw, items, reps)
         k, m = len(items), len(reps)
         t0 = time.perf_counter()
@@ -876,7 +877,9 @@ class MultiBalance(GradientBalancer):
             for t in range(m):
                 rows[t][i] = grads[t]
             head.append(grads[m:])
-        if self.steps == 0 and all(r is None for per_rep in rows for r in per_rep):
+        if all(r is None for per_rep in rows for r in per_rep):
+            if split_now:  # a split made from the wrong tensor: the next call makes its own
+                self.heads = self.trunk = None
             raise ValueError("no task loss depends on representation: pass the tensor the "
                              "task heads are computed from (not a detached copy)")
         dots, pairs = _gram_entries(rows, k)

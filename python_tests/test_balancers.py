@@ -906,3 +906,35 @@ def test_a_non_finite_loss_on_a_step_that_reuses_the_weights_raises(name):
         assert torch.equal(p.grad, g)
     t.run(bal)  # the reuse step, taken again
     assert not bal.stats["updated"] and bal.steps == steps + 1
+
+
+def test_multibalance_representation_outside_the_graph_raises_on_every_call():
+    # A detached copy as the representation: the trunk would get no gradient. It raised on the
+    # first call only, and that call kept the split it made from the wrong tensor (the trunk
+    # counted as head parameters).
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(5, 4)
+    heads = [torch.nn.Linear(4, 1) for _ in range(2)]
+    params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+    x = torch.randn(8, 5)
+
+    def call(bal, detached):
+        z = torch.tanh(trunk(x))
+        losses = [h(z).square().mean() for h in heads]
+        rep = z.detach().requires_grad_() if detached else z
+        for p in params:
+            p.grad = None
+        bal.backward(losses, rep)
+
+    first_wrong = B.MultiBalance(params)
+    with pytest.raises(ValueError, match="no task loss depends on representation"):
+        call(first_wrong, True)
+    call(first_wrong, False)
+    later_wrong = B.MultiBalance(params)
+    call(later_wrong, False)
+    with pytest.raises(ValueError, match="no task loss depends on representation"):
+        call(later_wrong, True)
+    assert first_wrong.trunk == later_wrong.trunk == list(trunk.parameters())
+    call(later_wrong, False)
+    call(first_wrong, False)
+    assert all(p.grad is not None for p in trunk.parameters())
