@@ -7,6 +7,7 @@ for one (K, K) Gram matrix or a batch (B, K, K), from numpy arrays or torch tens
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from typing import Any, NamedTuple
 
@@ -97,17 +98,19 @@ def _check_options(method, ridge, tol, max_iter):
         code, default_tol, default_iter = METHODS[method]
     except (KeyError, TypeError):
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}") from None
-    if not (isinstance(ridge, (int, float)) and 0.0 <= ridge < math.inf):
+    # numbers.Real and numbers.Integral take numpy's scalars too (np.float32, np.int64).
+    if not (isinstance(ridge, numbers.Real) and 0.0 <= ridge < math.inf):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     if tol is None:
         tol = default_tol
-    elif not (isinstance(tol, (int, float)) and 0.0 < tol < math.inf):
+    elif not (isinstance(tol, numbers.Real) and 0.0 < tol < math.inf):
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     if max_iter is None:
         max_iter = default_iter
-    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or not 1 <= max_iter < 2**31:
+    elif isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) \
+            or not 1 <= max_iter < 2**31:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    return code, float(ridge), float(tol), max_iter
+    return code, float(ridge), float(tol), int(max_iter)
 
 
 def solve_weights(
@@ -159,6 +162,8 @@ def solve_weights(
     if result is not None:
         return result
     code, ridge, tol, max_iter = _options(method, ridge, tol, max_iter)
+    if type(G) is not _ndarray and isinstance(G, _ndarray):  # np.memmap, other subclasses
+        G = G.view(_ndarray)
     if type(G) is _ndarray:
         w, st, it, res = _C.solve_weights(G, warm_start, code, ridge, tol, max_iter)
         if G.ndim == 2:

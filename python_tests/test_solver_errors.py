@@ -87,6 +87,21 @@ def test_bad_option(kwargs, match):
         solve_weights(GOOD, **kwargs)
 
 
+def test_numpy_scalars_and_array_subclasses_are_taken(tmp_path):
+    # max_iter=np.int64(5) and tol=np.float32(...) were refused as not numbers, and a
+    # np.memmap as not an array; each gives what the plain Python value or array gives.
+    ref = solve_weights(GOOD, tol=1e-9, max_iter=5, ridge=1e-8)
+    got = solve_weights(GOOD, tol=np.float32(1e-9), max_iter=np.int64(5), ridge=np.float64(1e-8))
+    np.testing.assert_array_equal(got.weights, solve_weights(
+        GOOD, tol=float(np.float32(1e-9)), max_iter=5, ridge=1e-8).weights)
+    assert got.status == ref.status
+    mm = np.memmap(tmp_path / "g.bin", dtype=np.float64, mode="w+", shape=GOOD.shape)
+    mm[:] = GOOD
+    np.testing.assert_array_equal(solve_weights(mm).weights, solve_weights(GOOD).weights)
+    with pytest.raises(ValueError, match="max_iter"):
+        solve_weights(GOOD, max_iter=np.bool_(True))
+
+
 def test_batched_warm_start_shape():
     with pytest.raises(ValueError, match=r"warm_start must have shape \(B, K\)"):
         solve_weights(np.stack([GOOD, GOOD]), warm_start=np.ones(2))
