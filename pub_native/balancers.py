@@ -897,10 +897,7 @@ class MultiBalance(GradientBalancer):
                 G[j][i] += v
         if not all(math.isfinite(G[i][i]) for i in range(k)):
             if scaler is not None:
-                ones = [1.0] * k
-                self._head_grads(heads, head, ones, world)
-                if _active(self.trunk):
-                    self._trunk_backward(reps, rows, ones)
+                self._give_gradients(heads, head, reps, rows, [1.0] * k, world)
                 self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                               "gram_time": time.perf_counter() - t0}
                 return
@@ -920,11 +917,15 @@ class MultiBalance(GradientBalancer):
         elapsed = time.perf_counter() - t1
         self.steps += 1
         self.weights = torch.tensor(wl, dtype=torch.float64)
+        self._give_gradients(heads, head, reps, rows, wl, world)
+        self.stats = {"weights_time": elapsed, "solve_time": elapsed, "updated": True,
+                      "gram_time": t1 - t0}
+
+    def _give_gradients(self, heads, head, reps, rows, wl, world) -> None:
+        """The heads' Σ w_i ∂L_i/∂φ and the trunk's backward from z with Σ_i w_i r_i."""
         self._head_grads(heads, head, wl, world)
         if _active(self.trunk):
             self._trunk_backward(reps, rows, wl)
-        self.stats = {"weights_time": elapsed, "solve_time": elapsed, "updated": True,
-                      "gram_time": t1 - t0}
 
     def _trunk_backward(self, reps, rows, wl) -> None:
         """One backward from z with Σ_i w_i r_i. The sum is formed in place in a gradient that
@@ -1097,14 +1098,8 @@ def _multibalance_weights(G: list, values, normalization: str, solver: str) -> l
         if solver == "min-norm":
             # Python floats for a few tasks (see backward), numpy beyond or as the fallback.
             wp = _wolfe_small(Gl) if m <= 8 else None
-            if wp is None:
-                wp = min_norm_weights(np.array(Gl)).tolist()
-            else:  # uniform weights where they are as short (as min_norm_weights does)
-                u = 1.0 / m
-                short = sum(map(sum, Gl)) * u * u
-                if short <= sum(wp[i] * Gl[i][j] * wp[j] for i in range(m) for j in range(m)) \
-                        + 1e-12:
-                    wp = [u] * m
+            wp = min_norm_weights(np.array(Gl)).tolist() if wp is None else \
+                _even_if_as_short(Gl, wp)
         else:
             alpha = np.asarray(solve_weights(np.array(Gl)).weights, dtype=np.float64)
             wp = (alpha / alpha.sum()).tolist() if alpha.sum() > 0 else [1.0 / m] * m
@@ -1268,13 +1263,19 @@ def min_norm_weights(G: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-12
             return w @ gw, 2 * gw
 
         w = _minimize_on_simplex(fun, np.full(k, 1.0 / k), max_iter=max_iter, tol=tol)
-    # The min-norm point is unique, its weights are not where gradients coincide: Wolfe's
-    # algorithm ends on a vertex (K identical tasks: w = e_1, every other head without a
-    # gradient). Where the uniform weights reach the same norm, they are taken.
-    uniform = np.full(k, 1.0 / k)
-    if uniform @ G @ uniform <= w @ G @ w + 1e-12:
-        return uniform
-    return w
+    return np.asarray(_even_if_as_short(G, w), dtype=np.float64)
+
+
+def _even_if_as_short(G, w):
+    """The uniform weights where they give a combination as short as w's (G of trace ~K).
+    The min-norm point is unique, its weights are not where gradients coincide: Wolfe's
+    algorithm ends on a vertex (K identical tasks: w = e_1, every other head without a
+    gradient)."""
+    m = len(w)
+    u = 1.0 / m
+    even = u * u * sum(sum(row) for row in G)
+    norm = sum(w[i] * G[i][j] * w[j] for i in range(m) for j in range(m))
+    return [u] * m if even <= norm + 1e-12 else w
 
 
 def _wolfe_min_norm(G: np.ndarray, max_major: int) -> np.ndarray | None:

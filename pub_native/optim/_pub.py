@@ -187,16 +187,16 @@ class PUBOptimizer(GradientTools, Checkpoints):
                         f"{tuple(p.shape)}) is ['params'][{seen[id(p)]}] again: list each "
                         "parameter once")
         super().add_param_group(param_group)
+        if not hasattr(self, "_decided"):  # within torch's constructor: ours checks the groups
+            return
         group = self.param_groups[-1]
-        if hasattr(self, "_decided"):  # (the constructor checks its groups itself)
-            try:
-                self._refuse_unsupported(group)
-            except (NotImplementedError, TypeError):
-                self.param_groups.pop()  # torch only appended it: the optimizer is as it was
-                raise
-        if hasattr(self, "_compile_handle"):
-            prepare_for_compile(self)
-        if hasattr(self, "_decided") and group.get("shared") is not None:
+        try:
+            self._refuse_unsupported(group)
+        except (NotImplementedError, TypeError):
+            self.param_groups.pop()  # torch only appended it: the optimizer is as it was
+            raise
+        prepare_for_compile(self)
+        if group.get("shared") is not None:
             for p in group["params"]:
                 self._decided[id(p)] = bool(group["shared"])
 
