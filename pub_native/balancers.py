@@ -68,7 +68,9 @@ class GradientBalancer:
 
     Args:
         params: the parameters to give gradients to (tensors or torch param groups); only these
-            receive ``.grad``, frozen ones (``requires_grad=False``) are skipped.
+            receive ``.grad``. A frozen one (``requires_grad=False``) gets none while it is
+            frozen, and is trained from the first call after it is unfrozen (it is in no
+            autograd graph while frozen, so that call finds whether it is shared).
         shared: the shared parameters; by default, those reached by two or more task losses
             in the autograd graph of the first :meth:`backward` (kept for later calls).
         weight_task_specific: whether a parameter reached by task i alone gets w_i·∂L_i/∂p
@@ -98,7 +100,7 @@ class GradientBalancer:
                  update_weights_every: int = 1, process_group="auto"):
         self.params = _param_list(params, "params")
         self._process_group = process_group
-        if not self.params:
+        if not _active(self.params):
             raise ValueError("params is empty (no tensor requires grad)")
         ids = {id(p) for p in self.params}
         self._shared_given = None
@@ -126,6 +128,9 @@ class GradientBalancer:
         self._dp_group = None  # the data-parallel group, decided at the first backward
         self._grads: TaskGradients | None = None
         self._solve_time: float | None = None
+        # Per parameter (as in self.params): the tasks whose graph reached it, once it required
+        # grad at a detection (one frozen then is decided when it is next found unfrozen).
+        self._reach: list[frozenset[int] | None] = [None] * len(self.params)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -138,7 +143,8 @@ class GradientBalancer:
 
     def _detect(self, raw_losses, losses: list[torch.Tensor]) -> None:
         """Shared and task-specific parameters from the autograd graph of the first losses
-        (under data parallelism, what any process's graph reached: see agree_on)."""
+        (under data parallelism, what any process's graph reached: see agree_on). A later call
+        decides the parameters that were frozen until then, and keeps the others as they were."""
         # The optimizers' detection (pub_native._autograd): a stacked 1-D tensor of losses is
         # split back into its tasks at the stack, so its tasks reach what the list's would.
         roots = task_roots(raw_losses, losses)
@@ -149,6 +155,11 @@ class GradientBalancer:
             n = len(self.params)
             reach = [{id(p) for j, p in enumerate(self.params) if flags[i * n + j]}
                      for i in range(len(losses))]
+        for j, p in enumerate(self.params):
+            if p.requires_grad and self._reach[j] is None:
+                self._reach[j] = frozenset(i for i, r in enumerate(reach) if id(p) in r)
+        reach = [{id(p) for p, tasks in zip(self.params, self._reach, strict=True)
+                  if tasks is not None and i in tasks} for i in range(len(losses))]
         counts = [sum(id(p) in r for r in reach) for p in self.params]
         if self._shared_given is not None:
             shared_ids = {id(p) for p in self._shared_given}
@@ -180,6 +191,11 @@ class GradientBalancer:
         raw, losses = losses, as_loss_list(losses, self.k)
         if self.k is None:
             self._setup(raw, losses)
+        elif self._undecided():
+            shared = self.shared
+            self._detect(raw, losses)
+            if [id(p) for p in self.shared] != [id(p) for p in shared]:
+                self._grads = TaskGradients(self.shared, self.k)
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
@@ -245,6 +261,11 @@ class GradientBalancer:
             if g is not None:
                 p.grad = g.add_(p.grad) if p.grad is not None else g
         self._finish(scale)
+
+    def _undecided(self) -> bool:
+        """Whether a parameter frozen at every detection so far requires grad now."""
+        return any(p.requires_grad and tasks is None
+                   for p, tasks in zip(self.params, self._reach, strict=True))
 
     def _backward_fixed(self, losses: list[torch.Tensor], w: torch.Tensor) -> None:
         """A step that reuses the weights w: one backward of Σ w_i L_i (two without weighting
@@ -673,7 +694,7 @@ class FAMO(GradientBalancer):
         loss (an overflow) gives ``.grad`` the plain, non-finite sum for the scaler to skip,
         leaving FAMO's state as it was."""
         raw, items = losses, as_loss_list(losses, self.k)
-        if self.shared is None and self.max_norm > 0:
+        if self.max_norm > 0 and (self.shared is None or self._undecided()):
             self._detect(raw, items)
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         if scaler is not None and not all(bool(torch.isfinite(loss.detach()).all())
@@ -810,6 +831,7 @@ class MultiBalance(GradientBalancer):
         self.process_group = process_group
         self.heads: list[list[torch.Tensor]] | None = None
         self.trunk: list[torch.Tensor] | None = None
+        self._unsplit: list[bool] = []
         self._gram_avg: list | None = None
         self._last_gram: list | None = None
 
@@ -849,6 +871,8 @@ class MultiBalance(GradientBalancer):
         self.heads = heads
         self.trunk = [p for p in self.params if id(p) in behind]
         self.k = len(items)
+        # A frozen parameter is in no graph: split again once one of them is unfrozen.
+        self._unsplit = [not p.requires_grad for p in self.params]
 
     def backward(self, losses, representation=None, *, scaler=None) -> None:
         """Head passes -> Gram -> weights -> head gradients and one trunk pass (see above).
@@ -862,7 +886,8 @@ class MultiBalance(GradientBalancer):
         # as a plain backward.
         raw, items = losses, as_loss_list(losses, self.k)
         reps = _representation_list(representation)
-        split_now = self.heads is None
+        split_now = self.heads is None or any(
+            p.requires_grad and later for p, later in zip(self.params, self._unsplit, strict=True))
         if split_now:
             self._split(raw, items, reps)
         k, m = len(items), len(reps)
@@ -1192,7 +1217,9 @@ def _representation_list(representation) -> list[torch.Tensor]:
             raise ValueError(f"representation[{i}] must be a tensor, got {type(z).__name__}")
         if not z.requires_grad:
             raise ValueError(f"representation[{i}] does not require grad: pass the tensor the "
-                             "task heads are computed from, not a detached copy")
+                             "task heads are computed from, not a detached copy (with the "
+                             "whole trunk frozen, call requires_grad_() on it: the weights "
+                             "come from its gradients)")
     return reps
 
 
@@ -1583,7 +1610,7 @@ def _param_list(params, name: str) -> list[torch.Tensor]:
         for p in group:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{name} must hold tensors, got {type(p).__name__}")
-            if p.requires_grad and id(p) not in seen:
+            if id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
     return out

@@ -675,6 +675,8 @@ class _Heads(torch.nn.Module):
 
     def run(self, bal):
         z = torch.tanh(self.trunk(self.x))
+        if isinstance(bal, B.MultiBalance) and not z.requires_grad:
+            z.requires_grad_()  # the trunk frozen: what MultiBalance's error message asks for
         losses = [((h(z).squeeze(1) - self.y[:, i]) ** 2).mean()
                   for i, h in enumerate(self.heads)]
         if isinstance(bal, B.MultiBalance):
@@ -716,6 +718,47 @@ def test_parameters_frozen_after_the_balancer_was_built_get_no_gradient(name):
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
             torch.testing.assert_close(p.grad, early[n].grad, rtol=1e-6, atol=1e-9, msg=n)
+
+
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+@pytest.mark.parametrize("frozen", [("trunk.bias", "heads.0.bias"), ("trunk.weight", "trunk.bias")],
+                         ids=["some", "trunk"])
+def test_parameters_unfrozen_after_the_first_call_are_trained_from_the_next(name, frozen):
+    # Gradual unfreezing: a parameter frozen when the balancer was built and at its first call
+    # (so in no autograd graph then) gets, once unfrozen, what a balancer that never saw it
+    # frozen gives; a shared one joins the balanced parameters. Before, it never got .grad.
+    models, bals = [], []
+    for frozen_first in (True, False):
+        m = _Heads()
+        for n, p in m.named_parameters():
+            p.requires_grad_(not (frozen_first and n in frozen))
+        bals.append(_make(name, m.parameters()))
+        models.append(m)
+    for m, bal in zip(models, bals):
+        m.run(bal)
+    late = dict(models[0].named_parameters())
+    for n in frozen:
+        assert late[n].grad is None, n
+        late[n].requires_grad_(True)
+    for m, bal in zip(models, bals):
+        m.zero_grad(set_to_none=True)
+        m.run(bal)
+    early = dict(models[1].named_parameters())
+    for n, p in late.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        torch.testing.assert_close(p.grad, early[n].grad, rtol=1e-6, atol=1e-9, msg=n)
+    if hasattr(bals[0], "shared") and bals[0].shared is not None and name != "famo":
+        assert [p.shape for p in bals[0].shared] == [p.shape for p in bals[1].shared]
+
+
+def test_multibalance_on_a_frozen_trunk_asks_for_a_representation_that_requires_grad():
+    m = _Heads()
+    for p in m.trunk.parameters():
+        p.requires_grad_(False)
+    z = torch.tanh(m.trunk(m.x))
+    losses = [((h(z).squeeze(1) - m.y[:, i]) ** 2).mean() for i, h in enumerate(m.heads)]
+    with pytest.raises(ValueError, match=r"representation\[0\].*requires_grad_\(\)"):
+        B.MultiBalance(m.parameters()).backward(losses, z)
 
 
 def test_a_balancer_whose_shared_parameters_are_all_frozen_sums_the_tasks():
