@@ -11,6 +11,7 @@ model on the whole batches in one process and compares.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -86,11 +87,14 @@ def train(args, model, step_model, bal, opt, ranks=None):
             rank, world = ranks
             x, y = x[rank::world], y[:, rank::world]
         opt.zero_grad()
-        if args.accumulate > 1:  # synced backward calls on micro-batches, one step
+        if args.accumulate > 1:  # backward calls on micro-batches, one step
             n = args.accumulate
             for j in range(n):
-                losses = [loss / n for loss in task_losses(step_model(x[j::n]), y[:, j::n])]
-                (bal or opt).backward(losses)
+                # --no-sync-at j: that micro-batch inside DDP's no_sync() (a later one syncs)
+                quiet = ranks is not None and j == args.no_sync_at
+                with step_model.no_sync() if quiet else contextlib.nullcontext():
+                    losses = [loss / n for loss in task_losses(step_model(x[j::n]), y[:, j::n])]
+                    (bal or opt).backward(losses)
             opt.step()
             continue
         losses = task_losses(step_model(x), y)
@@ -135,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--absent", type=int, default=0)
     ap.add_argument("--tools", type=int, default=0)
     ap.add_argument("--accumulate", type=int, default=1)
+    ap.add_argument("--no-sync-at", type=int, default=-1)
     ap.add_argument("--ddp", default="")
     ap.add_argument("--diverge", type=int, default=0)
     ap.add_argument("--mode", default="ddp",

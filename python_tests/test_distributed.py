@@ -81,6 +81,14 @@ CASES = [
     # Two synced backward calls (micro-batches) before one step.
     _case(2, ["--optimizer", "adam", "--shard", "0", "--accumulate", "2"]),
     _case(3, ["--optimizer", "rmsprop", "--model", "uneven", "--accumulate", "2"]),
+    # A synced backward, one inside no_sync(), a synced one (replicated: the first average
+    # was counted N times before; Clippy always takes the replicated scheme).
+    _case(2, ["--optimizer", "adam", "--shard", "0", "--accumulate", "3", "--no-sync-at", "1"],
+          slow=False),
+    _case(2, ["--optimizer", "rmsprop", "--umm", "clippy", "--accumulate", "3",
+              "--no-sync-at", "1"]),
+    _case(2, ["--optimizer", "adam", "--model", "uneven", "--accumulate", "3",
+              "--no-sync-at", "1"]),  # (sharded; 3 processes would split 4 rows unevenly)
     # DDP's options that pass every output through one node (detection must see through it).
     _case(2, ["--optimizer", "adam", "--ddp", "find_unused"], slow=False),
     _case(2, ["--optimizer", "adagrad", "--ddp", "static_graph"]),

@@ -442,11 +442,11 @@ class PUBOptimizer(GradientTools, Checkpoints):
             dp.set_layout(grads)
             handles: list = []
             sync = dp.syncing()
-            if accumulate and sync and not dp.shard and not dp.unreduced:
+            if accumulate and not dp.shard and not dp.unreduced:
                 # The replicated rows hold the average of an earlier synced backward, the same
-                # on every process: ÷ N, so that this call's all-reduce (a sum) keeps it once,
-                # as average_gradients does with .grad (the sharded scheme reduce-scatters
-                # from rows it leaves unreduced).
+                # on every process: ÷ N, so that the next all-reduce (a sum; this call's, or
+                # under no_sync() a later one's) keeps it once, as average_gradients does with
+                # .grad (the sharded scheme reduce-scatters from rows it leaves unreduced).
                 grads.buffer[:k].div_(dp.world)
             grads.compute(items, [specific] * k, retain_graph=retain_graph,
                           accumulate=accumulate, scale=1.0 / dp.world,
