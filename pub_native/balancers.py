@@ -392,7 +392,7 @@ class NashMTL(GradientBalancer):
 
     def _finish(self, scale):
         if self.max_norm > 0 and self.shared:
-            torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm * scale)
+            _clip_unscaled(self.shared, self.max_norm, scale)
 
     def __repr__(self):
         return (f"NashMTL(update_weights_every={self.update_weights_every}, "
@@ -726,7 +726,7 @@ class FAMO(GradientBalancer):
             self._logit_opt.load_state_dict(saved[1])
             raise
         if self.max_norm > 0 and self.shared:
-            torch.nn.utils.clip_grad_norm_(self.shared, self.max_norm * scale)
+            _clip_unscaled(self.shared, self.max_norm, scale)
         self.steps += 1
         self._skip_update = False
         self.weights = w
@@ -837,7 +837,8 @@ class MultiBalance(GradientBalancer):
 
     @property
     def gram(self) -> torch.Tensor | None:
-        """G of the last :meth:`backward` (before the EMA; summed over the ranks), float64."""
+        """G of the last :meth:`backward` (before the EMA; summed over the ranks; of the
+        unscaled gradients under a GradScaler), float64."""
         return None if self._last_gram is None else torch.tensor(self._last_gram,
                                                                  dtype=torch.float64)
 
@@ -886,6 +887,7 @@ class MultiBalance(GradientBalancer):
         # as a plain backward.
         raw, items = losses, as_loss_list(losses, self.k)
         reps = _representation_list(representation)
+        k_before = self.k
         split_now = self.heads is None or any(
             p.requires_grad and later for p, later in zip(self.params, self._unsplit, strict=True))
         if split_now:
@@ -904,6 +906,7 @@ class MultiBalance(GradientBalancer):
             head.append(grads[m:])
         if all(r is None for per_rep in rows for r in per_rep):
             if split_now:  # a split made from the wrong tensor: the next call makes its own
+                self.k = k_before  # nor does a call that failed decide the number of tasks
                 self.heads = self.trunk = None
             raise ValueError("no task loss depends on representation: pass the tensor the "
                              "task heads are computed from (not a detached copy)")
@@ -928,6 +931,11 @@ class MultiBalance(GradientBalancer):
                 return
             bad = [i for i in range(k) if not math.isfinite(G[i][i])]
             raise FloatingPointError(f"non-finite representation gradient in task(s) {bad}")
+        if scaler is not None:
+            # The Gram of the unscaled gradients: the average mixes Grams of steps the scaler
+            # scaled differently (the scale is a power of two: the quotient is exact).
+            c2 = float(scaler.get_scale()) ** 2
+            G = [[x / c2 for x in row] for row in G]
         self._last_gram = G
         t1 = time.perf_counter()
         if self.ema > 0:
@@ -1578,6 +1586,21 @@ def _as_gram(G) -> np.ndarray:
     if not np.isfinite(G).all():
         raise ValueError("G contains NaN or Inf")
     return G
+
+
+def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) -> None:
+    """``clip_grad_norm_(params, max_norm)`` on gradients that a GradScaler's ``scale`` still
+    multiplies: clipped as they will be once unscaled, ε included (clipping the scaled ones at
+    ``max_norm·scale`` would not scale torch's ε). The scale is a power of two, so the round
+    trip is exact."""
+    if scale == 1.0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / scale)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        torch._foreach_mul_(grads, scale)
 
 
 def _active(params: list[torch.Tensor]) -> list[torch.Tensor]:

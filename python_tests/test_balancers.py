@@ -659,6 +659,36 @@ def test_an_overflow_under_a_grad_scaler_is_skipped_and_backs_off(name):
             losses((30.0, float("inf"))))
 
 
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_a_gradscaler_whose_scale_grows_every_step_trains_as_without_one(name):
+    # The scale doubles after every step: a balancer that kept anything of the scaled
+    # gradients across steps (MultiBalance's Gram average did) trains differently.
+    def run(enabled):
+        m = _Heads()
+        params = list(m.parameters())
+        bal = _make(name, params)
+        opt = torch.optim.SGD(params, lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1,
+                                      enabled=enabled)
+        for _ in range(4):
+            opt.zero_grad()
+            z = torch.tanh(m.trunk(m.x))
+            losses = [scaler.scale(((h(z).squeeze(1) - m.y[:, i]) ** 2).mean())
+                      for i, h in enumerate(m.heads)]
+            args = (losses, z) if isinstance(bal, B.MultiBalance) else (losses,)
+            bal.backward(*args, scaler=scaler if enabled else None)
+            scaler.step(opt)
+            scaler.update()
+        assert scaler.get_scale() == (256.0 if enabled else 1.0)
+        return params, bal.weights
+
+    # Powers of two scale and unscale exactly: the same bits.
+    (plain, w_plain), (scaled, w_scaled) = run(False), run(True)
+    assert torch.equal(w_scaled, w_plain)
+    for p, q in zip(scaled, plain):
+        assert torch.equal(p, q)
+
+
 class _Heads(torch.nn.Module):
     """A trunk and two heads, float64, with the representation the heads read."""
 
@@ -972,6 +1002,7 @@ def test_multibalance_representation_outside_the_graph_raises_on_every_call():
     first_wrong = B.MultiBalance(params)
     with pytest.raises(ValueError, match="no task loss depends on representation"):
         call(first_wrong, True)
+    assert first_wrong.k is None  # the failed call decided nothing (it kept K = 2 before)
     call(first_wrong, False)
     later_wrong = B.MultiBalance(params)
     call(later_wrong, False)
