@@ -869,8 +869,23 @@ class MultiBalance(GradientBalancer):
                 "(the part below the representation) in DDP and keep the heads plain modules; "
                 "MultiBalance averages the heads' gradients itself, and DDP's own reduction "
                 "would see only part of its parameters' gradients")
+        trunk = [p for p in self.params if id(p) in behind]
+        if _world(self.process_group) > 1 and trunk:
+            wrapped = set()
+            for _, ids in ddp_holders({id(p) for p in trunk}):
+                wrapped |= ids
+            loose = [i for i, p in enumerate(self.params)
+                     if id(p) in behind and id(p) not in wrapped]
+            if loose:
+                p = self.params[loose[0]]
+                raise ValueError(
+                    f"params[{loose[0]}] (shape {tuple(p.shape)}) is in the trunk (below the "
+                    "representation) but not inside a DistributedDataParallel module: each "
+                    "process would keep its own gradient of it and the replicas would drift "
+                    "apart; wrap the trunk in DDP (MultiBalance averages the heads' gradients "
+                    "and the Gram itself, DDP the trunk's)")
         self.heads = heads
-        self.trunk = [p for p in self.params if id(p) in behind]
+        self.trunk = trunk
         self.k = len(items)
         # A frozen parameter is in no graph: split again once one of them is unfrozen.
         self._unsplit = [not p.requires_grad for p in self.params]

@@ -56,22 +56,24 @@ def train(world: int, rank: int) -> dict:
             "params": {n: p.detach().reshape(-1).tolist() for n, p in zip(names, params)}}
 
 
-def whole_model_wrapped(rank: int) -> dict:
-    """The misuse: trunk and heads in one DDP module. The first backward must refuse it."""
+def misused(rank: int, mode: str) -> dict:
+    """The misuses the first backward must refuse: trunk and heads in one DDP module
+    (``whole``), or no DDP module at all (``unwrapped``: the trunk's gradients would stay
+    each process's own)."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"trunk": nn.Sequential(nn.Linear(6, 8), nn.ReLU()),
                            "heads": nn.ModuleList(nn.Linear(8, 1) for _ in range(2))})
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model) if mode == "whole" else None  # kept
     bal = MultiBalance(list(model.parameters()))
     x, y = _data(0)
-    z = ddp.module["trunk"](x[rank::2])
+    z = model["trunk"](x[rank::2])
     losses = [nn.functional.mse_loss(h(z).squeeze(1), y[rank::2, k])
-              for k, h in enumerate(ddp.module["heads"])]
+              for k, h in enumerate(model["heads"])]
     try:
         bal.backward(losses, z)
     except ValueError as exc:
         return {"error": str(exc)}
-    return {"error": None}
+    return {"error": None, "ddp": ddp is not None}
 
 
 def _worker(rank: int, port: int, out: str, mode: str = "trunk") -> None:
@@ -79,7 +81,7 @@ def _worker(rank: int, port: int, out: str, mode: str = "trunk") -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=rank, world_size=2)
     try:
-        result = train(world=2, rank=rank) if mode == "trunk" else whole_model_wrapped(rank)
+        result = train(world=2, rank=rank) if mode == "trunk" else misused(rank, mode)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         # Neither process leaves while the other still talks to the store rank 0 hosts.
         torch.distributed.barrier()

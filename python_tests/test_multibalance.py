@@ -347,14 +347,17 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_around_the_heads_is_refused(tmp_path):
-    # The whole model in one DDP module (the PUB optimizers' set-up): the first backward names
-    # the fix on every process, before any gradient is applied.
+@pytest.mark.parametrize("mode,message", [("whole", "wrap only the trunk"),
+                                          ("unwrapped", "wrap the trunk in DDP")])
+def test_ddp_around_the_heads_or_no_ddp_is_refused(tmp_path, mode, message):
+    # The whole model in one DDP module (the PUB optimizers' set-up), or no DDP module at all
+    # (the replicas drifted apart: the trunk's gradients were each process's own): the first
+    # backward names the fix on every process, before any gradient is applied.
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     proc = subprocess.run([sys.executable, str(_DDP_SCRIPT), str(free_port()), str(tmp_path),
-                           "whole"], capture_output=True, text=True, timeout=120)
+                           mode], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for r in range(2):
         error = json.loads((tmp_path / f"rank{r}.json").read_text())["error"]
-        assert error and "wrap only the trunk" in error, error
+        assert error and message in error, error
