@@ -85,12 +85,16 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
     return None, None
 
 
-def agree_on(group, k: int, flags: list[bool], failed: bool = False) -> list[bool]:
+def agree_on(group, k: int, flags: list[bool], failed: bool = False,
+             trainable: list[bool] | None = None) -> list[bool]:
     """What the processes of ``group`` decided from their own batches, made one decision: the
     same task count K on every process (else a ValueError on every process, not a hang in a
     later collective), and each flag set where any process set it: two small all-reduces, the
     sizes first. ``failed``: this process could not decide from its batch (it raises its own
-    error after this call); every process then raises a ValueError instead of waiting for it."""
+    error after this call); every process then raises a ValueError instead of waiting for it.
+    ``trainable``: requires_grad of each parameter; one that is frozen on some processes only
+    is a ValueError on every process (their gradient buffers would differ in size: gloo
+    aborts the interpreter, and the replicas' states drift apart)."""
     dist = torch.distributed
     device = torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -101,6 +105,9 @@ def agree_on(group, k: int, flags: list[bool], failed: bool = False) -> list[boo
         return t.cpu()
 
     # First the sizes (a fixed-size call): the flags' call must have one size everywhere.
+    # Each trainable flag goes twice, set and negated: a maximum of both means they differ.
+    trainable = [] if trainable is None else [bool(t) for t in trainable]
+    flags = [bool(f) for f in flags] + trainable + [not t for t in trainable]
     n = len(flags)
     sizes = reduce_max([k, -k, n, -n, float(failed)])
     if sizes[4] > 0:
@@ -115,7 +122,17 @@ def agree_on(group, k: int, flags: list[bool], failed: bool = False) -> list[boo
     if sizes[2] != -sizes[3]:
         raise ValueError("the processes hold different numbers of parameters; every process "
                          "must build the same model and optimizer")
-    return [bool(x > 0) for x in reduce_max([float(x) for x in flags])] if n else []
+    if not n:
+        return []
+    agreed = [bool(x > 0) for x in reduce_max([float(x) for x in flags])]
+    m = len(trainable)
+    start = n - 2 * m
+    mixed = [j for j in range(m) if agreed[start + j] and agreed[start + m + j]]
+    if mixed:
+        raise ValueError(f"parameter {mixed[0]} (of {m}, in the order given) requires grad on "
+                         "some processes and not on others: freeze or unfreeze parameters on "
+                         "every process alike")
+    return agreed[:start]
 
 
 def ddp_holders(ids: set[int]) -> list:

@@ -151,7 +151,8 @@ class GradientBalancer:
         reach = [reached_parameters(root) for root in roots]
         if self._dp_group is not None:
             flags = agree_on(self._dp_group, len(losses),
-                             [id(p) in r for r in reach for p in self.params])
+                             [id(p) in r for r in reach for p in self.params],
+                             trainable=[p.requires_grad for p in self.params])
             n = len(self.params)
             reach = [{id(p) for j, p in enumerate(self.params) if flags[i * n + j]}
                      for i in range(len(losses))]

@@ -182,6 +182,12 @@ def main(argv=None) -> int:
                 w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
                 opt = pub_native.Adam([w])
                 opt.backward([(w * w).sum(), w.sum()])
+            if args.mode == "frozen-on-one":  # the last process froze a shared parameter
+                if args.rank == args.world - 1:
+                    next(model.parameters()).requires_grad_(False)
+                x, y = global_batch(args.model, 0, args.tasks)
+                opt.zero_grad()
+                (bal or opt).backward(task_losses(wrapped(x), y))
             if args.mode == "different-k":  # the last process has one task more
                 x, y = global_batch(args.model, 0, args.tasks)
                 losses = task_losses(wrapped(x), y)

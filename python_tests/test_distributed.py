@@ -182,6 +182,17 @@ def test_set_ups_that_cannot_be_exact_raise(tmp_path, mode, match):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("balancer", ["", "nashmtl"])
+def test_a_parameter_frozen_on_one_process_only_raises_everywhere(tmp_path, balancer):
+    # Before, a balancer's all-reduce of differently sized buffers aborted the interpreter
+    # (gloo), and the PUB optimizers' states drifted apart.
+    ranks = _run(tmp_path, 2, ["--mode", "frozen-on-one"] +
+                 (["--balancer", balancer] if balancer else []))
+    for r in ranks:
+        assert "error" in r and "requires grad on some processes" in r["error"], r
+
+
+@pytest.mark.slow
 def test_a_different_number_of_losses_under_a_balancer_raises_everywhere(tmp_path):
     ranks = _run(tmp_path, 2, ["--mode", "different-k", "--balancer", "imtl-g"])
     for r in ranks:

@@ -84,11 +84,12 @@ class DataParallel:
 
     # ---- backward ----------------------------------------------------------------------------
 
-    def agree(self, k: int, shared: list[bool], failed: bool = False) -> list[bool]:
-        """The same task count on every process, and each parameter shared where any process
-        detected it shared (:func:`agree_on`)."""
-        self._count("all_reduce", (len(shared) + 5) * 8)
-        return agree_on(self.group, k, shared, failed)
+    def agree(self, k: int, shared: list[bool], trainable: list[bool],
+              failed: bool = False) -> list[bool]:
+        """The same task count on every process, the same parameters frozen, and each
+        parameter shared where any process detected it shared (:func:`agree_on`)."""
+        self._count("all_reduce", (len(shared) + 2 * len(trainable) + 5) * 8)
+        return agree_on(self.group, k, shared, failed, trainable)
 
     def syncing(self) -> bool:
         """False inside ``ddp.no_sync()``: accumulate locally, reduce later."""

@@ -391,7 +391,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
             if dp is not None and (self._k is None or any(id(p) not in self._decided
                                                           for p in params)):
                 with contextlib.suppress(ValueError):
-                    dp.agree(0, [False] * len(params), failed=True)
+                    dp.agree(0, [False] * len(params), [p.requires_grad for p in params],
+                             failed=True)
             raise
         k = len(items)
         present = [loss is not None for loss in items]
@@ -400,7 +401,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
             # that depends on it (a different K, or a parameter one batch reached with two
             # tasks and another with one, would pair mismatched collectives: a hang or abort).
             params = self._all_params()
-            agreed = dp.agree(k, [self._decided[id(p)] for p in params])
+            agreed = dp.agree(k, [self._decided[id(p)] for p in params],
+                              [p.requires_grad for p in params])
             for p, flag in zip(params, agreed):
                 self._decided[id(p)] = flag
             shared = [p for p in params if self._decided[id(p)]]
