@@ -128,6 +128,45 @@ def test_freezing_and_unfreezing_shared_parameters_after_detection():
     assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])
 
 
+def test_a_parameter_frozen_at_detection_is_detected_once_unfrozen():
+    # Gradual unfreezing: a trunk layer frozen during the first backward is in no autograd
+    # graph, so it cannot be detected then. Before, it was decided "not shared" for good and,
+    # once unfrozen, took the plain step on the sum of the losses instead of the balanced one.
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh()).double()
+    heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(2)).double()
+    x, y = torch.randn(32, 8, dtype=F64), torch.randn(2, 32, dtype=F64)
+    twins = []
+    for explicit in (False, True):
+        t, h = copy.deepcopy(trunk), copy.deepcopy(heads)
+        params = [*t.parameters(), *h.parameters()]
+        opt = pub_native.Adam(params, lr=1e-2,
+                              shared=list(t.parameters()) if explicit else None)
+        twins.append((t, h, opt))
+
+    def steps(n):
+        for t, h, opt in twins:
+            for _ in range(n):
+                z = t(x)
+                opt.zero_grad()
+                opt.backward([((hd(z).squeeze(1) - y[i]) ** 2).mean() * s
+                              for i, (hd, s) in enumerate(zip(h, (1.0, 100.0)))])
+                opt.step()
+
+    for t, _, _ in twins:
+        t[0].requires_grad_(False)
+    steps(2)
+    for t, _, _ in twins:
+        t[0].requires_grad_(True)
+    steps(3)
+    (auto_t, auto_h, auto), (ref_t, ref_h, ref) = twins
+    assert [p.shape for p in auto.shared_parameters] == [p.shape for p in ref.shared_parameters]
+    assert len(auto.shared_parameters) == 4
+    for p, q in zip([*auto_t.parameters(), *auto_h.parameters()],
+                    [*ref_t.parameters(), *ref_h.parameters()]):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
 # ---- gradients ----------------------------------------------------------------------------------
 
 

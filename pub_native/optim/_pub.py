@@ -298,7 +298,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
     def _resolve_shared(self, losses, items) -> list[torch.Tensor]:
         """The shared parameters, deciding those not decided yet: the explicit ``shared``
         argument, else a group's ``"shared"`` flag, else the autograd graph of these losses
-        (which needs every task present)."""
+        (which needs every task present). A frozen parameter is in no graph: it is left to the
+        first call that finds it unfrozen (gradual unfreezing of a trunk)."""
         params = self._all_params()
         explicit = None if self._explicit_shared is None else {id(p) for p in
                                                                self._explicit_shared}
@@ -312,7 +313,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                     self._decided[id(p)] = id(p) in explicit
                 elif flag is not None:
                     self._decided[id(p)] = bool(flag)
-                else:
+                elif p.requires_grad:
                     if auto is None:
                         absent = [i for i, loss in enumerate(items) if loss is None]
                         if absent:
@@ -335,7 +336,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                             split = _autograd.split_shared(roots, params)
                         auto = dict(zip(map(id, params), split))
                     self._decided[id(p)] = auto[id(p)]
-        return [p for p in params if self._decided[id(p)]]
+        return [p for p in params if self._decided.get(id(p), False)]
 
     def _task_losses(self, losses) -> tuple[list, list[torch.Tensor]]:
         """The K task losses (None for a task absent from this batch) and the shared
@@ -388,8 +389,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
             # waiting in a collective that this process never reaches; then raise this
             # process's own error.
             params = self._all_params()
-            if dp is not None and (self._k is None or any(id(p) not in self._decided
-                                                          for p in params)):
+            if dp is not None and (self._k is None or any(
+                    id(p) not in self._decided and p.requires_grad for p in params)):
                 with contextlib.suppress(ValueError):
                     dp.agree(0, [False] * len(params), [p.requires_grad for p in params],
                              failed=True)
@@ -401,11 +402,12 @@ class PUBOptimizer(GradientTools, Checkpoints):
             # that depends on it (a different K, or a parameter one batch reached with two
             # tasks and another with one, would pair mismatched collectives: a hang or abort).
             params = self._all_params()
-            agreed = dp.agree(k, [self._decided[id(p)] for p in params],
+            agreed = dp.agree(k, [self._decided.get(id(p), False) for p in params],
                               [p.requires_grad for p in params])
             for p, flag in zip(params, agreed):
-                self._decided[id(p)] = flag
-            shared = [p for p in params if self._decided[id(p)]]
+                if id(p) in self._decided:  # (a frozen one stays undecided)
+                    self._decided[id(p)] = flag
+            shared = [p for p in params if self._decided.get(id(p), False)]
         grads = self._grads
         accumulate = self._accumulating(shared)
         if (grads is None or grads.k != k
