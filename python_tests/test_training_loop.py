@@ -184,6 +184,41 @@ def test_per_task_gradient_norms_and_clipping():
     assert_close(opt.stats["task_grad_norms"], after, 1e-6, "norms of the step's Gram pass")
 
 
+def test_per_task_tools_count_only_the_parameters_the_step_updates():
+    # A shared parameter whose .grad was removed (torch's way of leaving it out of a step), or
+    # a wholly frozen trunk (the heads-only phase of fine-tuning): the norms are over what the
+    # step updates, as clip_grad_norm_ counts, and clipping works. Both raised before.
+    torch.manual_seed(5)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    batch = mmoe_batch(3)
+    opt.backward(mmoe_losses(model, batch))
+    opt.step()
+    opt.zero_grad()
+    opt.backward(mmoe_losses(model, batch))
+    shared = opt.shared_parameters
+    left_out = shared[0]
+    left_out.grad = None
+    kept = shared[1:]
+    manual = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss, kept, retain_graph=True)]).norm() for loss in mmoe_losses(model, batch)])
+    assert_close(opt.task_grad_norms(), manual, 1e-6, "norms without the removed .grad")
+    assert_close(opt.task_grad_norms(float("inf")), torch.stack([torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(loss, kept, retain_graph=True)]).abs().max()
+        for loss in mmoe_losses(model, batch)]), 1e-6, "inf norms")
+    opt.clip_task_grad_norm_(0.5 * float(manual.min()))
+    assert left_out.grad is None
+    opt.step()
+    for p in shared:
+        p.requires_grad_(False)
+    opt.zero_grad()
+    opt.backward(mmoe_losses(model, batch))
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(opt.task_grad_norms(), zero)
+    assert torch.equal(opt.clip_task_grad_norm_(1.0), zero)
+    opt.step()
+
+
 # ---- tasks absent from a batch -----------------------------------------------------------------
 
 

@@ -62,7 +62,7 @@ class GradientTools:
             raise RuntimeError("call backward(losses) first: there are no task gradients")
         math = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
         tol = {torch.bfloat16: 1 / 128, torch.float16: 1 / 512}.get(g.dtype, 1e-6)
-        active = [j for j, p in enumerate(g.params) if p.requires_grad and p.grad is not None]
+        active = self._stepped()
         parts, sums = [], []
         for j in active:
             rows, m = self._task_rows(j)
@@ -96,14 +96,24 @@ class GradientTools:
         collective (every process calls it)."""
         self._fold_grad_rescale()
         g = self._grads
-        rows = [self._task_rows(j)[0] for j, p in enumerate(g.params) if p.requires_grad]
+        # The parameters the step will update: frozen ones and those whose .grad was removed
+        # (torch's way of leaving a parameter out) count for nothing, as in clip_grad_norm_.
+        rows = [self._task_rows(j)[0] for j in self._stepped()]
+        none = torch.zeros(g.k, dtype=torch.float64, device=g.buffer.device)
         if norm_type == math.inf:
-            local = torch.stack([r.abs().amax(1).double() for r in rows]).amax(0)
+            local = torch.stack([r.abs().amax(1).double() for r in rows]).amax(0) if rows \
+                else none
             import torch.distributed as dist
 
             return self._summed(local, dist.ReduceOp.MAX if self._dp else None)
-        local = torch.stack([r.double().abs().pow(norm_type).sum(1) for r in rows]).sum(0)
+        local = torch.stack([r.double().abs().pow(norm_type).sum(1) for r in rows]).sum(0) \
+            if rows else none
         return self._summed(local).pow(1.0 / norm_type)
+
+    def _stepped(self) -> list[int]:
+        """Indices of the shared parameters that require grad and have a ``.grad``."""
+        return [j for j, p in enumerate(self._grads.params)
+                if p.requires_grad and p.grad is not None]
 
     def clip_task_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Per-task gradient clipping: scale each task's gradient of the shared parameters to a
@@ -116,8 +126,7 @@ class GradientTools:
         norms = self.task_grad_norms(norm_type)
         g = self._grads
         coef = (max_norm / (norms + 1e-6)).clamp(max=1.0).to(g.dtype).unsqueeze(1)
-        for j, p in enumerate(g.params):
-            if p.requires_grad:
-                self._task_rows(j)[0].mul_(coef)
+        for j in self._stepped():
+            self._task_rows(j)[0].mul_(coef)
         self._refresh_sum()
         return norms
