@@ -83,8 +83,7 @@ CASES = [
     _case(3, ["--optimizer", "rmsprop", "--model", "uneven", "--accumulate", "2"]),
     # A synced backward, one inside no_sync(), a synced one (replicated: the first average
     # was counted N times before; Clippy always takes the replicated scheme).
-    _case(2, ["--optimizer", "adam", "--shard", "0", "--accumulate", "3", "--no-sync-at", "1"],
-          slow=False),
+    _case(2, ["--optimizer", "adam", "--shard", "0", "--accumulate", "3", "--no-sync-at", "1"]),
     _case(2, ["--optimizer", "rmsprop", "--umm", "clippy", "--accumulate", "3",
               "--no-sync-at", "1"]),
     _case(2, ["--optimizer", "adam", "--model", "uneven", "--accumulate", "3",

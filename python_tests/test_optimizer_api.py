@@ -170,6 +170,47 @@ def test_a_parameter_frozen_at_detection_is_detected_once_unfrozen():
 # ---- gradients ----------------------------------------------------------------------------------
 
 
+def test_two_parameters_over_one_storage_take_both_updates():
+    # Weights tied the common wrong way, nn.Parameter(other.weight.data): two parameters, one
+    # storage. torch applies both updates; so must the native and the reference step (the
+    # reference lost one: it wrote each from θ as read before any write).
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk, self.h0, self.h1 = nn.Linear(6, 6), nn.Linear(6, 1), nn.Linear(6, 1)
+            self.h1.weight = nn.Parameter(self.h0.weight.data)
+
+        def forward(self, x):
+            z = torch.tanh(self.trunk(x))
+            return [self.h0(z).squeeze(-1), self.h1(z).squeeze(-1)]
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randn(2, 16)
+
+    def train(kind, steps):
+        torch.manual_seed(1)
+        m = Tied()
+        if kind == "torch":
+            opt = torch.optim.Adam(m.parameters(), lr=0.05)
+        else:
+            opt = pub_native.Adam(m.parameters(), lr=0.05, backend=kind)
+        for _ in range(steps):
+            opt.zero_grad()
+            losses = [((o - y[i]) ** 2).mean() for i, o in enumerate(m(x))]
+            if kind == "torch":
+                sum(losses).backward()
+            else:
+                opt.backward(losses)
+            opt.step()
+        return m.h0.weight.detach().clone()
+
+    # One step: the heads' update does not depend on the balanced trunk's, so torch's it is.
+    first = train("torch", 1)
+    torch.testing.assert_close(train("native", 1), first, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(train("reference", 1), first, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(train("reference", 3), train("native", 3), rtol=1e-5, atol=1e-6)
+
+
 def test_aliased_task_specific_gradients_equal_sum_backward_under_accumulation():
     # w = a + b: autograd hands a and b one gradient tensor; each .grad must own its memory.
     torch.manual_seed(0)

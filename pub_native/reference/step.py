@@ -180,6 +180,9 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
 
     for seg, row, rule in rows:
         shape = [1] * row.theta.dim()
+        # θ as it is now, not as it was read above: two parameters over one storage (weights
+        # tied as nn.Parameter(other.data)) take both updates, as in torch and the native step.
+        row.theta = row.param.detach().to(F64)
         if seg.kind == SegmentKind.SHARED:
             c = (w * row.sigma).view(-1, *shape)
             theta = row.theta * row.decay - _task_sum(c * row.u)
