@@ -45,6 +45,9 @@ def as_loss_list(losses, expected_k: int | None = None,
             raise ValueError(f"losses[{i}] must be a tensor, got {type(loss).__name__}")
         if loss.numel() != 1 or loss.dim() > 1:
             raise ValueError(f"losses[{i}] must be a scalar, got shape {tuple(loss.shape)}")
+        if loss.is_complex():
+            raise ValueError(f"losses[{i}] is complex ({loss.dtype}): a task loss is a real "
+                             "number to minimize")
         if not loss.requires_grad:
             if allow_absent:
                 out.append(None)

@@ -226,6 +226,42 @@ def test_torch_optimizer_state_of_the_wrong_size_is_named():
         opt.step()
 
 
+def test_meta_state_is_named_and_sparse_state_is_converted():
+    # A state entry on the meta device holds nothing to read: a TypeError naming the parameter
+    # and the entry, nothing changed (it was torch's "Cannot copy out of meta tensor"). A
+    # sparse one is converted once, like any other layout (it was torch's reshape error).
+    torch.manual_seed(0)
+    start = torch.randn(3, 4, dtype=F64)
+    twins = [start.clone().requires_grad_() for _ in range(2)]
+    opts = [pub_native.Adam([p], lr=1e-2) for p in twins]
+    for p, opt in zip(twins, opts):
+        (p * p).sum().backward()
+        opt.step()
+        (p * p.sin()).sum().backward()
+    opts[0].state[twins[0]]["exp_avg_sq"] = opts[0].state[twins[0]]["exp_avg_sq"].to_sparse()
+    opts[0].step()
+    opts[1].step()
+    assert torch.equal(twins[0], twins[1])
+    assert opts[0].state[twins[0]]["exp_avg_sq"].layout == torch.strided
+    for key in ("exp_avg", "step"):
+        p, opt = twins[1], opts[1]
+        (p * p).sum().backward()
+        snap = snapshot(opt, [p])
+        real = opt.state[p][key]
+        opt.state[p][key] = real.to("meta")
+        with pytest.raises(TypeError, match=rf"params'\]\[0\].*'{key}' is a meta tensor"):
+            opt.step()
+        opt.state[p][key] = real
+        assert_unchanged(opt, [p], snap)
+
+
+def test_a_complex_loss_is_named():
+    p = torch.randn(3, requires_grad=True)
+    opt = pub_native.Adam([p], shared=[p])
+    with pytest.raises(ValueError, match=r"losses\[1\] is complex"):
+        opt.backward([(p * p).sum(), (p * p).sum().to(torch.complex64)])
+
+
 # ---- storages shrunk under the tensors ----------------------------------------------------------
 
 _SHRUNK = r"""

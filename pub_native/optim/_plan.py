@@ -217,7 +217,11 @@ def _converted(value, p, k, dtype, name, key):
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise RuntimeError(f"{name}: optimizer state {key!r} has shape {shape}, expected "
                            f"{want}; was the parameter resized after its state was made?")
-    if value.layout == torch.strided and not _storage_holds(value):
+    if value.is_meta:
+        raise TypeError(f"{name}: optimizer state {key!r} is a meta tensor: it holds no values")
+    if value.layout != torch.strided:
+        value = value.to_dense()  # a sparse entry: converted once, as any other layout
+    elif not _storage_holds(value):
         raise RuntimeError(f"{name}: optimizer state {key!r}: {_short_storage(value)}")
     out = _state_like(p, k, dtype)
     out.copy_(value.detach().reshape(want))
@@ -233,6 +237,8 @@ def prepare_state(state: dict, p: torch.Tensor, names: list[str], init: list[flo
     dtype = state_dtype(p)
     new: dict[str, Any] = {}
     step = state.get("step")
+    if isinstance(step, torch.Tensor) and step.is_meta:
+        raise TypeError(f"{name}: optimizer state 'step' is a meta tensor: it holds no value")
     if isinstance(step, torch.Tensor) and (step.numel() != 1 or (
             step.layout == torch.strided and not _storage_holds(step))):
         what = (f"has shape {tuple(step.shape)}, expected one number" if step.numel() != 1

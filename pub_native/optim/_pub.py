@@ -705,4 +705,5 @@ class PUBOptimizer(GradientTools, Checkpoints):
                     f"gradient is finite: shared parameter(s) {names} hold Inf or NaN, which "
                     "L2 weight decay turns into NaN updates" + tail)
         return ("the task updates overflowed (non-finite Gram matrix) although every gradient "
-                "is finite: check the learning rate and eps" + tail)
+                "is finite: check the learning rate, eps and the optimizer state (a NaN or "
+                "negative entry)" + tail)
