@@ -128,7 +128,8 @@ def test_freezing_and_unfreezing_shared_parameters_after_detection():
     assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])
 
 
-def test_a_parameter_frozen_at_detection_is_detected_once_unfrozen():
+@pytest.mark.parametrize("reload", [False, True], ids=["", "reloaded-while-frozen"])
+def test_a_parameter_frozen_at_detection_is_detected_once_unfrozen(reload):
     # Gradual unfreezing: a trunk layer frozen during the first backward is in no autograd
     # graph, so it cannot be detected then. Before, it was decided "not shared" for good and,
     # once unfrozen, took the plain step on the sum of the losses instead of the balanced one.
@@ -156,6 +157,11 @@ def test_a_parameter_frozen_at_detection_is_detected_once_unfrozen():
     for t, _, _ in twins:
         t[0].requires_grad_(False)
     steps(2)
+    if reload:  # a checkpoint of the warm-up (it lost the undecided parameters before)
+        t, h, opt = twins[0]
+        fresh = pub_native.Adam([*t.parameters(), *h.parameters()], lr=1e-2)
+        fresh.load_state_dict(opt.state_dict())
+        twins[0] = (t, h, fresh)
     for t, _, _ in twins:
         t[0].requires_grad_(True)
     steps(3)

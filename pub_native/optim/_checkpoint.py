@@ -88,6 +88,8 @@ class Checkpoints:
         sd["pub"] = {
             "num_tasks": self._k,
             "shared": None if self._shared is None else [index[id(p)] for p in self._shared],
+            # Frozen at detection (so in no graph yet): decided once unfrozen, after a reload too.
+            "undecided": [i for p, i in index.items() if p not in self._decided],
             "step": self._t,
             "task_weights": None if weights[0] is None else torch.from_numpy(
                 np.array(weights[0], dtype=np.float64)),
@@ -231,8 +233,10 @@ class Checkpoints:
         self._t = int(pub.get("step", 0))
         if shared_idx is not None:
             shared_set = set(shared_idx)
+            undecided = {i for i in pub.get("undecided") or () if isinstance(i, int)}
             for i, p in enumerate(params):
-                self._decided[id(p)] = i in shared_set
+                if i not in undecided:
+                    self._decided[id(p)] = i in shared_set
         weights = tuple(None if pub.get(n) is None
                         else pub[n].detach().cpu().double().numpy().copy()
                         for n in ("task_weights", "warm_start"))
