@@ -81,6 +81,8 @@ def make_optimizer(args, params, group="auto"):
 def train(args, model, step_model, bal, opt, ranks=None):
     """Steps start .. start+steps-1 on this process's slice (or the whole batch: ranks=None)."""
     for t in range(args.start, args.start + args.steps):
+        if args.freeze_until > 0:  # a warm-up with the first (shared) parameter frozen
+            next(model.parameters()).requires_grad_(t >= args.freeze_until)
         x, y = global_batch(args.model, t, args.tasks)
         x, y = x.to(args.device), y.to(args.device)
         if ranks is not None:
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default="")
     ap.add_argument("--absent", type=int, default=0)
+    ap.add_argument("--freeze-until", type=int, default=0)
     ap.add_argument("--tools", type=int, default=0)
     ap.add_argument("--accumulate", type=int, default=1)
     ap.add_argument("--no-sync-at", type=int, default=-1)

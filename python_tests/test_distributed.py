@@ -181,6 +181,24 @@ def test_set_ups_that_cannot_be_exact_raise(tmp_path, mode, match):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("args", [["--shard", "0"], ["--balancer", "nashmtl"]],
+                         ids=["replicated", "nashmtl"])
+def test_a_shared_parameter_frozen_at_detection_is_balanced_once_unfrozen(tmp_path, args):
+    args = ["--freeze-until", "2", *args]
+    _assert_identical_and_exact(_run(tmp_path, 2, args), _single(tmp_path, args))
+
+
+@pytest.mark.slow
+def test_unfreezing_a_shared_parameter_under_sharded_state_says_what_to_do(tmp_path):
+    # The sharded state is split by the old layout: a clear error on every process, and
+    # nothing decided (before, the optimizer kept the new shared set with the old layout, and
+    # state_dict(), which the message advised, failed).
+    for r in _run(tmp_path, 2, ["--freeze-until", "2"]):
+        assert "changed under sharded data parallelism" in r.get("error", ""), r
+        assert "shared= naming every parameter" in r["error"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("balancer", ["", "nashmtl"])
 def test_a_parameter_frozen_on_one_process_only_raises_everywhere(tmp_path, balancer):
     # Before, a balancer's all-reduce of differently sized buffers aborted the interpreter

@@ -413,10 +413,23 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if (grads is None or grads.k != k
                 or [id(p) for p in shared] != [id(p) for p in grads.params]
                 or not grads.matches()):
+            if accumulate or (dp is not None and self._shard_state):
+                # Nothing decided by this call stays (the newest entries: dicts keep order),
+                # and the buffer and its layout stay as they were.
+                for key in list(self._decided)[decided:]:
+                    del self._decided[key]
             if accumulate:
                 raise RuntimeError(
                     "the shared parameters or their dtype, device or shape changed between two "
                     "backward(losses) calls of one step; call step() or zero_grad() first")
+            if dp is not None and self._shard_state:
+                raise RuntimeError(
+                    "the shared parameters changed under sharded data parallelism (a parameter "
+                    "frozen at detection and unfrozen now, or one whose dtype or shape "
+                    "changed): the optimizer state is split by the old layout. Save a "
+                    "state_dict and load it into a new optimizer, or build the optimizer "
+                    "with shared= naming every parameter to balance (frozen ones too), or "
+                    "with shard_state=False")
             for p in shared:
                 check_param(p, self._param_name(p), shared[0].device)
             size = sum(p.numel() for p in shared)
@@ -424,10 +437,6 @@ class PUBOptimizer(GradientTools, Checkpoints):
             grads = self._grads = _autograd.TaskGradients(
                 shared, k, with_sum=True, row_length=dp.row_length(size) if dp else None,
                 pad_rows=True)
-            if dp is not None and self._shard_state:
-                raise RuntimeError(
-                    "the shared parameters changed under sharded data parallelism: the "
-                    "optimizer state is split by the old layout; save and load a state_dict")
         if self._grad_views is None or len(self._grad_views) != len(shared):
             self._grad_views = [None] * len(shared)
         self._shared = shared
