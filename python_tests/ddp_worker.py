@@ -111,6 +111,7 @@ def train(args, model, step_model, bal, opt, ranks=None):
         else:
             opt.backward(losses)
             if args.tools:  # per-task clipping, then clipping over every parameter
+                opt.task_grad_norms(float("inf"))  # a collective, also where a shard is empty
                 opt.clip_task_grad_norm_(0.05)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.02)
         opt.step()

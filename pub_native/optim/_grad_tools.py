@@ -98,7 +98,8 @@ class GradientTools:
         g = self._grads
         # The parameters the step will update: frozen ones and those whose .grad was removed
         # (torch's way of leaving a parameter out) count for nothing, as in clip_grad_norm_.
-        rows = [self._task_rows(j)[0] for j in self._stepped()]
+        # (Under sharding a process may hold none of a parameter: an empty piece.)
+        rows = [r for r in (self._task_rows(j)[0] for j in self._stepped()) if r.shape[1]]
         none = torch.zeros(g.k, dtype=torch.float64, device=g.buffer.device)
         if norm_type == math.inf:
             local = torch.stack([r.abs().amax(1).double() for r in rows]).amax(0) if rows \
