@@ -128,8 +128,8 @@ class GradientBalancer:
         self._dp_group = None  # the data-parallel group, decided at the first backward
         self._grads: TaskGradients | None = None
         self._solve_time: float | None = None
-        # Per parameter (as in self.params): the tasks whose graph reached it, once it required
-        # grad at a detection (one frozen then is decided when it is next found unfrozen).
+        # Per parameter (as in self.params): the tasks whose graph reached it, from the first
+        # detection that found it unfrozen and reached (until then it is looked for again).
         self._reach: list[frozenset[int] | None] = [None] * len(self.params)
 
     # -- set-up -------------------------------------------------------------------------------
@@ -158,7 +158,10 @@ class GradientBalancer:
                      for i in range(len(losses))]
         for j, p in enumerate(self.params):
             if p.requires_grad and self._reach[j] is None:
-                self._reach[j] = frozenset(i for i, r in enumerate(reach) if id(p) in r)
+                # One that no task reaches yet (an expert no example was routed to) is decided
+                # by the first call that reaches it, as one that is frozen now.
+                tasks = frozenset(i for i, r in enumerate(reach) if id(p) in r)
+                self._reach[j] = tasks or None
         reach = [{id(p) for p, tasks in zip(self.params, self._reach, strict=True)
                   if tasks is not None and i in tasks} for i in range(len(losses))]
         counts = [sum(id(p) in r for r in reach) for p in self.params]
@@ -264,7 +267,8 @@ class GradientBalancer:
         self._finish(scale)
 
     def _undecided(self) -> bool:
-        """Whether a parameter frozen at every detection so far requires grad now."""
+        """Whether a parameter that every detection so far found frozen or unreached requires
+        grad now (it is looked for in this call's graph)."""
         return any(p.requires_grad and tasks is None
                    for p, tasks in zip(self.params, self._reach, strict=True))
 
@@ -888,8 +892,10 @@ class MultiBalance(GradientBalancer):
         self.heads = heads
         self.trunk = trunk
         self.k = len(items)
-        # A frozen parameter is in no graph: split again once one of them is unfrozen.
-        self._unsplit = [not p.requires_grad for p in self.params]
+        # A frozen parameter is in no graph, nor is one no loss reached yet (an expert no
+        # example was routed to): split again once one of them requires grad and is reached.
+        placed = behind.union(*reach)
+        self._unsplit = [not p.requires_grad or id(p) not in placed for p in self.params]
 
     def backward(self, losses, representation=None, *, scaler=None) -> None:
         """Head passes -> Gram -> weights -> head gradients and one trunk pass (see above).

@@ -781,6 +781,35 @@ def test_parameters_unfrozen_after_the_first_call_are_trained_from_the_next(name
         assert [p.shape for p in bals[0].shared] == [p.shape for p in bals[1].shared]
 
 
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_a_parameter_the_first_call_does_not_reach_is_trained_once_reached(name):
+    # An expert no example was routed to in the first batch: it was in no graph then, and
+    # every balancer but LS and its loss-weighting kin left it without .grad for good.
+    torch.manual_seed(0)
+    m = _Heads()
+    spare = torch.nn.Linear(4, 6).double()  # a second expert, unused in the first batch
+    params = [*m.parameters(), *spare.parameters()]
+
+    def call(bal, with_spare):
+        z = torch.tanh(m.trunk(m.x) + (spare(m.x) if with_spare else 0.0))
+        losses = [((h(z).squeeze(1) - m.y[:, i]) ** 2).mean() for i, h in enumerate(m.heads)]
+        for p in params:
+            p.grad = None
+        bal.backward(*((losses, z) if isinstance(bal, B.MultiBalance) else (losses,)))
+
+    bal = _make(name, params)
+    call(bal, False)
+    assert all(p.grad is None for p in spare.parameters())
+    call(bal, True)
+    got = [p.grad.clone() for p in spare.parameters()]
+    fresh = _make(name, params)
+    call(fresh, True)
+    for g, p in zip(got, spare.parameters()):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        if name not in ("famo", "uncertainty", "multibalance"):  # (their state moved)
+            torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-9)
+
+
 def test_multibalance_on_a_frozen_trunk_asks_for_a_representation_that_requires_grad():
     m = _Heads()
     for p in m.trunk.parameters():
