@@ -173,6 +173,31 @@ def test_a_parameter_frozen_at_detection_is_detected_once_unfrozen(reload):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
+def test_unfreezing_between_two_backward_calls_of_one_step_names_that():
+    # Before, the error named another parameter and blamed a plain loss.backward().
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(2))
+    opt = pub_native.Adam([*trunk.parameters(), *heads.parameters()], lr=1e-2)
+    x = torch.randn(8, 4)
+
+    def losses():
+        z = trunk(x)
+        return [h(z).square().mean() for h in heads]
+
+    trunk[0].requires_grad_(False)
+    opt.backward(losses())
+    trunk[0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="changed between two backward"):
+        opt.backward(losses())
+    opt.step()  # the step of the first backward, on the shared set it had
+    assert len(opt.shared_parameters) == 2
+    opt.zero_grad()
+    opt.backward(losses())
+    opt.step()
+    assert len(opt.shared_parameters) == 4
+
+
 # ---- gradients ----------------------------------------------------------------------------------
 
 

@@ -503,6 +503,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
         else lies in a shared .grad: a non-zero .grad from a plain loss.backward() cannot be
         attributed to a task and is refused rather than dropped."""
         grads = self._grads
+        if self._pending and grads is not None and \
+                [id(p) for p in shared] != [id(p) for p in grads.params]:
+            return True  # the shared set changed within a step: backward names that error
         views = getattr(self, "_grad_views", None)
         ours = grads is not None and views is not None and len(views) == len(shared)
         attached = ours and all(v is not None and p.grad is v
