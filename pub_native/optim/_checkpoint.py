@@ -193,6 +193,9 @@ class Checkpoints:
             if p is None:
                 continue
             for name, v in st.items():
+                if isinstance(v, torch.Tensor) and v.is_meta:
+                    raise TypeError(f"loaded state {name!r} of {self._param_name(p)} is a meta "
+                                    "tensor: it holds no values")
                 if name == "step" or not isinstance(v, torch.Tensor):
                     continue
                 expect = tuple(p.shape)
