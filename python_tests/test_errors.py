@@ -254,7 +254,7 @@ def test_meta_state_is_named_and_sparse_state_is_converted():
         opt.state[p][key] = real
         assert_unchanged(opt, [p], snap)
     sd = opts[1].state_dict()  # the same through load_state_dict (it was torch's cast error)
-    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to("meta")
+    sd["state"][0] = dict(sd["state"][0], exp_avg=sd["state"][0]["exp_avg"].to("meta"))
     snap = snapshot(opts[1], [twins[1]])
     with pytest.raises(TypeError, match=r"loaded state 'exp_avg' of .* is a meta tensor"):
         opts[1].load_state_dict(sd)
