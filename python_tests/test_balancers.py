@@ -720,21 +720,29 @@ def _make(name, params):
     return cls(params, 2) if name in ("uncertainty", "famo") else cls(params)
 
 
+def _twins_after_one_call(name, frozen, frozen_first):
+    """Two models and balancers (of ``name``), the parameters named in ``frozen`` frozen
+    before the balancer is built where ``frozen_first`` says so, after one call each."""
+    models, bals = [], []
+    for first in frozen_first:
+        m = _Heads()
+        for n, p in m.named_parameters():
+            p.requires_grad_(not (first and n in frozen))
+        bals.append(_make(name, m.parameters()))
+        models.append(m)
+    for m, bal in zip(models, bals):
+        m.run(bal)
+    return models, bals
+
+
 @pytest.mark.parametrize("name", sorted(B.BALANCERS))
 def test_parameters_frozen_after_the_balancer_was_built_get_no_gradient(name):
     # As loss.backward() leaves them: no .grad (so no optimizer moves them), while the others
     # get what a balancer built with them frozen from the start gives. Before, LS, Uncertainty
     # and FAMO raised torch's error, and the others gave a frozen shared parameter zeros.
     frozen = ("trunk.bias", "heads.0.bias")
-    models, bals = [], []
-    for frozen_from_start in (False, True):
-        m = _Heads()
-        for n, p in m.named_parameters():
-            p.requires_grad_(not (frozen_from_start and n in frozen))
-        bals.append(_make(name, m.parameters()))
-        models.append(m)
-    for m, bal in zip(models, bals):
-        m.run(bal)  # first step: detection (the frozen ones are shared / specific in models[0])
+    # First call: detection (the frozen ones are shared / specific in models[0]).
+    models, bals = _twins_after_one_call(name, frozen, (False, True))
     named = dict(models[0].named_parameters())
     for n in frozen:
         named[n].requires_grad_(False)
@@ -757,15 +765,7 @@ def test_parameters_unfrozen_after_the_first_call_are_trained_from_the_next(name
     # Gradual unfreezing: a parameter frozen when the balancer was built and at its first call
     # (so in no autograd graph then) gets, once unfrozen, what a balancer that never saw it
     # frozen gives; a shared one joins the balanced parameters. Before, it never got .grad.
-    models, bals = [], []
-    for frozen_first in (True, False):
-        m = _Heads()
-        for n, p in m.named_parameters():
-            p.requires_grad_(not (frozen_first and n in frozen))
-        bals.append(_make(name, m.parameters()))
-        models.append(m)
-    for m, bal in zip(models, bals):
-        m.run(bal)
+    models, bals = _twins_after_one_call(name, frozen, (True, False))
     late = dict(models[0].named_parameters())
     for n in frozen:
         assert late[n].grad is None, n
