@@ -8,6 +8,7 @@ OUTDIR/rank{r}.json. :func:`train` with ``world=1`` is the one-process reference
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -83,8 +84,10 @@ def _worker(rank: int, port: int, out: str, mode: str = "trunk") -> None:
     try:
         result = train(world=2, rank=rank) if mode == "trunk" else misused(rank, mode)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-        # Neither process leaves while the other still talks to the store rank 0 hosts.
-        torch.distributed.barrier()
+        # Neither process leaves while the other still talks to it: a rank that tears gloo
+        # down first can abort its peer ("terminate called without an active exception"), which
+        # a plain barrier did not prevent under load (ddp_worker.py's _leave does the same).
+        torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     finally:
         torch.distributed.destroy_process_group()
 
