@@ -70,7 +70,8 @@ class GradientBalancer:
         params: the parameters to give gradients to (tensors or torch param groups); only these
             receive ``.grad``. A frozen one (``requires_grad=False``) gets none while it is
             frozen, and is trained from the first call after it is unfrozen (it is in no
-            autograd graph while frozen, so that call finds whether it is shared).
+            autograd graph while frozen, so that call finds whether it is shared); one that no
+            loss reaches yet is looked for again at each call in the same way.
         shared: the shared parameters; by default, those reached by two or more task losses
             in the autograd graph of the first :meth:`backward` (kept for later calls).
         weight_task_specific: whether a parameter reached by task i alone gets w_i·∂L_i/∂p
@@ -144,7 +145,8 @@ class GradientBalancer:
     def _detect(self, raw_losses, losses: list[torch.Tensor]) -> None:
         """Shared and task-specific parameters from the autograd graph of the first losses
         (under data parallelism, what any process's graph reached: see agree_on). A later call
-        decides the parameters that were frozen until then, and keeps the others as they were."""
+        decides the parameters that were frozen or unreached until then, and keeps the others
+        as they were."""
         # The optimizers' detection (pub_native._autograd): a stacked 1-D tensor of losses is
         # split back into its tasks at the stack, so its tasks reach what the list's would.
         roots = task_roots(raw_losses, losses)

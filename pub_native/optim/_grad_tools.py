@@ -48,9 +48,8 @@ class GradientTools:
             dp.finish_task_rows(g, [])
         else:
             g.form_sum()
-        for j, p in enumerate(g.params):
-            if p.grad is not None and p.requires_grad:
-                p.grad = self._grad_views[j] = g.sum_view(j)
+        for j in self._stepped():
+            g.params[j].grad = self._grad_views[j] = g.sum_view(j)
 
     def _fold_grad_rescale(self) -> None:
         """Carry a rescaling of the shared ``.grad`` since backward (``clip_grad_norm_``,
@@ -100,15 +99,17 @@ class GradientTools:
         # (torch's way of leaving a parameter out) count for nothing, as in clip_grad_norm_.
         # (Under sharding a process may hold none of a parameter: an empty piece.)
         rows = [r for r in (self._task_rows(j)[0] for j in self._stepped()) if r.shape[1]]
-        none = torch.zeros(g.k, dtype=torch.float64, device=g.buffer.device)
-        if norm_type == math.inf:
-            local = torch.stack([r.abs().amax(1).double() for r in rows]).amax(0) if rows \
-                else none
+        inf = norm_type == math.inf
+        if not rows:
+            local = torch.zeros(g.k, dtype=torch.float64, device=g.buffer.device)
+        elif inf:
+            local = torch.stack([r.abs().amax(1).double() for r in rows]).amax(0)
+        else:
+            local = torch.stack([r.double().abs().pow(norm_type).sum(1) for r in rows]).sum(0)
+        if inf:
             import torch.distributed as dist
 
             return self._summed(local, dist.ReduceOp.MAX if self._dp else None)
-        local = torch.stack([r.double().abs().pow(norm_type).sum(1) for r in rows]).sum(0) \
-            if rows else none
         return self._summed(local).pow(1.0 / norm_type)
 
     def _stepped(self) -> list[int]:
