@@ -13,8 +13,9 @@ import torch
 
 from . import _native
 
-__all__ = ["DTYPES", "as_loss_list", "compiled_graph", "reached_parameters", "split_shared",
-           "split_shared_by_gradients", "sum_rows", "task_roots", "TaskGradients", "walk_graph"]
+__all__ = ["DTYPES", "as_loss_list", "compiled_graph", "reached_by_gradients", "reached_parameters",
+           "split_shared", "split_shared_by_gradients", "sum_rows", "task_roots", "TaskGradients",
+           "walk_graph"]
 
 
 def as_loss_list(losses, expected_k: int | None = None,
@@ -154,20 +155,28 @@ def compiled_graph(roots: list) -> bool:
     return False
 
 
+def reached_by_gradients(losses: list[torch.Tensor], params: list[torch.Tensor]
+                         ) -> list[set[int]]:
+    """For each task: ids of the parameters (of those requiring grad) to which its loss gives a
+    non-zero gradient. What a task reaches where the autograd structure cannot tell (compiled
+    regions compute every parameter's gradient, exact zeros for parameters a task does not
+    use). One backward pass per task, keeping the graph."""
+    candidates = [p for p in params if p.requires_grad]
+    reach = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, candidates, retain_graph=True, allow_unused=True)
+        reach.append({id(p) for p, g in zip(candidates, grads)
+                      if g is not None and bool(g.count_nonzero())})
+    return reach
+
+
 def split_shared_by_gradients(losses: list[torch.Tensor], params: list[torch.Tensor]
                               ) -> list[bool]:
     """For each parameter: do two or more tasks give it a non-zero gradient? The detection for
-    graphs that the autograd structure cannot split (compiled regions compute every
-    parameter's gradient, exact zeros for parameters a task does not use). One backward pass
-    per task, on the first batch only."""
-    candidates = [p for p in params if p.requires_grad]
-    counts = dict.fromkeys(map(id, candidates), 0)
-    for loss in losses:
-        grads = torch.autograd.grad(loss, candidates, retain_graph=True, allow_unused=True)
-        for p, g in zip(candidates, grads):
-            if g is not None and bool(g.count_nonzero()):
-                counts[id(p)] += 1
-    return [counts.get(id(p), 0) >= 2 for p in params]
+    graphs that the autograd structure cannot split (see :func:`compiled_graph`), on the first
+    batch only."""
+    reach = reached_by_gradients(losses, params)
+    return [sum(id(p) in r for r in reach) >= 2 for p in params]
 
 
 def dense_strides(t: torch.Tensor) -> bool:

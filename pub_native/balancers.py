@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -35,7 +36,9 @@ import torch
 from ._autograd import (
     TaskGradients,
     as_loss_list,
+    compiled_graph,
     layout_view,
+    reached_by_gradients,
     reached_parameters,
     task_roots,
     walk_graph,
@@ -132,6 +135,9 @@ class GradientBalancer:
         # Per parameter (as in self.params): the tasks whose graph reached it, from the first
         # detection that found it unfrozen and reached (until then it is looked for again).
         self._reach: list[frozenset[int] | None] = [None] * len(self.params)
+        # Parameters of a compiled graph that no task's gradient reached when they were decided.
+        self._plain: set[int] = set()
+        self._warned_compiled = False
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -150,7 +156,20 @@ class GradientBalancer:
         # The optimizers' detection (pub_native._autograd): a stacked 1-D tensor of losses is
         # split back into its tasks at the stack, so its tasks reach what the list's would.
         roots = task_roots(raw_losses, losses)
-        reach = [reached_parameters(root) for root in roots]
+        compiled = compiled_graph(roots)
+        if compiled:
+            if not self._warned_compiled:
+                warnings.warn(
+                    "the model is compiled (torch.compile), so its autograd graph reaches every "
+                    "parameter from every task: the shared parameters are detected from this "
+                    "batch's task gradients instead (a parameter is shared when two or more "
+                    "tasks give it a non-zero gradient, task-specific when one does; one that no "
+                    "task's gradient reaches gets the plain sum). Pass shared= to set them "
+                    "exactly.", stacklevel=4)
+                self._warned_compiled = True
+            reach = reached_by_gradients(losses, self.params)
+        else:
+            reach = [reached_parameters(root) for root in roots]
         if self._dp_group is not None:
             flags = agree_on(self._dp_group, len(losses),
                              [id(p) in r for r in reach for p in self.params],
@@ -163,6 +182,11 @@ class GradientBalancer:
                 # One that no task reaches yet (an expert no example was routed to) is decided
                 # by the first call that reaches it, as one that is frozen now.
                 tasks = frozenset(i for i, r in enumerate(reach) if id(p) in r)
+                if compiled and not tasks:
+                    # In the compiled graph but with a zero gradient from every task on this
+                    # batch: not shared; any task may reach it later, so it takes the plain sum.
+                    tasks = frozenset(range(len(losses)))
+                    self._plain.add(id(p))
                 self._reach[j] = tasks or None
         reach = [{id(p) for p, tasks in zip(self.params, self._reach, strict=True)
                   if tasks is not None and i in tasks} for i in range(len(losses))]
@@ -171,7 +195,8 @@ class GradientBalancer:
             shared_ids = {id(p) for p in self._shared_given}
             self.shared = [p for p in self.params if id(p) in shared_ids]
         else:
-            self.shared = [p for p, c in zip(self.params, counts, strict=True) if c >= 2]
+            self.shared = [p for p, c in zip(self.params, counts, strict=True)
+                           if c >= 2 and id(p) not in self._plain]
             shared_ids = {id(p) for p in self.shared}
         # specific[i]: non-shared parameters task i reaches; a non-shared parameter reached by
         # several tasks (possible only with an explicit ``shared``) gets the plain sum.
@@ -932,6 +957,13 @@ class MultiBalance(GradientBalancer):
             if split_now:  # a split made from the wrong tensor: the next call makes its own
                 self.k = k_before  # nor does a call that failed decide the number of tasks
                 self.heads = self.trunk = None
+            if compiled_graph(task_roots(raw, items)):
+                raise ValueError(
+                    "no task loss depends on representation in the autograd graph: the losses "
+                    "come from a compiled region (torch.compile) that computes representation "
+                    "inside it too. Compile the trunk and the heads apart (e.g. "
+                    "torch.compile(model.trunk)), so that representation is an input of the "
+                    "heads' graph")
             raise ValueError("no task loss depends on representation: pass the tensor the "
                              "task heads are computed from (not a detached copy)")
         dots, pairs = _gram_entries(rows, k)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -1041,3 +1042,99 @@ def test_multibalance_representation_outside_the_graph_raises_on_every_call():
     call(later_wrong, False)
     call(first_wrong, False)
     assert all(p.grad is not None for p in trunk.parameters())
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+
+class _Compilable(torch.nn.Module):
+    """Embedding + trunk shared, one head per task; ``forward`` returns (z, outputs). With
+    ``spare``, a second trunk layer adds to z (an expert that only some batches use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(10, 6)
+        self.trunk = torch.nn.Linear(6, 8)
+        self.spare = torch.nn.Linear(6, 8)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
+
+    def forward(self, idx, spare: bool = False):
+        x = self.embedding(idx).mean(1)
+        h = self.trunk(x)
+        if spare:
+            h = h + self.spare(x)
+        z = torch.relu(h)
+        return z, [head(z).squeeze(-1) for head in self.heads]
+
+
+def _compilable_losses(net, seed, spare=False):
+    g = torch.Generator().manual_seed(seed)
+    idx, y = torch.randint(0, 10, (16, 3), generator=g), torch.randn(16, generator=g)
+    z, outs = net(idx, spare)
+    return [((o - y) ** 2).mean() * c for o, c in zip(outs, (1.0, 3.0))], z
+
+
+@pytest.mark.parametrize("name", sorted(set(B.BALANCERS) - {"multibalance"}))
+def test_a_compiled_model_is_split_and_trained_as_in_eager_mode(name):
+    # A compiled region is one autograd node that reaches all its parameters from every task:
+    # the balancers found every parameter shared (heads too) and balanced the wrong gradients.
+    torch.manual_seed(0)
+    model = _Compilable()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    bals = []
+    for m, net in ((twin, twin), (model, compiled)):
+        bal = _make(name, m.parameters())
+        extra = list(bal.parameters()) if name == "uncertainty" else []
+        opt = torch.optim.Adam([*m.parameters(), *extra], lr=1e-2)
+        for step in range(3):
+            losses, _ = _compilable_losses(net, step)
+            opt.zero_grad()
+            detects = net is compiled and step == 0 and name not in ("ls", "uncertainty")
+            with pytest.warns(UserWarning, match="compiled") if detects else _quiet():
+                bal.backward(losses)
+            opt.step()
+            if name == "famo":
+                bal.update(_compilable_losses(net, step)[0])
+        bals.append(bal)
+    if bals[0].shared is not None:
+        names = {id(p): n for n, p in twin.named_parameters()}
+        assert {names[id(p)] for p in bals[0].shared} == {"embedding.weight", "trunk.weight",
+                                                          "trunk.bias"}
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert {names[id(p)] for p in bals[1].shared} == {"embedding.weight", "trunk.weight",
+                                                          "trunk.bias"}
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_a_compiled_parameter_no_task_reaches_at_first_takes_the_plain_sum():
+    torch.manual_seed(0)
+    model = _Compilable()
+    compiled = torch.compile(model, backend="aot_eager")
+    bal = B.NashMTL(model.parameters())
+    with pytest.warns(UserWarning, match="compiled"):
+        bal.backward(_compilable_losses(compiled, 0)[0])
+    assert all(p.grad is None for p in model.spare.parameters())
+    assert not {id(p) for p in model.spare.parameters()} & {id(p) for p in bal.shared}
+    model.zero_grad(set_to_none=True)
+    losses, _ = _compilable_losses(compiled, 1, spare=True)
+    plain = torch.autograd.grad(sum(losses), list(model.spare.parameters()), retain_graph=True)
+    with _quiet():
+        bal.backward(losses)
+    assert min(abs(w - 1.0) for w in bal.weights.tolist()) > 0.01  # a weighted sum would differ
+    for p, g in zip(model.spare.parameters(), plain):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)  # float32 sums, any order
+
+
+class _quiet:
+    """No warning may be raised inside."""
+
+    def __enter__(self):
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error")
+        return self
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)

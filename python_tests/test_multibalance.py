@@ -361,3 +361,41 @@ def test_ddp_around_the_heads_or_no_ddp_is_refused(tmp_path, mode, message):
     for r in range(2):
         error = json.loads((tmp_path / f"rank{r}.json").read_text())["error"]
         assert error and message in error, error
+
+
+def test_a_compiled_trunk_trains_as_in_eager_mode_and_a_compiled_model_is_a_clear_error():
+    import copy
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(18, 8),
+                                       nn.ReLU())
+            self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(2))
+
+        def forward(self, idx):
+            z = self.trunk(idx)
+            return z, [h(z).squeeze(-1) for h in self.heads]
+
+    def run(net, params, steps=3):
+        bal = B.MultiBalance(params)
+        opt = torch.optim.SGD(params, lr=0.1)
+        for s in range(steps):
+            g = torch.Generator().manual_seed(s)
+            idx, y = torch.randint(0, 10, (16, 3), generator=g), torch.randn(16, generator=g)
+            z, outs = net(idx)
+            opt.zero_grad()
+            bal.backward([((o - y) ** 2).mean() * c for o, c in zip(outs, (1.0, 3.0))], z)
+            opt.step()
+
+    torch.manual_seed(0)
+    eager = Net()
+    part = copy.deepcopy(eager)
+    whole = copy.deepcopy(eager)
+    run(eager, list(eager.parameters()))
+    part.trunk = torch.compile(part.trunk, backend="aot_eager")
+    run(part, list(part.parameters()))
+    for p, q in zip(eager.parameters(), part.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match=r"compiled region.*torch\.compile\(model\.trunk\)"):
+        run(torch.compile(whole, backend="aot_eager"), list(whole.parameters()), steps=1)
