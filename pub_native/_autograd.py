@@ -275,7 +275,8 @@ class TaskGradients:
     """
 
     def __init__(self, shared: list[torch.Tensor], k: int, with_sum: bool = False,
-                 row_length: int | None = None, pad_rows: bool = False):
+                 row_length: int | None = None, pad_rows: bool = False,
+                 dtype: torch.dtype | None = None):
         self.params = shared
         self.k = k
         self.with_sum = with_sum
@@ -288,7 +289,7 @@ class TaskGradients:
         self.size = off
         dtypes = {p.dtype for p in shared}
         devices = {p.device for p in shared}
-        if len(dtypes) > 1:
+        if len(dtypes) > 1 and dtype is None:
             raise TypeError(
                 f"shared parameters must have one dtype, got {sorted(map(str, dtypes))}"
             )
@@ -296,7 +297,9 @@ class TaskGradients:
             raise TypeError(
                 f"shared parameters must be on one device, got {sorted(map(str, devices))}"
             )
-        self.dtype = shared[0].dtype if shared else torch.float32
+        # The buffer's dtype: ``dtype`` where given (shared parameters of several dtypes then
+        # share one buffer of that type), else the parameters' one dtype.
+        self.dtype = dtype if dtype is not None else shared[0].dtype if shared else torch.float32
         self.device = shared[0].device if shared else torch.device("cpu")
         # With a sum row (row K): Σ_i g_i, which the optimizers expose as the shared parameters'
         # .grad (see PUBOptimizer.backward).

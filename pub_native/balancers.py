@@ -25,6 +25,7 @@ your optimizer and :class:`FAMO` updates its weights after the step (``update``)
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 import warnings
@@ -146,7 +147,7 @@ class GradientBalancer:
         # DDP does not see) are averaged here, so every process computes the same weights.
         self._dp_group, _ = data_parallel_group(self.params, self._process_group)
         self._detect(raw_losses, losses)
-        self._grads = TaskGradients(self.shared, len(losses))
+        self._grads = _task_gradients(self.shared, len(losses))
 
     def _detect(self, raw_losses, losses: list[torch.Tensor]) -> None:
         """Shared and task-specific parameters from the autograd graph of the first losses
@@ -226,7 +227,7 @@ class GradientBalancer:
             shared = self.shared
             self._detect(raw, losses)
             if [id(p) for p in self.shared] != [id(p) for p in shared]:
-                self._grads = TaskGradients(self.shared, self.k)
+                self._grads = _task_gradients(self.shared, self.k)
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
@@ -246,7 +247,7 @@ class GradientBalancer:
         if not self._grads.matches():
             # A shared parameter changed its shape, dtype, device or memory order since the
             # buffer was laid out (model.to(...), .data = ...): lay it out again.
-            self._grads = TaskGradients(self.shared, self.k)
+            self._grads = _task_gradients(self.shared, self.k)
         specific = self._specific_all
         stash = [p.grad for p in specific]
         for p in specific:
@@ -1665,15 +1666,26 @@ def _active(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p for p in params if p.requires_grad]
 
 
+def _task_gradients(shared: list[torch.Tensor], k: int) -> TaskGradients:
+    """The per-task gradient buffer of a balancer: in the shared parameters' dtype, or, where
+    they have several (a bfloat16 model with float32 norms), in the type all of them promote
+    to, from which each parameter's combined gradient is rounded once to its own dtype."""
+    dtype = None
+    if len({p.dtype for p in shared}) > 1:
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in shared))
+    return TaskGradients(shared, k, dtype=dtype)
+
+
 def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> None:
-    """p.grad += g for flat g laid out in p's memory order (as TaskGradients lays them out);
-    frozen parameters (their rows hold zeros) are left without a gradient."""
+    """p.grad += g for flat g laid out in p's memory order (as TaskGradients lays them out), in
+    p's dtype; frozen parameters (their rows hold zeros) are left without a gradient."""
     for p, g in zip(params, grads, strict=True):
         if not p.requires_grad:
             continue
         g = layout_view(g, p)
         if p.grad is None:
-            p.grad = g.clone(memory_format=torch.preserve_format)
+            p.grad = g.clone(memory_format=torch.preserve_format) if g.dtype == p.dtype \
+                else g.to(p.dtype, memory_format=torch.preserve_format)
         else:
             p.grad.add_(g)
 

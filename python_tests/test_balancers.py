@@ -1138,3 +1138,37 @@ class _quiet:
 
     def __exit__(self, *exc):
         return self._cm.__exit__(*exc)
+
+
+@pytest.mark.parametrize("name", ["NashMTL", "MGDAUB", "IMTLG"])
+def test_shared_parameters_of_several_dtypes_get_the_weighted_gradient_in_their_own(name):
+    # A bfloat16 model with float32 (and float64) parameters in its trunk: the buffer takes the
+    # type they promote to; each .grad keeps its parameter's dtype. It was a TypeError.
+    rng = np.random.default_rng(4)
+    dtypes = [torch.bfloat16, torch.float32, torch.float64]
+    thetas = [torch.zeros(n, dtype=d, requires_grad=True) for n, d in zip((5, 7, 3), dtypes)]
+    g = [torch.as_tensor(rng.normal(size=(2, t.numel()))) for t in thetas]
+    heads = [torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+    def losses():
+        return [sum(gj[i] @ t.double() for gj, t in zip(g, thetas)) + (i + 1.0) * heads[i]
+                for i in range(2)]
+
+    bal = getattr(B, name)(thetas + heads, **({"max_norm": 0.0} if name == "NashMTL" else {}))
+    bal.backward(losses())
+    assert [id(p) for p in bal.shared] == [id(t) for t in thetas]
+    # Each task's gradient as autograd hands it to its parameter (rounded to its dtype).
+    task = [torch.cat([gj[i].to(t.dtype).double() for gj, t in zip(g, thetas)])
+            for i in range(2)]
+    w = bal.weights
+    for t, gj in zip(thetas, g):
+        assert t.grad.dtype == t.dtype
+        want = (w[0] * gj[0].to(t.dtype).double() + w[1] * gj[1].to(t.dtype).double())
+        tol = {torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-12}[t.dtype]
+        torch.testing.assert_close(t.grad.double(), want, rtol=tol, atol=0)
+    if name == "NashMTL":
+        G = torch.stack(task) @ torch.stack(task).T
+        Gn = (G / torch.linalg.norm(G)).numpy()
+        Gn += 1e-8 * np.diag(np.diag(Gn))
+        a = w.numpy()
+        assert np.linalg.norm(Gn @ a - 1 / a) / np.linalg.norm(1 / a) < TOL["nash_residual"]

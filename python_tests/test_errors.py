@@ -60,8 +60,6 @@ def test_unsupported_options_and_tensors_raise():
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(NotImplementedError, match="differentiable"):
         pub_native.Adam([p], differentiable=True)
-    with pytest.raises(NotImplementedError, match="capturable"):
-        pub_native.Adam([p], capturable=True)
     with pytest.raises((TypeError, ValueError), match="complex"):
         pub_native.Adam([torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
     emb = nn.Embedding(5, 3, sparse=True)
@@ -334,9 +332,7 @@ def test_a_parameter_listed_twice_in_a_group_is_an_error(name):
      r"param_groups\[1\]\['params'\]\[0\].*complex"),
     ({"params": [nn.Parameter(torch.randn(3))], "differentiable": True}, NotImplementedError,
      "differentiable"),
-    ({"params": [nn.Parameter(torch.randn(3))], "capturable": True}, NotImplementedError,
-     "capturable"),
-], ids=["complex", "differentiable", "capturable"])
+], ids=["complex", "differentiable"])
 def test_a_group_added_with_what_the_step_cannot_do_is_refused_and_not_kept(
         name, group, error, match):
     # What the constructor refuses, add_param_group refuses too, and the optimizer stays as it
@@ -365,3 +361,28 @@ def test_a_step_counter_of_the_wrong_shape_names_the_parameter():
     with pytest.raises(RuntimeError, match=r"params'\]\[0\].*'step' has shape \(2,\)"):
         opt.step()
     assert torch.equal(w.detach(), before)
+
+
+def test_shared_parameters_of_two_dtypes_are_named_and_nothing_changes():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6).double())
+    heads = nn.ModuleList(nn.Linear(6, 1).double() for _ in range(2))
+    params = [*trunk.parameters(), *heads.parameters()]
+    opt = pub_native.Adam(params, lr=1e-2)
+    x = torch.randn(8, 4)
+
+    def losses():
+        z = trunk[1](trunk[0](x.to(trunk[0].weight.dtype)).double())
+        return [h(z).pow(2).mean() for h in heads]
+
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(TypeError, match=r"one dtype: param_groups\[0\]\['params'\]\[2\] "
+                                        r"\(shape \(6, 6\)\) is torch.float64.*shared="):
+        opt.backward(losses())
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+    trunk[0].double()  # made one dtype, the same optimizer goes on
+    opt.zero_grad()
+    opt.backward(losses())
+    opt.step()
+    assert len(opt.shared_parameters) == 4
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))

@@ -688,3 +688,21 @@ def test_step_bumps_the_parameters_versions(name, tasks):
     assert all(p._version > v for p, v in zip(model.parameters(), before))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         sum(losses).backward()
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_capturable_is_accepted_and_changes_nothing(name):
+    # torch's flag for CUDA graphs: a PUB step never synchronizes and can always be captured,
+    # so code written for torch's optimizer (or a checkpoint it saved) runs unchanged.
+    runs = []
+    for capturable in (False, True):
+        torch.manual_seed(3)
+        model = MMoE()
+        opt = NATIVE[name](model.parameters(), lr=1e-2, capturable=capturable)
+        assert opt.param_groups[0]["capturable"] is capturable
+        for t in range(3):
+            opt.zero_grad()
+            opt.backward(mmoe_losses(model, mmoe_batch(t)))
+            opt.step()
+        runs.append(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

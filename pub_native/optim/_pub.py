@@ -201,13 +201,12 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 self._decided[id(p)] = bool(group["shared"])
 
     def _refuse_unsupported(self, group: dict) -> None:
-        """Raises for a group that asks what the PUB step cannot do (a group in param_groups)."""
+        """Raises for a group that asks what the PUB step cannot do (a group in param_groups).
+        ``capturable`` is accepted and changes nothing: on CUDA the step never synchronizes and
+        keeps its step counters on the device whatever it says, so it can always be captured
+        in a CUDA graph."""
         if group.get("differentiable", False):
             raise NotImplementedError("PUB optimizers do not support differentiable=True")
-        if group.get("capturable", False):
-            raise NotImplementedError(
-                "capturable=True is not needed: on CUDA the PUB step never synchronizes "
-                "and keeps its step counters on the device")
         for p in group["params"]:
             if p.is_complex():
                 raise TypeError(f"{self._param_name(p)}: complex parameters are not supported")
@@ -432,6 +431,12 @@ class PUBOptimizer(GradientTools, Checkpoints):
                     "with shard_state=False")
             for p in shared:
                 check_param(p, self._param_name(p), shared[0].device)
+                if p.dtype != shared[0].dtype:
+                    raise TypeError(
+                        f"the shared parameters must have one dtype: {self._param_name(p)} is "
+                        f"{p.dtype}, {self._param_name(shared[0])} is {shared[0].dtype}. Convert "
+                        "them to one dtype, or name the ones to balance with shared= (the "
+                        "others get the ordinary step)")
             size = sum(p.numel() for p in shared)
             self._plan_memo = None  # it holds the old buffer
             grads = self._grads = _autograd.TaskGradients(
