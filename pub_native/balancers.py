@@ -136,8 +136,8 @@ class GradientBalancer:
         # Per parameter (as in self.params): the tasks whose graph reached it, from the first
         # detection that found it unfrozen and reached (until then it is looked for again).
         self._reach: list[frozenset[int] | None] = [None] * len(self.params)
-        # Parameters of a compiled graph that no task's gradient reached when they were decided.
-        self._plain: set[int] = set()
+        # Per parameter: one of a compiled graph that no task's gradient reached when decided.
+        self._plain: list[bool] = [False] * len(self.params)
         self._warned_compiled = False
 
     # -- set-up -------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class GradientBalancer:
                     # In the compiled graph but with a zero gradient from every task on this
                     # batch: not shared; any task may reach it later, so it takes the plain sum.
                     tasks = frozenset(range(len(losses)))
-                    self._plain.add(id(p))
+                    self._plain[j] = True
                 self._reach[j] = tasks or None
         reach = [{id(p) for p, tasks in zip(self.params, self._reach, strict=True)
                   if tasks is not None and i in tasks} for i in range(len(losses))]
@@ -196,8 +196,8 @@ class GradientBalancer:
             shared_ids = {id(p) for p in self._shared_given}
             self.shared = [p for p in self.params if id(p) in shared_ids]
         else:
-            self.shared = [p for p, c in zip(self.params, counts, strict=True)
-                           if c >= 2 and id(p) not in self._plain]
+            self.shared = [p for p, c, plain in zip(self.params, counts, self._plain, strict=True)
+                           if c >= 2 and not plain]
             shared_ids = {id(p) for p in self.shared}
         # specific[i]: non-shared parameters task i reaches; a non-shared parameter reached by
         # several tasks (possible only with an explicit ``shared``) gets the plain sum.
