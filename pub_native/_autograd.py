@@ -335,9 +335,15 @@ class TaskGradients:
         self.sum_version = self.buffer._version if current else None
 
     def matches(self) -> bool:
-        """Whether every shared parameter still has the layout this buffer was made for."""
-        return all((p.shape, p.stride(), p.dtype, p.device) == lay
-                   for p, lay in zip(self.params, self.layouts))
+        """Whether every shared parameter still has the layout this buffer was made for, and
+        the buffer is whole (its storage, which the shared ``.grad`` are views of, can be
+        shrunk in place through them)."""
+        return self.intact() and all((p.shape, p.stride(), p.dtype, p.device) == lay
+                                     for p, lay in zip(self.params, self.layouts))
+
+    def intact(self) -> bool:
+        """Whether the buffer's storage still holds all of it."""
+        return self.buffer.untyped_storage().nbytes() >= self.buffer.nbytes
 
     def views(self, i: int) -> list[torch.Tensor]:
         """Row i of the buffer as tensors shaped (and laid out) like the shared parameters,

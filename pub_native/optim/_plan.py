@@ -213,7 +213,9 @@ def _converted(value, p, k, dtype, name, key):
     shape changed since the state was made, or the state belongs to another model) is a
     RuntimeError naming the parameter."""
     want = (k, *p.shape) if k is not None else tuple(p.shape)
-    if not isinstance(value, torch.Tensor) or value.numel() != math.prod(want):
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != want:
+        # (Also for a shape with as many elements: torch's step raises there too, and reading
+        # the entry in another shape would give each element another element's state.)
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise RuntimeError(f"{name}: optimizer state {key!r} has shape {shape}, expected "
                            f"{want}; was the parameter resized after its state was made?")
@@ -224,7 +226,7 @@ def _converted(value, p, k, dtype, name, key):
     elif not _storage_holds(value):
         raise RuntimeError(f"{name}: optimizer state {key!r}: {_short_storage(value)}")
     out = _state_like(p, k, dtype)
-    out.copy_(value.detach().reshape(want))
+    out.copy_(value.detach())
     return out
 
 
@@ -619,16 +621,19 @@ def _frozen(value):
 def _state_marks(keys, states, step) -> list[tuple]:
     """What tells that a parameter's state entries are still those the kernels were given: for
     the step counter, then each state tensor, (key, tensor, its view: address, dtype, shape,
-    strides). A tensor replaced, re-pointed (``set_``; ``.data =``, to other memory or to
-    another view of the same memory) or reshaped in place (``resize_``, ``t_``, ``unsqueeze_``)
-    no longer matches. A change of values in place needs no check: the kernels read memory.
-    (Versions are not compared: tensors made under ``torch.inference_mode`` have none.)"""
+    strides, storage size). A tensor replaced, re-pointed (``set_``; ``.data =``, to other
+    memory or to another view of the same memory), reshaped in place (``resize_``, ``t_``,
+    ``unsqueeze_``) or whose storage was resized no longer matches. A change of values in
+    place needs no check: the kernels read memory. (Versions are not compared: tensors made
+    under ``torch.inference_mode`` have none.)"""
     return [("step", step, _view_of(step))] + [(key, t, _view_of(t))
                                               for key, t in zip(keys, states)]
 
 
 def _view_of(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t.dtype, t.shape, t.stride()
+    # With the storage's size: one shrunk in place (untyped_storage().resize_, as FSDP does)
+    # may keep its address, and the kernels would go past its end.
+    return t.data_ptr(), t.dtype, t.shape, t.stride(), t.untyped_storage().nbytes()
 
 
 def _signature(p: torch.Tensor) -> tuple:
