@@ -136,7 +136,9 @@ class GradientBalancer:
         # Per parameter (as in self.params): the tasks whose graph reached it, from the first
         # detection that found it unfrozen and reached (until then it is looked for again).
         self._reach: list[frozenset[int] | None] = [None] * len(self.params)
-        # Per parameter: one of a compiled graph that no task's gradient reached when decided.
+        # Per parameter: decided from a compiled graph's task gradients; of those, one that no
+        # task's gradient reached then.
+        self._by_gradients: list[bool] = [False] * len(self.params)
         self._plain: list[bool] = [False] * len(self.params)
         self._warned_compiled = False
 
@@ -164,9 +166,9 @@ class GradientBalancer:
                     "the model is compiled (torch.compile), so its autograd graph reaches every "
                     "parameter from every task: the shared parameters are detected from this "
                     "batch's task gradients instead (a parameter is shared when two or more "
-                    "tasks give it a non-zero gradient, task-specific when one does; one that no "
-                    "task's gradient reaches gets the plain sum). Pass shared= to set them "
-                    "exactly.", stacklevel=4)
+                    "tasks give it a non-zero gradient, task-specific when one does; every task "
+                    "adds its gradient to the ones not shared, so that none is dropped). Pass "
+                    "shared= to set them exactly.", stacklevel=4)
                 self._warned_compiled = True
             reach = reached_by_gradients(losses, self.params)
         else:
@@ -183,11 +185,13 @@ class GradientBalancer:
                 # One that no task reaches yet (an expert no example was routed to) is decided
                 # by the first call that reaches it, as one that is frozen now.
                 tasks = frozenset(i for i, r in enumerate(reach) if id(p) in r)
-                if compiled and not tasks:
-                    # In the compiled graph but with a zero gradient from every task on this
-                    # batch: not shared; any task may reach it later, so it takes the plain sum.
-                    tasks = frozenset(range(len(losses)))
-                    self._plain[j] = True
+                if compiled:
+                    self._by_gradients[j] = True
+                    if not tasks:
+                        # In the compiled graph but with a zero gradient from every task on
+                        # this batch: not shared; it takes the plain sum.
+                        tasks = frozenset(range(len(losses)))
+                        self._plain[j] = True
                 self._reach[j] = tasks or None
         reach = [{id(p) for p, tasks in zip(self.params, self._reach, strict=True)
                   if tasks is not None and i in tasks} for i in range(len(losses))]
@@ -199,12 +203,23 @@ class GradientBalancer:
             self.shared = [p for p, c, plain in zip(self.params, counts, self._plain, strict=True)
                            if c >= 2 and not plain]
             shared_ids = {id(p) for p in self.shared}
-        # specific[i]: non-shared parameters task i reaches; a non-shared parameter reached by
-        # several tasks (possible only with an explicit ``shared``) gets the plain sum.
+        # specific[i]: non-shared parameters whose gradient task i's backward adds; a
+        # non-shared parameter reached by several tasks (possible only with an explicit
+        # ``shared``) gets the plain sum. A parameter decided from a compiled graph's gradients
+        # is in every task's graph: every task adds its gradient (exact zeros where it does not
+        # use it), so that none is dropped where the first batch's gradients misjudged it (a
+        # task whose gradient was zero then: a zero-initialized head, a batch without its
+        # labels).
+        graph = [{id(p) for p, tasks, every in zip(self.params, self._reach, self._by_gradients,
+                                                   strict=True)
+                  if tasks is not None and (every or i in tasks)} for i in range(len(losses))]
         self._specific = [[p for p in self.params if id(p) not in shared_ids and id(p) in r]
-                          for r in reach]
+                          for r in graph]
+        # single[i]: the non-shared parameters of task i alone, which weight_task_specific
+        # weights by w_i.
         single_ids = {id(p) for p, c in zip(self.params, counts, strict=True) if c == 1}
-        self._single = [[p for p in spec if id(p) in single_ids] for spec in self._specific]
+        self._single = [[p for p in self.params if id(p) in single_ids and id(p) in r]
+                        for r in reach]
         specific_ids = {id(p) for spec in self._specific for p in spec}
         self._specific_all = [p for p in self.params if id(p) in specific_ids]
         self._multi = [p for p in self._specific_all if id(p) not in single_ids]

@@ -1172,3 +1172,34 @@ def test_shared_parameters_of_several_dtypes_get_the_weighted_gradient_in_their_
         Gn += 1e-8 * np.diag(np.diag(Gn))
         a = w.numpy()
         assert np.linalg.norm(Gn @ a - 1 / a) / np.linalg.norm(1 / a) < TOL["nash_residual"]
+
+
+@pytest.mark.parametrize("name", ["NashMTL", "PCGrad"])
+def test_a_compiled_task_whose_first_gradient_is_zero_still_adds_its_gradient(name):
+    # Task 1 has no labels in the first batch (a masked loss, still in the graph): its gradient
+    # is exactly zero then, so the trunk was taken as task 0's alone, and task 1's gradient of
+    # it was dropped from every later batch.
+    torch.manual_seed(0)
+    model = _Compilable()
+    compiled = torch.compile(model, backend="aot_eager")
+    bal = getattr(B, name)(model.parameters())
+
+    def losses(seed, labelled):
+        g = torch.Generator().manual_seed(seed)
+        idx, y = torch.randint(0, 10, (16, 3), generator=g), torch.randn(16, generator=g)
+        _, outs = compiled(idx)
+        return [((outs[0] - y) ** 2).mean(), ((outs[1] - y) ** 2 * labelled).mean()]
+
+    with pytest.warns(UserWarning, match="compiled"):
+        bal.backward(losses(0, 0.0))
+    assert not bal.shared  # the first batch's gradients: nothing shared
+    model.zero_grad(set_to_none=True)
+    batch = losses(1, 1.0)
+    want = [sum(torch.autograd.grad(loss, p, retain_graph=True)[0] for loss in batch)
+            for p in model.trunk.parameters()]
+    with _quiet():
+        bal.backward(batch)
+    w = bal.weights.tolist()
+    scale = w[0] if bal.weight_task_specific else 1.0  # a single task's parameter: its weight
+    for p, g in zip(model.trunk.parameters(), want):
+        torch.testing.assert_close(p.grad, scale * g, rtol=1e-5, atol=1e-7)
