@@ -218,7 +218,8 @@ class GradientBalancer:
         # single[i]: the non-shared parameters of task i alone, which weight_task_specific
         # weights by w_i.
         single_ids = {id(p) for p, c in zip(self.params, counts, strict=True) if c == 1}
-        self._single = [[p for p in self.params if id(p) in single_ids and id(p) in r]
+        self._single = [[p for p in self.params
+                         if id(p) in single_ids and id(p) in r and id(p) not in shared_ids]
                         for r in reach]
         specific_ids = {id(p) for spec in self._specific for p in spec}
         self._specific_all = [p for p in self.params if id(p) in specific_ids]

@@ -453,6 +453,19 @@ def test_explicit_shared():
     assert bal.shared == [t.theta]
 
 
+@pytest.mark.parametrize("name", ["NashMTL", "MGDAUB", "IMTLG"])  # they weight task-specific ones
+def test_an_explicitly_shared_parameter_of_one_task_gets_the_combined_gradient_once(name):
+    # b_0 is task 0's alone but named shared: Σ w_i g_i, not also weighted as task 0's own.
+    t = Linear(rand_grads(2, 5, 11))
+    bal = getattr(B, name)(t.params, shared=[t.theta, t.b[0]],
+                           **({"max_norm": 0.0} if name == "NashMTL" else {}))
+    grad, spec = t.run(bal)
+    w = bal.weights
+    torch.testing.assert_close(grad, w @ t.g, rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(spec[0], w[0] * t.c[0], rtol=0, atol=TOL["exact"])
+    torch.testing.assert_close(spec[1], w[1] * t.c[1], rtol=0, atol=TOL["exact"])
+
+
 # -- shared detection on the models --------------------------------------------------------------
 
 def _batch(n=64, seed=0):
