@@ -136,10 +136,8 @@ class GradientBalancer:
         # Per parameter (as in self.params): the tasks whose graph reached it, from the first
         # detection that found it unfrozen and reached (until then it is looked for again).
         self._reach: list[frozenset[int] | None] = [None] * len(self.params)
-        # Per parameter: decided from a compiled graph's task gradients; of those, one that no
-        # task's gradient reached then.
+        # Per parameter: decided from a compiled graph's task gradients.
         self._by_gradients: list[bool] = [False] * len(self.params)
-        self._plain: list[bool] = [False] * len(self.params)
         self._warned_compiled = False
 
     # -- set-up -------------------------------------------------------------------------------
@@ -185,14 +183,10 @@ class GradientBalancer:
                 # One that no task reaches yet (an expert no example was routed to) is decided
                 # by the first call that reaches it, as one that is frozen now.
                 tasks = frozenset(i for i, r in enumerate(reach) if id(p) in r)
-                if compiled:
-                    self._by_gradients[j] = True
-                    if not tasks:
-                        # In the compiled graph but with a zero gradient from every task on
-                        # this batch: not shared; it takes the plain sum.
-                        tasks = frozenset(range(len(losses)))
-                        self._plain[j] = True
-                self._reach[j] = tasks or None
+                # One in a compiled graph is decided now, also with a zero gradient from every
+                # task (no task's alone: it takes the plain sum, see graph below).
+                self._by_gradients[j] = compiled
+                self._reach[j] = tasks if compiled else tasks or None
         reach = [{id(p) for p, tasks in zip(self.params, self._reach, strict=True)
                   if tasks is not None and i in tasks} for i in range(len(losses))]
         counts = [sum(id(p) in r for r in reach) for p in self.params]
@@ -200,8 +194,7 @@ class GradientBalancer:
             shared_ids = {id(p) for p in self._shared_given}
             self.shared = [p for p in self.params if id(p) in shared_ids]
         else:
-            self.shared = [p for p, c, plain in zip(self.params, counts, self._plain, strict=True)
-                           if c >= 2 and not plain]
+            self.shared = [p for p, c in zip(self.params, counts, strict=True) if c >= 2]
             shared_ids = {id(p) for p in self.shared}
         # specific[i]: non-shared parameters whose gradient task i's backward adds; a
         # non-shared parameter reached by several tasks (possible only with an explicit
@@ -1700,8 +1693,7 @@ def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> No
             continue
         g = layout_view(g, p)
         if p.grad is None:
-            p.grad = g.clone(memory_format=torch.preserve_format) if g.dtype == p.dtype \
-                else g.to(p.dtype, memory_format=torch.preserve_format)
+            p.grad = g.to(p.dtype, memory_format=torch.preserve_format, copy=True)
         else:
             p.grad.add_(g)
 

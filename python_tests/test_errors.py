@@ -268,8 +268,33 @@ def test_a_complex_loss_is_named():
 
 # ---- storages shrunk under the tensors ----------------------------------------------------------
 
-_SHRUNK = r"""
+# Both scripts: one step() that must raise, leaving the other parameter q as it was.
+_ATTEMPT = r"""
 import torch, pub_native
+def attempt(name, which, opt, q):
+    q_before = q.detach().clone()
+    try:
+        opt.step()
+        print(name, which, "NO ERROR")
+    except (ValueError, RuntimeError) as e:
+        assert torch.equal(q.detach(), q_before), "the other parameter moved"
+        print(name, which, "RAISED", e)
+"""
+
+
+def _run(script: str) -> list[str]:
+    """The output lines of ``script`` run after _ATTEMPT in a fresh interpreter, which must exit
+    cleanly (a crash fails only this test)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ATTEMPT + script], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"code {proc.returncode}: {proc.stderr[-2000:]}"
+    return proc.stdout.splitlines()
+
+
+_SHRUNK = r"""
 for name in ("Adam", "AdaGrad", "RMSProp"):
     for which in ("param", "grad", "state", "step"):
         torch.manual_seed(0)
@@ -280,13 +305,7 @@ for name in ("Adam", "AdaGrad", "RMSProp"):
         target = {"param": p, "grad": p.grad, "state": list(opt.state[p].values())[-1],
                   "step": opt.state[p]["step"]}[which]
         target.untyped_storage().resize_(0 if which == "step" else 16)
-        q_before = q.detach().clone()
-        try:
-            opt.step()
-            print(name, which, "NO ERROR")
-        except (ValueError, RuntimeError) as e:
-            assert torch.equal(q.detach(), q_before), "the other parameter moved"
-            print(name, which, "RAISED", e)
+        attempt(name, which, opt, q)
 """
 
 
@@ -294,21 +313,14 @@ def test_a_storage_shrunk_under_a_tensor_is_a_clear_error():
     # untyped_storage().resize_ (as FSDP does) leaves a view larger than its storage: the step
     # must name the tensor instead of reading or writing past the storage's end (a crash, or
     # memory corrupted silently). In a subprocess, so that a crash fails only this test.
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", _SHRUNK], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, f"code {proc.returncode}: {proc.stderr[-2000:]}"
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 12, proc.stdout
+    lines = _run(_SHRUNK)
+    assert len(lines) == 12, lines
     for line in lines:
         assert " RAISED " in line and "storage" in line, line
         assert "param_groups[0]['params'][0]" in line, line
 
 
 _SHRUNK_LATER = r"""
-import torch, pub_native
 # After two steps, whose checks the optimizer remembers: the storage freed and taken again at
 # half its size, which the allocator mostly gives back at the same address.
 for name in ("Adam", "AdaGrad", "RMSProp"):
@@ -323,13 +335,7 @@ for name in ("Adam", "AdaGrad", "RMSProp"):
         storage = target.untyped_storage()
         storage.resize_(0)
         storage.resize_(40000)
-        q_before = q.detach().clone()
-        try:
-            opt.step()
-            print(name, which, "NO ERROR")
-        except (ValueError, RuntimeError) as e:
-            assert torch.equal(q.detach(), q_before), "the other parameter moved"
-            print(name, which, "RAISED", e)
+        attempt(name, which, opt, q)
 # The task gradients of the shared parameters, shrunk through a shared .grad (a view of them).
 torch.manual_seed(0)
 trunk = torch.nn.Linear(256, 256)
@@ -363,14 +369,8 @@ def test_a_storage_shrunk_after_steps_the_optimizer_remembers_is_a_clear_error()
     # The checks of a parameter and its state are remembered between steps (by address and
     # view, which a storage freed and taken again smaller may keep): the storage's size is part
     # of what is compared. Shrinking the task-gradient buffer through a shared .grad crashed.
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", _SHRUNK_LATER], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, f"code {proc.returncode}: {proc.stderr[-2000:]}"
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 8, proc.stdout
+    lines = _run(_SHRUNK_LATER)
+    assert len(lines) == 8, lines
     for line in lines[:6]:
         assert " RAISED " in line and "storage" in line, line
         assert "param_groups[0]['params'][0]" in line, line

@@ -607,13 +607,13 @@ class PUBOptimizer(GradientTools, Checkpoints):
 
     def _take_step(self) -> None:
         pending = self._pending
-        if pending and self._grads is not None and not self._grads.intact():
-            raise ValueError(
-                "the task gradients of the shared parameters are gone: the storage of their "
-                "buffer, which the shared parameters' .grad are views of, was shrunk in place "
-                "(untyped_storage().resize_) since backward(losses); call backward(losses) "
-                "again")
         if pending and self._grads is not None and not self._grads.matches():
+            if not self._grads.intact():
+                raise ValueError(
+                    "the task gradients of the shared parameters are gone: the storage of "
+                    "their buffer, which the shared parameters' .grad are views of, was shrunk "
+                    "in place (untyped_storage().resize_) since backward(losses); call "
+                    "backward(losses) again")
             changed = [self._param_name(p) for p, lay in zip(self._grads.params,
                                                              self._grads.layouts)
                        if (p.shape, p.stride(), p.dtype, p.device) != lay]
