@@ -100,6 +100,8 @@ class GradientBalancer:
     weight_task_specific_default = False
     #: Whether the method's weights may be reused on later steps (``update_weights_every``).
     _reusable = False
+    #: The norm the method clips the shared gradient of each call to (0: none).
+    max_norm = 0.0
 
     def __init__(self, params, *, shared=None, weight_task_specific: bool | None = None,
                  update_weights_every: int = 1, process_group="auto"):
@@ -248,19 +250,22 @@ class GradientBalancer:
                        if not bool(torch.isfinite(loss.detach()).all())]
                 if bad:
                     raise FloatingPointError(f"non-finite loss in task(s) {bad}")
-            self._backward_fixed(losses, self.weights)
+            aside = self._set_aside_clipped()
+            try:
+                self._backward_fixed(losses, self.weights)
+            except BaseException:
+                _restore(self.shared, aside)
+                raise
+            self._clip_contribution(aside, scale)
             self.steps += 1
             self.stats["updated"] = False
-            self._finish(scale)
             return
         if not self._grads.matches():
             # A shared parameter changed its shape, dtype, device or memory order since the
             # buffer was laid out (model.to(...), .data = ...): lay it out again.
             self._grads = _task_gradients(self.shared, self.k)
         specific = self._specific_all
-        stash = [p.grad for p in specific]
-        for p in specific:
-            p.grad = None
+        stash = _set_aside(specific)
         try:
             self._grads.compute(losses, [_active(spec) for spec in self._specific])
             if self._dp_group is not None:
@@ -283,25 +288,23 @@ class GradientBalancer:
             self.stats["weights_time"] = elapsed
             self.stats["solve_time"] = elapsed if self._solve_time is None else self._solve_time
         except BaseException:
-            for p, g in zip(specific, stash, strict=True):
-                p.grad = g
+            _restore(specific, stash)
             raise
         if not overflow:
             self.steps += 1
             self.weights = w
         self.stats["updated"] = not overflow
+        aside = self._set_aside_clipped()
         if self._grads.size:
             combined = torch.mv(buf.t(), w.to(device=buf.device, dtype=buf.dtype))
             _accumulate(self.shared, torch.split(combined, self._grads.numels))
+        self._clip_contribution(aside, scale)
         if self.weight_task_specific and not overflow:
             for wi, spec in zip(w.tolist(), self._single, strict=True):
                 for p in spec:
                     if p.grad is not None:
                         p.grad.mul_(wi)
-        for p, g in zip(specific, stash, strict=True):
-            if g is not None:
-                p.grad = g.add_(p.grad) if p.grad is not None else g
-        self._finish(scale)
+        _put_back(specific, stash)
 
     def _undecided(self) -> bool:
         """Whether a parameter that every detection so far found frozen or unreached requires
@@ -351,20 +354,28 @@ class GradientBalancer:
                 if g is not None:
                     new[id(p)] = g
         params = weighted_inputs + plain_inputs
-        stash = [p.grad for p in params]
+        stash = _set_aside(params)
         for p in params:
             p.grad = new.get(id(p))
         average_gradients(params, self._dp_group)
-        for p, g in zip(params, stash, strict=True):
-            if g is not None:
-                p.grad = g.add_(p.grad) if p.grad is not None else g
+        _put_back(params, stash)
 
     def _compute_weights(self, G: np.ndarray, losses: list[torch.Tensor]) -> np.ndarray:
         raise NotImplementedError
 
-    def _finish(self, scale: float) -> None:
-        """Hook after the combined gradient is in ``.grad`` (NashMTL clips it); ``scale``: the
-        GradScaler's scale of the losses (1 without one)."""
+    def _set_aside_clipped(self) -> list | None:
+        """Where the method clips its shared gradient (``max_norm`` > 0: NashMTL, FAMO), the
+        shared parameters' ``.grad`` taken off them, so that the clipping sees this call's
+        gradient alone (as the published code, which clips right after ``zero_grad`` and one
+        backward); None otherwise."""
+        return _set_aside(self.shared) if self.max_norm > 0 and self.shared else None
+
+    def _clip_contribution(self, aside: list | None, scale: float) -> None:
+        """Clip the shared gradient of this call and add back what ``.grad`` held before it;
+        ``scale``: the GradScaler's scale of the losses (1 without one)."""
+        if aside is not None:
+            _clip_unscaled(self.shared, self.max_norm, scale)
+            _put_back(self.shared, aside)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -393,8 +404,10 @@ class NashMTL(GradientBalancer):
     bargaining solution, :func:`pub_native.solve_weights` with ``solver`` and a warm start from
     the previous α, where the published code runs up to 20 cvxpy/ECOS CCP iterations and stops
     at a residual of 1e-3); the losses are weighted: θ.grad += Σ_i α_i g_i and each task's own
-    parameters get α_i ∂L_i/∂p; then, if ``max_norm`` > 0, the shared gradient is clipped,
-    ``torch.nn.utils.clip_grad_norm_(shared, max_norm)``. With ``update_weights_every`` = n,
+    parameters get α_i ∂L_i/∂p; then, if ``max_norm`` > 0, the shared gradient of this call is
+    clipped, ``torch.nn.utils.clip_grad_norm_(shared, max_norm)``, as the published code clips
+    right after ``zero_grad``; what ``.grad`` held before the call is added back unclipped, so
+    that two calls accumulate two clipped gradients. With ``update_weights_every`` = n,
     α is recomputed on steps 1, n + 1, 2n + 1, ... and the steps between do one backward pass
     of Σ α_i L_i (as published).
     """
@@ -431,10 +444,6 @@ class NashMTL(GradientBalancer):
         if np.isfinite(alpha).all():
             self._prev_alpha = alpha
         return alpha
-
-    def _finish(self, scale):
-        if self.max_norm > 0 and self.shared:
-            _clip_unscaled(self.shared, self.max_norm, scale)
 
     def __repr__(self):
         return (f"NashMTL(update_weights_every={self.update_weights_every}, "
@@ -648,9 +657,10 @@ class FAMO(GradientBalancer):
     m_i (``min_losses``, 0 by default) and ε = 1e-8; c = Σ_i z_i / D_i, held constant.
 
     :meth:`backward`: θ.grad += ∇_θ (Σ_i z_i log D_i) / c = Σ_i w_i g_i with
-    w_i = z_i / (c D_i) (so Σ_i w_i = 1), task-specific parameters included; then the
+    w_i = z_i / (c D_i) (so Σ_i w_i = 1), task-specific parameters included; then this call's
     gradient of the shared parameters is clipped to norm ``max_norm`` (1.0, as published; 0 turns
-    it off). Scaling a loss by a constant leaves the direction of this gradient unchanged.
+    it off; what ``.grad`` held before is added back unclipped). Scaling a loss by a constant
+    leaves the direction of this gradient unchanged.
 
     :meth:`update` (after the optimizer step, with the losses L'_i of the *same* batch at the new
     parameters): δ_i = log D_i − log D'_i, the decrease of each log loss; ξ.grad = J_z(ξ)ᵀ δ
@@ -761,14 +771,18 @@ class FAMO(GradientBalancer):
             c = float((z / d).sum())
             w = z / (c * d)
             total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
-            torch.autograd.backward(total, inputs=_active(self.params))
+            aside = self._set_aside_clipped()
+            try:
+                torch.autograd.backward(total, inputs=_active(self.params))
+            except BaseException:
+                _restore(self.shared, aside)
+                raise
         except BaseException:
             with torch.no_grad():
                 self.logits.copy_(saved[0])
             self._logit_opt.load_state_dict(saved[1])
             raise
-        if self.max_norm > 0 and self.shared:
-            _clip_unscaled(self.shared, self.max_norm, scale)
+        self._clip_contribution(aside, scale)
         self.steps += 1
         self._skip_update = False
         self.weights = w
@@ -1667,6 +1681,31 @@ def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) ->
         torch._foreach_mul_(grads, 1.0 / scale)
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         torch._foreach_mul_(grads, scale)
+
+
+def _set_aside(params: list[torch.Tensor]) -> list:
+    """The ``.grad`` of params, taken off them (None left), so that what follows fills them
+    with its own gradient only; _put_back adds them back, _restore puts them back as they
+    were."""
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def _put_back(params: list[torch.Tensor], grads: list) -> None:
+    """p.grad = the set-aside gradient + p.grad, added in place into the set-aside one (as
+    ``loss.backward()`` accumulates into an existing ``.grad``)."""
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            p.grad = g.add_(p.grad) if p.grad is not None else g
+
+
+def _restore(params: list[torch.Tensor], grads: list | None) -> None:
+    """Put set-aside gradients back as they were (after a call that raised)."""
+    if grads is not None:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
 
 
 def _active(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -375,6 +375,31 @@ def test_nashmtl_clips_the_shared_gradient():
     torch.testing.assert_close(grad, unclipped / unclipped.norm(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize(("name", "every"), [("NashMTL", 1), ("NashMTL", 2), ("FAMO", 1)])
+def test_clipping_sees_the_gradient_of_the_call_alone(name, every):
+    # .grad already holding a large gradient (an auxiliary loss, an earlier micro-batch) is
+    # neither clipped nor counted in the norm: each call adds its own clipped gradient, as the
+    # published code clips right after zero_grad() and one backward.
+    def make():
+        t = Linear(10 * rand_grads(2, 4, 6))
+        bal = B.NashMTL(t.params, max_norm=1.0, update_weights_every=every) \
+            if name == "NashMTL" else B.FAMO(t.params, n_tasks=2, max_norm=1.0)
+        return t, bal
+
+    fresh, bal = make()
+    alone = [fresh.run(bal)[0]]
+    fresh.theta.grad = None
+    alone.append(fresh.run(bal)[0])  # a reuse step where every = 2
+    assert float(alone[0].norm()) == pytest.approx(1.0, rel=1e-6)  # torch's clip: ε = 1e-6
+    t, bal = make()
+    held = 100 * torch.arange(1.0, 5.0, dtype=torch.float64)
+    t.theta.grad = held.clone()
+    for call in range(2):
+        grad, _ = t.run(bal)
+        torch.testing.assert_close(grad, held + sum(alone[:call + 1]), rtol=1e-12, atol=1e-12)
+    assert bal.steps == 2 and bal.stats["updated"] is (every == 1)
+
+
 def test_nashmtl_update_weights_every_reuses_weights():
     t = Linear(rand_grads(2, 4, 8))
     bal = B.NashMTL(t.params, max_norm=0.0, update_weights_every=2)
