@@ -67,6 +67,23 @@ __all__ = [
 ]
 
 
+def _unchanged_if_it_raises(backward):
+    """A call that raises leaves the balancer as it was (SPEC section 7): what a first call
+    decides (K, the shared parameters, the split of the heads), the step count, the weights and
+    the statistics; the call may be made again (with other losses: another number of tasks)."""
+    @functools.wraps(backward)
+    def call(self, *args, **kwargs):
+        saved = {name: copy.copy(value) if isinstance(value, (list, dict)) else value
+                 for name, value in vars(self).items()}
+        try:
+            return backward(self, *args, **kwargs)
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
+    return call
+
+
 class GradientBalancer:
     """Base class: per-task gradients of the shared parameters -> one gradient in ``.grad``.
 
@@ -223,6 +240,7 @@ class GradientBalancer:
 
     # -- the step -----------------------------------------------------------------------------
 
+    @_unchanged_if_it_raises
     def backward(self, losses, *, scaler=None) -> None:
         """Per-task gradients -> weights -> combined gradient in ``.grad`` (accumulated).
 
@@ -384,6 +402,7 @@ class GradientBalancer:
 class LS(GradientBalancer):
     """Linear scalarization: the gradient of Σ_i L_i, w = 1 (one ordinary backward pass)."""
 
+    @_unchanged_if_it_raises
     def backward(self, losses, *, scaler=None) -> None:
         """``.grad`` += the gradient of Σ_i L_i. ``scaler`` (a ``torch.amp.GradScaler``) is
         taken as the other balancers take it and changes nothing: an overflow gives the
@@ -625,6 +644,7 @@ class Uncertainty(GradientBalancer):
         """The balancer's own trainable tensors (``[log_vars]``), for the optimizer."""
         return [self.log_vars]
 
+    @_unchanged_if_it_raises
     def backward(self, losses, *, scaler=None) -> None:
         """``.grad`` += ∂L/∂θ, ``log_vars.grad`` += ∂L/∂s. ``scaler``: the
         ``torch.amp.GradScaler`` that scaled ``losses``, if any: the s_i terms of L are scaled
@@ -739,6 +759,7 @@ class FAMO(GradientBalancer):
         self.logits.grad = grad
         self._logit_opt.step()
 
+    @_unchanged_if_it_raises
     def backward(self, losses, *, scaler=None) -> None:
         """The weighted losses' gradient into ``.grad``. ``scaler``: the
         ``torch.amp.GradScaler`` that scaled ``losses``, if any: FAMO then reads the unscaled
@@ -948,6 +969,7 @@ class MultiBalance(GradientBalancer):
         placed = behind.union(*reach)
         self._unsplit = [not p.requires_grad or id(p) not in placed for p in self.params]
 
+    @_unchanged_if_it_raises
     def backward(self, losses, representation=None, *, scaler=None) -> None:
         """Head passes -> Gram -> weights -> head gradients and one trunk pass (see above).
 
@@ -960,7 +982,6 @@ class MultiBalance(GradientBalancer):
         # as a plain backward.
         raw, items = losses, as_loss_list(losses, self.k)
         reps = _representation_list(representation)
-        k_before = self.k
         split_now = self.heads is None or any(
             p.requires_grad and later for p, later in zip(self.params, self._unsplit, strict=True))
         if split_now:
@@ -978,9 +999,6 @@ class MultiBalance(GradientBalancer):
                 rows[t][i] = grads[t]
             head.append(grads[m:])
         if all(r is None for per_rep in rows for r in per_rep):
-            if split_now:  # a split made from the wrong tensor: the next call makes its own
-                self.k = k_before  # nor does a call that failed decide the number of tasks
-                self.heads = self.trunk = None
             if compiled_graph(task_roots(raw, items)):
                 raise ValueError(
                     "no task loss depends on representation in the autograd graph: the losses "

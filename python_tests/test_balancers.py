@@ -759,6 +759,32 @@ def _make(name, params):
     return cls(params, 2) if name in ("uncertainty", "famo") else cls(params)
 
 
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_a_first_call_that_raises_decides_nothing(name):
+    # SPEC section 7: it fixed K, the shared parameters and the step count (LS), so that the
+    # next call, with another number of tasks, raised; now it is made again from scratch and
+    # gives what a balancer that never saw the failed call gives.
+    model, twin = _Heads(), _Heads()
+    bal, ref = _make(name, list(model.parameters())), _make(name, list(twin.parameters()))
+    z = torch.tanh(model.trunk(model.x))
+    losses = [((h(z).squeeze(1) - model.y[:, i]) ** 2).mean()
+              for i, h in enumerate(model.heads)]
+    if name not in ("uncertainty", "famo"):  # built for K = 2
+        losses.append(losses[0] * losses[1])
+    sum(losses).backward()  # the graph is freed: the balancer's backward raises
+    for p in model.parameters():
+        p.grad = None
+    with pytest.raises(RuntimeError):
+        bal.backward(losses, z) if name == "multibalance" else bal.backward(losses)
+    assert bal.k == ref.k and bal.steps == 0 and bal.weights is None and bal.stats == {}
+    assert getattr(bal, "shared", None) is None
+    model.run(bal)
+    twin.run(ref)
+    torch.testing.assert_close(bal.weights, ref.weights, rtol=0, atol=0)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
 def _twins_after_one_call(name, frozen, frozen_first):
     """Two models and balancers (of ``name``), the parameters named in ``frozen`` frozen
     before the balancer is built where ``frozen_first`` says so, after one call each."""
