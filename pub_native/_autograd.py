@@ -403,7 +403,9 @@ class TaskGradients:
         # autograd may hand one tensor to two parameters (w = a + b gives a and b the same
         # gradient object), or views of one buffer: .grad must own its memory, since later
         # tasks and later backward calls accumulate into it in place. A gradient is taken as it
-        # is only when no other parameter got memory of the same storage in this call.
+        # is only when no other parameter got memory of the same storage in this call, and no
+        # tensor hook of the parameter saw it (a hook may keep it: torch's AccumulateGrad, too,
+        # copies a gradient that something else holds).
         handed_out: set[int] = set()
         last = max((i for i, loss in enumerate(losses) if loss is not None), default=-1)
         for i, loss in enumerate(losses):
@@ -443,7 +445,7 @@ class TaskGradients:
                     storage = g.untyped_storage().data_ptr() if g.layout == torch.strided \
                         else None
                     owned = (storage is not None and storage not in handed_out
-                             and same_layout(g, p))
+                             and same_layout(g, p) and not getattr(p, "_backward_hooks", None))
                     p.grad = g if owned else _grad_like(g, p)
                     handed_out.add(storage)
                 else:

@@ -1059,15 +1059,10 @@ class MultiBalance(GradientBalancer):
             self._trunk_backward(reps, rows, wl)
 
     def _trunk_backward(self, reps, rows, wl) -> None:
-        """One backward from z with Σ_i w_i r_i. The sum is formed in place in a gradient that
-        autograd handed back, unless its storage is shared with another one (autograd may hand
-        one tensor to two inputs): the representation gradients are the large tensors."""
-        storages: dict[int, int] = {}
-        for per_rep in rows:
-            for r in per_rep:
-                if r is not None:
-                    ptr = r.untyped_storage().data_ptr()
-                    storages[ptr] = storages.get(ptr, 0) + 1
+        """One backward from z with Σ_i w_i r_i, summed in a tensor of its own: the r_i that
+        autograd handed back may be held elsewhere (a tensor hook on z or on a tensor the
+        heads compute from it may keep it; autograd may hand one tensor to two inputs), so
+        none is written to."""
         tensors, grads = [], []
         for z, per_rep in zip(reps, rows, strict=True):
             combined = None
@@ -1076,8 +1071,6 @@ class MultiBalance(GradientBalancer):
                     continue
                 if combined is not None:
                     combined.add_(r, alpha=wi)
-                elif storages[r.untyped_storage().data_ptr()] == 1 and r._base is None:
-                    combined = r.mul_(wi)
                 else:
                     combined = r * wi
             if combined is not None:

@@ -785,6 +785,35 @@ def test_a_first_call_that_raises_decides_nothing(name):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_gradients_a_tensor_hook_kept_are_never_written_to(name):
+    # As with loss.backward(): a hook that keeps the gradient it was given (gradient logging)
+    # finds it unchanged after the call and after a second one that accumulates. The
+    # balancers took a task-specific parameter's gradient as its .grad and scaled it or
+    # accumulated into it in place, and MultiBalance scaled ∂L_i/∂z in place.
+    model = _Heads()
+    bal = _make(name, list(model.parameters()))
+    kept = []
+
+    def keep(g):
+        kept.append((g, g.clone()))
+
+    model.heads[0].weight.register_hook(keep)
+    model.trunk.weight.register_hook(keep)
+    run = model.run
+    if name == "multibalance":
+        def run(bal):
+            z = torch.tanh(model.trunk(model.x))
+            z.register_hook(keep)
+            bal.backward([((h(z).squeeze(1) - model.y[:, i]) ** 2).mean() * 10.0 ** i
+                          for i, h in enumerate(model.heads)], z)
+    run(bal)
+    run(bal)
+    assert kept
+    for g, seen in kept:
+        assert torch.equal(g, seen)
+
+
 def _twins_after_one_call(name, frozen, frozen_first):
     """Two models and balancers (of ``name``), the parameters named in ``frozen`` frozen
     before the balancer is built where ``frozen_first`` says so, after one call each."""
