@@ -384,8 +384,9 @@ class TaskGradients:
 
     def compute(self, losses: list[torch.Tensor], specific: list[list[torch.Tensor]],
                 retain_graph: bool = False, accumulate: bool = False, scale: float = 1.0,
-                on_task=None) -> None:
+                on_task=None) -> int:
         """Fill the buffer with each task's shared gradients; accumulate task-specific gradients.
+        Returns how many gradients autograd gave (0: no loss reached any of the tensors).
 
         ``specific[i]`` are the non-shared parameters whose gradient from task i is added to
         ``.grad`` as ``loss.backward()`` would (unreached ones are skipped at no cost). With
@@ -407,6 +408,7 @@ class TaskGradients:
         # tensor hook of the parameter saw it (a hook may keep it: torch's AccumulateGrad, too,
         # copies a gradient that something else holds).
         handed_out: set[int] = set()
+        received = 0
         last = max((i for i, loss in enumerate(losses) if loss is not None), default=-1)
         for i, loss in enumerate(losses):
             inputs = shared + specific[i]
@@ -417,6 +419,7 @@ class TaskGradients:
             grads = torch.autograd.grad(
                 loss, inputs, retain_graph=retain_graph or i < last, allow_unused=True
             )
+            received += sum(g is not None for g in grads)
             row = self.views(i)
             for j, g in zip(active, grads[:len(shared)]):
                 view = row[j]
@@ -450,6 +453,7 @@ class TaskGradients:
                     handed_out.add(storage)
                 else:
                     p.grad.add_(g)
+        return received
 
 
 def _grad_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -237,6 +237,18 @@ class GradientBalancer:
         self._specific_all = [p for p in self.params if id(p) in specific_ids]
         self._multi = [p for p in self._specific_all if id(p) not in single_ids]
         self.k = len(losses)
+        if not any(tasks for p, tasks in zip(self.params, self._reach, strict=True)
+                   if p.requires_grad):
+            raise ValueError(_NOTHING_REACHED)
+
+    def _check_reached(self, raw_losses, losses: list[torch.Tensor]) -> None:
+        """On the first call of a balancer that takes one backward pass (LS, Uncertainty,
+        FAMO), which would otherwise leave ``.grad`` empty without a word: some loss must reach
+        some parameter in ``params``."""
+        reached = set().union(*(reached_parameters(root)
+                                for root in task_roots(raw_losses, losses)))
+        if not any(id(p) in reached for p in _active(self.params)):
+            raise ValueError(_NOTHING_REACHED)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -285,7 +297,10 @@ class GradientBalancer:
         specific = self._specific_all
         stash = _set_aside(specific)
         try:
-            self._grads.compute(losses, [_active(spec) for spec in self._specific])
+            specific_now = [_active(spec) for spec in self._specific]
+            received = self._grads.compute(losses, specific_now)
+            if not received and (_active(self.shared) or any(specific_now)):
+                raise ValueError(_NOTHING_REACHED)
             if self._dp_group is not None:
                 self._average_task_gradients()
             buf = self._grads.buffer
@@ -407,7 +422,9 @@ class LS(GradientBalancer):
         """``.grad`` += the gradient of Σ_i L_i. ``scaler`` (a ``torch.amp.GradScaler``) is
         taken as the other balancers take it and changes nothing: an overflow gives the
         non-finite sum that ``scaler.step`` skips."""
-        losses = as_loss_list(losses, self.k)
+        raw, losses = losses, as_loss_list(losses, self.k)
+        if self.k is None:
+            self._check_reached(raw, losses)
         self.k = len(losses)
         self.steps += 1
         torch.autograd.backward(sum(losses), inputs=_active(self.params))
@@ -650,7 +667,9 @@ class Uncertainty(GradientBalancer):
         ``torch.amp.GradScaler`` that scaled ``losses``, if any: the s_i terms of L are scaled
         by the same factor, so that every gradient, ``log_vars``' included, is the scaled one
         that ``scaler.unscale_`` and ``scaler.step`` expect."""
-        losses = as_loss_list(losses, self.k)
+        raw, losses = losses, as_loss_list(losses, self.k)
+        if self.steps == 0:
+            self._check_reached(raw, losses)
         self.steps += 1
         s = self.log_vars
         loss_vec = torch.stack(losses).to(s.dtype)
@@ -769,6 +788,8 @@ class FAMO(GradientBalancer):
         raw, items = losses, as_loss_list(losses, self.k)
         if self.max_norm > 0 and (self.shared is None or self._undecided()):
             self._detect(raw, items)
+        elif self.steps == 0:
+            self._check_reached(raw, items)
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         if scaler is not None and not all(bool(torch.isfinite(loss.detach()).all())
                                           for loss in items):
@@ -968,6 +989,8 @@ class MultiBalance(GradientBalancer):
         # example was routed to): split again once one of them requires grad and is reached.
         placed = behind.union(*reach)
         self._unsplit = [not p.requires_grad or id(p) not in placed for p in self.params]
+        if all(self._unsplit):
+            raise ValueError(_NOTHING_REACHED)
 
     @_unchanged_if_it_raises
     def backward(self, losses, representation=None, *, scaler=None) -> None:
@@ -1748,6 +1771,12 @@ def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> No
             p.grad.add_(g)
 
 
+_NOTHING_REACHED = (
+    "no task loss reaches any tensor in params that requires grad: give the balancer the "
+    "parameters the losses are computed from (a balancer built on a model that was since "
+    "copied or reloaded holds the old one's tensors: build it again on the new model)")
+
+
 def _param_list(params, name: str) -> list[torch.Tensor]:
     if isinstance(params, torch.Tensor):
         params = [params]
@@ -1759,6 +1788,11 @@ def _param_list(params, name: str) -> list[torch.Tensor]:
         for p in group:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{name} must hold tensors, got {type(p).__name__}")
+            if not p.is_leaf:
+                raise ValueError(
+                    f"{name} holds a tensor (shape {tuple(p.shape)}) that is not a leaf: it is "
+                    "computed from other tensors and gets no .grad; give the parameters it is "
+                    "computed from")
             if id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)

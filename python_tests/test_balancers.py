@@ -814,6 +814,37 @@ def test_gradients_a_tensor_hook_kept_are_never_written_to(name):
         assert torch.equal(g, seen)
 
 
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_a_balancer_of_tensors_no_loss_reaches_says_so(name):
+    # Built on another copy of the model (or one restored with torch.load, which copies the
+    # tensors it holds), a balancer left .grad empty on every call without a word.
+    model, copied = _Heads(), _Heads()
+    bal = _make(name, list(copied.parameters()))
+    with pytest.raises(ValueError, match="no task loss reaches any tensor in params"):
+        model.run(bal)
+    assert all(p.grad is None for p in [*model.parameters(), *copied.parameters()])
+    assert bal.steps == 0 and bal.weights is None
+
+
+@pytest.mark.parametrize("name", ["nashmtl", "pcgrad"])
+def test_a_balancer_that_ran_and_is_then_given_losses_of_another_model_says_so(name):
+    model = _Heads()
+    bal = _make(name, list(model.parameters()))
+    model.run(bal)
+    steps, weights = bal.steps, bal.weights
+    with pytest.raises(ValueError, match="no task loss reaches any tensor in params"):
+        _Heads().run(bal)
+    assert bal.steps == steps and torch.equal(bal.weights, weights)
+
+
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_a_tensor_computed_from_parameters_is_refused_as_a_parameter(name):
+    # As torch.optim refuses it: it is not a leaf, so it never gets a .grad.
+    w = torch.randn(3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="not a leaf"):
+        _make(name, [w * 2.0, torch.zeros(3, requires_grad=True)])
+
+
 def _twins_after_one_call(name, frozen, frozen_first):
     """Two models and balancers (of ``name``), the parameters named in ``frozen`` frozen
     before the balancer is built where ``frozen_first`` says so, after one call each."""
