@@ -384,7 +384,7 @@ class TaskGradients:
 
     def compute(self, losses: list[torch.Tensor], specific: list[list[torch.Tensor]],
                 retain_graph: bool = False, accumulate: bool = False, scale: float = 1.0,
-                on_task=None) -> int:
+                on_task=None, surprise: list[set[int]] | None = None) -> int:
         """Fill the buffer with each task's shared gradients; accumulate task-specific gradients.
         Returns how many gradients autograd gave (0: no loss reached any of the tensors).
 
@@ -394,7 +394,9 @@ class TaskGradients:
         Shared parameters that do not require grad (frozen) are not differentiated; their rows
         hold zeros. ``scale`` multiplies the shared gradients as they are stored (1/N under data
         parallelism); ``on_task(i)`` is called as soon as row i is complete (to start its
-        reduction while the next task's backward runs).
+        reduction while the next task's backward runs). ``surprise[i]``: ids of task-specific
+        parameters that task i is not expected to reach; ``self.surprises`` receives the pairs
+        (i, parameter) of those it gave a gradient to.
         """
         active = [j for j, p in enumerate(self.params) if p.requires_grad]
         shared = [self.params[j] for j in active]
@@ -409,6 +411,7 @@ class TaskGradients:
         # copies a gradient that something else holds).
         handed_out: set[int] = set()
         received = 0
+        self.surprises: list[tuple[int, torch.Tensor]] = []
         last = max((i for i, loss in enumerate(losses) if loss is not None), default=-1)
         for i, loss in enumerate(losses):
             inputs = shared + specific[i]
@@ -444,6 +447,8 @@ class TaskGradients:
             for p, g in zip(specific[i], grads[len(shared):]):
                 if g is None:
                     continue
+                if surprise is not None and id(p) in surprise[i]:
+                    self.surprises.append((i, p))
                 if p.grad is None:
                     storage = g.untyped_storage().data_ptr() if g.layout == torch.strided \
                         else None

@@ -158,6 +158,7 @@ class GradientBalancer:
         # Per parameter: decided from a compiled graph's task gradients.
         self._by_gradients: list[bool] = [False] * len(self.params)
         self._warned_compiled = False
+        self._warned_surprise: set[int] = set()
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -215,18 +216,22 @@ class GradientBalancer:
         else:
             self.shared = [p for p, c in zip(self.params, counts, strict=True) if c >= 2]
             shared_ids = {id(p) for p in self.shared}
-        # specific[i]: non-shared parameters whose gradient task i's backward adds; a
-        # non-shared parameter reached by several tasks (possible only with an explicit
-        # ``shared``) gets the plain sum. A parameter decided from a compiled graph's gradients
-        # is in every task's graph: every task adds its gradient (exact zeros where it does not
-        # use it), so that none is dropped where the first batch's gradients misjudged it (a
-        # task whose gradient was zero then: a zero-initialized head, a batch without its
-        # labels).
-        graph = [{id(p) for p, tasks, every in zip(self.params, self._reach, self._by_gradients,
-                                                   strict=True)
-                  if tasks is not None and (every or i in tasks)} for i in range(len(losses))]
-        self._specific = [[p for p in self.params if id(p) not in shared_ids and id(p) in r]
-                          for r in graph]
+        # specific[i]: the non-shared parameters whose gradient task i's backward adds: every
+        # decided one, for every task (autograd skips those a task does not reach at no cost),
+        # as the PUB optimizers do, so that none is dropped where the first call misjudged it:
+        # a task that reaches it only later (data-dependent routing, a head used by another
+        # task from some step on), or, in a compiled graph, a task whose gradient was zero on
+        # the first batch (a zero-initialized head, a batch without its labels). A non-shared
+        # parameter reached by several tasks gets the plain sum of their gradients.
+        decided = [p for p, tasks in zip(self.params, self._reach, strict=True)
+                   if tasks is not None and id(p) not in shared_ids]
+        self._specific = [decided] * len(losses)
+        # surprise[i]: those that task i was not found to reach by a walk of the graph, whose
+        # gradient from task i (not balanced) is worth a warning.
+        self._surprise = [{id(p) for p, tasks, by_grad in zip(self.params, self._reach,
+                                                              self._by_gradients, strict=True)
+                           if tasks is not None and not by_grad and i not in tasks
+                           and id(p) not in shared_ids} for i in range(len(losses))]
         # single[i]: the non-shared parameters of task i alone, which weight_task_specific
         # weights by w_i.
         single_ids = {id(p) for p, c in zip(self.params, counts, strict=True) if c == 1}
@@ -240,6 +245,23 @@ class GradientBalancer:
         if not any(tasks for p, tasks in zip(self.params, self._reach, strict=True)
                    if p.requires_grad):
             raise ValueError(_NOTHING_REACHED)
+
+    def _warn_surprises(self) -> None:
+        """Warn once per parameter that a task the first call did not find reaching it gave a
+        gradient to (see ``_surprise`` in _detect)."""
+        for i, p in self._grads.surprises:
+            j = next(j for j, q in enumerate(self.params) if q is p)
+            if j in self._warned_surprise:
+                continue
+            self._warned_surprise.add(j)
+            first = sorted(self._reach[j])
+            warnings.warn(
+                f"params[{j}] (shape {tuple(p.shape)}) was found to be reached by task(s) "
+                f"{first} alone when the balancer first saw it, but task {i} gives it a "
+                "gradient now: it is not balanced (it gets the sum of the tasks' gradients, "
+                "times the first task's weight where the method weights task-specific "
+                "parameters). Pass shared= (the parameters two or more tasks use) to balance it.",
+                stacklevel=4)
 
     def _check_reached(self, raw_losses, losses: list[torch.Tensor]) -> None:
         """On the first call of a balancer that takes one backward pass (LS, Uncertainty,
@@ -298,9 +320,13 @@ class GradientBalancer:
         stash = _set_aside(specific)
         try:
             specific_now = [_active(spec) for spec in self._specific]
-            received = self._grads.compute(losses, specific_now)
+            # A 1-D tensor of losses: autograd gives every task a gradient (zeros) for what the
+            # other tasks reach through the stack, so no gradient there is a surprise.
+            surprise = None if isinstance(raw, torch.Tensor) else self._surprise
+            received = self._grads.compute(losses, specific_now, surprise=surprise)
             if not received and (_active(self.shared) or any(specific_now)):
                 raise ValueError(_NOTHING_REACHED)
+            self._warn_surprises()
             if self._dp_group is not None:
                 self._average_task_gradients()
             buf = self._grads.buffer

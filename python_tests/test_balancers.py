@@ -845,6 +845,43 @@ def test_a_tensor_computed_from_parameters_is_refused_as_a_parameter(name):
         _make(name, [w * 2.0, torch.zeros(3, requires_grad=True)])
 
 
+@pytest.mark.parametrize("name", ["pcgrad", "imtl-g", "nashmtl"])
+def test_a_task_that_reaches_a_parameter_of_another_only_later_adds_its_gradient(name):
+    # Data-dependent routing: the first call found the expert reached by task 0 alone; when
+    # task 1 reaches it too, its gradient was dropped. Now it is added (not balanced, with a
+    # warning that says how to balance it), as the PUB optimizers and compiled models do.
+    torch.manual_seed(0)
+    trunk, expert = torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 4).double()
+    heads = [torch.nn.Linear(4, 1).double() for _ in range(2)]
+    params = [*trunk.parameters(), *expert.parameters(), *heads[0].parameters(),
+              *heads[1].parameters()]
+    x = torch.randn(8, 4, dtype=torch.float64)
+
+    def losses(routed):
+        z = torch.tanh(trunk(x))
+        return [heads[0](expert(z)).pow(2).mean(),
+                heads[1](expert(z) if routed else z).pow(2).mean()]
+
+    bal = B.BALANCERS[name](params, max_norm=0.0) if name == "nashmtl" else \
+        B.BALANCERS[name](params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bal.backward(losses(False))
+    for p in params:
+        p.grad = None
+    with pytest.warns(UserWarning, match=r"task\(s\) \[0\] alone .* task 1 gives it"):
+        bal.backward(losses(True))
+    g = [torch.autograd.grad(loss, expert.weight)[0] for loss in losses(True)]
+    scale = float(bal.weights[0]) if bal.weight_task_specific else 1.0
+    torch.testing.assert_close(expert.weight.grad, scale * (g[0] + g[1]), rtol=1e-12,
+                               atol=1e-14)
+    for p in params:
+        p.grad = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per parameter
+        bal.backward(losses(True))
+
+
 def _twins_after_one_call(name, frozen, frozen_first):
     """Two models and balancers (of ``name``), the parameters named in ``frozen`` frozen
     before the balancer is built where ``frozen_first`` says so, after one call each."""
