@@ -8,6 +8,8 @@ class owns.
 
 from __future__ import annotations
 
+import numbers
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,15 @@ from ._compile import register as register_for_compile
 from ._plan import state_dtype
 
 __all__ = ["Checkpoints"]
+
+
+def _read_by_step(name, known: set) -> bool:
+    """Whether a parameter's state entry ``name`` is one the step reads; ``known``: "step" and
+    the rule's names under the group's options (AdaTask reads them as ``task_`` entries)."""
+    if not isinstance(name, str):
+        return False
+    base = name.removeprefix("task_")
+    return base in known and not (base == "step" and name != base)
 
 
 class Checkpoints:
@@ -43,6 +54,8 @@ class Checkpoints:
             "grad_views": self._grad_views,
             "present": self._present,
             "pending": self._pending,
+            "unfit_pending": self._unfit_pending,
+            "shared": self._shared,
             "t": self._t,
             "solved": self._solved,
             "weights": weights,
@@ -66,10 +79,12 @@ class Checkpoints:
         self._decided = {id(p): d for p, d in zip(params, pub["decided"]) if d is not None}
         self._k = pub["k"]
         self._grads = pub["grads"]
-        self._shared = None if self._grads is None else list(self._grads.params)
+        self._shared = pub.get("shared", None if self._grads is None else
+                               list(self._grads.params))
         self._grad_views = pub["grad_views"]
         self._present = pub["present"]
         self._pending = pub["pending"]
+        self._unfit_pending = pub.get("unfit_pending", False)
         self._t = pub["t"]
         self._solved = pub["solved"]
         self._seed_weights = pub["weights"]
@@ -148,56 +163,82 @@ class Checkpoints:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer (or of its torch base class).
 
-        Raises ValueError, leaving the optimizer unchanged, when the number of tasks, the UMM,
-        the shared parameters (where this optimizer was given ``shared``) or any state tensor's
-        shape does not match. State of 16-bit parameters stays float32.
+        As torch's ``load_state_dict``: the load-state-dict pre-hooks see (and may replace) the
+        whole dict, ``"pub"`` included, what they leave is checked and loaded, and the post-hooks
+        run once everything is restored. Raises ValueError or TypeError, leaving the optimizer
+        unchanged, when the ``"pub"`` entry is malformed (a type, or a value such as non-finite
+        or negative task weights) or the number of tasks, the UMM, the shared parameters (where
+        this optimizer was given ``shared``) or a state tensor's shape does not match; a load
+        that torch's part refuses leaves it unchanged too. State of 16-bit parameters stays
+        float32; state entries that the step does not read are kept as torch keeps them.
+
+        Task gradients of a ``backward(losses)`` not yet stepped are kept, as torch keeps
+        ``.grad``, where the loaded state dict balances the same parameters; otherwise the next
+        ``step()`` raises (``zero_grad()`` and ``backward(losses)`` again start over).
         """
-        pub = state_dict.get("pub")
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        loaded = self._check_loaded(state_dict)
+        # Loading replaces the optimizer's attributes (torch's part builds new state and
+        # groups; _reset_pub new PUB attributes) and changes none in place: what was there
+        # before is put back if any part raises, e.g. torch's own __setstate__ on a per-parameter
+        # 'step' it cannot read.
+        before = dict(self.__dict__)
+        try:
+            self._load_checked(state_dict, loaded)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_loaded(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Everything a state dict is checked for before any of it is loaded: its ``"pub"``
+        entry (``_checked_pub``) and the state tensors that the step reads. Returns what the
+        load needs of it."""
         params = self._all_params()
+        pub = self._checked_pub(state_dict.get("pub"), params)
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        k = None
-        shared_idx: list[int] | None = None
-        if pub is not None:
-            k = pub.get("num_tasks")
-            if self._k is not None and k is not None and k != self._k:
-                raise ValueError(
-                    f"loaded state dict is for K = {k} tasks, this optimizer uses K = {self._k}")
-            if pub.get("umm") != self.options.umm:
-                raise ValueError(
-                    f"loaded state dict was saved with umm={pub.get('umm')!r}, this optimizer "
-                    f"uses umm={self.options.umm!r}")
-            if pub.get("shared") is not None:
-                shared_idx = sorted(set(pub["shared"]))
-                if any(not 0 <= i < len(params) for i in shared_idx):
-                    raise ValueError("loaded state dict names shared parameters out of range")
-                if self._explicit_shared is not None:
-                    self._check_explicit_shared(params, shared_idx)
-            for name in ("task_weights", "warm_start"):
-                v = pub.get(name)
-                if v is not None and (k is None or tuple(v.shape) != (k,)):
-                    raise ValueError(
-                        f"loaded PUB {name} has shape {tuple(v.shape)}, expected ({k},)")
-        id_map = {}
+        id_map, known = {}, {}
         for g_saved, g in zip(saved_groups, self.param_groups):
             if len(g_saved["params"]) != len(g["params"]):
                 raise ValueError(
                     "loaded state dict contains a parameter group that doesn't match the size "
                     "of optimizer's group")
             id_map.update(zip(g_saved["params"], g["params"]))
+            # The entries the step reads under the loaded group's options (which replace the
+            # group's; torch fills in the options a saved group lacks).
+            names = {"step", *self._state_names({**g, **g_saved})}
+            known.update((id(p), names) for p in g["params"])
         index = {id(p): i for i, p in enumerate(params)}
-        shared_set = set(shared_idx or ())
+        k = None if pub is None else pub["k"]
+        shared_set = set((pub or {}).get("shared") or ())
         for key, st in state_dict.get("state", {}).items():
             p = id_map.get(key)
             if p is None:
                 continue
             for name, v in st.items():
+                if not _read_by_step(name, known[id(p)]):
+                    continue  # kept as torch keeps it
                 if isinstance(v, torch.Tensor) and v.is_meta:
                     raise TypeError(f"loaded state {name!r} of {self._param_name(p)} is a meta "
                                     "tensor: it holds no values")
-                if name == "step" or not isinstance(v, torch.Tensor):
+                if name == "step":
+                    if not isinstance(v, (torch.Tensor, numbers.Real)):
+                        raise TypeError(
+                            f"loaded state 'step' of {self._param_name(p)} is {v!r} "
+                            f"({type(v).__name__}), expected a number or a tensor")
                     continue
+                if not isinstance(v, torch.Tensor):
+                    raise TypeError(
+                        f"loaded state {name!r} of {self._param_name(p)} is of type "
+                        f"{type(v).__name__}, expected a tensor")
                 expect = tuple(p.shape)
                 if name.startswith("task_"):
                     if index[id(p)] not in shared_set or k is None:
@@ -207,44 +248,153 @@ class Checkpoints:
                     raise ValueError(
                         f"loaded state {name!r} of {self._param_name(p)} has shape "
                         f"{tuple(v.shape)}, expected {expect}")
-        super().load_state_dict({k_: v for k_, v in state_dict.items() if k_ != "pub"})
+        return {"pub": pub, "id_map": id_map, "known": known}
+
+    def _checked_pub(self, pub, params: list) -> dict[str, Any] | None:
+        """The ``"pub"`` entry of a loaded state dict, checked whole (types and values) against
+        this optimizer; None where there is none (a state dict of torch's optimizer)."""
+        if pub is None:
+            return None
+        if not isinstance(pub, dict):
+            raise TypeError(f"loaded state dict's 'pub' entry is of type {type(pub).__name__}, "
+                            "expected a dict")
+
+        def count(name: str, default=None, least: int = 0):
+            v = pub.get(name, default)
+            if v is None and default is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"loaded pub[{name!r}] is {v!r} ({type(v).__name__}), expected "
+                                "an int")
+            if v < least:
+                raise ValueError(f"loaded pub[{name!r}] is {v}, expected at least {least}")
+            return int(v)
+
+        def indices(name: str) -> list[int] | None:
+            v = pub.get(name)
+            if v is None:
+                return None
+            if not isinstance(v, (list, tuple)):
+                raise TypeError(f"loaded pub[{name!r}] is of type {type(v).__name__}, expected "
+                                "a list of parameter indices")
+            for i in v:
+                if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                    raise TypeError(f"loaded pub[{name!r}] holds {i!r} ({type(i).__name__}), "
+                                    "expected parameter indices (ints)")
+                if not 0 <= i < len(params):
+                    raise ValueError(f"loaded pub[{name!r}] names parameter {i}, out of range "
+                                     f"for this optimizer's {len(params)} parameters")
+            return sorted(set(int(i) for i in v))
+
+        k = count("num_tasks", least=1)
+        if self._k is not None and k is not None and k != self._k:
+            raise ValueError(
+                f"loaded state dict is for K = {k} tasks, this optimizer uses K = {self._k}")
+        if pub.get("umm") != self.options.umm:
+            raise ValueError(
+                f"loaded state dict was saved with umm={pub.get('umm')!r}, this optimizer "
+                f"uses umm={self.options.umm!r}")
+        step = count("step", default=0)
+        shared = indices("shared")
+        if shared is not None and self._explicit_shared is not None:
+            self._check_explicit_shared(params, shared)
+        undecided = indices("undecided") or []
+        weights = []
+        for name in ("task_weights", "warm_start"):
+            v = pub.get(name)
+            if v is None:
+                weights.append(None)
+                continue
+            if not isinstance(v, torch.Tensor) or v.is_meta or v.is_complex() \
+                    or v.dtype == torch.bool:
+                what = (f"a {v.dtype} tensor" if not v.is_meta else "a meta tensor") \
+                    if isinstance(v, torch.Tensor) else f"of type {type(v).__name__}"
+                raise TypeError(f"loaded pub[{name!r}] is {what}, expected a real tensor of "
+                                "shape (K,)")
+            if k is None or tuple(v.shape) != (k,):
+                raise ValueError(
+                    f"loaded pub[{name!r}] has shape {tuple(v.shape)}, expected ({k},) (K from "
+                    "pub['num_tasks'])")
+            w = v.detach().cpu().double().numpy().copy()
+            # A step that reuses the weights applies them as they are: a NaN, an Inf or a
+            # negative weight would be written into the parameters.
+            if not (np.isfinite(w).all() and (w >= 0).all()):
+                raise ValueError(f"loaded pub[{name!r}] is {w.tolist()}: the weights must be "
+                                 "finite and >= 0")
+            weights.append(w)
+        return {"k": k, "step": step, "shared": shared, "undecided": set(undecided),
+                "weights": tuple(weights)}
+
+    def _load_checked(self, state_dict: dict[str, Any], loaded: dict[str, Any]) -> None:
+        """Loads a state dict that ``_check_loaded`` found right (torch's part without its
+        hooks, which ``load_state_dict`` runs itself)."""
+        pre, post = (self._optimizer_load_state_dict_pre_hooks,
+                     self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict({k_: v for k_, v in state_dict.items() if k_ != "pub"})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        id_map, known = loaded["id_map"], loaded["known"]
         # torch keeps the loaded tensors themselves where no cast is needed, and casts floating
         # state to the parameter's dtype. The kernels write state in place and keep float32
-        # state for 16-bit parameters: own a copy of every entry (loading one state dict into
-        # two optimizers must not couple them), taking 16-bit parameters' entries again from
-        # the source in float32.
+        # state for 16-bit parameters: own a copy of every entry they read (loading one state
+        # dict into two optimizers must not couple them), taking 16-bit parameters' entries
+        # again from the source in float32.
         for key, st in state_dict.get("state", {}).items():
             p = id_map.get(key)
             if p is None:
                 continue
             mine = self.state[p]
             for name, v in st.items():
-                if not isinstance(v, torch.Tensor):
+                if not isinstance(v, torch.Tensor) or not _read_by_step(name, known[id(p)]):
                     continue
                 if (name != "step" and v.is_floating_point()
                         and p.dtype in (torch.bfloat16, torch.float16)):
                     mine[name] = v.to(device=p.device, dtype=torch.float32).clone()
                 elif mine.get(name) is v:
                     mine[name] = v.clone()
+        params = self._all_params()
+        pub = loaded["pub"]
+        grads, views, present, decided = (self._grads, self._grad_views, self._present,
+                                          self._decided)
+        pending = self._pending
         keep = (self._explicit_shared, self.options, self.backend, self._dp, self._dp_resolved)
         self._reset_pub()
         (self._explicit_shared, self.options, self.backend, self._dp,
          self._dp_resolved) = keep
-        if pub is None:
+        shared = None
+        if pub is not None:
+            self._k = pub["k"]
+            self._t = pub["step"]
+            if pub["shared"] is not None:
+                shared_set = set(pub["shared"])
+                for i, p in enumerate(params):
+                    if i not in pub["undecided"]:
+                        self._decided[id(p)] = i in shared_set
+                # The checkpoint's shared parameters, as the saved optimizer had them (a plain
+                # step refuses them under AdaTask, whose state for them is per task).
+                shared = self._shared = [p for p in params if self._decided.get(id(p))]
+            self._solved = pub["weights"][0] is not None
+            self._seed_weights = pub["weights"]
+        if not pending:
             return
-        self._k = k
-        self._t = int(pub.get("step", 0))
-        if shared_idx is not None:
-            shared_set = set(shared_idx)
-            undecided = {i for i in pub.get("undecided") or () if isinstance(i, int)}
-            for i, p in enumerate(params):
-                if i not in undecided:
-                    self._decided[id(p)] = i in shared_set
-        weights = tuple(None if pub.get(n) is None
-                        else pub[n].detach().cpu().double().numpy().copy()
-                        for n in ("task_weights", "warm_start"))
-        self._solved = weights[0] is not None
-        self._seed_weights = weights
+        # backward(losses) ran before this load: its task gradients stay for the next step
+        # where they fit what was loaded (the same K and shared parameters; a checkpoint that
+        # decided none keeps this optimizer's decisions), as torch keeps .grad.
+        index = {id(p): i for i, p in enumerate(params)}
+        if shared is None or [index[id(p)] for p in shared] == [index[id(p)] for p in
+                                                                 grads.params]:
+            if shared is None:
+                self._decided = decided
+            self._k = grads.k
+            self._shared = list(grads.params)
+            self._grads, self._grad_views, self._present = grads, views, present
+            self._pending = True
+        else:
+            self._unfit_pending = True
 
     def _check_explicit_shared(self, params: list, shared_idx: list[int]) -> None:
         """Raises where a checkpoint balanced other parameters than the ``shared`` argument of

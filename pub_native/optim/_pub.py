@@ -141,6 +141,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
         self._grad_views: list | None = None  # the .grad views handed to the shared params
         self._present: list[bool] | None = None  # tasks with a loss graph in this step
         self._pending = False  # backward(losses) ran since the last step
+        # backward(losses) ran before a load_state_dict whose shared parameters its task
+        # gradients do not fit: step() raises until zero_grad() or backward(losses).
+        self._unfit_pending = False
         self._t = 0  # PUB steps applied
         self._solved = False  # a weight solve has been applied
         self._backend = None
@@ -484,6 +487,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 p.grad = view
             self._grad_views[j] = view
         self._pending = True
+        self._unfit_pending = False
 
     def _data_parallel(self) -> DataParallel | None:
         """The data-parallel set-up (SPEC section 10), decided once, at the first backward."""
@@ -539,7 +543,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         """Zero the ``.grad`` of every parameter and drop pending per-task gradients."""
         if torch.compiler.is_compiling():  # torch 2.5-2.11 fail on the attribute set below
             return outside_graph(type(self).zero_grad)(self, set_to_none)
-        self._pending = False
+        self._pending = self._unfit_pending = False
         if set_to_none and not _observed(self, hooks=False):
             for group in self.param_groups:
                 for p in group["params"]:
@@ -606,6 +610,11 @@ class PUBOptimizer(GradientTools, Checkpoints):
         return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
     def _take_step(self) -> None:
+        if self._unfit_pending:
+            raise RuntimeError(
+                "backward(losses) ran before load_state_dict(), whose state dict balances other "
+                "shared parameters: those task gradients do not fit the loaded optimizer, and "
+                "a plain step would drop them. Call zero_grad() and backward(losses) again")
         pending = self._pending
         if pending and self._grads is not None and not self._grads.matches():
             if not self._grads.intact():

@@ -1,0 +1,331 @@
+"""load_state_dict of the PUB optimizers (SPEC sections 7 and 9): the "pub" entry checked whole
+before anything is loaded, a failed load that changes nothing, torch's load hooks, state entries
+the step does not read, AdaTask's shared parameters and pending task gradients across a load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import BF16, F32
+from helpers import SHAPES, Problem, run_pub
+
+import pub_native
+
+
+def _pub_attributes(opt):
+    return (opt._k, opt._t, opt._solved, opt._pending, dict(opt._decided),
+            None if opt._shared is None else [id(p) for p in opt._shared],
+            opt._grads, opt.task_weights, opt.options)
+
+
+def _snapshot(opt, params):
+    """Parameters, param groups, state (the tensors and their values) and PUB's attributes."""
+    state = {id(p): {k: (v, v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                     for k, v in opt.state.get(p, {}).items()} for p in params}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return ([p.detach().clone() for p in params], groups, state, _pub_attributes(opt))
+
+
+def _assert_unchanged(opt, params, snap):
+    values, groups, state, pub = snap
+    for j, (p, v) in enumerate(zip(params, values)):
+        assert torch.equal(p, v), f"param {j} changed"
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    for j, p in enumerate(params):
+        now = opt.state.get(p, {})
+        assert set(now) == set(state[id(p)]), f"param {j}: state keys changed"
+        for key, (obj, value) in state[id(p)].items():
+            assert now[key] is obj, f"param {j}: state {key!r} replaced"
+            if isinstance(value, torch.Tensor):
+                assert now[key].dtype == value.dtype and now[key].stride() == value.stride()
+                assert torch.equal(now[key], value), f"param {j}: state {key!r} changed"
+    now = _pub_attributes(opt)
+    assert now[:6] == pub[:6] and now[6] is pub[6] and now[8] is pub[8]
+    assert (now[7] is None) == (pub[7] is None)
+    if pub[7] is not None:
+        assert torch.equal(now[7], pub[7])
+
+
+def _trained(steps=3, **options):
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=31)
+    opt = run_pub(pub_native.Adam, problem, steps, **options)
+    return problem, opt
+
+
+# ---- the "pub" entry -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["task_weights", "warm_start"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -5.0])
+def test_non_finite_or_negative_loaded_weights_raise_and_change_nothing(name, value):
+    # update_weights_every > 1: the steps after the load reuse the loaded α̂ as it is, and a NaN,
+    # an Inf or a negative weight would go into the parameters.
+    problem, opt = _trained(update_weights_every=10)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["pub"][name] = torch.tensor([value, 1.0], dtype=torch.float64)
+    fresh_problem = problem.clone()
+    fresh = pub_native.Adam(fresh_problem.groups(), update_weights_every=10)
+    run_pub(None, fresh_problem, 1, opt=fresh)
+    params = fresh_problem.params()
+    snap = _snapshot(fresh, params)
+    with pytest.raises(ValueError, match=rf"pub\['{name}'\].*finite and >= 0"):
+        fresh.load_state_dict(sd)
+    _assert_unchanged(fresh, params, snap)
+    run_pub(None, fresh_problem, 2, start=1, opt=fresh)
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
+_BAD_PUB = [
+    # (what, change of the "pub" entry, error, message)
+    ("step str", {"step": "x"}, TypeError, r"pub\['step'\] is 'x'"),
+    ("step None", {"step": None}, TypeError, r"pub\['step'\] is None"),
+    ("step negative", {"step": -1}, ValueError, r"pub\['step'\] is -1"),
+    ("num_tasks str", {"num_tasks": "2"}, TypeError, r"pub\['num_tasks'\] is '2'"),
+    ("num_tasks 0", {"num_tasks": 0}, ValueError, r"pub\['num_tasks'\] is 0"),
+    ("num_tasks bool", {"num_tasks": True}, TypeError, r"pub\['num_tasks'\] is True"),
+    ("shared int", {"shared": 1}, TypeError, r"pub\['shared'\] is of type int"),
+    ("shared str item", {"shared": [0, "1"]}, TypeError, r"pub\['shared'\] holds '1'"),
+    ("shared out of range", {"shared": [0, 99]}, ValueError, r"pub\['shared'\] names parameter 99"),
+    ("undecided str", {"undecided": "x"}, TypeError, r"pub\['undecided'\] is of type str"),
+    ("task_weights list", {"task_weights": [0.5, 0.5]}, TypeError,
+     r"pub\['task_weights'\] is of type list"),
+    ("task_weights complex", {"task_weights": torch.ones(2, dtype=torch.complex64)}, TypeError,
+     r"pub\['task_weights'\] is a torch.complex64 tensor"),
+    ("task_weights shape", {"task_weights": torch.ones(3)}, ValueError,
+     r"pub\['task_weights'\] has shape \(3,\), expected \(2,\)"),
+    ("warm_start list", {"warm_start": [1.0, 1.0]}, TypeError,
+     r"pub\['warm_start'\] is of type list"),
+    ("umm", {"umm": "clippy"}, ValueError, "umm='clippy'"),
+]
+
+
+@pytest.mark.parametrize("what,change,error,match", _BAD_PUB, ids=[c[0] for c in _BAD_PUB])
+def test_a_malformed_pub_entry_raises_naming_it_before_anything_is_loaded(what, change, error,
+                                                                         match):
+    problem, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["pub"].update(change)
+    for state in sd["state"].values():  # what torch's part would load, were it reached
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = state[key] + 1.0
+    run_pub(None, problem, 1, start=3, opt=opt)
+    params = problem.params()
+    snap = _snapshot(opt, params)
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, params, snap)
+
+
+def test_a_pub_entry_that_is_not_a_dict_raises():
+    problem, opt = _trained()
+    sd = {**opt.state_dict(), "pub": [2]}
+    snap = _snapshot(opt, problem.params())
+    with pytest.raises(TypeError, match="'pub' entry is of type list"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, problem.params(), snap)
+
+
+_BAD_STATE = [
+    # (what, change of param 0's state, raised by torch.optim.Adam's load too: its __setstate__
+    # reads 'step' after the new state is in place)
+    ("step missing", lambda st: st.pop("step"), True),
+    ("step None", lambda st: st.update(step=None), True),
+    ("step str", lambda st: st.update(step="3"), True),
+    ("exp_avg list", lambda st: st.update(exp_avg=st["exp_avg"].tolist()), False),
+]
+
+
+@pytest.mark.parametrize("what,change,torch_raises", _BAD_STATE, ids=[c[0] for c in _BAD_STATE])
+def test_a_failed_load_of_per_parameter_state_changes_nothing(what, change, torch_raises):
+    problem, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    change(sd["state"][0])
+    params = problem.params()
+    twin = problem.clone()
+    theirs = torch.optim.Adam(twin.groups())
+    theirs.load_state_dict({k: v for k, v in copy.deepcopy(opt.state_dict()).items()
+                            if k != "pub"})
+    try:
+        theirs.load_state_dict({k: v for k, v in sd.items() if k != "pub"})
+        raised = None
+    except Exception as exc:  # noqa: BLE001 - the type is compared below
+        raised = type(exc)
+    assert (raised is not None) == torch_raises
+    snap = _snapshot(opt, params)
+    with pytest.raises((KeyError, TypeError, ValueError)) as info:
+        opt.load_state_dict(sd)
+    if raised is KeyError:
+        assert info.type is KeyError  # torch's own error, the optimizer put back as it was
+    _assert_unchanged(opt, params, snap)
+    run_pub(None, problem, 1, start=3, opt=opt)
+
+
+# ---- torch's load hooks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, pub_native.Adam], ids=["torch", "pub"])
+def test_a_pre_hook_replaces_the_dict_that_is_checked_and_loaded(cls):
+    problem = Problem(SHAPES["small"], 1, dtype=BF16, seed=32)
+    source = torch.optim.Adam(problem.params(), lr=1e-2)
+    source.zero_grad()
+    problem.losses(0)[0].backward()
+    source.step()
+    sd = copy.deepcopy(source.state_dict())
+
+    def zero_exp_avg(opt, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        for st in state_dict["state"].values():
+            st["exp_avg"].zero_()
+        return state_dict
+
+    def repair(opt, state_dict):  # the checkpoint holds one entry flattened
+        state_dict = copy.deepcopy(state_dict)
+        entry = state_dict["state"][0]
+        entry["exp_avg_sq"] = entry["exp_avg_sq"].view(problem.shared[0].shape)
+        return state_dict
+
+    sd["state"][0]["exp_avg_sq"] = sd["state"][0]["exp_avg_sq"].flatten()
+    opt = cls(problem.clone().params(), lr=1e-2)
+    opt.register_load_state_dict_pre_hook(repair)
+    opt.register_load_state_dict_pre_hook(zero_exp_avg)
+    opt.load_state_dict(sd)
+    for st in opt.state.values():
+        assert not st["exp_avg"].any()
+        assert st["exp_avg_sq"].shape == st["exp_avg"].shape
+        if cls is pub_native.Adam:
+            assert st["exp_avg"].dtype == torch.float32  # 16-bit parameters' state
+
+
+def test_load_hooks_see_the_pub_entry_and_the_restored_optimizer():
+    problem, opt = _trained()
+    sd = opt.state_dict()
+    fresh = pub_native.Adam(problem.clone().groups())
+    seen = []
+
+    def pre(o, state_dict):
+        seen.append(("pre", sorted(state_dict), o.num_tasks))
+        state_dict["pub"] = {**state_dict["pub"],
+                             "task_weights": torch.tensor([0.25, 0.75], dtype=torch.float64)}
+
+    def post(o):
+        seen.append(("post", o.num_tasks, o.task_weights.tolist(), o._t,
+                     len(o.shared_parameters)))
+
+    fresh.register_load_state_dict_pre_hook(pre)
+    fresh.register_load_state_dict_post_hook(post)
+    fresh.load_state_dict(sd)
+    assert seen == [("pre", ["param_groups", "pub", "state"], None),
+                    ("post", 2, [0.25, 0.75], 3, len(problem.shared))]
+    assert sd["pub"]["task_weights"].tolist() != [0.25, 0.75]  # the caller's dict is its own
+
+
+# ---- state entries the step does not read ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_unknown_state_entries_are_kept_as_torch_keeps_them(dtype):
+    problem = Problem(SHAPES["small"], 2, dtype=dtype, seed=33)
+    opt = run_pub(pub_native.Adam, problem, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    extra = {"foo": torch.tensor(1.5), "bar": 3, "task_foo": torch.ones(7),
+             "max_exp_avg_sq": torch.ones(3)}  # amsgrad=False: not read
+    sd["state"][0].update(extra)
+    twin = problem.clone()
+    theirs = torch.optim.Adam(twin.groups())
+    theirs.load_state_dict({k: v for k, v in sd.items() if k != "pub"})
+    opt.load_state_dict(sd)
+    p = problem.params()[0]
+    for key, value in theirs.state[twin.params()[0]].items():
+        if key in extra:
+            mine = opt.state[p][key]
+            if isinstance(value, torch.Tensor):
+                assert mine.dtype == value.dtype and torch.equal(mine, value), key
+            else:
+                assert mine == value
+    run_pub(None, problem, 2, start=2, opt=opt)
+    assert opt.state[p]["bar"] == 3
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["exp_avg"] = torch.ones(3)  # read by the step: still checked
+    with pytest.raises(ValueError, match=r"'exp_avg' of .* has shape \(3,\)"):
+        opt.load_state_dict(bad)
+
+
+# ---- AdaTask's shared parameters ---------------------------------------------------------------
+
+
+def test_adatask_plain_step_after_a_load_raises_as_the_saved_optimizer_does():
+    problem, opt = _trained(umm="adatask")
+    sd = copy.deepcopy(opt.state_dict())
+    twin = problem.clone()
+    loaded = pub_native.Adam(twin.groups(), umm="adatask")
+    loaded.load_state_dict(sd)
+    match = r"umm='adatask' keeps per-task state for the shared parameters: call opt.backward"
+    copied = copy.deepcopy({"problem": twin, "opt": loaded})
+    for o, pr in ((opt, problem), (loaded, twin), (copied["opt"], copied["problem"])):
+        o.zero_grad()
+        pr.losses(3)[0].backward()
+        params = pr.params()
+        snap = _snapshot(o, params)
+        with pytest.raises(RuntimeError, match=match):
+            o.step()
+        _assert_unchanged(o, params, snap)
+    assert [id(p) for p in loaded.shared_parameters] == [id(p) for p in twin.shared]
+    run_pub(None, problem, 2, start=3, opt=opt)
+    run_pub(None, twin, 2, start=3, opt=loaded)
+    for p, q in zip(problem.params(), twin.params()):
+        assert torch.equal(p, q)
+
+
+# ---- task gradients pending across a load ------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["pub", "torch"])
+def test_task_gradients_pending_across_a_load_are_stepped(source):
+    # torch keeps .grad across load_state_dict; PUB keeps the task gradients of a backward not
+    # yet stepped: backward → load → step is load → backward → step.
+    problem, opt = _trained()
+    if source == "pub":
+        sd = copy.deepcopy(opt.state_dict())
+    else:
+        trained = problem.clone()
+        theirs = torch.optim.Adam(trained.groups())
+        for t in range(2):
+            theirs.zero_grad()
+            sum(trained.losses(t)).backward()
+            theirs.step()
+        sd = copy.deepcopy(theirs.state_dict())
+    ref = problem.clone()
+    ref_opt = pub_native.Adam(ref.groups())
+    ref_opt.load_state_dict(sd)
+    for o, pr, load_first in ((opt, problem, False), (ref_opt, ref, True)):
+        o.zero_grad()
+        if load_first:
+            o.backward(pr.losses(3))
+        else:
+            o.backward(pr.losses(3))
+            o.load_state_dict(sd)
+        o.step()
+        assert o.num_tasks == 2 and o.stats["updated"]
+    for p, q in zip(problem.params(), ref.params()):
+        assert torch.equal(p, q)
+    assert torch.equal(opt.task_weights, ref_opt.task_weights)
+
+
+def test_task_gradients_that_do_not_fit_the_loaded_shared_parameters_raise_at_step():
+    problem, opt = _trained()
+    other = problem.clone()
+    fewer = pub_native.Adam(other.groups(), shared=other.shared[:1])
+    run_pub(None, other, 1, opt=fewer)
+    sd = copy.deepcopy(fewer.state_dict())
+    opt.zero_grad()
+    opt.backward(problem.losses(3))
+    opt.load_state_dict(sd)
+    params = problem.params()
+    snap = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"backward\(losses\) ran before load_state_dict"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+    run_pub(None, problem, 1, start=3, opt=opt)  # zero_grad and backward start over
+    assert [id(p) for p in opt.shared_parameters] == [id(problem.shared[0])]
