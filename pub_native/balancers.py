@@ -73,7 +73,7 @@ def _unchanged_if_it_raises(backward):
     the statistics; the call may be made again (with other losses: another number of tasks)."""
     @functools.wraps(backward)
     def call(self, *args, **kwargs):
-        saved = {name: copy.copy(value) if isinstance(value, (list, dict)) else value
+        saved = {name: copy.copy(value) if isinstance(value, (list, dict, set)) else value
                  for name, value in vars(self).items()}
         try:
             return backward(self, *args, **kwargs)
@@ -159,6 +159,7 @@ class GradientBalancer:
         self._by_gradients: list[bool] = [False] * len(self.params)
         self._warned_compiled = False
         self._warned_surprise: set[int] = set()
+        self._loaded_k: int | None = None  # K of a state dict loaded before the first call
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -272,6 +273,63 @@ class GradientBalancer:
         if not any(id(p) in reached for p in _active(self.params)):
             raise ValueError(_NOTHING_REACHED)
 
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on as this one would: the number of tasks, the step
+        count, the last weights and the method's own state (NashMTL's warm start, PCGrad's
+        random generator, FAMO's logits and their Adam state, Uncertainty's log-variances,
+        MultiBalance's Gram average). Tensors, numbers, lists and dicts only: it saves with
+        ``torch.save`` and loads with ``weights_only=True``. Not the parameters (the model's
+        ``state_dict`` holds them) nor which of them are shared: a loaded balancer finds those
+        again on its first call (or takes ``shared=``)."""
+        return {"method": type(self).__name__, "num_tasks": self.k, "steps": self.steps,
+                "weights": None if self.weights is None else self.weights.detach().clone(),
+                **self._method_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load what :meth:`state_dict` gave (of a balancer of the same class and options). A
+        state dict that does not fit raises ValueError or TypeError naming the entry, leaving
+        the balancer as it was."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        method = state_dict.get("method")
+        if method != type(self).__name__:
+            raise ValueError(f"state_dict is of {method!r}, this balancer is "
+                             f"{type(self).__name__!r}")
+        k = state_dict.get("num_tasks")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"state_dict['num_tasks'] must be None or an int >= 1, got {k!r}")
+        known_k = self._expected_k()
+        if k is not None and known_k is not None and k != known_k:
+            raise ValueError(f"state_dict is for K = {k} tasks, this balancer is for "
+                             f"K = {known_k}")
+        steps = state_dict.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state_dict['steps'] must be an int >= 0, got {steps!r}")
+        weights = _loaded_vector(state_dict.get("weights"), "weights", k, optional=True)
+        if weights is not None and k is None:
+            raise ValueError("state_dict has weights but no num_tasks")
+        apply_method = self._load_method_state(state_dict, k)  # checks; applies nothing yet
+        self.steps = steps
+        self.weights = weights
+        if self.k is None:
+            self._loaded_k = k  # the first call checks its number of losses against it
+        apply_method()
+
+    def _expected_k(self) -> int | None:
+        """The number of tasks the next call must have: decided by the first call, or by a
+        loaded state dict before it."""
+        return self.k if self.k is not None else self._loaded_k
+
+    def _method_state(self) -> dict:
+        """The method's own entries of state_dict (none here)."""
+        return {}
+
+    def _load_method_state(self, state_dict: dict, k: int | None):
+        """Check the method's entries of a state dict; return a function that loads them."""
+        return lambda: None
+
     # -- the step -----------------------------------------------------------------------------
 
     @_unchanged_if_it_raises
@@ -283,7 +341,7 @@ class GradientBalancer:
         plain sum of the task gradients, non-finite, so that ``scaler.step`` skips the step and
         the scale backs off, as for ``loss.backward()``; the weights stay as they were. And a
         ``max_norm`` clips the gradient as it will be once unscaled."""
-        raw, losses = losses, as_loss_list(losses, self.k)
+        raw, losses = losses, as_loss_list(losses, self._expected_k())
         if self.k is None:
             self._setup(raw, losses)
         elif self._undecided():
@@ -448,7 +506,7 @@ class LS(GradientBalancer):
         """``.grad`` += the gradient of Σ_i L_i. ``scaler`` (a ``torch.amp.GradScaler``) is
         taken as the other balancers take it and changes nothing: an overflow gives the
         non-finite sum that ``scaler.step`` skips."""
-        raw, losses = losses, as_loss_list(losses, self.k)
+        raw, losses = losses, as_loss_list(losses, self._expected_k())
         if self.k is None:
             self._check_reached(raw, losses)
         self.k = len(losses)
@@ -506,6 +564,17 @@ class NashMTL(GradientBalancer):
         if np.isfinite(alpha).all():
             self._prev_alpha = alpha
         return alpha
+
+    def _method_state(self):
+        alpha = self._prev_alpha
+        return {"warm_start": None if alpha is None else torch.from_numpy(alpha.copy())}
+
+    def _load_method_state(self, state_dict, k):
+        alpha = _loaded_vector(state_dict.get("warm_start"), "warm_start", k, optional=True)
+
+        def apply():
+            self._prev_alpha = None if alpha is None else alpha.numpy()
+        return apply
 
     def __repr__(self):
         return (f"NashMTL(update_weights_every={self.update_weights_every}, "
@@ -604,6 +673,21 @@ class PCGrad(GradientBalancer):
         w = pcgrad_weights(G, self.rng)
         return w / len(G) if self.reduction == "mean" else w
 
+    def _method_state(self):
+        return {"rng": copy.deepcopy(self.rng.bit_generator.state)}
+
+    def _load_method_state(self, state_dict, k):
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = copy.deepcopy(state_dict.get("rng"))
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"state_dict['rng'] is not the state of numpy's "
+                             f"{type(rng.bit_generator).__name__} generator ({e})") from None
+
+        def apply():
+            self.rng = rng
+        return apply
+
     def __repr__(self):
         return f"PCGrad(seed={self.seed!r}, reduction={self.reduction!r})"
 
@@ -693,7 +777,7 @@ class Uncertainty(GradientBalancer):
         ``torch.amp.GradScaler`` that scaled ``losses``, if any: the s_i terms of L are scaled
         by the same factor, so that every gradient, ``log_vars``' included, is the scaled one
         that ``scaler.unscale_`` and ``scaler.step`` expect."""
-        raw, losses = losses, as_loss_list(losses, self.k)
+        raw, losses = losses, as_loss_list(losses, self._expected_k())
         if self.steps == 0:
             self._check_reached(raw, losses)
         self.steps += 1
@@ -709,6 +793,17 @@ class Uncertainty(GradientBalancer):
         torch.autograd.backward(total, inputs=_active(self.params) + [s])
         self.weights = w.to(torch.float64).cpu()
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
+
+    def _method_state(self):
+        return {"log_vars": self.log_vars.detach().clone()}
+
+    def _load_method_state(self, state_dict, k):
+        values = _loaded_vector(state_dict.get("log_vars"), "log_vars", self.k)
+
+        def apply():
+            with torch.no_grad():  # in place: the optimizer holds this tensor
+                self.log_vars.copy_(values)
+        return apply
 
     def __repr__(self):
         return f"Uncertainty(n_tasks={self.k}, form={self.form!r})"
@@ -811,7 +906,7 @@ class FAMO(GradientBalancer):
         losses, ``max_norm`` clips the gradient as it will be once unscaled, and a non-finite
         loss (an overflow) gives ``.grad`` the plain, non-finite sum for the scaler to skip,
         leaving FAMO's state as it was."""
-        raw, items = losses, as_loss_list(losses, self.k)
+        raw, items = losses, as_loss_list(losses, self._expected_k())
         if self.max_norm > 0 and (self.shared is None or self._undecided()):
             self._detect(raw, items)
         elif self.steps == 0:
@@ -857,6 +952,36 @@ class FAMO(GradientBalancer):
         self._prev_log_d = log_d
         self._updated = False
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True, "update": update}
+
+    def _method_state(self):
+        return {"logits": self.logits.detach().clone(),
+                "logit_optimizer": copy.deepcopy(self._logit_opt.state_dict()),
+                "prev_log_losses": None if self._prev_log_d is None else self._prev_log_d.clone(),
+                "updated": self._updated, "skip_update": self._skip_update}
+
+    def _load_method_state(self, state_dict, k):
+        logits = _loaded_vector(state_dict.get("logits"), "logits", self.k)
+        prev = _loaded_vector(state_dict.get("prev_log_losses"), "prev_log_losses", self.k,
+                              optional=True)
+        flags = [state_dict.get(name) for name in ("updated", "skip_update")]
+        for name, v in zip(("updated", "skip_update"), flags, strict=True):
+            if not isinstance(v, bool):
+                raise TypeError(f"state_dict[{name!r}] must be a bool, got {v!r}")
+        opt_state = copy.deepcopy(state_dict.get("logit_optimizer"))
+        probe = torch.optim.Adam([torch.zeros(self.k, dtype=torch.float64, requires_grad=True)])
+        try:  # what the logits' Adam would refuse, refused before anything is loaded
+            probe.load_state_dict(copy.deepcopy(opt_state))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"state_dict['logit_optimizer'] is not a state dict of the "
+                             f"logits' Adam ({type(e).__name__}: {e})") from None
+
+        def apply():
+            with torch.no_grad():  # in place: the logits' Adam holds this tensor
+                self.logits.copy_(logits)
+            self._logit_opt.load_state_dict(opt_state)
+            self._prev_log_d = prev
+            self._updated, self._skip_update = flags
+        return apply
 
     def __repr__(self):
         return (f"FAMO(n_tasks={self.k}, gamma={self.gamma}, w_lr={self.w_lr}, "
@@ -1029,7 +1154,7 @@ class MultiBalance(GradientBalancer):
         # The K×K math runs on Python floats: for a handful of tasks that is several times
         # faster than numpy's per-call overhead, and this step is meant to cost about as much
         # as a plain backward.
-        raw, items = losses, as_loss_list(losses, self.k)
+        raw, items = losses, as_loss_list(losses, self._expected_k())
         reps = _representation_list(representation)
         split_now = self.heads is None or any(
             p.requires_grad and later for p, later in zip(self.params, self._unsplit, strict=True))
@@ -1171,6 +1296,18 @@ class MultiBalance(GradientBalancer):
         dots = None if dots is None else packed[:n] / (world * world)
         values = None if values is None else (packed[n:] / world).tolist()
         return dots, values
+
+    def _method_state(self):
+        return {"gram_average": copy.deepcopy(self._gram_avg),
+                "last_gram": copy.deepcopy(self._last_gram)}
+
+    def _load_method_state(self, state_dict, k):
+        average = _loaded_gram(state_dict.get("gram_average"), "gram_average", k)
+        last = _loaded_gram(state_dict.get("last_gram"), "last_gram", k)
+
+        def apply():
+            self._gram_avg, self._last_gram = average, last
+        return apply
 
     def __repr__(self):
         return (f"MultiBalance(normalization={self.normalization!r}, solver={self.solver!r}, "
@@ -1795,6 +1932,36 @@ def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> No
             p.grad = g.to(p.dtype, memory_format=torch.preserve_format, copy=True)
         else:
             p.grad.add_(g)
+
+
+def _loaded_vector(v, name: str, k: int | None, optional: bool = False) -> torch.Tensor | None:
+    """A float64 copy of a state dict's vector entry of K finite numbers."""
+    if v is None and optional:
+        return None
+    if not isinstance(v, torch.Tensor) or not (v.is_floating_point() or v.dtype == torch.int64):
+        raise TypeError(f"state_dict[{name!r}] must be a real tensor, got "
+                        f"{type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
+    if k is not None and tuple(v.shape) != (k,):
+        raise ValueError(f"state_dict[{name!r}] has shape {tuple(v.shape)}, expected ({k},)")
+    out = v.detach().to(device="cpu", dtype=torch.float64).clone()
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"state_dict[{name!r}] is {out.tolist()}: it must be finite")
+    return out
+
+
+def _loaded_gram(v, name: str, k: int | None) -> list | None:
+    """A state dict's K×K Gram entry (a list of K lists of K finite floats), or None."""
+    if v is None:
+        return None
+    try:
+        rows = [[float(x) for x in row] for row in v]
+    except (TypeError, ValueError):
+        raise TypeError(f"state_dict[{name!r}] must be a list of {k} lists of {k} numbers") \
+            from None
+    if k is None or len(rows) != k or any(len(r) != k for r in rows) \
+            or not all(math.isfinite(x) for r in rows for x in r):
+        raise ValueError(f"state_dict[{name!r}] must be {k} lists of {k} finite numbers")
+    return rows
 
 
 _NOTHING_REACHED = (

@@ -4,6 +4,7 @@ against its closed form or its definition; shared-parameter detection; the .grad
 from __future__ import annotations
 
 import copy
+import io
 import math
 import warnings
 
@@ -1364,3 +1365,119 @@ def test_a_compiled_task_whose_first_gradient_is_zero_still_adds_its_gradient(na
     scale = w[0] if bal.weight_task_specific else 1.0  # a single task's parameter: its weight
     for p, g in zip(model.trunk.parameters(), want):
         torch.testing.assert_close(p.grad, scale * g, rtol=1e-5, atol=1e-7)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def _resumable(name, seed, every):
+    torch.manual_seed(seed)
+    model = MMoE([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,))
+    kwargs = {"n_tasks": 2} if name in ("famo", "uncertainty") else {}
+    if every > 1:
+        kwargs["update_weights_every"] = every
+    bal = B.BALANCERS[name](model.parameters(), **kwargs)
+    extra = bal.parameters() if name == "uncertainty" else []
+    opt = torch.optim.Adam([*model.parameters(), *extra], lr=1e-2)
+    return model, bal, opt
+
+
+def _train(model, bal, opt, steps):
+    for step in steps:
+        losses, z = model.task_losses(_batch(128, seed=step), with_representation=True)
+        opt.zero_grad()
+        bal.backward(losses, z) if isinstance(bal, B.MultiBalance) else bal.backward(losses)
+        opt.step()
+
+
+@pytest.mark.parametrize(("name", "every"), [(name, 1) for name in sorted(B.BALANCERS)]
+                         + [("nashmtl", 2), ("imtl-g", 2)])
+def test_a_run_resumed_from_state_dicts_goes_on_bit_for_bit(name, every):
+    # The balancer's state (warm start, random generator, FAMO's logits and their Adam,
+    # Uncertainty's log-variances, MultiBalance's Gram average, the step count that says when
+    # the weights are due) saved beside the model's and the optimizer's, loaded with
+    # weights_only=True into a fresh run: it goes on as the saved run does. Resumed after an
+    # odd step, every = 2 resumes on a step that reuses the loaded weights.
+    model, bal, opt = _resumable(name, 0, every)
+    _train(model, bal, opt, range(3))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "bal": bal.state_dict()}, buffer)
+    _train(model, bal, opt, range(3, 6))
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    twin, twin_bal, twin_opt = _resumable(name, 1, every)  # other initial values
+    twin.load_state_dict(saved["model"])
+    twin_opt.load_state_dict(saved["opt"])
+    twin_bal.load_state_dict(saved["bal"])
+    _train(twin, twin_bal, twin_opt, range(3, 6))
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    torch.testing.assert_close(twin_bal.weights, bal.weights, rtol=0, atol=0)
+    assert twin_bal.steps == bal.steps == 6
+
+
+def _same_state(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(
+            _same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_a_state_dict_that_does_not_fit_raises_and_loads_nothing(name):
+    model, bal, opt = _resumable(name, 0, 1)
+    _train(model, bal, opt, range(2))
+    good = bal.state_dict()
+    other = "LS" if name != "ls" else "NashMTL"
+    bad_cases = [
+        ({**good, "method": other}, ValueError, "this balancer is"),
+        ({**good, "num_tasks": 3}, ValueError, "K = 3"),
+        ({**good, "steps": -1}, ValueError, "steps"),
+        ({**good, "weights": torch.tensor([float("nan"), 1.0], dtype=torch.float64)},
+         ValueError, "weights"),
+        ({**good, "weights": torch.ones(3, dtype=torch.float64)}, ValueError, "weights"),
+        ([good], TypeError, "must be a dict"),
+    ]
+    special = {"nashmtl": ("warm_start", torch.tensor([1.0, float("inf")])),
+               "pcgrad": ("rng", {"bit_generator": "MT19937"}),
+               "famo": ("logit_optimizer", {"state": {}, "param_groups": []}),
+               "uncertainty": ("log_vars", torch.zeros(3)),
+               "multibalance": ("gram_average", [[1.0, 0.0], [0.0]])}
+    if name in special:
+        key, value = special[name]
+        bad_cases.append(({**good, key: value}, (ValueError, TypeError), key))
+    for bad, error, match in bad_cases:
+        with pytest.raises(error, match=match):
+            bal.load_state_dict(bad)
+        assert _same_state(bal.state_dict(), good), match
+    _train(model, bal, opt, range(2, 3))  # still trains
+
+
+def test_pcgrad_resumed_from_its_state_dict_draws_the_same_orders():
+    # With three tasks each projects onto the others in a random order: the generator's state
+    # is what a resumed run needs to draw the same orders.
+    t = Linear([[1.0, 0.0, 0.0], [-0.5, 1.0, 0.0], [-0.5, -0.3, 1.0]])  # 0 conflicts with 1, 2
+    bal = B.PCGrad(t.params, seed=3)
+    for _ in range(2):
+        t.run(bal)
+    state = bal.state_dict()
+    twin = B.PCGrad(t.params, seed=4)
+    twin.load_state_dict(state)
+    for _ in range(4):
+        t.theta.grad = None
+        ours = t.run(bal)[0]
+        t.theta.grad = None
+        theirs = t.run(twin)[0]
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    # Not vacuous: the two seeds draw different orders on these gradients.
+    draws = []
+    for seed in (3, 4):
+        fresh = B.PCGrad(t.params, seed=seed)
+        for _ in range(6):
+            t.theta.grad = None
+            draws.append(t.run(fresh)[0])
+    assert any(not torch.equal(a, b) for a, b in zip(draws[:6], draws[6:]))
