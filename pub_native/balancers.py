@@ -354,19 +354,28 @@ class GradientBalancer:
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
         if reuse:
             # No Gram to see a NaN or Inf on a step that reuses the weights: the losses are
-            # checked instead (under a GradScaler, an overflow is the scaler's to skip).
+            # checked, and the shared gradient of the call, as the Gram checks the tasks'
+            # (under a GradScaler, an overflow is the scaler's to skip).
             if scaler is None:
                 bad = [i for i, loss in enumerate(losses)
                        if not bool(torch.isfinite(loss.detach()).all())]
                 if bad:
                     raise FloatingPointError(f"non-finite loss in task(s) {bad}")
-            aside = self._set_aside_clipped()
+            given = self.shared + self._specific_all
+            aside = _set_aside(given)
             try:
                 self._backward_fixed(losses, self.weights)
+                if scaler is None and not all(bool(torch.isfinite(p.grad).all())
+                                              for p in self.shared if p.grad is not None):
+                    raise FloatingPointError(
+                        "non-finite gradient of the shared parameters (on a step that reuses "
+                        "the weights, of their weighted sum: the task is not known)")
             except BaseException:
-                _restore(self.shared, aside)
+                _restore(given, aside)
                 raise
-            self._clip_contribution(aside, scale)
+            if self.max_norm > 0 and self.shared:
+                _clip_unscaled(self.shared, self.max_norm, scale)
+            _put_back(given, aside)
             self.steps += 1
             self.stats["updated"] = False
             return

@@ -1173,6 +1173,27 @@ def test_a_non_finite_loss_on_a_step_that_reuses_the_weights_raises(name):
     assert not bal.stats["updated"] and bal.steps == steps + 1
 
 
+@pytest.mark.parametrize("name", ["nashmtl", "mgda-ub", "imtl-g"])
+def test_a_non_finite_gradient_of_a_finite_loss_on_a_step_that_reuses_the_weights_raises(name):
+    # √(θ₀ − θ₀) is 0 with an infinite gradient: the step that computes the weights raised
+    # (its Gram saw it), the step that reuses them wrote it into .grad.
+    t = Linear(rand_grads(2, 4, 8))
+    bal = B.BALANCERS[name](t.params, update_weights_every=3)
+    t.run(bal)
+    grads = [p.grad.clone() for p in t.params]
+    steps = bal.steps
+    losses = t.losses()
+    losses[1] = losses[1] + torch.sqrt(t.theta[0] - t.theta[0].detach())
+    assert math.isfinite(float(losses[1].detach()))
+    with pytest.raises(FloatingPointError, match="non-finite gradient of the shared"):
+        bal.backward(losses)
+    assert bal.steps == steps
+    for p, g in zip(t.params, grads):
+        assert torch.equal(p.grad, g)
+    t.run(bal)  # the reuse step, taken again
+    assert not bal.stats["updated"] and bal.steps == steps + 1
+
+
 def test_multibalance_representation_outside_the_graph_raises_on_every_call():
     # A detached copy as the representation: the trunk would get no gradient. It raised on the
     # first call only, and that call kept the split it made from the wrong tensor (the trunk
