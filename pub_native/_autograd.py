@@ -18,8 +18,8 @@ __all__ = ["DTYPES", "as_loss_list", "compiled_graph", "reached_by_gradients", "
            "walk_graph"]
 
 
-def as_loss_list(losses, expected_k: int | None = None,
-                 allow_absent: bool = False) -> list[torch.Tensor | None]:
+def as_loss_list(losses, expected_k: int | None = None, allow_absent: bool = False,
+                 owner: str = "this optimizer") -> list[torch.Tensor | None]:
     """Validate ``losses`` (a list/tuple of K scalar tensors or a 1-D tensor) into a list.
 
     With ``allow_absent``, a loss that does not require grad (no graph: a task with no labels in
@@ -44,7 +44,7 @@ def as_loss_list(losses, expected_k: int | None = None,
     for i, loss in enumerate(items):
         if not isinstance(loss, torch.Tensor):
             raise ValueError(f"losses[{i}] must be a tensor, got {type(loss).__name__}")
-        if loss.numel() != 1 or loss.dim() > 1:
+        if loss.numel() != 1:  # as loss.backward(): any shape of one element
             raise ValueError(f"losses[{i}] must be a scalar, got shape {tuple(loss.shape)}")
         if loss.is_complex():
             raise ValueError(f"losses[{i}] is complex ({loss.dtype}): a task loss is a real "
@@ -58,7 +58,7 @@ def as_loss_list(losses, expected_k: int | None = None,
         out.append(loss if loss.dim() == 0 else loss.reshape(()))
     if expected_k is not None and len(items) != expected_k:
         raise ValueError(
-            f"losses has {len(items)} tasks, but this optimizer was built for K = {expected_k}"
+            f"losses has {len(items)} tasks, but {owner} was built for K = {expected_k}"
         )
     return out
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Iterable
@@ -45,7 +46,7 @@ from ._autograd import (
     walk_graph,
 )
 from ._distributed import agree_on, average_gradients, data_parallel_group, ddp_holders
-from .solver import SolveStatus, solve_weights
+from .solver import METHODS, SolveStatus, solve_weights
 
 __all__ = [
     "BALANCERS",
@@ -136,14 +137,15 @@ class GradientBalancer:
         if weight_task_specific is None:
             weight_task_specific = self.weight_task_specific_default
         self.weight_task_specific = bool(weight_task_specific)
-        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int) \
-                or update_weights_every < 1:
+        every = update_weights_every
+        if isinstance(every, (bool, np.bool_)) or not isinstance(every, numbers.Integral) \
+                or every < 1:
             raise ValueError(f"update_weights_every must be an integer >= 1, got "
                              f"{update_weights_every!r}")
         if update_weights_every > 1 and not self._reusable:
             raise ValueError(f"{type(self).__name__} does not reuse weights: "
                              "update_weights_every must be 1")
-        self.update_weights_every = update_weights_every
+        self.update_weights_every = int(update_weights_every)
         self.k: int | None = None
         self.shared: list[torch.Tensor] | None = None
         self.weights: torch.Tensor | None = None
@@ -317,6 +319,9 @@ class GradientBalancer:
             self._loaded_k = k  # the first call checks its number of losses against it
         apply_method()
 
+    def _owner(self) -> str:
+        return f"this {type(self).__name__}"
+
     def _expected_k(self) -> int | None:
         """The number of tasks the next call must have: decided by the first call, or by a
         loaded state dict before it."""
@@ -341,7 +346,7 @@ class GradientBalancer:
         plain sum of the task gradients, non-finite, so that ``scaler.step`` skips the step and
         the scale backs off, as for ``loss.backward()``; the weights stay as they were. And a
         ``max_norm`` clips the gradient as it will be once unscaled."""
-        raw, losses = losses, as_loss_list(losses, self._expected_k())
+        raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         if self.k is None:
             self._setup(raw, losses)
         elif self._undecided():
@@ -515,7 +520,7 @@ class LS(GradientBalancer):
         """``.grad`` += the gradient of Σ_i L_i. ``scaler`` (a ``torch.amp.GradScaler``) is
         taken as the other balancers take it and changes nothing: an overflow gives the
         non-finite sum that ``scaler.step`` skips."""
-        raw, losses = losses, as_loss_list(losses, self._expected_k())
+        raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         if self.k is None:
             self._check_reached(raw, losses)
         self.k = len(losses)
@@ -549,10 +554,11 @@ class NashMTL(GradientBalancer):
                  weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          update_weights_every=update_weights_every, process_group=process_group)
-        if not (isinstance(max_norm, (int, float)) and 0 <= max_norm < math.inf):
+        if not (_is_number(max_norm) and 0 <= max_norm < math.inf):
             raise ValueError(f"max_norm must be a finite number >= 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
-        solve_weights(np.eye(1), method=solver)  # validates ``solver`` now, not at step 1
+        if solver not in METHODS:  # checked now, not at step 1
+            raise ValueError(f"solver must be one of {sorted(METHODS)}, got {solver!r}")
         self.solver = solver
         self._prev_alpha: np.ndarray | None = None
 
@@ -675,6 +681,9 @@ class PCGrad(GradientBalancer):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
+        if seed is not None and (isinstance(seed, (bool, np.bool_))
+                                 or not isinstance(seed, numbers.Integral) or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         self.seed = seed
         self.rng = np.random.default_rng(seed)
 
@@ -720,7 +729,7 @@ class CAGrad(GradientBalancer):
                  weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          process_group=process_group)
-        if not (isinstance(c, (int, float)) and 0 <= c < math.inf):
+        if not (_is_number(c) and 0 <= c < math.inf):
             raise ValueError(f"c must be a finite number >= 0, got {c!r}")
         self.c = float(c)
 
@@ -766,8 +775,10 @@ class Uncertainty(GradientBalancer):
 
     def __init__(self, params, n_tasks: int, *, form: str = "regression"):
         super().__init__(params)
-        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+        if isinstance(n_tasks, (bool, np.bool_)) or not isinstance(n_tasks, numbers.Integral) \
+                or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+        n_tasks = int(n_tasks)
         if form not in self.FORMS:
             raise ValueError(f"form must be one of {self.FORMS}, got {form!r}")
         self.form = form
@@ -786,7 +797,7 @@ class Uncertainty(GradientBalancer):
         ``torch.amp.GradScaler`` that scaled ``losses``, if any: the s_i terms of L are scaled
         by the same factor, so that every gradient, ``log_vars``' included, is the scaled one
         that ``scaler.unscale_`` and ``scaler.step`` expect."""
-        raw, losses = losses, as_loss_list(losses, self._expected_k())
+        raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         if self.steps == 0:
             self._check_reached(raw, losses)
         self.steps += 1
@@ -847,10 +858,12 @@ class FAMO(GradientBalancer):
     def __init__(self, params, n_tasks: int, *, gamma: float = 0.01, w_lr: float = 0.025,
                  max_norm: float = 1.0, min_losses=None, shared=None):
         super().__init__(params, shared=shared)
-        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+        if isinstance(n_tasks, (bool, np.bool_)) or not isinstance(n_tasks, numbers.Integral) \
+                or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+        n_tasks = int(n_tasks)
         for name, value in (("gamma", gamma), ("w_lr", w_lr), ("max_norm", max_norm)):
-            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+            if not (_is_number(value) and 0 <= value < math.inf):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.gamma, self.w_lr, self.max_norm = float(gamma), float(w_lr), float(max_norm)
         self.logits = torch.zeros(n_tasks, dtype=torch.float64, requires_grad=True)
@@ -875,6 +888,9 @@ class FAMO(GradientBalancer):
         values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(
             device="cpu", dtype=torch.float64) / scale
         d = values - self.min_losses + self.eps
+        if not bool(torch.isfinite(values).all()):
+            bad = [i for i, v in enumerate(values.tolist()) if not math.isfinite(v)]
+            raise FloatingPointError(f"non-finite loss in task(s) {bad}")
         if not bool((d > 0).all()) or not bool(torch.isfinite(d).all()):
             raise ValueError(
                 "FAMO weights log(L_i − min_losses_i): every loss must be finite and above its "
@@ -895,6 +911,9 @@ class FAMO(GradientBalancer):
             self._skip_update = False
             self.stats["update"] = "skipped"
             return
+        if self._updated:
+            raise RuntimeError("FAMO.update() was already called after the last backward(): "
+                               "a second call would count the same decrease of the losses again")
         self._update_from(self._log_d(items))
         self._updated = True
         self.stats["update"] = "explicit"
@@ -915,7 +934,7 @@ class FAMO(GradientBalancer):
         losses, ``max_norm`` clips the gradient as it will be once unscaled, and a non-finite
         loss (an overflow) gives ``.grad`` the plain, non-finite sum for the scaler to skip,
         leaving FAMO's state as it was."""
-        raw, items = losses, as_loss_list(losses, self._expected_k())
+        raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         if self.max_norm > 0 and (self.shared is None or self._undecided()):
             self._detect(raw, items)
         elif self.steps == 0:
@@ -1083,7 +1102,7 @@ class MultiBalance(GradientBalancer):
                              f"{normalization!r}")
         if solver not in self.SOLVERS:
             raise ValueError(f"solver must be one of {self.SOLVERS}, got {solver!r}")
-        if not (isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0 <= ema < 1):
+        if not (_is_number(ema) and 0 <= ema < 1):
             raise ValueError(f"ema must be a number in [0, 1), got {ema!r}")
         self.normalization, self.solver, self.ema = normalization, solver, float(ema)
         self.process_group = process_group
@@ -1163,7 +1182,7 @@ class MultiBalance(GradientBalancer):
         # The K×K math runs on Python floats: for a handful of tasks that is several times
         # faster than numpy's per-call overhead, and this step is meant to cost about as much
         # as a plain backward.
-        raw, items = losses, as_loss_list(losses, self._expected_k())
+        raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         reps = _representation_list(representation)
         split_now = self.heads is None or any(
             p.requires_grad and later for p, later in zip(self.params, self._unsplit, strict=True))
@@ -1941,6 +1960,11 @@ def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> No
             p.grad = g.to(p.dtype, memory_format=torch.preserve_format, copy=True)
         else:
             p.grad.add_(g)
+
+
+def _is_number(value) -> bool:
+    """A real number given as an option (Python's or numpy's; not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _loaded_vector(v, name: str, k: int | None, optional: bool = False) -> torch.Tensor | None:

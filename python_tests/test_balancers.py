@@ -460,7 +460,7 @@ def test_argument_errors():
         B.NashMTL(t.params, update_weights_every=0)
     with pytest.raises(TypeError):
         B.PCGrad(t.params, update_weights_every=2)  # its weights depend on the conflicts
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="solver must be one of"):
         B.NashMTL(t.params, solver="simplex")
     with pytest.raises(ValueError, match="c must be"):
         B.CAGrad(t.params, c=-1)
@@ -470,6 +470,49 @@ def test_argument_errors():
     bal.backward(t.losses())
     with pytest.raises(ValueError, match="K = 2"):
         bal.backward(t.losses()[:1] * 3)
+
+
+def test_options_given_as_numpy_numbers_are_taken_and_bad_ones_named():
+    t = Linear(rand_grads(2, 3, 1))
+    bal = B.NashMTL(t.params, update_weights_every=np.int64(2), max_norm=np.float32(0.5))
+    assert bal.update_weights_every == 2 and type(bal.update_weights_every) is int
+    assert B.MultiBalance(t.params, ema=np.float32(0.5)).ema == 0.5
+    assert B.FAMO(t.params, np.int64(2)).k == 2
+    for make, match in [(lambda: B.NashMTL(t.params, solver="x"), "solver must be one of"),
+                        (lambda: B.NashMTL(t.params, max_norm=True), "max_norm"),
+                        (lambda: B.PCGrad(t.params, seed="a"), "seed must be"),
+                        (lambda: B.PCGrad(t.params, seed=-1), "seed must be"),
+                        (lambda: B.CAGrad(t.params, c=np.bool_(True)), "c must be")]:
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+def test_a_wrong_number_of_losses_names_the_balancer():
+    t = Linear(rand_grads(2, 3, 1))
+    bal = B.IMTLG(t.params)
+    t.run(bal)
+    with pytest.raises(ValueError, match="this IMTLG was built for K = 2"):
+        bal.backward(t.losses()[:1])
+
+
+def test_a_loss_of_one_element_in_any_shape_is_taken_as_loss_backward_takes_it():
+    t = Linear(rand_grads(2, 3, 1))
+    ref = Linear(t.g.numpy())
+    bal, ref_bal = B.IMTLG(t.params), B.IMTLG(ref.params)
+    bal.backward([loss.reshape(1, 1) for loss in t.losses()])
+    ref.run(ref_bal)
+    torch.testing.assert_close(t.theta.grad, ref.theta.grad, rtol=0, atol=0)
+
+
+def test_famo_update_twice_after_one_backward_raises():
+    t = Linear(rand_grads(2, 3, 1), specific=[1.0, 1.0])
+    famo = B.FAMO(t.params, 2)
+    famo.backward([loss + 2.0 for loss in t.losses()])
+    famo.update([loss.detach() + 1.5 for loss in t.losses()])
+    logits = famo.logits.detach().clone()
+    with pytest.raises(RuntimeError, match="already called"):
+        famo.update([loss.detach() + 1.0 for loss in t.losses()])
+    assert torch.equal(famo.logits.detach(), logits)
 
 
 def test_explicit_shared():
@@ -694,7 +737,7 @@ def test_an_overflow_under_a_grad_scaler_is_skipped_and_backs_off(name):
         assert (scaler.get_scale() < scale) == overflow
         if overflow:
             assert not bal.stats["updated"] and bal.weights is weights
-    with pytest.raises(FloatingPointError if name != "FAMO" else ValueError):
+    with pytest.raises(FloatingPointError):  # FAMO's too (it raised ValueError)
         getattr(B, name)(params, **({"n_tasks": 2} if name == "FAMO" else {})).backward(
             losses((30.0, float("inf"))))
 
@@ -1114,7 +1157,7 @@ def test_famo_call_that_raises_leaves_famo_as_it_was():
     sum(ls).backward(retain_graph=False)  # frees the graph: FAMO's backward pass fails
     with pytest.raises(RuntimeError):
         famo.backward(ls)
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
         famo.backward([losses()[0], torch.tensor(float("nan"), requires_grad=True)])
     assert torch.equal(famo.logits.detach(), before[0]) and famo.steps == before[1]
     state = famo._logit_opt.state_dict()["state"]
