@@ -221,6 +221,22 @@ def test_load_hooks_see_the_pub_entry_and_the_restored_optimizer():
     assert sd["pub"]["task_weights"].tolist() != [0.25, 0.75]  # the caller's dict is its own
 
 
+def test_state_dict_post_hooks_see_the_pub_entry_and_may_replace_the_dict():
+    # As on torch's optimizers, the post-hooks get the finished dict; "pub" was added after
+    # them, so a hook could neither see nor change it, and a dict it returned lost it.
+    problem, opt = _trained()
+    seen = []
+
+    def post(o, state_dict):
+        seen.append(sorted(state_dict))
+        return {**state_dict, "pub": {**state_dict["pub"], "note": "hooked"}}
+
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert seen == [["param_groups", "pub", "state"]]
+    assert sd["pub"]["note"] == "hooked" and sd["pub"]["num_tasks"] == 2
+
+
 # ---- state entries the step does not read ------------------------------------------------------
 
 

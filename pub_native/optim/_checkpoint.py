@@ -95,7 +95,14 @@ class Checkpoints:
         """torch's optimizer state dict plus ``"pub"``: K, shared params (by index), step
         counter, α̂ in use, solver warm start and the UMM."""
         self._read_device_result(raise_errors=False)
-        sd = super().state_dict()
+        # torch's state dict post-hooks run last, on the whole dict ("pub" included), as they
+        # do on torch's own.
+        post = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post
         index = {id(p): i for i, p in enumerate(self._all_params())}
         for p, entries in self._gathered_shard_state().items():
             sd["state"].setdefault(index[id(p)], {}).update(entries)
@@ -112,6 +119,10 @@ class Checkpoints:
                 np.array(weights[1], dtype=np.float64)),
             "umm": self.options.umm,
         }
+        for hook in post.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def _gathered_shard_state(self) -> dict:
