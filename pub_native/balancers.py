@@ -206,10 +206,10 @@ class GradientBalancer:
                 # One that no task reaches yet (an expert no example was routed to) is decided
                 # by the first call that reaches it, as one that is frozen now.
                 tasks = frozenset(i for i, r in enumerate(reach) if id(p) in r)
-                # One in a compiled graph is decided now, also with a zero gradient from every
-                # task (no task's alone: it takes the plain sum, see graph below).
+                # In a compiled graph, one that every task gave a zero gradient (a degenerate
+                # batch) is undecided as well, as it would be in eager mode where no task used it.
                 self._by_gradients[j] = compiled
-                self._reach[j] = tasks if compiled else tasks or None
+                self._reach[j] = tasks or None
         reach = [{id(p) for p, tasks in zip(self.params, self._reach, strict=True)
                   if tasks is not None and i in tasks} for i in range(len(losses))]
         counts = [sum(id(p) in r for r in reach) for p in self.params]
@@ -229,6 +229,14 @@ class GradientBalancer:
         decided = [p for p, tasks in zip(self.params, self._reach, strict=True)
                    if tasks is not None and id(p) not in shared_ids]
         self._specific = [decided] * len(losses)
+        # For a 1-D tensor of losses, whose tasks reach one another's heads through the stack
+        # (with zero gradients), each task takes only what it was found to reach, or K
+        # backward passes would each go through every head.
+        self._specific_stacked = [
+            [p for p, tasks, by_grad in zip(self.params, self._reach, self._by_gradients,
+                                            strict=True)
+             if tasks is not None and id(p) not in shared_ids and (by_grad or i in tasks)]
+            for i in range(len(losses))]
         # surprise[i]: those that task i was not found to reach by a walk of the graph, whose
         # gradient from task i (not balanced) is worth a warning.
         self._surprise = [{id(p) for p, tasks, by_grad in zip(self.params, self._reach,
@@ -245,25 +253,24 @@ class GradientBalancer:
         self._specific_all = [p for p in self.params if id(p) in specific_ids]
         self._multi = [p for p in self._specific_all if id(p) not in single_ids]
         self.k = len(losses)
-        if not any(tasks for p, tasks in zip(self.params, self._reach, strict=True)
-                   if p.requires_grad):
-            raise ValueError(_NOTHING_REACHED)
+        if not compiled and not any(tasks for p, tasks in zip(self.params, self._reach,
+                                                              strict=True) if p.requires_grad):
+            raise ValueError(_NOTHING_REACHED)  # (compiled: the gradients may all be zero)
 
     def _warn_surprises(self) -> None:
         """Warn once per parameter that a task the first call did not find reaching it gave a
         gradient to (see ``_surprise`` in _detect)."""
         for i, p in self._grads.surprises:
-            j = next(j for j, q in enumerate(self.params) if q is p)
-            if j in self._warned_surprise:
+            if id(p) in self._warned_surprise:
                 continue
-            self._warned_surprise.add(j)
+            self._warned_surprise.add(id(p))
+            j = next(j for j, q in enumerate(self.params) if q is p)
             first = sorted(self._reach[j])
             warnings.warn(
                 f"params[{j}] (shape {tuple(p.shape)}) was found to be reached by task(s) "
                 f"{first} alone when the balancer first saw it, but task {i} gives it a "
-                "gradient now: it is not balanced (it gets the sum of the tasks' gradients, "
-                "times the first task's weight where the method weights task-specific "
-                "parameters). Pass shared= (the parameters two or more tasks use) to balance it.",
+                "gradient now: it gets that gradient too, but is not balanced. Pass shared= "
+                "(the parameters two or more tasks use) to balance it.",
                 stacklevel=4)
 
     def _check_reached(self, raw_losses, losses: list[torch.Tensor]) -> None:
@@ -367,7 +374,7 @@ class GradientBalancer:
                 if bad:
                     raise FloatingPointError(f"non-finite loss in task(s) {bad}")
             given = self.shared + self._specific_all
-            aside = _set_aside(given)
+            aside = _zero_aside(given)
             try:
                 self._backward_fixed(losses, self.weights)
                 if scaler is None and not all(bool(torch.isfinite(p.grad).all())
@@ -376,11 +383,11 @@ class GradientBalancer:
                         "non-finite gradient of the shared parameters (on a step that reuses "
                         "the weights, of their weighted sum: the task is not known)")
             except BaseException:
-                _restore(given, aside)
+                _undo_aside(given, aside)
                 raise
             if self.max_norm > 0 and self.shared:
                 _clip_unscaled(self.shared, self.max_norm, scale)
-            _put_back(given, aside)
+            _add_back(given, aside)
             self.steps += 1
             self.stats["updated"] = False
             return
@@ -391,11 +398,11 @@ class GradientBalancer:
         specific = self._specific_all
         stash = _set_aside(specific)
         try:
-            specific_now = [_active(spec) for spec in self._specific]
-            # A 1-D tensor of losses: autograd gives every task a gradient (zeros) for what the
-            # other tasks reach through the stack, so no gradient there is a surprise.
-            surprise = None if isinstance(raw, torch.Tensor) else self._surprise
-            received = self._grads.compute(losses, specific_now, surprise=surprise)
+            stacked = isinstance(raw, torch.Tensor)
+            specific_now = [_active(spec) for spec in
+                            (self._specific_stacked if stacked else self._specific)]
+            received = self._grads.compute(losses, specific_now,
+                                           surprise=None if stacked else self._surprise)
             if not received and (_active(self.shared) or any(specific_now)):
                 raise ValueError(_NOTHING_REACHED)
             self._warn_surprises()
@@ -499,14 +506,14 @@ class GradientBalancer:
         shared parameters' ``.grad`` taken off them, so that the clipping sees this call's
         gradient alone (as the published code, which clips right after ``zero_grad`` and one
         backward); None otherwise."""
-        return _set_aside(self.shared) if self.max_norm > 0 and self.shared else None
+        return _zero_aside(self.shared) if self.max_norm > 0 and self.shared else None
 
     def _clip_contribution(self, aside: list | None, scale: float) -> None:
         """Clip the shared gradient of this call and add back what ``.grad`` held before it;
         ``scale``: the GradScaler's scale of the losses (1 without one)."""
         if aside is not None:
             _clip_unscaled(self.shared, self.max_norm, scale)
-            _put_back(self.shared, aside)
+            _add_back(self.shared, aside)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -966,7 +973,7 @@ class FAMO(GradientBalancer):
             try:
                 torch.autograd.backward(total, inputs=_active(self.params))
             except BaseException:
-                _restore(self.shared, aside)
+                _undo_aside(self.shared, aside)
                 raise
         except BaseException:
             with torch.no_grad():
@@ -1906,6 +1913,40 @@ def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) ->
         torch._foreach_mul_(grads, 1.0 / scale)
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         torch._foreach_mul_(grads, scale)
+
+
+def _zero_aside(params: list[torch.Tensor]) -> list:
+    """A copy of the ``.grad`` of params, the tensors zeroed in place, so that a backward pass
+    leaves in them its own gradient only; _add_back adds the copies back, _undo_aside puts
+    ``.grad`` back as it was. The tensors stay ``.grad`` (under DDP's gradient_as_bucket_view
+    they are its buckets, which its reducer writes into)."""
+    kept = []
+    for p in params:
+        g = p.grad
+        kept.append((g, None if g is None else g.clone()))
+        if g is not None:
+            g.zero_()
+    return kept
+
+
+def _add_back(params: list[torch.Tensor], kept: list | None) -> None:
+    if kept is None:
+        return
+    for p, (_, old) in zip(params, kept, strict=True):
+        if old is not None:
+            if p.grad is None:
+                p.grad = old
+            else:
+                p.grad.add_(old)
+
+
+def _undo_aside(params: list[torch.Tensor], kept: list | None) -> None:
+    if kept is None:
+        return
+    for p, (g, old) in zip(params, kept, strict=True):
+        if g is not None:
+            g.copy_(old)
+        p.grad = g
 
 
 def _set_aside(params: list[torch.Tensor]) -> list:
