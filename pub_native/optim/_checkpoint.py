@@ -328,10 +328,16 @@ class Checkpoints:
                     "pub['num_tasks'])")
             w = v.detach().cpu().double().numpy().copy()
             # A step that reuses the weights applies them as they are: a NaN, an Inf or a
-            # negative weight would be written into the parameters.
+            # negative weight would be written into the parameters, and so would an overflow
+            # of weights far from the sum of 1 (or 0: every task excluded) they are normalized
+            # to with weight_norm="sum".
             if not (np.isfinite(w).all() and (w >= 0).all()):
                 raise ValueError(f"loaded pub[{name!r}] is {w.tolist()}: the weights must be "
                                  "finite and >= 0")
+            if name == "task_weights" and self.options.weight_norm == "sum" \
+                    and w.any() and abs(w.sum() - 1.0) > 1e-6:
+                raise ValueError(f"loaded pub[{name!r}] is {w.tolist()}: with "
+                                 "weight_norm='sum' the weights sum to 1 (or are all 0)")
             weights.append(w)
         return {"k": k, "step": step, "shared": shared, "undecided": set(undecided),
                 "weights": tuple(weights)}
@@ -371,7 +377,7 @@ class Checkpoints:
         pub = loaded["pub"]
         grads, views, present, decided = (self._grads, self._grad_views, self._present,
                                           self._decided)
-        pending = self._pending
+        pending, unfit = self._pending, self._unfit_pending
         keep = (self._explicit_shared, self.options, self.backend, self._dp, self._dp_resolved)
         self._reset_pub()
         (self._explicit_shared, self.options, self.backend, self._dp,
@@ -391,6 +397,8 @@ class Checkpoints:
             self._solved = pub["weights"][0] is not None
             self._seed_weights = pub["weights"]
         if not pending:
+            # Task gradients an earlier load found unfit stay unfit (they were not kept).
+            self._unfit_pending = unfit
             return
         # backward(losses) ran before this load: its task gradients stay for the next step
         # where they fit what was loaded (the same K and shared parameters; a checkpoint that
