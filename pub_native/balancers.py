@@ -162,6 +162,7 @@ class GradientBalancer:
         self._warned_compiled = False
         self._warned_surprise: set[int] = set()
         self._loaded_k: int | None = None  # K of a state dict loaded before the first call
+        self._reach_checked = False  # by _check_reached, on this object's first call
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -229,14 +230,6 @@ class GradientBalancer:
         decided = [p for p, tasks in zip(self.params, self._reach, strict=True)
                    if tasks is not None and id(p) not in shared_ids]
         self._specific = [decided] * len(losses)
-        # For a 1-D tensor of losses, whose tasks reach one another's heads through the stack
-        # (with zero gradients), each task takes only what it was found to reach, or K
-        # backward passes would each go through every head.
-        self._specific_stacked = [
-            [p for p, tasks, by_grad in zip(self.params, self._reach, self._by_gradients,
-                                            strict=True)
-             if tasks is not None and id(p) not in shared_ids and (by_grad or i in tasks)]
-            for i in range(len(losses))]
         # surprise[i]: those that task i was not found to reach by a walk of the graph, whose
         # gradient from task i (not balanced) is worth a warning.
         self._surprise = [{id(p) for p, tasks, by_grad in zip(self.params, self._reach,
@@ -281,6 +274,7 @@ class GradientBalancer:
                                 for root in task_roots(raw_losses, losses)))
         if not any(id(p) in reached for p in _active(self.params)):
             raise ValueError(_NOTHING_REACHED)
+        self._reach_checked = True
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -373,19 +367,21 @@ class GradientBalancer:
                        if not bool(torch.isfinite(loss.detach()).all())]
                 if bad:
                     raise FloatingPointError(f"non-finite loss in task(s) {bad}")
+            # .grad set aside where the call must see its own gradient alone: for the check
+            # (so that a call that raises leaves .grad as it was) and for the clipping.
+            clip = self.max_norm > 0 and bool(self.shared)
             given = self.shared + self._specific_all
-            aside = _zero_aside(given)
+            aside = _zero_aside(given) if scaler is None or clip else None
             try:
                 self._backward_fixed(losses, self.weights)
-                if scaler is None and not all(bool(torch.isfinite(p.grad).all())
-                                              for p in self.shared if p.grad is not None):
+                if scaler is None and not _all_finite([p.grad for p in self.shared]):
                     raise FloatingPointError(
                         "non-finite gradient of the shared parameters (on a step that reuses "
                         "the weights, of their weighted sum: the task is not known)")
             except BaseException:
                 _undo_aside(given, aside)
                 raise
-            if self.max_norm > 0 and self.shared:
+            if clip:
                 _clip_unscaled(self.shared, self.max_norm, scale)
             _add_back(given, aside)
             self.steps += 1
@@ -398,9 +394,11 @@ class GradientBalancer:
         specific = self._specific_all
         stash = _set_aside(specific)
         try:
+            # A 1-D tensor of losses: through the stack every task reaches every head (with a
+            # zero gradient where it does not use it), so that no gradient is a surprise, and
+            # each task's backward goes through every head (pass a list to spare that).
             stacked = isinstance(raw, torch.Tensor)
-            specific_now = [_active(spec) for spec in
-                            (self._specific_stacked if stacked else self._specific)]
+            specific_now = [_active(spec) for spec in self._specific]
             received = self._grads.compute(losses, specific_now,
                                            surprise=None if stacked else self._surprise)
             if not received and (_active(self.shared) or any(specific_now)):
@@ -805,7 +803,7 @@ class Uncertainty(GradientBalancer):
         by the same factor, so that every gradient, ``log_vars``' included, is the scaled one
         that ``scaler.unscale_`` and ``scaler.step`` expect."""
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
-        if self.steps == 0:
+        if not self._reach_checked:
             self._check_reached(raw, losses)
         self.steps += 1
         s = self.log_vars
@@ -944,7 +942,7 @@ class FAMO(GradientBalancer):
         raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         if self.max_norm > 0 and (self.shared is None or self._undecided()):
             self._detect(raw, items)
-        elif self.steps == 0:
+        elif not self._reach_checked:
             self._check_reached(raw, items)
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         if scaler is not None and not all(bool(torch.isfinite(loss.detach()).all())
@@ -1006,6 +1004,11 @@ class FAMO(GradientBalancer):
         probe = torch.optim.Adam([torch.zeros(self.k, dtype=torch.float64, requires_grad=True)])
         try:  # what the logits' Adam would refuse, refused before anything is loaded
             probe.load_state_dict(copy.deepcopy(opt_state))
+            entries = [v for st in probe.state.values() for name, v in st.items()
+                       if name != "step"]
+            if any(not isinstance(v, torch.Tensor) or tuple(v.shape) != (self.k,)
+                   or not bool(torch.isfinite(v).all()) for v in entries):
+                raise ValueError(f"its state must be finite tensors of shape ({self.k},)")
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ValueError(f"state_dict['logit_optimizer'] is not a state dict of the "
                              f"logits' Adam ({type(e).__name__}: {e})") from None
@@ -1014,6 +1017,8 @@ class FAMO(GradientBalancer):
             with torch.no_grad():  # in place: the logits' Adam holds this tensor
                 self.logits.copy_(logits)
             self._logit_opt.load_state_dict(opt_state)
+            group = self._logit_opt.param_groups[0]  # the saved options win, as in torch
+            self.w_lr, self.gamma = float(group["lr"]), float(group["weight_decay"])
             self._prev_log_d = prev
             self._updated, self._skip_update = flags
         return apply
@@ -1913,6 +1918,22 @@ def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) ->
         torch._foreach_mul_(grads, 1.0 / scale)
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         torch._foreach_mul_(grads, scale)
+
+
+def _all_finite(grads: list) -> bool:
+    """Whether every element of the tensors (None skipped) is finite: their sums (in float32
+    at least, where an Inf or NaN stays non-finite) in one wait for the results, then, only if
+    one is not finite (an overflow of the sum, or a non-finite element), each element."""
+    grads = [g.detach() for g in grads if g is not None]
+    if not grads:
+        return True
+    if any(g.is_sparse for g in grads):
+        grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    sums = [g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+            for g in grads]
+    if bool(torch.isfinite(torch.stack([t.to(sums[0].device) for t in sums])).all()):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def _zero_aside(params: list[torch.Tensor]) -> list:
