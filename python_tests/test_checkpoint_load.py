@@ -81,6 +81,19 @@ def test_non_finite_or_negative_loaded_weights_raise_and_change_nothing(name, va
     assert all(bool(torch.isfinite(p).all()) for p in params)
 
 
+def test_a_checkpoint_of_another_weight_norm_is_refused_and_bfloat16_weights_taken():
+    problem, opt = _trained(update_weights_every=10)
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["pub"]["weight_norm"] == "sum"
+    raw = pub_native.Adam(problem.clone().groups(), update_weights_every=10, weight_norm="none")
+    with pytest.raises(ValueError, match="weight_norm='sum'"):
+        raw.load_state_dict(sd)
+    sd["pub"]["task_weights"] = sd["pub"]["task_weights"].to(torch.bfloat16)  # a tool's copy
+    fresh = pub_native.Adam(problem.clone().groups(), update_weights_every=10)
+    fresh.load_state_dict(sd)
+    assert fresh.task_weights is not None
+
+
 _BAD_PUB = [
     # (what, change of the "pub" entry, error, message)
     ("step str", {"step": "x"}, TypeError, r"pub\['step'\] is 'x'"),
