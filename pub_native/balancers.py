@@ -501,9 +501,9 @@ class GradientBalancer:
 
     def _set_aside_clipped(self) -> list | None:
         """Where the method clips its shared gradient (``max_norm`` > 0: NashMTL, FAMO), the
-        shared parameters' ``.grad`` taken off them, so that the clipping sees this call's
-        gradient alone (as the published code, which clips right after ``zero_grad`` and one
-        backward); None otherwise."""
+        shared parameters' ``.grad`` set aside (_zero_aside), so that the clipping sees this
+        call's gradient alone (as the published code, which clips right after ``zero_grad`` and
+        one backward); None otherwise."""
         return _zero_aside(self.shared) if self.max_norm > 0 and self.shared else None
 
     def _clip_contribution(self, aside: list | None, scale: float) -> None:
@@ -1973,7 +1973,8 @@ def _undo_aside(params: list[torch.Tensor], kept: list | None) -> None:
 def _set_aside(params: list[torch.Tensor]) -> list:
     """The ``.grad`` of params, taken off them (None left), so that what follows fills them
     with its own gradient only; _put_back adds them back, _restore puts them back as they
-    were."""
+    were. Only around autograd.grad: a backward pass under DDP may write into the tensors
+    taken off (see _zero_aside)."""
     grads = [p.grad for p in params]
     for p in params:
         p.grad = None
