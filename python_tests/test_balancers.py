@@ -1222,41 +1222,28 @@ def test_famo_update_after_a_step_the_grad_scaler_skipped_does_nothing():
             assert not torch.equal(famo.logits.detach(), logits)
 
 
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
 @pytest.mark.parametrize("name", ["nashmtl", "mgda-ub", "imtl-g"])
-def test_a_non_finite_loss_on_a_step_that_reuses_the_weights_raises(name):
-    # As on the steps that compute the weights (there the Gram sees it): a FloatingPointError
-    # naming the task, .grad and the step count as they were. Before, the NaN went into .grad.
+def test_a_non_finite_loss_or_gradient_on_a_step_that_reuses_the_weights_raises(name, bad):
+    # As on the steps that compute the weights (there the Gram sees it): a FloatingPointError,
+    # .grad and the step count as they were. Before, the NaN went into .grad. A NaN loss names
+    # its task; √(θ₀ − θ₀) is a finite loss (0) with an infinite gradient, whose task the
+    # weighted sum of the tasks that this step takes does not tell.
     t = Linear(rand_grads(2, 4, 8))
     bal = B.BALANCERS[name](t.params, update_weights_every=3)
     t.run(bal)
     grads = [p.grad.clone() for p in t.params]
     steps, weights = bal.steps, bal.weights
     losses = t.losses()
-    losses[1] = losses[1] * float("nan")
-    with pytest.raises(FloatingPointError, match=r"task\(s\) \[1\]"):
+    if bad == "loss":
+        losses[1] = losses[1] * float("nan")
+    else:
+        losses[1] = losses[1] + torch.sqrt(t.theta[0] - t.theta[0].detach())
+        assert math.isfinite(float(losses[1].detach()))
+    match = r"task\(s\) \[1\]" if bad == "loss" else "non-finite gradient of the shared"
+    with pytest.raises(FloatingPointError, match=match):
         bal.backward(losses)
     assert bal.steps == steps and bal.weights is weights
-    for p, g in zip(t.params, grads):
-        assert torch.equal(p.grad, g)
-    t.run(bal)  # the reuse step, taken again
-    assert not bal.stats["updated"] and bal.steps == steps + 1
-
-
-@pytest.mark.parametrize("name", ["nashmtl", "mgda-ub", "imtl-g"])
-def test_a_non_finite_gradient_of_a_finite_loss_on_a_step_that_reuses_the_weights_raises(name):
-    # √(θ₀ − θ₀) is 0 with an infinite gradient: the step that computes the weights raised
-    # (its Gram saw it), the step that reuses them wrote it into .grad.
-    t = Linear(rand_grads(2, 4, 8))
-    bal = B.BALANCERS[name](t.params, update_weights_every=3)
-    t.run(bal)
-    grads = [p.grad.clone() for p in t.params]
-    steps = bal.steps
-    losses = t.losses()
-    losses[1] = losses[1] + torch.sqrt(t.theta[0] - t.theta[0].detach())
-    assert math.isfinite(float(losses[1].detach()))
-    with pytest.raises(FloatingPointError, match="non-finite gradient of the shared"):
-        bal.backward(losses)
-    assert bal.steps == steps
     for p, g in zip(t.params, grads):
         assert torch.equal(p.grad, g)
     t.run(bal)  # the reuse step, taken again
