@@ -79,6 +79,7 @@ def case_runs(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow  # a run of every case on three threads (CI runs it)
 def test_every_loop_is_bitwise_independent_of_thread_count(case_runs):
     one = case_runs("one", OMP_NUM_THREADS="1")
     three = case_runs("three", OMP_NUM_THREADS="3")
