@@ -166,7 +166,7 @@ def test_nccl_world_of_one_on_cuda(tmp_path):
 
 
 @pytest.mark.parametrize("mode,match", [
-    ("no-sync-misuse", "no_sync"),
+    pytest.param("no-sync-misuse", "no_sync", marks=pytest.mark.slow),
     pytest.param("different-k", "same number of losses",  # an error everywhere, not a hang
                  marks=pytest.mark.slow),
     pytest.param("no-wrapper", "not wrapped in DistributedDataParallel",
@@ -217,7 +217,7 @@ def test_a_different_number_of_losses_under_a_balancer_raises_everywhere(tmp_pat
 
 
 @pytest.mark.parametrize("mode,match", [
-    ("absent-first", "no loss graph in this batch"),
+    pytest.param("absent-first", "no loss graph in this batch", marks=pytest.mark.slow),
     pytest.param("all-absent-first", "no task loss requires grad", marks=pytest.mark.slow)])
 def test_a_task_absent_from_one_first_batch_raises_everywhere(tmp_path, mode, match):
     # Shared parameters cannot be detected from a first batch that lacks a task on one process,
