@@ -46,6 +46,7 @@ from ._autograd import (
     walk_graph,
 )
 from ._distributed import agree_on, average_gradients, data_parallel_group, ddp_holders
+from ._rollback import attributes_kept_on_error
 from .solver import METHODS, SolveStatus, solve_weights
 
 __all__ = [
@@ -74,14 +75,8 @@ def _unchanged_if_it_raises(backward):
     the statistics; the call may be made again (with other losses: another number of tasks)."""
     @functools.wraps(backward)
     def call(self, *args, **kwargs):
-        saved = {name: copy.copy(value) if isinstance(value, (list, dict, set)) else value
-                 for name, value in vars(self).items()}
-        try:
+        with attributes_kept_on_error(self):
             return backward(self, *args, **kwargs)
-        except BaseException:
-            vars(self).clear()
-            vars(self).update(saved)
-            raise
     return call
 
 
@@ -526,7 +521,7 @@ class LS(GradientBalancer):
         taken as the other balancers take it and changes nothing: an overflow gives the
         non-finite sum that ``scaler.step`` skips."""
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
-        if self.k is None:
+        if not self._reach_checked:
             self._check_reached(raw, losses)
         self.k = len(losses)
         self.steps += 1
@@ -957,6 +952,7 @@ class FAMO(GradientBalancer):
         # A call that raises leaves FAMO as it was: the logits' implicit update below comes
         # before the backward pass that may still fail.
         saved = (self.logits.detach().clone(), copy.deepcopy(self._logit_opt.state_dict()))
+        aside = None
         try:
             update = None
             if not self._updated:
@@ -968,12 +964,9 @@ class FAMO(GradientBalancer):
             w = z / (c * d)
             total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
             aside = self._set_aside_clipped()
-            try:
-                torch.autograd.backward(total, inputs=_active(self.params))
-            except BaseException:
-                _undo_aside(self.shared, aside)
-                raise
+            torch.autograd.backward(total, inputs=_active(self.params))
         except BaseException:
+            _undo_aside(self.shared, aside)
             with torch.no_grad():
                 self.logits.copy_(saved[0])
             self._logit_opt.load_state_dict(saved[1])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .._distributed import all_gather
+from .._rollback import attributes_kept_on_error
 from ._compile import register as register_for_compile
 from ._plan import state_dtype
 
@@ -198,13 +199,8 @@ class Checkpoints:
         # groups; _reset_pub new PUB attributes) and changes none in place: what was there
         # before is put back if any part raises, e.g. torch's own __setstate__ on a per-parameter
         # 'step' it cannot read.
-        before = dict(self.__dict__)
-        try:
+        with attributes_kept_on_error(self):
             self._load_checked(state_dict, loaded)
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(before)
-            raise
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
