@@ -406,9 +406,7 @@ class Checkpoints:
         # backward(losses) ran before this load: its task gradients stay for the next step
         # where they fit what was loaded (the same K and shared parameters; a checkpoint that
         # decided none keeps this optimizer's decisions), as torch keeps .grad.
-        index = {id(p): i for i, p in enumerate(params)}
-        if shared is None or [index[id(p)] for p in shared] == [index[id(p)] for p in
-                                                                 grads.params]:
+        if shared is None or [id(p) for p in shared] == [id(p) for p in grads.params]:
             if shared is None:
                 self._decided = decided
             self._k = grads.k
