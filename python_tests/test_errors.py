@@ -3,6 +3,7 @@ that raises leaves parameters and optimizer state exactly as they were."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import F32, F64
@@ -201,6 +202,46 @@ def test_infinite_learning_rate_is_blamed_on_the_learning_rate():
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] is inf"):
         opt.step()
     assert_unchanged(opt, problem.params(), snap)
+
+
+@pytest.mark.parametrize("name,key,value,match", [
+    ("adam", "lr", "0.1", "a real number"),  # float() would parse it
+    ("adam", "lr", None, "a real number"),
+    ("adam", "lr", [1e-3], "a real number"),
+    ("adam", "lr", torch.tensor([1e-3, 1e-3]), "a real number"),
+    ("adam", "eps", 1e-8 + 0j, "a real number"),
+    ("adam", "betas", (0.9, "0.999"), "2 real numbers"),
+    ("adam", "betas", (0.9,), "2 real numbers"),
+    ("adagrad", "lr_decay", "0", "a real number"),
+    ("rmsprop", "momentum", None, "a real number"),
+])
+@pytest.mark.parametrize("reuse", [False, True], ids=["first-step", "kept-plan"])
+def test_a_group_option_that_is_not_a_number_is_named_and_changes_nothing(
+        name, key, value, match, reuse):
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=45)
+    opt = run_pub(NATIVE[name], problem, 2 if reuse else 0)
+    snap = snapshot(opt, problem.params())
+    opt.param_groups[0][key] = value
+    opt.zero_grad()
+    opt.backward(problem.losses(2))
+    with pytest.raises(TypeError, match=rf"param_groups\[0\]\['{key}'\] must be {match}"):
+        opt.step()
+    assert_unchanged(opt, problem.params(), snap)
+
+
+@pytest.mark.parametrize("value", [np.float32(1e-3), torch.tensor(1e-3), torch.tensor([1e-3]), 1])
+def test_a_group_option_that_is_a_real_number_of_another_type_steps_as_a_float(value):
+    problem = Problem(SHAPES["small"], 2, dtype=F64, seed=46)
+    opts = []
+    for lr in (float(value), value):
+        mine = problem.clone()
+        opt = run_pub(pub_native.Adam, mine, 1)
+        opt.param_groups[0]["lr"] = lr
+        run_pub(pub_native.Adam, mine, 2, start=1, opt=opt)
+        opts.append(mine)
+    for a, b in zip(opts[0].params(), opts[1].params()):
+        assert torch.equal(a, b)
+    assert not torch.equal(opts[0].shared[0], problem.shared[0])  # it stepped
 
 
 def test_overflowing_updates_with_finite_gradients_blame_the_hyperparameters():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -347,6 +348,53 @@ def check_base_row(row: list[float], gi: int) -> list[float]:
     return row
 
 
+def _is_real(value) -> bool:
+    kind = type(value)
+    if kind is float or kind is int:
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, numbers.Real)
+
+
+@functools.lru_cache(maxsize=64)
+def _number_options(defaults: tuple) -> tuple:
+    """The options whose default is a real number, and those whose default is a tuple of real
+    numbers with its length, from a defaults dict's items (hashable ones only)."""
+    scalars, tuples = [], []
+    for key, default in defaults:
+        if isinstance(default, tuple):
+            if default and all(_is_real(d) and not isinstance(d, bool) for d in default):
+                tuples.append((key, len(default)))
+        elif _is_real(default) and not isinstance(default, bool):
+            scalars.append(key)
+    return tuple(scalars), tuple(tuples)
+
+
+def group_row(opt, group: dict, gi: int) -> list[float]:
+    """The constants of ``opt.param_groups[gi]`` in ``BaseCol`` order, as floats. Every option
+    whose default is a number (or a tuple of numbers, like Adam's betas) must be a real number
+    or a one-element real tensor: anything else (a string, which ``float`` would parse, None, a
+    complex number, a tensor of several elements) is a TypeError naming it, as torch's own step
+    fails on it."""
+    try:
+        scalars, tuples = _number_options(tuple(opt.defaults.items()))
+    except TypeError:  # a default that cannot be hashed (a tensor lr): checked uncached
+        scalars, tuples = _number_options.__wrapped__(tuple(opt.defaults.items()))
+    for key in scalars:
+        value = group.get(key)
+        if not _is_real(value):
+            raise TypeError(f"param_groups[{gi}]['{key}'] must be a real number or a "
+                            f"one-element tensor, got {type(value).__name__} {value!r:.60}")
+    for key, n in tuples:
+        value = group.get(key)
+        if not (isinstance(value, (tuple, list)) and len(value) == n
+                and all(_is_real(v) for v in value)):
+            raise TypeError(f"param_groups[{gi}]['{key}'] must be {n} real numbers, got "
+                            f"{type(value).__name__} {value!r:.60}")
+    return [float(v) for v in opt._base_row(group)]
+
+
 def build_base(rows: list[list[float]]) -> np.ndarray:
     return np.array([check_base_row(r, gi) for gi, r in enumerate(rows)],
                     dtype=np.float64).reshape(len(rows), int(BaseCol.COLS))
@@ -389,7 +437,7 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
     # parameter whether it was stepped and with what.
     memo_groups, memo_rows = [], []
     for gi, group in enumerate(opt.param_groups):
-        base_row = [float(v) for v in opt._base_row(group)]
+        base_row = group_row(opt, group, gi)
         base_rows.append(base_row)
         config = _group_config(opt, group, base_row)
         flags, maximize, l2, state_names, init = config
@@ -542,7 +590,7 @@ class PlanMemo:
             now = _options_of(group)
             if options is not None and now == options:
                 continue
-            base_row = [float(v) for v in opt._base_row(group)]
+            base_row = group_row(opt, group, gi)
             if _group_config(opt, group, base_row) != config:
                 return None
             changed[gi] = (base_row, now)
