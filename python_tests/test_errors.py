@@ -244,6 +244,19 @@ def test_a_group_option_that_is_a_real_number_of_another_type_steps_as_a_float(v
     assert not torch.equal(opts[0].shared[0], problem.shared[0])  # it stepped
 
 
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_differentiable_set_in_a_group_after_construction_is_refused(name):
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=47)
+    opt = run_pub(NATIVE[name], problem, 1)
+    snap = snapshot(opt, problem.params())
+    opt.param_groups[1]["differentiable"] = True
+    opt.zero_grad()
+    opt.backward(problem.losses(1))
+    with pytest.raises(NotImplementedError, match=r"param_groups\[1\]\['differentiable'\]"):
+        opt.step()
+    assert_unchanged(opt, problem.params(), snap)
+
+
 def test_overflowing_updates_with_finite_gradients_blame_the_hyperparameters():
     # Finite gradients, finite lr, but updates whose squares overflow float64 in G.
     p = torch.ones(4, dtype=F64, requires_grad=True)

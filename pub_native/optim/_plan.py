@@ -376,7 +376,7 @@ def group_row(opt, group: dict, gi: int) -> list[float]:
     whose default is a number (or a tuple of numbers, like Adam's betas) must be a real number
     or a one-element real tensor: anything else (a string, which ``float`` would parse, None, a
     complex number, a tensor of several elements) is a TypeError naming it, as torch's own step
-    fails on it."""
+    fails on it. ``differentiable=True``, refused when the group was made, is refused here too."""
     try:
         scalars, tuples = _number_options(tuple(opt.defaults.items()))
     except TypeError:  # a default that cannot be hashed (a tensor lr): checked uncached
@@ -392,6 +392,9 @@ def group_row(opt, group: dict, gi: int) -> list[float]:
                 and all(_is_real(v) for v in value)):
             raise TypeError(f"param_groups[{gi}]['{key}'] must be {n} real numbers, got "
                             f"{type(value).__name__} {value!r:.60}")
+    if group.get("differentiable", False):  # set in the group after construction, or loaded
+        raise NotImplementedError(f"param_groups[{gi}]['differentiable'] is True: PUB "
+                                  "optimizers do not support differentiable=True")
     return [float(v) for v in opt._base_row(group)]
 
 
