@@ -8,27 +8,67 @@
 #   PYTHON=/path/to/python bash benches/bench_build.sh
 #
 # Prints the machine, its load before each build, each build's time and its five slowest steps
-# (from ninja's log), and writes bench_results/bench_build.json. The python used needs pip,
-# scikit-build-core, pybind11, cmake and ninja; ON needs nvcc (reported as skipped otherwise).
+# (from ninja's log), and writes bench_results/bench_build.json after each build. The python
+# used (PYTHON, else .venv/bin/python, else python3) needs pip, scikit-build-core, pybind11,
+# cmake and ninja, which the README's set-up does not put into .venv (its pip builds in an
+# isolated environment): `.venv/bin/pip install scikit-build-core pybind11 cmake ninja`.
+# Without ninja the build would fall back to make, one file at a time, and measure something
+# else: the script refuses. ON needs nvcc (reported as skipped otherwise).
 set -euo pipefail
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 root=$(cd "$(dirname "$0")/.." && pwd)
-py=${PYTHON:-$root/.venv/bin/python}
-[ -x "$py" ] || py=python3
-settings=("$@")
+
+settings=()
+for arg in "$@"; do
+  case $arg in
+    OFF | ON) settings+=("$arg") ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "bench_build.sh: a setting must be OFF or ON, got '$arg'" >&2; usage >&2; exit 2 ;;
+  esac
+done
 [ ${#settings[@]} -gt 0 ] || settings=(OFF ON)
+
+if [ -n "${PYTHON:-}" ]; then
+  py=$PYTHON
+  if ! [ -x "$py" ] && ! py=$(command -v "$PYTHON"); then
+    echo "bench_build.sh: PYTHON=$PYTHON is not an executable" >&2
+    exit 2
+  fi
+elif [ -x "$root/.venv/bin/python" ]; then
+  py=$root/.venv/bin/python
+else
+  py=$(command -v python3)
+fi
+
+# What the build needs, checked before anything is built. ninja and cmake count when they are
+# on PATH or installed as Python packages (where scikit-build-core finds them too).
+missing=()
+for mod in pip scikit_build_core pybind11; do
+  "$py" -c "import $mod" >/dev/null 2>&1 || missing+=("${mod//_/-}")
+done
+for tool in cmake ninja; do
+  command -v "$tool" >/dev/null 2>&1 || "$py" -c "import $tool" >/dev/null 2>&1 \
+    || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bench_build.sh: $py lacks ${missing[*]}; install with" >&2
+  echo "  $py -m pip install scikit-build-core pybind11 cmake ninja" >&2
+  exit 2
+fi
+
 work=$(mktemp -d "${TMPDIR:-/tmp}/pn-bench-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-
+cxx=${CXX:-c++}
 echo "bench_build: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')," \
-  "$(nproc) cores, $("$py" -c 'import platform; print("Python", platform.python_version())')," \
-  "$(c++ --version 2>/dev/null | head -1)"
+  "$(nproc) cores, $("$py" -c 'import platform; print("Python", platform.python_version())')" \
+  "($py), $cxx: $("$cxx" --version 2>/dev/null | head -1)"
 nvcc_version=$(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || true)
 echo "nvcc: ${nvcc_version:-not found}; CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-unset}"
 
+mkdir -p "$root/bench_results"
 json="["
 sep=""
 for setting in "${settings[@]}"; do
-  case $setting in OFF | ON) ;; *) echo "setting must be OFF or ON, got $setting" >&2; exit 2 ;; esac
   if [ "$setting" = ON ] && [ -z "$nvcc_version" ]; then
     echo; echo "PUB_NATIVE_CUDA=ON: skipped (no nvcc on PATH)"; continue
   fi
@@ -54,11 +94,17 @@ for setting in "${settings[@]}"; do
   if [ -n "$log" ]; then
     echo "  slowest steps (s):"
     awk 'NR > 1 { printf "%8.1f  %s\n", ($2 - $1) / 1000, $4 }' "$log" | sort -rn | head -5
+  else
+    echo "  (no ninja log: the build did not run ninja; its time is not comparable)"
   fi
   json+="$sep{\"setting\": \"$setting\", \"seconds\": $seconds, \"load\": \"$load\"}"
   sep=", "
+  # Written after each build, so that a later build that fails loses nothing.
+  printf '{"cpu_count": %s, "builds": %s]}\n' "$(nproc)" "$json" \
+    >"$root/bench_results/bench_build.json"
 done
-json+="]"
-mkdir -p "$root/bench_results"
-printf '{"cpu_count": %s, "builds": %s}\n' "$(nproc)" "$json" >"$root/bench_results/bench_build.json"
-echo; echo "wrote bench_results/bench_build.json"
+if [ -n "$sep" ]; then
+  echo; echo "wrote bench_results/bench_build.json"
+else
+  echo; echo "nothing built"
+fi
