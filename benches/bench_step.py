@@ -26,15 +26,16 @@ not fail a job that runs this script.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+from _cli import check_json_path, list_of, non_negative_int, positive_int, write_json
 
 import pub_native
 from pub_native._platform import cpu_name
@@ -212,18 +213,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--quick", action="store_true",
                     help="P = 1M, K = 2, 3 rounds, 1 reference step (options given win)")
-    ap.add_argument("--sizes", type=_list_of(_size), default=None,
+    ap.add_argument("--sizes", type=list_of(_size), default=None,
                     help="comma-separated P in millions, e.g. 0.5,16 (default 1,16)")
-    ap.add_argument("--tasks", type=_list_of(_positive_int), default=None,
+    ap.add_argument("--tasks", type=list_of(positive_int), default=None,
                     help="comma-separated K >= 1 (default 2,4,8)")
-    ap.add_argument("--rounds", type=_positive_int, default=None,
+    ap.add_argument("--rounds", type=positive_int, default=None,
                     help="timed steps per median (default 11)")
-    ap.add_argument("--reference-rounds", type=_non_negative_int, default=None,
+    ap.add_argument("--reference-rounds", type=non_negative_int, default=None,
                     help="timed steps of the reference (default 3; 0: not timed)")
-    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write the results here (its folder is made)")
     args = ap.parse_args(argv)
-    if args.json:
-        _check_writable(ap, args.json)
+    args.json = check_json_path(ap, args.json)
 
     quick = args.quick
     sizes = args.sizes or ([M] if quick else [M, 16 * M])
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
                   f"PUB {t_pub * 1e3:.1f} ms ({row['pub_over_fused']:.2f}x), reuse "
                   f"{t_reuse * 1e3:.1f} ms ({row['reuse_over_fused']:.2f}x)", flush=True)
             if args.json:  # what is measured so far, in case the run is stopped
-                _write_json(args.json, results)
+                write_json(args.json, results)
     # The reference after every round robin: its large temporaries, freed, leave the memory that
     # the next tensors get in another state (fused Adam ran at 5.7 instead of 9 ms after them).
     for row in rows:
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
               f"{ref_ratio} | {r['achieved_bandwidth'] / 1e9:>6.2f} "
               f"{r['bandwidth_fraction']:>6.0%} | {r['solve_s'] * 1e6:>6.0f}µs")
     if args.json:
-        _write_json(args.json, results)
+        write_json(args.json, results)
 
     p_opts = max(sizes)
     option_rows = results["option_sets"] = bench_option_sets(p_opts, rounds)
@@ -351,33 +352,13 @@ def main(argv=None) -> int:
               "(--sizes 16)")
     if args.json:
         results["verdict"] = {k: v[3] for k, v in verdict.items()}
-        _write_json(args.json, results)
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return 0
 
 
 def _mega(p: int) -> str:
     return f"{p / M:g}M"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def _size(text: str) -> int:
@@ -390,42 +371,6 @@ def _size(text: str) -> int:
     if p < N_TENSORS:
         raise argparse.ArgumentTypeError(f"P = {text}M is less than {N_TENSORS} elements")
     return p
-
-
-def _list_of(item):
-    def parse(text: str) -> list:
-        parts = text.split(",")
-        if any(not part.strip() for part in parts):
-            raise argparse.ArgumentTypeError(f"an empty item in {text!r}")
-        return [item(part.strip()) for part in parts]
-    return parse
-
-
-def _check_writable(ap, path: str) -> None:
-    """Fail before measuring when --json cannot be written (its folder is made if missing)."""
-    try:
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        ap.error(f"--json {path}: cannot be written ({e.strerror or e})")
-
-
-def _no_nan(value):
-    """NaN (a step not timed) as null: strict JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_no_nan(v) for v in value]
-    return value
-
-
-def _write_json(path: str, results: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(_no_nan(results), f, indent=2, allow_nan=False)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,15 @@ Every method trains its own copy of the same initial model on the same batches, 
 (each batch goes through every method before the next one, so the machine's load hits all of
 them alike). Reported per method: the median step time, and the median over the rounds of its
 ratio to LS in that round. Targets: PUB at most 1.2× LS (update_weights_every = 1), and at
-least 6× faster than TorchJD's NashMTL.
+least 6× faster than TorchJD's NashMTL, both on these paired ratios (the median over the rounds
+of the ratio within a round), compared as printed (two decimals); each model and batch size gets
+a PASS or FAIL line. TorchJD and its extras (cvxpy and ECOS for its NashMTL, quadprog for its
+UPGrad) are tried on a tiny matrix before anything is measured; a peer that cannot run is left
+out, with the reason, and its target is reported as not measured.
+
+Exit status: 0 when the run completes, whatever the verdicts (the speed targets are printed,
+not checked: a busy machine must not fail a CI job); 2 for invalid options (including a --json
+path that cannot be written, checked before anything is measured); 1 when the run itself fails.
 
 The steps allocate and free megabytes of activations. With its default settings glibc's malloc
 hands the top of the heap back to the system when enough of it is free and takes it back on the
@@ -22,7 +30,8 @@ allocator preloaded in glibc's place may accept mallopt and ignore it); ``--mall
 keeps glibc's defaults.
 
     python benches/bench_train_step.py                          # MMoE and PLE, batch 512, 4096
-    python benches/bench_train_step.py --quick                  # MMoE, batch 512, few steps
+    python benches/bench_train_step.py --quick                  # MMoE, batch 512, 20 steps
+    python benches/bench_train_step.py --quick --steps 5        # --quick keeps options given
     python benches/bench_train_step.py --device cuda --json out.json
     python benches/bench_train_step.py --malloc-defaults        # glibc's heap trimming left on
 """
@@ -37,6 +46,7 @@ import platform
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,11 +56,13 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
+from _cli import check_json_path, list_of, non_negative_int, positive_int
+
 import pub_native
 from pub_native._platform import cpu_name
 from pub_native.demo.data import load_adult
 from pub_native.demo.methods import Method, MethodOptions
-from pub_native.demo.models import build_model
+from pub_native.demo.models import MODELS, build_model
 from pub_native.demo.run import MODEL_KWARGS
 
 OURS = ["ls", "k-backward", "pub", "multibalance", "nashmtl"]
@@ -59,6 +71,12 @@ LABELS = {"ls": "LS", "k-backward": "K backward", "pub": "PUB", "multibalance": 
           "nashmtl": "NashMTL", "torchjd-nashmtl": "TorchJD NashMTL",
           "torchjd-upgrad": "TorchJD UPGrad"}
 TARGETS = {"pub_over_ls_max": 1.2, "torchjd_nashmtl_over_pub_min": 6.0}
+# Defaults of the options that --quick changes (only where the option is not given).
+DEFAULTS = {"models": ["mmoe", "ple"], "batch_sizes": [512, 4096], "steps": 60}
+QUICK = {"models": ["mmoe"], "batch_sizes": [512], "steps": 20}
+PEER_HINT = "pip install -e '.[bench]'"
+PEER_NEEDS = {"torchjd-nashmtl": "torchjd with cvxpy and ecos",
+              "torchjd-upgrad": "torchjd with quadprog and qpsolvers"}
 
 
 class TorchJD:
@@ -131,12 +149,43 @@ def minor_faults() -> int:
     return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def peers_available() -> bool:
+def peer_problems() -> dict:
+    """Why each TorchJD peer cannot run here, or None for one that can. Each aggregator is built
+    and applied once to a tiny matrix, so that a missing extra (cvxpy and ECOS for NashMTL,
+    quadprog for UPGrad) shows here rather than as an error inside TorchJD mid-run."""
     try:
-        import torchjd  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        from torchjd.aggregation import NashMTL, UPGrad
+    except ImportError as exc:
+        reason = ("torchjd not installed" if getattr(exc, "name", None) == "torchjd"
+                  else f"torchjd could not be imported ({exc})")
+        return {key: reason for key in PEERS}
+    make = {"torchjd-nashmtl": lambda: NashMTL(n_tasks=2), "torchjd-upgrad": UPGrad}
+    jacobian = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    problems = {}
+    for key in PEERS:
+        try:
+            make[key]()(jacobian)
+            problems[key] = None
+        except Exception as exc:  # ImportError, NameError, cvxpy's or qpsolvers' own errors
+            # The first clause of the message says what is wrong; the rest can be long.
+            text = (str(exc).strip().splitlines() or [""])[0].split("; ")[0]
+            text = text if len(text) <= 160 else text[:157] + "..."
+            problems[key] = f"{type(exc).__name__}: {text}; it needs {PEER_NEEDS[key]}"
+    return problems
+
+
+def model_names(text: str) -> list:
+    names = [t.strip().lower() for t in text.split(",")]
+    for name in names:
+        if name not in MODELS:
+            raise argparse.ArgumentTypeError(
+                f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return names
+
+
+def paired(a, b) -> float:
+    """The median over the rounds of a's time over b's in the same round."""
+    return float(np.median(np.asarray(a) / np.asarray(b)))
 
 
 def measure(model_name, batch_size, methods, steps, warmup, data, device) -> dict:
@@ -172,66 +221,107 @@ def measure(model_name, batch_size, methods, steps, warmup, data, device) -> dic
             if i >= warmup:
                 times[key].append(time.perf_counter() - t0)
                 faults[key].append(minor_faults() - f0)
-    ls = np.asarray(times["ls"])
     rows = {}
     for key in methods:
-        t = np.asarray(times[key])
-        rows[key] = {"label": LABELS[key], "median_ms": 1e3 * float(np.median(t)),
-                     "paired_over_ls": float(np.median(t / ls)),
+        rows[key] = {"label": LABELS[key], "median_ms": 1e3 * float(np.median(times[key])),
+                     "paired_over_ls": paired(times[key], times["ls"]),
                      "page_faults_per_step": float(np.mean(faults[key]))}
-    return {"model": model_name, "batch_size": batch_size, "steps": steps, "rows": rows}
+    result = {"model": model_name, "batch_size": batch_size, "steps": steps, "rows": rows,
+              "pub_over_k_backward": paired(times["pub"], times["k-backward"])}
+    if "torchjd-nashmtl" in times:
+        result["torchjd_nashmtl_over_pub"] = paired(times["torchjd-nashmtl"], times["pub"])
+    return result
+
+
+def verdicts(results, problems) -> list:
+    """One line per model, batch size and target: the paired ratio rounded to two decimals (as
+    printed), compared with the target; passed is None where the ratio was not measured."""
+    lines = []
+    for r in results:
+        value = float(f"{r['rows']['pub']['paired_over_ls']:.2f}")
+        lines.append({"model": r["model"], "batch_size": r["batch_size"], "target": "PUB / LS",
+                      "value": value, "limit": TARGETS["pub_over_ls_max"], "relation": "<=",
+                      "passed": value <= TARGETS["pub_over_ls_max"], "reason": None})
+        line = {"model": r["model"], "batch_size": r["batch_size"],
+                "target": "TorchJD NashMTL / PUB", "value": None,
+                "limit": TARGETS["torchjd_nashmtl_over_pub_min"], "relation": ">=",
+                "passed": None, "reason": problems.get("torchjd-nashmtl")}
+        if "torchjd_nashmtl_over_pub" in r:
+            line["value"] = float(f"{r['torchjd_nashmtl_over_pub']:.2f}")
+            line["passed"] = line["value"] >= TARGETS["torchjd_nashmtl_over_pub_min"]
+        lines.append(line)
+    return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="MMoE, batch 512, 20 steps")
-    ap.add_argument("--models", default="mmoe,ple")
-    ap.add_argument("--batch-sizes", default="512,4096")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true",
+                    help="MMoE, batch 512, 20 steps (options given with it are kept)")
+    ap.add_argument("--models", type=model_names, default=None,
+                    help="comma-separated, of mmoe, ple (default mmoe,ple; mmoe with --quick)")
+    ap.add_argument("--batch-sizes", type=list_of(positive_int), default=None,
+                    help="comma-separated, each at most the training set's rows (default "
+                         "512,4096; 512 with --quick)")
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help="timed steps per method (default 60; 20 with --quick)")
+    ap.add_argument("--warmup", type=non_negative_int, default=5,
+                    help="untimed steps per method first (default 5)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write the results here (its folder is created)")
     ap.add_argument("--malloc-defaults", action="store_true",
                     help="leave glibc's heap trimming on (see the module's docstring)")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.models, args.batch_sizes, args.steps = "mmoe", "512", 20
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.json = check_json_path(ap, args.json)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_train_step: no CUDA device; nothing measured")
         return 0
+    data = load_adult()
+    too_large = [b for b in args.batch_sizes if b > len(data.train)]
+    if too_large:
+        ap.error(f"argument --batch-sizes: {too_large[0]} is larger than the training set "
+                 f"({len(data.train)} rows)")
     torch.set_num_threads(args.threads)
     heap_kept = False if args.malloc_defaults else keep_heap()
     warnings.filterwarnings("ignore", module="torchjd")
     warnings.filterwarnings("ignore", message=".*DPP.*")
     warnings.filterwarnings("ignore", message=".*inaccurate.*")
     np.seterr(divide="ignore", invalid="ignore")  # TorchJD's NashMTL on a singular Gramian
-    methods = OURS + (PEERS if peers_available() else [])
-    data = load_adult()
+    problems = peer_problems()
+    methods = OURS + [key for key in PEERS if problems[key] is None]
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "processor": cpu_name(), "device": str(device), "python": platform.python_version(),
            "torch": torch.__version__, "pub_native": pub_native.__version__,
            "torch_threads": torch.get_num_threads(),
            "malloc": "heap kept (mallopt trim and mmap thresholds)" if heap_kept
-           else "defaults"}
+           else "defaults",
+           "peers_skipped": {key: reason for key, reason in problems.items() if reason}}
+    no_torchjd = all(r == "torchjd not installed" for r in problems.values())
     print(f"training step (forward + backward + step) on census income, {env['processor']}, "
           f"{env['device']}, {env['torch_threads']} torch thread(s), torch {env['torch']}; "
           f"medians of {args.steps} round-robin steps; malloc: {env['malloc']}"
-          + ("" if peers_available() else " (torchjd not installed: peers skipped; "
-             "pip install -e '.[bench]')"))
+          + (f" (torchjd not installed: peers skipped; {PEER_HINT})" if no_torchjd else ""))
+    if not no_torchjd:
+        for key, reason in env["peers_skipped"].items():
+            print(f"{LABELS[key]} skipped: {reason}: {PEER_HINT}")
     header = f"{'model':<5} {'batch':>5} | " + " | ".join(f"{LABELS[m]:>15}" for m in methods)
     print(header + "\n" + "-" * len(header))
     results = []
-    for model_name in args.models.split(","):
-        for bs in (int(b) for b in args.batch_sizes.split(",")):
+    for model_name in args.models:
+        for bs in args.batch_sizes:
             r = measure(model_name, bs, methods, args.steps, args.warmup, data, device)
             results.append(r)
             cells = [f"{r['rows'][m]['median_ms']:>6.2f}ms {r['rows'][m]['paired_over_ls']:>5.2f}x"
                      for m in methods]
             print(f"{model_name:<5} {bs:>5} | " + " | ".join(f"{c:>15}" for c in cells),
                   flush=True)
-    print("\n(ms: median step; x: median over rounds of the time relative to LS's)")
+    print("\n(ms: median step; x: median over rounds of the time relative to LS's; the ratios "
+          "below are paired the same way)")
     print("minor page faults per step: " + "; ".join(
         f"{r['model']} {r['batch_size']} " + " ".join(
             f"{LABELS[m]} {r['rows'][m]['page_faults_per_step']:.0f}" for m in methods)
@@ -242,16 +332,26 @@ def main(argv=None) -> int:
         line = (f"{r['model']} batch {r['batch_size']}: PUB {pub['paired_over_ls']:.2f}x LS "
                 f"(target ≤ {TARGETS['pub_over_ls_max']}x; K backward passes alone "
                 f"{floor['paired_over_ls']:.2f}x, PUB over them "
-                f"{pub['median_ms'] / floor['median_ms']:.2f}x)")
-        if "torchjd-nashmtl" in r["rows"]:
-            speedup = r["rows"]["torchjd-nashmtl"]["median_ms"] / pub["median_ms"]
-            line += (f"; {speedup:.1f}x faster than TorchJD NashMTL (target ≥ "
-                     f"{TARGETS['torchjd_nashmtl_over_pub_min']}x)")
+                f"{r['pub_over_k_backward']:.2f}x)")
+        if "torchjd_nashmtl_over_pub" in r:
+            line += (f"; {r['torchjd_nashmtl_over_pub']:.2f}x faster than TorchJD NashMTL "
+                     f"(target ≥ {TARGETS['torchjd_nashmtl_over_pub_min']}x)")
         print(line)
+    verdict = verdicts(results, problems)
+    print("\ntargets (paired ratios as printed; PASS/FAIL is reported, not in the exit status):")
+    for v in verdict:
+        rel = "≤" if v["relation"] == "<=" else "≥"
+        where = f"  {v['model']:<5} {v['batch_size']:>5}  {v['target']:<21}"
+        if v["passed"] is None:
+            print(f"{where}  not measured ({v['reason']}: {PEER_HINT})")
+        else:
+            print(f"{where} {v['value']:6.2f}x  (target {rel} {v['limit']}x)  "
+                  f"{'PASS' if v['passed'] else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": results, "targets": TARGETS}, f,
-                      indent=1)
+            json.dump({"environment": env, "results": results, "targets": TARGETS,
+                       "verdict": verdict, "warmup": args.warmup}, f, indent=1)
+        print(f"\nwrote {args.json}")
     return 0
 
 

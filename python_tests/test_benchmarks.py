@@ -28,6 +28,8 @@ BENCHES = Path(__file__).resolve().parents[1] / "benches"
 
 
 def _bench(name):
+    if str(BENCHES) not in sys.path:  # as `python benches/<name>.py` has it: their _cli module
+        sys.path.insert(0, str(BENCHES))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
