@@ -214,6 +214,8 @@ def test_infinite_learning_rate_is_blamed_on_the_learning_rate():
     ("adam", "betas", (0.9,), "2 real numbers"),
     ("adagrad", "lr_decay", "0", "a real number"),
     ("rmsprop", "momentum", None, "a real number"),
+    ("adam", "lr", torch.tensor(1e-3 + 0j), "a real number"),
+    ("adam", "betas", torch.tensor([0.9, 0.99, 0.999]), "2 real numbers"),
 ])
 @pytest.mark.parametrize("reuse", [False, True], ids=["first-step", "kept-plan"])
 def test_a_group_option_that_is_not_a_number_is_named_and_changes_nothing(
@@ -229,14 +231,43 @@ def test_a_group_option_that_is_not_a_number_is_named_and_changes_nothing(
     assert_unchanged(opt, problem.params(), snap)
 
 
-@pytest.mark.parametrize("value", [np.float32(1e-3), torch.tensor(1e-3), torch.tensor([1e-3]), 1])
-def test_a_group_option_that_is_a_real_number_of_another_type_steps_as_a_float(value):
+@pytest.mark.parametrize("name,key,value", [
+    ("adam", "betas", (float("nan"), 0.999)), ("adam", "eps", float("nan")),
+    ("rmsprop", "alpha", float("inf")), ("rmsprop", "momentum", np.float64("nan")),
+    ("adagrad", "lr_decay", float("inf")),
+])
+def test_a_group_option_that_is_not_finite_is_named_and_changes_nothing(name, key, value):
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=48)
+    opt = run_pub(NATIVE[name], problem, 1)
+    snap = snapshot(opt, problem.params())
+    opt.param_groups[0][key] = value
+    opt.zero_grad()
+    opt.backward(problem.losses(1))
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\] is .*finite {key}"):
+        opt.step()
+    assert_unchanged(opt, problem.params(), snap)
+
+
+@pytest.mark.parametrize("key,value,as_float", [
+    ("lr", np.float32(1e-3), float(np.float32(1e-3))),
+    ("lr", np.array(1e-3), 1e-3),
+    ("lr", torch.tensor(1e-3), float(torch.tensor(1e-3))),
+    ("lr", torch.tensor([1e-3]), float(torch.tensor(1e-3))),
+    ("lr", 1, 1.0),
+    ("lr", torch.tensor(True), 1.0),  # torch steps with it too
+    ("lr", np.True_, 1.0),
+    ("betas", torch.tensor([0.8, 0.99], dtype=torch.float64), (0.8, 0.99)),
+    ("betas", np.array([0.8, 0.99]), (0.8, 0.99)),
+    ("betas", [np.float64(0.8), torch.tensor(0.99, dtype=torch.float64)], (0.8, 0.99)),
+])
+def test_a_group_option_that_is_a_real_number_of_another_type_steps_as_a_float(
+        key, value, as_float):
     problem = Problem(SHAPES["small"], 2, dtype=F64, seed=46)
     opts = []
-    for lr in (float(value), value):
+    for option in (as_float, value):
         mine = problem.clone()
         opt = run_pub(pub_native.Adam, mine, 1)
-        opt.param_groups[0]["lr"] = lr
+        opt.param_groups[0][key] = option
         run_pub(pub_native.Adam, mine, 2, start=1, opt=opt)
         opts.append(mine)
     for a, b in zip(opts[0].params(), opts[1].params()):

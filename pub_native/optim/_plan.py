@@ -348,53 +348,65 @@ def check_base_row(row: list[float], gi: int) -> list[float]:
     return row
 
 
-def _is_real(value) -> bool:
+def _real_elements(value) -> int:
+    """How many real numbers ``value`` holds: 1 for a Python or numpy number (bool included, as
+    torch takes it), n for a real tensor or numpy array of n elements, 0 for anything else (a
+    string, which ``float`` would parse, None, a complex number, a list)."""
     kind = type(value)
-    if kind is float or kind is int:
-        return True
+    if kind is float or kind is int or kind is bool:
+        return 1
     if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool)
-    return isinstance(value, numbers.Real)
+        return 0 if value.is_complex() else value.numel()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.size if value.dtype.kind in "biuf" else 0
+    return 1 if isinstance(value, numbers.Real) else 0
 
 
-@functools.lru_cache(maxsize=64)
-def _number_options(defaults: tuple) -> tuple:
-    """The options whose default is a real number, and those whose default is a tuple of real
-    numbers with its length, from a defaults dict's items (hashable ones only)."""
-    scalars, tuples = [], []
-    for key, default in defaults:
-        if isinstance(default, tuple):
-            if default and all(_is_real(d) and not isinstance(d, bool) for d in default):
-                tuples.append((key, len(default)))
-        elif _is_real(default) and not isinstance(default, bool):
-            scalars.append(key)
-    return tuple(scalars), tuple(tuples)
+def _not_finite(value) -> bool:
+    """A Python or numpy number that is NaN or infinite (a tensor is read by the step only)."""
+    return isinstance(value, (float, np.floating)) and not math.isfinite(value)
+
+
+def _missing(gi: int, key: str):
+    raise KeyError(f"param_groups[{gi}] has no {key!r} option")
+
+
+def _check_option(gi: int, key: str, value, ok: bool, kind: str, members) -> None:
+    if not ok:
+        raise TypeError(f"param_groups[{gi}]['{key}'] must be {kind} (or a real tensor of as "
+                        f"many elements), got {type(value).__name__} {value!r:.60}")
+    if any(_not_finite(v) for v in members):
+        raise ValueError(f"param_groups[{gi}]['{key}'] is {value!r}: the PUB step needs a finite "
+                         f"{key} (with {key}={value!r} every update would be non-finite)")
 
 
 def group_row(opt, group: dict, gi: int) -> list[float]:
-    """The constants of ``opt.param_groups[gi]`` in ``BaseCol`` order, as floats. Every option
-    whose default is a number (or a tuple of numbers, like Adam's betas) must be a real number
-    or a one-element real tensor: anything else (a string, which ``float`` would parse, None, a
-    complex number, a tensor of several elements) is a TypeError naming it, as torch's own step
-    fails on it. ``differentiable=True``, refused when the group was made, is refused here too."""
-    try:
-        scalars, tuples = _number_options(tuple(opt.defaults.items()))
-    except TypeError:  # a default that cannot be hashed (a tensor lr): checked uncached
-        scalars, tuples = _number_options.__wrapped__(tuple(opt.defaults.items()))
-    for key in scalars:
-        value = group.get(key)
-        if not _is_real(value):
-            raise TypeError(f"param_groups[{gi}]['{key}'] must be a real number or a "
-                            f"one-element tensor, got {type(value).__name__} {value!r:.60}")
-    for key, n in tuples:
-        value = group.get(key)
-        if not (isinstance(value, (tuple, list)) and len(value) == n
-                and all(_is_real(v) for v in value)):
-            raise TypeError(f"param_groups[{gi}]['{key}'] must be {n} real numbers, got "
-                            f"{type(value).__name__} {value!r:.60}")
-    if group.get("differentiable", False):  # set in the group after construction, or loaded
-        raise NotImplementedError(f"param_groups[{gi}]['differentiable'] is True: PUB "
-                                  "optimizers do not support differentiable=True")
+    """The constants of ``opt.param_groups[gi]`` in ``BaseCol`` order, as floats, after checking
+    the group's options: each number option (``_NUMBER_OPTIONS``) must be a real number or a
+    one-element real tensor or array, each pair (``_PAIR_OPTIONS``, Adam's betas) two of them
+    or a two-element real tensor or array, and all of them finite (a NaN beta would make every
+    update NaN), else a TypeError or ValueError naming it, as torch's own step fails on such a
+    value. ``differentiable=True``, refused when a group is made, is refused here too (set in
+    the group later, or loaded)."""
+    for key in opt._NUMBER_OPTIONS:
+        value = group[key] if key in group else _missing(gi, key)
+        kind = type(value)
+        if kind is int or (kind is float and value - value == 0.0):  # the usual case, fast
+            continue
+        _check_option(gi, key, value, _real_elements(value) == 1, "a real number", (value,))
+    for key in opt._PAIR_OPTIONS:
+        value = group[key] if key in group else _missing(gi, key)
+        if isinstance(value, (tuple, list)):
+            if len(value) == 2 and all(type(v) is float and v - v == 0.0 for v in value):
+                continue  # the usual case, fast
+            ok = len(value) == 2 and all(_real_elements(v) == 1 for v in value)
+            _check_option(gi, key, value, ok, "2 real numbers", value)
+        else:
+            _check_option(gi, key, value, _real_elements(value) == 2, "2 real numbers", ())
+    if group.get("differentiable", False):
+        raise NotImplementedError(f"param_groups[{gi}]['differentiable'] is "
+                                  f"{group['differentiable']!r}: PUB optimizers do not support "
+                                  "differentiable=True")
     return [float(v) for v in opt._base_row(group)]
 
 

@@ -93,10 +93,13 @@ class PUBOptimizer(GradientTools, Checkpoints):
     Subclasses set ``_ALGO`` (:class:`pub_native._native.Algorithm`) and give, per param group,
     ``_state_names`` (torch's state keys, in the native rule's order), ``_rule_flags``
     ((amsgrad, centered, momentum)), ``_base_row`` (the constants in ``BaseCol`` order) and
-    ``_initial_state_value``.
+    ``_initial_state_value``; and ``_NUMBER_OPTIONS`` (the group options that are numbers) and
+    ``_PAIR_OPTIONS`` (those that are pairs of numbers), which every step checks.
     """
 
     _ALGO: int
+    _NUMBER_OPTIONS: tuple[str, ...] = ()
+    _PAIR_OPTIONS: tuple[str, ...] = ()
     # torch.amp.GradScaler hands this optimizer its scale and found_inf (as torch's fused Adam):
     # the per-task gradients are unscaled inside the native passes and an overflow skips the
     # whole step.

@@ -45,6 +45,8 @@ class AdaGrad(PUBOptimizer, torch.optim.Adagrad):
         )
         self._pub_setup(**pub_arguments(locals()))
 
+    _NUMBER_OPTIONS = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
+
     def _state_names(self, group):
         return ["sum"]
 

@@ -92,6 +92,9 @@ class Adam(PUBOptimizer, torch.optim.Adam):
                 group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
         self._pub_setup(**pub_arguments(locals()))
 
+    _NUMBER_OPTIONS = ("lr", "eps", "weight_decay")
+    _PAIR_OPTIONS = ("betas",)
+
     def _state_names(self, group):
         names = ["exp_avg", "exp_avg_sq"]
         if group["amsgrad"]:

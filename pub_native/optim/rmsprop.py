@@ -45,6 +45,8 @@ class RMSProp(PUBOptimizer, torch.optim.RMSprop):
         )
         self._pub_setup(**pub_arguments(locals()))
 
+    _NUMBER_OPTIONS = ("lr", "alpha", "eps", "weight_decay", "momentum")
+
     def _state_names(self, group):
         names = ["square_avg"]
         if group["centered"]:
