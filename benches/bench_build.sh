@@ -30,14 +30,15 @@ done
 
 if [ -n "${PYTHON:-}" ]; then
   py=$PYTHON
-  if ! [ -x "$py" ] && ! py=$(command -v "$PYTHON"); then
+  if ! { [ -f "$py" ] && [ -x "$py" ]; } && ! py=$(command -v "$PYTHON"); then
     echo "bench_build.sh: PYTHON=$PYTHON is not an executable" >&2
     exit 2
   fi
 elif [ -x "$root/.venv/bin/python" ]; then
   py=$root/.venv/bin/python
-else
-  py=$(command -v python3)
+elif ! py=$(command -v python3); then
+  echo "bench_build.sh: no python3 on PATH and no .venv/bin/python; set PYTHON" >&2
+  exit 2
 fi
 
 # What the build needs, checked before anything is built. ninja and cmake count when they are

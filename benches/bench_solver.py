@@ -23,7 +23,6 @@ status: CI runs ``--quick`` on a busy machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _cli import check_json_path, non_negative_int
+from _cli import check_json_path, non_negative_int, write_json
 
 import pub_native
 from pub_native import SolveStatus, solve_weights
@@ -206,6 +205,9 @@ def main(argv=None):
             rn = solve_weights(G, method="newton")
             rc = solve_weights(G, method="ccp")
             converged &= rn.status == SolveStatus.CONVERGED and rc.status == SolveStatus.CONVERGED
+            # NaN or infinite weights are no solve, whatever the status says (and max() below
+            # would drop a NaN difference).
+            converged &= bool(np.isfinite(rn.weights).all() and np.isfinite(rc.weights).all())
             reps = max(20, int(2e-3 / max(_once(G, "newton"), 1e-7)))
             t_newton += time_native(G, "newton", reps, rounds)
             reps = max(3, int(2e-2 / max(_once(G, "ccp"), 1e-7)))
@@ -269,9 +271,9 @@ def main(argv=None):
         "every solver moved off its start":
             (all(r["moved_off_start"] for r in rows), " (native: at K >= 3)"),
         f"native weights solve G α = 1/α (rel residual <= {NATIVE_RESIDUAL_MAX:.0e})":
-            (res_worst <= NATIVE_RESIDUAL_MAX, f": largest {res_worst:.1e}"),
+            (bool(res_worst <= NATIVE_RESIDUAL_MAX), f": largest {res_worst:.1e}"),
         f"ccp agrees with newton (rel diff <= {CCP_VS_NEWTON_MAX:.0e})":
-            (ccp_worst <= CCP_VS_NEWTON_MAX, f": largest {ccp_worst:.1e}"),
+            (bool(ccp_worst <= CCP_VS_NEWTON_MAX), f": largest {ccp_worst:.1e}"),
     }
     print("correctness (a FAIL here makes the exit status 1):")
     for name, (passed, seen) in correctness.items():
@@ -304,10 +306,10 @@ def main(argv=None):
     else:
         print("   1e-3 or after 20 iterations; here it reached the root at every K)")
     out = args.json
-    out.write_text(json.dumps({"machine": info, "targets": TARGETS, "checks": checks,
-                               "correctness_ok": ok, "ccp_vs_newton_max": CCP_VS_NEWTON_MAX,
-                               "seed": args.seed, "quick": args.quick, "rows": rows,
-                               "k2_overhead_ns": fixed}, indent=2))
+    write_json(out, {"machine": info, "targets": TARGETS, "checks": checks,
+                     "correctness_ok": ok, "ccp_vs_newton_max": CCP_VS_NEWTON_MAX,
+                     "seed": args.seed, "quick": args.quick, "rows": rows,
+                     "k2_overhead_ns": fixed})
     print(f"\nwrote {out}")
     return 0 if ok else 1
 

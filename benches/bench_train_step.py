@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import json
 import platform
 import sys
 import time
@@ -56,7 +55,7 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
-from _cli import check_json_path, list_of, non_negative_int, positive_int
+from _cli import check_json_path, list_of, non_negative_int, positive_int, write_json
 
 import pub_native
 from pub_native._platform import cpu_name
@@ -277,7 +276,12 @@ def main(argv=None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.json = check_json_path(ap, args.json)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        ap.error(f"argument --device: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"argument --device: cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_train_step: no CUDA device; nothing measured")
         return 0
@@ -348,9 +352,8 @@ def main(argv=None) -> int:
             print(f"{where} {v['value']:6.2f}x  (target {rel} {v['limit']}x)  "
                   f"{'PASS' if v['passed'] else 'FAIL'}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": results, "targets": TARGETS,
-                       "verdict": verdict, "warmup": args.warmup}, f, indent=1)
+        write_json(args.json, {"environment": env, "results": results, "targets": TARGETS,
+                               "verdict": verdict, "warmup": args.warmup}, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 
