@@ -192,16 +192,22 @@ def test_nan_in_a_task_specific_gradient_names_the_parameter():
     assert_unchanged(opt, problem.params(), snap)
 
 
-def test_infinite_learning_rate_is_blamed_on_the_learning_rate():
+def _group_option_refused(name, key, value, error, match, steps_before=1, group=0):
+    """Set ``param_groups[group][key] = value`` on an optimizer that has taken ``steps_before``
+    steps; the next step must raise ``error`` matching ``match`` and change nothing."""
     problem = Problem(SHAPES["small"], 2, dtype=F32, seed=44)
-    opt = run_pub(pub_native.Adam, problem, 1)
+    opt = run_pub(NATIVE[name], problem, steps_before)
     snap = snapshot(opt, problem.params())
-    opt.param_groups[0]["lr"] = float("inf")
+    opt.param_groups[group][key] = value
     opt.zero_grad()
-    opt.backward(problem.losses(1))
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] is inf"):
+    opt.backward(problem.losses(steps_before))
+    with pytest.raises(error, match=rf"param_groups\[{group}\]\['{key}'\] {match}"):
         opt.step()
     assert_unchanged(opt, problem.params(), snap)
+
+
+def test_infinite_learning_rate_is_blamed_on_the_learning_rate():
+    _group_option_refused("adam", "lr", float("inf"), ValueError, "is inf")
 
 
 @pytest.mark.parametrize("name,key,value,match", [
@@ -220,15 +226,8 @@ def test_infinite_learning_rate_is_blamed_on_the_learning_rate():
 @pytest.mark.parametrize("reuse", [False, True], ids=["first-step", "kept-plan"])
 def test_a_group_option_that_is_not_a_number_is_named_and_changes_nothing(
         name, key, value, match, reuse):
-    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=45)
-    opt = run_pub(NATIVE[name], problem, 2 if reuse else 0)
-    snap = snapshot(opt, problem.params())
-    opt.param_groups[0][key] = value
-    opt.zero_grad()
-    opt.backward(problem.losses(2))
-    with pytest.raises(TypeError, match=rf"param_groups\[0\]\['{key}'\] must be {match}"):
-        opt.step()
-    assert_unchanged(opt, problem.params(), snap)
+    _group_option_refused(name, key, value, TypeError, f"must be {match}",
+                          steps_before=2 if reuse else 0)
 
 
 @pytest.mark.parametrize("name,key,value", [
@@ -237,15 +236,13 @@ def test_a_group_option_that_is_not_a_number_is_named_and_changes_nothing(
     ("adagrad", "lr_decay", float("inf")),
 ])
 def test_a_group_option_that_is_not_finite_is_named_and_changes_nothing(name, key, value):
-    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=48)
-    opt = run_pub(NATIVE[name], problem, 1)
-    snap = snapshot(opt, problem.params())
-    opt.param_groups[0][key] = value
-    opt.zero_grad()
-    opt.backward(problem.losses(1))
-    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\] is .*finite {key}"):
-        opt.step()
-    assert_unchanged(opt, problem.params(), snap)
+    _group_option_refused(name, key, value, ValueError, f"is .*finite {key}")
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_differentiable_set_in_a_group_after_construction_is_refused(name):
+    _group_option_refused(name, "differentiable", True, NotImplementedError, "is True",
+                          group=1)
 
 
 @pytest.mark.parametrize("key,value,as_float", [
@@ -273,19 +270,6 @@ def test_a_group_option_that_is_a_real_number_of_another_type_steps_as_a_float(
     for a, b in zip(opts[0].params(), opts[1].params()):
         assert torch.equal(a, b)
     assert not torch.equal(opts[0].shared[0], problem.shared[0])  # it stepped
-
-
-@pytest.mark.parametrize("name", sorted(NATIVE))
-def test_differentiable_set_in_a_group_after_construction_is_refused(name):
-    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=47)
-    opt = run_pub(NATIVE[name], problem, 1)
-    snap = snapshot(opt, problem.params())
-    opt.param_groups[1]["differentiable"] = True
-    opt.zero_grad()
-    opt.backward(problem.losses(1))
-    with pytest.raises(NotImplementedError, match=r"param_groups\[1\]\['differentiable'\]"):
-        opt.step()
-    assert_unchanged(opt, problem.params(), snap)
 
 
 def test_overflowing_updates_with_finite_gradients_blame_the_hyperparameters():
