@@ -49,12 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] not in ("info", "-h", "--help", "-V", "--version"):
+        print(f"unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    if len(argv) > 1:
+        print(f"unexpected arguments after {argv[0]!r}: {' '.join(argv[1:])}\n{USAGE}",
+              file=sys.stderr)
+        return 2
     if argv and argv[0] in ("-V", "--version"):
         print(f"pub_native {__version__}")
         return 0
-    if argv and argv[0] not in ("info", "-h", "--help"):
-        print(f"unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
-        return 2
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

@@ -243,3 +243,81 @@ def test_cli_on_a_csv_file(tmp_path, capsys):
     assert "task column 'converted' not found" in capsys.readouterr().err
     assert main(["demo", "--csv", str(path), "--task", "clicked"]) == 2
     assert "needs at least two tasks" in capsys.readouterr().err
+
+
+def test_cli_refuses_what_would_mislead_before_training(capsys, tmp_path):
+    from pub_native.__main__ import main
+
+    not_a_folder = tmp_path / "a_file"
+    not_a_folder.write_text("")
+    cases = [
+        (["--models", "mmoe,MMOE"], "models lists 'mmoe' more than once"),  # runs counted twice
+        (["--methods", "ls,pub,ls"], "methods lists 'ls' more than once"),
+        (["--seed", "42"], "unrecognized arguments: --seed"),  # not --seeds 42
+        (["--drop", "age"], "--drop goes with --csv"),
+        (["--csv", "x.csv", "--task", "a", "--task", "a=1"], "names the column 'a' more than once"),
+        (["--quick", "--out", str(not_a_folder / "sub")], "output folder (--out)"),
+    ]
+    def status(args):
+        try:
+            return main(args)
+        except SystemExit as exc:  # argparse's own errors
+            return exc.code
+
+    for args, message in cases:
+        assert status(["demo", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err, (args, err)
+        assert "Traceback" not in err
+    assert main(["info", "junk"]) == 2 and "unexpected arguments" in capsys.readouterr().err
+    assert main(["--version", "junk"]) == 2
+
+
+def test_a_diverged_model_fails_instead_of_scoring_half(monkeypatch):
+    from pub_native.demo import run
+
+    real = run.evaluate
+
+    def evaluate(model, split, chunk=16384):  # the outputs of a model that diverged
+        forward = type(model).forward
+        with monkeypatch.context() as m:
+            m.setattr(type(model), "forward", lambda self, b: forward(self, b) * float("nan"))
+            return real(model, split, chunk)
+
+    monkeypatch.setattr(run, "evaluate", evaluate)
+    results = run_demo(DemoConfig(models=("mmoe",), methods=("ls",), seeds=1, epochs=1,
+                                  train_rows=256, eval_rows=256, out=None, progress=False))
+    assert "not finite" in results["errors"]["mmoe/ls"]
+    assert results["summary"] == []
+
+
+def test_one_seed_claims_no_verdict_and_a_figure_not_drawn_is_removed(tmp_path, monkeypatch):
+    cfg = dict(models=("mmoe",), methods=("ls", "pub"), seeds=1, epochs=1, train_rows=256,
+               eval_rows=256, out=str(tmp_path), progress=False)
+    (tmp_path / "results.png").write_bytes(b"an earlier run's figure")
+    from pub_native.demo import run
+
+    monkeypatch.setattr(run, "_figure", lambda results, path: (None, "no figure: test"))
+    results = run_demo(DemoConfig(**cfg))
+    assert not (tmp_path / "results.png").exists()
+    assert results["figure_note"] == "no figure: test" and results["write_errors"] == []
+    table = demo.format_table(results)
+    assert "one seed gives no interval" in table and "cannot be told apart" not in table
+
+
+def test_a_file_that_cannot_be_written_at_the_end_is_reported_after_the_table(
+        tmp_path, monkeypatch, capsys):
+    from pub_native.__main__ import main
+    from pub_native.demo import run
+
+    def figure(results, path):
+        raise IsADirectoryError(21, "Is a directory", str(path))
+
+    monkeypatch.setattr(run, "_figure", figure)
+    args = ["demo", "--models", "mmoe", "--methods", "ls,pub", "--seeds", "1", "--epochs", "1",
+            "--train-rows", "256", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "ms/step" in captured.out  # the table was printed
+    assert "could not write" in captured.err and "results.png" in captured.err
+    assert json.loads((tmp_path / "results.json").read_text())["summary"]

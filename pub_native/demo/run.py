@@ -87,6 +87,11 @@ class DemoConfig:
         check_methods(self.methods)
         if not self.models or not self.methods:
             raise ValueError("models and methods must not be empty")
+        for name in ("models", "methods"):
+            names = getattr(self, name)
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:  # each run would be counted twice in the intervals
+                raise ValueError(f"{name} lists {', '.join(map(repr, twice))} more than once")
         for name in ("seeds", "epochs", "batch_size", "update_weights_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -102,6 +107,13 @@ class DemoConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if (self.csv is None) != (not self.tasks):
             raise ValueError("a CSV file (--csv) and its tasks (--task) go together")
+        columns = [t.partition("=")[0].strip() for t in self.tasks]
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise ValueError(f"--task names the column {twice[0]!r} more than once: each task is "
+                             "one column")
+        if self.drop and self.csv is None:
+            raise ValueError("--drop goes with --csv (the Adult data has its own inputs)")
         if self.csv is not None and len(self.tasks) < 2:
             raise ValueError(f"a multi-task comparison needs at least two tasks, got "
                              f"{len(self.tasks)} (--task {' --task '.join(self.tasks)}); "
@@ -120,8 +132,14 @@ class DemoConfig:
 
 QUICK = dict(models=("mmoe",), seeds=2, epochs=2, batch_size=512, train_rows=8192,
              eval_rows=4096, quick=True)
-QUICK_NOTE = ("SMOKE TEST (--quick): 2 seeds, 2 epochs on 8,192 training rows. It checks that "
-              "everything runs; its numbers are noise and must not be used to compare methods.")
+def quick_note(cfg) -> str:
+    """The smoke test's warning, with the seeds, epochs and rows it ran (options given with
+    --quick override its own)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda name: getattr(cfg, name)
+    rows = get("train_rows")
+    return (f"SMOKE TEST (--quick): {get('seeds')} seed(s), {get('epochs')} epoch(s) on "
+            f"{'all' if rows is None else f'{rows:,}'} training rows. It checks that everything "
+            "runs; its numbers are noise and must not be used to compare methods.")
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -152,6 +170,8 @@ def evaluate(model: torch.nn.Module, split: Split, chunk: int = 16384) -> list[f
     model.eval()
     logits = torch.cat([model(b) for b in split.batches(chunk)])
     model.train(was_training)
+    if not torch.isfinite(logits).all():  # a diverged model, not an AUC of 0.5
+        raise FloatingPointError("the model's outputs are not finite (training diverged)")
     labels = split.labels.numpy()
     return [roc_auc(labels[:, k], logits[:, k].numpy()) for k in range(labels.shape[1])]
 
@@ -246,8 +266,13 @@ def _train_seed(model_name: str, seed: int, methods: list[str], data: MultiTaskD
                     fail(method, exc)
                     continue
                 bars[method].update(1)
-        for method, run in runs.items():
-            bars[method].epoch_done(seed, epoch, run.end_epoch(data))
+        for method, run in list(runs.items()):
+            try:
+                val = run.end_epoch(data)
+            except Exception as exc:  # noqa: BLE001
+                fail(method, exc)
+                continue
+            bars[method].epoch_done(seed, epoch, val)
     return [run.result() for run in runs.values()]
 
 
@@ -357,7 +382,7 @@ def describe_plan(cfg: DemoConfig, data: MultiTaskData, data_name: str,
     labels = [METHODS[m] for m in cfg.methods]
     lines = []
     if cfg.quick:
-        lines += [QUICK_NOTE, ""]
+        lines += [quick_note(cfg), ""]
     lines += [
         f"pub_native {__version__} demo — {len(cfg.methods)} multi-task methods compared on "
         f"{data_name}",
@@ -430,8 +455,24 @@ def run_demo(cfg: DemoConfig, data: MultiTaskData | None = None, *,
         torch.set_num_threads(threads)
 
 
+def _check_out(folder: str) -> None:
+    """Make the output folder and check that files can be written in it, before any training
+    (an error at the end would lose the run)."""
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".pub_demo_write_check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"the output folder (--out) {folder!r} cannot be written: "
+                      f"{exc.strerror or exc}") from None
+
+
 def _run_demo(cfg: DemoConfig, data: MultiTaskData | None, report) -> dict:
     t_start = time.perf_counter()
+    if cfg.out:
+        _check_out(cfg.out)
     data, data_name = _load(cfg, data)
     estimate = None
     if report is not None:
@@ -470,10 +511,22 @@ def _run_demo(cfg: DemoConfig, data: MultiTaskData | None, report) -> dict:
         "wall_s": time.perf_counter() - t_start,
     }
     if cfg.out:
+        # A file that cannot be written is reported (results["write_errors"]), not raised, so
+        # that the caller still has the results to show.
         out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
-        results["figure"] = _figure(results, out / "results.png")
+        results["write_errors"] = []
+        try:
+            (out / "results.json").write_text(json.dumps(results, indent=1,
+                                                         default=_json_default))
+        except OSError as exc:
+            results["write_errors"].append(f"{out / 'results.json'}: {exc}")
+        try:
+            results["figure"], results["figure_note"] = _figure(results, out / "results.png")
+        except OSError as exc:
+            results["figure"], results["figure_note"] = None, "no figure"
+            results["write_errors"].append(f"{out / 'results.png'}: {exc}")
+        if results["figure"] is None and (out / "results.png").is_file():
+            (out / "results.png").unlink()  # an earlier run's figure, not of these results
     return results
 
 
@@ -540,7 +593,7 @@ def format_table(results: dict) -> str:
     heads = [f"{t} AUC" for t in tasks] + ["avg AUC"]
     lines = []
     if cfg.get("quick"):
-        lines += [QUICK_NOTE, ""]
+        lines += [quick_note(cfg), ""]
     header = (f"{'model':<5} {'method':<12} " + " ".join(f"{h:>17}" for h in heads)
               + f" {'ms/step':>8} {'vs LS':>6} {'solve ms':>9}")
     lines += [header, "-" * len(header)]
@@ -571,7 +624,7 @@ def format_table(results: dict) -> str:
                          + " ".join(f"{c:>27}" for c in cells))
         lines.append("difference from LS on the same seed (same initial model and batches): "
                      "mean [95% t-interval over seeds]; * = the interval excludes 0")
-        lines += [QUICK_NOTE] if cfg.get("quick") else _verdict(diffs, tasks)
+        lines += [quick_note(cfg)] if cfg.get("quick") else _verdict(diffs, tasks)
     for key, err in results.get("errors", {}).items():
         lines.append(f"FAILED {key}: {err}")
     return "\n".join(lines)
@@ -592,7 +645,12 @@ def _verdict(diffs: list[dict], tasks: list[str]) -> list[str]:
             elif d["ci_high"] < 0:
                 worse.append(tag)
     lines = []
-    if not better and not worse:
+    intervals = [d for row in diffs for d in [*row["diff_vs_ls"]["tasks"], row["diff_vs_ls"]["avg"]]
+                 if math.isfinite(d["half_width"])]
+    if diffs and not intervals:
+        lines.append("verdict: none: one seed gives no interval, so no method can be told apart "
+                     "from LS (use --seeds 2 or more).")
+    elif not better and not worse:
         lines.append("verdict: no method differs from LS beyond its 95% interval on any task; "
                      "with these seeds the methods cannot be told apart on this data.")
     else:
@@ -623,6 +681,8 @@ def _environment(cfg: DemoConfig) -> dict:
         "python": platform.python_version(), "platform": platform.platform(),
         "processor": cpu_name(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Where PUB's steps ran (PUB_NATIVE_BACKEND=reference: the plain-PyTorch reference).
+        "pub_backend": os.environ.get("PUB_NATIVE_BACKEND", "native"),
     }
 
 
@@ -634,13 +694,13 @@ def _json_default(obj):
     return str(obj)
 
 
-def _figure(results: dict, path: Path) -> str | None:
+def _figure(results: dict, path: Path) -> tuple[str | None, str]:
     """Per model: each method's test-AUC difference from LS per task with 95% intervals, and
-    its cost per step relative to LS. None without matplotlib."""
+    its cost per step relative to LS. (path, "") or (None, why there is none)."""
     try:
         from .plots import difference_and_cost_figure
     except ImportError:
-        return None
+        return None, "no figure: matplotlib is not installed"
     cfg = results["config"]
     data = results["data"]
     title = (f"{data['name']}: tasks {', '.join(data['tasks'])} — "
@@ -654,8 +714,8 @@ def _figure(results: dict, path: Path) -> str | None:
         if rows:
             panels.append((MODEL_NAMES.get(model_name, model_name), rows))
     if not panels:
-        return None
-    return difference_and_cost_figure(panels, data["tasks"], title, path)
+        return None, "no figure: no method has a result to draw"
+    return difference_and_cost_figure(panels, data["tasks"], title, path), ""
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -675,7 +735,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     d = DemoConfig()
     p = argparse.ArgumentParser(
-        prog="python -m pub_native demo",
+        prog="python -m pub_native demo", allow_abbrev=False,
         description="Compare PUB with LS, Uncertainty weighting, FAMO, NashMTL, MGDA-UB, "
                     "IMTL-G, PCGrad, CAGrad and MultiBalance on the UCI Adult census-income "
                     "data (tasks: income > 50K, never married) or on your own CSV file "
@@ -718,7 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "column, or a column and its positive value")
     p.add_argument("--drop", action="append", default=None, metavar="COLUMN",
                    help="with --csv, a column not to use as input (repeatable)")
-    p.add_argument("--out", default=None, help=f"output folder (default ./{d.out})")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default ./{d.out}, ./pub_demo_quick with --quick; "
+                        "'' writes nothing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     return p
 
@@ -754,14 +816,20 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{results['data']['train']}/{results['data']['validation']}/"
           f"{results['data']['test']} rows; {cfg.epochs} epochs, batch {cfg.batch_size}, "
           f"lr {cfg.lr}, {env['torch_threads']} thread(s) on {env['processor']}; "
-          f"torch {env['torch']}, {env['date']}")
+          f"torch {env['torch']}, {env['date']}"
+          + ("" if env["pub_backend"] == "native"
+             else f"; PUB on the {env['pub_backend']!r} backend (PUB_NATIVE_BACKEND)"))
     print(format_table(results))
     if cfg.out:
-        written = [str(Path(cfg.out) / "results.json")]
-        if results.get("figure"):
-            written.append(results["figure"])
-        else:
-            written.append("(no figure: matplotlib is not installed)")
+        failed = results["write_errors"]
+        written = [] if any("results.json" in f for f in failed) else [
+            str(Path(cfg.out) / "results.json")]
+        written.append(results["figure"] or f"({results['figure_note']})")
         print("wrote " + ", ".join(written) + f"  —  total {results['wall_s']:.0f} s")
+        for failure in failed:
+            print(f"python -m pub_native demo: error: could not write {failure}",
+                  file=sys.stderr)
+        if failed:
+            return 2
     print(f"the full study: {FULL_STUDY}")
     return 1 if results["errors"] else 0

@@ -315,6 +315,9 @@ def from_columns(columns: Mapping[str, Any], *, tasks, categorical: Sequence[str
             if c not in given and _is_id_like(columns[c]):
                 dropped.append((c, f"ID-like: all {n} values distinct"))
         features = [c for c in features if c not in {d for d, _ in dropped}]
+    if not features and categorical is None and numerical is None:
+        raise ValueError("no input columns are left (every column is a task, dropped or "
+                         "ID-like)")
     if categorical is None:
         taken = set(numerical or ())
         categorical = [c for c in features if c not in taken and not _is_numeric(columns[c])]
