@@ -321,3 +321,22 @@ def test_a_file_that_cannot_be_written_at_the_end_is_reported_after_the_table(
     assert "ms/step" in captured.out  # the table was printed
     assert "could not write" in captured.err and "results.png" in captured.err
     assert json.loads((tmp_path / "results.json").read_text())["summary"]
+
+
+def test_an_interrupted_demo_says_so_without_a_traceback(monkeypatch, capsys):
+    from pub_native.__main__ import main
+    from pub_native.demo import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_demo", interrupted)
+    assert main(["demo", "--quick", "--out", ""]) == 130
+    assert "interrupted; nothing written" in capsys.readouterr().err
+
+
+def test_eval_rows_overrides_the_smoke_test():
+    from pub_native.demo.run import config_from_args
+
+    assert config_from_args(["--quick"]).eval_rows == 4096
+    assert config_from_args(["--quick", "--eval-rows", "512"]).eval_rows == 512

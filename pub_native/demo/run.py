@@ -768,6 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torch threads (default {d.threads}: robust on a busy 2-core machine)")
     p.add_argument("--train-rows", type=int, default=None,
                    help="use only the first n training rows")
+    p.add_argument("--eval-rows", type=int, default=None,
+                   help="use only the first n validation and test rows")
     p.add_argument("--csv", default=None,
                    help="run on this CSV file (header row; .gz allowed) instead of Adult; "
                         "columns whose values are all distinct text or whole numbers (IDs) are "
@@ -791,7 +793,8 @@ def config_from_args(argv: Sequence[str]) -> DemoConfig:
     if args.quick:
         values["out"] = "pub_demo_quick"
     for name in ("models", "methods", "seeds", "epochs", "batch_size", "lr",
-                 "update_weights_every", "clippy_preset", "threads", "train_rows", "out",
+                 "update_weights_every", "clippy_preset", "threads", "train_rows", "eval_rows",
+                 "out",
                  "csv", "tasks", "drop", "loss_scale"):
         value = getattr(args, name)
         if value is not None:
@@ -809,6 +812,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"python -m pub_native demo: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # nothing is written before the end of training
+        print("\npython -m pub_native demo: interrupted; nothing written", file=sys.stderr)
+        return 130
     env = results["environment"]
     print()
     print(f"pub_native {env['pub_native']} demo — {results['data']['name']}, "
