@@ -511,20 +511,20 @@ def _run_demo(cfg: DemoConfig, data: MultiTaskData | None, report) -> dict:
         "wall_s": time.perf_counter() - t_start,
     }
     if cfg.out:
-        # A file that cannot be written is reported (results["write_errors"]), not raised, so
-        # that the caller still has the results to show.
+        # A file that cannot be written is reported (results["write_errors"]: its path and the
+        # error), not raised, so that the caller still has the results to show.
         out = Path(cfg.out)
         results["write_errors"] = []
         try:
             (out / "results.json").write_text(json.dumps(results, indent=1,
                                                          default=_json_default))
         except OSError as exc:
-            results["write_errors"].append(f"{out / 'results.json'}: {exc}")
+            results["write_errors"].append((out / "results.json", exc))
         try:
             results["figure"], results["figure_note"] = _figure(results, out / "results.png")
         except OSError as exc:
             results["figure"], results["figure_note"] = None, "no figure"
-            results["write_errors"].append(f"{out / 'results.png'}: {exc}")
+            results["write_errors"].append((out / "results.png", exc))
         if results["figure"] is None and (out / "results.png").is_file():
             (out / "results.png").unlink()  # an earlier run's figure, not of these results
     return results
@@ -828,12 +828,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     if cfg.out:
         failed = results["write_errors"]
-        written = [] if any("results.json" in f for f in failed) else [
-            str(Path(cfg.out) / "results.json")]
+        json_path = Path(cfg.out) / "results.json"
+        written = [] if any(path == json_path for path, _ in failed) else [str(json_path)]
         written.append(results["figure"] or f"({results['figure_note']})")
         print("wrote " + ", ".join(written) + f"  —  total {results['wall_s']:.0f} s")
-        for failure in failed:
-            print(f"python -m pub_native demo: error: could not write {failure}",
+        for path, exc in failed:
+            print(f"python -m pub_native demo: error: could not write {path}: {exc}",
                   file=sys.stderr)
         if failed:
             return 2

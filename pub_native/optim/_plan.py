@@ -367,8 +367,11 @@ def _not_finite(value) -> bool:
     return isinstance(value, (float, np.floating)) and not math.isfinite(value)
 
 
-def _missing(gi: int, key: str):
-    raise KeyError(f"param_groups[{gi}] has no {key!r} option")
+def _option(group: dict, gi: int, key: str):
+    try:
+        return group[key]
+    except KeyError:
+        raise KeyError(f"param_groups[{gi}] has no {key!r} option") from None
 
 
 def _check_option(gi: int, key: str, value, ok: bool, kind: str, members) -> None:
@@ -389,13 +392,13 @@ def group_row(opt, group: dict, gi: int) -> list[float]:
     value. ``differentiable=True``, refused when a group is made, is refused here too (set in
     the group later, or loaded)."""
     for key in opt._NUMBER_OPTIONS:
-        value = group[key] if key in group else _missing(gi, key)
+        value = _option(group, gi, key)
         kind = type(value)
         if kind is int or (kind is float and value - value == 0.0):  # the usual case, fast
             continue
         _check_option(gi, key, value, _real_elements(value) == 1, "a real number", (value,))
     for key in opt._PAIR_OPTIONS:
-        value = group[key] if key in group else _missing(gi, key)
+        value = _option(group, gi, key)
         if isinstance(value, (tuple, list)):
             if len(value) == 2 and all(type(v) is float and v - v == 0.0 for v in value):
                 continue  # the usual case, fast
