@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _cli import check_json_path, non_negative_int, write_json
+from _common import check_json_path, non_negative_int, write_json
 
 import pub_native
 from pub_native import SolveStatus, solve_weights

@@ -35,7 +35,14 @@ import time
 from pathlib import Path
 
 import torch
-from _cli import check_json_path, list_of, non_negative_int, positive_int, write_json
+from _common import (
+    check_json_path,
+    list_of,
+    non_negative_int,
+    paired_ratio,
+    positive_int,
+    write_json,
+)
 
 import pub_native
 from pub_native._platform import cpu_name
@@ -182,11 +189,6 @@ def round_robin(steps, rounds: int, warmup: int = 1) -> list[float]:
     """Median time of each step's step(), timed in turn (one of each per round), so that every
     step sees the same state of a shared, noisy machine; setup() is not timed."""
     return [statistics.median(t) for t in round_robin_times(steps, rounds, warmup)]
-
-
-def paired_ratio(times: list[float], base: list[float]) -> float:
-    """The median over rounds of a step's time over the base step's time in the same round."""
-    return statistics.median(t / b for t, b in zip(times, base))
 
 
 def round_robin_times(steps, rounds: int, warmup: int = 1) -> list[list[float]]:

@@ -55,7 +55,14 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
-from _cli import check_json_path, list_of, non_negative_int, positive_int, write_json
+from _common import (
+    check_json_path,
+    list_of,
+    non_negative_int,
+    paired_ratio,
+    positive_int,
+    write_json,
+)
 
 import pub_native
 from pub_native._platform import cpu_name
@@ -182,11 +189,6 @@ def model_names(text: str) -> list:
     return names
 
 
-def paired(a, b) -> float:
-    """The median over the rounds of a's time over b's in the same round."""
-    return float(np.median(np.asarray(a) / np.asarray(b)))
-
-
 def measure(model_name, batch_size, methods, steps, warmup, data, device) -> dict:
     opts = MethodOptions(lr=3e-3, weight_decay=1e-6)
     runs = {}
@@ -223,12 +225,12 @@ def measure(model_name, batch_size, methods, steps, warmup, data, device) -> dic
     rows = {}
     for key in methods:
         rows[key] = {"label": LABELS[key], "median_ms": 1e3 * float(np.median(times[key])),
-                     "paired_over_ls": paired(times[key], times["ls"]),
+                     "paired_over_ls": paired_ratio(times[key], times["ls"]),
                      "page_faults_per_step": float(np.mean(faults[key]))}
     result = {"model": model_name, "batch_size": batch_size, "steps": steps, "rows": rows,
-              "pub_over_k_backward": paired(times["pub"], times["k-backward"])}
+              "pub_over_k_backward": paired_ratio(times["pub"], times["k-backward"])}
     if "torchjd-nashmtl" in times:
-        result["torchjd_nashmtl_over_pub"] = paired(times["torchjd-nashmtl"], times["pub"])
+        result["torchjd_nashmtl_over_pub"] = paired_ratio(times["torchjd-nashmtl"], times["pub"])
     return result
 
 

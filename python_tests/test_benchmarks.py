@@ -28,7 +28,7 @@ BENCHES = Path(__file__).resolve().parents[1] / "benches"
 
 
 def _bench(name):
-    if str(BENCHES) not in sys.path:  # as `python benches/<name>.py` has it: their _cli module
+    if str(BENCHES) not in sys.path:  # as `python benches/<name>.py` has it: their _common module
         sys.path.insert(0, str(BENCHES))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

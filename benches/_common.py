@@ -1,5 +1,6 @@
-"""What the benchmark scripts share on their command lines: argparse types that refuse values a
-run cannot use (before anything is measured), the check of a --json path, and strict JSON.
+"""What the benchmark scripts share: argparse types that refuse values a run cannot use (before
+anything is measured), the check of a --json path, strict JSON, and the paired ratio of two
+methods timed in turn.
 
 The scripts run as ``python benches/<name>.py``, which puts this folder on ``sys.path``.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,3 +92,9 @@ def _no_nan(value):
 def write_json(path: Path, results: dict, indent: int = 2) -> None:
     """Strict JSON: a value that was not measured (NaN) or is infinite is written as null."""
     Path(path).write_text(json.dumps(_no_nan(results), indent=indent, allow_nan=False) + "\n")
+
+
+def paired_ratio(times, base) -> float:
+    """The median over the rounds of a step's time over the base step's time in the same round
+    (the two timed in turn, so that a change of the machine's load hits both alike)."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
