@@ -115,6 +115,9 @@ class GradientBalancer:
     _reusable = False
     #: The norm the method clips the shared gradient of each call to (0: none).
     max_norm = 0.0
+    #: The constructor options that shape the method's steps: :meth:`state_dict` saves them and
+    #: :meth:`load_state_dict` restores them, as torch's optimizers restore their groups'.
+    _OPTIONS: tuple[str, ...] = ()
 
     def __init__(self, params, *, shared=None, weight_task_specific: bool | None = None,
                  update_weights_every: int = 1, process_group="auto"):
@@ -132,15 +135,8 @@ class GradientBalancer:
         if weight_task_specific is None:
             weight_task_specific = self.weight_task_specific_default
         self.weight_task_specific = bool(weight_task_specific)
-        every = update_weights_every
-        if isinstance(every, (bool, np.bool_)) or not isinstance(every, numbers.Integral) \
-                or every < 1:
-            raise ValueError(f"update_weights_every must be an integer >= 1, got "
-                             f"{update_weights_every!r}")
-        if update_weights_every > 1 and not self._reusable:
-            raise ValueError(f"{type(self).__name__} does not reuse weights: "
-                             "update_weights_every must be 1")
-        self.update_weights_every = int(update_weights_every)
+        self.update_weights_every = self._checked_option(
+            "update_weights_every", update_weights_every, "update_weights_every")
         self.k: int | None = None
         self.shared: list[torch.Tensor] | None = None
         self.weights: torch.Tensor | None = None
@@ -283,12 +279,15 @@ class GradientBalancer:
         again on its first call (or takes ``shared=``)."""
         return {"method": type(self).__name__, "num_tasks": self.k, "steps": self.steps,
                 "weights": None if self.weights is None else self.weights.detach().clone(),
+                "options": {name: _saved(getattr(self, name)) for name in self._OPTIONS},
                 **self._method_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load what :meth:`state_dict` gave (of a balancer of the same class and options). A
-        state dict that does not fit raises ValueError or TypeError naming the entry, leaving
-        the balancer as it was."""
+        """Load what :meth:`state_dict` gave (of a balancer of the same class). Its options
+        (``update_weights_every``, ``max_norm``, ...) replace the constructor's, as a torch
+        optimizer's ``load_state_dict`` restores each group's; set the attribute after loading
+        to change one. A state dict that does not fit raises ValueError or TypeError naming
+        the entry, leaving the balancer as it was."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         method = state_dict.get("method")
@@ -308,7 +307,10 @@ class GradientBalancer:
         weights = _loaded_vector(state_dict.get("weights"), "weights", k, optional=True)
         if weights is not None and k is None:
             raise ValueError("state_dict has weights but no num_tasks")
+        options = self._loaded_options(state_dict.get("options"), k)
         apply_method = self._load_method_state(state_dict, k)  # checks; applies nothing yet
+        for name, value in options.items():
+            setattr(self, name, value)
         self.steps = steps
         self.weights = weights
         if self.k is None:
@@ -322,6 +324,58 @@ class GradientBalancer:
         """The number of tasks the next call must have: decided by the first call, or by a
         loaded state dict before it."""
         return self.k if self.k is not None else self._loaded_k
+
+    def _checked_option(self, name: str, value, label: str):
+        """``value`` of option ``name`` as the method keeps it, or ValueError naming ``label``
+        (the argument, or the state dict's entry)."""
+        if name == "update_weights_every":
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+                    or value < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+            if value > 1 and not self._reusable:
+                raise ValueError(f"{type(self).__name__} does not reuse weights: "
+                                 f"{label} must be 1")
+            return int(value)
+        if name == "weight_task_specific":
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{label} must be a bool, got {value!r}")
+            return bool(value)
+        if name in ("max_norm", "c", "gamma", "w_lr"):
+            if not (_is_number(value) and 0 <= value < math.inf):
+                raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+            return float(value)
+        if name == "ema":
+            if not (_is_number(value) and 0 <= value < 1):
+                raise ValueError(f"{label} must be a number in [0, 1), got {value!r}")
+            return float(value)
+        if name == "seed":
+            if value is not None and (isinstance(value, (bool, np.bool_))
+                                      or not isinstance(value, numbers.Integral) or value < 0):
+                raise ValueError(f"{label} must be None or an integer >= 0, got {value!r}")
+            return None if value is None else int(value)
+        choices = {"solver": getattr(self, "SOLVERS", None),
+                   "normalization": getattr(self, "NORMALIZATIONS", None),
+                   "reduction": ("sum", "mean"), "form": getattr(self, "FORMS", None)}[name]
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{label} must be one of {choices}, got {value!r}")
+        return value
+
+    def _loaded_options(self, saved, k: int | None) -> dict:
+        """The options of a state dict, checked (an older state dict has none: the
+        constructor's stay)."""
+        if saved is None:
+            return {}
+        if not isinstance(saved, dict):
+            raise TypeError(f"state_dict['options'] must be a dict, got {type(saved).__name__}")
+        unknown = sorted(set(saved) - set(self._OPTIONS), key=str)
+        if unknown:
+            raise ValueError(f"state_dict['options'] has {unknown}, which {type(self).__name__} "
+                             f"does not have (its options: {list(self._OPTIONS)})")
+        return {name: self._loaded_option(name, value, f"state_dict['options'][{name!r}]", k)
+                for name, value in saved.items()}
+
+    def _loaded_option(self, name: str, value, label: str, k: int | None):
+        return self._checked_option(name, value, label)
 
     def _method_state(self) -> dict:
         """The method's own entries of state_dict (none here)."""
@@ -548,18 +602,16 @@ class NashMTL(GradientBalancer):
 
     weight_task_specific_default = True
     _reusable = True
+    _OPTIONS = ("update_weights_every", "weight_task_specific", "max_norm", "solver")
+    SOLVERS = tuple(sorted(METHODS))
 
     def __init__(self, params, *, shared=None, update_weights_every: int = 1,
                  max_norm: float = 1.0, solver: str = "newton",
                  weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          update_weights_every=update_weights_every, process_group=process_group)
-        if not (_is_number(max_norm) and 0 <= max_norm < math.inf):
-            raise ValueError(f"max_norm must be a finite number >= 0, got {max_norm!r}")
-        self.max_norm = float(max_norm)
-        if solver not in METHODS:  # checked now, not at step 1
-            raise ValueError(f"solver must be one of {sorted(METHODS)}, got {solver!r}")
-        self.solver = solver
+        self.max_norm = self._checked_option("max_norm", max_norm, "max_norm")
+        self.solver = self._checked_option("solver", solver, "solver")  # now, not at step 1
         self._prev_alpha: np.ndarray | None = None
 
     def _compute_weights(self, G, losses):
@@ -615,6 +667,7 @@ class MGDAUB(GradientBalancer):
 
     weight_task_specific_default = True
     _reusable = True
+    _OPTIONS = ("update_weights_every", "weight_task_specific", "normalization")
     NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
     def __init__(self, params, *, shared=None, normalization: str = "none",
@@ -622,10 +675,8 @@ class MGDAUB(GradientBalancer):
                  process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          update_weights_every=update_weights_every, process_group=process_group)
-        if normalization not in self.NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {self.NORMALIZATIONS}, got "
-                             f"{normalization!r}")
-        self.normalization = normalization
+        self.normalization = self._checked_option("normalization", normalization,
+                                                  "normalization")
 
     def _compute_weights(self, G, losses):
         norms = np.sqrt(np.maximum(np.diag(G), 0.0))
@@ -650,6 +701,7 @@ class IMTLG(GradientBalancer):
 
     weight_task_specific_default = True
     _reusable = True
+    _OPTIONS = ("update_weights_every", "weight_task_specific")
 
     def __init__(self, params, *, shared=None, update_weights_every: int = 1,
                  weight_task_specific: bool | None = None, process_group="auto"):
@@ -674,17 +726,14 @@ class PCGrad(GradientBalancer):
     ``numpy.random.default_rng(seed)``. Task parameters get their ordinary gradient.
     """
 
+    _OPTIONS = ("weight_task_specific", "seed", "reduction")
+
     def __init__(self, params, *, shared=None, seed: int | None = 0, reduction: str = "sum",
                  weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          process_group=process_group)
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        self.reduction = reduction
-        if seed is not None and (isinstance(seed, (bool, np.bool_))
-                                 or not isinstance(seed, numbers.Integral) or seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-        self.seed = seed
+        self.reduction = self._checked_option("reduction", reduction, "reduction")
+        self.seed = self._checked_option("seed", seed, "seed")
         self.rng = np.random.default_rng(seed)
 
     def _compute_weights(self, G, losses):
@@ -725,13 +774,13 @@ class CAGrad(GradientBalancer):
     their ordinary gradient.
     """
 
+    _OPTIONS = ("weight_task_specific", "c")
+
     def __init__(self, params, *, shared=None, c: float = 0.5,
                  weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          process_group=process_group)
-        if not (_is_number(c) and 0 <= c < math.inf):
-            raise ValueError(f"c must be a finite number >= 0, got {c!r}")
-        self.c = float(c)
+        self.c = self._checked_option("c", c, "c")
 
     def _compute_weights(self, G, losses):
         return cagrad_weights(G, self.c)
@@ -772,6 +821,7 @@ class Uncertainty(GradientBalancer):
     """
 
     FORMS = ("regression", "classification")
+    _OPTIONS = ("form",)
 
     def __init__(self, params, n_tasks: int, *, form: str = "regression"):
         super().__init__(params)
@@ -779,9 +829,7 @@ class Uncertainty(GradientBalancer):
                 or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
         n_tasks = int(n_tasks)
-        if form not in self.FORMS:
-            raise ValueError(f"form must be one of {self.FORMS}, got {form!r}")
-        self.form = form
+        self.form = self._checked_option("form", form, "form")
         ref = self.params[0]
         dtype = ref.dtype if ref.is_floating_point() else torch.float32
         self.log_vars = torch.zeros(n_tasks, dtype=dtype, device=ref.device, requires_grad=True)
@@ -855,6 +903,8 @@ class FAMO(GradientBalancer):
     ``stats["update"]`` says which happened (``"explicit"``, ``"next batch"`` or None).
     """
 
+    _OPTIONS = ("gamma", "w_lr", "max_norm", "min_losses")
+
     def __init__(self, params, n_tasks: int, *, gamma: float = 0.01, w_lr: float = 0.025,
                  max_norm: float = 1.0, min_losses=None, shared=None):
         super().__init__(params, shared=shared)
@@ -862,10 +912,9 @@ class FAMO(GradientBalancer):
                 or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
         n_tasks = int(n_tasks)
-        for name, value in (("gamma", gamma), ("w_lr", w_lr), ("max_norm", max_norm)):
-            if not (_is_number(value) and 0 <= value < math.inf):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        self.gamma, self.w_lr, self.max_norm = float(gamma), float(w_lr), float(max_norm)
+        self.gamma, self.w_lr, self.max_norm = (
+            self._checked_option(name, value, name)
+            for name, value in (("gamma", gamma), ("w_lr", w_lr), ("max_norm", max_norm)))
         self.logits = torch.zeros(n_tasks, dtype=torch.float64, requires_grad=True)
         self._logit_opt = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
         m = torch.zeros(n_tasks, dtype=torch.float64) if min_losses is None else \
@@ -1016,6 +1065,19 @@ class FAMO(GradientBalancer):
             self._updated, self._skip_update = flags
         return apply
 
+    def _loaded_option(self, name, value, label, k):
+        if name != "min_losses":
+            return super()._loaded_option(name, value, label, k)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"{label} must be a float tensor, got "
+                            f"{value.dtype if isinstance(value, torch.Tensor) else value!r}")
+        if tuple(value.shape) != (self.k,):
+            raise ValueError(f"{label} has shape {tuple(value.shape)}, expected ({self.k},)")
+        value = value.detach().to(device="cpu", dtype=torch.float64).clone()
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{label} is {value.tolist()}: it must be finite")
+        return value
+
     def __repr__(self):
         return (f"FAMO(n_tasks={self.k}, gamma={self.gamma}, w_lr={self.w_lr}, "
                 f"max_norm={self.max_norm})")
@@ -1098,18 +1160,14 @@ class MultiBalance(GradientBalancer):
 
     NORMALIZATIONS = ("l2", "loss", "none")
     SOLVERS = ("min-norm", "nash", "mean")
+    _OPTIONS = ("normalization", "solver", "ema")
 
     def __init__(self, params, *, normalization: str = "l2", solver: str = "min-norm",
                  ema: float = 0.9, process_group=None):
         super().__init__(params)
-        if normalization not in self.NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {self.NORMALIZATIONS}, got "
-                             f"{normalization!r}")
-        if solver not in self.SOLVERS:
-            raise ValueError(f"solver must be one of {self.SOLVERS}, got {solver!r}")
-        if not (_is_number(ema) and 0 <= ema < 1):
-            raise ValueError(f"ema must be a number in [0, 1), got {ema!r}")
-        self.normalization, self.solver, self.ema = normalization, solver, float(ema)
+        self.normalization, self.solver, self.ema = (
+            self._checked_option(name, value, name) for name, value in (
+                ("normalization", normalization), ("solver", solver), ("ema", ema)))
         self.process_group = process_group
         self.heads: list[list[torch.Tensor]] | None = None
         self.trunk: list[torch.Tensor] | None = None
@@ -2016,6 +2074,11 @@ def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> No
             p.grad = g.to(p.dtype, memory_format=torch.preserve_format, copy=True)
         else:
             p.grad.add_(g)
+
+
+def _saved(value):
+    """An option as a state dict holds it: a copy where it is a tensor."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def _is_number(value) -> bool:

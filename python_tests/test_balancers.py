@@ -1595,6 +1595,123 @@ def test_a_loaded_balancer_still_checks_that_the_losses_reach_its_parameters(nam
         _train(model, fresh, opt, range(2, 3))
 
 
+# Options other than the defaults, per balancer: a state dict saves them and a balancer built
+# with the defaults takes them back on loading, as torch's optimizers take their groups' back.
+_OTHER_OPTIONS = {
+    "nashmtl": {"update_weights_every": 2, "weight_task_specific": False, "max_norm": 0.05,
+                "solver": "ccp"},
+    "mgda-ub": {"update_weights_every": 2, "weight_task_specific": False,
+                "normalization": "l2"},
+    "imtl-g": {"update_weights_every": 2, "weight_task_specific": False},
+    "pcgrad": {"weight_task_specific": True, "seed": 7, "reduction": "mean"},
+    "cagrad": {"weight_task_specific": True, "c": 0.9},
+    "uncertainty": {"form": "classification"},
+    "famo": {"gamma": 0.1, "w_lr": 0.5, "max_norm": 0.05,
+             "min_losses": torch.tensor([0.01, 0.02], dtype=torch.float64)},
+    "multibalance": {"normalization": "none", "solver": "nash", "ema": 0.5},
+}
+
+
+def _with_options(name, seed, options):
+    torch.manual_seed(seed)
+    model = MMoE([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,))
+    kwargs = {"n_tasks": 2} if name in ("famo", "uncertainty") else {}
+    bal = B.BALANCERS[name](model.parameters(), **kwargs, **options)
+    extra = bal.parameters() if name == "uncertainty" else []
+    opt = torch.optim.Adam([*model.parameters(), *extra], lr=1e-2)
+    return model, bal, opt
+
+
+def _option_values(bal, names):
+    return {n: getattr(bal, n).tolist() if isinstance(getattr(bal, n), torch.Tensor)
+            else getattr(bal, n) for n in names}
+
+
+@pytest.mark.parametrize("name", sorted(_OTHER_OPTIONS))
+def test_a_state_dict_restores_the_options_it_was_saved_with(name):
+    options = _OTHER_OPTIONS[name]
+    model, bal, opt = _with_options(name, 0, options)
+    _train(model, bal, opt, range(3))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "bal": bal.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    _train(model, bal, opt, range(3, 6))
+    twin, twin_bal, twin_opt = _with_options(name, 1, {})  # the defaults
+    defaults = _option_values(twin_bal, options)
+    assert defaults != _option_values(bal, options)  # not vacuous
+    twin.load_state_dict(saved["model"])
+    twin_opt.load_state_dict(saved["opt"])
+    twin_bal.load_state_dict(saved["bal"])
+    assert _option_values(twin_bal, options) == _option_values(bal, options)
+    _train(twin, twin_bal, twin_opt, range(3, 6))
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    torch.testing.assert_close(twin_bal.weights, bal.weights, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(_OTHER_OPTIONS))
+def test_a_state_dict_without_options_keeps_the_constructors(name):
+    # What an earlier version saved: the constructor's options stay (FAMO's w_lr and gamma
+    # excepted, which its logits' saved Adam holds).
+    options = _OTHER_OPTIONS[name]
+    model, bal, opt = _with_options(name, 0, {})
+    _train(model, bal, opt, range(2))
+    old = {k: v for k, v in bal.state_dict().items() if k != "options"}
+    other = _with_options(name, 0, options)[1]
+    other.load_state_dict(old)
+    expected = _option_values(_with_options(name, 0, options)[1], options)
+    if name == "famo":
+        expected.update(w_lr=bal.w_lr, gamma=bal.gamma)
+    assert _option_values(other, options) == expected
+    assert other.steps == 2
+
+
+@pytest.mark.parametrize("name", sorted(_OTHER_OPTIONS))
+def test_bad_saved_options_are_named_and_load_nothing(name):
+    model, bal, opt = _with_options(name, 0, {})
+    _train(model, bal, opt, range(2))
+    good = bal.state_dict()
+    first = next(iter(_OTHER_OPTIONS[name]))
+    bad_value = {"update_weights_every": 0, "weight_task_specific": "yes", "max_norm": -1.0,
+                 "solver": "adam", "normalization": "max", "seed": -3, "reduction": "max",
+                 "c": float("inf"), "form": 3, "gamma": float("nan"),
+                 "ema": 1.0}[first]
+    cases = [
+        ({**good, "options": [1]}, TypeError, r"state_dict\['options'\] must be a dict"),
+        ({**good, "options": {**good["options"], "lr": 0.1}}, ValueError, "'lr'"),
+        ({**good, "options": {**good["options"], first: bad_value}}, ValueError,
+         rf"state_dict\['options'\]\['{first}'\]"),
+    ]
+    for bad, error, match in cases:
+        with pytest.raises(error, match=match):
+            bal.load_state_dict(bad)
+        assert _same_state(bal.state_dict(), good), match
+
+
+def test_a_non_reusable_balancer_refuses_a_saved_update_weights_every_above_one():
+    model, bal, opt = _with_options("pcgrad", 0, {})
+    _train(model, bal, opt, range(1))
+    state = bal.state_dict()
+    bal._OPTIONS = ("update_weights_every", *bal._OPTIONS)  # as if PCGrad saved it
+    with pytest.raises(ValueError, match=r"PCGrad does not reuse weights: state_dict"):
+        bal.load_state_dict({**state, "options": {"update_weights_every": 2}})
+    assert bal.update_weights_every == 1
+
+
+def test_famo_refuses_saved_min_losses_of_another_shape():
+    model, bal, opt = _with_options("famo", 0, {})
+    _train(model, bal, opt, range(1))
+    state = bal.state_dict()
+    for value, error in ((torch.zeros(3, dtype=torch.float64), ValueError),
+                         (torch.tensor([0.0, float("nan")], dtype=torch.float64), ValueError),
+                         ([0.0, 0.0], TypeError)):
+        with pytest.raises(error, match=r"state_dict\['options'\]\['min_losses'\]"):
+            bal.load_state_dict({**state, "options": {**state["options"], "min_losses": value}})
+        assert torch.equal(bal.min_losses, torch.zeros(2, dtype=torch.float64))
+
+
 def test_famo_state_dict_checks_its_logit_adam_and_takes_its_options():
     model, bal, opt = _resumable("famo", 0, 1)
     _train(model, bal, opt, range(2))
