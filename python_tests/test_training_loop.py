@@ -184,6 +184,106 @@ def test_per_task_gradient_norms_and_clipping():
     assert_close(opt.stats["task_grad_norms"], after, 1e-6, "norms of the step's Gram pass")
 
 
+def test_the_amp_recipe_with_task_norms_skips_an_overflowed_step_without_an_error():
+    # The README's recipe (unscale_, clip_grad_norm_, per-task norms and clipping, scaler.step)
+    # on a step whose scaled gradient overflows: the norms report the overflow as torch's
+    # clip_grad_norm_ does (non-finite), the step is skipped, the scale backs off, and training
+    # goes on. The per-task tools took the overflow for an edited .grad and raised before.
+    torch.manual_seed(0)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    _train(model, opt, 2, scaler=scaler)
+    before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    idx, y = mmoe_batch(2)
+    opt.zero_grad()
+    losses = [((o - y) ** 2).mean() for o in model(idx)]
+    opt.backward([scaler.scale(losses[0] * 1e36), scaler.scale(losses[1])])
+    scaler.unscale_(opt)
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    norms = opt.task_grad_norms()
+    clipped = opt.clip_task_grad_norm_(0.5)
+    assert not torch.isfinite(total)
+    assert not torch.isfinite(norms).all() and not torch.isfinite(clipped).all()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert opt.state_dict()["pub"]["step"] == before["pub"]["step"]
+    _train(model, opt, 1, scaler=scaler, start=3, clip=1.0)
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+def test_task_norms_of_an_infinite_loss_are_non_finite_for_that_task_alone():
+    # No scaler, no edit: task 0's loss is infinite. Its norm is not finite; task 1's is its
+    # own gradient's norm; the step then raises the non-finite-gradient error, not an edit.
+    torch.manual_seed(6)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    batch = mmoe_batch(4)
+    losses = mmoe_losses(model, batch)
+    opt.backward([losses[0] * float("inf"), losses[1]])
+    shared = opt.shared_parameters
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        mmoe_losses(model, batch)[1], shared, allow_unused=True) if g is not None]).norm()
+    norms = opt.task_grad_norms()
+    assert not torch.isfinite(norms[0])
+    assert_close(norms[1], expected.double(), 1e-6, "the finite task's norm")
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+@pytest.mark.parametrize("norm_type", [1, 3.0, 0, float("inf"), "inf", -float("inf"), -1.5])
+def test_task_norms_follow_torchs_vector_norm_for_every_norm_type(norm_type):
+    torch.manual_seed(5)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    batch = mmoe_batch(3)
+    opt.backward(mmoe_losses(model, batch))
+    shared = opt.shared_parameters
+    per_task = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss, shared, retain_graph=True)]).double() for loss in mmoe_losses(model, batch)]
+    expected = torch.stack([torch.linalg.vector_norm(g, float(norm_type)) for g in per_task])
+    assert_close(opt.task_grad_norms(norm_type), expected, 1e-10, f"norm_type={norm_type}")
+
+
+@pytest.mark.parametrize(("norm_type", "error"), [
+    (None, TypeError), (True, TypeError), ("two", ValueError), (float("nan"), ValueError),
+    ([2.0], TypeError)])
+def test_a_bad_norm_type_is_named_and_changes_nothing(norm_type, error):
+    torch.manual_seed(5)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    opt.backward(mmoe_losses(model, mmoe_batch(3)))
+    grads = [p.grad.clone() for p in model.parameters()]
+    for call in (opt.task_grad_norms, lambda n: opt.clip_task_grad_norm_(1.0, n)):
+        with pytest.raises(error, match="norm_type"):
+            call(norm_type)
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+
+
+def test_clip_task_grad_norm_takes_max_norm_as_a_tensor_as_torch_does():
+    results = []
+    for max_norm in (0.01, torch.tensor(0.01, dtype=torch.float64),
+                     torch.tensor([0.01], dtype=torch.float64), torch.tensor(0.01)):
+        torch.manual_seed(5)
+        model = MMoE()
+        opt = pub_native.Adam(model.parameters(), lr=1e-2)
+        opt.backward(mmoe_losses(model, mmoe_batch(3)))
+        opt.clip_task_grad_norm_(max_norm)
+        results.append(opt.task_grad_norms())
+    assert_close(results[0], torch.full_like(results[0], 0.01), 1e-5, "clipped")
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert_close(results[3], results[0], 1e-6, "a float32 max_norm")
+    with pytest.raises(ValueError, match="max_norm"):
+        opt.clip_task_grad_norm_(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="max_norm"):
+        opt.clip_task_grad_norm_(True)
+
+
 def test_per_task_tools_count_only_the_parameters_the_step_updates():
     # A shared parameter whose .grad was removed (torch's way of leaving it out of a step), or
     # a wholly frozen trunk (the heads-only phase of fine-tuning): the norms are over what the

@@ -9,7 +9,9 @@ A mixin of :class:`pub_native.optim._pub.PUBOptimizer`.
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 from ._plan import LazyName, flat_view, plain_grad
@@ -59,13 +61,13 @@ class GradientTools:
         g = self._grads
         if g is None or not self._pending:
             raise RuntimeError("call backward(losses) first: there are no task gradients")
-        math = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
+        acc = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
         tol = {torch.bfloat16: 1 / 128, torch.float16: 1 / 512}.get(g.dtype, 1e-6)
         active = self._stepped()
         parts, sums = [], []
         for j in active:
             rows, m = self._task_rows(j)
-            s = rows.sum(0, dtype=math).to(g.dtype).double()
+            s = rows.sum(0, dtype=acc).to(g.dtype).double()
             md = m.double()
             sums.append(rows)
             parts.append(torch.stack([(md * s).sum(), (s * s).sum(), (md * md).sum()]))
@@ -74,6 +76,15 @@ class GradientTools:
         ms, ss, mm = self._summed(torch.stack(parts)).unbind(1)
         c = torch.where(ss > 0, ms / ss.clamp(min=1e-300), torch.ones_like(ss))
         edited = torch.where(ss > 0, mm - c * ms > tol * tol * mm, mm != 0) | ~torch.isfinite(c)
+        # A non-finite gradient (a GradScaler overflow, an inf loss) is no edit: task gradients
+        # that are not finite stay as they are, and finite ones under a .grad made non-finite
+        # since (clip_grad_norm_ of a non-finite total norm) become NaN, as .grad did. Either
+        # way the step sees them: GradScaler skips it, a plain step raises FloatingPointError.
+        rows_finite = torch.isfinite(ss)
+        grad_finite = torch.isfinite(mm)
+        c = torch.where(rows_finite, torch.where(grad_finite, c, torch.full_like(c, math.nan)),
+                        torch.ones_like(c))
+        edited &= rows_finite & grad_finite
         for j, bad in zip(active, edited.tolist()):
             if bad:
                 raise RuntimeError(
@@ -93,24 +104,28 @@ class GradientTools:
         2-norms the step used, computed in its Gram pass at no extra cost.) This reads the
         K×P buffer and, on CUDA, waits for the device; under data parallelism it is a
         collective (every process calls it)."""
+        order = _norm_order(norm_type)
         self._fold_grad_rescale()
         g = self._grads
         # The parameters the step will update: frozen ones and those whose .grad was removed
         # (torch's way of leaving a parameter out) count for nothing, as in clip_grad_norm_.
         # (Under sharding a process may hold none of a parameter: an empty piece.)
         rows = [r for r in (self._task_rows(j)[0] for j in self._stepped()) if r.shape[1]]
-        inf = norm_type == math.inf
         if not rows:
-            local = torch.zeros(g.k, dtype=torch.float64, device=g.buffer.device)
-        elif inf:
-            local = torch.stack([r.abs().amax(1).double() for r in rows]).amax(0)
-        else:
-            local = torch.stack([r.double().abs().pow(norm_type).sum(1) for r in rows]).sum(0)
-        if inf:
+            return self._summed(torch.zeros(g.k, dtype=torch.float64, device=g.buffer.device))
+        if abs(order) == math.inf:  # the largest or smallest |g| (torch.linalg.vector_norm)
             import torch.distributed as dist
 
-            return self._summed(local, dist.ReduceOp.MAX if self._dp else None)
-        return self._summed(local).pow(1.0 / norm_type)
+            big = order > 0
+            parts = torch.stack([(r.abs().amax(1) if big else r.abs().amin(1)).double()
+                                 for r in rows])
+            local = parts.amax(0) if big else parts.amin(0)
+            op = dist.ReduceOp.MAX if big else dist.ReduceOp.MIN
+            return self._summed(local, op if self._dp else None)
+        if order == 0:  # the number of non-zero elements
+            return self._summed(torch.stack([r.ne(0).sum(1).double() for r in rows]).sum(0))
+        local = torch.stack([r.double().abs().pow(order).sum(1) for r in rows]).sum(0)
+        return self._summed(local).pow(1.0 / order)
 
     def _stepped(self) -> list[int]:
         """Indices of the shared parameters that require grad and have a ``.grad``."""
@@ -123,8 +138,13 @@ class GradientTools:
         gradient), before the step balances them. The shared ``.grad`` is updated to the sum of
         the clipped task gradients. Returns the norms before clipping (K,). Call between
         ``backward(losses)`` and ``step()``, after ``GradScaler.unscale_`` if one is used."""
-        if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+        if isinstance(max_norm, torch.Tensor) and max_norm.numel() == 1 \
+                and not max_norm.is_complex() and max_norm.dtype != torch.bool:
+            max_norm = max_norm.item()  # as torch's clip_grad_norm_ takes it
+        if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, numbers.Real) \
+                or not max_norm > 0:
             raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+        max_norm = float(max_norm)
         norms = self.task_grad_norms(norm_type)
         g = self._grads
         coef = (max_norm / (norms + 1e-6)).clamp(max=1.0).to(g.dtype).unsqueeze(1)
@@ -132,3 +152,17 @@ class GradientTools:
             self._task_rows(j)[0].mul_(coef)
         self._refresh_sum()
         return norms
+
+
+def _norm_order(norm_type) -> float:
+    """``norm_type`` as torch's ``clip_grad_norm_`` takes it (a number, or a string such as
+    ``"inf"``), or an error naming it."""
+    if isinstance(norm_type, (bool, np.bool_)) or not isinstance(norm_type, (numbers.Real, str)):
+        raise TypeError(f"norm_type must be a number (or 'inf'), got {norm_type!r}")
+    try:
+        order = float(norm_type)
+    except ValueError:
+        raise ValueError(f"norm_type must be a number (or 'inf'), got {norm_type!r}") from None
+    if math.isnan(order):
+        raise ValueError("norm_type must not be NaN")
+    return order
