@@ -559,3 +559,105 @@ def test_shared_parameters_of_two_dtypes_are_named_and_nothing_changes():
     opt.step()
     assert len(opt.shared_parameters) == 4
     assert all(not torch.equal(p, b) for p, b in zip(params, before))
+
+
+# ---- tensors that are not plain memory ----------------------------------------------------------
+
+
+def _neg_bit(t: torch.Tensor) -> torch.Tensor:
+    """A tensor equal to t whose memory holds -t (torch's negative bit)."""
+    out = (-t)._neg_view()
+    assert out.is_neg() and torch.equal(out, t)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("where", ["grad", "state"])
+def test_a_gradient_or_state_with_the_negative_bit_steps_as_its_values(name, where):
+    # The kernels read raw memory, which holds minus the values: the step went uphill.
+    runs = []
+    for cls in (TORCH[name], NATIVE[name]):
+        w = nn.Parameter(torch.tensor([-1.5, 0.3, 2.2, -0.6], dtype=F64))
+        opt = cls([w], lr=0.1)
+        for step in range(3):
+            g = 2 * (w.detach() - 1)
+            w.grad = _neg_bit(g) if where == "grad" else g
+            if where == "state" and step == 2:
+                st = opt.state[w]
+                for key, value in list(st.items()):
+                    if key != "step" and isinstance(value, torch.Tensor) and value.any():
+                        st[key] = _neg_bit(value.clone())
+            opt.step()
+        runs.append(w.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_shared_grad_replaced_by_an_equal_one_with_the_negative_bit_steps_the_same():
+    results = []
+    for neg in (False, True):
+        w = nn.Parameter(torch.tensor([-1.5, 0.3, 2.2, -0.6]))
+        opt = pub_native.Adam([w], lr=0.1, shared=[w])
+        c = torch.tensor([2.0, -2.0, 2.0, 2.0])
+        opt.backward([((w - 1) ** 2).sum(), ((w + c) ** 2).sum()])
+        if neg:
+            w.grad = _neg_bit(w.grad.clone())
+        opt.step()
+        results.append(w.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "shared"])
+def test_a_parameter_with_the_negative_bit_is_refused_by_name(shared):
+    w = nn.Parameter(_neg_bit(torch.tensor([-1.5, 0.3, 2.2, -0.6])))
+    a = nn.Parameter(torch.ones(4))
+    opt = pub_native.Adam([a, w], lr=0.1)
+    before = [w.detach().clone(), a.detach().clone()]
+    with pytest.raises(TypeError, match=r"\['params'\]\[1\].*negative bit"):
+        if shared:
+            opt.backward([(w * a).sum(), (w ** 2).sum()])
+        else:
+            w.grad, a.grad = torch.ones(4), torch.ones(4)
+        opt.step()
+    assert torch.equal(w, before[0]) and torch.equal(a, before[1]) and not opt.state
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_a_zero_tensor_gradient_steps_as_zeros_as_in_torch(name):
+    runs = []
+    for cls in (TORCH[name], NATIVE[name]):
+        torch.manual_seed(0)
+        p, q = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3, 4))
+        opt = cls([p, q], lr=0.1)
+        p.grad, q.grad = torch.randn(3, 4), torch.randn(3, 4)
+        opt.step()
+        p.grad, q.grad = torch._efficientzerotensor((3, 4)), torch.randn(3, 4)
+        opt.step()
+        runs.append((p.detach().clone(), q.detach().clone()))
+    for a, b in zip(runs[0], runs[1]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "shared"])
+def test_a_tensor_subclass_without_plain_memory_is_refused_by_name(shared):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    w = nn.Parameter(TwoTensor(torch.randn(4), torch.randn(4)))
+    a = nn.Parameter(torch.randn(4))
+    opt = pub_native.Adam([a, w], lr=0.1)
+    before = a.detach().clone()
+    with pytest.raises(TypeError, match=r"\['params'\]\[1\].*TwoTensor"):
+        if shared:
+            opt.backward([(w * a).sum(), (w ** 2).sum()])
+        else:
+            w.grad, a.grad = TwoTensor(torch.ones(4), torch.ones(4)), torch.ones(4)
+        opt.step()
+    assert torch.equal(a, before) and not opt.state
+
+
+def test_a_sparse_parameter_is_refused_by_name_on_a_plain_step():
+    w = nn.Parameter(torch.randn(4).to_sparse())
+    opt = pub_native.Adam([w], lr=0.1)
+    w.grad = torch.ones(4).to_sparse()
+    with pytest.raises(TypeError, match=r"\['params'\]\[0\].*sparse"):
+        opt.step()
+    assert not opt.state

@@ -172,6 +172,13 @@ def check_param(p: torch.Tensor, name: str, device: torch.device | None) -> None
         _fail(TypeError, name, "complex parameters are not supported")
     if p.layout != torch.strided:
         _fail(TypeError, name, f"{p.layout} parameters are not supported")
+    if torch._C._dispatch_keys(p).has(torch._C.DispatchKey.Python):
+        _fail(TypeError, name, f"a {type(p).__name__}, a tensor subclass that computes its "
+                               "values in Python (__torch_dispatch__), whose memory the native "
+                               "step cannot read; PUB steps plain dense tensors")
+    if p.is_neg():
+        _fail(TypeError, name, "has torch's negative bit set (made by _neg_view(): its memory "
+                               "holds minus its values); give the optimizer p.resolve_neg()")
     if p.dtype not in DTYPES:
         _fail(TypeError, name, f"dtype {p.dtype} is not supported (float32, float64, bfloat16, "
                                "float16)")
@@ -200,8 +207,8 @@ def _state_like(p: torch.Tensor, k: int | None, dtype: torch.dtype) -> torch.Ten
 
 def _matches(t, p: torch.Tensor, k: int | None, dtype: torch.dtype) -> bool:
     if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != p.device \
-            or t.layout != torch.strided or not _storage_holds(t):
-        return False
+            or t.layout != torch.strided or t.is_neg() or not _storage_holds(t):
+        return False  # (a tensor with the negative bit holds minus its values: converted)
     if k is None:
         return same_layout(t, p)
     return (t.shape == (k, *p.shape) and (k == 1 or t.stride(0) == p.numel())
@@ -289,6 +296,10 @@ def plain_grad(p: torch.Tensor, name: str) -> torch.Tensor:
     if g.layout != torch.strided:
         _fail(TypeError, name, "sparse gradients are not supported (use sparse=False in "
                                "nn.Embedding)")
+    if g._is_zerotensor():  # torch's zeros without memory: read as zeros, as torch does
+        g = torch.zeros_like(p)
+    elif g.is_neg():  # memory that holds minus its values: read the values
+        g = g.resolve_neg()
     if not _storage_holds(g):
         _fail(ValueError, name, "gradient: " + _short_storage(g))
     if g.dtype != p.dtype or g.device != p.device:
@@ -469,7 +480,7 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
             elif p.grad is None:
                 continue
             name = LazyName(opt, p)
-            signature = _signature(p)
+            signature = _readable_signature(p, name)
             if opt._checked.get(id(p)) != signature or (device is not None
                                                         and p.device != device):
                 check_param(p, name, device)
@@ -705,6 +716,18 @@ def _view_of(t: torch.Tensor) -> tuple:
 def _signature(p: torch.Tensor) -> tuple:
     """A parameter as the kernels read it: its view and its device (checked once per change)."""
     return *_view_of(p), p.device
+
+
+def _readable_signature(p: torch.Tensor, name) -> tuple:
+    """_signature, or the error naming the parameter when its memory cannot be read (a sparse
+    parameter, a tensor subclass that holds its values elsewhere)."""
+    try:
+        signature = _signature(p)
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        check_param(p, name, None)  # names what it can
+        raise TypeError(f"{name}: a {type(p).__name__} whose memory the native step cannot "
+                        f"read ({e}); PUB steps plain dense tensors") from None
+    return signature
 
 
 def _state_holds(st: dict, marks: list[tuple]) -> bool:
