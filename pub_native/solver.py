@@ -99,11 +99,13 @@ def _check_options(method, ridge, tol, max_iter):
     except (KeyError, TypeError):
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}") from None
     # numbers.Real and numbers.Integral take numpy's scalars too (np.float32, np.int64).
-    if not (isinstance(ridge, numbers.Real) and 0.0 <= ridge < math.inf):
+    if isinstance(ridge, (bool, np.bool_)) or not (
+            isinstance(ridge, numbers.Real) and 0.0 <= ridge < math.inf):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     if tol is None:
         tol = default_tol
-    elif not (isinstance(tol, numbers.Real) and 0.0 < tol < math.inf):
+    elif isinstance(tol, (bool, np.bool_)) or not (
+            isinstance(tol, numbers.Real) and 0.0 < tol < math.inf):
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     if max_iter is None:
         max_iter = default_iter
@@ -165,6 +167,7 @@ def solve_weights(
     if type(G) is not _ndarray and isinstance(G, _ndarray):  # np.memmap, other subclasses
         G = G.view(_ndarray)
     if type(G) is _ndarray:
+        warm_start = _warm_array(sys.modules.get("torch"), warm_start)
         w, st, it, res = _C.solve_weights(G, warm_start, code, ridge, tol, max_iter)
         if G.ndim == 2:
             return _new_result(SolveResult, (w, _STATUS[st], it, res))
@@ -178,6 +181,24 @@ def solve_weights(
             tol=tol, max_iter=max_iter,
         )
     raise TypeError(f"G must be a numpy array or a torch tensor, got {type(G).__name__}")
+
+
+def _warm_array(torch, warm_start):
+    """A torch warm start as the numpy array the native solver reads (its values: the negative
+    bit resolved), or TypeError for one that holds no real weights."""
+    if torch is None or not isinstance(warm_start, torch.Tensor):
+        return warm_start
+    _check_real_warm(torch, warm_start)
+    return warm_start.detach().cpu().resolve_neg().numpy()
+
+
+def _check_real_warm(torch, warm_start) -> None:
+    if isinstance(warm_start, torch.Tensor):
+        if warm_start.is_meta or warm_start.is_complex():
+            raise TypeError(f"warm_start must be real weights, got a "
+                            f"{'meta' if warm_start.is_meta else str(warm_start.dtype)} tensor")
+    elif np.iscomplexobj(warm_start):
+        raise TypeError("warm_start must be real weights, got a complex array")
 
 
 def _unreadable(G, extent: int, size: int):
@@ -217,8 +238,7 @@ def _solve_torch(torch, G, warm_start, code, ridge, tol, max_iter):
                               G.element_size())
         if problem is not None:
             raise problem[0](problem[1])
-    if warm_start is not None and isinstance(warm_start, torch.Tensor):
-        warm_start = warm_start.detach().cpu().numpy()
+    warm_start = _warm_array(torch, warm_start)
     w, st, it, res = _C.solve_weights(
         G.detach().resolve_conj().resolve_neg().numpy(), warm_start, code, ridge, tol, max_iter
     )
@@ -252,7 +272,9 @@ def _solve_cuda(torch, G, warm_start, code, ridge, tol, max_iter):
             raise ValueError("G must be symmetric")
     warm_ptr = 0
     if warm_start is not None:
-        warm = torch.as_tensor(warm_start, dtype=Gc.dtype, device=Gc.device).contiguous()
+        _check_real_warm(torch, warm_start)
+        warm = torch.as_tensor(warm_start, dtype=Gc.dtype, device=Gc.device).resolve_neg()
+        warm = warm.contiguous()
         if tuple(warm.shape) != tuple(G.shape[:-1]):
             raise ValueError(
                 f"warm_start must have shape {tuple(G.shape[:-1])}, got {tuple(warm.shape)}"

@@ -661,3 +661,24 @@ def test_a_sparse_parameter_is_refused_by_name_on_a_plain_step():
     with pytest.raises(TypeError, match=r"\['params'\]\[0\].*sparse"):
         opt.step()
     assert not opt.state
+
+
+def test_pub_options_given_as_numpy_numbers_are_taken_as_python_ones():
+    # numpy's integers and floats (a config read with numpy) as the balancers and
+    # solve_weights take them; update_weights_every=np.int64(2) was refused.
+    w = nn.Parameter(torch.ones(2))
+    opt = pub_native.Adam([w], update_weights_every=np.int64(2), ridge=np.float32(1e-6),
+                          umm="clippy", clippy_lambda_rel=np.float64(0.2))
+    assert opt.options.update_weights_every == 2 and type(opt.options.update_weights_every) is int
+    assert type(opt.options.ridge) is float and opt.options.ridge == float(np.float32(1e-6))
+    assert opt.options.clippy_lambdas[0] == 0.2
+    for kwargs in (dict(update_weights_every=np.bool_(True)), dict(ridge=True),
+                   dict(update_weights_every=np.float64(2.0))):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            pub_native.Adam([w], **kwargs)
+
+
+def test_shared_given_as_a_single_tensor_is_named():
+    w = nn.Parameter(torch.ones(3, 2))
+    with pytest.raises(TypeError, match="shared must be an iterable of parameters"):
+        pub_native.Adam([w], shared=w)

@@ -77,6 +77,8 @@ def test_bad_type():
         (dict(max_iter=0), "max_iter"),
         (dict(max_iter=2.5), "max_iter"),
         (dict(max_iter=True), "max_iter"),
+        (dict(ridge=True), "ridge"),
+        (dict(tol=True), "tol"),
         (dict(warm_start=np.ones(3)), "warm_start"),
         (dict(warm_start=np.array([1.0, -1.0])), "warm_start"),
         (dict(warm_start=np.array([1.0, np.nan])), "warm_start"),
@@ -86,6 +88,27 @@ def test_bad_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
         solve_weights(GOOD, **kwargs)
 
+
+
+@pytest.mark.parametrize("warm", [np.array([1 + 5j, 1 - 5j]), torch.tensor([1 + 5j, 1 - 5j]),
+                                  torch.ones(2, device="meta")],
+                         ids=["complex-numpy", "complex-torch", "meta"])
+@pytest.mark.parametrize("wrap", [np.asarray, torch.as_tensor], ids=["numpy", "torch"])
+def test_a_warm_start_that_is_not_real_weights_is_a_type_error(warm, wrap):
+    # A complex warm start lost its imaginary part with only a warning; a meta one gave
+    # torch's "Cannot copy out of meta tensor".
+    with pytest.raises(TypeError, match="warm_start must be real"):
+        solve_weights(wrap(GOOD), warm_start=warm)
+
+
+def test_a_warm_start_with_the_negative_bit_is_read_as_its_values():
+    warm = torch.tensor([0.7, 0.2], dtype=torch.float64)
+    neg = (-warm)._neg_view()
+    assert neg.is_neg() and torch.equal(neg, warm)
+    G = torch.as_tensor(GOOD)
+    a = solve_weights(G, warm_start=warm, max_iter=1)
+    b = solve_weights(G, warm_start=neg, max_iter=1)
+    assert torch.equal(torch.as_tensor(a.weights), torch.as_tensor(b.weights))
 
 def test_numpy_scalars_and_array_subclasses_are_taken(tmp_path):
     # max_iter=np.int64(5) and tol=np.float32(...) were refused as not numbers, and a

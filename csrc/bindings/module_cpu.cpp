@@ -232,6 +232,10 @@ py::tuple solve_typed(const py::array& G_any, const py::object& warm_obj, int64_
   Arr warm;
   const T* warm_ptr = nullptr;
   if (!warm_obj.is_none()) {
+    if (py::isinstance<py::array>(warm_obj) &&
+        py::reinterpret_borrow<py::array>(warm_obj).dtype().kind() == 'c') {
+      throw py::type_error("warm_start must be real weights, got a complex array");
+    }
     warm = Arr::ensure(warm_obj);
     if (!warm) throw py::type_error("warm_start must be an array of weights");
     const bool ok = batched ? (warm.ndim() == 2 && warm.shape(0) == batch && warm.shape(1) == K)

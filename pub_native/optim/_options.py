@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 from .._native import Umm
 from ..solver import METHODS
@@ -20,7 +23,8 @@ ABSENT_TASKS = ("skip", "error")
 
 
 def _finite_nonneg(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number >= 0: Python's or numpy's, not a bool."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
             and 0.0 <= value < math.inf)
 
 
@@ -40,8 +44,10 @@ class PubOptions:
 
     def __post_init__(self):
         every = self.update_weights_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if isinstance(every, (bool, np.bool_)) or not isinstance(every, numbers.Integral) \
+                or every < 1:
             raise ValueError(f"Invalid update_weights_every value: {every!r} (an integer >= 1)")
+        object.__setattr__(self, "update_weights_every", int(every))  # numpy's ints too
         if self.solver not in METHODS:
             raise ValueError(f"Invalid solver: {self.solver!r}, expected one of {sorted(METHODS)}")
         if self.weight_norm not in WEIGHT_NORMS:
@@ -49,6 +55,7 @@ class PubOptions:
                 f"Invalid weight_norm: {self.weight_norm!r}, expected 'sum' or 'none'")
         if not _finite_nonneg(self.ridge):
             raise ValueError(f"Invalid ridge value: {self.ridge!r} (a finite number >= 0)")
+        object.__setattr__(self, "ridge", float(self.ridge))
         if self.umm not in UMMS:
             raise ValueError(f"Invalid umm: {self.umm!r}, expected None, 'clippy' or 'adatask'")
         if self.clippy_preset not in CLIPPY_PRESETS:
@@ -64,6 +71,8 @@ class PubOptions:
             value = getattr(self, name)
             if value is not None and not _finite_nonneg(value):
                 raise ValueError(f"Invalid {name} value: {value!r} (a finite number >= 0)")
+            if value is not None:
+                object.__setattr__(self, name, float(value))
         if self.absent_tasks not in ABSENT_TASKS:
             raise ValueError(f"Invalid absent_tasks: {self.absent_tasks!r}, expected 'skip' or "
                              "'error'")

@@ -131,6 +131,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
             self._refuse_unsupported(group)
         known = {id(p) for p in self._all_params()}
         self._compile_handle = register_for_compile(self)
+        if isinstance(shared, torch.Tensor):  # iterating it would give its rows
+            raise TypeError("shared must be an iterable of parameters (e.g. [p] or "
+                            "model.trunk.parameters()), got a single Tensor")
         self._explicit_shared = None if shared is None else list(shared)
         if shared is not None and not {id(p) for p in self._explicit_shared} <= known:
             raise ValueError("shared contains tensors that are not among the optimizer's params")
