@@ -739,3 +739,82 @@ def test_grad_scaler_does_not_hide_updates_that_overflow_from_finite_gradients()
     with pytest.raises(FloatingPointError, match="overflowed"):
         scaler.step(opt)
     assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+class _Opposed(torch.nn.Module):
+    """Two tasks pull one shared tensor (``offset``) in exactly opposite directions: its task
+    gradients cancel, and the .grad that backward leaves for it is 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(8, 16)
+        self.offset = torch.nn.Parameter(torch.zeros(16))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 1) for _ in range(2))
+
+    def losses(self, x, y):
+        z = torch.relu(self.trunk(x))
+        adv = (z.detach() * self.offset).mean()
+        return [((self.heads[0](z).squeeze(-1) - y[:, 0]) ** 2).mean() + adv,
+                ((self.heads[1](z).squeeze(-1) - y[:, 1]) ** 2).mean() - adv]
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("tools", ["unscale", "unscale+clip", "unscale+task_norms"])
+def test_unscale_reaches_a_shared_tensor_whose_task_gradients_cancel(backend, tools):
+    # Its .grad is 0 before and after unscale_, so it shows no factor of its own: it takes the
+    # one every other .grad shows. Left at 1, its task gradients kept the loss scale (Adam's
+    # second moment 2^32 too large, its L2 weight decay lost).
+    torch.manual_seed(0)
+    base = _Opposed()
+    x, y = torch.randn(64, 8), torch.randn(64, 2)
+    runs = {}
+    for mode in ("plain", "scaler"):
+        model = copy.deepcopy(base)
+        opt = pub_native.Adam(model.parameters(), lr=1e-2, weight_decay=0.1, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1)
+        for _ in range(6):
+            opt.zero_grad()
+            losses = model.losses(x, y)
+            if mode == "scaler":
+                losses = [scaler.scale(loss) for loss in losses]
+            opt.backward(losses)
+            assert not model.offset.grad.any()
+            if mode == "scaler":
+                scaler.unscale_(opt)
+            if "clip" in tools:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+            if "task_norms" in tools:
+                opt.task_grad_norms()
+            if mode == "scaler":
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        runs[mode] = (model, opt)
+    (m1, o1), (m2, o2) = runs["plain"], runs["scaler"]
+    assert scaler.get_scale() > 2.0**16  # no overflow: every step was taken
+    torch.testing.assert_close(o2.state[m2.offset]["exp_avg_sq"],
+                               o1.state[m1.offset]["exp_avg_sq"], rtol=1e-5, atol=0)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_a_tensor_whose_task_gradients_cancel_keeps_factor_one_when_the_others_disagree(backend):
+    # Clipping trunk.weight alone gives the shared .grads two factors (c and 1): nothing says
+    # which the cancelled tensor had, and it keeps 1. Adam's first step leaves
+    # exp_avg_sq = (1 - β2)·g_α² with g_α = Σ_i α̂_i g_i of its own task gradients, unscaled.
+    torch.manual_seed(0)
+    model = _Opposed()
+    x, y = torch.randn(64, 8), torch.randn(64, 2)
+    task_grads = [torch.autograd.grad(loss, model.offset, retain_graph=True)[0]
+                  for loss in model.losses(x, y)]
+    opt = pub_native.Adam(model.parameters(), lr=1e-2, backend=backend)
+    opt.backward(model.losses(x, y))
+    total = torch.nn.utils.clip_grad_norm_([model.trunk.weight], 1e-4)
+    assert float(total) > 1e-2  # clipped by a factor far from 1
+    opt.step()
+    w = opt.task_weights.float()
+    g_alpha = w[0] * task_grads[0] + w[1] * task_grads[1]
+    torch.testing.assert_close(opt.state[model.offset]["exp_avg_sq"], 0.001 * g_alpha**2,
+                               rtol=1e-4, atol=1e-30)

@@ -145,6 +145,7 @@ void rescale_typed(const Segment& seg, double* ratio, uint8_t* edited) {
                                                            : 1.0;
     edited[t] = ed ? 1 : 0;
   }
+  share_rescale_factor(ratio, edited, seg.n_tensors, tol);
 }
 
 struct RescaleDispatch {

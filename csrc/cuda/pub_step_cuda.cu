@@ -87,6 +87,7 @@ __global__ void rescale_reduce_kernel(const int64_t* table, const int64_t* items
     edited[t] = ed ? 1 : 0;
     if (ed) flags[kFlagGradEdited] = 1;
   }
+  share_rescale_factor(ratio, edited, n_tensors, tol);
 }
 
 // A task absent from this batch: no row or column in G, so its weight is 0.

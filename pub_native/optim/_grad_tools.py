@@ -85,6 +85,15 @@ class GradientTools:
         c = torch.where(rows_finite, torch.where(grad_finite, c, torch.full_like(c, math.nan)),
                         torch.ones_like(c))
         edited &= rows_finite & grad_finite
+        # A tensor whose task gradients cancel (s = 0 and .grad still 0) shows no factor: it
+        # takes the one the others share, as the step does (share_rescale_factor in step.h).
+        hidden = (ss == 0) & (mm == 0)
+        shown = c[~hidden & ~edited & torch.isfinite(c)]
+        if bool(hidden.any()):
+            fill = 1.0
+            if shown.numel() and bool(((shown - shown[0]).abs() <= tol * shown[0].abs()).all()):
+                fill = float(shown[0])
+            c = torch.where(hidden, torch.full_like(c, fill), c)
         for j, bad in zip(active, edited.tolist()):
             if bad:
                 raise RuntimeError(

@@ -10,6 +10,7 @@ shell (options, detection, state, checkpoints) on this math.
 
 from __future__ import annotations
 
+import math
 import time
 from math import isfinite as math_isfinite
 
@@ -86,18 +87,32 @@ def _rescaling(task_grads: torch.Tensor, grad: torch.Tensor) -> tuple[float, boo
     """(c, edited): the factor c with .grad ≈ c·s, where s = Σ_i g_i is what backward left in
     .grad (summed in task order in the math type, rounded once to the gradient's type), and
     whether .grad is not a multiple of s within the tolerance of its type."""
-    math = torch.float32 if task_grads.dtype in _RESCALE_TOL else task_grads.dtype
-    s = task_grads[0].to(math)
+    acc = torch.float32 if task_grads.dtype in _RESCALE_TOL else task_grads.dtype
+    s = task_grads[0].to(acc)
     for g in task_grads[1:]:
-        s = s + g.to(math)
+        s = s + g.to(acc)
     s = s.to(task_grads.dtype).to(F64).reshape(-1)
     m = grad.detach().to(F64).reshape(-1)
     ms, ss, mm = float(m @ s), float(s @ s), float(m @ m)
-    if not ss > 0.0:  # s = 0: only m = 0 is a rescaling of it
-        return 1.0, mm != 0.0
+    if not ss > 0.0:  # s = 0: only m = 0 is a rescaling of it, by any factor (NaN: none shown)
+        return (1.0, True) if mm != 0.0 else (math.nan, False)
     c = ms / ss
     tol = _RESCALE_TOL.get(task_grads.dtype, 1e-6)
     return c, not (mm - c * ms <= tol * tol * mm) or not math_isfinite(c)
+
+
+def _segment_rescalings(seg) -> list[tuple[float, bool] | None]:
+    """_rescaling of each shared row that names its .grad, where a row whose task gradients
+    cancel (s = 0, .grad still 0) takes the factor the segment's other rows share (to the
+    tolerance of the type), as GradScaler.unscale_ and clip_grad_norm_ scale every .grad alike;
+    1 when they disagree or none shows one."""
+    found = [None if m is None else _rescaling(g, m) for g, m in zip(seg.grads, seg.grad_sums)]
+    shown = [c for f in found if f is not None for c, edited in [f]
+             if not edited and not math.isnan(c)]
+    tol = _RESCALE_TOL.get(seg.dtype, 1e-6)
+    fill = shown[0] if shown and all(abs(c - shown[0]) <= tol * abs(shown[0])
+                                     for c in shown) else 1.0
+    return [f if f is None or not math.isnan(f[0]) else (fill, False) for f in found]
 
 
 def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
@@ -120,10 +135,11 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
     for seg in plan.segments:
         rule = RULES[_RULE_OF[seg.algo]]
         shared = seg.kind == SegmentKind.SHARED
+        rescalings = _segment_rescalings(seg) if shared else None
         for r in range(len(seg.params)):
             row_multipliers = multipliers if shared else [inv_scale]
             if shared and seg.grad_sums[r] is not None:
-                ratio, edited = _rescaling(seg.grads[r], seg.grad_sums[r])
+                ratio, edited = rescalings[r]
                 if edited:
                     edited_params.append(seg.params[r])
                 row_multipliers = multipliers * ratio

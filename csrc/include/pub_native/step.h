@@ -177,16 +177,40 @@ PN_HD double grad_rescale_tolerance(DType d) {
 // The factor c with m ≈ c·s for a tensor whose .grad m was Σ_i g_i = s after backward: from
 // the sums ⟨m, s⟩, ⟨s, s⟩ and ⟨m, m⟩ over its elements. Sets *edited when m is not a multiple
 // of s up to `tol` (relative, in the 2-norm): a change of .grad that PUB cannot carry over to
-// the task gradients.
+// the task gradients. A tensor whose task gradients cancel (s = 0, m still 0) shows no factor:
+// NaN, which share_rescale_factor replaces.
 PN_HD double rescale_factor(double ms, double ss, double mm, double tol, bool* edited) {
-  if (!(ss > 0.0)) {  // s = 0: only m = 0 is a rescaling of it
+  if (!(ss > 0.0)) {  // s = 0: only m = 0 is a rescaling of it, by any factor
     *edited = !(mm == 0.0);
-    return 1.0;
+    return *edited ? 1.0 : pn_bits_double(0x7ff8000000000000ULL);
   }
   const double c = ms / ss;
   const double residual2 = mm - c * ms;  // ‖m − c s‖² = ⟨m,m⟩ − ⟨m,s⟩²/⟨s,s⟩
   *edited = !(residual2 <= tol * tol * mm) || !pn_isfinite(c);
   return c;
+}
+
+// The factors of a segment's n tensors from rescale_factor, with those that show none (NaN)
+// given the factor the others share to `tol`: GradScaler.unscale_ and clip_grad_norm_ scale
+// every .grad by one factor, which the task gradients of a tensor whose .grad is 0 must follow
+// too (left at 1, they kept the loss scale). 1 when the others disagree or none shows one.
+template <class Flag>
+PN_HD void share_rescale_factor(double* ratio, const Flag* edited, int64_t n, double tol) {
+  double c0 = 1.0;
+  bool have = false, agree = true;
+  for (int64_t t = 0; t < n; ++t) {
+    const double c = ratio[t];
+    if (edited[t] || c != c) continue;
+    if (!have) {
+      c0 = c;
+      have = true;
+    } else if (!(pn_abs(c - c0) <= tol * pn_abs(c0))) {
+      agree = false;
+    }
+  }
+  const double fill = have && agree ? c0 : 1.0;
+  for (int64_t t = 0; t < n; ++t)
+    if (ratio[t] != ratio[t]) ratio[t] = fill;
 }
 
 // Element j's share of the sums that rescale_factor takes, added to ms, ss and mm: m = .grad
