@@ -39,6 +39,7 @@ from ._autograd import (
     TaskGradients,
     as_loss_list,
     compiled_graph,
+    dense_strides,
     layout_view,
     reached_by_gradients,
     reached_parameters,
@@ -162,7 +163,24 @@ class GradientBalancer:
         # DDP does not see) are averaged here, so every process computes the same weights.
         self._dp_group, _ = data_parallel_group(self.params, self._process_group)
         self._detect(raw_losses, losses)
-        self._grads = _task_gradients(self.shared, len(losses))
+        self._grads = self._new_buffer(len(losses))
+
+    def _new_buffer(self, k: int) -> TaskGradients:
+        """The per-task gradient buffer laid out for the shared parameters as they are now,
+        after checking that each is dense: a row holds a parameter's gradient as ``numel``
+        consecutive elements in its memory order, which a strided view with gaps
+        (``x[:, ::2]``) does not have (its view of a row would reach past it, into the next
+        parameter's or task's gradient). Refused as the PUB optimizers refuse it
+        (``check_param``), before anything is computed."""
+        for p in self.shared:
+            if not dense_strides(p):
+                j = next(j for j, q in enumerate(self.params) if q is p)
+                raise NotImplementedError(
+                    f"params[{j}] (shape {tuple(p.shape)}, strides {tuple(p.stride())}) is a "
+                    "strided view with gaps (not dense); the balancers take the task "
+                    "gradients of dense shared parameters (contiguous, channels_last, "
+                    "transposed, ...): make it one, e.g. torch.nn.Parameter(t.contiguous())")
+        return _task_gradients(self.shared, k)
 
     def _detect(self, raw_losses, losses: list[torch.Tensor]) -> None:
         """Shared and task-specific parameters from the autograd graph of the first losses
@@ -267,6 +285,45 @@ class GradientBalancer:
             raise ValueError(_NOTHING_REACHED)
         self._reach_checked = True
 
+    # -- data parallelism of the loss weightings (Uncertainty, FAMO) ----------------------------
+
+    def _decide_group(self) -> None:
+        """The data-parallel group of a loss weighting, decided at its first call (after a
+        load too): ``process_group`` as the gradient balancers take it. Whether the balancer
+        averages the parameters' gradients itself: only where no DistributedDataParallel
+        module holds them (a group given without one); else DDP's backward averages them."""
+        if self._dp_decided:
+            return
+        group, ddp = data_parallel_group(self.params, self._process_group)
+        own = group is not None and ddp is None and not ddp_holders({id(p) for p in self.params})
+        self._dp_group, self._dp_own, self._dp_decided = group, own, True
+
+    def _group_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over the data-parallel group of each process's ``values`` (a 1-D tensor of
+        the K loss values), in float64 on their device; ``values`` itself without a group."""
+        if self._dp_group is None:
+            return values
+        return _group_mean(values, self._dp_group)
+
+    def _loss_backward(self, total: torch.Tensor, params: list[torch.Tensor],
+                       extra: list[torch.Tensor] = ()) -> None:
+        """``.grad`` += ∂total/∂p for ``params`` and ``extra`` (one backward pass). Under a
+        data-parallel group without a DDP module (see _decide_group), this call's gradients of
+        ``params`` are averaged over it, as DDP's backward would; ``extra`` (the balancer's own
+        tensors, whose gradient is the same on every process) are not."""
+        inputs = list(params) + list(extra)
+        if not self._dp_own:
+            torch.autograd.backward(total, inputs=inputs)
+            return
+        stash = _set_aside(params)  # no DDP module writes into them: see _set_aside
+        try:
+            torch.autograd.backward(total, inputs=inputs)
+            average_gradients(params, self._dp_group)
+        except BaseException:
+            _restore(params, stash)
+            raise
+        _put_back(params, stash)
+
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -276,8 +333,10 @@ class GradientBalancer:
         MultiBalance's Gram average). Tensors, numbers, lists and dicts only: it saves with
         ``torch.save`` and loads with ``weights_only=True``. Not the parameters (the model's
         ``state_dict`` holds them) nor which of them are shared: a loaded balancer finds those
-        again on its first call (or takes ``shared=``)."""
-        return {"method": type(self).__name__, "num_tasks": self.k, "steps": self.steps,
+        again on its first call (or takes ``shared=``). A balancer that loaded a state dict and
+        has not been called since saves the K it loaded, so that its state dict loads again."""
+        return {"method": type(self).__name__, "num_tasks": self._expected_k(),
+                "steps": self.steps,
                 "weights": None if self.weights is None else self.weights.detach().clone(),
                 "options": {name: _saved(getattr(self, name)) for name in self._OPTIONS},
                 **self._method_state()}
@@ -403,7 +462,7 @@ class GradientBalancer:
             shared = self.shared
             self._detect(raw, losses)
             if [id(p) for p in self.shared] != [id(p) for p in shared]:
-                self._grads = _task_gradients(self.shared, self.k)
+                self._grads = self._new_buffer(self.k)
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
@@ -439,7 +498,7 @@ class GradientBalancer:
         if not self._grads.matches():
             # A shared parameter changed its shape, dtype, device or memory order since the
             # buffer was laid out (model.to(...), .data = ...): lay it out again.
-            self._grads = _task_gradients(self.shared, self.k)
+            self._grads = self._new_buffer(self.k)
         specific = self._specific_all
         stash = _set_aside(specific)
         try:
@@ -818,13 +877,29 @@ class Uncertainty(GradientBalancer):
         opt = torch.optim.Adam([{"params": model.parameters()},
                                 {"params": bal.parameters(), "lr": 0.025}], lr=1e-3)
         opt.zero_grad(); bal.backward(losses); opt.step()
+
+    Args:
+        params: the model's parameters (tensors or torch param groups).
+        n_tasks: K.
+        form: ``"regression"`` or ``"classification"`` (above).
+        process_group: under torch.distributed, ``"auto"`` (the DistributedDataParallel module
+            that holds ``params``: its group), a group (``params`` taken as replicated over it;
+            without a DDP module the balancer averages their gradients itself), or None (every
+            process trains on its own), as for the gradient balancers. Over the group, ∂L/∂s_i
+            takes the loss values averaged over the processes (one all-reduce of K numbers per
+            call), so ``log_vars`` get the same gradient on every process — that of one process
+            on the whole batch when each process's loss is the mean over an equal slice — and
+            stay identical, while DDP averages the model's gradients as usual.
     """
 
     FORMS = ("regression", "classification")
     _OPTIONS = ("form",)
 
-    def __init__(self, params, n_tasks: int, *, form: str = "regression"):
-        super().__init__(params)
+    def __init__(self, params, n_tasks: int, *, form: str = "regression",
+                 process_group="auto"):
+        super().__init__(params, process_group=process_group)
+        self._dp_own = False
+        self._dp_decided = False
         if isinstance(n_tasks, (bool, np.bool_)) or not isinstance(n_tasks, numbers.Integral) \
                 or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
@@ -848,17 +923,26 @@ class Uncertainty(GradientBalancer):
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         if not self._reach_checked:
             self._check_reached(raw, losses)
+        self._decide_group()
         self.steps += 1
         s = self.log_vars
         loss_vec = torch.stack(losses).to(s.dtype)
         c = 1.0 if scaler is None else float(scaler.get_scale())
+        e = torch.exp(-s)
+        if self._dp_group is None:
+            weighted = e * loss_vec
+        else:
+            # ∂L/∂s_i from the loss values averaged over the processes (as one process on the
+            # whole batch has them), ∂L/∂θ from this process's losses (DDP averages those).
+            mean = self._group_mean(loss_vec.detach()).to(s.dtype)
+            weighted = e.detach() * loss_vec + e * mean
         if self.form == "regression":
-            total = 0.5 * (torch.exp(-s) * loss_vec + c * s).sum()
+            total = 0.5 * (weighted + c * s).sum()
             w = 0.5 * torch.exp(-s.detach())
         else:
-            total = (torch.exp(-s) * loss_vec + 0.5 * c * s).sum()
+            total = (weighted + 0.5 * c * s).sum()
             w = torch.exp(-s.detach())
-        torch.autograd.backward(total, inputs=_active(self.params) + [s])
+        self._loss_backward(total, _active(self.params), [s])
         self.weights = w.to(torch.float64).cpu()
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
 
@@ -901,13 +985,33 @@ class FAMO(GradientBalancer):
     updates ξ with its own losses — the next batch at the new parameters — as L', which is what
     FAMO's own toy trainer does: free, but noisier by the difference between two batches.
     ``stats["update"]`` says which happened (``"explicit"``, ``"next batch"`` or None).
+
+    Args:
+        params: the model's parameters (tensors or torch param groups).
+        n_tasks: K.
+        gamma, w_lr: the weight decay and learning rate of the logits' Adam.
+        max_norm: the norm the shared gradient of each call is clipped to (0: none).
+        min_losses: the lower bounds m_i (K numbers; default 0).
+        shared: the shared parameters that ``max_norm`` clips (default: detected, as for the
+            gradient balancers).
+        process_group: under torch.distributed, ``"auto"`` (the DistributedDataParallel module
+            that holds ``params``: its group), a group (``params`` taken as replicated over it;
+            without a DDP module the balancer averages their gradients itself), or None (every
+            process trains on its own), as for the gradient balancers. Over the group, the loss
+            values of :meth:`backward` and of :meth:`update` are averaged over the processes
+            (one all-reduce of K numbers per call; call both on every process), so every
+            process computes the same weights and logits — those of one process on the whole
+            batch when each process's loss is the mean over an equal slice — while DDP averages
+            the model's gradients as usual.
     """
 
     _OPTIONS = ("gamma", "w_lr", "max_norm", "min_losses")
 
     def __init__(self, params, n_tasks: int, *, gamma: float = 0.01, w_lr: float = 0.025,
-                 max_norm: float = 1.0, min_losses=None, shared=None):
-        super().__init__(params, shared=shared)
+                 max_norm: float = 1.0, min_losses=None, shared=None, process_group="auto"):
+        super().__init__(params, shared=shared, process_group=process_group)
+        self._dp_own = False
+        self._dp_decided = False
         if isinstance(n_tasks, (bool, np.bool_)) or not isinstance(n_tasks, numbers.Integral) \
                 or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
@@ -933,9 +1037,16 @@ class FAMO(GradientBalancer):
         """z = softmax(ξ), the tasks' share of the weighting (float64)."""
         return torch.softmax(self.logits.detach(), 0)
 
-    def _log_d(self, losses, scale: float = 1.0) -> torch.Tensor:
+    def _loss_values(self, losses, scale: float = 1.0) -> torch.Tensor:
+        """The unscaled loss values (float64, CPU): under data parallelism, their mean over the
+        processes, the same on every process (a non-finite one on any process makes it
+        non-finite on every process)."""
         values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(
             device="cpu", dtype=torch.float64) / scale
+        return self._group_mean(values)
+
+    def _log_d(self, values: torch.Tensor) -> torch.Tensor:
+        """log D_i of the loss values (see _loss_values)."""
         d = values - self.min_losses + self.eps
         if not bool(torch.isfinite(values).all()):
             bad = [i for i, v in enumerate(values.tolist()) if not math.isfinite(v)]
@@ -963,7 +1074,8 @@ class FAMO(GradientBalancer):
         if self._updated:
             raise RuntimeError("FAMO.update() was already called after the last backward(): "
                                "a second call would count the same decrease of the losses again")
-        self._update_from(self._log_d(items))
+        self._decide_group()  # (a loaded state may call update() first)
+        self._update_from(self._log_d(self._loss_values(items)))
         self._updated = True
         self.stats["update"] = "explicit"
 
@@ -984,20 +1096,21 @@ class FAMO(GradientBalancer):
         loss (an overflow) gives ``.grad`` the plain, non-finite sum for the scaler to skip,
         leaving FAMO's state as it was."""
         raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
+        self._decide_group()  # (before the detection: its processes agree on it)
         if self.max_norm > 0 and (self.shared is None or self._undecided()):
             self._detect(raw, items)
         elif not self._reach_checked:
             self._check_reached(raw, items)
         scale = 1.0 if scaler is None else float(scaler.get_scale())
-        if scaler is not None and not all(bool(torch.isfinite(loss.detach()).all())
-                                          for loss in items):
-            torch.autograd.backward(sum(items), inputs=_active(self.params))
+        values = self._loss_values(items, scale)
+        if scaler is not None and not bool(torch.isfinite(values).all()):
+            self._loss_backward(sum(items), _active(self.params))
             self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                           "update": None}
             # The scaler skips this step: an update() after it has no step to measure.
             self._skip_update = True
             return
-        log_d = self._log_d(items, scale)
+        log_d = self._log_d(values)
         # A call that raises leaves FAMO as it was: the logits' implicit update below comes
         # before the backward pass that may still fail.
         saved = (self.logits.detach().clone(), copy.deepcopy(self._logit_opt.state_dict()))
@@ -1013,7 +1126,7 @@ class FAMO(GradientBalancer):
             w = z / (c * d)
             total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
             aside = self._set_aside_clipped()
-            torch.autograd.backward(total, inputs=_active(self.params))
+            self._loss_backward(total, _active(self.params))
         except BaseException:
             _undo_aside(self.shared, aside)
             with torch.no_grad():
@@ -1054,13 +1167,24 @@ class FAMO(GradientBalancer):
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ValueError(f"state_dict['logit_optimizer'] is not a state dict of the "
                              f"logits' Adam ({type(e).__name__}: {e})") from None
+        # The saved options replace the constructor's (as in torch): each is checked as the
+        # constructor checks w_lr and gamma (and torch's Adam its own), before anything is
+        # loaded, then one step of the probe on a zero gradient must run (a string lr, say,
+        # was loaded and broke every later call).
+        w_lr, gamma = _checked_adam_group(probe.param_groups[0],
+                                          "state_dict['logit_optimizer']['param_groups'][0]")
+        probe.param_groups[0]["params"][0].grad = torch.zeros(self.k, dtype=torch.float64)
+        try:
+            probe.step()
+        except Exception as e:  # noqa: BLE001 - whatever the step raises: refused, named
+            raise ValueError(f"state_dict['logit_optimizer'] does not give the logits' Adam a "
+                             f"step it can take ({type(e).__name__}: {e})") from None
 
         def apply():
             with torch.no_grad():  # in place: the logits' Adam holds this tensor
                 self.logits.copy_(logits)
             self._logit_opt.load_state_dict(opt_state)
-            group = self._logit_opt.param_groups[0]  # the saved options win, as in torch
-            self.w_lr, self.gamma = float(group["lr"]), float(group["weight_decay"])
+            self.w_lr, self.gamma = w_lr, gamma  # the saved options win, as in torch
             self._prev_log_d = prev
             self._updated, self._skip_update = flags
         return apply
@@ -2074,6 +2198,39 @@ def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> No
             p.grad = g.to(p.dtype, memory_format=torch.preserve_format, copy=True)
         else:
             p.grad.add_(g)
+
+
+def _group_mean(values: torch.Tensor, group) -> torch.Tensor:
+    """The mean over the processes of ``group`` of each one's ``values`` (one all-reduce, in
+    float64; on the current CUDA device under NCCL, else on the CPU), float64 on the device of
+    ``values``. Every process gets the same numbers."""
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    total = values.detach().to(device=device, dtype=torch.float64, copy=True)
+    dist.all_reduce(total, group=group)
+    return total.div_(dist.get_world_size(group)).to(values.device)
+
+
+def _checked_adam_group(group: dict, label: str) -> tuple[float, float]:
+    """(lr, weight_decay) of a loaded param group of torch's Adam, every option of which is
+    checked as the constructors check theirs (ValueError naming ``label[name]``)."""
+    for name in ("lr", "weight_decay", "eps"):
+        value = group.get(name)
+        if not (_is_number(value) and 0 <= value < math.inf):
+            raise ValueError(f"{label}[{name!r}] must be a finite number >= 0, got {value!r}")
+    betas = group.get("betas")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"{label}['betas'] must be two numbers in [0, 1), got {betas!r}")
+    for name in ("amsgrad", "maximize", "capturable", "differentiable",
+                 "decoupled_weight_decay", "foreach", "fused"):
+        value = group.get(name, False)
+        if not (isinstance(value, bool) or (value is None and name in ("foreach", "fused"))):
+            raise ValueError(f"{label}[{name!r}] must be a bool"
+                             f"{' or None' if name in ('foreach', 'fused') else ''}, "
+                             f"got {value!r}")
+    return float(group["lr"]), float(group["weight_decay"])
 
 
 def _saved(value):

@@ -702,6 +702,89 @@ def test_shared_parameter_changed_between_steps_gets_the_weighted_gradient(cls, 
         torch.testing.assert_close(conv.weight.grad, expected)
 
 
+_GRADIENT_BALANCERS = ["NashMTL", "MGDAUB", "IMTLG", "PCGrad", "CAGrad"]
+
+
+def _gappy_problem(second_shared):
+    """A shared parameter that is a strided view with gaps (P(x[:, ::2]): strides (6, 2)), two
+    task-specific ones and, with ``second_shared``, another shared tensor after it in the
+    per-task buffer (whose rows its view overran: the task rows overwrote each other)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])
+    v = torch.nn.Parameter(torch.randn(40))
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    params = [w, v, a, b] if second_shared else [w, a, b]
+
+    def losses():
+        s = v.sum() if second_shared else 0.0
+        return [((w * a).sum() - 1) ** 2 + 0.1 * s, ((w * b).sum() + 1) ** 2 + 0.1 * s ** 2]
+    return w, params, losses
+
+
+@pytest.mark.parametrize("second_shared", [False, True])
+@pytest.mark.parametrize("name", _GRADIENT_BALANCERS)
+def test_a_shared_parameter_with_gaps_is_refused_naming_it_and_nothing_changes(name,
+                                                                               second_shared):
+    # The per-task buffer lays each shared parameter out as numel consecutive elements in its
+    # memory order: a view with gaps reached past its row (torch's "setStorage ... out of
+    # bounds", naming nothing) or, with another shared tensor after it, silently wrote the task
+    # rows over each other (a wrong .grad). Refused as the PUB optimizers refuse it.
+    w, params, losses = _gappy_problem(second_shared)
+    assert not w.is_contiguous()
+    held = [torch.full_like(p, 0.5) for p in params]
+    for p, g in zip(params, held):
+        p.grad = g.clone()
+    bal = getattr(B, name)(params, **({"max_norm": 0.0} if name == "NashMTL" else {}))
+    before = copy.deepcopy(bal.state_dict())
+    with pytest.raises(NotImplementedError, match=r"params\[0\] \(shape \(4, 3\).*gaps"):
+        bal.backward(losses())
+    for p, g in zip(params, held):
+        assert torch.equal(p.grad, g)
+    assert _same_state(bal.state_dict(), before)
+    assert bal.k is None and bal.shared is None and bal.steps == 0 and bal.weights is None
+    # The same tensors made dense are balanced: .grad is Σ_i w_i ∂L_i/∂w (plus what it held).
+    w.data = w.data.contiguous()
+    task_grads = [torch.autograd.grad(loss, w)[0] for loss in losses()]
+    bal.backward(losses())
+    expected = held[0] + sum(float(wi) * g for wi, g in zip(bal.weights, task_grads))
+    torch.testing.assert_close(w.grad, expected)
+
+
+def test_a_shared_parameter_given_gaps_after_the_first_call_is_refused_on_the_next():
+    # .data replaced by a view with gaps after the buffer was laid out: the buffer is laid
+    # out again on the next call, which refuses it with .grad and the state as they were.
+    w, params, losses = _gappy_problem(True)
+    w.data = w.data.contiguous()
+    bal = B.NashMTL(params)
+    bal.backward(losses())
+    w.data = torch.randn(4, 6)[:, ::2]
+    grads = [p.grad.clone() for p in params]
+    before = copy.deepcopy(bal.state_dict())
+    with pytest.raises(NotImplementedError, match=r"params\[0\].*strided view with gaps"):
+        bal.backward(losses())
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert _same_state(bal.state_dict(), before) and bal.steps == 1
+
+
+@pytest.mark.parametrize("name", _GRADIENT_BALANCERS)
+def test_a_task_specific_parameter_with_gaps_gets_its_gradient(name):
+    # Only the shared parameters go through the per-task buffer: a head that is a view with
+    # gaps gets its (weighted) gradient as from autograd.
+    torch.manual_seed(0)
+    theta = torch.nn.Parameter(torch.randn(3))
+    head = torch.nn.Parameter(torch.randn(3, 4)[:, ::2])  # strides (4, 2)
+    other = torch.nn.Parameter(torch.randn(3, 2))
+
+    def losses():
+        return [((theta[:, None] * head).sum() - 1) ** 2,
+                ((theta[:, None] * other).sum() + 1) ** 2]
+    bal = getattr(B, name)([theta, head, other], weight_task_specific=False)
+    expected = torch.autograd.grad(losses()[0], head)[0]
+    bal.backward(losses())
+    assert bal.shared == [theta]
+    torch.testing.assert_close(head.grad, expected)
+
+
 # -- under a GradScaler ---------------------------------------------------------------------------
 
 def _scaled_model(seed):
@@ -1553,6 +1636,66 @@ def test_a_state_dict_that_does_not_fit_raises_and_loads_nothing(name):
             bal.load_state_dict(bad)
         assert _same_state(bal.state_dict(), good), match
     _train(model, bal, opt, range(2, 3))  # still trains
+
+
+def _through_torch_save(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize(("name", "every"), [(name, 1) for name in sorted(B.BALANCERS)]
+                         + [("nashmtl", 2)])
+def test_a_state_dict_saved_again_before_the_first_call_loads_and_resumes_bit_for_bit(name,
+                                                                                      every):
+    # A job that checkpoints right after resuming (or is pre-empted again before its first
+    # step): the balancer's K was the loaded one, not yet self.k, and the state dict it saved
+    # held the weights without num_tasks, which no balancer could load.
+    model, bal, opt = _resumable(name, 0, every)
+    _train(model, bal, opt, range(3))
+    saved = _through_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                 "bal": bal.state_dict()})
+    _train(model, bal, opt, range(3, 6))
+    resumed = _resumable(name, 1, every)[1]
+    resumed.load_state_dict(saved["bal"])
+    again = _through_torch_save(resumed.state_dict())  # before any call
+    assert again["num_tasks"] == 2
+    assert _same_state(again, saved["bal"])
+    twin, twin_bal, twin_opt = _resumable(name, 2, every)  # other initial values
+    twin.load_state_dict(saved["model"])
+    twin_opt.load_state_dict(saved["opt"])
+    twin_bal.load_state_dict(again)
+    _train(twin, twin_bal, twin_opt, range(3, 6))
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    torch.testing.assert_close(twin_bal.weights, bal.weights, rtol=0, atol=0)
+    assert twin_bal.steps == bal.steps == 6
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("lr", "fast"), ("lr", "0.025"), ("lr", -0.1), ("lr", float("nan")), ("lr", None),
+    ("weight_decay", "0.01"), ("weight_decay", -1.0), ("weight_decay", float("inf")),
+    ("eps", -1e-8), ("betas", (1.0, 0.999)), ("betas", "0.9"), ("amsgrad", "no"),
+    ("capturable", True),  # an option torch loads, whose step on the CPU raises
+])
+def test_famo_refuses_a_bad_option_of_its_saved_logit_adam_and_loads_nothing(option, value):
+    # The logits' Adam took the saved options as they were: a string lr loaded (breaking every
+    # later call), or one that float() refused was found after the steps, the weights, the
+    # logits and the logits' Adam state had been replaced.
+    model, other, other_opt = _resumable("famo", 0, 1)
+    _train(model, other, other_opt, range(4))
+    bad = copy.deepcopy(other.state_dict())
+    bad["logit_optimizer"]["param_groups"][0][option] = value
+    model, bal, opt = _resumable("famo", 1, 1)
+    _train(model, bal, opt, range(1))
+    before = copy.deepcopy(bal.state_dict())
+    with pytest.raises(ValueError, match=r"state_dict\['logit_optimizer'\]"):
+        bal.load_state_dict(bad)
+    assert _same_state(bal.state_dict(), before)
+    assert (bal.w_lr, bal.gamma) == (0.025, 0.01)
+    _train(model, bal, opt, range(1, 2))  # still trains
+    assert bal.steps == 2 and bool(torch.isfinite(bal.logits).all())
 
 
 def test_pcgrad_resumed_from_its_state_dict_draws_the_same_orders():

@@ -1,0 +1,95 @@
+"""The loss weightings (Uncertainty, FAMO) under torch.distributed: 2 gloo processes that the
+test spawns on 127.0.0.1 (a free port, bounded time) train on equal slices of each batch
+(ddp_loss_weighting.py). Their state — Uncertainty's log-variances, FAMO's logits and weights —
+must stay bitwise identical across the processes and equal one process on the whole batches (to
+rounding): Uncertainty's log_vars live outside the DDP module, so DDP never averaged their
+gradients, and FAMO took its weights and its logit update from each process's own losses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import free_port
+
+HERE = Path(__file__).parent
+WORKER = HERE / "ddp_loss_weighting.py"
+WORLD = 2
+TOL = 1e-10  # float64: one process on the whole batch, to rounding
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(per process: {(kind, mode): result}, {(kind, mode): one process's result})."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("ddp_loss_weighting")
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "--rank", str(r), "--world",
+                               str(WORLD), "--port", str(port), "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(WORLD)]
+    try:
+        results = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, f"a process failed:\n{err[-3000:]}"
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in ranks:
+        assert "error" not in r, r.get("error")
+    sys.path.insert(0, str(HERE))
+    try:
+        import ddp_loss_weighting as worker
+    finally:
+        sys.path.remove(str(HERE))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = {(kind, mode): worker.train(kind, mode)
+                  for kind in worker.KINDS for mode in worker.MODES}
+    finally:
+        torch.set_num_threads(threads)
+    return ranks, single
+
+
+def _check(ranks, single, kind, mode):
+    key = (kind, mode)
+    first = ranks[0][key]
+    for other in ranks[1:]:
+        got = other[key]
+        assert torch.equal(got["state"], first["state"]), "the processes' states differ"
+        assert torch.equal(got["weights"], first["weights"]), "the processes' weights differ"
+        for a, b in zip(got["params"], first["params"], strict=True):
+            assert torch.equal(a, b), "the processes' models differ"
+    ref = single[key]
+    torch.testing.assert_close(first["state"], ref["state"], rtol=TOL, atol=TOL)
+    torch.testing.assert_close(first["weights"], ref["weights"], rtol=TOL, atol=TOL)
+    for a, b in zip(first["params"], ref["params"], strict=True):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+    # Not vacuous: the state moved, and the balancer found the group (and averaged the
+    # parameters' gradients itself only without a DDP module).
+    assert first["state"].abs().max() > 1e-3
+    assert first["group"] and first["own"] == (mode == "group")
+    assert not ref["group"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "group"])
+def test_uncertainty_log_vars_are_those_of_one_process_on_the_whole_batch(runs, mode):
+    ranks, single = runs
+    _check(ranks, single, "uncertainty", mode)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "group"])
+def test_famo_weights_and_logits_are_those_of_one_process_on_the_whole_batch(runs, mode):
+    # Updated by update() after some steps and from the next batch's losses after the others.
+    ranks, single = runs
+    _check(ranks, single, "famo", mode)
+    assert ranks[0][("famo", mode)]["updates"] == single[("famo", mode)]["updates"]
+    assert {"explicit", "next batch"} <= set(ranks[0][("famo", mode)]["updates"])
