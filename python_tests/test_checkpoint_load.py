@@ -5,11 +5,12 @@ the step does not read, AdaTask's shared parameters and pending task gradients a
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
 from conftest import BF16, F32
-from helpers import SHAPES, Problem, run_pub
+from helpers import NATIVE, SHAPES, Problem, run_pub
 
 import pub_native
 
@@ -106,6 +107,10 @@ _BAD_PUB = [
     ("shared str item", {"shared": [0, "1"]}, TypeError, r"pub\['shared'\] holds '1'"),
     ("shared out of range", {"shared": [0, 99]}, ValueError, r"pub\['shared'\] names parameter 99"),
     ("undecided str", {"undecided": "x"}, TypeError, r"pub\['undecided'\] is of type str"),
+    ("decided_shared str item", {"decided_shared": [0, "1"]}, TypeError,
+     r"pub\['decided_shared'\] holds '1'"),
+    ("decided_shared out of range", {"decided_shared": [0, 99]}, ValueError,
+     r"pub\['decided_shared'\] names parameter 99"),
     ("task_weights list", {"task_weights": [0.5, 0.5]}, TypeError,
      r"pub\['task_weights'\] is of type list"),
     ("task_weights complex", {"task_weights": torch.ones(2, dtype=torch.complex64)}, TypeError,
@@ -365,3 +370,303 @@ def test_task_gradients_that_do_not_fit_the_loaded_shared_parameters_raise_at_st
         _assert_unchanged(opt, params, snap)
     run_pub(None, problem, 1, start=3, opt=opt)  # zero_grad and backward start over
     assert [id(p) for p in opt.shared_parameters] == [id(problem.shared[0])]
+
+
+# ---- shared-parameter decisions across a checkpoint --------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    """A trunk and an extra block both tasks go through, and one head per task."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.extra = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6)
+        self.h1, self.h2 = torch.nn.Linear(6, 1), torch.nn.Linear(6, 1)
+
+    def forward(self, x):
+        z = torch.tanh(self.trunk(x))
+        z = z + torch.tanh(self.extra(z))
+        return self.h1(z), self.h2(z)
+
+
+def _net_losses(model, t):
+    g = torch.Generator().manual_seed(100 + t)
+    x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+    a, b = model(x)
+    return [((a - y) ** 2).mean(), (b + 3 * y).abs().mean()]
+
+
+def _net_steps(opt, model, start, stop):
+    for t in range(start, stop):
+        opt.zero_grad()
+        opt.backward(_net_losses(model, t))
+        opt.step()
+
+
+def _roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+_OPTIMIZERS = [
+    (pub_native.Adam, {}), (pub_native.Adam, {"umm": "adatask"}),
+    (pub_native.AdaGrad, {}), (pub_native.AdaGrad, {"umm": "adatask"}),
+    (pub_native.RMSProp, {"momentum": 0.9}),
+    (pub_native.RMSProp, {"momentum": 0.9, "centered": True, "umm": "adatask"})]
+_OPTIMIZER_IDS = ["adam", "adam-adatask", "adagrad", "adagrad-adatask", "rmsprop",
+                  "rmsprop-adatask"]
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["detected", "shared="])
+@pytest.mark.parametrize("steps_before", [2, 0], ids=["after-steps", "before-any-backward"])
+@pytest.mark.parametrize(("cls", "options"), _OPTIMIZERS, ids=_OPTIMIZER_IDS)
+def test_a_group_added_with_the_shared_flag_stays_balanced_after_a_resume(cls, options,
+                                                                         steps_before,
+                                                                         explicit):
+    # add_param_group({"shared": True}) decides at once, and the next backward balances the
+    # group. A checkpoint taken before that backward recorded only the last backward's shared
+    # parameters and loaded the new group as "not shared", overriding its flag (the resumed run
+    # balanced 2 parameters, the uninterrupted one 4); with shared=, the optimizer refused its
+    # own checkpoint (it compared with the shared= argument alone). Resumed = uninterrupted.
+    def build(seed):
+        torch.manual_seed(seed)
+        model = _Net()
+        base = [*model.trunk.parameters(), *model.h1.parameters(), *model.h2.parameters()]
+        shared = list(model.trunk.parameters()) if explicit else None
+        return model, cls(base, lr=1e-2, shared=shared, **options)
+
+    def add_group(opt, model):
+        opt.add_param_group({"params": list(model.extra.parameters()), "lr": 5e-3,
+                             "shared": True})
+
+    model, opt = build(0)
+    _net_steps(opt, model, 0, steps_before)
+    add_group(opt, model)
+    saved = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    _net_steps(opt, model, steps_before, steps_before + 3)
+
+    twin, twin_opt = build(1)
+    add_group(twin_opt, twin)
+    twin.load_state_dict(saved["model"])
+    twin_opt.load_state_dict(saved["opt"])
+    _net_steps(twin_opt, twin, steps_before, steps_before + 3)
+
+    assert len(opt.shared_parameters) == 4
+    assert [n for n, p in twin.named_parameters()
+            if any(p is q for q in twin_opt.shared_parameters)] == [
+        "trunk.weight", "trunk.bias", "extra.weight", "extra.bias"]
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    assert torch.equal(opt.task_weights, twin_opt.task_weights)
+    mine, theirs = opt.state_dict()["pub"], twin_opt.state_dict()["pub"]
+    assert mine.keys() == theirs.keys()
+    for key, value in mine.items():
+        same = torch.equal(value, theirs[key]) if isinstance(value, torch.Tensor) \
+            else value == theirs[key]
+        assert same, key
+
+
+def test_a_checkpoint_whose_group_flag_differs_from_this_optimizers_shared_is_refused():
+    # shared= plus a group flagged shared: the checkpoint balances trunk and extra. Loaded into
+    # an optimizer told shared=trunk whose added group is flagged not shared, it would silently
+    # balance extra: refused, nothing changed. Without shared=, the checkpoint's set is taken.
+    def build(flag, explicit=True):
+        torch.manual_seed(0)
+        model = _Net()
+        base = [*model.trunk.parameters(), *model.h1.parameters(), *model.h2.parameters()]
+        opt = pub_native.Adam(base, lr=1e-2,
+                              shared=list(model.trunk.parameters()) if explicit else None)
+        opt.add_param_group({"params": list(model.extra.parameters()), "shared": flag})
+        return model, opt
+
+    sds = {}
+    for flag in (True, False):
+        model, opt = build(flag)
+        _net_steps(opt, model, 0, 2)
+        sds[flag] = _roundtrip(opt.state_dict())
+    sd = sds[True]
+    assert sorted(sd["pub"]["decided_shared"]) == [0, 1, 6, 7]
+    assert sorted(sds[False]["pub"]["decided_shared"]) == [0, 1]
+    for flag, match in (
+            (False, r"balances 4 shared parameter\(s\), the shared= argument of this optimizer "
+                    r"names 2 \(shared in the checkpoint but not in shared=: "
+                    r"param_groups\[1\]\['params'\]\[0\]"),
+            (True, r"balances 2 shared parameter\(s\), this optimizer's shared= argument and "
+                   r"param-group 'shared' flags name 4 \(shared here but not in the checkpoint: "
+                   r"param_groups\[1\]\['params'\]\[0\]")):
+        other, other_opt = build(flag)
+        _net_steps(other_opt, other, 0, 1)
+        params = list(other_opt._all_params())
+        snap = _snapshot(other_opt, params)
+        with pytest.raises(ValueError, match=match):
+            other_opt.load_state_dict(sds[not flag])
+        _assert_unchanged(other_opt, params, snap)
+    older = {**sds[False], "pub": dict(sds[False]["pub"])}  # a checkpoint of before the key
+    del older["pub"]["decided_shared"]
+    same, same_opt = build(False)
+    same_opt.load_state_dict(older)
+    _net_steps(same_opt, same, 2, 3)
+    assert len(same_opt.shared_parameters) == 2
+    free, free_opt = build(False, explicit=False)
+    free_opt.load_state_dict(sd)
+    _net_steps(free_opt, free, 2, 3)
+    assert len(free_opt.shared_parameters) == 4
+
+
+def test_task_gradients_pending_across_a_load_that_decided_an_added_group_alike_are_stepped():
+    # The checkpoint was saved after add_param_group({"shared": True}), before the backward that
+    # balances the group; this optimizer, built the same way, ran that backward: its task
+    # gradients fit what the checkpoint decided and are stepped (they were refused: the
+    # checkpoint's last backward had balanced fewer parameters).
+    def build():
+        torch.manual_seed(0)
+        model = _Net()
+        base = [*model.trunk.parameters(), *model.h1.parameters(), *model.h2.parameters()]
+        return model, pub_native.Adam(base, lr=1e-2)
+
+    model, opt = build()
+    _net_steps(opt, model, 0, 2)
+    opt.add_param_group({"params": list(model.extra.parameters()), "shared": True})
+    sd = _roundtrip(opt.state_dict())
+    twin = copy.deepcopy({"model": model, "opt": opt})
+    opt.zero_grad()
+    opt.backward(_net_losses(model, 2))
+    opt.load_state_dict(sd)
+    opt.step()
+    _net_steps(twin["opt"], twin["model"], 2, 3)
+    assert len(opt.shared_parameters) == len(twin["opt"].shared_parameters) == 4
+    for p, q in zip(model.parameters(), twin["model"].parameters()):
+        assert torch.equal(p, q)
+
+
+def _flagged_groups(model, flags=True):
+    groups = [{"params": [*model.trunk.parameters(), *model.extra.parameters(),
+                          *model.h1.parameters()]},
+              {"params": list(model.h2.parameters())}]
+    if flags:  # h1 balanced too (autograd would find trunk and extra only)
+        groups[0]["shared"], groups[1]["shared"] = True, False
+    return groups
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad", "rmsprop"])
+def test_a_torch_checkpoint_keeps_the_groups_shared_flags(name):
+    # torch's load puts the saved group dicts in place of the optimizer's: the "shared" flags,
+    # which a checkpoint of torch's optimizer lacks, vanished and detection took over. They are
+    # kept, as torch keeps the param_names a saved group lacks.
+    base = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad,
+            "rmsprop": torch.optim.RMSprop}[name]
+    cls = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad,
+           "rmsprop": pub_native.RMSProp}[name]
+    torch.manual_seed(0)
+    model = _Net()
+    warm = base(_flagged_groups(model, flags=False), lr=1e-2)
+    warm.zero_grad()
+    sum(_net_losses(model, 0)).backward()
+    warm.step()
+    sd = _roundtrip(warm.state_dict())
+    opt = cls(_flagged_groups(model), lr=1e-2)
+    opt.load_state_dict(sd)
+    assert [g.get("shared") for g in opt.param_groups] == [True, False]
+    _net_steps(opt, model, 1, 2)
+    assert [n for n, p in model.named_parameters()
+            if any(p is q for q in opt.shared_parameters)] == [
+        "trunk.weight", "trunk.bias", "extra.weight", "extra.bias", "h1.weight", "h1.bias"]
+    # A saved group that has the flag gives it, as it gives every option.
+    pub_sd = _roundtrip(opt.state_dict())
+    pub_sd["param_groups"][1]["shared"] = None
+    other = cls(_flagged_groups(model), lr=1e-2)
+    other.load_state_dict(pub_sd)
+    assert [g.get("shared") for g in other.param_groups] == [True, None]
+
+
+# ---- per-parameter state the step reads --------------------------------------------------------
+
+
+_MISSING = [
+    # (optimizer, options, the entry dropped from param 0's state)
+    ("adam", {}, "exp_avg"),
+    ("adam", {}, "exp_avg_sq"),
+    ("adam", {"amsgrad": True}, "max_exp_avg_sq"),
+    ("adagrad", {}, "sum"),
+    ("rmsprop", {}, "square_avg"),
+    ("rmsprop", {"momentum": 0.9}, "momentum_buffer"),
+    ("rmsprop", {"centered": True}, "grad_avg"),
+    ("adam", {"umm": "adatask"}, "task_exp_avg"),
+    ("adagrad", {"umm": "adatask"}, "task_sum"),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "entry"), _MISSING,
+                         ids=[f"{n}-{e}" for n, _, e in _MISSING])
+def test_state_that_lacks_an_entry_the_step_reads_is_refused_at_load(name, options, entry):
+    # torch's optimizers raise KeyError at step() for it; the PUB step silently started the
+    # entry again from its initial value (Adam's exp_avg from zero, a step later than the rest).
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=34)
+    opt = run_pub(NATIVE[name], problem, 2, **options)
+    sd = copy.deepcopy(opt.state_dict())
+    assert entry in sd["state"][0]  # param 0 is shared
+    del sd["state"][0][entry]
+    fresh_problem = problem.clone()
+    fresh = NATIVE[name](fresh_problem.groups(), **options)
+    run_pub(None, fresh_problem, 1, opt=fresh)
+    params = fresh_problem.params()
+    snap = _snapshot(fresh, params)
+    plain = entry.removeprefix("task_")
+    with pytest.raises(ValueError, match=rf"state of param_groups\[0\]\['params'\]\[0\] .* "
+                                         rf"lacks '{plain}', which the step reads"):
+        fresh.load_state_dict(sd)
+    _assert_unchanged(fresh, params, snap)
+
+
+def test_state_entries_a_loaded_group_does_not_use_are_not_required():
+    # Empty state (a parameter not stepped yet) loads; so does a checkpoint of torch's Adam
+    # without amsgrad into pub_native.Adam(amsgrad=True): the saved group's amsgrad=False
+    # replaces this one's, and max_exp_avg_sq is not read. AdaTask takes torch's plain entries
+    # as every task's start.
+    problem = Problem(SHAPES["small"], 2, dtype=F32, seed=35)
+    opt = run_pub(pub_native.Adam, problem, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1] = {}
+    fresh = pub_native.Adam(problem.clone().groups())
+    fresh.load_state_dict(sd)
+    assert not fresh.state[fresh._all_params()[1]]
+    trained = problem.clone()
+    theirs = torch.optim.Adam(trained.groups())
+    theirs.zero_grad()
+    sum(trained.losses(0)).backward()
+    theirs.step()
+    torch_sd = copy.deepcopy(theirs.state_dict())
+    for options in ({"amsgrad": True}, {"umm": "adatask"}):
+        twin = problem.clone()
+        mine = pub_native.Adam(twin.groups(), **options)
+        mine.load_state_dict(torch_sd)
+        assert not mine.param_groups[0]["amsgrad"]
+        run_pub(None, twin, 1, start=1, opt=mine)
+        assert all(bool(torch.isfinite(p).all()) for p in twin.params())
+
+
+@pytest.mark.parametrize("step", [
+    torch.tensor([2.0, 2.0, 2.0]), torch.tensor(float("nan")), torch.tensor(float("inf")),
+    torch.tensor(-1.0), float("nan"), -3],
+    ids=["shape-3", "nan", "inf", "negative", "float-nan", "int-negative"])
+def test_a_step_counter_that_is_not_one_finite_number_is_refused_at_load(step):
+    # It loaded, and every step() after it raised (or, NaN, overflowed the updates).
+    problem, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["step"] = step
+    fresh_problem = problem.clone()
+    fresh = pub_native.Adam(fresh_problem.groups())
+    run_pub(None, fresh_problem, 1, opt=fresh)
+    params = fresh_problem.params()
+    snap = _snapshot(fresh, params)
+    with pytest.raises(ValueError, match=r"loaded state 'step' of param_groups\[0\]\['params'\]"
+                                         r"\[0\] .*(has shape \(3,\)|expected a finite number)"):
+        fresh.load_state_dict(sd)
+    _assert_unchanged(fresh, params, snap)
+    run_pub(None, fresh_problem, 1, start=1, opt=fresh)
+    sd["state"][0]["step"] = torch.tensor([3.0])  # one number, of shape (1,): read as 3
+    fresh.load_state_dict(sd)
+    run_pub(None, fresh_problem, 1, start=3, opt=fresh)
+    assert fresh.state[params[0]]["step"].item() == 4

@@ -529,7 +529,10 @@ def test_a_step_counter_of_the_wrong_shape_names_the_parameter():
     opt.step()
     sd = opt.state_dict()
     sd["state"][0]["step"] = torch.tensor([1.0, 2.0])
-    opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"'step' of param_groups\[0\]\['params'\]\[0\] .*"
+                                         r"has shape \(2,\)"):
+        opt.load_state_dict(sd)  # refused at load
+    opt.state[w]["step"] = torch.tensor([1.0, 2.0])  # and set by hand: refused at the step
     before = w.detach().clone()
     with pytest.raises(RuntimeError, match=r"params'\]\[0\].*'step' has shape \(2,\)"):
         opt.step()

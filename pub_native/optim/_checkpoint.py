@@ -8,6 +8,7 @@ class owns.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import OrderedDict
 from typing import Any
@@ -93,8 +94,10 @@ class Checkpoints:
         self._shard_state = pub["shards"]
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state dict plus ``"pub"``: K, shared params (by index), step
-        counter, α̂ in use, solver warm start and the UMM."""
+        """torch's optimizer state dict plus ``"pub"``: K, the shared params of the last
+        backward and those decided shared (by index; a group added with ``"shared": True``
+        since is balanced from the next backward), those not decided yet, the step counter,
+        α̂ in use, solver warm start, the UMM and weight_norm."""
         self._read_device_result(raise_errors=False)
         # torch's state dict post-hooks run last, on the whole dict ("pub" included), as they
         # do on torch's own.
@@ -110,7 +113,11 @@ class Checkpoints:
         weights = self._current_weights() or (None, None)
         sd["pub"] = {
             "num_tasks": self._k,
+            # Balanced by the last backward (AdaTask's per-task state is theirs).
             "shared": None if self._shared is None else [index[id(p)] for p in self._shared],
+            # Decided shared: those, and those a param group's "shared" flag decided since (an
+            # add_param_group after the last backward), balanced from the next backward on.
+            "decided_shared": [i for p, i in index.items() if self._decided.get(p)],
             # Frozen at detection (so in no graph yet): decided once unfrozen, after a reload too.
             "undecided": [i for p, i in index.items() if p not in self._decided],
             "step": self._t,
@@ -181,9 +188,15 @@ class Checkpoints:
         run once everything is restored. Raises ValueError or TypeError, leaving the optimizer
         unchanged, when the ``"pub"`` entry is malformed (a type, or a value such as non-finite
         or negative task weights) or the number of tasks, the UMM, the shared parameters (where
-        this optimizer was given ``shared``) or a state tensor's shape does not match; a load
-        that torch's part refuses leaves it unchanged too. State of 16-bit parameters stays
-        float32; state entries that the step does not read are kept as torch keeps them.
+        this optimizer was given ``shared``: its ``shared`` argument and the ``"shared"`` flags
+        of groups added since) or a state tensor's shape does not match, when a parameter's
+        state (not empty: a parameter not stepped yet has none) lacks an entry the step reads,
+        or its ``step`` is not one finite number >= 0; a load that torch's part refuses leaves
+        it unchanged too. State of 16-bit parameters stays float32; state entries that the step
+        does not read are kept as torch keeps them, and so is a group's ``"shared"`` flag that
+        the loaded group lacks (a checkpoint of torch's optimizer), as torch keeps
+        ``param_names``. The shared parameters are decided as the saved optimizer had decided
+        them (the ``"shared"`` flag of a group added after its last ``backward`` included).
 
         Task gradients of a ``backward(losses)`` not yet stepped are kept, as torch keeps
         ``.grad``, where the loaded state dict balances the same parameters; otherwise the next
@@ -213,7 +226,7 @@ class Checkpoints:
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        id_map, known = {}, {}
+        id_map, known, needed = {}, {}, {}
         for g_saved, g in zip(saved_groups, self.param_groups):
             if len(g_saved["params"]) != len(g["params"]):
                 raise ValueError(
@@ -222,15 +235,33 @@ class Checkpoints:
             id_map.update(zip(g_saved["params"], g["params"]))
             # The entries the step reads under the loaded group's options (which replace the
             # group's; torch fills in the options a saved group lacks).
-            names = {"step", *self._state_names({**g, **g_saved})}
+            rule = self._state_names({**g, **g_saved})
+            names = {"step", *rule}
             known.update((id(p), names) for p in g["params"])
+            needed.update((id(p), rule) for p in g["params"])
         index = {id(p): i for i, p in enumerate(params)}
         k = None if pub is None else pub["k"]
         shared_set = set((pub or {}).get("shared") or ())
+        adatask = self.options.umm == "adatask"
         for key, st in state_dict.get("state", {}).items():
             p = id_map.get(key)
             if p is None:
                 continue
+            if not isinstance(st, dict):
+                raise TypeError(f"loaded state of {self._param_name(p)} is of type "
+                                f"{type(st).__name__}, expected a dict")
+            # A parameter's state is empty until its first step; once there, the step reads
+            # every entry of its rule, as torch's does (which raises KeyError at step() for a
+            # missing one): a missing entry must not silently start again from its initial
+            # value. (A missing 'step' is torch's load's KeyError.) Under AdaTask a shared
+            # parameter's entry is per task, or the plain one that starts every task's copy.
+            if len(st):
+                for name in needed[id(p)]:
+                    if name not in st and not (adatask and "task_" + name in st):
+                        raise ValueError(
+                            f"loaded state of {self._param_name(p)} lacks {name!r}, which the "
+                            "step reads (it holds "
+                            f"{', '.join(repr(n) for n in st) or 'nothing'})")
             for name, v in st.items():
                 if not _read_by_step(name, known[id(p)]):
                     continue  # kept as torch keeps it
@@ -238,10 +269,7 @@ class Checkpoints:
                     raise TypeError(f"loaded state {name!r} of {self._param_name(p)} is a meta "
                                     "tensor: it holds no values")
                 if name == "step":
-                    if not isinstance(v, (torch.Tensor, numbers.Real)):
-                        raise TypeError(
-                            f"loaded state 'step' of {self._param_name(p)} is {v!r} "
-                            f"({type(v).__name__}), expected a number or a tensor")
+                    self._check_step(p, v)
                     continue
                 if not isinstance(v, torch.Tensor):
                     raise TypeError(
@@ -257,6 +285,33 @@ class Checkpoints:
                         f"loaded state {name!r} of {self._param_name(p)} has shape "
                         f"{tuple(v.shape)}, expected {expect}")
         return {"pub": pub, "id_map": id_map, "known": known}
+
+    def _check_step(self, p, v) -> None:
+        """A loaded per-parameter 'step': one finite number >= 0 (the step counts from it, and
+        the bias corrections and AdaGrad's decayed learning rate are computed from it)."""
+        if isinstance(v, torch.Tensor):
+            if v.is_complex():
+                raise TypeError(f"loaded state 'step' of {self._param_name(p)} is a {v.dtype} "
+                                "tensor, expected one real number")
+            if v.numel() != 1:
+                raise ValueError(f"loaded state 'step' of {self._param_name(p)} has shape "
+                                 f"{tuple(v.shape)}, expected one number")
+            if v.layout != torch.strided:
+                v = v.to_dense()
+            elif (v.storage_offset() + 1) * v.element_size() > v.untyped_storage().nbytes():
+                raise ValueError(f"loaded state 'step' of {self._param_name(p)} is not readable: "
+                                 f"its storage ({v.untyped_storage().nbytes()} bytes) is smaller "
+                                 "than its shape needs")
+            value = v.detach().reshape(()).to(device="cpu", dtype=torch.float64).item()
+        elif isinstance(v, numbers.Real):
+            value = float(v)
+        else:
+            raise TypeError(
+                f"loaded state 'step' of {self._param_name(p)} is {v!r} "
+                f"({type(v).__name__}), expected a number or a tensor")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"loaded state 'step' of {self._param_name(p)} is {value}, "
+                             "expected a finite number >= 0")
 
     def _checked_pub(self, pub, params: list) -> dict[str, Any] | None:
         """The ``"pub"`` entry of a loaded state dict, checked whole (types and values) against
@@ -309,9 +364,19 @@ class Checkpoints:
                 f"uses weight_norm={self.options.weight_norm!r}")
         step = count("step", default=0)
         shared = indices("shared")
-        if shared is not None and self._explicit_shared is not None:
-            self._check_explicit_shared(params, shared)
-        undecided = indices("undecided") or []
+        undecided = set(indices("undecided") or [])
+        # The checkpoint's decision (shared or not) for each parameter it decided: those in
+        # "decided_shared" are shared (in a checkpoint without it, older, those in "shared";
+        # none where that is None either).
+        decided_shared = indices("decided_shared")
+        if decided_shared is None:
+            decided_shared = shared
+        decisions = None
+        if decided_shared is not None:
+            yes = set(decided_shared)
+            decisions = {i: i in yes for i in range(len(params)) if i not in undecided}
+        if decisions is not None and self._explicit_shared is not None:
+            self._check_explicit_shared(params, decisions)
         weights = []
         for name in ("task_weights", "warm_start"):
             v = pub.get(name)
@@ -342,7 +407,7 @@ class Checkpoints:
                 raise ValueError(f"loaded pub[{name!r}] is {w.tolist()}: with "
                                  "weight_norm='sum' the weights sum to 1 (or are all 0)")
             weights.append(w)
-        return {"k": k, "step": step, "shared": shared, "undecided": set(undecided),
+        return {"k": k, "step": step, "shared": shared, "decisions": decisions,
                 "weights": tuple(weights)}
 
     def _load_checked(self, state_dict: dict[str, Any], loaded: dict[str, Any]) -> None:
@@ -352,11 +417,18 @@ class Checkpoints:
                      self._optimizer_load_state_dict_post_hooks)
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        before = self.param_groups
         try:
             super().load_state_dict({k_: v for k_, v in state_dict.items() if k_ != "pub"})
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre
             self._optimizer_load_state_dict_post_hooks = post
+        # torch's load puts the saved groups in place of the optimizer's (new dicts). A group's
+        # "shared" flag that the saved group lacks (a checkpoint of torch's optimizer) stays, as
+        # torch keeps the "param_names" a saved group lacks.
+        for old, saved, group in zip(before, state_dict["param_groups"], self.param_groups):
+            if "shared" in old and "shared" not in saved:
+                group["shared"] = old["shared"]
         id_map, known = loaded["id_map"], loaded["known"]
         # torch keeps the loaded tensors themselves where no cast is needed, and casts floating
         # state to the parameter's dtype. The kernels write state in place and keep float32
@@ -385,18 +457,21 @@ class Checkpoints:
         self._reset_pub()
         (self._explicit_shared, self.options, self.backend, self._dp,
          self._dp_resolved) = keep
-        shared = None
+        decisions = None
         if pub is not None:
             self._k = pub["k"]
             self._t = pub["step"]
+            decisions = pub["decisions"]
+            # Every decision the saved optimizer had made, a param group's "shared" flag's
+            # included (add_param_group decides at once; the next backward balances them).
+            for i, shared in (decisions or {}).items():
+                self._decided[id(params[i])] = shared
             if pub["shared"] is not None:
                 shared_set = set(pub["shared"])
-                for i, p in enumerate(params):
-                    if i not in pub["undecided"]:
-                        self._decided[id(p)] = i in shared_set
-                # The checkpoint's shared parameters, as the saved optimizer had them (a plain
-                # step refuses them under AdaTask, whose state for them is per task).
-                shared = self._shared = [p for p in params if self._decided.get(id(p))]
+                # The parameters its last backward balanced, as the saved optimizer had them (a
+                # plain step refuses them under AdaTask, whose state for them is per task).
+                self._shared = [p for i, p in enumerate(params)
+                                if i in shared_set and self._decided.get(id(p))]
             self._solved = pub["weights"][0] is not None
             self._seed_weights = pub["weights"]
         if not pending:
@@ -404,11 +479,12 @@ class Checkpoints:
             self._unfit_pending = unfit
             return
         # backward(losses) ran before this load: its task gradients stay for the next step
-        # where they fit what was loaded (the same K and shared parameters; a checkpoint that
-        # decided none keeps this optimizer's decisions), as torch keeps .grad.
-        if shared is None or [id(p) for p in shared] == [id(p) for p in grads.params]:
-            if shared is None:
-                self._decided = decided
+        # where they fit what was loaded (the same K, and the checkpoint decided every parameter
+        # it decided as this optimizer did; this optimizer's decisions stay for the others), as
+        # torch keeps .grad.
+        if decisions is None or all(shared == decided.get(id(params[i]), False)
+                                    for i, shared in decisions.items()):
+            self._decided = {**decided, **self._decided}
             self._k = grads.k
             self._shared = list(grads.params)
             self._grads, self._grad_views, self._present = grads, views, present
@@ -416,24 +492,32 @@ class Checkpoints:
         else:
             self._unfit_pending = True
 
-    def _check_explicit_shared(self, params: list, shared_idx: list[int]) -> None:
-        """Raises where a checkpoint balanced other parameters than the ``shared`` argument of
-        this optimizer names: loading it would silently balance the checkpoint's set."""
-        index = {id(p): i for i, p in enumerate(params)}
-        mine = set(index[id(p)] for p in self._explicit_shared)
-        if mine == set(shared_idx):
+    def _check_explicit_shared(self, params: list, decisions: dict[int, bool]) -> None:
+        """Raises where a checkpoint decided a parameter otherwise than this optimizer, which
+        was given ``shared``, does (its ``shared`` argument, or a param group's ``"shared"`` flag
+        that ``add_param_group`` applied): loading it would silently balance the checkpoint's
+        set. ``decisions``: the checkpoint's, by parameter index (those it decided)."""
+        explicit = {id(p) for p in self._explicit_shared}
+        mine = [self._decided.get(id(p), id(p) in explicit) for p in params]
+        only_saved = [i for i, shared in decisions.items() if shared and not mine[i]]
+        only_mine = [i for i, shared in decisions.items() if not shared and mine[i]]
+        if not only_saved and not only_mine:
             return
-        only_saved = [self._param_name(params[i]) for i in sorted(set(shared_idx) - mine)]
-        only_mine = [self._param_name(params[i]) for i in sorted(mine - set(shared_idx))]
+        # Decided otherwise than shared= says: by a param-group flag (add_param_group).
+        flagged = any(m != (id(p) in explicit) for p, m in zip(params, mine))
+        whose = ("this optimizer's shared= argument and param-group 'shared' flags name"
+                 if flagged else "the shared= argument of this optimizer names")
         parts = []
-        if only_saved:
-            parts.append(f"shared in the checkpoint but not in shared=: {', '.join(only_saved[:3])}"
-                         + (f" and {len(only_saved) - 3} more" if len(only_saved) > 3 else ""))
-        if only_mine:
-            parts.append(f"in shared= but not shared in the checkpoint: {', '.join(only_mine[:3])}"
-                         + (f" and {len(only_mine) - 3} more" if len(only_mine) > 3 else ""))
+        for which, what in ((only_saved, ("shared in the checkpoint but not here" if flagged
+                                          else "shared in the checkpoint but not in shared=")),
+                            (only_mine, ("shared here but not in the checkpoint" if flagged
+                                         else "in shared= but not shared in the checkpoint"))):
+            names = [self._param_name(params[i]) for i in which]
+            if names:
+                parts.append(f"{what}: {', '.join(names[:3])}"
+                             + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
         raise ValueError(
-            f"loaded state dict balances {len(shared_idx)} shared parameter(s), the shared= "
-            f"argument of this optimizer names {len(mine)} ({'; '.join(parts)}): build the "
-            "optimizer with the checkpoint's shared parameters, or without shared= to take them "
-            "from the checkpoint")
+            f"loaded state dict balances {sum(decisions.values())} shared parameter(s), "
+            f"{whose} {sum(mine)} ({'; '.join(parts)}): build the optimizer with the "
+            "checkpoint's shared parameters, or without shared= to take them from the "
+            "checkpoint")
