@@ -410,6 +410,8 @@ class TaskGradients:
         # tensor hook of the parameter saw it (a hook may keep it: torch's AccumulateGrad, too,
         # copies a gradient that something else holds).
         handed_out: set[int] = set()
+        staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, task gradient)
+        self.touched = False  # whether this call wrote to the buffer (before it raised)
         received = 0
         self.surprises: list[tuple[int, torch.Tensor]] = []
         last = max((i for i, loss in enumerate(losses) if loss is not None), default=-1)
@@ -423,6 +425,7 @@ class TaskGradients:
                 loss, inputs, retain_graph=retain_graph or i < last, allow_unused=True
             )
             received += sum(g is not None for g in grads)
+            self.touched = True  # rows are written from here on
             row = self.views(i)
             for j, g in zip(active, grads[:len(shared)]):
                 view = row[j]
@@ -449,15 +452,18 @@ class TaskGradients:
                     continue
                 if surprise is not None and id(p) in surprise[i]:
                     self.surprises.append((i, p))
-                if p.grad is None:
-                    storage = g.untyped_storage().data_ptr() if g.layout == torch.strided \
-                        else None
-                    owned = (storage is not None and storage not in handed_out
-                             and same_layout(g, p) and not getattr(p, "_backward_hooks", None))
-                    p.grad = g if owned else _grad_like(g, p)
-                    handed_out.add(storage)
-                else:
-                    p.grad.add_(g)
+                staged.append((p, g))
+        # Into .grad once every task's backward has run: one that raises (a freed graph, an
+        # error in a custom backward) leaves the task-specific .grad as it was.
+        for p, g in staged:
+            if p.grad is None:
+                storage = g.untyped_storage().data_ptr() if g.layout == torch.strided else None
+                owned = (storage is not None and storage not in handed_out
+                         and same_layout(g, p) and not getattr(p, "_backward_hooks", None))
+                p.grad = g if owned else _grad_like(g, p)
+                handed_out.add(storage)
+            else:
+                p.grad.add_(g)
         return received
 
 

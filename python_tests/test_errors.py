@@ -685,3 +685,79 @@ def test_shared_given_as_a_single_tensor_is_named():
     w = nn.Parameter(torch.ones(3, 2))
     with pytest.raises(TypeError, match="shared must be an iterable of parameters"):
         pub_native.Adam([w], shared=w)
+
+
+# ---- a backward(losses) whose autograd raises part-way -------------------------------------------
+
+
+class _Boom(torch.autograd.Function):
+    """Identity whose backward raises (a freed graph, an error in a custom backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("boom in a task's backward")
+
+
+def _boom_problem():
+    torch.manual_seed(0)
+    w, a, b = (nn.Parameter(torch.randn(4)) for _ in range(3))
+
+    def losses(boom=None):
+        ws = [_Boom.apply(w) if boom == i else w for i in range(2)]
+        return [((ws[0] * a).sum() - 1) ** 2, ((ws[1] * b).sum() + 1) ** 2]
+    return [w, a, b], losses
+
+
+def test_a_backward_that_raises_at_a_later_task_leaves_every_grad_as_it_was():
+    # Task 0's gradient of its own head went into .grad before task 1 raised: step() then moved
+    # that head by task 0's gradient alone.
+    params, losses = _boom_problem()
+    opt = pub_native.Adam(params, lr=0.1)
+    opt.backward(losses())
+    opt.step()
+    opt.zero_grad()
+    state = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.backward(losses(boom=1))
+    assert all(p.grad is None for p in params)
+    before = [p.detach().clone() for p in params]
+    opt.step()  # no gradient: nothing moves, as in torch
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert_unchanged(opt, params, state)
+
+
+@pytest.mark.parametrize("boom", [0, 1])
+def test_an_accumulating_backward_that_raises_is_named_at_the_step(boom):
+    # Raised at task 1, it had added task 0's gradients to the accumulated rows, which no
+    # longer match .grad: the step raised "not a rescaling". Raised at task 0, nothing was
+    # added and the first backward's gradients step as they are.
+    params, losses = _boom_problem()
+    opt = pub_native.Adam(params, lr=0.1)
+    opt.backward(losses())
+    grads = [p.grad.clone() for p in params]
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.backward(losses(boom=boom))
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    if boom == 0:
+        twin_params, twin_losses = _boom_problem()
+        twin = pub_native.Adam(twin_params, lr=0.1)
+        twin.backward(twin_losses())
+        opt.step()
+        twin.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+        return
+    before = [p.detach().clone() for p in params]
+    state = snapshot(opt, params)
+    for call in (opt.step, lambda: opt.backward(losses())):
+        with pytest.raises(RuntimeError, match="raised part-way"):
+            call()
+        assert all(torch.equal(p, q) for p, q in zip(params, before))
+        assert_unchanged(opt, params, state)
+    opt.zero_grad()
+    opt.backward(losses())
+    opt.step()
+    assert not all(torch.equal(p, q) for p, q in zip(params, before))

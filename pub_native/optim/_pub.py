@@ -148,8 +148,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
         self._present: list[bool] | None = None  # tasks with a loss graph in this step
         self._pending = False  # backward(losses) ran since the last step
         # backward(losses) ran before a load_state_dict whose shared parameters its task
-        # gradients do not fit: step() raises until zero_grad() or backward(losses).
-        self._unfit_pending = False
+        # gradients do not fit (True), or an accumulating backward(losses) raised part-way
+        # (the message to raise): step() raises until zero_grad() or backward(losses) afresh.
+        self._unfit_pending: bool | str = False
         self._t = 0  # PUB steps applied
         self._solved = False  # a weight solve has been applied
         self._backend = None
@@ -417,7 +418,15 @@ class PUBOptimizer(GradientTools, Checkpoints):
                     self._decided[id(p)] = flag
             shared = [p for p in params if self._decided.get(id(p), False)]
         grads = self._grads
-        accumulate = self._accumulating(shared)
+        torn = self._unfit_pending if isinstance(self._unfit_pending, str) else None
+        try:
+            accumulate = self._accumulating(shared)
+        except RuntimeError:
+            if torn:  # the rows it accumulated into are not what .grad shows: say why
+                raise RuntimeError(torn) from None
+            raise
+        if accumulate and torn:
+            raise RuntimeError(torn)
         if (grads is None or grads.k != k
                 or [id(p) for p in shared] != [id(p) for p in grads.params]
                 or not grads.matches()):
@@ -462,8 +471,13 @@ class PUBOptimizer(GradientTools, Checkpoints):
         shared_ids = {id(p) for p in shared}
         specific = [p for p in self._all_params() if p.requires_grad and id(p) not in shared_ids]
         if dp is None:
-            grads.compute(items, [specific] * k, retain_graph=retain_graph,
-                          accumulate=accumulate)
+            try:
+                grads.compute(items, [specific] * k, retain_graph=retain_graph,
+                              accumulate=accumulate)
+            except BaseException:
+                if accumulate and getattr(grads, "touched", True):
+                    self._torn_by_error()
+                raise
             grads.form_sum()
         else:
             dp.set_layout(grads)
@@ -475,10 +489,15 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 # under no_sync() a later one's) keeps it once, as average_gradients does with
                 # .grad (the sharded scheme reduce-scatters from rows it leaves unreduced).
                 grads.buffer[:k].div_(dp.world)
-            grads.compute(items, [specific] * k, retain_graph=retain_graph,
-                          accumulate=accumulate, scale=1.0 / dp.world,
-                          on_task=(lambda i: handles.append(dp.reduce_task(grads, i)))
-                          if sync else None)
+            try:
+                grads.compute(items, [specific] * k, retain_graph=retain_graph,
+                              accumulate=accumulate, scale=1.0 / dp.world,
+                              on_task=(lambda i: handles.append(dp.reduce_task(grads, i)))
+                              if sync else None)
+            except BaseException:
+                if accumulate and getattr(grads, "touched", True):
+                    self._torn_by_error()
+                raise
             if sync:
                 dp.finish_task_rows(grads, handles)
                 self._present = dp.reduce_plain(specific, self._present)
@@ -494,6 +513,15 @@ class PUBOptimizer(GradientTools, Checkpoints):
             self._grad_views[j] = view
         self._pending = True
         self._unfit_pending = False
+
+    def _torn_by_error(self) -> None:
+        """An accumulating backward(losses) raised after adding some tasks' gradients to the
+        ones of the calls before it (task-specific .grad is left as it was; the per-task rows
+        cannot be taken back exactly): the step and further accumulation refuse them."""
+        self._unfit_pending = (
+            "the last backward(losses) raised part-way, after it had added some tasks' "
+            "gradients to those of the backward(losses) calls before it: the accumulated task "
+            "gradients are incomplete. Call zero_grad() and run the batches again")
 
     def _data_parallel(self) -> DataParallel | None:
         """The data-parallel set-up (SPEC section 10), decided once, at the first backward."""
@@ -616,6 +644,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
         return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
     def _take_step(self) -> None:
+        if isinstance(self._unfit_pending, str):
+            raise RuntimeError(self._unfit_pending)
         if self._unfit_pending:
             raise RuntimeError(
                 "backward(losses) ran before load_state_dict(), whose state dict balances other "
