@@ -81,6 +81,21 @@ def test_scale_invariance(method, c):
         assert rel_err(b * np.sqrt(c), a) <= TOL["property_f64"]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_scale_invariance_up_to_the_largest_double(method):
+    # A power of two scales exactly: G·2^e has the weights of G times 2^(-e/2), bit for bit,
+    # up to entries near the largest double (whose symmetrized sum overflowed: "not positive
+    # definite", and the optimizer fell back to uniform weights).
+    rng = np.random.default_rng(2)
+    for K in (1, 2, 5):
+        G = random_gram(rng, K)
+        G = G / np.abs(G).max() * 3.0  # 3·2^1022: twice it overflows
+        a = solve_weights(G, method=method)
+        for e in (0, 200, 1022):
+            b = solve_weights(G * 2.0**e, method=method)
+            assert b.status == SolveStatus.CONVERGED, (K, e, b.status)
+            np.testing.assert_array_equal(b.weights * 2.0 ** (e / 2), a.weights)
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("K", KS)

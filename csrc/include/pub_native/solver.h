@@ -399,8 +399,10 @@ PN_HD void gather_gram(const Team& tm, const T* Gin, int64_t K, const double* id
     for (int64_t j = 0; j < m; ++j) {
       const int64_t gj = static_cast<int64_t>(idx[j]);
       const double sj = scale ? scale[j] : 1.0;
-      const double gij =
-          0.5 * (static_cast<double>(Gin[gi * K + gj]) + static_cast<double>(Gin[gj * K + gi]));
+      // Halved before the sum, which would overflow near the largest double (the same value
+      // otherwise: halving is exact).
+      const double gij = 0.5 * static_cast<double>(Gin[gi * K + gj]) +
+                         0.5 * static_cast<double>(Gin[gj * K + gi]);
       G_out[i * m + j] = gij / (si * sj);
     }
     G_out[i * m + i] *= 1.0 + ridge;
