@@ -706,3 +706,33 @@ def test_capturable_is_accepted_and_changes_nothing(name):
             opt.step()
         runs.append(list(model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("set_to_none", [False, True])
+def test_a_shared_parameter_frozen_mid_training_is_stepped_as_torch_steps_it(name, set_to_none):
+    # With zero_grad(set_to_none=False) a frozen parameter keeps a zero .grad, and torch steps
+    # it (its momentum goes on, weight decay too); with None it is left alone. K identical
+    # tasks make PUB the base optimizer, so torch's run on one of them is the reference. The
+    # shared trunk was left alone in both cases, while a task-specific parameter was stepped.
+    torch.manual_seed(0)
+    trunk, head = torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 1).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    models = [(copy.deepcopy(trunk), copy.deepcopy(head)) for _ in range(2)]
+    kwargs = {"lr": 0.1, "weight_decay": 0.01}
+    opts = [TORCH[name]([*t.parameters(), *h.parameters()], **kwargs) for t, h in models[:1]]
+    opts.append(NATIVE[name]([*models[1][0].parameters(), *models[1][1].parameters()],
+                             **kwargs))
+    for step in range(6):
+        for (t, h), opt in zip(models, opts):
+            t.weight.requires_grad_(not 2 <= step < 4)  # frozen for two steps
+            opt.zero_grad(set_to_none=set_to_none)
+            loss = h(t(x).relu()).pow(2).mean()
+            if opt is opts[0]:
+                loss.backward()
+            else:
+                opt.backward([loss, h(t(x).relu()).pow(2).mean()])
+            opt.step()
+    for a, b in zip([*models[0][0].parameters(), *models[0][1].parameters()],
+                    [*models[1][0].parameters(), *models[1][1].parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

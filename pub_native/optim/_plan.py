@@ -473,10 +473,18 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
         memo_groups.append((tuple(map(id, group["params"])), config))
         for p in group["params"]:
             j = shared_index.get(id(p))
-            memo_rows.append((p, j is not None, None))
+            listed = j is not None  # (PlanMemo.reuse tells frozen ones by requires_grad)
+            memo_rows.append((p, listed, None))
+            if j is not None and not p.requires_grad:
+                # Frozen since detection: no task gradient. With a .grad left (zeros, after
+                # zero_grad(set_to_none=False)) it takes the ordinary step on it, as torch steps
+                # every parameter that has a .grad (under AdaTask its state is per task: not).
+                if p.grad is None or adatask:
+                    continue
+                j = None
             if j is not None:
-                if not p.requires_grad or p.grad is None:
-                    continue  # frozen since detection, or its .grad removed: not stepped
+                if p.grad is None:
+                    continue  # its .grad removed (torch's way of leaving it out): not stepped
             elif p.grad is None:
                 continue
             name = LazyName(opt, p)
@@ -536,7 +544,7 @@ def build_plan(opt, pending: bool, rescan: bool = False) -> StepPlan | None:
             seg.groups.append(gi)
             keys = ["task_" + n for n in state_names] if (
                 kind == SegmentKind.SHARED and adatask) else state_names
-            memo_rows[-1] = (p, j is not None, (
+            memo_rows[-1] = (p, listed, (
                 name, signature, opt.state.get(p), _state_marks(keys, states, step),
                 seg, len(seg.params) - 1, kind))
     if not segments:
@@ -625,15 +633,17 @@ class PlanMemo:
             changed[gi] = (base_row, now)
         state = opt.state
         fresh = {}  # id(segment) -> (segment, [(row, .grad)]): the .grad read at this step
+        adatask = self.options.umm == "adatask"
         for p, shared, entry in self.rows:
             g = p.grad
+            frozen = shared and not p.requires_grad  # stepped plain on its .grad (build_plan)
             if entry is None:
-                if g is not None and not (shared and not p.requires_grad):
+                if g is not None and not (frozen and adatask):
                     return None  # stepped now, not then
                 continue
             name, signature, st, marks, seg, r, kind = entry
-            if g is None or (shared and not p.requires_grad):
-                return None
+            if g is None or (kind == SegmentKind.SHARED) != (shared and not frozen):
+                return None  # not stepped now, or stepped otherwise (frozen or unfrozen since)
             if _signature(p) != signature:
                 return None
             if state.get(p) is not st or not _state_holds(st, marks):
