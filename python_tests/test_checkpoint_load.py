@@ -149,6 +149,22 @@ def test_a_pub_entry_that_is_not_a_dict_raises():
     _assert_unchanged(opt, problem.params(), snap)
 
 
+
+@pytest.mark.parametrize("change,match", [
+    ({"state": [1]}, "'state' is a list"),
+    ({"param_groups": {}}, "'param_groups' must be a list"),
+    ({"param_groups": [3]}, "'param_groups' must be a list"),
+    ({"param_groups": [{"lr": 0.1}]}, "each with its 'params'"),
+], ids=["state-list", "groups-dict", "group-int", "group-without-params"])
+def test_a_state_dict_whose_state_or_groups_are_malformed_is_a_type_error(change, match):
+    # torch's own load gives AttributeError or KeyError here, after nothing or part of it.
+    problem, opt = _trained()
+    sd = {**opt.state_dict(), **change}
+    snap = _snapshot(opt, problem.params())
+    with pytest.raises(TypeError, match=match):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, problem.params(), snap)
+
 _BAD_STATE = [
     # (what, change of param 0's state, raised by torch.optim.Adam's load too: its __setstate__
     # reads 'step' after the new state is in place)

@@ -222,8 +222,16 @@ class Checkpoints:
         entry (``_checked_pub``) and the state tensors that the step reads. Returns what the
         load needs of it."""
         params = self._all_params()
-        pub = self._checked_pub(state_dict.get("pub"), params)
+        if not isinstance(state_dict.get("state", {}), dict):
+            raise TypeError(f"loaded state dict's 'state' is a "
+                            f"{type(state_dict['state']).__name__}, expected a dict")
         saved_groups = state_dict.get("param_groups", [])
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
+                for g in saved_groups):
+            raise TypeError("loaded state dict's 'param_groups' must be a list of dicts, each "
+                            "with its 'params'")
+        pub = self._checked_pub(state_dict.get("pub"), params)
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         id_map, known, needed = {}, {}, {}
