@@ -182,7 +182,10 @@ def split_shared_by_gradients(losses: list[torch.Tensor], params: list[torch.Ten
 def dense_strides(t: torch.Tensor) -> bool:
     """Whether ``t`` covers exactly ``numel`` consecutive elements in some order of its
     dimensions (contiguous, channels_last, transposed, ...): what a flat kernel loop may read.
-    Size-1 dimensions are ignored, since their strides address nothing."""
+    Size-1 dimensions are ignored, since their strides address nothing, and a tensor of no
+    elements (``nn.Linear(0, 3).weight``) addresses nothing at all."""
+    if t.numel() == 0:
+        return True
     dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
     expected = 1
     for st, sz in dims:
@@ -410,7 +413,8 @@ class TaskGradients:
         # tensor hook of the parameter saw it (a hook may keep it: torch's AccumulateGrad, too,
         # copies a gradient that something else holds).
         handed_out: set[int] = set()
-        staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, task gradient)
+        # id(parameter) -> [parameter, its gradient or sum, how it goes into .grad]
+        staged: dict[int, list] = {}
         self.touched = False  # whether this call wrote to the buffer (before it raised)
         received = 0
         self.surprises: list[tuple[int, torch.Tensor]] = []
@@ -452,16 +456,35 @@ class TaskGradients:
                     continue
                 if surprise is not None and id(p) in surprise[i]:
                     self.surprises.append((i, p))
-                staged.append((p, g))
+                entry = staged.get(id(p))
+                if entry is None:
+                    kind = "add"  # to add to the .grad there is
+                    if p.grad is None:  # taken as .grad itself where nothing else holds it
+                        storage = g.untyped_storage().data_ptr() \
+                            if g.layout == torch.strided else None
+                        owned = (storage is not None and storage not in handed_out
+                                 and same_layout(g, p)
+                                 and not getattr(p, "_backward_hooks", None))
+                        handed_out.add(storage)
+                        kind = "own" if owned else "copy"
+                    staged[id(p)] = [p, g, kind]
+                    continue
+                if entry[2] == "copy":
+                    entry[1], entry[2] = _grad_like(entry[1], p), "own"
+                elif entry[2] == "add":  # .grad + g_0, in a sum of our own
+                    entry[1], entry[2] = p.grad.clone().add_(entry[1]), "replace"
+                entry[1].add_(g)
         # Into .grad once every task's backward has run: one that raises (a freed graph, an
-        # error in a custom backward) leaves the task-specific .grad as it was.
-        for p, g in staged:
-            if p.grad is None:
-                storage = g.untyped_storage().data_ptr() if g.layout == torch.strided else None
-                owned = (storage is not None and storage not in handed_out
-                         and same_layout(g, p) and not getattr(p, "_backward_hooks", None))
-                p.grad = g if owned else _grad_like(g, p)
-                handed_out.add(storage)
+        # error in a custom backward) leaves the task-specific .grad as it was. The sums are
+        # those loss.backward() per task makes ((.grad + g_0) + g_1 ...), and a parameter holds
+        # at most one gradient of its own size besides .grad meanwhile.
+        for p, g, kind in staged.values():
+            if kind == "own":
+                p.grad = g
+            elif kind == "copy":
+                p.grad = _grad_like(g, p)
+            elif kind == "replace":
+                p.grad.copy_(g)
             else:
                 p.grad.add_(g)
         return received

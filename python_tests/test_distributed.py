@@ -227,3 +227,30 @@ def test_a_task_absent_from_one_first_batch_raises_everywhere(tmp_path, mode, ma
     first, last = _run(tmp_path, 2, ["--mode", mode])
     assert "failed on another process" in first.get("error", ""), first
     assert match in last.get("error", ""), last
+
+
+def test_per_task_norms_agree_on_a_process_that_holds_no_piece(tmp_path):
+    # A shared parameter of one element: under sharded state one process holds none of it. Its
+    # norms took a shortcut (no root, a sum where the others took a max or min): the processes
+    # disagreed, and the norms were wrong there. Every norm is |g_i| of the averaged gradient.
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_task_norms.py"), "--rank", str(r),
+                               "--port", str(port), "--out", str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(2)]
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert sorted(sum(r["pieces"]) for r in ranks) == [0, 1]  # one process holds nothing
+    g = ranks[0]["grads"]  # (K,): each task's gradient, averaged over the processes
+    for norm_type, norms in ranks[0]["norms"].items():
+        assert torch.equal(norms, ranks[1]["norms"][norm_type]), norm_type
+        expected = (g != 0).double() if norm_type == 0 else g.abs()
+        torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0,
+                                   msg=f"norm_type={norm_type}")

@@ -752,7 +752,8 @@ def test_an_accumulating_backward_that_raises_is_named_at_the_step(boom):
         return
     before = [p.detach().clone() for p in params]
     state = snapshot(opt, params)
-    for call in (opt.step, lambda: opt.backward(losses())):
+    for call in (opt.step, lambda: opt.backward(losses()), opt.task_grad_norms,
+                 lambda: opt.clip_task_grad_norm_(1.0)):
         with pytest.raises(RuntimeError, match="raised part-way"):
             call()
         assert all(torch.equal(p, q) for p, q in zip(params, before))
@@ -761,3 +762,26 @@ def test_an_accumulating_backward_that_raises_is_named_at_the_step(boom):
     opt.backward(losses())
     opt.step()
     assert not all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_task_specific_gradients_of_several_tasks_sum_as_per_task_backward_does(accumulate):
+    # Staged until every task's backward ran, a gradient that two tasks give a task-specific
+    # parameter still sums as loss.backward() per task does: ((.grad + g_0) + g_1), bit for bit.
+    torch.manual_seed(1)
+    w, h = nn.Parameter(torch.randn(4, dtype=F32)), nn.Parameter(torch.randn(4, dtype=F32))
+    x = torch.randn(16, 4)
+
+    def losses():
+        z = x * w
+        return [(z @ h).sin().sum() * 1.37, ((z @ h) ** 2).mean() * 0.21]
+    opt = pub_native.Adam([w, h], lr=0.1, shared=[w])  # h: task-specific, reached by both
+    ref = h.detach().clone().requires_grad_()
+    rounds = 2 if accumulate else 1
+    for _ in range(rounds):
+        opt.backward(losses())
+    for _ in range(rounds):
+        for loss in losses():
+            (g,) = torch.autograd.grad(loss, h)
+            ref.grad = g.clone() if ref.grad is None else ref.grad.add_(g)
+    assert torch.equal(h.grad, ref.grad)

@@ -736,3 +736,37 @@ def test_a_shared_parameter_frozen_mid_training_is_stepped_as_torch_steps_it(nam
     for a, b in zip([*models[0][0].parameters(), *models[0][1].parameters()],
                     [*models[1][0].parameters(), *models[1][1].parameters()]):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("make", ["adam", "nashmtl", "pcgrad"])
+def test_a_shared_parameter_without_elements_steps_as_if_it_were_absent(make):
+    # nn.Linear(0, 3) (a feature group empty in this configuration): its weight (3, 0) has
+    # strides that no dense order explains, and was refused as "a strided view with gaps".
+    from pub_native import balancers
+
+    torch.manual_seed(0)
+    trunk, h1, h2 = nn.Linear(4, 3), nn.Linear(3, 1), nn.Linear(3, 1)
+    empty = nn.Linear(0, 3, bias=False)
+    x, xe = torch.randn(8, 4), torch.randn(8, 0)
+    runs = []
+    for with_empty in (True, False):
+        models = [copy.deepcopy(m) for m in (trunk, h1, h2)]
+        params = [p for m in models for p in m.parameters()]
+        shared = [*models[0].parameters()] + ([empty.weight] if with_empty else [])
+        if with_empty:
+            params.append(empty.weight)
+        if make == "adam":
+            opt = pub_native.Adam(params, lr=0.1, shared=shared)
+            bal = opt
+        else:
+            opt = torch.optim.Adam(params, lr=0.1)
+            bal = balancers.BALANCERS[make](params, shared=shared)
+        for _ in range(2):
+            opt.zero_grad()
+            z = torch.tanh(models[0](x) + (empty(xe) if with_empty else 0))
+            bal.backward([models[1](z).pow(2).mean(), (models[2](z) - 1).pow(2).mean()])
+            opt.step()
+        runs.append([p.detach().clone() for m in models for p in m.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -243,10 +243,14 @@ class Checkpoints:
             id_map.update(zip(g_saved["params"], g["params"]))
             # The entries the step reads under the loaded group's options (which replace the
             # group's; torch fills in the options a saved group lacks).
-            rule = self._state_names({**g, **g_saved})
-            names = {"step", *rule}
+            names = {"step", *self._state_names({**g, **g_saved})}
             known.update((id(p), names) for p in g["params"])
-            needed.update((id(p), rule) for p in g["params"])
+            # Required: the entries of the rule without its options (Adam's amsgrad, RMSProp's
+            # centered and momentum), whose entries a step makes from zero when the option is
+            # turned on after the state exists, as a checkpoint taken then holds them.
+            base = self._state_names({**g, **g_saved, "amsgrad": False, "centered": False,
+                                      "momentum": 0.0})
+            needed.update((id(p), base) for p in g["params"])
         index = {id(p): i for i, p in enumerate(params)}
         k = None if pub is None else pub["k"]
         shared_set = set((pub or {}).get("shared") or ())

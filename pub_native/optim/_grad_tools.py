@@ -61,6 +61,8 @@ class GradientTools:
         g = self._grads
         if g is None or not self._pending:
             raise RuntimeError("call backward(losses) first: there are no task gradients")
+        if isinstance(self._unfit_pending, str):  # an accumulating backward raised part-way
+            raise RuntimeError(self._unfit_pending)
         acc = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
         tol = {torch.bfloat16: 1 / 128, torch.float16: 1 / 512}.get(g.dtype, 1e-6)
         active = self._stepped()
@@ -120,20 +122,30 @@ class GradientTools:
         # (torch's way of leaving a parameter out) count for nothing, as in clip_grad_norm_.
         # (Under sharding a process may hold none of a parameter: an empty piece.)
         rows = [r for r in (self._task_rows(j)[0] for j in self._stepped()) if r.shape[1]]
-        if not rows:
-            return self._summed(torch.zeros(g.k, dtype=torch.float64, device=g.buffer.device))
+        dp = self._dp
+        if not rows and not (dp is not None and dp.shard):  # nothing stepped: zeros
+            return torch.zeros(g.k, dtype=torch.float64, device=g.buffer.device)
+        # Under sharding every process reduces alike, one that holds no piece of any shared
+        # parameter too (its part: the reduction's identity).
         if abs(order) == math.inf:  # the largest or smallest |g| (torch.linalg.vector_norm)
             import torch.distributed as dist
 
             big = order > 0
-            parts = torch.stack([(r.abs().amax(1) if big else r.abs().amin(1)).double()
-                                 for r in rows])
-            local = parts.amax(0) if big else parts.amin(0)
+            local = torch.full((g.k,), 0.0 if big else math.inf, dtype=torch.float64,
+                               device=g.buffer.device)
+            if rows:
+                parts = torch.stack([(r.abs().amax(1) if big else r.abs().amin(1)).double()
+                                     for r in rows])
+                local = parts.amax(0) if big else parts.amin(0)
             op = dist.ReduceOp.MAX if big else dist.ReduceOp.MIN
-            return self._summed(local, op if self._dp else None)
+            return self._summed(local, op if dp is not None else None)
+        local = torch.zeros(g.k, dtype=torch.float64, device=g.buffer.device)
         if order == 0:  # the number of non-zero elements
-            return self._summed(torch.stack([r.ne(0).sum(1).double() for r in rows]).sum(0))
-        local = torch.stack([r.double().abs().pow(order).sum(1) for r in rows]).sum(0)
+            if rows:
+                local = torch.stack([r.ne(0).sum(1).double() for r in rows]).sum(0)
+            return self._summed(local)
+        if rows:
+            local = torch.stack([r.double().abs().pow(order).sum(1) for r in rows]).sum(0)
         return self._summed(local).pow(1.0 / order)
 
     def _stepped(self) -> list[int]:
