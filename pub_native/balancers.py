@@ -46,7 +46,15 @@ from ._autograd import (
     task_roots,
     walk_graph,
 )
-from ._distributed import agree_on, average_gradients, data_parallel_group, ddp_holders
+from ._distributed import (
+    _is_sharded_parameter,
+    _replicated,
+    agree_on,
+    average_gradients,
+    data_parallel_group,
+    ddp_holders,
+    is_distributed,
+)
 from ._rollback import attributes_kept_on_error
 from .solver import METHODS, SolveStatus, solve_weights
 
@@ -294,8 +302,21 @@ class GradientBalancer:
         module holds them (a group given without one); else DDP's backward averages them."""
         if self._dp_decided:
             return
-        group, ddp = data_parallel_group(self.params, self._process_group)
-        own = group is not None and ddp is None and not ddp_holders({id(p) for p in self.params})
+        if isinstance(self._process_group, str) and self._process_group == "auto":
+            # The DDP module's group; without one (a model each process trains alone, one
+            # whose gradients the user all-reduces, FSDP) each process weights its own losses,
+            # as LS does: a loss weighting takes one backward pass that the wrapper syncs.
+            group = None
+            ids = {id(p) for p in self.params}
+            if is_distributed() and torch.distributed.get_world_size() > 1:
+                holders = ddp_holders(ids)
+                if len(holders) == 1 and ids <= holders[0][1]:
+                    group = holders[0][0].process_group
+            own = False
+        else:
+            group, ddp = data_parallel_group(self.params, self._process_group)
+            own = group is not None and ddp is None and not ddp_holders(
+                {id(p) for p in self.params})
         self._dp_group, self._dp_own, self._dp_decided = group, own, True
 
     def _group_mean(self, values: torch.Tensor) -> torch.Tensor:
@@ -883,9 +904,10 @@ class Uncertainty(GradientBalancer):
         n_tasks: K.
         form: ``"regression"`` or ``"classification"`` (above).
         process_group: under torch.distributed, ``"auto"`` (the DistributedDataParallel module
-            that holds ``params``: its group), a group (``params`` taken as replicated over it;
-            without a DDP module the balancer averages their gradients itself), or None (every
-            process trains on its own), as for the gradient balancers. Over the group, ∂L/∂s_i
+            that holds ``params``: its group; without one, as under FSDP or gradients the user
+            all-reduces, none: each process weights its own losses), a group (``params`` taken
+            as replicated over it; without a DDP module the balancer averages their gradients
+            itself), or None (every process trains on its own). Over the group, ∂L/∂s_i
             takes the loss values averaged over the processes (one all-reduce of K numbers per
             call), so ``log_vars`` get the same gradient on every process — that of one process
             on the whole batch when each process's loss is the mean over an equal slice — and
@@ -995,9 +1017,10 @@ class FAMO(GradientBalancer):
         shared: the shared parameters that ``max_norm`` clips (default: detected, as for the
             gradient balancers).
         process_group: under torch.distributed, ``"auto"`` (the DistributedDataParallel module
-            that holds ``params``: its group), a group (``params`` taken as replicated over it;
-            without a DDP module the balancer averages their gradients itself), or None (every
-            process trains on its own), as for the gradient balancers. Over the group, the loss
+            that holds ``params``: its group; without one, as under FSDP or gradients the user
+            all-reduces, none: each process weights its own losses), a group (``params`` taken
+            as replicated over it; without a DDP module the balancer averages their gradients
+            itself), or None (every process trains on its own). Over the group, the loss
             values of :meth:`backward` and of :meth:`update` are averaged over the processes
             (one all-reduce of K numbers per call; call both on every process), so every
             process computes the same weights and logits — those of one process on the whole
@@ -1218,10 +1241,15 @@ class MultiBalance(GradientBalancer):
     1. K backward passes through the task heads only, one per task, stopping at z: they give
        r_i = ∂L_i/∂z (flattened over the batch and the features; summed over the tensors when z
        is several tensors) and ∂L_i/∂φ for the head parameters φ.
-    2. The K×K Gram G_ij = ⟨r_i, r_j⟩ (float64). Under torch.distributed with more than one
-       process, G is summed over the ranks (one all-reduce of K² + K numbers, with the loss
-       values): each rank holds ∂L_i/∂z for its own rows of the batch, so the sum is exactly the
-       Gram of the whole batch (divided by N², N processes, for losses averaged per rank, as DDP
+    2. The K×K Gram G_ij = ⟨r_i, r_j⟩, with float64 products and sums whatever z's dtype (in
+       column blocks: no K×(B·D) copy), so that nearly parallel gradients keep a PSD Gram and
+       float32 or float16 gradients whose squares overflow their own type give a finite one.
+       Under data parallelism (``process_group`` below), G is summed over the processes (one
+       all-reduce of a fixed layout of K² + 2K + (number of representation tensors) +
+       (number of head parameters) numbers: the Gram, the loss values, and flags, so that
+       every process sends the same numbers whatever its slice of the batch reached): each
+       process holds ∂L_i/∂z for its own rows of the batch, so the sum is exactly the Gram of
+       the whole batch (divided by N², N processes, for losses averaged per process, as DDP
        assumes).
     3. EMA (``ema`` = β, 0 turns it off): Ḡ_t = β Ḡ_{t−1} + (1 − β) G_t, used with the bias
        correction Ḡ_t / (1 − β^t).
@@ -1239,9 +1267,16 @@ class MultiBalance(GradientBalancer):
     7. Head parameters: φ.grad += Σ_i w_i ∂L_i/∂φ. Trunk: one backward from z with the weighted
        representation gradient Σ_i w_i r_i. Every parameter thus receives ∂(Σ_i w_i L_i)/∂θ,
        and the step costs one head pass per task and one trunk pass — the work of an ordinary
-       backward, plus the Gram. Under torch.distributed, the head gradients are averaged over
-       the ranks by one all-reduce here (wrap the *trunk*, not the whole model, in DDP: DDP
-       averages the trunk's gradients in the trunk backward).
+       backward, plus the Gram. Under data parallelism the head gradients are averaged over
+       the processes by one all-reduce here (every head parameter that some process's slice
+       reached, zeros where this one's did not), and DDP averages the trunk's in the trunk
+       backward (wrap the *trunk*, not the whole model, in DDP).
+
+    A loss value, a representation gradient or a head gradient that is not finite (NaN or Inf,
+    in any task) raises FloatingPointError naming the task(s), leaving ``.grad`` and the
+    balancer (weights, Gram average, step count) as they were — except under a
+    ``torch.amp.GradScaler`` given as ``scaler=``, where it is an overflow (see
+    :meth:`backward`).
 
     What the paper states (its abstract): per-task gradients are balanced with respect to the
     shared feature representation, which needs only those K small gradients and keeps the
@@ -1256,8 +1291,9 @@ class MultiBalance(GradientBalancer):
     another, through which the heads reach *all* of the trunk: a trunk parameter that a loss
     reaches around z makes the first call raise, naming it (add the tensor the head reads it
     from to the list — e.g. MMoE's gates read the embedding, so its representation is the
-    experts' output *and* the gates' input). Checked on the first call, with the head/trunk
-    split, which is kept. Usable with any torch optimizer::
+    experts' output *and* the gates' input; or a head reads another output of the operation
+    that made z, as ``a, b = trunk(x).chunk(2, 1)`` with z = a: pass ``[a, b]``). Checked on the
+    first call, with the head/trunk split, which is kept. Usable with any torch optimizer::
 
         bal = MultiBalance(model.parameters())
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -1273,9 +1309,14 @@ class MultiBalance(GradientBalancer):
         normalization: ``"l2"``, ``"loss"`` or ``"none"`` (step 4).
         solver: ``"min-norm"``, ``"nash"`` or ``"mean"`` (step 5).
         ema: β of the Gram's exponential moving average, in [0, 1) (step 3; default 0.9).
-        process_group: the torch.distributed group to sum the Gram and average the head
-            gradients over (default: the world, when torch.distributed is initialized with more
-            than one process).
+        process_group: under torch.distributed, as for the other balancers and
+            ``pub_native.Adam``: ``"auto"`` (default) the group of the DistributedDataParallel
+            module that holds the trunk (the heads stay plain modules; parameters identical on
+            every process with no DDP module are an error that says so), a group to take the
+            parameters as replicated over (without a DDP module around the trunk, MultiBalance
+            then averages the trunk's gradients too), or None (every process trains on its
+            own). The processes agree on the head/trunk split of the first call (what any
+            process's graph reached) in two small all-reduces.
 
     Attributes (after the first call): ``heads`` (per task, the head parameters it reaches),
     ``trunk`` (the parameters behind the representation), ``gram`` (the last G) and
@@ -1287,17 +1328,18 @@ class MultiBalance(GradientBalancer):
     _OPTIONS = ("normalization", "solver", "ema")
 
     def __init__(self, params, *, normalization: str = "l2", solver: str = "min-norm",
-                 ema: float = 0.9, process_group=None):
-        super().__init__(params)
+                 ema: float = 0.9, process_group="auto"):
+        super().__init__(params, process_group=process_group)
         self.normalization, self.solver, self.ema = (
             self._checked_option(name, value, name) for name, value in (
                 ("normalization", normalization), ("solver", solver), ("ema", ema)))
-        self.process_group = process_group
         self.heads: list[list[torch.Tensor]] | None = None
         self.trunk: list[torch.Tensor] | None = None
         self._unsplit: list[bool] = []
         self._gram_avg: list | None = None
         self._last_gram: list | None = None
+        self._dp_decided = False  # the data-parallel group (_dp_group), decided at the first call
+        self._dp_own = False  # whether this balancer averages the trunk's gradients itself
 
     @property
     def gram(self) -> torch.Tensor | None:
@@ -1306,41 +1348,83 @@ class MultiBalance(GradientBalancer):
         return None if self._last_gram is None else torch.tensor(self._last_gram,
                                                                  dtype=torch.float64)
 
+    def _decide_group(self) -> None:
+        """The data-parallel group, decided at the first call: ``process_group`` as the other
+        balancers take it, except that with ``"auto"`` the DistributedDataParallel module is the
+        trunk's alone (the heads are plain modules, whose gradients this balancer averages)."""
+        if self._dp_decided:
+            return
+        pg = self._process_group
+        if isinstance(pg, str) and pg == "auto" and is_distributed() \
+                and torch.distributed.get_world_size() > 1:
+            group = _trunk_group(self.params)
+        else:
+            group, _ = data_parallel_group(self.params, pg)
+        self._dp_group, self._dp_decided = group, True
+
     def _split(self, raw, items, reps) -> None:
         """Head parameters per task (reached from the loss without crossing z) and the trunk
-        (reached from z); a parameter in both is reached around z."""
+        (reached from z); a parameter in both is reached around z. Under data parallelism,
+        what any process's graph reached (every process then has the same split, and the same
+        errors)."""
         _check_independent(reps)
-        stop_nodes = {z.grad_fn for z in reps if z.grad_fn is not None}
+        # z is one output of its autograd node: an edge (node, input_nr) is z only where it is
+        # z's own (z.grad_fn, z.output_nr); an edge into another output of that node (a head
+        # that reads a sibling of z: a, b = h.chunk(2, 1)) goes around z.
+        stops = {(z.grad_fn, z.output_nr) for z in reps if z.grad_fn is not None}
         stop_leaves = {id(z) for z in reps if z.grad_fn is None}
-        roots = task_roots(raw, items)
-        reach = [_reached_stopping(root, stop_nodes, stop_leaves) for root in roots]
+        walks = [_reached_stopping(start, stops, stop_leaves)
+                 for start in _task_starts(raw, items)]
+        reach = [leaves for leaves, _ in walks]
+        crossed = any(c for _, c in walks)  # whether some loss reaches the representation
         behind = set()
         for z in reps:
-            behind |= reached_parameters(z)
+            behind |= _reached_stopping(z, set(), set())[0]
+        group = self._dp_group
+        if group is not None:
+            n = len(self.params)
+            flags = agree_on(group, len(items),
+                             [id(p) in r for r in (*reach, behind) for p in self.params]
+                             + [crossed], trainable=[p.requires_grad for p in self.params])
+            agreed = [{id(p) for j, p in enumerate(self.params) if flags[i * n + j]}
+                      for i in range(len(items) + 1)]
+            reach, behind, crossed = agreed[:-1], agreed[-1], flags[-1]
+        if not crossed:
+            # (before the check below: a loss that reaches the representation's node through
+            # its other outputs alone, as from a compiled region that computes both, is this
+            # error, not a path around it)
+            _no_representation(raw, items)
         names = {id(p): i for i, p in enumerate(self.params)}
         for r in reach:
-            around = [names[pid] for pid in r & behind if pid in names]
+            around = sorted(names[pid] for pid in r & behind if pid in names)
             if around:
                 p = self.params[around[0]]
                 raise ValueError(
                     f"params[{around[0]}] (shape {tuple(p.shape)}) is reached by a task loss "
                     "both through the representation and around it; pass the tensor that "
-                    "head reads it from as part of the representation (a list of tensors)")
+                    "head reads it from as part of the representation (a list of tensors; "
+                    "e.g. another output of the operation that made the representation, as "
+                    "b of a, b = h.chunk(2, 1))")
         heads = [[p for p in self.params if id(p) in r] for r in reach]
-        if _world(self.process_group) > 1 and ddp_holders({id(p) for h in heads for p in h}):
+        if group is not None and ddp_holders({id(p) for h in heads for p in h}):
             raise ValueError(
                 "the task heads are inside a DistributedDataParallel module: wrap only the trunk "
                 "(the part below the representation) in DDP and keep the heads plain modules; "
                 "MultiBalance averages the heads' gradients itself, and DDP's own reduction "
                 "would see only part of its parameters' gradients")
         trunk = [p for p in self.params if id(p) in behind]
-        if _world(self.process_group) > 1 and trunk:
+        own = False
+        if group is not None and trunk:
             wrapped = set()
             for _, ids in ddp_holders({id(p) for p in trunk}):
                 wrapped |= ids
+            # A group given without a DDP module around the trunk: its gradients are averaged
+            # here, as the other balancers average the gradients of such parameters.
+            own = not wrapped and not (isinstance(self._process_group, str)
+                                       and self._process_group == "auto")
             loose = [i for i, p in enumerate(self.params)
                      if id(p) in behind and id(p) not in wrapped]
-            if loose:
+            if loose and not own:
                 p = self.params[loose[0]]
                 raise ValueError(
                     f"params[{loose[0]}] (shape {tuple(p.shape)}) is in the trunk (below the "
@@ -1350,6 +1434,7 @@ class MultiBalance(GradientBalancer):
                     "and the Gram itself, DDP the trunk's)")
         self.heads = heads
         self.trunk = trunk
+        self._dp_own = own
         self.k = len(items)
         # A frozen parameter is in no graph, nor is one no loss reached yet (an expert no
         # example was routed to): split again once one of them requires grad and is reached.
@@ -1363,21 +1448,27 @@ class MultiBalance(GradientBalancer):
         """Head passes -> Gram -> weights -> head gradients and one trunk pass (see above).
 
         ``scaler``: the ``torch.amp.GradScaler`` that scaled ``losses``, if any. With it, a
-        non-finite Gram (an overflow) is no error: the heads and the trunk get the plain,
-        non-finite sum of the task gradients, so that ``scaler.step`` skips the step, and the
-        weights, the Gram average and the step count stay as they were."""
+        non-finite loss value, representation gradient or head gradient (an overflow) is no
+        error: the heads and the trunk get the plain sum of the task gradients (non-finite
+        where the overflow is), so that ``scaler.step`` skips the step, and the weights, the
+        Gram average and the step count stay as they were."""
         # The K×K math runs on Python floats: for a handful of tasks that is several times
         # faster than numpy's per-call overhead, and this step is meant to cost about as much
         # as a plain backward.
         raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         reps = _representation_list(representation)
+        self._decide_group()
         split_now = self.heads is None or any(
             p.requires_grad and later for p, later in zip(self.params, self._unsplit, strict=True))
         if split_now:
             self._split(raw, items, reps)
+        group = self._dp_group
         k, m = len(items), len(reps)
         t0 = time.perf_counter()
         heads = [_active(params) for params in self.heads]
+        # The head parameters of the split, in params order: the same on every process.
+        head_ids = {id(p) for params in heads for p in params}
+        order = [p for p in self.params if id(p) in head_ids]
         # rows[t][i]: ∂L_i/∂z_t (None where task i does not reach z_t); head[i]: ∂L_i/∂φ.
         rows = [[None] * k for _ in range(m)]
         head = []
@@ -1387,73 +1478,116 @@ class MultiBalance(GradientBalancer):
             for t in range(m):
                 rows[t][i] = grads[t]
             head.append(grads[m:])
-        if all(r is None for per_rep in rows for r in per_rep):
-            if compiled_graph(task_roots(raw, items)):
-                raise ValueError(
-                    "no task loss depends on representation in the autograd graph: the losses "
-                    "come from a compiled region (torch.compile) that computes representation "
-                    "inside it too. Compile the trunk and the heads apart (e.g. "
-                    "torch.compile(model.trunk)), so that representation is an input of the "
-                    "heads' graph")
-            raise ValueError("no task loss depends on representation: pass the tensor the "
-                             "task heads are computed from (not a detached copy)")
-        dots, pairs = _gram_entries(rows, k)
-        values = None
-        if self.normalization == "loss":  # the unscaled losses under a GradScaler
-            c = 1.0 if scaler is None else float(scaler.get_scale())
-            values = [float(loss.detach()) / c for loss in items]
-        world = _world(self.process_group)
-        if world > 1:
-            dots, values = self._all_reduce_gram(dots, values, k, world)
+        reached = [any(r is not None for r in per_rep) for per_rep in rows]
+        if group is None and not any(reached):
+            _no_representation(raw, items)
+        scale = 1.0 if scaler is None else float(scaler.get_scale())
+        # This call's numbers in one float64 vector of a fixed layout (summed over the
+        # processes under data parallelism; one wait for the device): the Gram's K²
+        # entries, the K unscaled loss values, per task the sum of its head gradients' norms
+        # (not finite where one of them is not), and under data parallelism, per
+        # representation tensor whether a task reached it and per head parameter whether it
+        # has a gradient.
+        numbers = [_gram_entries(rows, k),
+                   torch.stack([loss.detach().reshape(()).to(device=items[0].device,
+                                                              dtype=torch.float64)
+                                for loss in items]) / scale,
+                   _head_norms(head)]
+        if group is not None:
+            got = {id(p) for params, grads in zip(heads, head, strict=True)
+                   for p, g in zip(params, grads, strict=True) if g is not None}
+            numbers += [torch.tensor([float(x) for x in reached], dtype=torch.float64),
+                        torch.tensor([float(id(p) in got) for p in order], dtype=torch.float64)]
+        device = _numbers_device(group, numbers)
+        packed = torch.cat([x.to(device=device, dtype=torch.float64) for x in numbers])
+        world = 1
+        if group is not None:
+            world = torch.distributed.get_world_size(group)
+            torch.distributed.all_reduce(packed, group=group)
+        packed = packed.tolist()
+        n_pairs = k * k
+        entries = [x / (world * world) for x in packed[:n_pairs]]
+        values = [x / world for x in packed[n_pairs:n_pairs + k]]
+        bad_head = [i for i, x in enumerate(packed[n_pairs + k:n_pairs + 2 * k])
+                    if not math.isfinite(x)]
+        if bad_head:  # (or a norm beyond its dtype's range: the elements decide)
+            bad_head = self._non_finite_heads(head, bad_head)
+        present = None
+        if group is not None:
+            rest = packed[n_pairs + 2 * k:]
+            reached = [x > 0 for x in rest[:m]]
+            present = [x > 0 for x in rest[m:]]
+            if not any(reached):
+                _no_representation(raw, items)
         G = [[0.0] * k for _ in range(k)]
-        for (i, j), v in zip(pairs, dots.tolist() if dots is not None else (), strict=True):
-            G[i][j] += v
-            if i != j:
-                G[j][i] += v
-        if not all(math.isfinite(G[i][i]) for i in range(k)):
+        for i in range(k):  # (its lower triangle: exactly symmetric)
+            for j in range(i + 1):
+                G[i][j] = G[j][i] = entries[i * k + j]
+        bad_loss = [i for i in range(k) if not math.isfinite(values[i])]
+        bad_rep = [i for i in range(k) if not math.isfinite(G[i][i])] or \
+            [i for i in range(k) if not all(math.isfinite(x) for x in G[i])]
+        if bad_loss or bad_rep or bad_head:
             if scaler is not None:
-                self._give_gradients(heads, head, reps, rows, [1.0] * k, world)
+                self._give_gradients(heads, head, reps, rows, [1.0] * k, order, present,
+                                     reached)
                 self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                               "gram_time": time.perf_counter() - t0}
                 return
-            bad = [i for i in range(k) if not math.isfinite(G[i][i])]
-            raise FloatingPointError(f"non-finite representation gradient in task(s) {bad}")
+            found = [f"non-finite {what} in task(s) {bad}" for what, bad in (
+                ("loss", bad_loss), ("representation gradient", bad_rep),
+                ("gradient of the head parameters", bad_head)) if bad]
+            where = f" (over the {world} processes)" if world > 1 else ""
+            raise FloatingPointError("; ".join(found) + where)
         if scaler is not None:
             # The Gram of the unscaled gradients: the average mixes Grams of steps the scaler
             # scaled differently (the scale is a power of two: the quotient is exact).
-            c2 = float(scaler.get_scale()) ** 2
+            c2 = scale ** 2
             G = [[x / c2 for x in row] for row in G]
-        self._last_gram = G
+        last_gram = G
         t1 = time.perf_counter()
+        avg = self._gram_avg
         if self.ema > 0:
             b = self.ema
-            avg = self._gram_avg
             avg = [[(1 - b) * x for x in row] for row in G] if avg is None else \
                 [[b * a + (1 - b) * x for a, x in zip(ra, rg)] for ra, rg in zip(avg, G)]
-            self._gram_avg = avg
             corr = 1.0 / (1.0 - b ** (self.steps + 1))
             G = [[corr * a for a in row] for row in avg]
         wl = _multibalance_weights(G, values, self.normalization, self.solver)
         elapsed = time.perf_counter() - t1
+        self._give_gradients(heads, head, reps, rows, wl, order, present, reached)
+        self._last_gram, self._gram_avg = last_gram, avg
         self.steps += 1
         self.weights = torch.tensor(wl, dtype=torch.float64)
-        self._give_gradients(heads, head, reps, rows, wl, world)
         self.stats = {"weights_time": elapsed, "solve_time": elapsed, "updated": True,
                       "gram_time": t1 - t0}
 
-    def _give_gradients(self, heads, head, reps, rows, wl, world) -> None:
-        """The heads' Σ w_i ∂L_i/∂φ and the trunk's backward from z with Σ_i w_i r_i."""
-        self._head_grads(heads, head, wl, world)
-        if _active(self.trunk):
-            self._trunk_backward(reps, rows, wl)
+    def _non_finite_heads(self, head, tasks: list[int]) -> list[int]:
+        """Of ``tasks``, those with a head gradient that has a NaN or Inf on some process."""
+        flags = torch.tensor([float(i in tasks and not all(
+            bool(torch.isfinite(g).all()) for g in head[i] if g is not None))
+            for i in range(len(head))], dtype=torch.float64)
+        if self._dp_group is not None:
+            flags = flags.to(_numbers_device(self._dp_group, [flags]))
+            torch.distributed.all_reduce(flags, group=self._dp_group)
+        return [i for i, x in enumerate(flags.tolist()) if x > 0]
 
-    def _trunk_backward(self, reps, rows, wl) -> None:
+    def _give_gradients(self, heads, head, reps, rows, wl, order, present, reached) -> None:
+        """The heads' Σ w_i ∂L_i/∂φ and the trunk's backward from z with Σ_i w_i r_i."""
+        self._head_grads(heads, head, wl, order, present)
+        trunk = _active(self.trunk)
+        if trunk:
+            self._trunk_backward(reps, rows, wl, reached, trunk)
+
+    def _trunk_backward(self, reps, rows, wl, reached, trunk) -> None:
         """One backward from z with Σ_i w_i r_i, summed in a tensor of its own: the r_i that
         autograd handed back may be held elsewhere (a tensor hook on z or on a tensor the
         heads compute from it may keep it; autograd may hand one tensor to two inputs), so
-        none is written to."""
+        none is written to. Under data parallelism a representation tensor that some process
+        reached gets a backward on every process (zeros where no task reached it here), so
+        that every process takes part in the trunk's gradient averaging."""
         tensors, grads = [], []
-        for z, per_rep in zip(reps, rows, strict=True):
+        distributed = self._dp_group is not None
+        for z, per_rep, there in zip(reps, rows, reached, strict=True):
             combined = None
             for wi, r in zip(wl, per_rep, strict=True):
                 if r is None:
@@ -1462,55 +1596,66 @@ class MultiBalance(GradientBalancer):
                     combined.add_(r, alpha=wi)
                 else:
                     combined = r * wi
+            if combined is None and distributed and there:
+                combined = torch.zeros_like(z)
             if combined is not None:
                 tensors.append(z)
                 grads.append(combined)
-        if tensors:
-            torch.autograd.backward(tensors, grads, inputs=_active(self.trunk))
+        if not tensors:
+            return
+        if not self._dp_own:
+            torch.autograd.backward(tensors, grads, inputs=trunk)
+            return
+        stash = _set_aside(trunk)  # no DDP module writes into them (see _split)
+        try:
+            torch.autograd.backward(tensors, grads, inputs=trunk)
+            average_gradients(trunk, self._dp_group)
+        except BaseException:
+            _restore(trunk, stash)
+            raise
+        _put_back(trunk, stash)
 
-    def _head_grads(self, heads, head, wl, world) -> None:
-        """φ.grad += Σ_i w_i ∂L_i/∂φ (averaged over the ranks under torch.distributed); one
-        ``_foreach`` product per task."""
+    def _head_grads(self, heads, head, wl, order, present) -> None:
+        """φ.grad += Σ_i w_i ∂L_i/∂φ (averaged over the processes under data parallelism); one
+        ``_foreach`` product per task. ``order``: the head parameters of the split, the same
+        on every process; ``present``: per parameter of ``order``, whether some process has a
+        gradient of it (None without data parallelism). Each process packs every present one,
+        zeros where it has none, so that the all-reduce adds each parameter's gradient to its
+        own, whatever each process's slice of the batch reached."""
         sums: dict[int, torch.Tensor] = {}
-        order = []
         for wi, params, grads in zip(wl, heads, head, strict=True):
-            present = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-            if not present:
+            given = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+            if not given:
                 continue
-            scaled = torch._foreach_mul([g for _, g in present], wi)
-            for (p, _), g in zip(present, scaled, strict=True):
+            scaled = torch._foreach_mul([g for _, g in given], wi)
+            for (p, _), g in zip(given, scaled, strict=True):
                 key = id(p)
                 if key in sums:
                     sums[key].add_(g)
                 else:
                     sums[key] = g
-                    order.append(p)
-        if world > 1 and order:
-            flat = torch.cat([sums[id(p)].reshape(-1) for p in order])
-            torch.distributed.all_reduce(flat, group=self.process_group)
-            flat /= world
-            for p, chunk in zip(order, flat.split([p.numel() for p in order]), strict=True):
-                sums[id(p)] = chunk.view_as(p)
-        for p in order:
+        if present is None:
+            targets = [p for p in order if id(p) in sums]
+        else:
+            targets = [p for p, there in zip(order, present, strict=True) if there]
+            world = torch.distributed.get_world_size(self._dp_group)
+            kinds: dict = {}
+            for p in targets:
+                kinds.setdefault((p.dtype, p.device), []).append(p)
+            for params in kinds.values():
+                flat = torch.cat([(sums[id(p)] if id(p) in sums else torch.zeros_like(p))
+                                  .reshape(-1) for p in params])
+                flat.div_(world)
+                torch.distributed.all_reduce(flat, group=self._dp_group)
+                for p, chunk in zip(params, flat.split([p.numel() for p in params]),
+                                    strict=True):
+                    sums[id(p)] = chunk.view_as(p)
+        for p in targets:
             g = sums[id(p)]
             if p.grad is None:
                 p.grad = g if g.is_contiguous() else g.contiguous()
             else:
                 p.grad.add_(g)
-
-    def _all_reduce_gram(self, dots, values, k: int, world: int):
-        """Sum the Gram entries over the ranks (/N²: the losses are per-rank means) and average
-        the loss values, in one all-reduce. Every rank has the same (i, j) entries, as the same
-        tasks reach the same representation tensors on every rank."""
-        n = 0 if dots is None else len(dots)
-        device = dots.device if dots is not None else torch.device("cpu")
-        vals = torch.tensor(values if values is not None else [0.0] * k, dtype=torch.float64,
-                            device=device)
-        packed = vals if dots is None else torch.cat([dots.to(torch.float64), vals])
-        torch.distributed.all_reduce(packed, group=self.process_group)
-        dots = None if dots is None else packed[:n] / (world * world)
-        values = None if values is None else (packed[n:] / world).tolist()
-        return dots, values
 
     def _method_state(self):
         return {"gram_average": copy.deepcopy(self._gram_avg),
@@ -1529,56 +1674,182 @@ class MultiBalance(GradientBalancer):
                 f"ema={self.ema})")
 
 
-def _world(process_group) -> int:
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(process_group)
+def _trunk_group(params: list[torch.Tensor]):
+    """MultiBalance's ``process_group="auto"`` under torch.distributed with several processes:
+    the group of the DistributedDataParallel module that holds its parameters (the trunk),
+    None where no module holds any and the parameters differ between the processes (every
+    process trains its own model). Sharded parameters, several DDP modules, and parameters
+    identical on every process without a DDP module raise."""
+    for p in params:
+        if _is_sharded_parameter(p):
+            raise NotImplementedError(
+                f"a parameter of shape {tuple(p.shape)} is sharded (FSDP or DTensor): "
+                "MultiBalance takes whole parameters; wrap the trunk in "
+                "DistributedDataParallel")
+    holders = ddp_holders({id(p) for p in params})
+    if holders:
+        inside = set()
+        for _, ids in holders:
+            inside |= ids
+        # (several DDP modules: the error of the other balancers, naming the supported set-ups)
+        group, _ = data_parallel_group([p for p in params if id(p) in inside], "auto")
+        return group
+    if _replicated(params):
+        raise ValueError(
+            f"torch.distributed is initialized with {torch.distributed.get_world_size()} "
+            "processes and the parameters are identical on all of them, but none is inside a "
+            "DistributedDataParallel module: the trunk's gradients would stay each process's "
+            "own and the replicas would drift apart; wrap the trunk in DDP (MultiBalance "
+            "averages the heads' gradients and the Gram itself, DDP the trunk's), pass "
+            "process_group=<group> to take the parameters as replicated over it, or "
+            "process_group=None if every process trains a model of its own")
+    return None
 
 
-def _reached_stopping(root, stop_nodes: set, stop_leaves: set) -> set[int]:
-    """ids of the leaves reached from ``root`` (a loss or an autograd node) without passing
-    through the nodes in ``stop_nodes`` or the leaves in ``stop_leaves``."""
+def _no_representation(raw, items) -> None:
+    """The error of a call whose losses reach no representation tensor."""
+    if compiled_graph(task_roots(raw, items)):
+        raise ValueError(
+            "no task loss depends on representation in the autograd graph: the losses "
+            "come from a compiled region (torch.compile) that computes representation "
+            "inside it too. Compile the trunk and the heads apart (e.g. "
+            "torch.compile(model.trunk)), so that representation is an input of the "
+            "heads' graph")
+    raise ValueError("no task loss depends on representation: pass the tensor the "
+                     "task heads are computed from (not a detached copy)")
+
+
+def _task_starts(raw, items) -> list:
+    """Where each task's graph starts, as an autograd edge (node, input_nr) (see
+    :func:`pub_native._autograd.task_roots`), or the loss itself where it is a leaf."""
+    if isinstance(raw, torch.Tensor):
+        task_roots(raw, items)  # (its warning for a 1-D tensor not made by torch.stack)
+        fn = raw.grad_fn
+        if fn is None:
+            return [raw] * len(items)
+        if fn.name().startswith("StackBackward") and len(fn.next_functions) == len(items):
+            return list(fn.next_functions)  # split at the stack: its input edges
+        return [(fn, raw.output_nr)] * len(items)
+    return [(loss.grad_fn, loss.output_nr) if loss.grad_fn is not None else loss
+            for loss in items]
+
+
+def _reached_stopping(start, stops: set, stop_leaves: set) -> tuple[set[int], bool]:
+    """ids of the leaves reached from ``start`` (a tensor: from its own output of its node; or
+    an edge (node, input_nr)) without passing through an edge in ``stops`` or the leaves in
+    ``stop_leaves``, and whether the walk came to one of those. An edge into a node that is
+    not in ``stops`` goes on through the node even if another of its outputs is: only the
+    stopped output is cut. The single output node of DistributedDataParallel
+    (``_DDPSinkBackward``), entered through output j, goes on through its input j alone (see
+    :func:`pub_native._autograd.walk_graph`)."""
     leaves: set[int] = set()
-    if isinstance(root, torch.Tensor):
-        if root.grad_fn is None:
-            if id(root) not in stop_leaves:
-                leaves.add(id(root))
-            return leaves
-        root = root.grad_fn
+    crossed = False
+    if isinstance(start, torch.Tensor):
+        if start.grad_fn is None:
+            if id(start) in stop_leaves:
+                return leaves, True
+            if start.requires_grad:
+                leaves.add(id(start))
+            return leaves, False
+        start = (start.grad_fn, start.output_nr)
     seen: set = set()
-    stack = [root]
+    sinks: set = set()
+    stack = [start]
     while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in stop_nodes:
+        node, nr = stack.pop()
+        if node is None or node in seen:
+            continue
+        if (node, nr) in stops:
+            crossed = True
+            continue
+        edges = node.next_functions
+        if nr < len(edges) and node.name() == "_DDPSinkBackward":
+            if (node, nr) not in sinks:
+                sinks.add((node, nr))
+                stack.append(edges[nr])
             continue
         seen.add(node)
         var = getattr(node, "variable", None)
         if var is not None:
-            if id(var) not in stop_leaves:
+            if id(var) in stop_leaves:
+                crossed = True
+            else:
                 leaves.add(id(var))
             continue
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-    return leaves
+        stack.extend(edges)
+    return leaves, crossed
 
 
-def _gram_entries(rows, k: int):
-    """The entries (i ≥ j) of Σ_t R_t R_tᵀ, R_t the K gradients of representation tensor t
-    (None = zero): pairwise dot products on the gradients as autograd returned them (no K×(B·D)
-    copy), stacked into one float64 tensor on their device, and their (i, j) positions."""
-    dots, pairs = [], []
+def _gram_entries(rows, k: int) -> torch.Tensor:
+    """Σ_t R_t R_tᵀ (K×K, flattened), R_t the K gradients of representation tensor t (None =
+    zero), float64 on the gradients' device (zeros on the CPU where no task reached any):
+    products and sums in float64 (see :func:`_gram_block`)."""
+    total = None
     for per_rep in rows:
-        flat = [None if r is None else
-                (r.float() if r.dtype in (torch.float16, torch.bfloat16) else r).reshape(-1)
-                for r in per_rep]
-        for i in range(k):
-            if flat[i] is None:
-                continue
-            for j in range(i + 1):
-                if flat[j] is not None:
-                    dots.append(torch.dot(flat[i], flat[j]))
-                    pairs.append((i, j))
-    return (torch.stack(dots).to(torch.float64) if dots else None), pairs
+        tasks = [i for i in range(k) if per_rep[i] is not None]
+        if not tasks:
+            continue
+        G = _gram_block([per_rep[i].reshape(-1) for i in tasks])
+        if len(tasks) < k:
+            full = torch.zeros((k, k), dtype=torch.float64, device=G.device)
+            index = torch.tensor(tasks, device=G.device)
+            full[index[:, None], index[None, :]] = G
+            G = full
+        total = G if total is None else total + G
+    if total is None:
+        return torch.zeros(k * k, dtype=torch.float64)
+    return total.reshape(-1)
+
+
+def _gram_block(flat: list[torch.Tensor]) -> torch.Tensor:
+    """The Gram matrix of the 1-D tensors ``flat`` (one dtype and length), float64: column
+    blocks converted to float64 into one reused buffer (no float64 copy of them all), their
+    products summed by a float64 matrix product. A product in their own type would round
+    nearly parallel gradients' Gram to a non-PSD one, and overflow (float32 from a norm of
+    ~1e19, float16 from ~256) to a false non-finite one."""
+    p, n = len(flat), flat[0].numel()
+    step = max(4096, (1 << 17) // p)  # 1 MiB of float64 (cache-sized)
+    if n <= step:
+        block = torch.stack(flat).to(torch.float64)
+        return block @ block.t()
+    buf = torch.empty((p, step), dtype=torch.float64, device=flat[0].device)
+    G = None
+    for s in range(0, n, step):
+        w = min(step, n - s)
+        block = buf[:, :w]
+        for r, f in enumerate(flat):
+            block[r].copy_(f[s:s + w])
+        G = block @ block.t() if G is None else G.addmm_(block, block.t())
+    return G
+
+
+def _head_norms(head: list) -> torch.Tensor:
+    """Per task, the sum of the norms of its head gradients (None: none), float64 (on the
+    gradients' device, the CPU where none has one): not finite where a gradient has a NaN or
+    Inf (or a norm beyond its dtype's range). One fused norm per task."""
+    sums = []
+    for grads in head:
+        given = [g for g in grads if g is not None]
+        if given:
+            device = given[0].device
+            norms = [x if x.device == device else x.to(device)
+                     for x in torch._foreach_norm(given)]
+            sums.append(torch.stack(norms).to(torch.float64).sum())
+        else:
+            sums.append(None)
+    device = next((x.device for x in sums if x is not None), torch.device("cpu"))
+    return torch.stack([torch.zeros((), dtype=torch.float64, device=device) if x is None
+                        else x.to(device) for x in sums])
+
+
+def _numbers_device(group, numbers: list[torch.Tensor]) -> torch.device:
+    """Where MultiBalance packs its per-call numbers: on the current CUDA device under NCCL,
+    on the CPU under another backend, else where the Gram is (one wait for it)."""
+    if group is not None:
+        if torch.distributed.get_backend(group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    return numbers[0].device
 
 
 def multibalance_weights(G, loss_values=None, *, normalization: str = "l2",

@@ -4,8 +4,9 @@ torch.distributed.
 ``python ddp_loss_weighting.py --rank R --world N --port P --out DIR`` is one of N gloo processes
 on 127.0.0.1. Each trains the same small float64 model for a few steps on its equal slice of every
 batch, with each loss weighting in two set-ups: the model wrapped in DistributedDataParallel
-(``process_group="auto"``), and the model unwrapped with ``process_group=<the world>`` (the
-balancer averages the gradients itself). It writes its balancer state, task weights and
+(``process_group="auto"``), the model unwrapped with ``process_group=<the world>`` (the
+balancer averages the gradients itself), and the model unwrapped with ``"auto"`` (each process
+on its own, as LS). It writes its balancer state, task weights and
 parameters to DIR/rank{R}.pt. :func:`train` with ``world=1`` is the one-process reference on the
 whole batches.
 """
@@ -29,7 +30,7 @@ BATCH = 32  # divisible by the processes: their mean losses average to the batch
 #: the logits from its own losses ("next batch").
 FAMO_UPDATES = (0, 1, 3)
 KINDS = ("uncertainty", "famo")
-MODES = ("ddp", "group")
+MODES = ("ddp", "group", "alone")
 
 
 class Model(nn.Module):
@@ -61,8 +62,9 @@ def train(kind: str, mode: str, world: int = 1, rank: int = 0) -> dict:
     group = "auto"
     if world > 1 and mode == "ddp":
         forward = nn.parallel.DistributedDataParallel(model)
-    elif world > 1:
+    elif world > 1 and mode == "group":
         group = torch.distributed.group.WORLD
+    # "alone": unwrapped with process_group="auto": each process trains on its own slice.
     if kind == "uncertainty":
         bal = Uncertainty(params, n_tasks=2, process_group=group)
         opt = torch.optim.Adam([{"params": params}, {"params": bal.parameters(), "lr": 0.1}],

@@ -54,6 +54,8 @@ def main() -> None:
     pieces = [hi - lo for lo, hi, _ in opt._dp.pieces]
     torch.save({"norms": norms, "pieces": pieces, "grads": ref / 2},
                os.path.join(args.out, f"rank{args.rank}.pt"))
+    # Neither process leaves while the other still talks to it (gloo aborts the one left).
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     dist.destroy_process_group()
 
 

@@ -93,3 +93,23 @@ def test_famo_weights_and_logits_are_those_of_one_process_on_the_whole_batch(run
     _check(ranks, single, "famo", mode)
     assert ranks[0][("famo", mode)]["updates"] == single[("famo", mode)]["updates"]
     assert {"explicit", "next batch"} <= set(ranks[0][("famo", mode)]["updates"])
+
+
+@pytest.mark.parametrize("kind", ["uncertainty", "famo"])
+def test_a_loss_weighting_without_a_ddp_module_trains_each_process_on_its_own(runs, kind):
+    # process_group="auto" without a DDP module (a model each process trains alone, gradients
+    # the user all-reduces, FSDP): no group, no error (it raised "not wrapped in
+    # DistributedDataParallel"), each process as one process on its own slice.
+    ranks, _ = runs
+    sys.path.insert(0, str(HERE))
+    try:
+        import ddp_loss_weighting as worker
+    finally:
+        sys.path.remove(str(HERE))
+    for r, result in enumerate(ranks):
+        got = result[(kind, "alone")]
+        assert not got["group"]
+        alone = worker.train(kind, "alone", WORLD, r)
+        assert torch.equal(got["state"], alone["state"])
+        assert torch.equal(got["weights"], alone["weights"])
+    assert not torch.equal(ranks[0][(kind, "alone")]["state"], ranks[1][(kind, "alone")]["state"])

@@ -315,9 +315,233 @@ def test_repr():
         "MultiBalance(normalization='l2', solver='min-norm', ema=0.9)"
 
 
+def test_a_head_that_reads_another_output_of_the_representations_node_is_refused():
+    """z = a of a, b = h.chunk(2, 1) (two outputs of one autograd node) and head 1 reads b: its
+    loss reaches the trunk around z, which the first call refuses, naming the fix and changing
+    nothing; z = [a, b] then gives the gradients of the weighted losses."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(4, 8).double()
+    heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(2)).double()
+    params = [*trunk.parameters(), *heads.parameters()]
+    x = torch.randn(16, 4, dtype=torch.float64)
+
+    def forward():
+        a, b = trunk(x).chunk(2, dim=1)
+        return [heads[0](a).pow(2).mean(), heads[1](b).pow(2).mean()], a, b
+
+    bal = B.MultiBalance(params, solver="mean", normalization="none", ema=0.0)
+    losses, a, b = forward()
+    with pytest.raises(ValueError, match=r"params\[0\].*around it; pass the tensor"):
+        bal.backward(losses, a)
+    assert all(p.grad is None for p in params)
+    assert bal.heads is None and bal.trunk is None and bal.steps == 0 and bal.weights is None
+    losses, a, b = forward()
+    bal.backward(losses, [a, b])
+    torch.testing.assert_close(bal.weights, torch.ones(2, dtype=torch.float64))
+    expect = torch.autograd.grad(sum(forward()[0]), params)
+    for p, g in zip(params, expect):
+        torch.testing.assert_close(p.grad, g, rtol=TOL["f64"], atol=TOL["f64"])
+
+
+def _two_heads(seed=0):
+    torch.manual_seed(seed)
+    trunk = nn.Linear(4, 8)
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(2))
+    return trunk, heads, [*trunk.parameters(), *heads.parameters()]
+
+
+@pytest.mark.parametrize("normalization,term", [
+    ("loss", "inf constant"), ("l2", "inf constant"), ("l2", "nan head term"),
+    ("l2", "nan head gradient")])
+def test_a_non_finite_loss_or_head_gradient_raises_and_changes_nothing(normalization, term):
+    """A non-finite loss value whose ∂L/∂z is finite (a constant term, a term of a head
+    parameter alone), or a head gradient that is not finite while the loss is: a
+    FloatingPointError naming the task, with .grad and the balancer as they were (normalization
+    "loss" divided by an infinite loss, gave NaN weights and NaN in every .grad, counted the
+    step and saved a state dict that did not load)."""
+    trunk, heads, params = _two_heads()
+    x = torch.randn(16, 4)
+    bal = B.MultiBalance(params, normalization=normalization)
+    z = trunk(x)
+    bal.backward([h(z).pow(2).mean() for h in heads], z)
+    grads = [p.grad.clone() for p in params]
+    state = bal.state_dict()
+    z = trunk(x)
+    bad = heads[1](z).pow(2).mean()
+    if term == "inf constant":
+        bad = bad + torch.tensor(float("inf"))
+    elif term == "nan head term":
+        bad = bad + float("nan") * heads[1].weight.sum()
+    else:  # d sqrt(u)/du at u = 0 times du/dw = 0: NaN, the loss finite
+        bad = bad + torch.sqrt((0.0 * heads[1].weight).sum())
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \[1\]"):
+        bal.backward([heads[0](z).pow(2).mean(), bad], z)
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+    assert bal.steps == 1
+    after = bal.state_dict()
+    assert after["weights"].equal(state["weights"])
+    assert after["gram_average"] == state["gram_average"]
+    assert after["last_gram"] == state["last_gram"]
+    B.MultiBalance(params, normalization=normalization).load_state_dict(after)
+
+
+def test_a_non_finite_loss_under_a_grad_scaler_is_an_overflow():
+    """Under a GradScaler an infinite (scaled) loss is an overflow: no error, the plain sum of
+    the task gradients in .grad, the balancer as it was."""
+    trunk, heads, params = _two_heads()
+    x = torch.randn(16, 4)
+    bal = B.MultiBalance(params, normalization="loss")
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    z = trunk(x)
+    bal.backward([scaler.scale(h(z).pow(2).mean()) for h in heads], z, scaler=scaler)
+    state = bal.state_dict()
+    for p in params:
+        p.grad = None
+    z = trunk(x)
+    losses = [heads[0](z).pow(2).mean(), heads[1](z).pow(2).mean() + torch.tensor(math.inf)]
+    bal.backward([scaler.scale(loss) for loss in losses], z, scaler=scaler)
+    assert bal.stats["updated"] is False and bal.steps == 1
+    assert bal.state_dict()["weights"].equal(state["weights"])
+    assert bal.state_dict()["gram_average"] == state["gram_average"]
+    z = trunk(x)
+    expect = torch.autograd.grad(4.0 * sum(h(z).pow(2).mean() for h in heads), params)
+    for p, g in zip(params, expect):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_the_gram_is_float64_for_a_float32_representation():
+    """Nearly parallel float32 gradients (1 − cos ~ 1e-7): the Gram of float64 products and
+    sums, PSD, and its weights (a float32 accumulation gave 1 − cos < 0 and weights [0, 3, 0]
+    instead of ~[1, 1, 1])."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4096, 256, generator=g, dtype=torch.float64) + 3.0
+    grads = [(base + 1e-3 * torch.randn(4096, 256, generator=g, dtype=torch.float64)).float()
+             for _ in range(3)]
+    z = torch.zeros(4096, 256, requires_grad=True)
+    bal = B.MultiBalance([z], ema=0.0)
+    bal.backward([(z * c).sum() for c in grads], z)
+    R = torch.stack([c.double().reshape(-1) for c in grads])
+    G = R @ R.T
+    torch.testing.assert_close(bal.gram, G, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(bal.weights.numpy(), B.multibalance_weights(G.numpy()),
+                               rtol=1e-6)
+    np.testing.assert_allclose(bal.weights.numpy(), np.ones(3), rtol=1e-5)
+
+
+def test_a_float32_gradient_whose_square_overflows_float32_is_balanced():
+    """‖∂L/∂z‖ ≈ 4e19, finite in float32, its square not: no FloatingPointError; and under a
+    GradScaler whose scale grew to 2^70 (scaled gradients of that size), no overflow: the
+    weights of the unscaled step (float32 sums took both for an overflow)."""
+    trunk, heads, params = _two_heads()
+    x = torch.randn(256, 4)
+
+    def losses(c0=1.0):
+        z = trunk(x)
+        return [heads[0](z).pow(2).mean() * c0, heads[1](z).pow(2).mean()], z
+
+    bal = B.MultiBalance(params, ema=0.0)
+    ls, z = losses(1e21)
+    r = torch.autograd.grad(ls[0], z, retain_graph=True)[0]
+    assert bool(torch.isfinite(r).all()) and r.double().norm() > 1e19
+    bal.backward(ls, z)
+    assert math.isfinite(bal.gram[0, 0]) and bal.gram[0, 0] > 1e38
+    ref = B.MultiBalance(params, ema=0.0)
+    ref.backward(*losses())
+    scaled = B.MultiBalance(params, ema=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 70)
+    ls, z = losses()
+    scaled.backward([scaler.scale(loss) for loss in ls], z, scaler=scaler)
+    assert scaled.stats["updated"] is True and scaled.steps == 1
+    torch.testing.assert_close(scaled.weights, ref.weights, rtol=1e-12, atol=0)
+
+
+def test_process_group_is_auto_by_default_as_for_the_other_balancers():
+    p = torch.zeros(2, requires_grad=True)
+    assert B.MultiBalance([p])._process_group == "auto"
+    # A group given without torch.distributed: the other balancers' error.
+    bal = B.MultiBalance([p], process_group=object())
+    z = p * 1.0
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        bal.backward([(z * 2).sum(), (z ** 2).sum()], z)
+    assert bal.steps == 0 and bal.heads is None and p.grad is None
+    # None: no data parallelism (without torch.distributed, as with it: see the DDP cases).
+    bal = B.MultiBalance([p], process_group=None)
+    z = p * 1.0
+    bal.backward([(z * 2).sum(), (z ** 2).sum()], z)
+    assert bal.steps == 1 and p.grad is not None
+
+
 # -- torch.distributed: 2 gloo processes against one process on the whole batch ---------------
 
 _DDP_SCRIPT = Path(__file__).with_name("ddp_multibalance.py")
+_CASES_SCRIPT = Path(__file__).with_name("ddp_multibalance_cases.py")
+
+
+def _run_cases(tmp_path, case):
+    """Run ddp_multibalance_cases.py's case on 2 gloo processes: (the ranks' results, the
+    helper module, whose train(case, world=1, ...) is one process)."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    sys.path.insert(0, str(_CASES_SCRIPT.parent))
+    try:
+        import ddp_multibalance_cases as helper
+    finally:
+        sys.path.pop(0)
+    proc = subprocess.run([sys.executable, str(_CASES_SCRIPT), str(free_port()), str(tmp_path),
+                           case], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, got in enumerate(ranks):
+        assert "error" not in got, f"rank {r}: {got['error']}"
+    return ranks, helper
+
+
+def _assert_same_training(got, ref, tol):
+    for step, (w_got, w_ref) in enumerate(zip(got["weights"], ref["weights"], strict=True)):
+        np.testing.assert_allclose(w_got, w_ref, rtol=tol, atol=0, err_msg=f"weights {step}")
+    for step, (g_got, g_ref) in enumerate(zip(got["grams"], ref["grams"], strict=True)):
+        np.testing.assert_allclose(g_got, g_ref, rtol=tol, atol=tol * 1e-3,
+                                   err_msg=f"Gram {step}")
+    for name, value in ref["params"].items():
+        np.testing.assert_allclose(got["params"][name], value, rtol=tol, atol=tol,
+                                   err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["branch", "swap", "absent"])
+def test_ddp_slices_that_reach_different_head_parameters_or_tasks_train_as_one_process(
+        tmp_path, case):
+    """The processes' slices reach different parts of the heads: a head parameter used on one
+    process only (gloo aborted: head buffers of different sizes), two of one size used on one
+    process each (the all-reduce added one's gradient to the other's), a task whose loss does
+    not reach z on one process (Gram buffers of different sizes). Every process packs the same
+    layout: the ranks stay identical and train as one process on the whole batch."""
+    ranks, helper = _run_cases(tmp_path, case)
+    assert ranks[0]["params"] == ranks[1]["params"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    ref = helper.train(case, world=1, rank=0)
+    for got in ranks:
+        _assert_same_training(got, ref, TOL["f64"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["group", "alone"])
+def test_ddp_process_group_given_or_none(tmp_path, case):
+    """process_group as the other balancers take it: a group given without a DDP module (the
+    trunk's gradients averaged by MultiBalance: one process on the whole batch), or None (each
+    process trains its own model, as one process alone; it was taken for the world and
+    refused)."""
+    ranks, helper = _run_cases(tmp_path, case)
+    if case == "group":
+        assert ranks[0]["params"] == ranks[1]["params"]
+        ref = helper.train(case, world=1, rank=0)
+        for got in ranks:
+            _assert_same_training(got, ref, TOL["f64"])
+    else:
+        assert ranks[0]["params"] != ranks[1]["params"]
+        for r, got in enumerate(ranks):
+            _assert_same_training(got, helper.train(case, world=1, rank=r), TOL["f64"])
 
 
 
