@@ -1465,10 +1465,13 @@ class MultiBalance(GradientBalancer):
         group = self._dp_group
         k, m = len(items), len(reps)
         t0 = time.perf_counter()
-        heads = [_active(params) for params in self.heads]
-        # The head parameters of the split, in params order: the same on every process.
-        head_ids = {id(p) for params in heads for p in params}
+        # The head parameters of the split, in params order: the same on every process. Every
+        # task's pass asks for all of them, not only for those its loss reached at the split: a
+        # head that a task starts to read later gets that task's gradient too, as from
+        # Σ_i w_i L_i (the ones it does not reach come back None, at no cost).
+        head_ids = {id(p) for params in self.heads for p in _active(params)}
         order = [p for p in self.params if id(p) in head_ids]
+        heads = [order] * len(items)
         # rows[t][i]: ∂L_i/∂z_t (None where task i does not reach z_t); head[i]: ∂L_i/∂φ.
         rows = [[None] * k for _ in range(m)]
         head = []

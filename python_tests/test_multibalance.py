@@ -623,3 +623,32 @@ def test_a_compiled_trunk_trains_as_in_eager_mode_and_a_compiled_model_is_a_clea
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match=r"compiled region.*torch\.compile\(model\.trunk\)"):
         run(torch.compile(whole, backend="aot_eager"), list(whole.parameters()), steps=1)
+
+
+def test_a_head_that_a_task_starts_to_read_after_the_split_gets_its_gradient():
+    # The split of the first call gave task 1 head 1 alone; when task 1 later reads head 0 too,
+    # its gradient of head 0 was dropped. Every call must give Σ_i w_i ∂L_i/∂φ.
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 6)
+    heads = torch.nn.ModuleList(torch.nn.Linear(6, 1) for _ in range(2))
+    params = [*trunk.parameters(), *heads.parameters()]
+    x = torch.randn(16, 4)
+    bal = B.MultiBalance(params, ema=0.0)
+    for step in range(2):
+        def forward():
+            z = trunk(x).tanh()
+            second = heads[1](z).pow(2).mean()
+            if step == 1:
+                second = second + heads[0](z).mean() * 5
+            return [heads[0](z).pow(2).mean(), second], z
+        for p in params:
+            p.grad = None
+        losses, z = forward()
+        bal.backward(losses, z)
+        got = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        losses, _ = forward()
+        sum(float(w) * loss for w, loss in zip(bal.weights, losses)).backward()
+        for a, p in zip(got, params):
+            torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-8)
