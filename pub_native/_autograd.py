@@ -458,20 +458,24 @@ class TaskGradients:
                     self.surprises.append((i, p))
                 entry = staged.get(id(p))
                 if entry is None:
-                    kind = "add"  # to add to the .grad there is
+                    # Staged tensors are summed in place: one that another staged entry holds
+                    # (autograd hands one tensor to two parameters) is copied now.
+                    storage = g.untyped_storage().data_ptr() if g.layout == torch.strided \
+                        else None
+                    taken = storage is None or storage in handed_out
+                    handed_out.add(storage)
                     if p.grad is None:  # taken as .grad itself where nothing else holds it
-                        storage = g.untyped_storage().data_ptr() \
-                            if g.layout == torch.strided else None
-                        owned = (storage is not None and storage not in handed_out
-                                 and same_layout(g, p)
-                                 and not getattr(p, "_backward_hooks", None))
-                        handed_out.add(storage)
-                        kind = "own" if owned else "copy"
+                        if taken or not same_layout(g, p) \
+                                or getattr(p, "_backward_hooks", None):
+                            g = _grad_like(g, p)
+                        kind = "own"
+                    else:
+                        kind = "add"  # to add to the .grad there is
+                        if taken and storage is not None:
+                            g = g.clone()
                     staged[id(p)] = [p, g, kind]
                     continue
-                if entry[2] == "copy":
-                    entry[1], entry[2] = _grad_like(entry[1], p), "own"
-                elif entry[2] == "add":  # .grad + g_0, in a sum of our own
+                if entry[2] == "add":  # .grad + g_0, in a sum of our own
                     entry[1], entry[2] = p.grad.clone().add_(entry[1]), "replace"
                 entry[1].add_(g)
         # Into .grad once every task's backward has run: one that raises (a freed graph, an
@@ -481,8 +485,6 @@ class TaskGradients:
         for p, g, kind in staged.values():
             if kind == "own":
                 p.grad = g
-            elif kind == "copy":
-                p.grad = _grad_like(g, p)
             elif kind == "replace":
                 p.grad.copy_(g)
             else:
