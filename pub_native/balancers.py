@@ -163,6 +163,10 @@ class GradientBalancer:
         self._warned_surprise: set[int] = set()
         self._loaded_k: int | None = None  # K of a state dict loaded before the first call
         self._reach_checked = False  # by _check_reached, on this object's first call
+        # The loss weightings' and MultiBalance's data-parallel group (_dp_group), decided at
+        # their first call, and whether they average the parameters' gradients themselves.
+        self._dp_decided = False
+        self._dp_own = False
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -920,12 +924,7 @@ class Uncertainty(GradientBalancer):
     def __init__(self, params, n_tasks: int, *, form: str = "regression",
                  process_group="auto"):
         super().__init__(params, process_group=process_group)
-        self._dp_own = False
-        self._dp_decided = False
-        if isinstance(n_tasks, (bool, np.bool_)) or not isinstance(n_tasks, numbers.Integral) \
-                or n_tasks < 1:
-            raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
-        n_tasks = int(n_tasks)
+        n_tasks = _task_count(n_tasks)
         self.form = self._checked_option("form", form, "form")
         ref = self.params[0]
         dtype = ref.dtype if ref.is_floating_point() else torch.float32
@@ -1033,12 +1032,7 @@ class FAMO(GradientBalancer):
     def __init__(self, params, n_tasks: int, *, gamma: float = 0.01, w_lr: float = 0.025,
                  max_norm: float = 1.0, min_losses=None, shared=None, process_group="auto"):
         super().__init__(params, shared=shared, process_group=process_group)
-        self._dp_own = False
-        self._dp_decided = False
-        if isinstance(n_tasks, (bool, np.bool_)) or not isinstance(n_tasks, numbers.Integral) \
-                or n_tasks < 1:
-            raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
-        n_tasks = int(n_tasks)
+        n_tasks = _task_count(n_tasks)
         self.gamma, self.w_lr, self.max_norm = (
             self._checked_option(name, value, name)
             for name, value in (("gamma", gamma), ("w_lr", w_lr), ("max_norm", max_norm)))
@@ -1338,8 +1332,6 @@ class MultiBalance(GradientBalancer):
         self._unsplit: list[bool] = []
         self._gram_avg: list | None = None
         self._last_gram: list | None = None
-        self._dp_decided = False  # the data-parallel group (_dp_group), decided at the first call
-        self._dp_own = False  # whether this balancer averages the trunk's gradients itself
 
     @property
     def gram(self) -> torch.Tensor | None:
@@ -2505,6 +2497,14 @@ def _checked_adam_group(group: dict, label: str) -> tuple[float, float]:
                              f"{' or None' if name in ('foreach', 'fused') else ''}, "
                              f"got {value!r}")
     return float(group["lr"]), float(group["weight_decay"])
+
+
+def _task_count(n_tasks) -> int:
+    """``n_tasks`` of a loss weighting: a positive integer (Python's or numpy's)."""
+    if isinstance(n_tasks, (bool, np.bool_)) or not isinstance(n_tasks, numbers.Integral) \
+            or n_tasks < 1:
+        raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+    return int(n_tasks)
 
 
 def _saved(value):

@@ -5,6 +5,7 @@ torch.distributed (2 gloo processes against one process on the whole batch)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess
@@ -478,16 +479,22 @@ _DDP_SCRIPT = Path(__file__).with_name("ddp_multibalance.py")
 _CASES_SCRIPT = Path(__file__).with_name("ddp_multibalance_cases.py")
 
 
+def _worker_module(script: Path):
+    """The DDP worker script imported as a module (its train() with world=1 is one process);
+    skips where torch.distributed is not available."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    sys.path.insert(0, str(script.parent))
+    try:
+        return importlib.import_module(script.stem)
+    finally:
+        sys.path.pop(0)
+
+
 def _run_cases(tmp_path, case):
     """Run ddp_multibalance_cases.py's case on 2 gloo processes: (the ranks' results, the
     helper module, whose train(case, world=1, ...) is one process)."""
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    sys.path.insert(0, str(_CASES_SCRIPT.parent))
-    try:
-        import ddp_multibalance_cases as helper
-    finally:
-        sys.path.pop(0)
+    helper = _worker_module(_CASES_SCRIPT)
     proc = subprocess.run([sys.executable, str(_CASES_SCRIPT), str(free_port()), str(tmp_path),
                            case], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -547,13 +554,7 @@ def test_ddp_process_group_given_or_none(tmp_path, case):
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    sys.path.insert(0, str(_DDP_SCRIPT.parent))
-    try:
-        import ddp_multibalance as helper
-    finally:
-        sys.path.pop(0)
+    helper = _worker_module(_DDP_SCRIPT)
     proc = subprocess.run([sys.executable, str(_DDP_SCRIPT), str(free_port()), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -635,7 +636,7 @@ def test_a_head_that_a_task_starts_to_read_after_the_split_gets_its_gradient():
     x = torch.randn(16, 4)
     bal = B.MultiBalance(params, ema=0.0)
     for step in range(2):
-        def forward():
+        def forward(step=step):
             z = trunk(x).tanh()
             second = heads[1](z).pow(2).mean()
             if step == 1:
