@@ -260,7 +260,7 @@ def _solve_cuda(torch, G, warm_start, code, ridge, tol, max_iter):
     if K == 0:
         raise ValueError(f"G must have at least one task (K >= 1), got shape {tuple(G.shape)}")
     batch = G.shape[0] if G.ndim == 3 else 1
-    Gc = G.detach().contiguous()
+    Gc = G.detach().resolve_neg().contiguous()
     # Value checks read the data, so they wait for the GPU once; the optimizers call the
     # native core directly and rely on the kernel's INVALID_INPUT status instead.
     if not bool(torch.isfinite(Gc).all()):

@@ -260,6 +260,17 @@ def test_torch_cpu_input(dtype):
     torch.testing.assert_close(rb.weights[1], rb.weights[0] / np.sqrt(2), rtol=1e-6, atol=0)
 
 
+@pytest.mark.cuda
+def test_a_cuda_matrix_with_the_negative_bit_is_read_as_its_values():
+    # The CUDA path read its memory (minus the values) where the CPU path resolved the bit.
+    rng = np.random.default_rng(22)
+    G = torch.tensor(random_gram(rng, 3), dtype=torch.float64, device="cuda")
+    neg = torch._neg_view(-G)
+    assert neg.is_neg() and torch.equal(neg, G)
+    torch.testing.assert_close(solve_weights(neg).weights, solve_weights(G).weights,
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_views_read_as_their_values(dtype):
     """A CPU tensor is read from its memory with its strides (the fast path of one matrix): every

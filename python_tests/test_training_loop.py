@@ -745,27 +745,32 @@ class _Opposed(torch.nn.Module):
     """Two tasks pull one shared tensor (``offset``) in exactly opposite directions: its task
     gradients cancel, and the .grad that backward leaves for it is 0."""
 
-    def __init__(self):
+    def __init__(self, empty: bool = False):
         super().__init__()
         self.trunk = torch.nn.Linear(8, 16)
         self.offset = torch.nn.Parameter(torch.zeros(16))
         self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 1) for _ in range(2))
+        # A shared tensor of no elements, stepped with the others (it has no .grad to compare).
+        self.empty = torch.nn.Parameter(torch.zeros(0)) if empty else None
 
     def losses(self, x, y):
         z = torch.relu(self.trunk(x))
         adv = (z.detach() * self.offset).mean()
+        if self.empty is not None:
+            adv = adv + self.empty.sum()
         return [((self.heads[0](z).squeeze(-1) - y[:, 0]) ** 2).mean() + adv,
                 ((self.heads[1](z).squeeze(-1) - y[:, 1]) ** 2).mean() - adv]
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
-@pytest.mark.parametrize("tools", ["unscale", "unscale+clip", "unscale+task_norms"])
+@pytest.mark.parametrize("tools", ["unscale", "unscale+clip", "unscale+task_norms", "empty"])
 def test_unscale_reaches_a_shared_tensor_whose_task_gradients_cancel(backend, tools):
     # Its .grad is 0 before and after unscale_, so it shows no factor of its own: it takes the
     # one every other .grad shows. Left at 1, its task gradients kept the loss scale (Adam's
-    # second moment 2^32 too large, its L2 weight decay lost).
+    # second moment 2^32 too large, its L2 weight decay lost). "empty": a shared tensor of no
+    # elements beside it showed factor 1, which then disagreed with the others'.
     torch.manual_seed(0)
-    base = _Opposed()
+    base = _Opposed(empty=tools == "empty")
     x, y = torch.randn(64, 8), torch.randn(64, 2)
     runs = {}
     for mode in ("plain", "scaler"):

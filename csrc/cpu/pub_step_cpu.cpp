@@ -141,8 +141,10 @@ void rescale_typed(const Segment& seg, double* ratio, uint8_t* edited) {
       mm += partial[static_cast<size_t>(it * 3 + 2)];
     }
     bool ed = false;
+    // A row without its .grad to compare (a tensor of no elements, or no rescan) shows no
+    // factor: NaN, which share_rescale_factor fills (with 1 where no row shows one).
     ratio[t] = seg.table[t * kTableCols + kTGradSum] != 0 ? rescale_factor(ms, ss, mm, tol, &ed)
-                                                           : 1.0;
+                                                           : pn_bits_double(0x7ff8000000000000ULL);
     edited[t] = ed ? 1 : 0;
   }
   share_rescale_factor(ratio, edited, seg.n_tensors, tol);

@@ -82,8 +82,10 @@ __global__ void rescale_reduce_kernel(const int64_t* table, const int64_t* items
       mm += partial[3 * it + 2];
     }
     bool ed = false;
+    // A row without its .grad to compare (a tensor of no elements, or no rescan) shows no
+    // factor: NaN, which share_rescale_factor fills (with 1 where no row shows one).
     ratio[t] = table[t * kTableCols + kTGradSum] != 0 ? rescale_factor(ms, ss, mm, tol, &ed)
-                                                       : 1.0;
+                                                       : pn_bits_double(0x7ff8000000000000ULL);
     edited[t] = ed ? 1 : 0;
     if (ed) flags[kFlagGradEdited] = 1;
   }
@@ -181,26 +183,26 @@ __global__ void check_kernel(const int64_t* table, const int64_t* items, int K,
 }
 
 // One warp: the outcome, then on applied solve steps α (warm-started) and α̂.
-__global__ void finish_kernel(int K, bool solve, bool any_gram, SolveOptions options,
-                              bool normalize_sum, DeviceStep d) {
+__global__ void finish_kernel(int K, bool solve, SolveOptions options, bool normalize_sum,
+                              DeviceStep d) {
   const WarpTeam team;
   const bool found = d.found_inf && *d.found_inf != 0.0f;
   const bool grad_bad = d.flags[kFlagGradNonFinite] != 0;
   const bool edited = d.flags[kFlagGradEdited] != 0;
-  // On solve steps G is checked even where this process formed none of it (an empty shard
-  // under data parallelism: the all-reduced G of the others decides here too, as on the CPU).
+  // G is checked on every step, also where this process formed none of it (an empty shard
+  // under data parallelism: the all-reduced G of the others decides here too, as on the CPU;
+  // G is zeroed at each step, so a step without a Gram pass finds it finite).
   bool gram_bad = false;
-  if (any_gram || solve)
-    for (int e = 0; e < K * K; ++e) gram_bad = gram_bad || !pn_isfinite(d.G[e]);
+  for (int e = 0; e < K * K; ++e) gram_bad = gram_bad || !pn_isfinite(d.G[e]);
   const int32_t outcome = step_outcome(found, edited, grad_bad, gram_bad && !grad_bad);
   if (team.rank() == 0) {
     d.flags[kFlagOutcome] = outcome;
-    // Under a GradScaler, a NaN/Inf found here backs the scale off like one found in .grad.
-    if (d.found_inf && (outcome == kNonFiniteGrad || outcome == kNonFiniteUpdate))
-      *d.found_inf = 1.0f;
-    // An error the host must report when it next reads (no synchronization here).
-    if (outcome == kGradEdited || (!d.found_inf && (outcome == kNonFiniteGrad ||
-                                                   outcome == kNonFiniteUpdate)))
+    // Under a GradScaler a non-finite gradient is the scaler's overflow: skipped, not an error.
+    if (d.found_inf && outcome == kNonFiniteGrad) *d.found_inf = 1.0f;
+    // An error the host must report when it next reads (no synchronization here); an update
+    // that overflows from finite gradients is one under a GradScaler too, as on the CPU.
+    if (outcome == kGradEdited || outcome == kNonFiniteUpdate ||
+        (!d.found_inf && outcome == kNonFiniteGrad))
       d.flags[kFlagStickyError] = outcome;
   }
   if (outcome != kApplied) return;  // uniform over the warp
@@ -347,12 +349,8 @@ void gram(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool solv
 
 void finish(const std::vector<DeviceSegment>& segs, const DeviceStep& d, bool solve,
             const SolveOptions& options, bool normalize_sum, cudaStream_t stream) {
-  bool any_gram = false;
-  for (const DeviceSegment& s : segs) {
-    check_segment(s, d);
-    any_gram = any_gram || (gram_runs(s, solve) && s.n_items > 0);
-  }
-  finish_kernel<<<1, 32, 0, stream>>>(static_cast<int>(d.num_tasks), solve, any_gram, options,
+  for (const DeviceSegment& s : segs) check_segment(s, d);
+  finish_kernel<<<1, 32, 0, stream>>>(static_cast<int>(d.num_tasks), solve, options,
                                       normalize_sum, d);
   check(cudaGetLastError(), "solve kernel launch");
   for (const DeviceSegment& s : segs) {

@@ -44,10 +44,11 @@ PN_HD bool team_cholesky(const Team& tm, double* A, int64_t n) {
     double* rj = A + j * n;
     double s = 0.0;
     for (int64_t k = tm.rank(); k < j; k += tm.size()) s += rj[k] * rj[k];
-    const double d = rj[j] - tm.sum(s);
+    const double ajj = rj[j];  // read by every lane before the collective sum
+    const double d = ajj - tm.sum(s);
     if (!(d > 0.0) || !pn_isfinite(d)) return false;
     const double ljj = pn_sqrt(d);
-    // Every lane read rj[j] before the collective sum above, so lane 0 may overwrite it now.
+    tm.sync();  // (a shuffle is no memory fence: every lane's read is done before the write)
     if (tm.rank() == 0) rj[j] = ljj;
     for (int64_t i = j + 1 + tm.rank(); i < n; i += tm.size()) {
       double* ri = A + i * n;
