@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import numbers
 import time
 import warnings
 from collections.abc import Iterable
@@ -55,6 +54,7 @@ from ._distributed import (
     ddp_holders,
     is_distributed,
 )
+from ._numbers import is_integer, is_real
 from ._rollback import attributes_kept_on_error
 from .solver import METHODS, SolveStatus, solve_weights
 
@@ -413,8 +413,7 @@ class GradientBalancer:
         """``value`` of option ``name`` as the method keeps it, or ValueError naming ``label``
         (the argument, or the state dict's entry)."""
         if name == "update_weights_every":
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-                    or value < 1:
+            if not (is_integer(value) and value >= 1):
                 raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
             if value > 1 and not self._reusable:
                 raise ValueError(f"{type(self).__name__} does not reuse weights: "
@@ -425,16 +424,15 @@ class GradientBalancer:
                 raise ValueError(f"{label} must be a bool, got {value!r}")
             return bool(value)
         if name in ("max_norm", "c", "gamma", "w_lr"):
-            if not (_is_number(value) and 0 <= value < math.inf):
+            if not (is_real(value) and 0 <= value < math.inf):
                 raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
             return float(value)
         if name == "ema":
-            if not (_is_number(value) and 0 <= value < 1):
+            if not (is_real(value) and 0 <= value < 1):
                 raise ValueError(f"{label} must be a number in [0, 1), got {value!r}")
             return float(value)
         if name == "seed":
-            if value is not None and (isinstance(value, (bool, np.bool_))
-                                      or not isinstance(value, numbers.Integral) or value < 0):
+            if value is not None and not (is_integer(value) and value >= 0):
                 raise ValueError(f"{label} must be None or an integer >= 0, got {value!r}")
             return None if value is None else int(value)
         choices = {"solver": getattr(self, "SOLVERS", None),
@@ -2483,11 +2481,11 @@ def _checked_adam_group(group: dict, label: str) -> tuple[float, float]:
     checked as the constructors check theirs (ValueError naming ``label[name]``)."""
     for name in ("lr", "weight_decay", "eps"):
         value = group.get(name)
-        if not (_is_number(value) and 0 <= value < math.inf):
+        if not (is_real(value) and 0 <= value < math.inf):
             raise ValueError(f"{label}[{name!r}] must be a finite number >= 0, got {value!r}")
     betas = group.get("betas")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            and all(is_real(b) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"{label}['betas'] must be two numbers in [0, 1), got {betas!r}")
     for name in ("amsgrad", "maximize", "capturable", "differentiable",
                  "decoupled_weight_decay", "foreach", "fused"):
@@ -2501,8 +2499,7 @@ def _checked_adam_group(group: dict, label: str) -> tuple[float, float]:
 
 def _task_count(n_tasks) -> int:
     """``n_tasks`` of a loss weighting: a positive integer (Python's or numpy's)."""
-    if isinstance(n_tasks, (bool, np.bool_)) or not isinstance(n_tasks, numbers.Integral) \
-            or n_tasks < 1:
+    if not (is_integer(n_tasks) and n_tasks >= 1):
         raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
     return int(n_tasks)
 
@@ -2510,11 +2507,6 @@ def _task_count(n_tasks) -> int:
 def _saved(value):
     """An option as a state dict holds it: a copy where it is a tensor."""
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
-
-
-def _is_number(value) -> bool:
-    """A real number given as an option (Python's or numpy's; not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _loaded_vector(v, name: str, k: int | None, optional: bool = False) -> torch.Tensor | None:

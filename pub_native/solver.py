@@ -7,13 +7,13 @@ for one (K, K) Gram matrix or a batch (B, K, K), from numpy arrays or torch tens
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ._native import _C, SYMMETRY_TOL, SolveMethod, SolveStatus, cuda_module
+from ._numbers import is_integer, is_real
 
 __all__ = ["SolveResult", "SolveStatus", "solve_weights", "METHODS"]
 
@@ -98,19 +98,16 @@ def _check_options(method, ridge, tol, max_iter):
         code, default_tol, default_iter = METHODS[method]
     except (KeyError, TypeError):
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}") from None
-    # numbers.Real and numbers.Integral take numpy's scalars too (np.float32, np.int64).
-    if isinstance(ridge, (bool, np.bool_)) or not (
-            isinstance(ridge, numbers.Real) and 0.0 <= ridge < math.inf):
+    # (numpy's scalars too: np.float32, np.int64; not bools.)
+    if not (is_real(ridge) and 0.0 <= ridge < math.inf):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     if tol is None:
         tol = default_tol
-    elif isinstance(tol, (bool, np.bool_)) or not (
-            isinstance(tol, numbers.Real) and 0.0 < tol < math.inf):
+    elif not (is_real(tol) and 0.0 < tol < math.inf):
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     if max_iter is None:
         max_iter = default_iter
-    elif isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) \
-            or not 1 <= max_iter < 2**31:
+    elif not (is_integer(max_iter) and 1 <= max_iter < 2**31):
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     return code, float(ridge), float(tol), int(max_iter)
 

@@ -9,11 +9,10 @@ A mixin of :class:`pub_native.optim._pub.PUBOptimizer`.
 from __future__ import annotations
 
 import math
-import numbers
 
-import numpy as np
 import torch
 
+from .._numbers import is_real
 from ._plan import LazyName, flat_view, plain_grad
 
 __all__ = ["GradientTools"]
@@ -162,8 +161,7 @@ class GradientTools:
         if isinstance(max_norm, torch.Tensor) and max_norm.numel() == 1 \
                 and not max_norm.is_complex() and max_norm.dtype != torch.bool:
             max_norm = max_norm.item()  # as torch's clip_grad_norm_ takes it
-        if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, numbers.Real) \
-                or not max_norm > 0:
+        if not (is_real(max_norm) and max_norm > 0):
             raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
         max_norm = float(max_norm)
         norms = self.task_grad_norms(norm_type)
@@ -178,7 +176,7 @@ class GradientTools:
 def _norm_order(norm_type) -> float:
     """``norm_type`` as torch's ``clip_grad_norm_`` takes it (a number, or a string such as
     ``"inf"``), or an error naming it."""
-    if isinstance(norm_type, (bool, np.bool_)) or not isinstance(norm_type, (numbers.Real, str)):
+    if not (is_real(norm_type) or isinstance(norm_type, str)):
         raise TypeError(f"norm_type must be a number (or 'inf'), got {norm_type!r}")
     try:
         order = float(norm_type)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
-import numpy as np
-
 from .._native import Umm
+from .._numbers import is_integer, is_real
 from ..solver import METHODS
 
 __all__ = ["ABSENT_TASKS", "CLIPPY_PRESETS", "PubOptions", "UMMS", "WEIGHT_NORMS"]
@@ -24,8 +22,7 @@ ABSENT_TASKS = ("skip", "error")
 
 def _finite_nonneg(value) -> bool:
     """A finite number >= 0: Python's or numpy's, not a bool."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-            and 0.0 <= value < math.inf)
+    return is_real(value) and 0.0 <= value < math.inf
 
 
 @dataclass(frozen=True)
@@ -44,8 +41,7 @@ class PubOptions:
 
     def __post_init__(self):
         every = self.update_weights_every
-        if isinstance(every, (bool, np.bool_)) or not isinstance(every, numbers.Integral) \
-                or every < 1:
+        if not (is_integer(every) and every >= 1):
             raise ValueError(f"Invalid update_weights_every value: {every!r} (an integer >= 1)")
         object.__setattr__(self, "update_weights_every", int(every))  # numpy's ints too
         if self.solver not in METHODS:
