@@ -470,40 +470,34 @@ class PUBOptimizer(GradientTools, Checkpoints):
         self._present = [a or b for a, b in zip(self._present, present)]
         shared_ids = {id(p) for p in shared}
         specific = [p for p in self._all_params() if p.requires_grad and id(p) not in shared_ids]
-        if dp is None:
-            try:
-                grads.compute(items, [specific] * k, retain_graph=retain_graph,
-                              accumulate=accumulate)
-            except BaseException:
-                if accumulate and getattr(grads, "touched", True):
-                    self._torn_by_error()
-                raise
-            grads.form_sum()
-        else:
+        handles: list = []
+        sync = dp is not None and dp.syncing()
+        extra = {}
+        if dp is not None:
             dp.set_layout(grads)
-            handles: list = []
-            sync = dp.syncing()
             if accumulate and not dp.shard and not dp.unreduced:
                 # The replicated rows hold the average of an earlier synced backward, the same
                 # on every process: ÷ N, so that the next all-reduce (a sum; this call's, or
                 # under no_sync() a later one's) keeps it once, as average_gradients does with
                 # .grad (the sharded scheme reduce-scatters from rows it leaves unreduced).
                 grads.buffer[:k].div_(dp.world)
-            try:
-                grads.compute(items, [specific] * k, retain_graph=retain_graph,
-                              accumulate=accumulate, scale=1.0 / dp.world,
-                              on_task=(lambda i: handles.append(dp.reduce_task(grads, i)))
-                              if sync else None)
-            except BaseException:
-                if accumulate and getattr(grads, "touched", True):
-                    self._torn_by_error()
-                raise
-            if sync:
-                dp.finish_task_rows(grads, handles)
-                self._present = dp.reduce_plain(specific, self._present)
-                dp.unreduced = False
-            else:  # inside ddp.no_sync(): accumulate here, reduce at the next synced backward
-                grads.form_sum()
+            extra = {"scale": 1.0 / dp.world,
+                     "on_task": (lambda i: handles.append(dp.reduce_task(grads, i)))
+                     if sync else None}
+        try:
+            grads.compute(items, [specific] * k, retain_graph=retain_graph,
+                          accumulate=accumulate, **extra)
+        except BaseException:
+            if accumulate and grads.touched:
+                self._torn_by_error()
+            raise
+        if sync:
+            dp.finish_task_rows(grads, handles)
+            self._present = dp.reduce_plain(specific, self._present)
+            dp.unreduced = False
+        else:  # (inside ddp.no_sync(): accumulated here, reduced at the next synced backward)
+            grads.form_sum()
+            if dp is not None:
                 dp.unreduced = True
         for j, p in enumerate(shared):
             view = None  # (a frozen parameter has no .grad of ours to watch)
