@@ -32,12 +32,13 @@ class Model(torch.nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    dist.init_process_group("gloo", rank=args.rank, world_size=2,
+    dist.init_process_group("gloo", rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=60))
     model = torch.nn.parallel.DistributedDataParallel(Model())
     opt = pub_native.Adam(model.parameters(), lr=1e-2, shared=[model.module.a])

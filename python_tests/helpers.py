@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import socket
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -208,3 +211,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_workers(script, world: int, out, args=(), timeout: float = 120.0) -> list:
+    """Run ``script --rank R --world N --port P --out OUT *args`` as ``world`` processes of one
+    gloo group on 127.0.0.1 (one thread each, bounded in time), and load what each wrote to
+    OUT/rank<R>.pt. A process that failed raises AssertionError with its stderr."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), "--rank", str(r), "--world",
+                               str(world), "--port", str(port), "--out", str(out), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(world)]
+    try:
+        results = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        if p.returncode != 0:
+            raise AssertionError(f"a process failed:\n{err[-3000:]}")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]

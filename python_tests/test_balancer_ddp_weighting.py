@@ -7,14 +7,12 @@ gradients, and FAMO took its weights and its logit update from each process's ow
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import run_workers
 
 HERE = Path(__file__).parent
 WORKER = HERE / "ddp_loss_weighting.py"
@@ -27,21 +25,8 @@ def runs(tmp_path_factory):
     """(per process: {(kind, mode): result}, {(kind, mode): one process's result})."""
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    out = tmp_path_factory.mktemp("ddp_loss_weighting")
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--rank", str(r), "--world",
-                               str(WORLD), "--port", str(port), "--out", str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(WORLD)]
-    try:
-        results = [p.communicate(timeout=90) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, f"a process failed:\n{err[-3000:]}"
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = run_workers(WORKER, WORLD, tmp_path_factory.mktemp("ddp_loss_weighting"),
+                        timeout=90)
     for r in ranks:
         assert "error" not in r, r.get("error")
     sys.path.insert(0, str(HERE))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import run_workers
 
 HERE = Path(__file__).parent
 WORKER = HERE / "ddp_worker.py"
@@ -22,21 +22,7 @@ TOL = 1e-5  # the issue's bound: one process on the global batch, to float round
 
 
 def _run(out: Path, world: int, args: list[str], timeout: float = 120.0) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--rank", str(r), "--world",
-                               str(world), "--port", str(port), "--out", str(out), *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(world)]
-    try:
-        results = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, f"a process failed:\n{err[-3000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_workers(WORKER, world, out, args, timeout)
 
 
 def _single(out: Path, args: list[str]) -> dict:
@@ -233,20 +219,7 @@ def test_per_task_norms_agree_on_a_process_that_holds_no_piece(tmp_path):
     # A shared parameter of one element: under sharded state one process holds none of it. Its
     # norms took a shortcut (no root, a sum where the others took a max or min): the processes
     # disagreed, and the norms were wrong there. Every norm is |g_i| of the averaged gradient.
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_task_norms.py"), "--rank", str(r),
-                               "--port", str(port), "--out", str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(2)]
-    try:
-        results = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = run_workers(HERE / "ddp_task_norms.py", 2, tmp_path)
     assert sorted(sum(r["pieces"]) for r in ranks) == [0, 1]  # one process holds nothing
     g = ranks[0]["grads"]  # (K,): each task's gradient, averaged over the processes
     for norm_type, norms in ranks[0]["norms"].items():
