@@ -352,6 +352,69 @@ def test_absent_task_gets_weight_zero_and_keeps_its_state(umm):
         assert_close(a, b, TOL[("reference", F32)])
 
 
+def _run_with_task_1_absent_at(absent, every, steps=7, save_at=None):
+    """PUB Adam on the MMoE with update_weights_every=`every`, task 1 without labels (a
+    constant loss) at the steps in `absent`; per step: the weights it reports, whether it solved
+    and the parameters after it. `save_at`: at that step the run goes on in a new optimizer
+    loaded from a state dict saved after the step before."""
+    torch.manual_seed(6)
+    model = MMoE()
+    opt = pub_native.Adam(model.parameters(), lr=1e-2, update_weights_every=every)
+    log = []
+    for t in range(steps):
+        if t == save_at:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = pub_native.Adam(model.parameters(), lr=1e-2, update_weights_every=every)
+            opt.load_state_dict(saved)
+        losses = mmoe_losses(model, mmoe_batch(t))
+        if t in absent:
+            losses[1] = torch.zeros(())
+        opt.zero_grad()
+        opt.backward(losses)
+        opt.step()
+        log.append((opt.task_weights.clone(), opt.stats["updated"],
+                    [p.detach().clone() for p in model.parameters()]))
+    return log
+
+
+def test_weights_solved_without_a_task_are_not_reused_when_it_is_back():
+    # Task 1 absent on the weight-update step 3 of update_weights_every=3: its weight 0 holds
+    # for that step only. Step 4 solves again, with every task; step 5 reuses step 4's
+    # weights, and step 6 solves on the cadence.
+    log = _run_with_task_1_absent_at({3}, every=3)
+    assert [updated for _, updated, _ in log] == [True, False, False, True, True, False, True]
+    assert log[3][0].tolist() == [1.0, 0.0]
+    assert bool((log[4][0] > 0).all()) and torch.equal(log[5][0], log[4][0])
+    # A run resumed from a state dict saved right after step 3 goes on bit for bit.
+    resumed = _run_with_task_1_absent_at({3}, every=3, save_at=4)
+    for (w, u, params), (w2, u2, params2) in zip(log[4:], resumed[4:]):
+        assert torch.equal(w, w2) and u == u2
+        assert all(torch.equal(a, b) for a, b in zip(params, params2))
+
+
+def test_task_weights_are_those_the_step_applied_when_a_task_is_absent():
+    # Absent on step 1, a step that reuses step 0's weights: the step applies them with task 1
+    # at 0 and task 0 at 1, and reports those; step 2 applies step 0's weights again.
+    log = _run_with_task_1_absent_at({1}, every=3, steps=3)
+    assert log[1][0].tolist() == [1.0, 0.0] and not log[1][1]
+    assert torch.equal(log[2][0], log[0][0]) and bool((log[0][0] > 0).all())
+    # What step 1 applied: task 0's Adam update alone, as the reference step computes it.
+    torch.manual_seed(6)
+    model = MMoE()
+    ref = pub_native.Adam(model.parameters(), lr=1e-2, update_weights_every=3,
+                          backend="reference")
+    for t in range(2):
+        losses = mmoe_losses(model, mmoe_batch(t))
+        if t == 1:
+            losses[1] = torch.zeros(())
+        ref.zero_grad()
+        ref.backward(losses)
+        ref.step()
+    assert ref.task_weights.tolist() == [1.0, 0.0]
+    for a, b in zip(model.parameters(), log[1][2]):
+        assert_close(a, b, TOL[("reference", F32)])
+
+
 def test_absent_task_errors_name_the_task_and_the_option():
     torch.manual_seed(7)
     model = MMoE()

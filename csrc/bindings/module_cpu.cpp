@@ -593,6 +593,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property(
           "alpha", [](const cpu::Stepper& s) { return copy_out(s.alpha, {s.num_tasks()}); },
           [](cpu::Stepper& s, const py::array& a) { copy_in(s.alpha, a, "alpha"); })
+      .def_property_readonly(
+          "applied", [](const cpu::Stepper& s) { return copy_out(s.applied(), {s.num_tasks()}); })
       .def_readwrite("has_weights", &cpu::Stepper::has_weights)
       .def_readwrite("has_alpha", &cpu::Stepper::has_alpha)
       .def_property_readonly("bad_task",

@@ -58,6 +58,9 @@ class Stepper {
                  const SolveOptions& options, bool normalize_sum, bool found_inf);
 
   int64_t num_tasks() const { return K_; }
+  // The weights the last applied step used: α̂, with a task absent from its batch at 0 (and the
+  // others renormalized). Meaningful once a step with shared segments was applied.
+  const std::vector<double>& applied() const { return applied_; }
 
   // Phase 1 outputs (G may be replaced by a sum over processes before phase 2).
   std::vector<double> G;                     // K × K

@@ -63,6 +63,7 @@ class CpuBackend:
         self._stepper = _C.Stepper(k)
         self._configs: dict[tuple, Any] = {}
         self.device = torch.device("cpu") if device is None else device
+        self._applied = False  # a step on shared parameters was applied since set_weights
 
     @property
     def k(self) -> int:
@@ -83,7 +84,12 @@ class CpuBackend:
         st = self._stepper
         return (st.weights if st.has_weights else None, st.alpha if st.has_alpha else None)
 
+    def applied_weights(self) -> np.ndarray | None:
+        """The weights the last applied step used (α̂ with absent tasks at 0), or None."""
+        return self._stepper.applied if self._applied else None
+
     def set_weights(self, weights, alpha) -> None:
+        self._applied = False
         st = self._stepper
         st.has_weights = weights is not None
         st.has_alpha = alpha is not None
@@ -119,6 +125,8 @@ class CpuBackend:
         outcome = StepOutcome(st.finish(segs, plan.base, solve, code, ridge, tol, max_iter,
                                         options.weight_norm == "sum", found))
         result = StepResult(outcome, solve)
+        if outcome == StepOutcome.APPLIED and plan.has_shared:
+            self._applied = True
         if outcome == StepOutcome.APPLIED and solve:
             result.stats = {"status": SolveStatus(st.status), "iterations": st.iterations,
                             "residual": st.residual, "solve_time": st.solve_time,

@@ -97,7 +97,8 @@ class Checkpoints:
         """torch's optimizer state dict plus ``"pub"``: K, the shared params of the last
         backward and those decided shared (by index; a group added with ``"shared": True``
         since is balanced from the next backward), those not decided yet, the step counter,
-        α̂ in use, solver warm start, the UMM and weight_norm."""
+        α̂ in use and whether a later step may reuse it, the solver warm start, the UMM and
+        weight_norm."""
         self._read_device_result(raise_errors=False)
         # torch's state dict post-hooks run last, on the whole dict ("pub" included), as they
         # do on torch's own.
@@ -125,6 +126,9 @@ class Checkpoints:
                 np.array(weights[0], dtype=np.float64)),
             "warm_start": None if weights[1] is None else torch.from_numpy(
                 np.array(weights[1], dtype=np.float64)),
+            # False after a solve that lacked a task (its weight 0 is for that step only): the
+            # next step solves again, whatever update_weights_every says.
+            "weights_reusable": self._solved,
             "umm": self.options.umm,
             "weight_norm": self.options.weight_norm,
         }
@@ -419,8 +423,12 @@ class Checkpoints:
                 raise ValueError(f"loaded pub[{name!r}] is {w.tolist()}: with "
                                  "weight_norm='sum' the weights sum to 1 (or are all 0)")
             weights.append(w)
+        reusable = pub.get("weights_reusable", True)  # absent from older checkpoints
+        if not isinstance(reusable, bool):
+            raise TypeError(f"loaded pub['weights_reusable'] is {reusable!r} "
+                            f"({type(reusable).__name__}), expected a bool")
         return {"k": k, "step": step, "shared": shared, "decisions": decisions,
-                "weights": tuple(weights)}
+                "weights": tuple(weights), "weights_reusable": reusable}
 
     def _load_checked(self, state_dict: dict[str, Any], loaded: dict[str, Any]) -> None:
         """Loads a state dict that ``_check_loaded`` found right (torch's part without its
@@ -484,7 +492,7 @@ class Checkpoints:
                 # plain step refuses them under AdaTask, whose state for them is per task).
                 self._shared = [p for i, p in enumerate(params)
                                 if i in shared_set and self._decided.get(id(p))]
-            self._solved = pub["weights"][0] is not None
+            self._solved = pub["weights"][0] is not None and pub["weights_reusable"]
             self._seed_weights = pub["weights"]
         if not pending:
             # Task gradients an earlier load found unfit stay unfit (they were not kept).

@@ -152,7 +152,10 @@ class PUBOptimizer(GradientTools, Checkpoints):
         # (the message to raise): step() raises until zero_grad() or backward(losses) afresh.
         self._unfit_pending: bool | str = False
         self._t = 0  # PUB steps applied
-        self._solved = False  # a weight solve has been applied
+        # α̂ in use may be reused: a solve that saw every task was applied since the last solve
+        # that lacked one (an absent task's weight 0 is for its own step only: the next step
+        # solves again).
+        self._solved = False
         self._backend = None
         self._seed_weights: tuple | None = None  # (α̂, α) for the next backend (checkpoints)
         self._stats: dict[str, Any] = {}
@@ -280,6 +283,11 @@ class PUBOptimizer(GradientTools, Checkpoints):
         On CUDA this copies from the device (the step itself never waits for it), and raises
         FloatingPointError if the device skipped the last step for a NaN/Inf."""
         self._read_device_result()
+        # What the last step applied: on a step where a task was absent, α̂ with that task at 0
+        # and the others renormalized. Before any step (or since a load), α̂ itself.
+        applied = None if self._backend is None else self._backend.applied_weights()
+        if applied is not None:
+            return torch.from_numpy(np.array(applied, dtype=np.float64))
         weights = self._current_weights()
         if weights is None or weights[0] is None:
             return None
@@ -700,7 +708,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
                              or result.outcome == StepOutcome.APPLIED):
             # On CUDA the device decides: gathering unchanged shards is harmless.
             dp.gather_params(self._grads.params, self._grads)
-        self._finish_step(plan, result, pending, solve, found_inf)
+        self._finish_step(plan, result, pending, solve and task_scale is None, solve,
+                          found_inf)
 
     def _commit_state(self, plan: StepPlan) -> None:
         for target, pending in ((self.state, plan.pending_state),
@@ -713,7 +722,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                     else:
                         st[key] = value
 
-    def _finish_step(self, plan: StepPlan, result, pending: bool, solve: bool,
+    def _finish_step(self, plan: StepPlan, result, pending: bool, reusable: bool, solve: bool,
                      found_inf) -> None:
         if getattr(result, "lazy", False):
             # The device decides; nothing here may wait for it. The entries the kernels used are
@@ -722,7 +731,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
             self._commit_state(plan)
             if pending and plan.has_shared:
                 self._t += 1
-                self._solved = self._solved or solve
+                if solve:
+                    self._solved = reusable
             self._pending = False
             self._unread = (result, found_inf is not None)
             return
@@ -732,7 +742,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
             self._commit_state(plan)
             if pending and plan.has_shared:
                 self._t += 1
-                self._solved = self._solved or solve
+                if solve:
+                    self._solved = reusable
                 self._stats = dict(result.stats if solve else self._stats, updated=solve)
             self._pending = False
             return

@@ -193,6 +193,7 @@ def pub_step(plan, *, solve: bool, options, weights, inv_scale: float = 1.0,
         w = torch.as_tensor(weights, dtype=F64) * present
         if options.weight_norm == "sum" and w.sum() > 0:
             w = w / w.sum()
+        info["applied"] = w.numpy().copy()
 
     for seg, row, rule in rows:
         shape = [1] * row.theta.dim()
@@ -227,12 +228,17 @@ class ReferenceBackend:
         self.device = device
         self._weights = None
         self._alpha = None
+        self._applied = None
+
+    def applied_weights(self):
+        return None if self._applied is None else np.array(self._applied)
 
     def get_weights(self):
         return (None if self._weights is None else np.array(self._weights),
                 None if self._alpha is None else np.array(self._alpha))
 
     def set_weights(self, weights, alpha) -> None:
+        self._applied = None
         self._weights = None if weights is None else np.array(weights, dtype=np.float64)
         self._alpha = None if alpha is None else np.array(alpha, dtype=np.float64)
 
@@ -247,6 +253,7 @@ class ReferenceBackend:
                                           task_scale=task_scale, found=found)
         if outcome == StepOutcome.APPLIED:
             self._weights = weights
+            self._applied = info.get("applied", self._applied)
             if solve and info["stats"]["status"] != SolveStatus.ALL_ZERO:
                 self._alpha = info["stats"].pop("alpha")
             info["stats"].pop("alpha", None)
