@@ -427,6 +427,76 @@ def test_absent_task_errors_name_the_task_and_the_option():
         opt2.backward([losses[0], torch.zeros(())])
 
 
+# ---- a backward that raises --------------------------------------------------------------------
+
+
+class _CheckpointedTrunk(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = torch.nn.Linear(8, 8)
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 1) for _ in range(2))
+        self.reentrant = True
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        z = checkpoint(self.trunk, self.pre(x), use_reentrant=self.reentrant)
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+def test_a_first_backward_that_raises_decides_nothing():
+    # torch's reentrant checkpoint cannot be differentiated with autograd.grad, and its node
+    # hides the trunk from the graph walk: the failed call must not leave the trunk decided
+    # "not shared". After the switch torch's error asks for, the optimizer trains exactly as one
+    # that never saw the failed call.
+    torch.manual_seed(0)
+    model = _CheckpointedTrunk()
+    twin = copy.deepcopy(model)
+    x, ys = torch.randn(32, 8), [torch.randn(32), 10 * torch.randn(32)]
+
+    def losses(m):
+        return [((o - y) ** 2).mean() for o, y in zip(m(x), ys)]
+
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        opt.backward(losses(model))
+    assert opt.shared_parameters is None and opt.num_tasks is None
+    model.reentrant = twin.reentrant = False
+    fresh = pub_native.Adam(twin.parameters(), lr=1e-2)
+    for _ in range(3):
+        for o, m in ((opt, model), (fresh, twin)):
+            o.zero_grad()
+            o.backward(losses(m))
+            o.step()
+    names = dict(model.named_parameters())
+    assert {n for n, p in names.items() if any(p is q for q in opt.shared_parameters)} == {
+        "pre.weight", "pre.bias", "trunk.0.weight", "trunk.0.bias"}
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_losses_that_reach_none_of_its_parameters_are_refused():
+    # An optimizer built on a copy of the model (or on FSDP's original parameters, whose
+    # gradients go to the flat parameters) would otherwise leave every .grad as it is, and
+    # never train.
+    torch.manual_seed(0)
+    model = MMoE()
+    opt = pub_native.Adam(copy.deepcopy(model).parameters(), lr=1e-2)
+    for _ in range(2):  # the first call (detection) and a later one
+        with pytest.raises(ValueError, match="no task loss reaches any parameter"):
+            opt.backward(mmoe_losses(model, mmoe_batch(0)))
+        assert opt.shared_parameters is None
+        assert all(p.grad is None for p in model.parameters())
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    opt.backward(mmoe_losses(model, mmoe_batch(0)))
+    frozen = MMoE().requires_grad_(False)  # a model the losses do not reach, frozen: as torch
+    with pytest.raises(ValueError, match="no task loss reaches any parameter"):
+        pub_native.Adam(MMoE().parameters()).backward(mmoe_losses(model, mmoe_batch(0)))
+    assert pub_native.Adam(frozen.parameters()).backward(mmoe_losses(model, mmoe_batch(0))) \
+        is None
+
+
 # ---- torch.compile ------------------------------------------------------------------------------
 
 

@@ -397,7 +397,22 @@ class PUBOptimizer(GradientTools, Checkpoints):
         # The data-parallel set-up first: deciding it may take collectives, which every
         # process must reach in the same order whatever its batch holds.
         dp = self._data_parallel()
+        # A call that raises decides nothing and leaves the layout of the task gradients as it
+        # was (a graph torch cannot differentiate, such as a reentrant checkpoint, would
+        # otherwise leave its parameters decided from a walk that could not see them).
         decided = len(self._decided)
+        kept = (self._k, self._shared, self._grads, self._grad_views, self._present)
+        try:
+            self._backward(losses, retain_graph, dp, decided)
+        except BaseException:
+            for key in list(self._decided)[decided:]:
+                del self._decided[key]
+            if self._grads is not kept[2]:
+                self._plan_memo = None  # it may hold the buffer made by this call
+            self._k, self._shared, self._grads, self._grad_views, self._present = kept
+            raise
+
+    def _backward(self, losses, retain_graph: bool, dp, decided: int) -> None:
         try:
             items, shared = self._task_losses(losses)
         except ValueError:
@@ -438,11 +453,6 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if (grads is None or grads.k != k
                 or [id(p) for p in shared] != [id(p) for p in grads.params]
                 or not grads.matches()):
-            if accumulate or (dp is not None and self._shard_state):
-                # Nothing decided by this call stays (the newest entries: dicts keep order),
-                # and the buffer and its layout stay as they were.
-                for key in list(self._decided)[decided:]:
-                    del self._decided[key]
             if accumulate:
                 raise RuntimeError(
                     "the shared parameters or their dtype, device or shape changed between two "
@@ -493,12 +503,20 @@ class PUBOptimizer(GradientTools, Checkpoints):
                      "on_task": (lambda i: handles.append(dp.reduce_task(grads, i)))
                      if sync else None}
         try:
-            grads.compute(items, [specific] * k, retain_graph=retain_graph,
-                          accumulate=accumulate, **extra)
+            received = grads.compute(items, [specific] * k, retain_graph=retain_graph,
+                                     accumulate=accumulate, **extra)
         except BaseException:
             if accumulate and grads.touched:
                 self._torn_by_error()
             raise
+        if not received and (specific or any(p.requires_grad for p in shared)):
+            raise ValueError(
+                "losses: no task loss reaches any parameter of this optimizer that requires "
+                "grad, so backward(losses) would leave every .grad as it is: give the optimizer "
+                "the parameters the losses are computed from (one built on a model that was "
+                "since copied or reloaded holds the old model's tensors; FullyShardedDataParallel "
+                "with use_orig_params=True computes the gradients of its flat parameters, "
+                "which PUB does not balance)")
         if sync:
             dp.finish_task_rows(grads, handles)
             self._present = dp.reduce_plain(specific, self._present)
