@@ -6,6 +6,7 @@ torch.compile of the model and of the step."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from helpers import (
     assert_states_equal,
     mmoe_batch,
     mmoe_losses,
+    run_workers,
 )
 
 import pub_native
@@ -495,6 +497,77 @@ def test_losses_that_reach_none_of_its_parameters_are_refused():
         pub_native.Adam(MMoE().parameters()).backward(mmoe_losses(model, mmoe_batch(0)))
     assert pub_native.Adam(frozen.parameters()).backward(mmoe_losses(model, mmoe_batch(0))) \
         is None
+
+
+# ---- parameters of another optimizer, gradient hooks ----------------------------------------
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_parameters_of_another_optimizer_get_the_gradient_of_the_summed_losses(sparse):
+    # The embedding table on its own optimizer (SparseAdam for a sparse one), the rest of the
+    # model on PUB: backward(losses) gives the table what sum(losses).backward() gives it,
+    # accumulating over two calls, and runs every post-accumulate-grad hook once per call, with
+    # .grad final.
+    torch.manual_seed(0)
+    model = MMoE()
+    model.embedding = torch.nn.Embedding(10, 6, sparse=sparse)
+    twin = copy.deepcopy(model)
+    table = model.embedding.weight
+    seen = []
+    for p in (table, model.experts[0].weight, model.towers[1].bias):
+        p.register_post_accumulate_grad_hook(lambda p: seen.append((p, p.grad.clone())))
+    dense = [p for p in model.parameters() if p is not table]
+    opt = pub_native.Adam(dense, lr=1e-2)
+    table_opts = [(torch.optim.SparseAdam if sparse else torch.optim.Adam)([w], lr=0.1)
+                  for w in (table, twin.embedding.weight)]
+    for t in range(2):
+        opt.zero_grad()
+        for o in table_opts:
+            o.zero_grad()
+        for part in (2 * t, 2 * t + 1):  # two batches accumulated
+            seen.clear()
+            opt.backward(mmoe_losses(model, mmoe_batch(part)))
+            assert sorted(id(p) for p, _ in seen) == sorted(
+                map(id, (table, model.experts[0].weight, model.towers[1].bias)))
+            for p, g in seen:
+                assert torch.equal(g.to_dense(), p.grad.to_dense())  # .grad was final
+            sum(mmoe_losses(twin, mmoe_batch(part))).backward()
+        assert_close(table.grad.to_dense(), twin.embedding.weight.grad.to_dense(), 1e-6,
+                     "table gradient")
+        for o in table_opts:
+            o.step()
+        opt.step()
+        assert_close(table, twin.embedding.weight, 1e-6, "table")
+        with torch.no_grad():  # the twin's dense part follows PUB's
+            for a, b in zip(model.parameters(), twin.parameters()):
+                b.grad = None
+                if a is not table:
+                    b.copy_(a)
+
+
+def test_under_ddp_parameters_of_another_optimizer_are_averaged(tmp_path):
+    # Under DDP the table's gradient is the average over the processes, as DDP makes it for
+    # loss.backward(): 2 processes on half batches train like one process on whole batches.
+    ranks = run_workers(Path(__file__).with_name("ddp_other_optimizer.py"), 2, tmp_path)
+    torch.manual_seed(0)
+    model = MMoE()
+    table = model.embedding.weight
+    opt = pub_native.Adam([p for p in model.parameters() if p is not table], lr=1e-2)
+    table_opt = torch.optim.Adam([table], lr=1e-2)
+    start = table.detach().clone()
+    for t in range(3):
+        opt.zero_grad()
+        losses = mmoe_losses(model, mmoe_batch(t))
+        # The table's gradient as loss.backward() gives it, independently of backward(losses).
+        grad = torch.autograd.grad(sum(losses), table, retain_graph=True)[0]
+        opt.backward(losses)
+        table.grad = grad
+        opt.step()
+        table_opt.step()
+    assert not torch.equal(ranks[0][0], start)
+    for a, b, p in zip(*ranks, model.parameters()):
+        assert torch.equal(a, b)
+        assert_close(a, p, 1e-5, "a parameter after 3 steps")
 
 
 # ---- torch.compile ------------------------------------------------------------------------------

@@ -403,7 +403,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         decided = len(self._decided)
         kept = (self._k, self._shared, self._grads, self._grad_views, self._present)
         try:
-            self._backward(losses, retain_graph, dp, decided)
+            written = self._backward(losses, retain_graph, dp, decided)
         except BaseException:
             for key in list(self._decided)[decided:]:
                 del self._decided[key]
@@ -411,8 +411,13 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 self._plan_memo = None  # it may hold the buffer made by this call
             self._k, self._shared, self._grads, self._grad_views, self._present = kept
             raise
+        # Once every .grad is final (averaged too, under data parallelism): the hooks
+        # loss.backward() would run after accumulating them.
+        _autograd.run_post_accumulate_grad_hooks(written)
 
-    def _backward(self, losses, retain_graph: bool, dp, decided: int) -> None:
+    def _backward(self, losses, retain_graph: bool, dp, decided: int) -> list[torch.Tensor]:
+        """backward(losses) past the data-parallel set-up; returns the tensors whose .grad it
+        wrote."""
         try:
             items, shared = self._task_losses(losses)
         except ValueError:
@@ -487,7 +492,20 @@ class PUBOptimizer(GradientTools, Checkpoints):
             self._present = [False] * k
         self._present = [a or b for a, b in zip(self._present, present)]
         shared_ids = {id(p) for p in shared}
-        specific = [p for p in self._all_params() if p.requires_grad and id(p) not in shared_ids]
+        params = self._all_params()
+        specific = [p for p in params if p.requires_grad and id(p) not in shared_ids]
+        # Leaves outside this optimizer (another optimizer's parameters) get Σ_i ∂L_i/∂t, as
+        # loss.backward() gives them. Under DDP those of its module are averaged like ours
+        # (a list that is the same on every process: all of them), as DDP would average them.
+        others = _autograd.other_leaves(items, params)
+        averaged = specific
+        if dp is not None and dp.ddp is not None:
+            own = {id(p) for p in params}
+            module = [p for p in dp.ddp.module.parameters()
+                      if p.requires_grad and id(p) not in own]
+            in_module = {id(p) for p in module}
+            others = module + [t for t in others if id(t) not in in_module]
+            averaged = specific + module
         handles: list = []
         sync = dp is not None and dp.syncing()
         extra = {}
@@ -502,24 +520,27 @@ class PUBOptimizer(GradientTools, Checkpoints):
             extra = {"scale": 1.0 / dp.world,
                      "on_task": (lambda i: handles.append(dp.reduce_task(grads, i)))
                      if sync else None}
-        try:
-            received = grads.compute(items, [specific] * k, retain_graph=retain_graph,
-                                     accumulate=accumulate, **extra)
-        except BaseException:
-            if accumulate and grads.touched:
-                self._torn_by_error()
-            raise
-        if not received and (specific or any(p.requires_grad for p in shared)):
-            raise ValueError(
+        unreached = None
+        if specific or any(p.requires_grad for p in shared):
+            unreached = (
                 "losses: no task loss reaches any parameter of this optimizer that requires "
-                "grad, so backward(losses) would leave every .grad as it is: give the optimizer "
+                "grad, so backward(losses) would leave them all as they are: give the optimizer "
                 "the parameters the losses are computed from (one built on a model that was "
                 "since copied or reloaded holds the old model's tensors; FullyShardedDataParallel "
                 "with use_orig_params=True computes the gradients of its flat parameters, "
                 "which PUB does not balance)")
+        written = [p for p in shared if p.requires_grad]
+        try:
+            grads.compute(items, [specific] * k, retain_graph=retain_graph,
+                          accumulate=accumulate, others=others, nothing_reached=unreached,
+                          written=written, **extra)
+        except BaseException:
+            if accumulate and grads.touched:
+                self._torn_by_error()
+            raise
         if sync:
             dp.finish_task_rows(grads, handles)
-            self._present = dp.reduce_plain(specific, self._present)
+            self._present = dp.reduce_plain(averaged, self._present)
             dp.unreduced = False
         else:  # (inside ddp.no_sync(): accumulated here, reduced at the next synced backward)
             grads.form_sum()
@@ -533,6 +554,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
             self._grad_views[j] = view
         self._pending = True
         self._unfit_pending = False
+        return written
 
     def _torn_by_error(self) -> None:
         """An accumulating backward(losses) raised after adding some tasks' gradients to the
