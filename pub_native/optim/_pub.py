@@ -278,7 +278,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
 
     @property
     def task_weights(self) -> torch.Tensor | None:
-        """α̂ used by the last PUB step (float64, shape (K,)), or None before the first one.
+        """α̂ used by the last PUB step (float64, shape (K,)), or None before the first one: with
+        a task absent from that step's batch, 0 for it and the others renormalized.
 
         On CUDA this copies from the device (the step itself never waits for it), and raises
         FloatingPointError if the device skipped the last step for a NaN/Inf."""
@@ -295,9 +296,11 @@ class PUBOptimizer(GradientTools, Checkpoints):
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Of the last weight solve: status, iterations, residual, solve_time (s, CPU); and
-        whether the last PUB step solved (``updated``) or reused α̂. On CUDA this waits for the
-        device, and raises FloatingPointError if it skipped the last step for a NaN/Inf."""
+        """Of the last weight solve: status, iterations, residual, solve_time (s, CPU) and
+        task_grad_norms (each task's gradient 2-norm over the shared parameters, as the Gram
+        pass measured it); and whether the last PUB step solved (``updated``) or reused α̂. On
+        CUDA this waits for the device, and raises FloatingPointError if it skipped the last
+        step for a NaN/Inf."""
         self._read_device_result()
         return dict(self._stats)
 

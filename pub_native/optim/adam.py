@@ -34,7 +34,8 @@ class Adam(PUBOptimizer, torch.optim.Adam):
     advances with g_α = Σ_i α̂_i g_i. Task-specific parameters take the plain Adam step.
 
     Use ``opt.backward(losses)`` (K scalar losses) instead of ``loss.backward()``; after a plain
-    ``loss.backward()``, ``step()`` is exactly Adam.
+    ``loss.backward()``, ``step()`` is Adam's step (torch's to rounding; refused under
+    ``umm="adatask"`` once the shared parameters have per-task state).
 
     Args (PUB):
         shared: the shared parameters; default: a ``"shared"`` flag of the param group, else
@@ -50,8 +51,9 @@ class Adam(PUBOptimizer, torch.optim.Adam):
         clippy_preset: ``"paper"`` (λ_rel = 0.5, λ_abs = 1e-2) or ``"tfrs"`` (0.1, 1e-7);
             ``clippy_lambda_rel`` / ``clippy_lambda_abs`` override it.
         absent_tasks: ``"skip"`` (default): a task loss without a graph (no labels for that task
-            in this batch, e.g. a constant) gives that task weight 0 at that step (the others'
-            weights renormalized), its AdaTask state untouched; ``"error"``: such a loss raises.
+            in this batch, e.g. a constant, in a list of losses) gives that task weight 0 at
+            that step (the others' weights renormalized; the next step solves again), its
+            AdaTask state untouched; ``"error"``: such a loss raises.
         process_group: data parallelism (SPEC section 10): ``"auto"`` (default) finds the
             ``DistributedDataParallel`` module holding the parameters and averages the per-task
             gradients over its process group; a group: the parameters are taken as replicated
