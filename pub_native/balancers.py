@@ -331,18 +331,19 @@ class GradientBalancer:
         return _group_mean(values, self._dp_group)
 
     def _loss_backward(self, total: torch.Tensor, params: list[torch.Tensor],
-                       extra: list[torch.Tensor] = ()) -> None:
-        """``.grad`` += ∂total/∂p for ``params`` and ``extra`` (one backward pass). Under a
-        data-parallel group without a DDP module (see _decide_group), this call's gradients of
-        ``params`` are averaged over it, as DDP's backward would; ``extra`` (the balancer's own
-        tensors, whose gradient is the same on every process) are not."""
+                       extra: list[torch.Tensor] = (), retain_graph: bool = False) -> None:
+        """``.grad`` += ∂total/∂p for ``params`` and ``extra`` (one backward pass, which keeps
+        the graph with ``retain_graph``). Under a data-parallel group without a DDP module (see
+        _decide_group), this call's gradients of ``params`` are averaged over it, as DDP's
+        backward would; ``extra`` (the balancer's own tensors, whose gradient is the same on
+        every process) are not."""
         inputs = list(params) + list(extra)
         if not self._dp_own:
-            torch.autograd.backward(total, inputs=inputs)
+            torch.autograd.backward(total, inputs=inputs, retain_graph=retain_graph)
             return
         stash = _set_aside(params)  # no DDP module writes into them: see _set_aside
         try:
-            torch.autograd.backward(total, inputs=inputs)
+            torch.autograd.backward(total, inputs=inputs, retain_graph=retain_graph)
             average_gradients(params, self._dp_group)
         except BaseException:
             _restore(params, stash)
@@ -470,15 +471,28 @@ class GradientBalancer:
     # -- the step -----------------------------------------------------------------------------
 
     @_unchanged_if_it_raises
-    def backward(self, losses, *, scaler=None) -> None:
+    def backward(self, losses, *, scaler=None, retain_graph: bool = False) -> None:
         """Per-task gradients -> weights -> combined gradient in ``.grad`` (accumulated).
 
+        A loss value that is NaN or Inf raises FloatingPointError on every call, before any
+        backward pass (``.grad`` and the balancer stay as they were), also where its gradient
+        is finite (a cross-entropy whose target class is masked with −inf): a weight computed
+        from it (MGDA-UB's ``normalization="loss"``) would be meaningless, and a step that
+        reuses the weights has no Gram to check.
+
         ``scaler``: the ``torch.amp.GradScaler`` that scaled ``losses``, if any. With it, a
-        non-finite Gram (an overflow of the scaled losses) is no error: ``.grad`` gets the
-        plain sum of the task gradients, non-finite, so that ``scaler.step`` skips the step and
-        the scale backs off, as for ``loss.backward()``; the weights stay as they were. And a
-        ``max_norm`` clips the gradient as it will be once unscaled."""
+        non-finite loss or Gram (an overflow of the scaled losses) is no error: ``.grad`` gets
+        the plain sum of the task gradients, non-finite where the overflow is, so that
+        ``scaler.step`` skips the step and the scale backs off, as for ``loss.backward()``; the
+        weights stay as they were. And a ``max_norm`` clips the gradient as it will be once
+        unscaled.
+
+        ``retain_graph``: keep the autograd graph of ``losses`` after the call, as in
+        ``Tensor.backward`` (for a second backward pass through it); by default it is freed."""
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
+        bad_losses = _non_finite_losses(losses)
+        if bad_losses and scaler is None:
+            raise FloatingPointError(f"non-finite loss in task(s) {bad_losses}")
         if self.k is None:
             self._setup(raw, losses)
         elif self._undecided():
@@ -490,21 +504,16 @@ class GradientBalancer:
         # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
         if reuse:
-            # No Gram to see a NaN or Inf on a step that reuses the weights: the losses are
-            # checked, and the shared gradient of the call, as the Gram checks the tasks'
+            # No Gram to see a NaN or Inf on a step that reuses the weights: the shared gradient
+            # of the call is checked (the losses were, above), as the Gram checks the tasks'
             # (under a GradScaler, an overflow is the scaler's to skip).
-            if scaler is None:
-                bad = [i for i, loss in enumerate(losses)
-                       if not bool(torch.isfinite(loss.detach()).all())]
-                if bad:
-                    raise FloatingPointError(f"non-finite loss in task(s) {bad}")
             # .grad set aside where the call must see its own gradient alone: for the check
             # (so that a call that raises leaves .grad as it was) and for the clipping.
             clip = self.max_norm > 0 and bool(self.shared)
             given = self.shared + self._specific_all
             aside = _zero_aside(given) if scaler is None or clip else None
             try:
-                self._backward_fixed(losses, self.weights)
+                self._backward_fixed(losses, self.weights, retain_graph)
                 if scaler is None and not _all_finite([p.grad for p in self.shared]):
                     raise FloatingPointError(
                         "non-finite gradient of the shared parameters (on a step that reuses "
@@ -530,7 +539,7 @@ class GradientBalancer:
             # each task's backward goes through every head (pass a list to spare that).
             stacked = isinstance(raw, torch.Tensor)
             specific_now = [_active(spec) for spec in self._specific]
-            received = self._grads.compute(losses, specific_now,
+            received = self._grads.compute(losses, specific_now, retain_graph=retain_graph,
                                            surprise=None if stacked else self._surprise)
             if not received and (_active(self.shared) or any(specific_now)):
                 raise ValueError(_NOTHING_REACHED)
@@ -539,7 +548,7 @@ class GradientBalancer:
                 self._average_task_gradients()
             buf = self._grads.buffer
             G = _gram_float64(buf)
-            overflow = not bool(torch.isfinite(G).all())
+            overflow = bool(bad_losses) or not bool(torch.isfinite(G).all())
             if overflow and scaler is None:
                 bad = [i for i in range(self.k) if not math.isfinite(float(G[i, i]))]
                 raise FloatingPointError(
@@ -563,8 +572,7 @@ class GradientBalancer:
         self.stats["updated"] = not overflow
         aside = self._set_aside_clipped()
         if self._grads.size:
-            combined = torch.mv(buf.t(), w.to(device=buf.device, dtype=buf.dtype))
-            _accumulate(self.shared, torch.split(combined, self._grads.numels))
+            _accumulate(self.shared, torch.split(_combine(buf, w), self._grads.numels))
         self._clip_contribution(aside, scale)
         if self.weight_task_specific and not overflow:
             for wi, spec in zip(w.tolist(), self._single, strict=True):
@@ -579,9 +587,10 @@ class GradientBalancer:
         return any(p.requires_grad and tasks is None
                    for p, tasks in zip(self.params, self._reach, strict=True))
 
-    def _backward_fixed(self, losses: list[torch.Tensor], w: torch.Tensor) -> None:
+    def _backward_fixed(self, losses: list[torch.Tensor], w: torch.Tensor,
+                        retain_graph: bool) -> None:
         """A step that reuses the weights w: one backward of Σ w_i L_i (two without weighting
-        of the task-specific parameters)."""
+        of the task-specific parameters); ``retain_graph`` keeps the graph after the last."""
         weighted = sum(float(wi) * loss
                        for wi, loss in zip(w.tolist(), losses, strict=True))
         if self.weight_task_specific:
@@ -592,13 +601,13 @@ class GradientBalancer:
         weighted_inputs, plain_inputs = _active(weighted_inputs), _active(plain_inputs)
         if self._dp_group is not None:
             self._backward_fixed_distributed(weighted, sum(losses), weighted_inputs,
-                                             plain_inputs)
+                                             plain_inputs, retain_graph)
             return
         if weighted_inputs:
             torch.autograd.backward(weighted, inputs=weighted_inputs,
-                                    retain_graph=bool(plain_inputs))
+                                    retain_graph=retain_graph or bool(plain_inputs))
         if plain_inputs:
-            torch.autograd.backward(sum(losses), inputs=plain_inputs)
+            torch.autograd.backward(sum(losses), inputs=plain_inputs, retain_graph=retain_graph)
 
     def _average_task_gradients(self) -> None:
         """Average the task rows and this call's task-specific gradients over the processes."""
@@ -608,12 +617,14 @@ class GradientBalancer:
         torch.distributed.all_reduce(rows, group=self._dp_group)
         average_gradients(self._specific_all, self._dp_group)
 
-    def _backward_fixed_distributed(self, weighted, total, weighted_inputs, plain_inputs):
+    def _backward_fixed_distributed(self, weighted, total, weighted_inputs, plain_inputs,
+                                    retain_graph):
         """_backward_fixed under data parallelism: the gradients by autograd.grad (DDP's hooks
         would see two partial backward passes), averaged over the processes, accumulated."""
         new: dict[int, torch.Tensor] = {}
-        for loss, inputs, retain in ((weighted, weighted_inputs, bool(plain_inputs)),
-                                     (total, plain_inputs, False)):
+        for loss, inputs, retain in ((weighted, weighted_inputs,
+                                      retain_graph or bool(plain_inputs)),
+                                     (total, plain_inputs, retain_graph)):
             if not inputs:
                 continue
             grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
@@ -652,16 +663,18 @@ class LS(GradientBalancer):
     """Linear scalarization: the gradient of Σ_i L_i, w = 1 (one ordinary backward pass)."""
 
     @_unchanged_if_it_raises
-    def backward(self, losses, *, scaler=None) -> None:
+    def backward(self, losses, *, scaler=None, retain_graph: bool = False) -> None:
         """``.grad`` += the gradient of Σ_i L_i. ``scaler`` (a ``torch.amp.GradScaler``) is
         taken as the other balancers take it and changes nothing: an overflow gives the
-        non-finite sum that ``scaler.step`` skips."""
+        non-finite sum that ``scaler.step`` skips. ``retain_graph``: keep the autograd graph
+        of ``losses`` after the call, as in ``Tensor.backward``."""
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         if not self._reach_checked:
             self._check_reached(raw, losses)
         self.k = len(losses)
         self.steps += 1
-        torch.autograd.backward(sum(losses), inputs=_active(self.params))
+        torch.autograd.backward(sum(losses), inputs=_active(self.params),
+                                retain_graph=retain_graph)
         self.weights = torch.ones(self.k, dtype=torch.float64)
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
 
@@ -742,8 +755,9 @@ class MGDAUB(GradientBalancer):
     "UB" (upper bound) in the paper means the gradients are taken with respect to the shared
     representation; here they are taken with respect to the shared *parameters*, the
     ``params="shared"`` default of that code. K = 2 has the closed form
-    w_2 = clip((G_11 − G_12) / (G_11 + G_22 − 2 G_12), 0, 1); K > 2 is solved by projected
-    gradient descent on the simplex (see :func:`min_norm_weights`). Weights sum to 1 (the
+    w_2 = clip((G_11 − G_12) / (G_11 + G_22 − 2 G_12), 0, 1); K > 2 is solved by Wolfe's
+    min-norm-point algorithm, exact at any ratio of the tasks' gradient sizes (see
+    :func:`min_norm_weights`). Weights sum to 1 (the
     NashMTL code multiplies them by K, which Adam does not see).
     """
 
@@ -777,8 +791,10 @@ class IMTLG(GradientBalancer):
     gradient g = Σ_i w_i g_i, Σ_i w_i = 1, has equal projections on every unit task gradient
     u_i = g_i / ‖g_i‖. Closed form, with D = [g_1 − g_2, ..., g_1 − g_K] and
     U = [u_1 − u_2, ..., u_1 − u_K]: (w_2..w_K) = g_1 Uᵀ (D Uᵀ)⁻¹, w_1 = 1 − Σ_{i≥2} w_i,
-    computed from G. Tasks with a zero gradient get weight 0. Applied to the losses (as in
-    the NashMTL/FAMO code): θ.grad += Σ w_i g_i, task parameters get w_i ∂L_i/∂p.
+    computed from G. Tasks with a zero gradient get weight 0. Where D Uᵀ is singular to
+    rounding (parallel gradients: every w with Σw = 1 gives equal projections), the weights
+    nearest the uniform ones (see :func:`imtl_g_weights`). Applied to the losses (as in the
+    NashMTL/FAMO code): θ.grad += Σ w_i g_i, task parameters get w_i ∂L_i/∂p.
     """
 
     weight_task_specific_default = True
@@ -874,7 +890,11 @@ class CAGrad(GradientBalancer):
 class Uncertainty(GradientBalancer):
     r"""Uncertainty weighting (Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to
     Weigh Losses for Scene Geometry and Semantics", CVPR 2018): each task i has a learnable
-    log-variance s_i = log σ_i² (``log_vars``, initialized to 0), owned by the balancer.
+    log-variance s_i = log σ_i² (``log_vars``, initialized to 0), owned by the balancer. It is
+    float32 for a float16 or bfloat16 model (the parameters' dtype promoted with float32), and
+    L is formed in the type the losses and s promote to: a loss above 65504 would make a float16
+    ∂L/∂s_i infinite, and bfloat16 holds e^{−s_i} to 8 bits. A state dict saved with 16-bit
+    log-variances loads into them.
 
     ``form="regression"`` (the default; Kendall et al. eq. 7, and the form the NashMTL and FAMO
     code, from which the PUB paper reimplemented its baselines, uses for every task,
@@ -925,7 +945,10 @@ class Uncertainty(GradientBalancer):
         n_tasks = _task_count(n_tasks)
         self.form = self._checked_option("form", form, "form")
         ref = self.params[0]
-        dtype = ref.dtype if ref.is_floating_point() else torch.float32
+        # float32 at least: a 16-bit s would overflow in ∂L/∂s_i = ½(1 − e^{−s_i} L_i) for a
+        # loss above 65504 (float16) and hold e^{−s_i} to 8 bits (bfloat16).
+        dtype = torch.promote_types(ref.dtype, torch.float32) if ref.is_floating_point() \
+            else torch.float32
         self.log_vars = torch.zeros(n_tasks, dtype=dtype, device=ref.device, requires_grad=True)
         self.k = n_tasks
 
@@ -934,18 +957,22 @@ class Uncertainty(GradientBalancer):
         return [self.log_vars]
 
     @_unchanged_if_it_raises
-    def backward(self, losses, *, scaler=None) -> None:
+    def backward(self, losses, *, scaler=None, retain_graph: bool = False) -> None:
         """``.grad`` += ∂L/∂θ, ``log_vars.grad`` += ∂L/∂s. ``scaler``: the
         ``torch.amp.GradScaler`` that scaled ``losses``, if any: the s_i terms of L are scaled
         by the same factor, so that every gradient, ``log_vars``' included, is the scaled one
-        that ``scaler.unscale_`` and ``scaler.step`` expect."""
+        that ``scaler.unscale_`` and ``scaler.step`` expect. ``retain_graph``: keep the
+        autograd graph of ``losses`` after the call, as in ``Tensor.backward``."""
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         if not self._reach_checked:
             self._check_reached(raw, losses)
         self._decide_group()
         self.steps += 1
         s = self.log_vars
-        loss_vec = torch.stack(losses).to(s.dtype)
+        # The losses in their common type with s: a float32 loss of a float16 model is not
+        # rounded to float16.
+        dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in losses), s.dtype)
+        loss_vec = torch.stack([loss.to(dtype) for loss in losses])
         c = 1.0 if scaler is None else float(scaler.get_scale())
         e = torch.exp(-s)
         if self._dp_group is None:
@@ -953,7 +980,7 @@ class Uncertainty(GradientBalancer):
         else:
             # ∂L/∂s_i from the loss values averaged over the processes (as one process on the
             # whole batch has them), ∂L/∂θ from this process's losses (DDP averages those).
-            mean = self._group_mean(loss_vec.detach()).to(s.dtype)
+            mean = self._group_mean(loss_vec.detach()).to(dtype)
             weighted = e.detach() * loss_vec + e * mean
         if self.form == "regression":
             total = 0.5 * (weighted + c * s).sum()
@@ -961,7 +988,7 @@ class Uncertainty(GradientBalancer):
         else:
             total = (weighted + 0.5 * c * s).sum()
             w = torch.exp(-s.detach())
-        self._loss_backward(total, _active(self.params), [s])
+        self._loss_backward(total, _active(self.params), [s], retain_graph)
         self.weights = w.to(torch.float64).cpu()
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
 
@@ -1104,12 +1131,13 @@ class FAMO(GradientBalancer):
         self._logit_opt.step()
 
     @_unchanged_if_it_raises
-    def backward(self, losses, *, scaler=None) -> None:
+    def backward(self, losses, *, scaler=None, retain_graph: bool = False) -> None:
         """The weighted losses' gradient into ``.grad``. ``scaler``: the
         ``torch.amp.GradScaler`` that scaled ``losses``, if any: FAMO then reads the unscaled
         losses, ``max_norm`` clips the gradient as it will be once unscaled, and a non-finite
         loss (an overflow) gives ``.grad`` the plain, non-finite sum for the scaler to skip,
-        leaving FAMO's state as it was."""
+        leaving FAMO's state as it was. ``retain_graph``: keep the autograd graph of
+        ``losses`` after the call, as in ``Tensor.backward``."""
         raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         self._decide_group()  # (before the detection: its processes agree on it)
         if self.max_norm > 0 and (self.shared is None or self._undecided()):
@@ -1119,7 +1147,7 @@ class FAMO(GradientBalancer):
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         values = self._loss_values(items, scale)
         if scaler is not None and not bool(torch.isfinite(values).all()):
-            self._loss_backward(sum(items), _active(self.params))
+            self._loss_backward(sum(items), _active(self.params), retain_graph=retain_graph)
             self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                           "update": None}
             # The scaler skips this step: an update() after it has no step to measure.
@@ -1141,7 +1169,7 @@ class FAMO(GradientBalancer):
             w = z / (c * d)
             total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
             aside = self._set_aside_clipped()
-            self._loss_backward(total, _active(self.params))
+            self._loss_backward(total, _active(self.params), retain_graph=retain_graph)
         except BaseException:
             _undo_aside(self.shared, aside)
             with torch.no_grad():
@@ -1257,7 +1285,8 @@ class MultiBalance(GradientBalancer):
        (‖r_i‖ ≤ 1e-12 max_j ‖r_j‖, e.g. one that does not use z) keeps w_i = 1 and is left out
        of steps 4–5.
     7. Head parameters: φ.grad += Σ_i w_i ∂L_i/∂φ. Trunk: one backward from z with the weighted
-       representation gradient Σ_i w_i r_i. Every parameter thus receives ∂(Σ_i w_i L_i)/∂θ,
+       representation gradient Σ_i w_i r_i (both sums taken in float32 at least, rounded once
+       into a 16-bit dtype). Every parameter thus receives ∂(Σ_i w_i L_i)/∂θ,
        and the step costs one head pass per task and one trunk pass — the work of an ordinary
        backward, plus the Gram. Under data parallelism the head gradients are averaged over
        the processes by one all-reduce here (every head parameter that some process's slice
@@ -1434,14 +1463,18 @@ class MultiBalance(GradientBalancer):
             raise ValueError(_NOTHING_REACHED)
 
     @_unchanged_if_it_raises
-    def backward(self, losses, representation=None, *, scaler=None) -> None:
+    def backward(self, losses, representation=None, *, scaler=None,
+                 retain_graph: bool = False) -> None:
         """Head passes -> Gram -> weights -> head gradients and one trunk pass (see above).
 
         ``scaler``: the ``torch.amp.GradScaler`` that scaled ``losses``, if any. With it, a
         non-finite loss value, representation gradient or head gradient (an overflow) is no
         error: the heads and the trunk get the plain sum of the task gradients (non-finite
         where the overflow is), so that ``scaler.step`` skips the step, and the weights, the
-        Gram average and the step count stay as they were."""
+        Gram average and the step count stay as they were.
+
+        ``retain_graph``: keep the autograd graph of ``losses`` (heads and trunk) after the
+        call, as in ``Tensor.backward``."""
         # The K×K math runs on Python floats: for a handful of tasks that is several times
         # faster than numpy's per-call overhead, and this step is meant to cost about as much
         # as a plain backward.
@@ -1466,7 +1499,8 @@ class MultiBalance(GradientBalancer):
         rows = [[None] * k for _ in range(m)]
         head = []
         for i, loss in enumerate(items):
-            grads = torch.autograd.grad(loss, reps + heads[i], retain_graph=i < k - 1,
+            grads = torch.autograd.grad(loss, reps + heads[i],
+                                        retain_graph=retain_graph or i < k - 1,
                                         allow_unused=True)
             for t in range(m):
                 rows[t][i] = grads[t]
@@ -1522,7 +1556,7 @@ class MultiBalance(GradientBalancer):
         if bad_loss or bad_rep or bad_head:
             if scaler is not None:
                 self._give_gradients(heads, head, reps, rows, [1.0] * k, order, present,
-                                     reached)
+                                     reached, retain_graph)
                 self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                               "gram_time": time.perf_counter() - t0}
                 return
@@ -1547,7 +1581,8 @@ class MultiBalance(GradientBalancer):
             G = [[corr * a for a in row] for row in avg]
         wl = _multibalance_weights(G, values, self.normalization, self.solver)
         elapsed = time.perf_counter() - t1
-        self._give_gradients(heads, head, reps, rows, wl, order, present, reached)
+        self._give_gradients(heads, head, reps, rows, wl, order, present, reached,
+                             retain_graph)
         self._last_gram, self._gram_avg = last_gram, avg
         self.steps += 1
         self.weights = torch.tensor(wl, dtype=torch.float64)
@@ -1564,20 +1599,23 @@ class MultiBalance(GradientBalancer):
             torch.distributed.all_reduce(flags, group=self._dp_group)
         return [i for i, x in enumerate(flags.tolist()) if x > 0]
 
-    def _give_gradients(self, heads, head, reps, rows, wl, order, present, reached) -> None:
+    def _give_gradients(self, heads, head, reps, rows, wl, order, present, reached,
+                        retain_graph) -> None:
         """The heads' Σ w_i ∂L_i/∂φ and the trunk's backward from z with Σ_i w_i r_i."""
         self._head_grads(heads, head, wl, order, present)
         trunk = _active(self.trunk)
         if trunk:
-            self._trunk_backward(reps, rows, wl, reached, trunk)
+            self._trunk_backward(reps, rows, wl, reached, trunk, retain_graph)
 
-    def _trunk_backward(self, reps, rows, wl, reached, trunk) -> None:
+    def _trunk_backward(self, reps, rows, wl, reached, trunk, retain_graph) -> None:
         """One backward from z with Σ_i w_i r_i, summed in a tensor of its own: the r_i that
         autograd handed back may be held elsewhere (a tensor hook on z or on a tensor the
         heads compute from it may keep it; autograd may hand one tensor to two inputs), so
-        none is written to. Under data parallelism a representation tensor that some process
-        reached gets a backward on every process (zeros where no task reached it here), so
-        that every process takes part in the trunk's gradient averaging."""
+        none is written to. The sum is taken in float32 at least and rounded once into z's
+        dtype, as the gradient balancers combine theirs (see :func:`_combine`). Under data
+        parallelism a representation tensor that some process reached gets a backward on
+        every process (zeros where no task reached it here), so that every process takes part
+        in the trunk's gradient averaging."""
         tensors, grads = [], []
         distributed = self._dp_group is not None
         for z, per_rep, there in zip(reps, rows, reached, strict=True):
@@ -1588,20 +1626,20 @@ class MultiBalance(GradientBalancer):
                 if combined is not None:
                     combined.add_(r, alpha=wi)
                 else:
-                    combined = r * wi
+                    combined = r.to(torch.promote_types(r.dtype, torch.float32)) * wi
             if combined is None and distributed and there:
                 combined = torch.zeros_like(z)
             if combined is not None:
                 tensors.append(z)
-                grads.append(combined)
+                grads.append(combined.to(z.dtype))
         if not tensors:
             return
         if not self._dp_own:
-            torch.autograd.backward(tensors, grads, inputs=trunk)
+            torch.autograd.backward(tensors, grads, inputs=trunk, retain_graph=retain_graph)
             return
         stash = _set_aside(trunk)  # no DDP module writes into them (see _split)
         try:
-            torch.autograd.backward(tensors, grads, inputs=trunk)
+            torch.autograd.backward(tensors, grads, inputs=trunk, retain_graph=retain_graph)
             average_gradients(trunk, self._dp_group)
         except BaseException:
             _restore(trunk, stash)
@@ -1610,23 +1648,30 @@ class MultiBalance(GradientBalancer):
 
     def _head_grads(self, heads, head, wl, order, present) -> None:
         """φ.grad += Σ_i w_i ∂L_i/∂φ (averaged over the processes under data parallelism); one
-        ``_foreach`` product per task. ``order``: the head parameters of the split, the same
-        on every process; ``present``: per parameter of ``order``, whether some process has a
-        gradient of it (None without data parallelism). Each process packs every present one,
-        zeros where it has none, so that the all-reduce adds each parameter's gradient to its
-        own, whatever each process's slice of the batch reached."""
+        ``_foreach`` product per task, in float32 at least (16-bit gradients are widened, and
+        their sum rounded once into the parameter's dtype, as in :func:`_combine`). ``order``:
+        the head parameters of the split, the same on every process; ``present``: per
+        parameter of ``order``, whether some process has a gradient of it (None without data
+        parallelism). Each process packs every present one, zeros where it has none, so that
+        the all-reduce adds each parameter's gradient to its own, whatever each process's slice
+        of the batch reached."""
         sums: dict[int, torch.Tensor] = {}
         for wi, params, grads in zip(wl, heads, head, strict=True):
             given = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
             if not given:
                 continue
-            scaled = torch._foreach_mul([g for _, g in given], wi)
+            scaled = torch._foreach_mul(
+                [g.to(torch.promote_types(g.dtype, torch.float32)) for _, g in given], wi)
             for (p, _), g in zip(given, scaled, strict=True):
                 key = id(p)
                 if key in sums:
                     sums[key].add_(g)
                 else:
                     sums[key] = g
+        for p in order:
+            g = sums.get(id(p))
+            if g is not None and g.dtype != p.dtype:
+                sums[id(p)] = g.to(p.dtype)
         if present is None:
             targets = [p for p in order if id(p) in sums]
         else:
@@ -1900,23 +1945,27 @@ def _multibalance_weights(G: list, values, normalization: str, solver: str) -> l
 
 def _wolfe_small(G: list) -> list[float] | None:
     """:func:`_wolfe_min_norm` on nested lists of Python floats, for a few tasks (no numpy
-    call overhead; Gaussian elimination with partial pivoting on the (m+1)×(m+1) systems).
-    None if it did not finish (the caller falls back to :func:`min_norm_weights`)."""
+    call overhead; Gaussian elimination with partial pivoting on the (m+1)×(m+1) systems), with
+    the same stopping rule. None if it did not finish (the caller falls back to
+    :func:`min_norm_weights`)."""
     k = len(G)
     tr = sum(G[i][i] for i in range(k)) / k
     if not tr > 0:
         return [1.0 / k] * k
     G = [[x / tr for x in row] for row in G]
-    eps = 1e-12 * max(G[i][i] for i in range(k))
+    sizes = [math.sqrt(max(G[i][i], 0.0)) for i in range(k)]
     first = min(range(k), key=lambda i: G[i][i])
     active = [first]
     w = [0.0] * k
     w[first] = 1.0
     for _ in range(50 * k):
         gw = [sum(G[i][j] * w[j] for j in range(k)) for i in range(k)]
-        j = min(range(k), key=gw.__getitem__)
         xx = sum(w[i] * gw[i] for i in range(k))
-        if xx - gw[j] <= eps or j in active:
+        r = sum(w[i] * sizes[i] for i in range(k))
+        better = [i for i in range(k)
+                  if xx - gw[i] > _WOLFE_TOL * xx + 4 * k * _EPS * r * (r + sizes[i])]
+        j = min(better, key=gw.__getitem__) if better else None
+        if j is None or j in active:
             total = sum(w)
             return [x / total for x in w]
         active.append(j)
@@ -1934,9 +1983,14 @@ def _wolfe_small(G: list) -> list[float] | None:
                     w[a] = x
                 break
             cur = [w[a] for a in active]
-            ratios = [c / (c - x) for c, x in zip(cur, v, strict=True) if x <= 0 and c - x > 0]
-            theta = min(ratios) if ratios else 0.0
+            ratios = [c / (c - x) if x <= 0 and c - x > 0 else math.inf
+                      for c, x in zip(cur, v, strict=True)]
+            hit = min(range(m), key=ratios.__getitem__)
+            falling = ratios[hit] < math.inf
+            theta = ratios[hit] if falling else 0.0
             cur = [c + theta * (x - c) for c, x in zip(cur, v, strict=True)]
+            if falling:
+                cur[hit] = 0.0  # the point that stops the move leaves (see _wolfe_min_norm)
             w = [0.0] * k
             kept = [(a, c) for a, c in zip(active, cur, strict=True) if c > 0]
             if not kept:
@@ -2027,6 +2081,11 @@ BALANCERS = {"ls": LS, "nashmtl": NashMTL, "mgda-ub": MGDAUB, "imtl-g": IMTLG,
 
 # -- the K×K math (float64 numpy; G is the Gram matrix of the task gradients) ---------------
 
+_EPS = float(np.finfo(np.float64).eps)
+#: Wolfe's stopping test and _even_if_as_short: relative to the current point's squared norm.
+_WOLFE_TOL = 1e-12
+
+
 def min_norm_weights(G: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-12
                      ) -> np.ndarray:
     """argmin over the simplex of wᵀGw: the min-norm point of the gradients' convex hull.
@@ -2058,32 +2117,48 @@ def min_norm_weights(G: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-12
 
 
 def _even_if_as_short(G, w):
-    """The uniform weights where they give a combination as short as w's (G of trace ~K).
-    The min-norm point is unique, its weights are not where gradients coincide: Wolfe's
-    algorithm ends on a vertex (K identical tasks: w = e_1, every other head without a
-    gradient)."""
+    """The uniform weights where they give a combination as short as w's: within 1e-12 of
+    its squared norm, or within the rounding of the two quadratic forms (4K·ε times the sum of
+    their terms' sizes), so that the choice is the same at any scale of G. The min-norm point
+    is unique, its weights are not where gradients coincide: Wolfe's algorithm ends on a
+    vertex (K identical tasks: w = e_1, every other head without a gradient)."""
     m = len(w)
     u = 1.0 / m
     even = u * u * sum(sum(row) for row in G)
-    norm = sum(w[i] * G[i][j] * w[j] for i in range(m) for j in range(m))
-    return [u] * m if even <= norm + 1e-12 else w
+    terms = [[w[i] * G[i][j] * w[j] for j in range(m)] for i in range(m)]
+    norm = sum(sum(row) for row in terms)
+    size = u * u * sum(abs(x) for row in G for x in row) + sum(abs(x) for row in terms
+                                                               for x in row)
+    return [u] * m if even <= norm + _WOLFE_TOL * abs(norm) + 4 * m * _EPS * size else w
 
 
 def _wolfe_min_norm(G: np.ndarray, max_major: int) -> np.ndarray | None:
-    """Wolfe's min-norm-point algorithm on the points whose Gram matrix is G (trace K): the
-    weights of the point of their convex hull nearest the origin, or None if it did not
-    finish. Major step: add the point most opposed to the current x = Σ w_i p_i; minor steps:
-    move to the affine min-norm point of the active set, dropping points whose weight would
-    turn negative."""
+    """Wolfe's min-norm-point algorithm on the points whose Gram matrix is G: the weights of
+    the point of their convex hull nearest the origin, or None if it did not finish. Major
+    step: add the point most opposed to the current x = Σ w_i p_i; minor steps: move to the
+    affine min-norm point of the active set, dropping points whose weight would turn negative.
+
+    It stops where no point p_j improves on x beyond rounding: ‖x‖² − ⟨x, p_j⟩ ≤
+    1e-12·‖x‖² + 4K·ε·r·(r + ‖p_j‖), r = Σ w_i ‖p_i‖ (the second term bounds the rounding of
+    that difference; it ends the search where the hull holds the origin, x ≈ 0). The test is
+    relative to x, not to the largest point: points whose squared norms are 1e-12 of the
+    largest one's still move the solution (the gradients e_1, e_2, 1e6·e_3 have the min-norm
+    weights ≈ (½, ½, 5e-13), where a threshold on max ‖p_j‖² would stop at (1, 0, 0)). A point the
+    test picks that is already active (the affine solve's rounding) ends it too."""
     k = len(G)
-    eps = 1e-12 * max(float(np.max(np.diag(G))), 1e-300)
+    sizes = np.sqrt(np.maximum(np.diag(G), 0.0))
     active = [int(np.argmin(np.diag(G)))]
     w = np.zeros(k)
     w[active[0]] = 1.0
     for _ in range(max_major):
         gw = G @ w
-        j = int(np.argmin(gw))
-        if w @ gw - gw[j] <= eps or j in active:
+        xx = float(w @ gw)
+        r = float(w @ sizes)
+        better = xx - gw > _WOLFE_TOL * xx + 4 * k * _EPS * r * (r + sizes)
+        if not better.any():
+            return w / w.sum()
+        j = int(np.argmin(np.where(better, gw, np.inf)))
+        if j in active:
             return w / w.sum()
         active.append(j)
         for _ in range(k + 1):  # minor cycle: each pass drops at least one point or ends
@@ -2105,9 +2180,15 @@ def _wolfe_min_norm(G: np.ndarray, max_major: int) -> np.ndarray | None:
                 break
             cur = w[active]
             falling = (v <= 0) & (cur - v > 0)
-            theta = float(np.min(cur[falling] / (cur[falling] - v[falling]))) \
-                if falling.any() else 0.0
+            ratios = np.full(len(active), np.inf)
+            ratios[falling] = cur[falling] / (cur[falling] - v[falling])
+            hit = int(np.argmin(ratios))
+            theta = float(ratios[hit]) if falling.any() else 0.0
             cur = cur + theta * (v - cur)
+            if falling.any():
+                # The point that stops the move leaves: rounding may leave it a tiny positive
+                # weight, and the next pass the same move of length 0, until the cycle ends.
+                cur[hit] = 0.0
             w[:] = 0.0
             keep = cur > 0
             active = [a for a, kept in zip(active, keep, strict=True) if kept]
@@ -2120,7 +2201,15 @@ def _wolfe_min_norm(G: np.ndarray, max_major: int) -> np.ndarray | None:
 
 
 def imtl_g_weights(G: np.ndarray) -> np.ndarray:
-    """IMTL-G's closed form, from G alone (see :class:`IMTLG`)."""
+    """IMTL-G's closed form, from G alone (see :class:`IMTLG`).
+
+    Where D Uᵀ is singular (tasks whose gradients are parallel: u_i = u_j, whatever their
+    sizes), many weights give equal projections; those nearest the uniform weights are taken
+    (K identical tasks: 1/K each). Singular means to rounding: row r of D Uᵀ/‖g_1‖ is at most
+    2(1 + ‖g_r‖/‖g_1‖) and holds the rounding of G at that scale, so the rows are scaled by it
+    and singular values below 1e-10 are taken as 0: there the rounding would decide the
+    solution (for g_2 = 0.3·g_1, anything from (1, 0) to (−1, 2), a direction against both
+    tasks)."""
     G = _as_gram(G)
     k = len(G)
     norms = np.sqrt(np.maximum(np.diag(G), 0.0))
@@ -2136,15 +2225,24 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     M = G[np.ix_(idx, idx)] / (n[0] * n[None, :])  # M_ij = ⟨g_i, u_j⟩ / ‖g_1‖ (scale-free)
     first = M[0, 0] - M[0, 1:]  # g_1 · (u_1 − u_j)
     DU = M[0, 0] - M[0, 1:][None, :] - M[1:, 0][:, None] + M[1:, 1:]  # (g_1 − g_r)·(u_1 − u_s)
-    try:
+    rows = 1.0 + n[1:] / n[0]
+    left, sv, right = np.linalg.svd(DU / rows[:, None])
+    rank = int((sv > 1e-10).sum())
+    if rank == len(idx) - 1:
         rest = np.linalg.solve(DU.T, first)
-    except np.linalg.LinAlgError:
-        # Coinciding gradients: many weights solve it. The one nearest the uniform weights
-        # (K identical tasks: 1/K each, where the least-squares solution alone gave e_1).
-        c = np.full(len(idx) - 1, 1.0 / len(idx))
-        rest = c + np.linalg.lstsq(DU.T, first - DU.T @ c, rcond=None)[0]
-    w[idx[1:]] = rest
-    w[idx[0]] = 1.0 - rest.sum()
+        w[idx[1:]] = rest
+        w[idx[0]] = 1.0 - rest.sum()
+        return w
+    # On the part that is not rounding, with D Uᵀ = diag(rows)·L·diag(sv)·R (the SVD above):
+    # diag(sv_r)·L_rᵀ·diag(rows)·rest = R_r·first, and Σ w = 1; of their solutions, the one
+    # nearest the uniform weights.
+    m = len(idx)
+    eqs = np.zeros((rank + 1, m))
+    eqs[0] = 1.0
+    eqs[1:, 1:] = sv[:rank, None] * (left[:, :rank].T * rows[None, :])
+    target = np.concatenate([[1.0], right[:rank] @ first])
+    even = np.full(m, 1.0 / m)
+    w[idx] = even + np.linalg.lstsq(eqs, target - eqs @ even, rcond=None)[0]
     return w
 
 
@@ -2375,6 +2473,14 @@ def _all_finite(grads: list) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
+def _non_finite_losses(losses: list[torch.Tensor]) -> list[int]:
+    """The tasks whose loss value is NaN or Inf (one wait for the device)."""
+    values = torch.stack([loss.detach().reshape(()).to(device=losses[0].device,
+                                                       dtype=torch.float64)
+                          for loss in losses])
+    return [i for i, ok in enumerate(torch.isfinite(values).tolist()) if not ok]
+
+
 def _zero_aside(params: list[torch.Tensor]) -> list:
     """A copy of the ``.grad`` of params, the tensors zeroed in place, so that a backward pass
     leaves in them its own gradient only; _add_back adds the copies back, _undo_aside puts
@@ -2451,9 +2557,27 @@ def _task_gradients(shared: list[torch.Tensor], k: int) -> TaskGradients:
     return TaskGradients(shared, k, dtype=dtype)
 
 
+def _combine(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i rows[i], the combined gradient (flat): in the rows' own type where it is float32
+    or float64 (one matrix-vector product), in float32 where it is float16 or bfloat16. A
+    16-bit product would round every weight to 16 bits (a float16 weight beyond 65504, e.g.
+    NashMTL's α of a task whose gradient is 1e5 times smaller than another's, is Inf, and
+    .grad with it) and round the sum at every task, tens of roundings off the exact
+    combination: here the weights are float32 and the sum is accumulated in float32 task by
+    task, in one P-sized buffer (no float32 copy of the K×P rows), and :func:`_accumulate`
+    rounds it once into the parameter's dtype."""
+    if rows.dtype not in (torch.float16, torch.bfloat16):
+        return torch.mv(rows.t(), w.to(device=rows.device, dtype=rows.dtype))
+    total = torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
+    for wi, row in zip(w.tolist(), rows, strict=True):
+        total.add_(row, alpha=wi)
+    return total
+
+
 def _accumulate(params: list[torch.Tensor], grads: Iterable[torch.Tensor]) -> None:
-    """p.grad += g for flat g laid out in p's memory order (as TaskGradients lays them out), in
-    p's dtype; frozen parameters (their rows hold zeros) are left without a gradient."""
+    """p.grad += g for flat g laid out in p's memory order (as TaskGradients lays them out),
+    rounded once into p's dtype (g may be of a wider type: see :func:`_combine`); frozen
+    parameters (their rows hold zeros) are left without a gradient."""
     for p, g in zip(params, grads, strict=True):
         if not p.requires_grad:
             continue

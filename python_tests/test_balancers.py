@@ -1333,6 +1333,82 @@ def test_a_non_finite_loss_or_gradient_on_a_step_that_reuses_the_weights_raises(
     assert not bal.stats["updated"] and bal.steps == steps + 1
 
 
+@pytest.mark.parametrize(("name", "kind"), [
+    *((name, "weights") for name in ("nashmtl", "mgda-ub", "imtl-g", "pcgrad", "cagrad")),
+    *((name, "reuse") for name in ("nashmtl", "mgda-ub", "imtl-g"))])
+def test_an_infinite_loss_with_a_finite_gradient_raises_on_every_kind_of_step(name, kind):
+    # A loss whose value is Inf while its gradient is finite (a cross-entropy whose target
+    # class is masked with −inf): a step that computes the weights took it (MGDA-UB's
+    # normalization="loss" divided by it) and the next step, reusing them, raised. Both raise
+    # now, before any backward pass: .grad, the weights and the step count as they were.
+    t = Linear(rand_grads(2, 4, 8))
+    options = {"update_weights_every": 2} if kind == "reuse" else {}
+    if name == "mgda-ub":
+        options["normalization"] = "loss"
+    bal = B.BALANCERS[name](t.params, **options)
+    if kind == "reuse":
+        t.run(bal)
+    grads = [None if p.grad is None else p.grad.clone() for p in t.params]
+    steps, weights = bal.steps, bal.weights
+    losses = t.losses()
+    losses[0] = losses[0] + float("inf")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss in task\(s\) \[0\]"):
+        bal.backward(losses)
+    assert bal.steps == steps and bal.weights is weights
+    for p, g in zip(t.params, grads, strict=True):
+        assert (p.grad is None) if g is None else torch.equal(p.grad, g)
+    t.run(bal)  # the step, taken again with finite losses
+    assert bal.stats["updated"] == (kind == "weights") and bal.steps == steps + 1
+
+
+@pytest.mark.parametrize("name", ["nashmtl", "mgda-ub", "imtl-g", "pcgrad", "cagrad"])
+def test_an_infinite_loss_under_a_grad_scaler_is_an_overflow(name):
+    # Under a GradScaler a non-finite loss is an overflow of the scaled losses, as a non-finite
+    # Gram is: no error, .grad gets the plain sum of the task gradients, and the weights and
+    # the step count stay as they were.
+    t = Linear(rand_grads(2, 4, 8))
+    bal = B.BALANCERS[name](t.params, **({"max_norm": 0.0} if name == "nashmtl" else {}))
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    losses = [scaler.scale(loss) for loss in t.losses()]
+    losses[1] = losses[1] + float("inf")
+    bal.backward(losses, scaler=scaler)
+    assert bal.steps == 0 and bal.weights is None and not bal.stats["updated"]
+    torch.testing.assert_close(t.theta.grad, 4.0 * t.g.sum(0), rtol=0, atol=TOL["exact"])
+
+
+@pytest.mark.parametrize(("name", "every"), [(name, 1) for name in sorted(B.BALANCERS)]
+                         + [("nashmtl", 2)])
+def test_retain_graph_keeps_the_graph_for_another_backward_as_in_torch(name, every):
+    # backward(..., retain_graph=True) as Tensor.backward and pub_native.Adam.backward take
+    # it: the graph of the losses survives the call (on a step that reuses the weights too:
+    # NashMTL with update_weights_every=2, whose second call is one), and the gradients are
+    # those of a call without it; by default the graph is freed, and a pass through it raises
+    # as torch's does.
+    model, twin = _Heads(), _Heads()
+    options = {"update_weights_every": every} if every > 1 else {}
+    bal = B.BALANCERS[name](list(model.parameters()), 2, **options) \
+        if name in ("uncertainty", "famo") else \
+        B.BALANCERS[name](list(model.parameters()), **options)
+    ref = B.BALANCERS[name](list(twin.parameters()), 2, **options) \
+        if name in ("uncertainty", "famo") else \
+        B.BALANCERS[name](list(twin.parameters()), **options)
+    z = torch.tanh(model.trunk(model.x))
+    losses = [((h(z).squeeze(1) - model.y[:, i]) ** 2).mean() for i, h in enumerate(model.heads)]
+    params = list(model.parameters())
+    for retain in (True, True, False):
+        if name == "multibalance":
+            bal.backward(losses, z, retain_graph=retain)
+        else:
+            bal.backward(losses, retain_graph=retain)
+        twin.run(ref)
+        for p, q in zip(params, twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+        if retain:
+            torch.autograd.grad(sum(losses), params, retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(sum(losses), params)
+
+
 def test_multibalance_representation_outside_the_graph_raises_on_every_call():
     # A detached copy as the representation: the trunk would get no gradient. It raised on the
     # first call only, and that call kept the split it made from the wrong tensor (the trunk
