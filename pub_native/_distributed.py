@@ -10,6 +10,7 @@ gradients themselves over the DDP module's process group.
 from __future__ import annotations
 
 import gc
+import hashlib
 
 import torch
 
@@ -45,7 +46,10 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
     ``process_group``: ``"auto"`` finds the DistributedDataParallel module that holds the
     parameters; ``None`` means no data parallelism; a group is taken as given. With ``"auto"``,
     parameters that are sharded (FSDP, DTensor), split over several DDP modules, or replicated
-    over processes without a DDP wrapper raise, naming the supported set-ups.
+    over processes without a DDP wrapper raise, naming the supported set-ups. With a DDP module
+    or a given group, the processes check that they hold the same parameters (one fixed-size
+    all-reduce, :func:`_check_same_parameters`): an optimizer inside ZeroRedundancyOptimizer,
+    which holds each process's own partition, raises on every process.
     """
     if process_group is None:
         return None, None
@@ -60,6 +64,7 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
                 f"per-task gradients exact under data parallelism only with whole parameters; "
                 f"{SUPPORTED}")
     if process_group != "auto":
+        _check_same_parameters(process_group, params, None)
         return process_group, None
     if torch.distributed.get_world_size() == 1:
         return None, None
@@ -75,6 +80,8 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
             raise NotImplementedError(
                 "some parameters are inside a DistributedDataParallel module and some are not: "
                 f"PUB cannot tell how the others are replicated; {SUPPORTED}")
+        positions = {id(p): j for j, p in enumerate(ddp.module.parameters())}
+        _check_same_parameters(ddp.process_group, params, positions)
         return ddp.process_group, ddp
     if _replicated(params):
         raise RuntimeError(
@@ -83,6 +90,65 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
             "wrapped in DistributedDataParallel: PUB would balance each process's local "
             f"gradients and the replicas would drift apart; {SUPPORTED}")
     return None, None
+
+
+def _collective_device(group) -> torch.device:
+    """Where a small tensor for a collective over ``group`` must live (NCCL: this process's
+    CUDA device)."""
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _fingerprint(key) -> list[int]:
+    """``key`` (a sequence of ints, tuples and strings) hashed into two non-negative 62-bit
+    ints, the same in every process: hashlib, not hash(), whose string hashes are salted per
+    process; 62 bits, so that their negation cannot overflow an int64."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+    return [int.from_bytes(digest[i:i + 8], "little") >> 2 for i in (0, 8)]
+
+
+def _check_same_parameters(group, params: list[torch.Tensor], positions: dict | None) -> None:
+    """That every process of ``group`` holds the same parameters, in the same order: one
+    fixed-size all-reduce, once, at set-up, before any collective whose sizes follow the
+    parameters (mismatched sizes make gloo abort the interpreter, and equal sizes of different
+    parameters would average unrelated gradients). The parameters are compared by a
+    fingerprint of their positions in the DistributedDataParallel module's parameter list
+    (``positions``, id → position; None without a DDP module) with their shapes and dtypes.
+    A difference is an error on every process: each compares the same maxima and minima."""
+    dist = torch.distributed
+    key = [(-1 if positions is None else positions[id(p)], tuple(p.shape), str(p.dtype))
+           for p in params]
+    mine = [len(params), *_fingerprint(key)]
+    t = torch.tensor(mine + [-x for x in mine], dtype=torch.int64)
+    t = t.to(_collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    t = t.cpu().tolist()
+    n = len(mine)
+    highest, lowest = t[:n], [-x for x in t[n:]]
+    if highest == lowest:
+        return
+    counts = (f"this process holds {len(params)}" if highest[0] == lowest[0] else
+              f"the processes hold between {lowest[0]} and {highest[0]}, this one "
+              f"{len(params)}")
+    if positions is not None:
+        raise NotImplementedError(
+            "the processes' optimizers (or balancers) hold different parameters of the "
+            f"DistributedDataParallel module ({counts} of its {len(positions)}), as "
+            "torch.distributed.optim.ZeroRedundancyOptimizer makes them (each process's "
+            "optimizer gets its own partition of the parameters): PUB averages each task's "
+            "gradient of every parameter it holds over the processes, so every process must "
+            "hold the same ones. Give PUB the whole model's parameters on every process, "
+            "without ZeroRedundancyOptimizer: pub_native.Adam(ddp_model.parameters()) already "
+            "shards its optimizer state over the processes (shard_state=True, the default); "
+            "or give every process the same subset, in the same order")
+    raise ValueError(
+        f"the processes of process_group hold different parameters ({counts}; their number, "
+        "order, shapes or dtypes differ), as an optimizer wrapped in "
+        "torch.distributed.optim.ZeroRedundancyOptimizer makes them: process_group=<group> "
+        "takes the parameters as replicated over the group, so every process must build the "
+        "same model and give the same parameters, in the same order (or process_group=None "
+        "where every process trains a model of its own)")
 
 
 def agree_on(group, k: int, flags: list[bool], failed: bool = False,
@@ -96,8 +162,7 @@ def agree_on(group, k: int, flags: list[bool], failed: bool = False,
     is a ValueError on every process (their gradient buffers would differ in size: gloo
     aborts the interpreter, and the replicas' states drift apart)."""
     dist = torch.distributed
-    device = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = _collective_device(group)
 
     def reduce_max(values: list[float]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.float64).to(device)
@@ -151,17 +216,21 @@ def ddp_holders(ids: set[int]) -> list:
 
 
 def _replicated(params: list[torch.Tensor]) -> bool:
-    """Whether the parameters hold the same values on every process (one all-reduce)."""
-    if not params:
-        return False
+    """Whether the parameters hold the same values on every process: one all-reduce of a fixed
+    size, a fingerprint of their shapes, dtypes and sums, as processes that train models of
+    their own may hold different numbers of parameters (an all-reduce of the sums themselves
+    would then pair different sizes: gloo aborts the interpreter)."""
+    dist = torch.distributed
     with torch.no_grad():
-        sums = torch.stack([p.detach().double().sum() for p in params]).cpu()
-        both = torch.cat([sums, -sums])
-        if torch.distributed.get_backend() == "nccl":
-            both = both.cuda()
-        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
-        both = both.cpu()
-    return bool(torch.equal(both[:len(sums)], sums) and torch.equal(-both[len(sums):], sums))
+        sums = [p.detach().double().sum() for p in params]
+        sums = torch.stack(sums).cpu().tolist() if sums else []
+    key = [(tuple(p.shape), str(p.dtype), s) for p, s in zip(params, sums)]
+    mine = _fingerprint(key)
+    both = torch.tensor(mine + [-x for x in mine], dtype=torch.int64)
+    both = both.to(_collective_device(None))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    both = both.cpu().tolist()
+    return bool(params) and both[:2] == mine and [-x for x in both[2:]] == mine
 
 
 def average_gradients(params: list[torch.Tensor], group, extra: list[float] | None = None
