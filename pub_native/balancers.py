@@ -269,7 +269,7 @@ class GradientBalancer:
         self.k = len(losses)
         if not compiled and not any(tasks for p, tasks in zip(self.params, self._reach,
                                                               strict=True) if p.requires_grad):
-            raise ValueError(_NOTHING_REACHED)  # (compiled: the gradients may all be zero)
+            raise self._nothing_reached()  # (compiled: the gradients may all be zero)
 
     def _warn_surprises(self) -> None:
         """Warn once per parameter that a task the first call did not find reaching it gave a
@@ -294,8 +294,21 @@ class GradientBalancer:
         reached = set().union(*(reached_parameters(root)
                                 for root in task_roots(raw_losses, losses)))
         if not any(id(p) in reached for p in _active(self.params)):
-            raise ValueError(_NOTHING_REACHED)
+            raise self._nothing_reached()
         self._reach_checked = True
+
+    def _nothing_reached(self) -> Exception:
+        """The error of a call whose losses reach none of ``params``."""
+        sharded = [p for p in _active(self.params) if _is_sharded_parameter(p)]
+        if sharded:
+            # FSDP2's sharded DTensors: the forward runs on unsharded copies, which the graph
+            # reaches instead.
+            return NotImplementedError(
+                f"a parameter of shape {tuple(sharded[0].shape)} is sharded (FSDP2 or DTensor) "
+                f"and no loss reaches it: {type(self).__name__} takes the parameters the losses "
+                "are computed from; under FSDP2 weight the losses yourself and call "
+                "loss.backward()")
+        return ValueError(_NOTHING_REACHED)
 
     # -- data parallelism of the loss weightings (Uncertainty, FAMO) ----------------------------
 

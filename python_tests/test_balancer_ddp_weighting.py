@@ -105,3 +105,23 @@ def test_a_loss_weighting_without_a_ddp_module_trains_each_process_on_its_own(ru
         assert torch.equal(got["state"], alone["state"])
         assert torch.equal(got["weights"], alone["weights"])
     assert not torch.equal(ranks[0][(kind, "alone")]["state"], ranks[1][(kind, "alone")]["state"])
+
+
+def test_loss_weightings_refuse_fsdp2_parameters_by_name(tmp_path):
+    # Under FSDP2 the forward runs on unsharded copies of the parameters, so no loss reaches the
+    # sharded ones the balancer was given: a NotImplementedError naming FSDP2, not the error of
+    # a balancer built on a stale copy of the model, and no .grad written.
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    ranks = run_workers(HERE / "fsdp2_loss_weighting.py", WORLD, tmp_path, timeout=90)
+    for raised in ranks:
+        assert set(raised) == {"LS", "Uncertainty", "FAMO", "FAMO clipped"}
+        for name, got in raised.items():
+            assert got is not None, f"{name} took sharded parameters it does not reach"
+            kind, message, no_grad = got
+            assert kind == "NotImplementedError" and "FSDP2" in message, (name, message)
+            assert all(no_grad), name

@@ -1,0 +1,71 @@
+"""Worker of test_balancer_ddp_weighting.py's FSDP2 test: 2 gloo processes, a model under
+torch.distributed.fsdp.fully_shard, and each one-backward loss weighting (LS, Uncertainty, FAMO
+with and without max_norm) called on its sharded parameters. Writes what each call raised to
+rank<r>.pt."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from pub_native import balancers
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(8, 16)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 1) for _ in range(2))
+
+    def forward(self, x):
+        z = torch.tanh(self.trunk(x))
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+MAKERS = {
+    "LS": lambda p: balancers.LS(p),
+    "Uncertainty": lambda p: balancers.Uncertainty(p, n_tasks=2),
+    "FAMO": lambda p: balancers.FAMO(p, n_tasks=2, max_norm=0.0),
+    "FAMO clipped": lambda p: balancers.FAMO(p, n_tasks=2),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    dist.init_process_group("gloo", rank=args.rank, world_size=args.world,
+                            timeout=datetime.timedelta(seconds=60))
+    from torch.distributed.fsdp import fully_shard
+
+    x, ys = torch.randn(16, 8), [torch.randn(16), torch.randn(16)]
+    raised = {}
+    for name, make in MAKERS.items():
+        torch.manual_seed(0)
+        model = Model()
+        fully_shard(model)
+        bal = make(list(model.parameters()))
+        try:
+            bal.backward([((o - y) ** 2).mean() for o, y in zip(model(x), ys)])
+            raised[name] = None
+        except Exception as exc:  # what the test checks
+            raised[name] = (type(exc).__name__, str(exc),
+                            [p.grad is None for p in model.parameters()])
+    torch.save(raised, os.path.join(args.out, f"rank{args.rank}.pt"))
+    # Neither process leaves while the other still talks to it (gloo aborts the one left).
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
