@@ -13,9 +13,10 @@ import torch
 
 from . import _native
 
-__all__ = ["DTYPES", "as_loss_list", "compiled_graph", "other_leaves", "reached_by_gradients",
-           "reached_parameters", "run_post_accumulate_grad_hooks", "split_shared",
-           "split_shared_by_gradients", "sum_rows", "task_roots", "TaskGradients", "walk_graph"]
+__all__ = ["DTYPES", "NothingReached", "as_loss_list", "compiled_graph", "other_leaves",
+           "reached_by_gradients", "reached_parameters", "run_post_accumulate_grad_hooks",
+           "split_shared", "split_shared_by_gradients", "sum_rows", "task_roots",
+           "TaskGradients", "walk_graph"]
 
 
 def as_loss_list(losses, expected_k: int | None = None, allow_absent: bool = False,
@@ -128,7 +129,7 @@ def walk_graph(starts, leaf_tensors: dict | None = None) -> tuple[set, set[int]]
 def other_leaves(losses: list, params: list[torch.Tensor]) -> list[torch.Tensor]:
     """The leaf tensors requiring grad that ``losses`` (None entries skipped) reach and that
     are not in ``params``: the parameters of another optimizer (an embedding table on a sparse
-    optimizer, a temperature), to which ``loss.backward()`` would give a gradient too."""
+    optimizer, a temperature), to which ``loss.backward()`` would give a gradient."""
     found: dict[int, torch.Tensor] = {}
     walk_graph([loss.grad_fn for loss in losses if loss is not None], found)
     own = {id(p) for p in params}
@@ -412,8 +413,7 @@ class TaskGradients:
     def compute(self, losses: list[torch.Tensor], specific: list[list[torch.Tensor]],
                 retain_graph: bool = False, accumulate: bool = False, scale: float = 1.0,
                 on_task=None, surprise: list[set[int]] | None = None,
-                others: list[torch.Tensor] = (), nothing_reached: str | None = None,
-                written: list | None = None) -> int:
+                nothing_reached: str | None = None, written: list | None = None) -> int:
         """Fill the buffer with each task's shared gradients; accumulate task-specific gradients.
         Returns how many gradients autograd gave the shared and task-specific tensors (0: no
         loss reached any of them).
@@ -426,11 +426,10 @@ class TaskGradients:
         parallelism); ``on_task(i)`` is called as soon as row i is complete (to start its
         reduction while the next task's backward runs). ``surprise[i]``: ids of task-specific
         parameters that task i is not expected to reach; ``self.surprises`` receives the pairs
-        (i, parameter) of those it gave a gradient to. ``others``: leaves outside the
-        optimizer (:func:`other_leaves`), whose gradients from every task go into ``.grad`` like
-        the task-specific ones. ``nothing_reached``: the message of the ValueError raised, before
-        any ``.grad`` is written, when no loss reached a shared or task-specific tensor.
-        ``written`` receives the tensors other than the shared ones whose ``.grad`` was written.
+        (i, parameter) of those it gave a gradient to. ``nothing_reached``: the message of the
+        :class:`NothingReached` error raised, before any ``.grad`` is written, when no loss
+        reached a shared or task-specific tensor. ``written`` receives the tensors other than
+        the shared ones whose ``.grad`` was written.
         """
         active = [j for j, p in enumerate(self.params) if p.requires_grad]
         shared = [self.params[j] for j in active]
@@ -457,10 +456,9 @@ class TaskGradients:
                     on_task(i)
                 continue
             grads = torch.autograd.grad(
-                loss, inputs + list(others), retain_graph=retain_graph or i < last,
-                allow_unused=True
+                loss, inputs, retain_graph=retain_graph or i < last, allow_unused=True
             )
-            received += sum(g is not None for g in grads[:len(inputs)])
+            received += sum(g is not None for g in grads)
             self.touched = True  # rows are written from here on
             row = self.views(i)
             for j, g in zip(active, grads[:len(shared)]):
@@ -483,7 +481,7 @@ class TaskGradients:
                     view.copy_(g)
             if on_task is not None:
                 on_task(i)
-            for p, g in zip(specific[i] + list(others), grads[len(shared):]):
+            for p, g in zip(specific[i], grads[len(shared):]):
                 if g is None:
                     continue
                 if surprise is not None and id(p) in surprise[i]:
@@ -511,7 +509,7 @@ class TaskGradients:
                     entry[1], entry[2] = p.grad.clone().add_(entry[1]), "replace"
                 entry[1].add_(g)
         if nothing_reached is not None and not received:
-            raise ValueError(nothing_reached)
+            raise NothingReached(nothing_reached)
         # Into .grad once every task's backward has run: one that raises (a freed graph, an
         # error in a custom backward) leaves the task-specific .grad as it was. The sums are
         # those loss.backward() per task makes ((.grad + g_0) + g_1 ...), and a parameter holds
@@ -526,6 +524,10 @@ class TaskGradients:
         if written is not None:
             written.extend(p for p, _, _ in staged.values())
         return received
+
+
+class NothingReached(ValueError):
+    """No loss reached any of the tensors :meth:`TaskGradients.compute` differentiates."""
 
 
 def _grad_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

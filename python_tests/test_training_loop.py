@@ -6,7 +6,7 @@ torch.compile of the model and of the step."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import pickle
 
 import pytest
 import torch
@@ -20,7 +20,6 @@ from helpers import (
     assert_states_equal,
     mmoe_batch,
     mmoe_losses,
-    run_workers,
 )
 
 import pub_native
@@ -400,21 +399,25 @@ def test_task_weights_are_those_the_step_applied_when_a_task_is_absent():
     log = _run_with_task_1_absent_at({1}, every=3, steps=3)
     assert log[1][0].tolist() == [1.0, 0.0] and not log[1][1]
     assert torch.equal(log[2][0], log[0][0]) and bool((log[0][0] > 0).all())
-    # What step 1 applied: task 0's Adam update alone, as the reference step computes it.
-    torch.manual_seed(6)
-    model = MMoE()
-    ref = pub_native.Adam(model.parameters(), lr=1e-2, update_weights_every=3,
-                          backend="reference")
-    for t in range(2):
-        losses = mmoe_losses(model, mmoe_batch(t))
-        if t == 1:
-            losses[1] = torch.zeros(())
-        ref.zero_grad()
-        ref.backward(losses)
-        ref.step()
-    assert ref.task_weights.tolist() == [1.0, 0.0]
-    for a, b in zip(model.parameters(), log[1][2]):
-        assert_close(a, b, TOL[("reference", F32)])
+    # What step 1 applied: task 0's Adam update alone, as the reference step computes it. A
+    # copy of either optimizer shows what the step applied too.
+    for backend in ("reference", "native"):
+        torch.manual_seed(6)
+        model = MMoE()
+        opt = pub_native.Adam(model.parameters(), lr=1e-2, update_weights_every=3,
+                              backend=backend)
+        for t in range(2):
+            losses = mmoe_losses(model, mmoe_batch(t))
+            if t == 1:
+                losses[1] = torch.zeros(())
+            opt.zero_grad()
+            opt.backward(losses)
+            opt.step()
+        assert opt.task_weights.tolist() == [1.0, 0.0]
+        for a, b in zip(model.parameters(), log[1][2]):
+            assert_close(a, b, TOL[("reference", F32)])
+        for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+            assert copied.task_weights.tolist() == [1.0, 0.0], backend
 
 
 def test_absent_task_errors_name_the_task_and_the_option():
@@ -490,8 +493,18 @@ def test_losses_that_reach_none_of_its_parameters_are_refused():
             opt.backward(mmoe_losses(model, mmoe_batch(0)))
         assert opt.shared_parameters is None
         assert all(p.grad is None for p in model.parameters())
+    # Refused within an accumulation, the call takes nothing away: the step then takes the
+    # first batch's gradients, as one that never saw the refused call.
     opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    twin = copy.deepcopy(model)
+    fresh = pub_native.Adam(twin.parameters(), lr=1e-2)
     opt.backward(mmoe_losses(model, mmoe_batch(0)))
+    fresh.backward(mmoe_losses(twin, mmoe_batch(0)))
+    with pytest.raises(ValueError, match="no task loss reaches any parameter"):
+        opt.backward(mmoe_losses(MMoE(), mmoe_batch(1)))
+    opt.step()
+    fresh.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     frozen = MMoE().requires_grad_(False)  # a model the losses do not reach, frozen: as torch
     with pytest.raises(ValueError, match="no task loss reaches any parameter"):
         pub_native.Adam(MMoE().parameters()).backward(mmoe_losses(model, mmoe_batch(0)))
@@ -503,34 +516,39 @@ def test_losses_that_reach_none_of_its_parameters_are_refused():
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
-def test_parameters_of_another_optimizer_get_the_gradient_of_the_summed_losses(sparse):
-    # The embedding table on its own optimizer (SparseAdam for a sparse one), the rest of the
-    # model on PUB: backward(losses) gives the table what sum(losses).backward() gives it,
-    # accumulating over two calls, and runs every post-accumulate-grad hook once per call, with
-    # .grad final.
+def test_parameters_of_another_optimizer_are_named_and_hooks_run_once(sparse):
+    # The embedding table on its own optimizer (SparseAdam for a sparse one), the rest on PUB:
+    # the first backward(losses) warns that it leaves the table without a gradient, and the
+    # recipe it names (the table's gradient first, then backward(losses)) trains the table as
+    # sum(losses).backward() does. Post-accumulate-grad hooks of PUB's parameters run once per
+    # call, with .grad final, accumulating over two calls.
     torch.manual_seed(0)
     model = MMoE()
     model.embedding = torch.nn.Embedding(10, 6, sparse=sparse)
     twin = copy.deepcopy(model)
     table = model.embedding.weight
     seen = []
-    for p in (table, model.experts[0].weight, model.towers[1].bias):
+    for p in (model.experts[0].weight, model.towers[1].bias):
         p.register_post_accumulate_grad_hook(lambda p: seen.append((p, p.grad.clone())))
-    dense = [p for p in model.parameters() if p is not table]
-    opt = pub_native.Adam(dense, lr=1e-2)
+    opt = pub_native.Adam([p for p in model.parameters() if p is not table], lr=1e-2)
     table_opts = [(torch.optim.SparseAdam if sparse else torch.optim.Adam)([w], lr=0.1)
                   for w in (table, twin.embedding.weight)]
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\).*outside this optimizer.*\(10, 6\)"):
+        opt.backward(mmoe_losses(model, mmoe_batch(0)))
+    assert table.grad is None
     for t in range(2):
         opt.zero_grad()
         for o in table_opts:
             o.zero_grad()
         for part in (2 * t, 2 * t + 1):  # two batches accumulated
             seen.clear()
-            opt.backward(mmoe_losses(model, mmoe_batch(part)))
+            losses = mmoe_losses(model, mmoe_batch(part))
+            torch.autograd.backward(sum(losses), inputs=[table], retain_graph=True)
+            opt.backward(losses)
             assert sorted(id(p) for p, _ in seen) == sorted(
-                map(id, (table, model.experts[0].weight, model.towers[1].bias)))
+                map(id, (model.experts[0].weight, model.towers[1].bias)))
             for p, g in seen:
-                assert torch.equal(g.to_dense(), p.grad.to_dense())  # .grad was final
+                assert torch.equal(g, p.grad)  # .grad was final
             sum(mmoe_losses(twin, mmoe_batch(part))).backward()
         assert_close(table.grad.to_dense(), twin.embedding.weight.grad.to_dense(), 1e-6,
                      "table gradient")
@@ -543,31 +561,6 @@ def test_parameters_of_another_optimizer_get_the_gradient_of_the_summed_losses(s
                 b.grad = None
                 if a is not table:
                     b.copy_(a)
-
-
-def test_under_ddp_parameters_of_another_optimizer_are_averaged(tmp_path):
-    # Under DDP the table's gradient is the average over the processes, as DDP makes it for
-    # loss.backward(): 2 processes on half batches train like one process on whole batches.
-    ranks = run_workers(Path(__file__).with_name("ddp_other_optimizer.py"), 2, tmp_path)
-    torch.manual_seed(0)
-    model = MMoE()
-    table = model.embedding.weight
-    opt = pub_native.Adam([p for p in model.parameters() if p is not table], lr=1e-2)
-    table_opt = torch.optim.Adam([table], lr=1e-2)
-    start = table.detach().clone()
-    for t in range(3):
-        opt.zero_grad()
-        losses = mmoe_losses(model, mmoe_batch(t))
-        # The table's gradient as loss.backward() gives it, independently of backward(losses).
-        grad = torch.autograd.grad(sum(losses), table, retain_graph=True)[0]
-        opt.backward(losses)
-        table.grad = grad
-        opt.step()
-        table_opt.step()
-    assert not torch.equal(ranks[0][0], start)
-    for a, b, p in zip(*ranks, model.parameters()):
-        assert torch.equal(a, b)
-        assert_close(a, p, 1e-5, "a parameter after 3 steps")
 
 
 # ---- torch.compile ------------------------------------------------------------------------------

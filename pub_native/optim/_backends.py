@@ -64,6 +64,7 @@ class CpuBackend:
         self._configs: dict[tuple, Any] = {}
         self.device = torch.device("cpu") if device is None else device
         self._applied = False  # a step on shared parameters was applied since set_weights
+        self._applied_seed = None  # what set_weights gave (α̂, or the applied weights)
 
     @property
     def k(self) -> int:
@@ -85,11 +86,13 @@ class CpuBackend:
         return (st.weights if st.has_weights else None, st.alpha if st.has_alpha else None)
 
     def applied_weights(self) -> np.ndarray | None:
-        """The weights the last applied step used (α̂ with absent tasks at 0), or None."""
-        return self._stepper.applied if self._applied else None
+        """The weights the last applied step used (α̂ with absent tasks at 0); before any, what
+        set_weights gave; None before both."""
+        return self._stepper.applied if self._applied else self._applied_seed
 
-    def set_weights(self, weights, alpha) -> None:
+    def set_weights(self, weights, alpha, applied=None) -> None:
         self._applied = False
+        self._applied_seed = applied if applied is not None else weights
         st = self._stepper
         st.has_weights = weights is not None
         st.has_alpha = alpha is not None

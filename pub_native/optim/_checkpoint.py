@@ -61,6 +61,7 @@ class Checkpoints:
             "t": self._t,
             "solved": self._solved,
             "weights": weights,
+            "applied": self._current_applied(),
             "stats": self._stats,
         }
         return state
@@ -90,6 +91,7 @@ class Checkpoints:
         self._t = pub["t"]
         self._solved = pub["solved"]
         self._seed_weights = pub["weights"]
+        self._seed_applied = pub.get("applied")
         self._stats = pub["stats"]
         self._shard_state = pub["shards"]
 
@@ -424,9 +426,10 @@ class Checkpoints:
                                  "weight_norm='sum' the weights sum to 1 (or are all 0)")
             weights.append(w)
         reusable = pub.get("weights_reusable", True)  # absent from older checkpoints
-        if not isinstance(reusable, bool):
+        if not isinstance(reusable, (bool, np.bool_)):
             raise TypeError(f"loaded pub['weights_reusable'] is {reusable!r} "
                             f"({type(reusable).__name__}), expected a bool")
+        reusable = bool(reusable)
         return {"k": k, "step": step, "shared": shared, "decisions": decisions,
                 "weights": tuple(weights), "weights_reusable": reusable}
 

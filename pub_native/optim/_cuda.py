@@ -161,7 +161,6 @@ class CudaBackend:
         self._base_host = None
         self._base = None
         self._inv_key = None
-        self._applied = False  # a step on shared parameters was launched since set_weights
 
     def _segment(self, seg: PlanSegment) -> _DeviceSegment:
         if seg.dtype == torch.float64:
@@ -198,13 +197,15 @@ class CudaBackend:
 
     def applied_weights(self):
         """The weights the last step the device applied used (α̂ with absent tasks at 0), or
-        None (copies from the device)."""
-        if not self._applied or not int(self.flags[self.cmod.FLAG_HAS_WEIGHTS]):
+        what set_weights gave; None before both (copies from the device)."""
+        if not int(self.flags[self.cmod.FLAG_HAS_WEIGHTS]):
             return None
         return self.applied.cpu().numpy().copy()
 
-    def set_weights(self, weights, alpha) -> None:
-        self._applied = False
+    def set_weights(self, weights, alpha, applied=None) -> None:
+        if applied is not None or weights is not None:
+            self.applied.copy_(torch.as_tensor(applied if applied is not None else weights,
+                                               dtype=torch.float64))
         if weights is not None:
             self.weights.copy_(torch.as_tensor(weights, dtype=torch.float64))
         if alpha is not None:
@@ -241,7 +242,6 @@ class CudaBackend:
                            self.flags.data_ptr(), self.residual.data_ptr(),
                            self.workspace.data_ptr(), scale_ptr, ts_ptr, found_ptr)
         natives = [s.native for s in segments]
-        self._applied = self._applied or plan.has_shared
         code, ridge, tol, max_iter = solver_args(options)
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device).cuda_stream

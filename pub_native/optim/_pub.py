@@ -158,6 +158,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         self._solved = False
         self._backend = None
         self._seed_weights: tuple | None = None  # (α̂, α) for the next backend (checkpoints)
+        self._seed_applied = None  # the weights the last step applied, for a copy's backend
         self._stats: dict[str, Any] = {}
         self._unread = None  # (device result, under a GradScaler) not yet read back
         self._dp: DataParallel | None = None  # data parallelism, decided at the first backward
@@ -276,23 +277,28 @@ class PUBOptimizer(GradientTools, Checkpoints):
             return self._backend.get_weights()
         return self._seed_weights
 
+    def _current_applied(self):
+        """The weights the last PUB step applied (host float64), or None."""
+        if self._backend is not None:
+            return self._backend.applied_weights()
+        if self._seed_applied is not None:
+            return self._seed_applied
+        return None if self._seed_weights is None else self._seed_weights[0]
+
     @property
     def task_weights(self) -> torch.Tensor | None:
         """α̂ used by the last PUB step (float64, shape (K,)), or None before the first one: with
-        a task absent from that step's batch, 0 for it and the others renormalized.
+        a task absent from that step's batch, 0 for it and the others renormalized. A copy
+        (deepcopy, pickle) shows the same; after ``load_state_dict``, until the next step, the
+        loaded α̂.
 
         On CUDA this copies from the device (the step itself never waits for it), and raises
         FloatingPointError if the device skipped the last step for a NaN/Inf."""
         self._read_device_result()
-        # What the last step applied: on a step where a task was absent, α̂ with that task at 0
-        # and the others renormalized. Before any step (or since a load), α̂ itself.
-        applied = None if self._backend is None else self._backend.applied_weights()
-        if applied is not None:
-            return torch.from_numpy(np.array(applied, dtype=np.float64))
-        weights = self._current_weights()
-        if weights is None or weights[0] is None:
+        applied = self._current_applied()
+        if applied is None:
             return None
-        return torch.from_numpy(np.array(weights[0], dtype=np.float64))
+        return torch.from_numpy(np.array(applied, dtype=np.float64))
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -489,7 +495,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if self._grad_views is None or len(self._grad_views) != len(shared):
             self._grad_views = [None] * len(shared)
         self._shared = shared
-        if self._k is None:
+        first = self._k is None
+        if first:
             self._k = k
         if not accumulate:
             self._present = [False] * k
@@ -497,18 +504,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
         shared_ids = {id(p) for p in shared}
         params = self._all_params()
         specific = [p for p in params if p.requires_grad and id(p) not in shared_ids]
-        # Leaves outside this optimizer (another optimizer's parameters) get Σ_i ∂L_i/∂t, as
-        # loss.backward() gives them. Under DDP those of its module are averaged like ours
-        # (a list that is the same on every process: all of them), as DDP would average them.
-        others = _autograd.other_leaves(items, params)
-        averaged = specific
-        if dp is not None and dp.ddp is not None:
-            own = {id(p) for p in params}
-            module = [p for p in dp.ddp.module.parameters()
-                      if p.requires_grad and id(p) not in own]
-            in_module = {id(p) for p in module}
-            others = module + [t for t in others if id(t) not in in_module]
-            averaged = specific + module
+        if first:
+            self._warn_other_leaves(items, params)
         handles: list = []
         sync = dp is not None and dp.syncing()
         extra = {}
@@ -535,16 +532,25 @@ class PUBOptimizer(GradientTools, Checkpoints):
         written = [p for p in shared if p.requires_grad]
         try:
             grads.compute(items, [specific] * k, retain_graph=retain_graph,
-                          accumulate=accumulate, others=others, nothing_reached=unreached,
-                          written=written, **extra)
+                          accumulate=accumulate, nothing_reached=unreached, written=written,
+                          **extra)
+        except _autograd.NothingReached:
+            # Nothing was written (no gradient, no reduction: the rows of an accumulation are
+            # as they were), except under data parallelism, whose reductions ran.
+            if accumulate and grads.touched and dp is not None:
+                self._torn_by_error()
+            raise
         except BaseException:
             if accumulate and grads.touched:
                 self._torn_by_error()
             raise
         if sync:
             dp.finish_task_rows(grads, handles)
-            self._present = dp.reduce_plain(averaged, self._present)
+            self._present = dp.reduce_plain(specific, self._present)
             dp.unreduced = False
+            # The averaging wrote every task-specific gradient that some process has.
+            written = [p for p in shared if p.requires_grad] + [
+                p for p in specific if p.grad is not None]
         else:  # (inside ddp.no_sync(): accumulated here, reduced at the next synced backward)
             grads.form_sum()
             if dp is not None:
@@ -558,6 +564,21 @@ class PUBOptimizer(GradientTools, Checkpoints):
         self._pending = True
         self._unfit_pending = False
         return written
+
+    def _warn_other_leaves(self, items, params) -> None:
+        """On the first backward: a warning naming the tensors requiring grad that the losses
+        reach outside this optimizer (another optimizer's parameters), which backward(losses)
+        leaves without a gradient, unlike loss.backward()."""
+        others = _autograd.other_leaves(items, params)
+        if others:
+            shapes = ", ".join(str(tuple(t.shape)) for t in others[:3])
+            warnings.warn(
+                f"the losses reach {len(others)} tensor(s) that require grad outside this "
+                f"optimizer (shapes {shapes}{', ...' if len(others) > 3 else ''}): "
+                "backward(losses) computes the gradients of this optimizer's parameters only. "
+                "Give those tensors theirs with torch.autograd.backward(sum(losses), "
+                "inputs=[...], retain_graph=True) before it, or give them to this optimizer",
+                stacklevel=4)
 
     def _torn_by_error(self) -> None:
         """An accumulating backward(losses) raised after adding some tasks' gradients to the
@@ -679,9 +700,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
         else:
             b = CpuBackend(k, plan.device)
         if seed is not None and b.k == k and (seed[0] is not None or seed[1] is not None):
-            b.set_weights(*seed)
+            b.set_weights(*seed, applied=self._seed_applied)
         self._backend = b
-        self._seed_weights = None
+        self._seed_weights = self._seed_applied = None
         return b
 
     def _scaler_inputs(self):

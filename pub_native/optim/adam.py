@@ -52,8 +52,8 @@ class Adam(PUBOptimizer, torch.optim.Adam):
             ``clippy_lambda_rel`` / ``clippy_lambda_abs`` override it.
         absent_tasks: ``"skip"`` (default): a task loss without a graph (no labels for that task
             in this batch, e.g. a constant, in a list of losses) gives that task weight 0 at
-            that step (the others' weights renormalized; the next step solves again), its
-            AdaTask state untouched; ``"error"``: such a loss raises.
+            that step (the others' weights renormalized; weights solved at that step are not
+            reused), its AdaTask state untouched; ``"error"``: such a loss raises.
         process_group: data parallelism (SPEC section 10): ``"auto"`` (default) finds the
             ``DistributedDataParallel`` module holding the parameters and averages the per-task
             gradients over its process group; a group: the parameters are taken as replicated

@@ -237,8 +237,9 @@ class ReferenceBackend:
         return (None if self._weights is None else np.array(self._weights),
                 None if self._alpha is None else np.array(self._alpha))
 
-    def set_weights(self, weights, alpha) -> None:
-        self._applied = None
+    def set_weights(self, weights, alpha, applied=None) -> None:
+        self._applied = None if applied is None and weights is None else np.array(
+            applied if applied is not None else weights, dtype=np.float64)
         self._weights = None if weights is None else np.array(weights, dtype=np.float64)
         self._alpha = None if alpha is None else np.array(alpha, dtype=np.float64)
 
