@@ -13,13 +13,11 @@ whole batches.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
+from helpers import gloo_worker
 from torch import nn
 
 from pub_native.balancers import FAMO, Uncertainty
@@ -98,29 +96,13 @@ def train(kind: str, mode: str, world: int = 1, rank: int = 0) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int, required=True)
-    ap.add_argument("--world", type=int, required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
-        world_size=args.world, timeout=datetime.timedelta(seconds=30))
-    try:
+    with gloo_worker() as args:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = {(kind, mode): train(kind, mode, args.world, args.rank)
-                          for kind in KINDS for mode in MODES}
+            result = {(kind, mode): train(kind, mode, args.world, args.rank)
+                      for kind in KINDS for mode in MODES}
         except Exception:  # reported by the test, which shows it
             result = {"error": traceback.format_exc()}
         torch.save(result, Path(args.out) / f"rank{args.rank}.pt")
-        # Neither process leaves while the other still talks to it (see ddp_multibalance.py).
-        torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=30))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,13 +7,10 @@ failed process is what fails the test."""
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import warnings
 
 import torch
-import torch.distributed as dist
+from helpers import gloo_worker
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -134,28 +131,17 @@ def case_own_models(rank: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--case", required=True,
-                        choices=("zero_pub", "zero_pub_big", "zero_plain", "subset",
-                                 "own_models"))
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    dist.init_process_group("gloo", rank=args.rank, world_size=args.world,
-                            timeout=datetime.timedelta(seconds=60))
-    if args.case.startswith("zero_pub"):
-        result = case_zero_pub(args.rank, big=args.case == "zero_pub_big")
-    else:
-        result = globals()[f"case_{args.case}"](args.rank)
-    torch.save(result, os.path.join(args.out, f"rank{args.rank}.pt"))
-    # Neither process leaves while the other still talks to it (gloo aborts the one left).
-    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
-    dist.destroy_process_group()
+    def add_case(parser):
+        parser.add_argument("--case", required=True,
+                            choices=("zero_pub", "zero_pub_big", "zero_plain", "subset",
+                                     "own_models"))
+
+    with gloo_worker(add_case) as args:
+        if args.case.startswith("zero_pub"):
+            result = case_zero_pub(args.rank, big=args.case == "zero_pub_big")
+        else:
+            result = globals()[f"case_{args.case}"](args.rank)
+        torch.save(result, os.path.join(args.out, f"rank{args.rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -4,14 +4,12 @@ type's per-task norms to rank<r>.pt."""
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import math
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
+from helpers import gloo_worker
 
 import pub_native
 
@@ -30,16 +28,11 @@ class Model(torch.nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    dist.init_process_group("gloo", rank=args.rank, world_size=args.world,
-                            timeout=datetime.timedelta(seconds=60))
+    with gloo_worker() as args:
+        run(args)
+
+
+def run(args) -> None:
     model = torch.nn.parallel.DistributedDataParallel(Model())
     opt = pub_native.Adam(model.parameters(), lr=1e-2, shared=[model.module.a])
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(args.rank))
@@ -55,9 +48,6 @@ def main() -> None:
     pieces = [hi - lo for lo, hi, _ in opt._dp.pieces]
     torch.save({"norms": norms, "pieces": pieces, "grads": ref / 2},
                os.path.join(args.out, f"rank{args.rank}.pt"))
-    # Neither process leaves while the other still talks to it (gloo aborts the one left).
-    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

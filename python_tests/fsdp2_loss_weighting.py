@@ -5,13 +5,10 @@ rank<r>.pt."""
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import warnings
 
 import torch
-import torch.distributed as dist
+from helpers import gloo_worker
 
 from pub_native import balancers
 
@@ -36,16 +33,11 @@ MAKERS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    dist.init_process_group("gloo", rank=args.rank, world_size=args.world,
-                            timeout=datetime.timedelta(seconds=60))
+    with gloo_worker() as args:
+        run(args)
+
+
+def run(args) -> None:
     from torch.distributed.fsdp import fully_shard
 
     x, ys = torch.randn(16, 8), [torch.randn(16), torch.randn(16)]
@@ -62,9 +54,6 @@ def main() -> None:
             raised[name] = (type(exc).__name__, str(exc),
                             [p.grad is None for p in model.parameters()])
     torch.save(raised, os.path.join(args.out, f"rank{args.rank}.pt"))
-    # Neither process leaves while the other still talks to it (gloo aborts the one left).
-    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

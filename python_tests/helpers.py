@@ -7,12 +7,16 @@ that the same problem runs on several backends.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
+import datetime
 import inspect
 import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -211,6 +215,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_worker(add_arguments=None):
+    """In a worker process that :func:`run_workers` started: parse ``--rank --world --port
+    --out`` (and what ``add_arguments(parser)`` adds), join the gloo group on 127.0.0.1 (one
+    thread, warnings off, 60 s timeout), yield the arguments, and leave the group together:
+    a process that tears gloo down while its peer still talks to it aborts the peer."""
+    import torch.distributed as dist
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    dist.init_process_group("gloo", rank=args.rank, world_size=args.world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield args
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    finally:
+        dist.destroy_process_group()
 
 
 def run_workers(script, world: int, out, args=(), timeout: float = 120.0) -> list:

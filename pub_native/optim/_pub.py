@@ -788,29 +788,23 @@ class PUBOptimizer(GradientTools, Checkpoints):
 
     def _finish_step(self, plan: StepPlan, result, pending: bool, reusable: bool, solve: bool,
                      found_inf) -> None:
-        if getattr(result, "lazy", False):
-            # The device decides; nothing here may wait for it. The entries the kernels used are
-            # kept either way (a skipped step leaves their values as they were).
+        # Lazy (CUDA): the device decides; nothing here may wait for it. The entries the
+        # kernels used are kept either way (a skipped step leaves their values as they were).
+        lazy = getattr(result, "lazy", False)
+        if lazy or result.outcome == StepOutcome.APPLIED:
             mark_written(plan.written)
             self._commit_state(plan)
             if pending and plan.has_shared:
                 self._t += 1
                 if solve:
                     self._solved = reusable
+                if not lazy:
+                    self._stats = dict(result.stats if solve else self._stats, updated=solve)
             self._pending = False
-            self._unread = (result, found_inf is not None)
+            if lazy:
+                self._unread = (result, found_inf is not None)
             return
         outcome = result.outcome
-        if outcome == StepOutcome.APPLIED:
-            mark_written(plan.written)
-            self._commit_state(plan)
-            if pending and plan.has_shared:
-                self._t += 1
-                if solve:
-                    self._solved = reusable
-                self._stats = dict(result.stats if solve else self._stats, updated=solve)
-            self._pending = False
-            return
         if _scaler_skip(outcome, found_inf is not None):
             self._pending = False
             return
