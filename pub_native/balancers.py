@@ -293,16 +293,19 @@ class GradientBalancer:
         some parameter in ``params``."""
         reached = set().union(*(reached_parameters(root)
                                 for root in task_roots(raw_losses, losses)))
-        if not any(id(p) in reached for p in _active(self.params)):
-            raise self._nothing_reached()
+        active = _active(self.params)
+        # FSDP2's sharded DTensors: the forward runs on unsharded copies, which the graph
+        # reaches instead (the backward would leave them without a gradient).
+        unreached = [p for p in active if id(p) not in reached and _is_sharded_parameter(p)]
+        if unreached or not any(id(p) in reached for p in active):
+            raise self._nothing_reached(unreached)
         self._reach_checked = True
 
-    def _nothing_reached(self) -> Exception:
-        """The error of a call whose losses reach none of ``params``."""
-        sharded = [p for p in _active(self.params) if _is_sharded_parameter(p)]
+    def _nothing_reached(self, sharded: list | None = None) -> Exception:
+        """The error of a call whose losses reach none of ``params`` (or not ``sharded``)."""
+        if sharded is None:
+            sharded = [p for p in _active(self.params) if _is_sharded_parameter(p)]
         if sharded:
-            # FSDP2's sharded DTensors: the forward runs on unsharded copies, which the graph
-            # reaches instead.
             return NotImplementedError(
                 f"a parameter of shape {tuple(sharded[0].shape)} is sharded (FSDP2 or DTensor) "
                 f"and no loss reaches it: {type(self).__name__} takes the parameters the losses "
@@ -335,6 +338,15 @@ class GradientBalancer:
             own = group is not None and ddp is None and not ddp_holders(
                 {id(p) for p in self.params})
         self._dp_group, self._dp_own, self._dp_decided = group, own, True
+
+    def _non_finite_losses(self, losses: list[torch.Tensor]) -> list[int]:
+        """The tasks whose loss value is NaN or Inf on this process or, under data
+        parallelism, on any (one all-reduce of K numbers; one wait for the device)."""
+        values = torch.stack([loss.detach().reshape(()).to(device=losses[0].device,
+                                                           dtype=torch.float64)
+                              for loss in losses])
+        values = self._group_mean(values)  # a NaN or Inf anywhere stays one
+        return [i for i, ok in enumerate(torch.isfinite(values).tolist()) if not ok]
 
     def _group_mean(self, values: torch.Tensor) -> torch.Tensor:
         """The mean over the data-parallel group of each process's ``values`` (a 1-D tensor of
@@ -487,11 +499,12 @@ class GradientBalancer:
     def backward(self, losses, *, scaler=None, retain_graph: bool = False) -> None:
         """Per-task gradients -> weights -> combined gradient in ``.grad`` (accumulated).
 
-        A loss value that is NaN or Inf raises FloatingPointError on every call, before any
-        backward pass (``.grad`` and the balancer stay as they were), also where its gradient
-        is finite (a cross-entropy whose target class is masked with −inf): a weight computed
-        from it (MGDA-UB's ``normalization="loss"``) would be meaningless, and a step that
-        reuses the weights has no Gram to check.
+        A loss value that is NaN or Inf (on any process, under data parallelism) raises
+        FloatingPointError on every call, before any backward pass (``.grad`` and the balancer
+        stay as they were), also where its gradient is finite (a cross-entropy whose target
+        class is masked with −inf): a weight computed from it (MGDA-UB's
+        ``normalization="loss"``) would be meaningless, and a step that reuses the weights has
+        no Gram to check.
 
         ``scaler``: the ``torch.amp.GradScaler`` that scaled ``losses``, if any. With it, a
         non-finite loss or Gram (an overflow of the scaled losses) is no error: ``.grad`` gets
@@ -503,9 +516,6 @@ class GradientBalancer:
         ``retain_graph``: keep the autograd graph of ``losses`` after the call, as in
         ``Tensor.backward`` (for a second backward pass through it); by default it is freed."""
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
-        bad_losses = _non_finite_losses(losses)
-        if bad_losses and scaler is None:
-            raise FloatingPointError(f"non-finite loss in task(s) {bad_losses}")
         if self.k is None:
             self._setup(raw, losses)
         elif self._undecided():
@@ -513,6 +523,11 @@ class GradientBalancer:
             self._detect(raw, losses)
             if [id(p) for p in self.shared] != [id(p) for p in shared]:
                 self._grads = self._new_buffer(self.k)
+        # (After the set-up, which decides the data-parallel group: every process decides
+        # alike, else one would raise while the others wait in the next collective.)
+        bad_losses = self._non_finite_losses(losses)
+        if bad_losses and scaler is None:
+            raise FloatingPointError(f"non-finite loss in task(s) {bad_losses}")
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
@@ -1155,7 +1170,7 @@ class FAMO(GradientBalancer):
         self._decide_group()  # (before the detection: its processes agree on it)
         if self.max_norm > 0 and (self.shared is None or self._undecided()):
             self._detect(raw, items)
-        elif not self._reach_checked:
+        if not self._reach_checked:
             self._check_reached(raw, items)
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         values = self._loss_values(items, scale)
@@ -2219,10 +2234,10 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     Where D Uᵀ is singular (tasks whose gradients are parallel: u_i = u_j, whatever their
     sizes), many weights give equal projections; those nearest the uniform weights are taken
     (K identical tasks: 1/K each). Singular means to rounding: row r of D Uᵀ/‖g_1‖ is at most
-    2(1 + ‖g_r‖/‖g_1‖) and holds the rounding of G at that scale, so the rows are scaled by it
-    and singular values below 1e-10 are taken as 0: there the rounding would decide the
-    solution (for g_2 = 0.3·g_1, anything from (1, 0) to (−1, 2), a direction against both
-    tasks)."""
+    2(1 + ‖g_r‖/‖g_1‖) and holds the rounding of G at that scale (a few ε of it), so the rows
+    are scaled by it and singular values below 64·K·ε are taken as 0: there the rounding would
+    decide the solution (for g_2 = 0.3·g_1, anything from (1, 0) to (−1, 2), a direction
+    against both tasks). Above it the closed form is kept, to the precision G gives it."""
     G = _as_gram(G)
     k = len(G)
     norms = np.sqrt(np.maximum(np.diag(G), 0.0))
@@ -2240,7 +2255,7 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     DU = M[0, 0] - M[0, 1:][None, :] - M[1:, 0][:, None] + M[1:, 1:]  # (g_1 − g_r)·(u_1 − u_s)
     rows = 1.0 + n[1:] / n[0]
     left, sv, right = np.linalg.svd(DU / rows[:, None])
-    rank = int((sv > 1e-10).sum())
+    rank = int((sv > 64 * len(idx) * _EPS).sum())
     if rank == len(idx) - 1:
         rest = np.linalg.solve(DU.T, first)
         w[idx[1:]] = rest
@@ -2484,14 +2499,6 @@ def _all_finite(grads: list) -> bool:
     if bool(torch.isfinite(torch.stack([t.to(sums[0].device) for t in sums])).all()):
         return True
     return all(bool(torch.isfinite(g).all()) for g in grads)
-
-
-def _non_finite_losses(losses: list[torch.Tensor]) -> list[int]:
-    """The tasks whose loss value is NaN or Inf (one wait for the device)."""
-    values = torch.stack([loss.detach().reshape(()).to(device=losses[0].device,
-                                                       dtype=torch.float64)
-                          for loss in losses])
-    return [i for i, ok in enumerate(torch.isfinite(values).tolist()) if not ok]
 
 
 def _zero_aside(params: list[torch.Tensor]) -> list:

@@ -1,10 +1,12 @@
 """Worker of test_balancer_ddp_weighting.py's FSDP2 test: 2 gloo processes, a model under
-torch.distributed.fsdp.fully_shard, and each one-backward loss weighting (LS, Uncertainty, FAMO
+torch.distributed.fsdp.fully_shard (on the whole model or on its trunk alone), and each
+one-backward loss weighting (LS, Uncertainty, FAMO
 with and without max_norm) called on its sharded parameters. Writes what each call raised to
 rank<r>.pt."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -42,17 +44,17 @@ def run(args) -> None:
 
     x, ys = torch.randn(16, 8), [torch.randn(16), torch.randn(16)]
     raised = {}
-    for name, make in MAKERS.items():
+    for (name, make), part in itertools.product(MAKERS.items(), ("model", "trunk")):
         torch.manual_seed(0)
         model = Model()
-        fully_shard(model)
+        fully_shard(model if part == "model" else model.trunk)  # all or part of it sharded
         bal = make(list(model.parameters()))
         try:
             bal.backward([((o - y) ** 2).mean() for o, y in zip(model(x), ys)])
-            raised[name] = None
+            raised[name, part] = None
         except Exception as exc:  # what the test checks
-            raised[name] = (type(exc).__name__, str(exc),
-                            [p.grad is None for p in model.parameters()])
+            raised[name, part] = (type(exc).__name__, str(exc),
+                                  [p.grad is None for p in model.parameters()])
     torch.save(raised, os.path.join(args.out, f"rank{args.rank}.pt"))
 
 

@@ -119,9 +119,25 @@ def test_loss_weightings_refuse_fsdp2_parameters_by_name(tmp_path):
         pytest.skip("this torch has no FSDP2 (fully_shard)")
     ranks = run_workers(HERE / "fsdp2_loss_weighting.py", WORLD, tmp_path, timeout=90)
     for raised in ranks:
-        assert set(raised) == {"LS", "Uncertainty", "FAMO", "FAMO clipped"}
+        assert {name for name, _ in raised} == {"LS", "Uncertainty", "FAMO", "FAMO clipped"}
+        assert {part for _, part in raised} == {"model", "trunk"}
         for name, got in raised.items():
             assert got is not None, f"{name} took sharded parameters it does not reach"
             kind, message, no_grad = got
             assert kind == "NotImplementedError" and "FSDP2" in message, (name, message)
             assert all(no_grad), name
+
+
+def test_a_loss_non_finite_on_one_process_is_decided_alike_on_every_process(tmp_path):
+    # A NaN loss on one process's slice: every process raises FloatingPointError (one that
+    # raised alone would leave the others waiting in the next collective). An Inf loss with a
+    # finite gradient under a GradScaler: every process takes the same step (the processes do
+    # not drift apart).
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    ranks = run_workers(HERE / "ddp_balancer_losses.py", WORLD, tmp_path, timeout=90)
+    for r in ranks:
+        assert "non-finite loss in task(s) [1]" in r[False].get("error", ""), r[False]
+        assert "params" in r[True], r[True]
+    for a, b in zip(ranks[0][True]["params"], ranks[1][True]["params"]):
+        assert torch.equal(a, b)

@@ -327,3 +327,24 @@ def test_imtl_g_of_nearly_parallel_gradients_is_still_its_closed_form():
         n = np.linalg.norm(g, axis=1)
         np.testing.assert_allclose(B.imtl_g_weights(g @ g.T), [n[1], n[0]] / n.sum(),
                                    rtol=TOL["imtl_near_parallel"], atol=0)
+
+
+def test_imtl_g_keeps_its_closed_form_down_to_where_rounding_decides():
+    # Angles of 1e-5 and 3e-6 rad: 1 − cos is 1e-10 and 1e-11, far above the rounding of G,
+    # which still gives the two-task closed form w = (‖g_2‖, ‖g_1‖)/(‖g_1‖ + ‖g_2‖) to 1e-3.
+    # With three such tasks the weights do not depend on the order the tasks come in.
+    rng = np.random.default_rng(0)
+    v, noise = rng.standard_normal(20), rng.standard_normal((3, 20))
+    for d in (1e-5, 3e-6):
+        g = np.stack([v + d * noise[0], 0.3 * v + d * noise[1]])
+        n = np.linalg.norm(g, axis=1)
+        np.testing.assert_allclose(B.imtl_g_weights(g @ g.T), [n[1], n[0]] / n.sum(),
+                                   rtol=1e-3, atol=0)
+    g = np.array([1.0, 0.05, 20.0])[:, None] * v + 1e-5 * noise
+    G = g @ g.T
+    first = B.imtl_g_weights(G)
+    for perm in itertools.permutations(range(3)):
+        p = list(perm)
+        back = np.empty(3)
+        back[p] = B.imtl_g_weights(G[np.ix_(p, p)])
+        np.testing.assert_allclose(back, first, rtol=1e-3, atol=1e-6)
