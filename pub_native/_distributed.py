@@ -9,6 +9,7 @@ gradients themselves over the DDP module's process group.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 
@@ -76,11 +77,15 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
             f"{SUPPORTED}")
     if holders:
         ddp, mine = holders[0]
+        positions = {id(p): j for j, p in enumerate(ddp.module.parameters())}
         if not ids <= mine:
+            # The others' check is joined first, so that they raise too instead of waiting in
+            # it (this process's fingerprint differs from theirs unless they hold the same).
+            with contextlib.suppress(NotImplementedError):
+                _check_same_parameters(ddp.process_group, params, positions)
             raise NotImplementedError(
                 "some parameters are inside a DistributedDataParallel module and some are not: "
                 f"PUB cannot tell how the others are replicated; {SUPPORTED}")
-        positions = {id(p): j for j, p in enumerate(ddp.module.parameters())}
         _check_same_parameters(ddp.process_group, params, positions)
         return ddp.process_group, ddp
     if _replicated(params):
@@ -117,7 +122,7 @@ def _check_same_parameters(group, params: list[torch.Tensor], positions: dict | 
     (``positions``, id → position; None without a DDP module) with their shapes and dtypes.
     A difference is an error on every process: each compares the same maxima and minima."""
     dist = torch.distributed
-    key = [(-1 if positions is None else positions[id(p)], tuple(p.shape), str(p.dtype))
+    key = [(-1 if positions is None else positions.get(id(p), -2), tuple(p.shape), str(p.dtype))
            for p in params]
     mine = [len(params), *_fingerprint(key)]
     t = torch.tensor(mine + [-x for x in mine], dtype=torch.int64)
@@ -225,12 +230,16 @@ def _replicated(params: list[torch.Tensor]) -> bool:
         sums = [p.detach().double().sum() for p in params]
         sums = torch.stack(sums).cpu().tolist() if sums else []
     key = [(tuple(p.shape), str(p.dtype), s) for p, s in zip(params, sums)]
-    mine = _fingerprint(key)
+    # The size of _check_same_parameters' all-reduce: a process that takes that check while
+    # another takes this one (a DDP module on one process only) pairs equal sizes (mismatched
+    # ones make gloo abort the interpreter) and sees a difference.
+    mine = [len(params), *_fingerprint(key)]
     both = torch.tensor(mine + [-x for x in mine], dtype=torch.int64)
     both = both.to(_collective_device(None))
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     both = both.cpu().tolist()
-    return bool(params) and both[:2] == mine and [-x for x in both[2:]] == mine
+    n = len(mine)
+    return bool(params) and both[:n] == mine and [-x for x in both[n:]] == mine
 
 
 def average_gradients(params: list[torch.Tensor], group, extra: list[float] | None = None

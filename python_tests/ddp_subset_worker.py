@@ -7,6 +7,7 @@ failed process is what fails the test."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -130,11 +131,26 @@ def case_own_models(rank: int) -> dict:
     return {"before": before, "after": [p.detach().clone() for p in params]}
 
 
+def case_outside_on_one(rank: int) -> dict:
+    """The last process also gives the optimizer (and a balancer) a tensor outside the DDP
+    module: it refuses that set-up, and the other must not wait for it in the set-up check."""
+    errors = {}
+    for kind in ("pub", "balancer"):
+        torch.manual_seed(0)
+        model = DDP(Model())
+        params = list(model.parameters())
+        if rank == 1:
+            params.append(nn.Parameter(torch.zeros(())))
+        taker = pub_native.Adam(params, lr=1e-2) if kind == "pub" else IMTLG(params)
+        errors[kind] = attempt(functools.partial(taker.backward, losses(model, rank, 0)))
+    return errors
+
+
 def main() -> None:
     def add_case(parser):
         parser.add_argument("--case", required=True,
                             choices=("zero_pub", "zero_pub_big", "zero_plain", "subset",
-                                     "own_models"))
+                                     "own_models", "outside_on_one"))
 
     with gloo_worker(add_case) as args:
         if args.case.startswith("zero_pub"):

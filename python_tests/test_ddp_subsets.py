@@ -77,3 +77,13 @@ def test_processes_that_train_models_of_their_own_with_other_sizes(tmp_path):
     for r in ranks:
         for a, b in zip(r["before"], r["after"]):
             assert torch.isfinite(b).all() and not torch.equal(a, b)
+
+
+def test_a_tensor_outside_the_ddp_module_on_one_process_is_refused_on_every_process(tmp_path):
+    # The process that holds it raised before the set-up check, and the other waited in that
+    # check's all-reduce until the timeout.
+    first, last = _run(tmp_path, "outside_on_one")
+    for kind in ("pub", "balancer"):
+        _assert_refused(first[kind])
+        assert last[kind] is not None and last[kind][0] == "NotImplementedError"
+        assert "some are not" in last[kind][1], last[kind]
