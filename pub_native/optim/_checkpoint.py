@@ -33,6 +33,21 @@ def _read_by_step(name, known: set) -> bool:
     return base in known and not (base == "step" and name != base)
 
 
+def _state_steps(state: dict) -> float | None:
+    """The sum of the parameters' "step" entries in an optimizer state dict's "state" (exact:
+    they count steps), None where one is not a number."""
+    steps = []
+    for st in state.values():
+        if isinstance(st, dict) and "step" in st:
+            v = st["step"]
+            try:
+                v = float(v.item() if isinstance(v, torch.Tensor) else v)
+            except (TypeError, ValueError, RuntimeError):
+                return None
+            steps.append(v)
+    return math.fsum(steps)
+
+
 class Checkpoints:
     """state_dict, load_state_dict and pickling of a PUB optimizer."""
 
@@ -133,7 +148,19 @@ class Checkpoints:
             "weights_reusable": self._solved,
             "umm": self.options.umm,
             "weight_norm": self.options.weight_norm,
+            # What the state held when this entry was made (see _entry_carried_by_groups).
+            "state_steps": _state_steps(sd["state"]),
         }
+        if sd["param_groups"]:
+            # Carried in the first group too, for the tools that rebuild an optimizer's state
+            # dict from its "state" and "param_groups" only, as torch.distributed.checkpoint's
+            # get/set_optimizer_state_dict do. The weights as lists there: dcp.load fills the
+            # dict of a new optimizer, whose entry holds None for them, and takes a tensor only
+            # where that dict has one.
+            sd["param_groups"][0]["pub"] = {
+                **sd["pub"], **{name: None if v is None else v.tolist() for name, v in
+                                (("task_weights", sd["pub"]["task_weights"]),
+                                 ("warm_start", sd["pub"]["warm_start"]))}}
         for hook in post.values():
             result = hook(self, sd)
             if result is not None:
@@ -213,6 +240,7 @@ class Checkpoints:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = self._entry_carried_by_groups(state_dict)
         loaded = self._check_loaded(state_dict)
         # Loading replaces the optimizer's attributes (torch's part builds new state and
         # groups; _reset_pub new PUB attributes) and changes none in place: what was there
@@ -222,6 +250,38 @@ class Checkpoints:
             self._load_checked(state_dict, loaded)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    @staticmethod
+    def _entry_carried_by_groups(state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` (a shallow copy of its own) with the ``"pub"`` entry that its first
+        param group carries put back at the top where a tool left the top one out (as
+        torch.distributed.checkpoint's get/set_optimizer_state_dict do), and the groups' copies
+        removed (they are not options of the group). A copy that no longer describes the state
+        (a torch optimizer loaded the checkpoint, stepped and saved it again: its "state_steps"
+        differ) is dropped: the dict then loads as a checkpoint of torch's optimizer."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, (list, tuple)):
+            return state_dict
+        carried = [g["pub"] for g in groups if isinstance(g, dict) and "pub" in g]
+        if not carried:
+            return state_dict
+        state_dict["param_groups"] = [
+            {k: v for k, v in g.items() if k != "pub"} if isinstance(g, dict) else g
+            for g in groups]
+        entry = carried[0]
+        if "pub" not in state_dict:
+            state = state_dict.get("state")
+            if not (isinstance(entry, dict) and isinstance(state, dict)):
+                state_dict["pub"] = entry  # refused by _checked_pub, naming it
+            elif entry.get("state_steps") == _state_steps(state):
+                # The weights are lists there (state_dict); a list that is not one of numbers
+                # is left for _checked_pub to refuse.
+                state_dict["pub"] = {**entry, **{
+                    name: torch.tensor(v, dtype=torch.float64)
+                    for name in ("task_weights", "warm_start")
+                    if isinstance(v := entry.get(name), (list, tuple)) and all(
+                        isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v)}}
+        return state_dict
 
     def _check_loaded(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Everything a state dict is checked for before any of it is loaded: its ``"pub"``
@@ -295,8 +355,18 @@ class Checkpoints:
                         f"{type(v).__name__}, expected a tensor")
                 expect = tuple(p.shape)
                 if name.startswith("task_"):
-                    if index[id(p)] not in shared_set or k is None:
-                        raise ValueError(f"loaded state entry {name!r} of a non-shared parameter")
+                    if k is None:
+                        raise ValueError(
+                            f"loaded state {name!r} of {self._param_name(p)} is per task "
+                            "(AdaTask), but the state dict has no \"pub\" entry to give K "
+                            "and the shared parameters: load the whole dict that state_dict() "
+                            "returned (a tool that rebuilt it from \"state\" and "
+                            "\"param_groups\" and dropped the first group's \"pub\" entry "
+                            "left it out)")
+                    if index[id(p)] not in shared_set:
+                        raise ValueError(
+                            f"loaded state {name!r} of {self._param_name(p)} is per task "
+                            "(AdaTask), but the checkpoint does not balance that parameter")
                     expect = (k,) + expect
                 if tuple(v.shape) != expect:
                     raise ValueError(
