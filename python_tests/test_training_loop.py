@@ -166,6 +166,102 @@ def test_a_change_of_shared_grad_that_is_no_rescaling_is_refused():
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
 
 
+def _embedding_tasks(dtype, row_scale, tokens: int = 65536, seed: int = 0):
+    """A 1000×16 embedding shared by two linear heads, an optimizer over them, and the task
+    losses of one batch of ``tokens`` random tokens plus one of row 0: ``losses(emb, heads,
+    factor=1)``. ``row_scale(rows)`` scales each token's contribution by its row."""
+    torch.manual_seed(seed)
+    emb = torch.nn.Embedding(1000, 16).to(dtype)
+    heads = torch.nn.ModuleList(torch.nn.Linear(16, 1).to(dtype) for _ in range(2))
+    tok = torch.cat([torch.randint(1, 1000, (tokens,)), torch.tensor([0])])
+    scale = row_scale(tok).to(dtype)
+
+    def losses(emb, heads, factor=1.0):
+        z = emb(tok) * scale[:, None]
+        return [factor * h(z).float().pow(2).mean() for h in heads]
+
+    return emb, heads, losses
+
+
+def _row0(value):
+    return lambda tok: torch.where(tok == 0, value, 1.0)
+
+
+@pytest.mark.parametrize("dtype,row0", [(BF16, 1.0), (F16, 0.2), (F32, 1e-4)],
+                         ids=["bf16", "f16", "f32"])
+def test_zeroing_a_few_rows_of_a_large_shared_grad_is_refused(dtype, row0):
+    # Row 0's gradient is under the 2-norm tolerance of the tensor's (1/128 of it in bfloat16):
+    # zeroing it was taken for a rescaling by ~1, and the step moved the "frozen" row by ~lr
+    # with the task gradients it had before the edit. Element by element it is no rescaling.
+    emb, heads, losses = _embedding_tasks(dtype, _row0(row0))
+    opt = pub_native.Adam([*emb.parameters(), *heads.parameters()], lr=1e-2)
+    for _ in range(2):  # with state, and with the kept plan of the step before
+        opt.zero_grad()
+        opt.backward(losses(emb, heads))
+        opt.step()
+    opt.zero_grad()
+    opt.backward(losses(emb, heads))
+    row = emb.weight.grad[0].clone()
+    assert row.abs().max() > 0
+    emb.weight.grad[0] = 0
+    before = emb.weight.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[emb.weight].items()}
+    with pytest.raises(RuntimeError, match="not a rescaling"):
+        opt.step()
+    assert torch.equal(emb.weight, before)
+    assert all(torch.equal(opt.state[emb.weight][k], v) for k, v in state.items())
+    with pytest.raises(RuntimeError, match="not a rescaling"):
+        opt.task_grad_norms()
+    # The row put back is the unedited .grad again: the step takes it.
+    emb.weight.grad[0] = row
+    opt.step()
+    assert not torch.equal(emb.weight, before)
+
+
+def test_clip_grad_value_of_a_few_elements_is_refused():
+    emb, heads, losses = _embedding_tasks(BF16, _row0(8.0))
+    opt = pub_native.Adam([*emb.parameters(), *heads.parameters()], lr=1e-2)
+    opt.backward(losses(emb, heads))
+    g = emb.weight.grad.float()
+    top = float(g.abs().max())
+    assert 0 < int((g.abs() > 0.9 * top).sum()) <= 16  # row 0's largest elements only
+    torch.nn.utils.clip_grad_value_([emb.weight], 0.9 * top)
+    with pytest.raises(RuntimeError, match="not a rescaling"):
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=["bf16", "f16", "f32"])
+def test_a_rescaling_that_rounds_into_subnormals_is_still_one(dtype):
+    # Clipping by a small factor sends the smallest elements of .grad to subnormals and to 0,
+    # with absolute, not relative, rounding errors: still a rescaling, and the step is that of
+    # the losses multiplied by the factor (to the rounding of the gradients).
+    tiny = torch.finfo(dtype).tiny
+    emb, heads, losses = _embedding_tasks(
+        dtype, lambda tok: torch.where(tok < 500, tiny ** 0.5, 1.0), tokens=4096, seed=3)
+    twin_emb, twin_heads = copy.deepcopy(emb), copy.deepcopy(heads)
+    params = [*emb.parameters(), *heads.parameters()]
+    opt = pub_native.Adam(params, lr=1e-2, eps=1.0)
+    twin = pub_native.Adam([*twin_emb.parameters(), *twin_heads.parameters()], lr=1e-2, eps=1.0)
+    opt.backward(losses(emb, heads))
+    before = emb.weight.grad.double().clone()
+    top = float(before.abs().max())
+    total = float(torch.cat([p.grad.double().reshape(-1) for p in params]).norm())
+    torch.nn.utils.clip_grad_norm_(params, tiny ** 0.5 / top * total)
+    after = emb.weight.grad.double()
+    rounded = (before != 0) & (after.abs() < tiny)
+    assert bool(rounded.any())  # subnormals and zeros where the .grad was not 0
+    big = before.abs() > 1e-3 * top
+    factor = float((after[big] * before[big]).sum() / (before[big] ** 2).sum())
+    # The per-task tools measure it as the step does: a rescaling too.
+    assert bool(torch.isfinite(opt.task_grad_norms()).all())
+    opt.step()  # a rescaling: no RuntimeError
+    twin.backward(losses(twin_emb, twin_heads, factor))
+    twin.step()
+    tol = 1e-5 if dtype == F32 else 2e-2
+    for a, b in zip(params, [*twin_emb.parameters(), *twin_heads.parameters()]):
+        assert_close(a.float(), b.float(), tol)
+
+
 def test_per_task_gradient_norms_and_clipping():
     torch.manual_seed(5)
     model = MMoE()

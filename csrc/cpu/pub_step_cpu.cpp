@@ -115,7 +115,8 @@ void rescale_typed(const Segment& seg, double* ratio, uint8_t* edited) {
   const int64_t K = seg.cfg.num_tasks, stride = seg.cfg.grad_task_stride;
   const std::vector<Item> items = detail::make_items(seg.table, seg.n_tensors);
   const int64_t n_items = static_cast<int64_t>(items.size());
-  std::vector<double> partial(static_cast<size_t>(n_items * 3), 0.0);  // ⟨m,s⟩, ⟨s,s⟩, ⟨m,m⟩
+  const RescaleSlack slack = rescale_slack(seg.cfg.dtype);
+  std::vector<RescaleTerms> partial(static_cast<size_t>(n_items), rescale_terms_empty());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(detail::team_size(items, K))
   for (int64_t it = 0; it < n_items; ++it) {
     const Item item = items[static_cast<size_t>(it)];
@@ -123,28 +124,23 @@ void rescale_typed(const Segment& seg, double* ratio, uint8_t* edited) {
     if (row[kTGradSum] == 0) continue;
     const Tp* g = reinterpret_cast<const Tp*>(row[kTGrad]);
     const Tp* m = reinterpret_cast<const Tp*>(row[kTGradSum]);
-    double ms = 0.0, ss = 0.0, mm = 0.0;
+    RescaleTerms terms = rescale_terms_empty();
     for (int64_t j = item.begin; j < item.end; ++j)
-      add_rescale_terms(g, m, K, stride, j, ms, ss, mm);
-    double* out = partial.data() + it * 3;
-    out[0] = ms;
-    out[1] = ss;
-    out[2] = mm;
+      add_rescale_terms(g, m, K, stride, j, slack, terms);
+    partial[static_cast<size_t>(it)] = terms;
   }
   const double tol = grad_rescale_tolerance(seg.cfg.dtype);
   int64_t it = 0;
   for (int64_t t = 0; t < seg.n_tensors; ++t) {
-    double ms = 0.0, ss = 0.0, mm = 0.0;
-    for (; it < n_items && items[static_cast<size_t>(it)].tensor == t; ++it) {
-      ms += partial[static_cast<size_t>(it * 3)];
-      ss += partial[static_cast<size_t>(it * 3 + 1)];
-      mm += partial[static_cast<size_t>(it * 3 + 2)];
-    }
+    RescaleTerms terms = rescale_terms_empty();
+    for (; it < n_items && items[static_cast<size_t>(it)].tensor == t; ++it)
+      merge_rescale_terms(terms, partial[static_cast<size_t>(it)]);
     bool ed = false;
     // A row without its .grad to compare (a tensor of no elements, or no rescan) shows no
     // factor: NaN, which share_rescale_factor fills (with 1 where no row shows one).
-    ratio[t] = seg.table[t * kTableCols + kTGradSum] != 0 ? rescale_factor(ms, ss, mm, tol, &ed)
-                                                           : pn_bits_double(0x7ff8000000000000ULL);
+    ratio[t] = seg.table[t * kTableCols + kTGradSum] != 0
+                   ? rescale_factor(terms, tol, &ed)
+                   : pn_bits_double(0x7ff8000000000000ULL);
     edited[t] = ed ? 1 : 0;
   }
   share_rescale_factor(ratio, edited, seg.n_tensors, tol);

@@ -39,53 +39,58 @@ __global__ void gscale_kernel(int64_t n_tensors, int K, bool shared, const float
   gscale[e] = s;
 }
 
-// One block per work item: ⟨m, s⟩, ⟨s, s⟩, ⟨m, m⟩ of the item, for a tensor whose table row
+// One block per work item: the item's RescaleTerms (6 doubles), for a tensor whose table row
 // names its .grad m (kTGradSum), with s = Σ_i g_i formed exactly as sum_rows forms it.
 template <class Tp>
 __global__ void rescale_partial_kernel(const int64_t* table, const int64_t* items, int K,
-                                       int64_t task_stride, double* partial) {
+                                       int64_t task_stride, RescaleSlack slack, double* partial) {
   __shared__ double shared[detail::kWarps];
   const int64_t it = blockIdx.x;
   const int64_t tensor = items[3 * it], begin = items[3 * it + 1], end = items[3 * it + 2];
   const int64_t* row = table + tensor * kTableCols;
-  double* out = partial + it * 3;
+  double* out = partial + it * kRescaleTerms;
   if (row[kTGradSum] == 0) {
-    if (threadIdx.x < 3) out[threadIdx.x] = 0.0;
+    if (threadIdx.x == 0) {
+      const RescaleTerms none = rescale_terms_empty();
+      out[0] = none.ms, out[1] = none.ss, out[2] = none.mm;
+      out[3] = none.lo, out[4] = none.hi;
+    }
     return;  // uniform over the block
   }
   const Tp* g = reinterpret_cast<const Tp*>(row[kTGrad]);
   const Tp* m = reinterpret_cast<const Tp*>(row[kTGradSum]);
-  double ms = 0.0, ss = 0.0, mm = 0.0;
+  RescaleTerms t = rescale_terms_empty();
   for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x)
-    add_rescale_terms(g, m, K, task_stride, j, ms, ss, mm);
-  ms = detail::block_sum(ms, shared);
-  ss = detail::block_sum(ss, shared);
-  mm = detail::block_sum(mm, shared);
+    add_rescale_terms(g, m, K, task_stride, j, slack, t);
+  const double ms = detail::block_sum(t.ms, shared);
+  const double ss = detail::block_sum(t.ss, shared);
+  const double mm = detail::block_sum(t.mm, shared);
+  const double lo = -detail::block_min(-t.lo, shared);
+  const double hi = detail::block_min(t.hi, shared);
   if (threadIdx.x == 0) {
-    out[0] = ms;
-    out[1] = ss;
-    out[2] = mm;
+    out[0] = ms, out[1] = ss, out[2] = mm;
+    out[3] = lo, out[4] = hi;
   }
 }
 
 // One thread: the items in order, per tensor: the rescale factor and the edited flags.
 __global__ void rescale_reduce_kernel(const int64_t* table, const int64_t* items,
                                       int64_t n_items, int64_t n_tensors, double tol,
-                                      const double* partial, double* ratio, int32_t* edited,
-                                      int32_t* flags) {
+                                      const double* partial, double* ratio,
+                                      int32_t* edited, int32_t* flags) {
   int64_t it = 0;
   for (int64_t t = 0; t < n_tensors; ++t) {
-    double ms = 0.0, ss = 0.0, mm = 0.0;
+    RescaleTerms terms = rescale_terms_empty();
     for (; it < n_items && items[3 * it] == t; ++it) {
-      ms += partial[3 * it];
-      ss += partial[3 * it + 1];
-      mm += partial[3 * it + 2];
+      const double* p = partial + it * kRescaleTerms;
+      merge_rescale_terms(terms, RescaleTerms{p[0], p[1], p[2], p[3], p[4]});
     }
     bool ed = false;
     // A row without its .grad to compare (a tensor of no elements, or no rescan) shows no
     // factor: NaN, which share_rescale_factor fills (with 1 where no row shows one).
-    ratio[t] = table[t * kTableCols + kTGradSum] != 0 ? rescale_factor(ms, ss, mm, tol, &ed)
-                                                       : pn_bits_double(0x7ff8000000000000ULL);
+    ratio[t] = table[t * kTableCols + kTGradSum] != 0
+                   ? rescale_factor(terms, tol, &ed)
+                   : pn_bits_double(0x7ff8000000000000ULL);
     edited[t] = ed ? 1 : 0;
     if (ed) flags[kFlagGradEdited] = 1;
   }
@@ -271,19 +276,21 @@ void launch_check(const DeviceSegment& s, const double* gate, const DeviceStep& 
 
 void launch_rescale(const DeviceSegment& s, cudaStream_t stream) {
   const int K = static_cast<int>(s.cfg.num_tasks);
+  const RescaleSlack slack = rescale_slack(s.cfg.dtype);
+  // s.partial holds K·K + 2K + 3 ≥ kRescaleTerms doubles per item (K ≥ 1).
   const unsigned grid = detail::grid_of(s.n_items);
   switch (s.cfg.dtype) {
     case kFloat32:
       rescale_partial_kernel<float><<<grid, kThreads, 0, stream>>>(
-          s.table, s.items, K, s.cfg.grad_task_stride, s.partial);
+          s.table, s.items, K, s.cfg.grad_task_stride, slack, s.partial);
       break;
     case kBFloat16:
       rescale_partial_kernel<bf16_t><<<grid, kThreads, 0, stream>>>(
-          s.table, s.items, K, s.cfg.grad_task_stride, s.partial);
+          s.table, s.items, K, s.cfg.grad_task_stride, slack, s.partial);
       break;
     case kFloat16:
       rescale_partial_kernel<half_t><<<grid, kThreads, 0, stream>>>(
-          s.table, s.items, K, s.cfg.grad_task_stride, s.partial);
+          s.table, s.items, K, s.cfg.grad_task_stride, slack, s.partial);
       break;
     default:
       throw std::invalid_argument("pub_native CUDA: unsupported gradient dtype");

@@ -18,6 +18,24 @@ from ._plan import LazyName, flat_view, plain_grad
 __all__ = ["GradientTools"]
 
 
+def _factor_bounds(m: torch.Tensor, s: torch.Tensor, tol: float, tiny: float,
+                   below: float) -> torch.Tensor:
+    """(lo, −hi): the greatest lower and least upper bound over the elements of the factors c
+    for which c·s_j rounds to m_j (float64 m and s of one tensor; lo = +Inf where an element
+    with s_j = 0 and m_j not about 0 allows none), as add_rescale_terms in step.h takes them;
+    the caller widens them by tol·|c|."""
+    am = m.abs()
+    w = torch.where(am >= tiny, tol * am, torch.full_like(am, below))
+    zero = s == 0
+    inf = torch.tensor(math.inf, dtype=torch.float64, device=m.device)
+    safe = torch.where(zero, torch.ones_like(s), s)
+    a, b = (m - w) / safe, (m + w) / safe
+    lo = torch.where(zero, -inf, torch.minimum(a, b)).amax() if m.numel() else -inf
+    hi = torch.where(zero, inf, torch.maximum(a, b)).amin() if m.numel() else inf
+    lo = torch.where((zero & ~(am <= w)).any(), inf, lo)
+    return torch.stack([lo, -hi])
+
+
 class GradientTools:
     """task_grad_norms, clip_task_grad_norm_ and the helpers they share."""
 
@@ -34,12 +52,14 @@ class GradientTools:
         return g.buffer[:g.k, o:o + n], flat_view(grad, 0, n)
 
     def _summed(self, t: torch.Tensor, op=None) -> torch.Tensor:
-        """t summed (or reduced with ``op``) over the processes when each holds a shard."""
+        """t summed (or reduced with ``op``, a ReduceOp or "max") over the processes when each
+        holds a shard."""
         dp = self._dp
         if dp is not None and dp.shard:
             import torch.distributed as dist
 
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=dp.group)
+            op = dist.ReduceOp.MAX if op == "max" else op or dist.ReduceOp.SUM
+            dist.all_reduce(t, op=op, group=dp.group)
         return t
 
     def _refresh_sum(self) -> None:
@@ -64,19 +84,27 @@ class GradientTools:
             raise RuntimeError(self._unfit_pending)
         acc = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
         tol = {torch.bfloat16: 1 / 128, torch.float16: 1 / 512}.get(g.dtype, 1e-6)
+        # As the step measures it (rescale_factor in step.h): the 2-norm of m − c·s, and at
+        # every element the interval of factors c for which c·s_j rounds to m_j.
+        tiny = torch.finfo(g.dtype).tiny
+        below = tiny * torch.finfo(g.dtype).eps  # the smallest subnormal
         active = self._stepped()
-        parts, sums = [], []
+        parts, bounds, sums = [], [], []
         for j in active:
             rows, m = self._task_rows(j)
             s = rows.sum(0, dtype=acc).to(g.dtype).double()
             md = m.double()
             sums.append(rows)
             parts.append(torch.stack([(md * s).sum(), (s * s).sum(), (md * md).sum()]))
+            bounds.append(_factor_bounds(md, s, tol, tiny, below))
         if not parts:
             return
         ms, ss, mm = self._summed(torch.stack(parts)).unbind(1)
+        lo, neg_hi = self._summed(torch.stack(bounds), "max").unbind(1)
         c = torch.where(ss > 0, ms / ss.clamp(min=1e-300), torch.ones_like(ss))
-        edited = torch.where(ss > 0, mm - c * ms > tol * tol * mm, mm != 0) | ~torch.isfinite(c)
+        band = tol * c.abs()
+        edited = torch.where(ss > 0, (mm - c * ms > tol * tol * mm) | ~(lo <= c + band)
+                             | ~(c - band <= -neg_hi), mm != 0) | ~torch.isfinite(c)
         # A non-finite gradient (a GradScaler overflow, an inf loss) is no edit: task gradients
         # that are not finite stay as they are, and finite ones under a .grad made non-finite
         # since (clip_grad_norm_ of a non-finite total norm) become NaN, as .grad did. Either

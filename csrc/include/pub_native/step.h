@@ -165,7 +165,7 @@ PN_HD void step_weights(const double* weights, const double* task_scale, int64_t
 
 // How far (relative, 2-norm) a rescaled .grad may be from c·s and still count as a rescaling:
 // twice the rounding of one multiplication in the gradient's type (float32 and float64: the
-// float64 sums' own noise).
+// float64 sums' own noise). Element by element, twice that (rescale_factor).
 PN_HD double grad_rescale_tolerance(DType d) {
   switch (d) {
     case kBFloat16: return 1.0 / 128.0;
@@ -174,19 +174,79 @@ PN_HD double grad_rescale_tolerance(DType d) {
   }
 }
 
-// The factor c with m ≈ c·s for a tensor whose .grad m was Σ_i g_i = s after backward: from
-// the sums ⟨m, s⟩, ⟨s, s⟩ and ⟨m, m⟩ over its elements. Sets *edited when m is not a multiple
-// of s up to `tol` (relative, in the 2-norm): a change of .grad that PUB cannot carry over to
-// the task gradients. A tensor whose task gradients cancel (s = 0, m still 0) shows no factor:
-// NaN, which share_rescale_factor replaces.
-PN_HD double rescale_factor(double ms, double ss, double mm, double tol, bool* edited) {
-  if (!(ss > 0.0)) {  // s = 0: only m = 0 is a rescaling of it, by any factor
-    *edited = !(mm == 0.0);
+// The smallest normal number of a gradient's type and its smallest subnormal: a product c·s_j
+// rounded below the first has an absolute error of at most half the second.
+PN_HD double grad_min_normal(DType d) {
+  switch (d) {
+    case kFloat16: return 6.103515625e-05;            // 2^-14
+    case kFloat64: return 2.2250738585072014e-308;    // 2^-1022
+    default: return 1.1754943508222875e-38;           // 2^-126: float32 and bfloat16
+  }
+}
+
+PN_HD double grad_min_subnormal(DType d) {
+  switch (d) {
+    case kFloat16: return 5.9604644775390625e-08;     // 2^-24
+    case kBFloat16: return 9.183549615799121e-41;     // 2^-133
+    case kFloat64: return 4.9406564584124654e-324;    // 2^-1074
+    default: return 1.401298464324817e-45;            // 2^-149
+  }
+}
+
+// What decides whether a tensor's .grad m, Σ_i g_i = s after backward, is now c·s: the sums
+// ⟨m, s⟩, ⟨s, s⟩ and ⟨m, m⟩ (c and the 2-norm test), and the factors every element allows: the
+// greatest lower bound `lo` and least upper bound `hi` over the elements of the interval of
+// factors c for which c·s_j rounds to m_j (an element with s_j = 0 and m_j not about 0 allows
+// none: lo = +Inf). The 2-norm alone let small edits through: zeroing a few rows of a large
+// embedding's .grad, or clip_grad_value_ on a few elements, left a residual under the
+// tolerance, and the step applied the unedited task gradients there (Adam normalizes each
+// element, so such an element still moved by about lr).
+constexpr int kRescaleTerms = 5;  // doubles of a RescaleTerms (the CUDA partials per item)
+struct RescaleTerms {
+  double ms, ss, mm;
+  double lo, hi;
+};
+
+PN_HD RescaleTerms rescale_terms_empty() {
+  const double inf = pn_bits_double(0x7ff0000000000000ULL);
+  return RescaleTerms{0.0, 0.0, 0.0, -inf, inf};
+}
+
+PN_HD void merge_rescale_terms(RescaleTerms& a, const RescaleTerms& b) {
+  a.ms += b.ms;
+  a.ss += b.ss;
+  a.mm += b.mm;
+  a.lo = pn_max(a.lo, b.lo);
+  a.hi = pn_min(a.hi, b.hi);
+}
+
+// How far m_j may be from c·s_j: where m_j is normal, tol·|m_j| (rounding c·s_j to the
+// gradient's type errs by u relative; tol, grad_rescale_tolerance, is 2u or more); below the
+// normal range, the smallest subnormal (twice the rounding there). c, measured from the sums,
+// errs by up to u relative itself: rescale_factor widens the bounds by tol·|c|.
+struct RescaleSlack {
+  double tol, min_normal, below;
+};
+
+PN_HD RescaleSlack rescale_slack(DType d) {
+  return RescaleSlack{grad_rescale_tolerance(d), grad_min_normal(d), grad_min_subnormal(d)};
+}
+
+// The factor c with m ≈ c·s for a tensor whose .grad m was Σ_i g_i = s after backward, from its
+// RescaleTerms. Sets *edited when m is not a multiple of s: in the 2-norm beyond `tol`
+// (relative), or at an element (c outside [lo, hi], widened by tol·|c|). A change of .grad that PUB cannot carry
+// over to the task gradients. A tensor whose task gradients cancel (s = 0, m still 0) shows no
+// factor: NaN, which share_rescale_factor replaces.
+PN_HD double rescale_factor(const RescaleTerms& t, double tol, bool* edited) {
+  if (!(t.ss > 0.0)) {  // s = 0: only m = 0 is a rescaling of it, by any factor
+    *edited = !(t.mm == 0.0);
     return *edited ? 1.0 : pn_bits_double(0x7ff8000000000000ULL);
   }
-  const double c = ms / ss;
-  const double residual2 = mm - c * ms;  // ‖m − c s‖² = ⟨m,m⟩ − ⟨m,s⟩²/⟨s,s⟩
-  *edited = !(residual2 <= tol * tol * mm) || !pn_isfinite(c);
+  const double c = t.ms / t.ss;
+  const double residual2 = t.mm - c * t.ms;  // ‖m − c s‖² = ⟨m,m⟩ − ⟨m,s⟩²/⟨s,s⟩
+  const double band = tol * pn_abs(c);
+  *edited = !(residual2 <= tol * tol * t.mm) || !pn_isfinite(c) ||
+            !(t.lo <= c + band && c - band <= t.hi);
   return c;
 }
 
@@ -213,20 +273,29 @@ PN_HD void share_rescale_factor(double* ratio, const Flag* edited, int64_t n, do
     if (ratio[t] != ratio[t]) ratio[t] = fill;
 }
 
-// Element j's share of the sums that rescale_factor takes, added to ms, ss and mm: m = .grad
-// and s = Σ_i g_i over the K task rows of g (`stride` apart), rounded once to the gradient's
-// type exactly as sum_rows stored it after backward.
+// Element j's share of the RescaleTerms: m = .grad and s = Σ_i g_i over the K task rows of g
+// (`stride` apart), rounded once to the gradient's type exactly as sum_rows stored it after
+// backward.
 template <class Tp>
 PN_HD void add_rescale_terms(const Tp* g, const Tp* m, int64_t K, int64_t stride, int64_t j,
-                             double& ms, double& ss, double& mm) {
+                             const RescaleSlack& slack, RescaleTerms& t) {
   using T = typename MathType<Tp>::type;
   T sum = T(0);
   for (int64_t i = 0; i < K; ++i) sum += to_math<T>(g[i * stride + j]);
   const double sv = static_cast<double>(to_math<T>(from_math<Tp>(sum)));
   const double mv = static_cast<double>(to_math<T>(m[j]));
-  ms += mv * sv;
-  ss += sv * sv;
-  mm += mv * mv;
+  t.ms += mv * sv;
+  t.ss += sv * sv;
+  t.mm += mv * mv;
+  const double am = pn_abs(mv);
+  const double w = am >= slack.min_normal ? slack.tol * am : slack.below;
+  if (sv == 0.0) {
+    if (!(am <= w)) t.lo = pn_bits_double(0x7ff0000000000000ULL);  // no factor gives m_j
+    return;
+  }
+  const double a = (mv - w) / sv, b = (mv + w) / sv;
+  t.lo = pn_max(t.lo, pn_min(a, b));
+  t.hi = pn_min(t.hi, pn_max(a, b));
 }
 
 // α̂ from the solver's α: α/Σα (normalize_sum) or α. When α is unusable (every task update is
