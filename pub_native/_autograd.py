@@ -220,6 +220,14 @@ def dense_strides(t: torch.Tensor) -> bool:
     return True
 
 
+def not_dense(t: torch.Tensor) -> str:
+    """What ``t``, for which :func:`dense_strides` is False, is: a phrase for an error."""
+    overlap = any(st == 0 for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    what = ("a view whose elements overlap in memory (expanded" if overlap
+            else "a strided view with gaps (not dense")
+    return f"is {what}; strides {tuple(t.stride())})"
+
+
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape and the same memory order (strides equal on every dimension of size > 1)."""
     if a.shape != b.shape:

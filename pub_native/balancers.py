@@ -40,6 +40,7 @@ from ._autograd import (
     compiled_graph,
     dense_strides,
     layout_view,
+    not_dense,
     reached_by_gradients,
     reached_parameters,
     task_roots,
@@ -188,10 +189,10 @@ class GradientBalancer:
             if not dense_strides(p):
                 j = next(j for j, q in enumerate(self.params) if q is p)
                 raise NotImplementedError(
-                    f"params[{j}] (shape {tuple(p.shape)}, strides {tuple(p.stride())}) is a "
-                    "strided view with gaps (not dense); the balancers take the task "
-                    "gradients of dense shared parameters (contiguous, channels_last, "
-                    "transposed, ...): make it one, e.g. torch.nn.Parameter(t.contiguous())")
+                    f"params[{j}] (shape {tuple(p.shape)}) {not_dense(p)}; the balancers "
+                    "take the task gradients of dense shared parameters (contiguous, "
+                    "channels_last, transposed, ...): make it one, e.g. "
+                    "torch.nn.Parameter(t.contiguous())")
         return _task_gradients(self.shared, k)
 
     def _detect(self, raw_losses, losses: list[torch.Tensor]) -> None:

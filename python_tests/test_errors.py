@@ -81,8 +81,21 @@ def test_unsupported_options_and_tensors_raise():
 def test_strided_parameter_with_gaps_is_refused_by_name():
     base = torch.randn(4, 6)
     p = nn.Parameter(base[:, :3])  # a view with gaps: no flat loop may read it
-    opt = pub_native.Adam([{"params": [p], "param_names": ["w"]}])
-    (p * p).sum().backward()
+    # Refused when the optimizer is built (or the group added), with the way out.
+    with pytest.raises(NotImplementedError, match=r"'w'.*not dense.*nn.Parameter\(t.contiguous"):
+        pub_native.Adam([{"params": [p], "param_names": ["w"]}])
+    opt = pub_native.Adam([nn.Parameter(torch.zeros(2))])
+    with pytest.raises(NotImplementedError, match="not dense"):
+        opt.add_param_group({"params": [p]})
+    assert len(opt.param_groups) == 1
+    expanded = nn.Parameter(torch.zeros(3, 1).expand(3, 4))
+    with pytest.raises(NotImplementedError, match="overlap in memory"):
+        pub_native.RMSProp([expanded])
+    # A parameter that becomes one after the optimizer was built: refused at the step.
+    q = nn.Parameter(torch.zeros(4, 3))
+    opt = pub_native.Adam([{"params": [q], "param_names": ["w"]}])
+    q.data = base[:, :3]
+    (q * q).sum().backward()
     with pytest.raises(NotImplementedError, match="'w'.*not dense"):
         opt.step()
 

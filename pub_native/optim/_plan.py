@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._autograd import DTYPES, dense_strides, same_layout
+from .._autograd import DTYPES, dense_strides, not_dense, same_layout
 from .._native import Algorithm, BaseCol, SegmentKind, TableCol, Umm
 
 __all__ = ["DTYPES", "PlanSegment", "StepPlan", "build_plan", "check_param", "mark_written",
@@ -166,6 +166,13 @@ def _fail(exc, name: str, what: str):
     raise exc(f"{name}: {what}")
 
 
+def not_dense_message(p: torch.Tensor) -> str:
+    """The refusal of a parameter that is not dense (:func:`dense_strides`)."""
+    return (f"{not_dense(p)}; PUB steps dense parameters (contiguous, channels_last, "
+            "transposed, ...) as one block of memory: make it one, e.g. "
+            "torch.nn.Parameter(t.contiguous())")
+
+
 def check_param(p: torch.Tensor, name: str, device: torch.device | None) -> None:
     """What every parameter the kernels touch must be."""
     if p.is_complex():
@@ -190,9 +197,7 @@ def check_param(p: torch.Tensor, name: str, device: torch.device | None) -> None
                                          f"together are on {device}; use one optimizer per "
                                          "device")
     if not dense_strides(p):
-        _fail(NotImplementedError, name, "is a strided view with gaps (not dense); PUB steps "
-                                         "dense parameters (contiguous, channels_last, "
-                                         "transposed, ...)")
+        _fail(NotImplementedError, name, not_dense_message(p))
     if not _storage_holds(p):
         _fail(ValueError, name, _short_storage(p))
 

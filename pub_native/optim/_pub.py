@@ -32,7 +32,7 @@ from ._compile import register as register_for_compile
 from ._ddp import DataParallel
 from ._grad_tools import GradientTools
 from ._options import CLIPPY_PRESETS, PubOptions
-from ._plan import StepPlan, build_plan, check_param, mark_written
+from ._plan import StepPlan, build_plan, check_param, mark_written, not_dense_message
 
 __all__ = ["BACKENDS", "CLIPPY_PRESETS", "PUBOptimizer"]
 
@@ -224,6 +224,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
         for p in group["params"]:
             if p.is_complex():
                 raise TypeError(f"{self._param_name(p)}: complex parameters are not supported")
+            # Refused at once, not at the first step (sparse ones are, by the step).
+            if p.layout == torch.strided and not _autograd.dense_strides(p):
+                raise NotImplementedError(f"{self._param_name(p)}: {not_dense_message(p)}")
 
     def __repr__(self) -> str:
         base = super().__repr__()
