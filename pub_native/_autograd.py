@@ -222,8 +222,11 @@ def dense_strides(t: torch.Tensor) -> bool:
 
 def not_dense(t: torch.Tensor) -> str:
     """What ``t``, for which :func:`dense_strides` is False, is: a phrase for an error."""
-    overlap = any(st == 0 for st, sz in zip(t.stride(), t.shape) if sz != 1)
-    what = ("a view whose elements overlap in memory (expanded" if overlap
+    # Overlapping where the elements span fewer addresses than there are elements (expanded,
+    # unfold); else with gaps between them (a slice of columns).
+    span = 1 + sum((sz - 1) * abs(st) for st, sz in zip(t.stride(), t.shape))
+    overlap = span < t.numel()
+    what = ("a view whose elements overlap in memory (expanded or unfolded" if overlap
             else "a strided view with gaps (not dense")
     return f"is {what}; strides {tuple(t.stride())})"
 

@@ -7,6 +7,7 @@ the state is dropped."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -65,16 +66,22 @@ def _continue_and_compare(model, opt, ref, ref_opt) -> None:
     assert all("pub" not in g for g in opt.param_groups)
 
 
+@pytest.mark.parametrize("how", ["default", "full_state_dict", "cpu_offload"])
 @pytest.mark.parametrize("options", [dict(update_weights_every=3), dict(umm="adatask"),
                                      dict(update_weights_every=2, solver="ccp")],
                          ids=["every3", "adatask", "every2-ccp"])
-def test_get_set_optimizer_state_dict_resume_bit_for_bit(options):
+def test_get_set_optimizer_state_dict_resume_bit_for_bit(options, how):
     model, opt, ref, ref_opt = _pair(**options)
-    osd = dcp_state.get_optimizer_state_dict(model, opt)
+    so = dcp_state.StateDictOptions(**({} if how == "default" else {how: True}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group: one process" and the like
+        osd = dcp_state.get_optimizer_state_dict(model, opt, options=so)
     assert "pub" not in osd  # the tool keeps "state" and "param_groups" only
     resumed = copy.deepcopy(model)
     resumed_opt = pub_native.Adam(resumed.parameters(), lr=1e-2, **options)
-    dcp_state.set_optimizer_state_dict(resumed, resumed_opt, osd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_state.set_optimizer_state_dict(resumed, resumed_opt, osd, options=so)
     assert resumed_opt.state_dict()["pub"]["step"] == opt.state_dict()["pub"]["step"] == 4
     _continue_and_compare(resumed, resumed_opt, ref, ref_opt)
 
@@ -134,11 +141,29 @@ def test_the_entry_in_the_first_group_is_checked_as_the_top_one():
     model, opt, _, _ = _pair()
     sd = opt.state_dict()
     del sd["pub"]
-    sd["param_groups"][0]["pub"]["task_weights"] = [0.5, float("nan"), 0.5]
+    entry = json.loads(sd["param_groups"][0]["pub"])
+    entry["task_weights"] = [0.5, 1e300, 0.5]
+    sd["param_groups"][0]["pub"] = json.dumps(entry)
     fresh = pub_native.Adam(model.parameters(), lr=1e-2)
     with pytest.raises(ValueError, match="task_weights"):
         fresh.load_state_dict(sd)
+    sd["param_groups"][0]["pub"] = "{not json"
+    with pytest.raises(ValueError, match="JSON"):
+        fresh.load_state_dict(sd)
     assert fresh.num_tasks is None and not fresh.state
+
+
+def test_parameters_in_another_order_are_refused_not_misbalanced():
+    # The tools map the state by parameter name, while the entry names the shared parameters
+    # by position: heads first and trunk last would balance the heads.
+    model, opt, _, _ = _pair()
+    osd = dcp_state.get_optimizer_state_dict(model, opt)
+    other = copy.deepcopy(model)
+    fresh = pub_native.Adam([{"params": other.heads.parameters()},
+                             {"params": other.trunk.parameters()}], lr=1e-2)
+    with pytest.raises(ValueError, match="another order"):
+        dcp_state.set_optimizer_state_dict(other, fresh, osd)
+    assert fresh.num_tasks is None
 
 
 def test_adatask_state_without_the_entry_names_what_is_missing():

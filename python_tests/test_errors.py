@@ -91,6 +91,11 @@ def test_strided_parameter_with_gaps_is_refused_by_name():
     expanded = nn.Parameter(torch.zeros(3, 1).expand(3, 4))
     with pytest.raises(NotImplementedError, match="overlap in memory"):
         pub_native.RMSProp([expanded])
+    with pytest.raises(NotImplementedError, match="overlap in memory"):
+        pub_native.RMSProp([nn.Parameter(torch.randn(10).unfold(0, 4, 2))])
+    # A frozen one is never stepped: accepted, as torch accepts it.
+    frozen = nn.Parameter(torch.zeros(3, 1).expand(3, 4), requires_grad=False)
+    pub_native.Adam([frozen, nn.Parameter(torch.zeros(2))])
     # A parameter that becomes one after the optimizer was built: refused at the step.
     q = nn.Parameter(torch.zeros(4, 3))
     opt = pub_native.Adam([{"params": [q], "param_names": ["w"]}])

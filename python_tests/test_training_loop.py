@@ -262,6 +262,32 @@ def test_a_rescaling_that_rounds_into_subnormals_is_still_one(dtype):
         assert_close(a.float(), b.float(), tol)
 
 
+@pytest.mark.parametrize("norms_first", [False, True], ids=["step", "task_grad_norms"])
+@pytest.mark.parametrize("seed", range(3))
+def test_float16_rescalings_of_subnormal_gradients_are_still_ones(seed, norms_first):
+    # float16 gradients of ~1e-5 lie below its normal range (6.1e-5), where any rescaling rounds
+    # by up to half a subnormal: far beyond a relative tolerance. A 2-norm test refused every
+    # clip of them, and three rescalings in a row (divided for accumulation, clipped, unscaled)
+    # round three times.
+    torch.manual_seed(seed)
+    trunk = torch.nn.Linear(64, 64).half()
+    heads = torch.nn.ModuleList(torch.nn.Linear(64, 1) for _ in range(2)).half()
+    params = [*trunk.parameters(), *heads.parameters()]
+    opt = pub_native.Adam(params, lr=1e-3)
+    x = torch.randn(32, 64).half()
+    opt.backward([(h(trunk(x)).float() * 1e-4).mean() for h in heads])
+    g = trunk.weight.grad
+    assert float(g.abs().max()) < torch.finfo(torch.float16).tiny  # all subnormal
+    before = trunk.weight.detach().clone()
+    g.div_(4)
+    torch.nn.utils.clip_grad_norm_(trunk.parameters(), float(g.float().norm()) * 0.77)
+    g.mul_(1 / 1.3)
+    if norms_first:  # measured in Python; it carries the factor into the task gradients
+        assert bool(torch.isfinite(opt.task_grad_norms()).all())  # no RuntimeError
+    opt.step()  # no RuntimeError (measured by the native step, where norms_first is False)
+    assert not torch.equal(trunk.weight, before)
+
+
 def test_per_task_gradient_norms_and_clipping():
     torch.manual_seed(5)
     model = MMoE()

@@ -8,6 +8,7 @@ class owns.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections import OrderedDict
@@ -154,13 +155,15 @@ class Checkpoints:
         if sd["param_groups"]:
             # Carried in the first group too, for the tools that rebuild an optimizer's state
             # dict from its "state" and "param_groups" only, as torch.distributed.checkpoint's
-            # get/set_optimizer_state_dict do. The weights as lists there: dcp.load fills the
-            # dict of a new optimizer, whose entry holds None for them, and takes a tensor only
-            # where that dict has one.
-            sd["param_groups"][0]["pub"] = {
-                **sd["pub"], **{name: None if v is None else v.tolist() for name, v in
-                                (("task_weights", sd["pub"]["task_weights"]),
-                                 ("warm_start", sd["pub"]["warm_start"]))}}
+            # get/set_optimizer_state_dict do. As one JSON string there: those tools fill the
+            # dict of a new optimizer (K unknown, no weights) key by key, down to the elements
+            # of lists, and take only what that dict has. With the parameters' shapes in their
+            # order: those tools map the state by parameter name, and the entry's positions
+            # must still name the same parameters.
+            copy = {**sd["pub"], "param_shapes": [list(p.shape) for p in self._all_params()]}
+            for name in ("task_weights", "warm_start"):
+                copy[name] = None if copy[name] is None else copy[name].tolist()
+            sd["param_groups"][0]["pub"] = json.dumps(copy)
         for hook in post.values():
             result = hook(self, sd)
             if result is not None:
@@ -251,14 +254,15 @@ class Checkpoints:
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    @staticmethod
-    def _entry_carried_by_groups(state_dict: dict[str, Any]) -> dict[str, Any]:
-        """``state_dict`` (a shallow copy of its own) with the ``"pub"`` entry that its first
-        param group carries put back at the top where a tool left the top one out (as
-        torch.distributed.checkpoint's get/set_optimizer_state_dict do), and the groups' copies
-        removed (they are not options of the group). A copy that no longer describes the state
-        (a torch optimizer loaded the checkpoint, stepped and saved it again: its "state_steps"
-        differ) is dropped: the dict then loads as a checkpoint of torch's optimizer."""
+    def _entry_carried_by_groups(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` (a shallow copy of its own) with the ``"pub"`` entry that a param group
+        carries (a JSON string, state_dict) put back at the top where a tool left the top one
+        out (as torch.distributed.checkpoint's get/set_optimizer_state_dict do), and the
+        groups' copies removed (they are not options of the group). A copy that no longer
+        describes the state (a torch optimizer loaded the checkpoint, stepped and saved it
+        again: its "state_steps" differ) is dropped: the dict then loads as a checkpoint of
+        torch's optimizer. Raises ValueError where the copy's parameters are not this
+        optimizer's in the same order (its positions would name other parameters)."""
         groups = state_dict.get("param_groups")
         if not isinstance(groups, (list, tuple)):
             return state_dict
@@ -268,19 +272,39 @@ class Checkpoints:
         state_dict["param_groups"] = [
             {k: v for k, v in g.items() if k != "pub"} if isinstance(g, dict) else g
             for g in groups]
+        if "pub" in state_dict:
+            return state_dict
         entry = carried[0]
-        if "pub" not in state_dict:
-            state = state_dict.get("state")
-            if not (isinstance(entry, dict) and isinstance(state, dict)):
-                state_dict["pub"] = entry  # refused by _checked_pub, naming it
-            elif entry.get("state_steps") == _state_steps(state):
-                # The weights are lists there (state_dict); a list that is not one of numbers
-                # is left for _checked_pub to refuse.
-                state_dict["pub"] = {**entry, **{
-                    name: torch.tensor(v, dtype=torch.float64)
-                    for name in ("task_weights", "warm_start")
-                    if isinstance(v := entry.get(name), (list, tuple)) and all(
-                        isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v)}}
+        if isinstance(entry, str):
+            try:
+                entry = json.loads(entry)
+            except ValueError:
+                raise ValueError("loaded state dict's param_groups carry a 'pub' entry that is "
+                                 "not the JSON that state_dict() writes") from None
+        state = state_dict.get("state")
+        if not (isinstance(entry, dict) and isinstance(state, dict)):
+            state_dict["pub"] = entry  # refused by _checked_pub, naming it
+            return state_dict
+        if entry.get("state_steps") != _state_steps(state):
+            return state_dict
+        shapes = entry.get("param_shapes")
+        mine = [list(p.shape) for p in self._all_params()]
+        if shapes is not None and shapes != mine:
+            at = next((i for i, (a, b) in enumerate(zip(shapes, mine)) if a != b),
+                      min(len(shapes), len(mine)))
+            raise ValueError(
+                "loaded state dict's PUB entry (carried in its param groups) was saved for "
+                f"{len(shapes)} parameters in another order or of other shapes than this "
+                f"optimizer's {len(mine)} (the first difference at position {at}): its shared "
+                "parameters are named by position. Build the optimizer's param groups in the "
+                "order of the saved one")
+        # The weights are lists there; a list that is not one of numbers is left for
+        # _checked_pub to refuse.
+        state_dict["pub"] = {**entry, **{
+            name: torch.tensor(v, dtype=torch.float64)
+            for name in ("task_weights", "warm_start")
+            if isinstance(v := entry.get(name), (list, tuple)) and all(
+                isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v)}}
         return state_dict
 
     def _check_loaded(self, state_dict: dict[str, Any]) -> dict[str, Any]:

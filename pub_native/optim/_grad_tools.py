@@ -84,10 +84,10 @@ class GradientTools:
             raise RuntimeError(self._unfit_pending)
         acc = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
         tol = {torch.bfloat16: 1 / 128, torch.float16: 1 / 512}.get(g.dtype, 1e-6)
-        # As the step measures it (rescale_factor in step.h): the 2-norm of m − c·s, and at
-        # every element the interval of factors c for which c·s_j rounds to m_j.
+        # As the step measures it (rescale_factor in step.h): at every element, the interval
+        # of factors c for which c·s_j rounds to m_j.
         tiny = torch.finfo(g.dtype).tiny
-        below = tiny * torch.finfo(g.dtype).eps  # the smallest subnormal
+        below = 4 * tiny * torch.finfo(g.dtype).eps  # four of the smallest subnormals
         active = self._stepped()
         parts, bounds, sums = [], [], []
         for j in active:
@@ -103,8 +103,8 @@ class GradientTools:
         lo, neg_hi = self._summed(torch.stack(bounds), "max").unbind(1)
         c = torch.where(ss > 0, ms / ss.clamp(min=1e-300), torch.ones_like(ss))
         band = tol * c.abs()
-        edited = torch.where(ss > 0, (mm - c * ms > tol * tol * mm) | ~(lo <= c + band)
-                             | ~(c - band <= -neg_hi), mm != 0) | ~torch.isfinite(c)
+        edited = torch.where(ss > 0, ~(lo <= c + band) | ~(c - band <= -neg_hi),
+                             mm != 0) | ~torch.isfinite(c)
         # A non-finite gradient (a GradScaler overflow, an inf loss) is no edit: task gradients
         # that are not finite stay as they are, and finite ones under a .grad made non-finite
         # since (clip_grad_norm_ of a non-finite total norm) become NaN, as .grad did. Either

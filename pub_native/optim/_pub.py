@@ -224,8 +224,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
         for p in group["params"]:
             if p.is_complex():
                 raise TypeError(f"{self._param_name(p)}: complex parameters are not supported")
-            # Refused at once, not at the first step (sparse ones are, by the step).
-            if p.layout == torch.strided and not _autograd.dense_strides(p):
+            # Refused at once, not at the first step (sparse ones are, by the step; a frozen
+            # one, which the step never reads, where it is unfrozen and has a gradient).
+            if p.requires_grad and p.layout == torch.strided and not _autograd.dense_strides(p):
                 raise NotImplementedError(f"{self._param_name(p)}: {not_dense_message(p)}")
 
     def __repr__(self) -> str:

@@ -163,9 +163,9 @@ PN_HD void step_weights(const double* weights, const double* task_scale, int64_t
     for (int64_t i = 0; i < K; ++i) out[i] /= kept;
 }
 
-// How far (relative, 2-norm) a rescaled .grad may be from c·s and still count as a rescaling:
-// twice the rounding of one multiplication in the gradient's type (float32 and float64: the
-// float64 sums' own noise). Element by element, twice that (rescale_factor).
+// How far (relative) an element of a rescaled .grad may be from c·s_j and still count as a
+// rescaling, and c from its estimate: twice the rounding of one multiplication in the
+// gradient's type (float32 and float64: the float64 sums' own noise); see RescaleSlack.
 PN_HD double grad_rescale_tolerance(DType d) {
   switch (d) {
     case kBFloat16: return 1.0 / 128.0;
@@ -194,10 +194,10 @@ PN_HD double grad_min_subnormal(DType d) {
 }
 
 // What decides whether a tensor's .grad m, Σ_i g_i = s after backward, is now c·s: the sums
-// ⟨m, s⟩, ⟨s, s⟩ and ⟨m, m⟩ (c and the 2-norm test), and the factors every element allows: the
-// greatest lower bound `lo` and least upper bound `hi` over the elements of the interval of
+// ⟨m, s⟩, ⟨s, s⟩ (c) and ⟨m, m⟩ (whether m = 0 where s = 0), and the factors every element
+// allows: the greatest lower bound `lo` and least upper bound `hi` over the elements of the interval of
 // factors c for which c·s_j rounds to m_j (an element with s_j = 0 and m_j not about 0 allows
-// none: lo = +Inf). The 2-norm alone let small edits through: zeroing a few rows of a large
+// none: lo = +Inf). A 2-norm test let small edits through: zeroing a few rows of a large
 // embedding's .grad, or clip_grad_value_ on a few elements, left a residual under the
 // tolerance, and the step applied the unedited task gradients there (Adam normalizes each
 // element, so such an element still moved by about lr).
@@ -222,19 +222,23 @@ PN_HD void merge_rescale_terms(RescaleTerms& a, const RescaleTerms& b) {
 
 // How far m_j may be from c·s_j: where m_j is normal, tol·|m_j| (rounding c·s_j to the
 // gradient's type errs by u relative; tol, grad_rescale_tolerance, is 2u or more); below the
-// normal range, the smallest subnormal (twice the rounding there). c, measured from the sums,
-// errs by up to u relative itself: rescale_factor widens the bounds by tol·|c|.
+// normal range, four of the smallest subnormals (the rounding there is half of one, and a
+// .grad rescaled several times, e.g. divided for accumulation and then clipped, rounds once per
+// rescaling). c, measured from the sums, errs by up to u relative itself: rescale_factor widens
+// the bounds by tol·|c|.
 struct RescaleSlack {
   double tol, min_normal, below;
 };
 
 PN_HD RescaleSlack rescale_slack(DType d) {
-  return RescaleSlack{grad_rescale_tolerance(d), grad_min_normal(d), grad_min_subnormal(d)};
+  return RescaleSlack{grad_rescale_tolerance(d), grad_min_normal(d), 4.0 * grad_min_subnormal(d)};
 }
 
-// The factor c with m ≈ c·s for a tensor whose .grad m was Σ_i g_i = s after backward, from its
-// RescaleTerms. Sets *edited when m is not a multiple of s: in the 2-norm beyond `tol`
-// (relative), or at an element (c outside [lo, hi], widened by tol·|c|). A change of .grad that PUB cannot carry
+// The factor c = ⟨m, s⟩ / ⟨s, s⟩ with m ≈ c·s for a tensor whose .grad m was Σ_i g_i = s after
+// backward, from its RescaleTerms. Sets *edited when m is not a multiple of s at some element
+// (c outside [lo, hi], widened by tol·|c|). Element by element is also a 2-norm bound (2·tol
+// relative), and it allows what rounds below the normal range, which a 2-norm test does not:
+// float16 gradients of 1e-5 are subnormal, and any clip of them rounds far beyond tol. A change of .grad that PUB cannot carry
 // over to the task gradients. A tensor whose task gradients cancel (s = 0, m still 0) shows no
 // factor: NaN, which share_rescale_factor replaces.
 PN_HD double rescale_factor(const RescaleTerms& t, double tol, bool* edited) {
@@ -243,10 +247,8 @@ PN_HD double rescale_factor(const RescaleTerms& t, double tol, bool* edited) {
     return *edited ? 1.0 : pn_bits_double(0x7ff8000000000000ULL);
   }
   const double c = t.ms / t.ss;
-  const double residual2 = t.mm - c * t.ms;  // ‖m − c s‖² = ⟨m,m⟩ − ⟨m,s⟩²/⟨s,s⟩
   const double band = tol * pn_abs(c);
-  *edited = !(residual2 <= tol * tol * t.mm) || !pn_isfinite(c) ||
-            !(t.lo <= c + band && c - band <= t.hi);
+  *edited = !pn_isfinite(c) || !(t.lo <= c + band && c - band <= t.hi);
   return c;
 }
 
