@@ -97,6 +97,21 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
     return None, None
 
 
+def refuse_join(ddp) -> None:
+    """Raises where ``ddp`` (a DistributedDataParallel module, or None) is inside torch's Join
+    context for uneven inputs (``ddp.join()``, ``torch.distributed.algorithms.Join``): a
+    process that has run out of batches shadows DDP's own all-reduce only, not the collectives
+    PUB takes itself, so the others would wait in them or gloo would abort the interpreter."""
+    config = getattr(ddp, "_join_config", None)
+    if config is not None and getattr(config, "enable", False):
+        raise NotImplementedError(
+            "DistributedDataParallel's join() (torch.distributed.algorithms.Join, for uneven "
+            "inputs) is not supported: a process that has joined stands in for DDP's own "
+            "all-reduce only, not for the collectives that PUB takes for each task's gradient. "
+            "Give every process the same number of batches (DistributedSampler with "
+            "drop_last=True, or stop every process when one runs out)")
+
+
 def _collective_device(group) -> torch.device:
     """Where a small tensor for a collective over ``group`` must live (NCCL: this process's
     CUDA device)."""

@@ -1198,7 +1198,14 @@ class FAMO(GradientBalancer):
             w = z / (c * d)
             total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
             aside = self._set_aside_clipped()
-            self._loss_backward(total, _active(self.params), retain_graph=retain_graph)
+            if aside is not None and self._dp_group is not None:
+                # Clipped: the clip needs this call's gradient averaged over the processes,
+                # also inside ddp.no_sync() (where DDP's backward would average nothing and
+                # each process clip its own), as the other clipping balancers average theirs.
+                self._backward_fixed_distributed(total, None, _active(self.params), [],
+                                                 retain_graph)
+            else:
+                self._loss_backward(total, _active(self.params), retain_graph=retain_graph)
         except BaseException:
             _undo_aside(self.shared, aside)
             with torch.no_grad():

@@ -68,7 +68,8 @@ def make_optimizer(args, params, group="auto"):
         from pub_native import balancers
 
         cls = balancers.BALANCERS[args.balancer]
-        bal = cls(params, process_group=group) if group != "auto" else cls(params)
+        kw = {"n_tasks": args.tasks} if args.balancer == "famo" else {}
+        bal = cls(params, process_group=group, **kw) if group != "auto" else cls(params, **kw)
         return bal, torch.optim.Adam(params, lr=1e-2)
     cls = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad,
            "rmsprop": pub_native.RMSProp}[args.optimizer]
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--diverge", type=int, default=0)
     ap.add_argument("--mode", default="ddp",
                     help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
-                         "sharded-parameter | different-k | absent-first | all-absent-first")
+                         "sharded-parameter | different-k | absent-first | all-absent-first | join")
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -208,6 +209,11 @@ def main(argv=None) -> int:
                         losses[-1 - i] = torch.zeros(())
                 opt.zero_grad()
                 opt.backward(losses)
+            if args.mode == "join":  # DDP's context for uneven inputs
+                x, y = global_batch(args.model, 0, args.tasks)
+                opt.zero_grad()
+                with wrapped.join():
+                    opt.backward(task_losses(wrapped(x), y))
             if args.mode == "no-sync-misuse":
                 x, y = global_batch(args.model, 0, args.tasks)
                 opt.zero_grad()

@@ -22,7 +22,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 
 from .. import _autograd
-from .._distributed import data_parallel_group
+from .._distributed import data_parallel_group, refuse_join
 from .._native import StepOutcome
 from ._backends import CpuBackend
 from ._checkpoint import Checkpoints
@@ -410,6 +410,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
         # The data-parallel set-up first: deciding it may take collectives, which every
         # process must reach in the same order whatever its batch holds.
         dp = self._data_parallel()
+        if dp is not None:
+            refuse_join(dp.ddp)  # the same on every process: none has taken a collective
         # A call that raises decides nothing and leaves the layout of the task gradients as it
         # was (a graph torch cannot differentiate, such as a reentrant checkpoint, would
         # otherwise leave its parameters decided from a walk that could not see them).
