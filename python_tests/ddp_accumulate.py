@@ -17,19 +17,9 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import TrunkHeads
 
 from pub_native.balancers import FAMO
-
-
-class _Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.trunk = torch.nn.Linear(4, 8)
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
-
-    def forward(self, x):
-        z = torch.tanh(self.trunk(x))
-        return [h(z).squeeze(-1) for h in self.heads]
 
 
 def _work(rank: int, world: int, port: int, out: str) -> None:
@@ -41,7 +31,7 @@ def _work(rank: int, world: int, port: int, out: str) -> None:
     for bucket_view, max_norm in ((False, 0.0), (False, 100.0), (True, 100.0)):
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(
-            _Model(), gradient_as_bucket_view=bucket_view)
+            TrunkHeads(4, 8), gradient_as_bucket_view=bucket_view)
         bal = FAMO(model.parameters(), 2, max_norm=max_norm)
         for step in range(2):
             model.zero_grad()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from helpers import gloo_worker
+from helpers import TrunkHeads, gloo_worker
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
@@ -16,17 +16,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 
 import pub_native
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.trunk = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 1) for _ in range(2))
-
-    def forward(self, x):
-        z = self.trunk(x)
-        return [h(z).squeeze(-1) for h in self.heads]
 
 
 def _step(model, opt, t: int, rank: int) -> None:
@@ -40,7 +29,7 @@ def _step(model, opt, t: int, rank: int) -> None:
 def main() -> None:
     with gloo_worker() as args:
         torch.manual_seed(0)
-        base = Net()
+        base = TrunkHeads()
         saved, uninterrupted, resumed = (DistributedDataParallel(copy.deepcopy(base))
                                          for _ in range(3))
         make = lambda m: pub_native.Adam(m.parameters(), lr=1e-2, update_weights_every=3)  # noqa: E731

@@ -10,21 +10,9 @@ import itertools
 import os
 
 import torch
-from helpers import gloo_worker
+from helpers import TrunkHeads, gloo_worker
 
 from pub_native import balancers
-
-
-class Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.trunk = torch.nn.Linear(8, 16)
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 1) for _ in range(2))
-
-    def forward(self, x):
-        z = torch.tanh(self.trunk(x))
-        return [h(z).squeeze(-1) for h in self.heads]
-
 
 MAKERS = {
     "LS": lambda p: balancers.LS(p),
@@ -46,7 +34,7 @@ def run(args) -> None:
     raised = {}
     for (name, make), part in itertools.product(MAKERS.items(), ("model", "trunk")):
         torch.manual_seed(0)
-        model = Model()
+        model = TrunkHeads()
         fully_shard(model if part == "model" else model.trunk)  # all or part of it sharded
         bal = make(list(model.parameters()))
         try:

@@ -200,6 +200,20 @@ class MMoE(nn.Module):
         return [*self.embedding.parameters(), *self.experts.parameters()]
 
 
+class TrunkHeads(nn.Module):
+    """The smallest multi-task model: one shared tanh layer and k linear heads, each giving a
+    task's output of shape (batch,)."""
+
+    def __init__(self, n_in: int = 8, width: int = 16, k: int = 2):
+        super().__init__()
+        self.trunk = nn.Linear(n_in, width)
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(k))
+
+    def forward(self, x):
+        z = torch.tanh(self.trunk(x))
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
 def mmoe_batch(seed=0, n=8):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 10, (n, 3), generator=g), torch.randn(n, generator=g)

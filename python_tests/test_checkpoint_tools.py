@@ -12,21 +12,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import TrunkHeads
 
 import pub_native
 
 dcp_state = pytest.importorskip("torch.distributed.checkpoint.state_dict")
-
-
-class _Net(torch.nn.Module):
-    def __init__(self, k: int = 2):
-        super().__init__()
-        self.trunk = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 1) for _ in range(k))
-
-    def forward(self, x):
-        z = self.trunk(x)
-        return [h(z).squeeze(-1) for h in self.heads]
 
 
 def _losses(model, t: int):
@@ -44,7 +34,7 @@ def _step(model, opt, t: int) -> None:
 
 def _pair(**options):
     torch.manual_seed(0)
-    model = _Net(k=3)
+    model = TrunkHeads(k=3)
     ref = copy.deepcopy(model)
     opt = pub_native.Adam(model.parameters(), lr=1e-2, **options)
     ref_opt = pub_native.Adam(ref.parameters(), lr=1e-2, **options)

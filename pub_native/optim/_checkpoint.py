@@ -149,8 +149,6 @@ class Checkpoints:
             "weights_reusable": self._solved,
             "umm": self.options.umm,
             "weight_norm": self.options.weight_norm,
-            # What the state held when this entry was made (see _entry_carried_by_groups).
-            "state_steps": _state_steps(sd["state"]),
         }
         if sd["param_groups"]:
             # Carried in the first group too, for the tools that rebuild an optimizer's state
@@ -159,8 +157,10 @@ class Checkpoints:
             # dict of a new optimizer (K unknown, no weights) key by key, down to the elements
             # of lists, and take only what that dict has. With the parameters' shapes in their
             # order: those tools map the state by parameter name, and the entry's positions
-            # must still name the same parameters.
-            copy = {**sd["pub"], "param_shapes": [list(p.shape) for p in self._all_params()]}
+            # must still name the same parameters; and with what the state held, so that a copy
+            # a torch optimizer carried past steps of its own is known (_entry_carried_by_groups).
+            copy = {**sd["pub"], "param_shapes": [list(p.shape) for p in self._all_params()],
+                    "state_steps": _state_steps(sd["state"])}
             for name in ("task_weights", "warm_start"):
                 copy[name] = None if copy[name] is None else copy[name].tolist()
             sd["param_groups"][0]["pub"] = json.dumps(copy)

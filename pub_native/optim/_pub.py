@@ -583,7 +583,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 f"optimizer (shapes {shapes}{', ...' if len(others) > 3 else ''}): "
                 "backward(losses) computes the gradients of this optimizer's parameters only. "
                 "Give those tensors theirs with torch.autograd.backward(sum(losses), "
-                "inputs=[...], retain_graph=True) before it, or give them to this optimizer",
+                "inputs=[...], retain_graph=True) before it (under DistributedDataParallel: "
+                "torch.autograd.grad, then average it over the processes; see the README), or "
+                "give them to this optimizer",
                 stacklevel=4)
 
     def _torn_by_error(self) -> None:
