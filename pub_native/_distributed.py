@@ -107,7 +107,8 @@ def refuse_join(ddp) -> None:
         raise NotImplementedError(
             "DistributedDataParallel's join() (torch.distributed.algorithms.Join, for uneven "
             "inputs) is not supported: a process that has joined stands in for DDP's own "
-            "all-reduce only, not for the collectives that PUB takes for each task's gradient. "
+            "all-reduce only, not for the collectives that pub_native takes itself (for each "
+            "task's gradient or loss values). "
             "Give every process the same number of batches (DistributedSampler with "
             "drop_last=True, or stop every process when one runs out)")
 

@@ -29,6 +29,7 @@ import functools
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Iterable
 
 import numpy as np
@@ -54,6 +55,7 @@ from ._distributed import (
     data_parallel_group,
     ddp_holders,
     is_distributed,
+    refuse_join,
 )
 from ._numbers import is_integer, is_real
 from ._rollback import attributes_kept_on_error
@@ -153,6 +155,7 @@ class GradientBalancer:
         self.stats: dict = {}
         self.steps = 0
         self._dp_group = None  # the data-parallel group, decided at the first backward
+        self._ddp = None  # a weak reference to the DistributedDataParallel module, if any
         self._grads: TaskGradients | None = None
         self._solve_time: float | None = None
         # Per parameter (as in self.params): the tasks whose graph reached it, from the first
@@ -174,9 +177,22 @@ class GradientBalancer:
     def _setup(self, raw_losses, losses: list[torch.Tensor]) -> None:
         # Under DistributedDataParallel the per-task gradients (taken with autograd.grad, which
         # DDP does not see) are averaged here, so every process computes the same weights.
-        self._dp_group, _ = data_parallel_group(self.params, self._process_group)
+        self._dp_group, ddp = data_parallel_group(self.params, self._process_group)
+        self._keep_ddp(ddp)
         self._detect(raw_losses, losses)
         self._grads = self._new_buffer(len(losses))
+
+    def _keep_ddp(self, ddp) -> None:
+        """Keeps the DistributedDataParallel module (or None) that :meth:`_refuse_join` reads,
+        weakly: the balancer does not keep the model alive."""
+        self._ddp = None if ddp is None else weakref.ref(ddp)
+
+    def _refuse_join(self) -> None:
+        """Raises on every process inside DDP's ``join()`` context (uneven inputs), before any
+        collective: a joined process stands in for DDP's all-reduce only, not for the
+        balancer's own collectives (the per-task gradients, the loss values)."""
+        if self._dp_group is not None and self._ddp is not None:
+            refuse_join(self._ddp())
 
     def _new_buffer(self, k: int) -> TaskGradients:
         """The per-task gradient buffer laid out for the shared parameters as they are now,
@@ -327,17 +343,19 @@ class GradientBalancer:
             # The DDP module's group; without one (a model each process trains alone, one
             # whose gradients the user all-reduces, FSDP) each process weights its own losses,
             # as LS does: a loss weighting takes one backward pass that the wrapper syncs.
-            group = None
+            group = ddp = None
             ids = {id(p) for p in self.params}
             if is_distributed() and torch.distributed.get_world_size() > 1:
                 holders = ddp_holders(ids)
                 if len(holders) == 1 and ids <= holders[0][1]:
-                    group = holders[0][0].process_group
+                    ddp = holders[0][0]
+                    group = ddp.process_group
             own = False
         else:
             group, ddp = data_parallel_group(self.params, self._process_group)
             own = group is not None and ddp is None and not ddp_holders(
                 {id(p) for p in self.params})
+        self._keep_ddp(ddp)
         self._dp_group, self._dp_own, self._dp_decided = group, own, True
 
     def _non_finite_losses(self, losses: list[torch.Tensor]) -> list[int]:
@@ -526,6 +544,7 @@ class GradientBalancer:
                 self._grads = self._new_buffer(self.k)
         # (After the set-up, which decides the data-parallel group: every process decides
         # alike, else one would raise while the others wait in the next collective.)
+        self._refuse_join()
         bad_losses = self._non_finite_losses(losses)
         if bad_losses and scaler is None:
             raise FloatingPointError(f"non-finite loss in task(s) {bad_losses}")
@@ -996,6 +1015,7 @@ class Uncertainty(GradientBalancer):
         if not self._reach_checked:
             self._check_reached(raw, losses)
         self._decide_group()
+        self._refuse_join()
         self.steps += 1
         s = self.log_vars
         # The losses in their common type with s: a float32 loss of a float16 model is not
@@ -1169,6 +1189,7 @@ class FAMO(GradientBalancer):
         ``losses`` after the call, as in ``Tensor.backward``."""
         raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         self._decide_group()  # (before the detection: its processes agree on it)
+        self._refuse_join()
         if self.max_norm > 0 and (self.shared is None or self._undecided()):
             self._detect(raw, items)
         if not self._reach_checked:
@@ -1412,9 +1433,10 @@ class MultiBalance(GradientBalancer):
         pg = self._process_group
         if isinstance(pg, str) and pg == "auto" and is_distributed() \
                 and torch.distributed.get_world_size() > 1:
-            group = _trunk_group(self.params)
+            group, ddp = _trunk_group(self.params)
         else:
-            group, _ = data_parallel_group(self.params, pg)
+            group, ddp = data_parallel_group(self.params, pg)
+        self._keep_ddp(ddp)
         self._dp_group, self._dp_decided = group, True
 
     def _split(self, raw, items, reps) -> None:
@@ -1517,6 +1539,7 @@ class MultiBalance(GradientBalancer):
         raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         reps = _representation_list(representation)
         self._decide_group()
+        self._refuse_join()
         split_now = self.heads is None or any(
             p.requires_grad and later for p, later in zip(self.params, self._unsplit, strict=True))
         if split_now:
@@ -1750,10 +1773,10 @@ class MultiBalance(GradientBalancer):
 
 def _trunk_group(params: list[torch.Tensor]):
     """MultiBalance's ``process_group="auto"`` under torch.distributed with several processes:
-    the group of the DistributedDataParallel module that holds its parameters (the trunk),
-    None where no module holds any and the parameters differ between the processes (every
-    process trains its own model). Sharded parameters, several DDP modules, and parameters
-    identical on every process without a DDP module raise."""
+    (group, module) of the DistributedDataParallel module that holds its parameters (the
+    trunk), (None, None) where no module holds any and the parameters differ between the
+    processes (every process trains its own model). Sharded parameters, several DDP
+    modules, and parameters identical on every process without a DDP module raise."""
     for p in params:
         if _is_sharded_parameter(p):
             raise NotImplementedError(
@@ -1766,8 +1789,7 @@ def _trunk_group(params: list[torch.Tensor]):
         for _, ids in holders:
             inside |= ids
         # (several DDP modules: the error of the other balancers, naming the supported set-ups)
-        group, _ = data_parallel_group([p for p in params if id(p) in inside], "auto")
-        return group
+        return data_parallel_group([p for p in params if id(p) in inside], "auto")
     if _replicated(params):
         raise ValueError(
             f"torch.distributed is initialized with {torch.distributed.get_world_size()} "
@@ -1777,7 +1799,7 @@ def _trunk_group(params: list[torch.Tensor]):
             "averages the heads' gradients and the Gram itself, DDP the trunk's), pass "
             "process_group=<group> to take the parameters as replicated over it, or "
             "process_group=None if every process trains a model of its own")
-    return None
+    return None, None
 
 
 def _no_representation(raw, items) -> None:

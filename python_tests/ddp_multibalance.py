@@ -8,6 +8,7 @@ OUTDIR/rank{r}.json. :func:`train` with ``world=1`` is the one-process reference
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import sys
@@ -59,20 +60,24 @@ def train(world: int, rank: int) -> dict:
 
 def misused(rank: int, mode: str) -> dict:
     """The misuses the first backward must refuse: trunk and heads in one DDP module
-    (``whole``), or no DDP module at all (``unwrapped``: the trunk's gradients would stay
-    each process's own)."""
+    (``whole``), no DDP module at all (``unwrapped``: the trunk's gradients would stay
+    each process's own), or the trunk's DDP module inside its ``join()`` context for uneven
+    inputs (``join``: a joined process does not stand in for MultiBalance's collectives)."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"trunk": nn.Sequential(nn.Linear(6, 8), nn.ReLU()),
                            "heads": nn.ModuleList(nn.Linear(8, 1) for _ in range(2))})
-    ddp = nn.parallel.DistributedDataParallel(model) if mode == "whole" else None  # kept
+    ddp = {"whole": lambda: nn.parallel.DistributedDataParallel(model),
+           "join": lambda: nn.parallel.DistributedDataParallel(model["trunk"])}.get(
+               mode, lambda: None)()  # kept
     bal = MultiBalance(list(model.parameters()))
     x, y = _data(0)
-    z = model["trunk"](x[rank::2])
-    losses = [nn.functional.mse_loss(h(z).squeeze(1), y[rank::2, k])
-              for k, h in enumerate(model["heads"])]
     try:
-        bal.backward(losses, z)
-    except ValueError as exc:
+        with ddp.join() if mode == "join" else contextlib.nullcontext():
+            z = (ddp if mode == "join" else model["trunk"])(x[rank::2])
+            losses = [nn.functional.mse_loss(h(z).squeeze(1), y[rank::2, k])
+                      for k, h in enumerate(model["heads"])]
+            bal.backward(losses, z)
+    except (ValueError, NotImplementedError) as exc:
         return {"error": str(exc)}
     return {"error": None, "ddp": ddp is not None}
 

@@ -68,7 +68,7 @@ def make_optimizer(args, params, group="auto"):
         from pub_native import balancers
 
         cls = balancers.BALANCERS[args.balancer]
-        kw = {"n_tasks": args.tasks} if args.balancer == "famo" else {}
+        kw = {"n_tasks": args.tasks} if args.balancer in ("famo", "uncertainty") else {}
         bal = cls(params, process_group=group, **kw) if group != "auto" else cls(params, **kw)
         return bal, torch.optim.Adam(params, lr=1e-2)
     cls = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad,
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                 x, y = global_batch(args.model, 0, args.tasks)
                 opt.zero_grad()
                 with wrapped.join():
-                    opt.backward(task_losses(wrapped(x), y))
+                    (bal or opt).backward(task_losses(wrapped(x), y))
             if args.mode == "no-sync-misuse":
                 x, y = global_batch(args.model, 0, args.tasks)
                 opt.zero_grad()

@@ -182,6 +182,17 @@ def test_set_ups_that_cannot_be_exact_raise(tmp_path, mode, match):
         assert "error" in r and re.search(match, r["error"]), r
 
 
+@pytest.mark.parametrize("balancer", [
+    "nashmtl", pytest.param("famo", marks=pytest.mark.slow),
+    pytest.param("uncertainty", marks=pytest.mark.slow)])
+def test_balancers_refuse_ddp_join_on_every_process(tmp_path, balancer):
+    # Their own collectives (task gradients, loss values), which a joined process does not
+    # shadow: gloo aborted the interpreter, as for the PUB optimizers.
+    ranks = _run(tmp_path, 2, ["--mode", "join", "--balancer", balancer])
+    for r in ranks:
+        assert "error" in r and re.search("join\\(\\).*not supported", r["error"]), r
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["--shard", "0"], ["--balancer", "nashmtl"]],
                          ids=["replicated", "nashmtl"])

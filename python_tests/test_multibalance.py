@@ -573,7 +573,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,message", [("whole", "wrap only the trunk"),
-                                          ("unwrapped", "wrap the trunk in DDP")])
+                                          ("unwrapped", "wrap the trunk in DDP"),
+                                          ("join", "join() (torch.distributed.algorithms.Join")])
 def test_ddp_around_the_heads_or_no_ddp_is_refused(tmp_path, mode, message):
     # The whole model in one DDP module (the PUB optimizers' set-up), or no DDP module at all
     # (the replicas drifted apart: the trunk's gradients were each process's own): the first
