@@ -535,6 +535,7 @@ class GradientBalancer:
         ``retain_graph``: keep the autograd graph of ``losses`` after the call, as in
         ``Tensor.backward`` (for a second backward pass through it); by default it is freed."""
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
+        scaler, scale = _scaler_in_use(scaler)
         if self.k is None:
             self._setup(raw, losses)
         elif self._undecided():
@@ -548,7 +549,6 @@ class GradientBalancer:
         bad_losses = self._non_finite_losses(losses)
         if bad_losses and scaler is None:
             raise FloatingPointError(f"non-finite loss in task(s) {bad_losses}")
-        scale = 1.0 if scaler is None else float(scaler.get_scale())
         # The step counts once it succeeded: a step that raised is taken again as the same kind.
         reuse = self.weights is not None and self.steps % self.update_weights_every != 0
         if reuse:
@@ -717,6 +717,7 @@ class LS(GradientBalancer):
         non-finite sum that ``scaler.step`` skips. ``retain_graph``: keep the autograd graph
         of ``losses`` after the call, as in ``Tensor.backward``."""
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
+        _scaler_in_use(scaler)  # (checked: a wrong argument is an error here too)
         if not self._reach_checked:
             self._check_reached(raw, losses)
         self.k = len(losses)
@@ -1012,6 +1013,7 @@ class Uncertainty(GradientBalancer):
         that ``scaler.unscale_`` and ``scaler.step`` expect. ``retain_graph``: keep the
         autograd graph of ``losses`` after the call, as in ``Tensor.backward``."""
         raw, losses = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
+        scaler, c = _scaler_in_use(scaler)
         if not self._reach_checked:
             self._check_reached(raw, losses)
         self._decide_group()
@@ -1022,7 +1024,6 @@ class Uncertainty(GradientBalancer):
         # rounded to float16.
         dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in losses), s.dtype)
         loss_vec = torch.stack([loss.to(dtype) for loss in losses])
-        c = 1.0 if scaler is None else float(scaler.get_scale())
         e = torch.exp(-s)
         if self._dp_group is None:
             weighted = e * loss_vec
@@ -1188,13 +1189,13 @@ class FAMO(GradientBalancer):
         leaving FAMO's state as it was. ``retain_graph``: keep the autograd graph of
         ``losses`` after the call, as in ``Tensor.backward``."""
         raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
+        scaler, scale = _scaler_in_use(scaler)
         self._decide_group()  # (before the detection: its processes agree on it)
         self._refuse_join()
         if self.max_norm > 0 and (self.shared is None or self._undecided()):
             self._detect(raw, items)
         if not self._reach_checked:
             self._check_reached(raw, items)
-        scale = 1.0 if scaler is None else float(scaler.get_scale())
         values = self._loss_values(items, scale)
         if scaler is not None and not bool(torch.isfinite(values).all()):
             self._loss_backward(sum(items), _active(self.params), retain_graph=retain_graph)
@@ -1538,6 +1539,7 @@ class MultiBalance(GradientBalancer):
         # as a plain backward.
         raw, items = losses, as_loss_list(losses, self._expected_k(), owner=self._owner())
         reps = _representation_list(representation)
+        scaler, scale = _scaler_in_use(scaler)
         self._decide_group()
         self._refuse_join()
         split_now = self.heads is None or any(
@@ -1567,7 +1569,6 @@ class MultiBalance(GradientBalancer):
         reached = [any(r is not None for r in per_rep) for per_rep in rows]
         if group is None and not any(reached):
             _no_representation(raw, items)
-        scale = 1.0 if scaler is None else float(scaler.get_scale())
         # This call's numbers in one float64 vector of a fixed layout (summed over the
         # processes under data parallelism; one wait for the device): the Gram's K²
         # entries, the K unscaled loss values, per task the sum of its head gradients' norms
@@ -2080,12 +2081,33 @@ def _solve_small(A: list, b: list) -> list[float] | None:
     return x
 
 
+def _scaler_in_use(scaler):
+    """(the scaler, its loss scale): ``scaler`` as a balancer's ``backward`` takes it, a
+    ``torch.amp.GradScaler`` or None; one made with ``enabled=False`` (the usual switch for
+    mixed precision) is no scaler, (None, 1.0): it skips no step, so a non-finite loss or
+    gradient raises as without one."""
+    if scaler is None:
+        return None, 1.0
+    if not callable(getattr(scaler, "get_scale", None)) \
+            or not callable(getattr(scaler, "is_enabled", None)):
+        raise TypeError(f"scaler must be the torch.amp.GradScaler that scaled the losses, or "
+                        f"None; got {type(scaler).__name__}")
+    if not scaler.is_enabled():
+        return None, 1.0
+    return scaler, float(scaler.get_scale())
+
+
 def _representation_list(representation) -> list[torch.Tensor]:
     if representation is None:
         raise ValueError("MultiBalance.backward needs the shared representation: "
                          "backward(losses, representation)")
-    reps = [representation] if isinstance(representation, torch.Tensor) else \
-        list(representation)
+    if isinstance(representation, torch.Tensor):
+        reps = [representation]
+    elif isinstance(representation, (list, tuple)):
+        reps = list(representation)
+    else:
+        raise TypeError(f"representation must be a tensor or a list or tuple of tensors; got "
+                        f"{type(representation).__name__}")
     if not reps:
         raise ValueError("representation is empty")
     for i, z in enumerate(reps):

@@ -1191,6 +1191,41 @@ def test_every_balancer_takes_the_grad_scaler_and_skips_an_overflow(name):
             assert bal.weights is weights and bal.steps == steps
 
 
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_a_disabled_grad_scaler_is_no_scaler_and_a_wrong_one_is_named(name):
+    # GradScaler(enabled=use_amp) with use_amp False skips no step: a NaN loss must raise as
+    # without a scaler (it was taken for an overflow: .grad got the NaN sum and the disabled
+    # scaler's step wrote it into the parameters). Anything else than a scaler is a TypeError
+    # naming the argument (it was an AttributeError), and either leaves .grad as it was.
+    torch.manual_seed(1)
+    trunk = torch.nn.Linear(6, 8)
+    heads = [torch.nn.Linear(8, 1) for _ in range(2)]
+    params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+    x = torch.randn(32, 6)
+    bal = B.BALANCERS[name](params, 2) if name in ("uncertainty", "famo") else \
+        B.BALANCERS[name](params)
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+
+    def call(scale, scaler):
+        z = torch.tanh(trunk(x))
+        ls = [s * h(z).square().mean() for s, h in zip((1.0, scale), heads)]
+        if name == "multibalance":
+            bal.backward(ls, z, scaler=scaler)
+        else:
+            bal.backward(ls, scaler=scaler)
+
+    with pytest.raises(TypeError, match="scaler must be the torch.amp.GradScaler"):
+        call(1.0, "fp16")
+    if name not in ("ls", "uncertainty"):  # (they add the NaN in, as loss.backward() does)
+        with pytest.raises(FloatingPointError):
+            call(float("nan"), torch.amp.GradScaler("cpu", enabled=False))
+    for p in params:
+        assert torch.equal(p.grad, torch.full_like(p, 0.5))
+    call(2.0, torch.amp.GradScaler("cpu", enabled=False))  # and a finite step goes through
+    assert all(bool(torch.isfinite(p.grad).all()) for p in params)
+
+
 def test_uncertainty_under_a_grad_scaler_gives_the_unscaled_gradients():
     # The s_i terms are scaled with the losses: after scaler.unscale_, log_vars' gradient and
     # the parameters' are those of the run without a scaler (log_vars' was off by the scale).

@@ -293,6 +293,10 @@ def test_errors():
     h = torch.relu(model.trunk(x))
     with pytest.raises(ValueError, match=r"representation\[1\] is representation\[0\]"):
         B.MultiBalance(model.parameters()).backward([h.sum(), 2 * h.sum()], [h, h])
+    h = torch.relu(model.trunk(x))
+    with pytest.raises(TypeError, match="a tensor or a list or tuple of tensors; got dict"):
+        # (its keys were taken for the tensors: "representation[0] must be a tensor, got str")
+        B.MultiBalance(model.parameters()).backward([h.sum(), 2 * h.sum()], {"z": h})
     other = torch.randn(8, 4, requires_grad=True)
     with pytest.raises(ValueError, match="no task loss depends"):
         B.MultiBalance(model.parameters()).backward(losses, other)
