@@ -24,6 +24,7 @@ your optimizer and :class:`FAMO` updates its weights after the step (``update``)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -1339,9 +1340,10 @@ class MultiBalance(GradientBalancer):
        normalization alone).
     6. Task weights w_i = w'_i · (Σ_j n_j) / n_i: Σ_i w_i r_i = (Σ_j n_j) Σ_i w'_i r_i/n_i is the
        balanced combination of the *normalized* gradients at the scale of the summed loss, and K
-       identical tasks give w = 1, exactly linear scalarization. A task whose r_i is zero
-       (‖r_i‖ ≤ 1e-12 max_j ‖r_j‖, e.g. one that does not use z) keeps w_i = 1 and is left out
-       of steps 4–5.
+       identical tasks give w = 1, exactly linear scalarization. A task whose norm in the Gram
+       of step 5 is zero (√Ḡ_ii ≤ 1e-12 max_j √Ḡ_jj, e.g. one that never uses z) keeps
+       w_i = 1 and is left out of steps 4–5. With ``ema`` > 0 that is the averaged Gram: a
+       task absent from one batch (r_i = 0 there) keeps the weight its average gives it.
     7. Head parameters: φ.grad += Σ_i w_i ∂L_i/∂φ. Trunk: one backward from z with the weighted
        representation gradient Σ_i w_i r_i (both sums taken in float32 at least, rounded once
        into a 16-bit dtype). Every parameter thus receives ∂(Σ_i w_i L_i)/∂θ,
@@ -1371,8 +1373,12 @@ class MultiBalance(GradientBalancer):
     reaches around z makes the first call raise, naming it (add the tensor the head reads it
     from to the list — e.g. MMoE's gates read the embedding, so its representation is the
     experts' output *and* the gates' input; or a head reads another output of the operation
-    that made z, as ``a, b = trunk(x).chunk(2, 1)`` with z = a: pass ``[a, b]``). Checked on the
-    first call, with the head/trunk split, which is kept. Usable with any torch optimizer::
+    that made z, as ``a, b = trunk(x).chunk(2, 1)`` with z = a: pass ``[a, b]``). The first
+    call makes the head/trunk split, which is kept; a later call whose graph no longer fits it
+    (a loss that now reaches a trunk parameter around z, z taken from another layer, a balancer
+    whose tensors are no longer the model's) raises. A hook on z (``z.register_hook``) runs in
+    each head pass, on r_i, and not again in the trunk's backward from Σ w_i hook(r_i). Usable
+    with any torch optimizer::
 
         bal = MultiBalance(model.parameters())
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -1521,6 +1527,53 @@ class MultiBalance(GradientBalancer):
         if all(self._unsplit):
             raise ValueError(_NOTHING_REACHED)
 
+    def _split_changed(self, raw, items, reps) -> str | None:
+        """Why this call's graph does not fit the split of the first call, or None. The heads'
+        graph is walked (from the losses to z: the part a head pass runs through anyway):
+        a trunk parameter reached there is reached around z, or z was taken from an earlier
+        layer; the trunk's graph only where a head parameter went unreached (z taken from a
+        later layer, or the balancer's tensors are no longer those of the model: the error of
+        a call that reaches none of them)."""
+        stops = {(z.grad_fn, z.output_nr) for z in reps if z.grad_fn is not None}
+        stop_leaves = {id(z) for z in reps if z.grad_fn is None}
+        reached: set[int] = set()
+        crossed = False
+        for start in _task_starts(raw, items):
+            leaves, c = _reached_stopping(start, stops, stop_leaves)
+            reached |= leaves
+            crossed = crossed or c
+        if not crossed:  # (then every parameter is reached "around" it)
+            try:
+                _no_representation(raw, items)
+            except ValueError as e:
+                return str(e)
+        index = {id(p): j for j, p in enumerate(self.params) if p.requires_grad}
+        heads = {id(p) for params in self.heads for p in params if id(p) in index}
+        for j, p in enumerate(self.params):
+            if id(p) in reached and id(p) in index and id(p) not in heads:
+                return (f"params[{j}] (shape {tuple(p.shape)}) is behind the representation (in "
+                        "the trunk) at the first call, but a task loss now reaches it without "
+                        "going through the representation: around it (pass the tensor that "
+                        "head reads it from as part of the representation), or the "
+                        "representation is taken from an earlier layer than at the first call "
+                        "(MultiBalance keeps the head/trunk split of its first call: build a "
+                        "new one)")
+        missing = heads - reached
+        if not missing and heads:
+            return None
+        behind: set[int] = set()
+        for z in reps:
+            behind |= _reached_stopping(z, set(), set())[0]
+        for j, p in enumerate(self.params):
+            if id(p) in missing and id(p) in behind:
+                return (f"params[{j}] (shape {tuple(p.shape)}) is a head parameter at the first "
+                        "call, but it is now behind the representation: the representation is "
+                        "taken from a later layer than at the first call (MultiBalance keeps the "
+                        "head/trunk split of its first call: build a new one)")
+        if not (reached | behind) & index.keys():
+            return _NOTHING_REACHED
+        return None
+
     @_unchanged_if_it_raises
     def backward(self, losses, representation=None, *, scaler=None,
                  retain_graph: bool = False) -> None:
@@ -1544,8 +1597,16 @@ class MultiBalance(GradientBalancer):
         self._refuse_join()
         split_now = self.heads is None or any(
             p.requires_grad and later for p, later in zip(self.params, self._unsplit, strict=True))
+        # A later call whose graph no longer fits the first call's split (a loss that reaches a
+        # trunk parameter around z, a representation taken from another layer, a balancer
+        # whose tensors are no longer the model's) is refused: the split would drop gradients.
+        changed = None
         if split_now:
             self._split(raw, items, reps)
+        else:
+            changed = self._split_changed(raw, items, reps)
+            if changed is not None and self._dp_group is None:
+                raise ValueError(changed)
         group = self._dp_group
         k, m = len(items), len(reps)
         t0 = time.perf_counter()
@@ -1584,7 +1645,8 @@ class MultiBalance(GradientBalancer):
             got = {id(p) for params, grads in zip(heads, head, strict=True)
                    for p, g in zip(params, grads, strict=True) if g is not None}
             numbers += [torch.tensor([float(x) for x in reached], dtype=torch.float64),
-                        torch.tensor([float(id(p) in got) for p in order], dtype=torch.float64)]
+                        torch.tensor([float(id(p) in got) for p in order], dtype=torch.float64),
+                        torch.tensor([float(changed is not None)], dtype=torch.float64)]
         device = _numbers_device(group, numbers)
         packed = torch.cat([x.to(device=device, dtype=torch.float64) for x in numbers])
         world = 1
@@ -1603,7 +1665,10 @@ class MultiBalance(GradientBalancer):
         if group is not None:
             rest = packed[n_pairs + 2 * k:]
             reached = [x > 0 for x in rest[:m]]
-            present = [x > 0 for x in rest[m:]]
+            present = [x > 0 for x in rest[m:-1]]
+            if rest[-1] > 0:  # (every process raises: one's graph no longer fits the split)
+                raise ValueError(changed or "on another process: the head/trunk split of the "
+                                 "first call no longer fits the losses' graph (see its error)")
             if not any(reached):
                 _no_representation(raw, items)
         G = [[0.0] * k for _ in range(k)]
@@ -1652,7 +1717,8 @@ class MultiBalance(GradientBalancer):
     def _non_finite_heads(self, head, tasks: list[int]) -> list[int]:
         """Of ``tasks``, those with a head gradient that has a NaN or Inf on some process."""
         flags = torch.tensor([float(i in tasks and not all(
-            bool(torch.isfinite(g).all()) for g in head[i] if g is not None))
+            bool(torch.isfinite(g._values() if g.is_sparse else g).all())
+            for g in head[i] if g is not None))
             for i in range(len(head))], dtype=torch.float64)
         if self._dp_group is not None:
             flags = flags.to(_numbers_device(self._dp_group, [flags]))
@@ -1695,11 +1761,13 @@ class MultiBalance(GradientBalancer):
         if not tensors:
             return
         if not self._dp_own:
-            torch.autograd.backward(tensors, grads, inputs=trunk, retain_graph=retain_graph)
+            with _tensor_hooks_silenced(tensors):
+                torch.autograd.backward(tensors, grads, inputs=trunk, retain_graph=retain_graph)
             return
         stash = _set_aside(trunk)  # no DDP module writes into them (see _split)
         try:
-            torch.autograd.backward(tensors, grads, inputs=trunk, retain_graph=retain_graph)
+            with _tensor_hooks_silenced(tensors):
+                torch.autograd.backward(tensors, grads, inputs=trunk, retain_graph=retain_graph)
             average_gradients(trunk, self._dp_group)
         except BaseException:
             _restore(trunk, stash)
@@ -1720,8 +1788,11 @@ class MultiBalance(GradientBalancer):
             given = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
             if not given:
                 continue
-            scaled = torch._foreach_mul(
-                [g.to(torch.promote_types(g.dtype, torch.float32)) for _, g in given], wi)
+            widened = [g.to(torch.promote_types(g.dtype, torch.float32)) for _, g in given]
+            # (an nn.Embedding(sparse=True) in a head: a sparse gradient, which _foreach_mul
+            # does not take)
+            scaled = [g * wi for g in widened] if any(g.is_sparse for g in widened) else \
+                torch._foreach_mul(widened, wi)
             for (p, _), g in zip(given, scaled, strict=True):
                 key = id(p)
                 if key in sums:
@@ -1741,17 +1812,20 @@ class MultiBalance(GradientBalancer):
             for p in targets:
                 kinds.setdefault((p.dtype, p.device), []).append(p)
             for params in kinds.values():
-                flat = torch.cat([(sums[id(p)] if id(p) in sums else torch.zeros_like(p))
-                                  .reshape(-1) for p in params])
+                flat = torch.cat([_dense(sums[id(p)]) if id(p) in sums else
+                                  torch.zeros_like(p).reshape(-1) for p in params])
                 flat.div_(world)
                 torch.distributed.all_reduce(flat, group=self._dp_group)
                 for p, chunk in zip(params, flat.split([p.numel() for p in params]),
                                     strict=True):
-                    sums[id(p)] = chunk.view_as(p)
+                    sums[id(p)] = chunk.view(p.shape)
         for p in targets:
             g = sums[id(p)]
             if p.grad is None:
-                p.grad = g if g.is_contiguous() else g.contiguous()
+                # In the parameter's memory order, as autograd lays out a gradient it creates
+                # (a channels_last head keeps channels_last gradients).
+                p.grad = g if g.is_sparse or g.stride() == p.stride() or not dense_strides(p) \
+                    else torch.empty_like(p, dtype=g.dtype).copy_(g)
             else:
                 p.grad.add_(g)
 
@@ -1770,6 +1844,27 @@ class MultiBalance(GradientBalancer):
     def __repr__(self):
         return (f"MultiBalance(normalization={self.normalization!r}, solver={self.solver!r}, "
                 f"ema={self.ema})")
+
+
+@contextlib.contextmanager
+def _tensor_hooks_silenced(tensors: list[torch.Tensor]):
+    """The hooks registered on the (non-leaf) representation tensors with ``register_hook``,
+    kept from running inside the block. They ran in the head passes, on each task's gradient,
+    and the trunk's backward starts from Σ_i w_i hook(r_i): run again there, a hook would act
+    twice (a gradient reversal would cancel itself, a scaling be squared), where
+    ``loss.backward()`` runs it once. torch keeps them in the tensor's ``_backward_hooks``
+    dict, which its node reads at each call: emptied for the block, refilled in order."""
+    saved = []
+    for z in tensors:
+        hooks = getattr(z, "_backward_hooks", None) if z.grad_fn is not None else None
+        if hooks:
+            saved.append((hooks, list(hooks.items())))
+            hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.update(items)
 
 
 def _trunk_group(params: list[torch.Tensor]):
@@ -1859,22 +1954,38 @@ def _reached_stopping(start, stops: set, stop_leaves: set) -> tuple[set[int], bo
         if (node, nr) in stops:
             crossed = True
             continue
-        edges = node.next_functions
-        if nr < len(edges) and node.name() == "_DDPSinkBackward":
-            if (node, nr) not in sinks:
-                sinks.add((node, nr))
-                stack.append(edges[nr])
-            continue
+        kind = _NODE_KINDS.get(type(node))
+        if kind is None:
+            kind = _NODE_KINDS[type(node)] = _node_kind(node)
+        if kind == _SINK:
+            edges = node.next_functions
+            if nr < len(edges):
+                if (node, nr) not in sinks:
+                    sinks.add((node, nr))
+                    stack.append(edges[nr])
+                continue
         seen.add(node)
-        var = getattr(node, "variable", None)
-        if var is not None:
+        if kind == _LEAF:
+            var = node.variable
             if id(var) in stop_leaves:
                 crossed = True
             else:
                 leaves.add(id(var))
             continue
-        stack.extend(edges)
+        stack.extend(node.next_functions)
     return leaves, crossed
+
+
+# What the walks make of a node, by its type (looked up once per type: the walk that checks a
+# later call's split runs at every MultiBalance call).
+_OTHER, _LEAF, _SINK = 0, 1, 2
+_NODE_KINDS: dict[type, int] = {}
+
+
+def _node_kind(node) -> int:
+    if node.name() == "_DDPSinkBackward":
+        return _SINK
+    return _LEAF if getattr(node, "variable", None) is not None else _OTHER
 
 
 def _gram_entries(rows, k: int) -> torch.Tensor:
@@ -1926,7 +2037,9 @@ def _head_norms(head: list) -> torch.Tensor:
     Inf (or a norm beyond its dtype's range). One fused norm per task."""
     sums = []
     for grads in head:
-        given = [g for g in grads if g is not None]
+        # (a sparse gradient's stored values: any NaN or Inf among them is one of the
+        # gradient's, and _foreach_norm takes dense tensors only)
+        given = [g._values() if g.is_sparse else g for g in grads if g is not None]
         if given:
             device = given[0].device
             norms = [x if x.device == device else x.to(device)
@@ -1937,6 +2050,12 @@ def _head_norms(head: list) -> torch.Tensor:
     device = next((x.device for x in sums if x is not None), torch.device("cpu"))
     return torch.stack([torch.zeros((), dtype=torch.float64, device=device) if x is None
                         else x.to(device) for x in sums])
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    """A head gradient as a flat dense tensor, its elements in row-major order of its shape
+    (for the all-reduce; a sparse one made dense)."""
+    return (g.to_dense() if g.is_sparse else g).reshape(-1)
 
 
 def _numbers_device(group, numbers: list[torch.Tensor]) -> torch.device:
@@ -2732,6 +2851,14 @@ def _loaded_gram(v, name: str, k: int | None) -> list | None:
     if k is None or len(rows) != k or any(len(r) != k for r in rows) \
             or not all(math.isfinite(x) for r in rows for x in r):
         raise ValueError(f"state_dict[{name!r}] must be {k} lists of {k} finite numbers")
+    # A Gram matrix (or an average of them) is symmetric and positive semidefinite; the
+    # weights of one that is not (a negative norm, |G_ij| > √(G_ii G_jj)) mean nothing.
+    G = np.array(rows)
+    trace = float(np.trace(G))
+    if not np.array_equal(G, G.T) or float(np.min(np.diag(G))) < 0 or (
+            k > 0 and float(np.linalg.eigvalsh(G)[0]) < -1e-9 * max(trace, 0.0)):
+        raise ValueError(f"state_dict[{name!r}] is not a Gram matrix (symmetric, positive "
+                         "semidefinite): it was not saved by this balancer")
     return rows
 
 

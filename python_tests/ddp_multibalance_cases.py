@@ -19,6 +19,9 @@ and one are the same training (losses averaged per process, as DDP assumes). Cas
   trunk's gradients too.
 - ``alone``: ``process_group=None``: each process trains a model of its own (its own seed) on
   its own whole batch, as one process would (``train(world=1, rank=r)``).
+- ``around``: at the last step, half 0's task 0 adds a penalty on a trunk parameter, reached
+  around the representation (after a first call that split without it): every process
+  raises, the one whose graph does so naming the parameter.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pub_native.balancers import MultiBalance
 
 STEPS = 3
 BATCH = 16
-CASES = ("branch", "swap", "absent", "group", "alone")
+CASES = ("branch", "swap", "absent", "group", "alone", "around")
 
 
 def _data(step: int, seed: int = 0):
@@ -60,6 +63,8 @@ def _half_losses(case: str, model: dict, z, y, half: int, step: int) -> list:
     l1 = ((p1 - y[:, 1]) ** 2).mean()
     if case == "absent" and half == 1 and step != 1:
         l1 = 1e-3 * (heads[1].weight ** 2).sum()  # no labels: a penalty that does not reach z
+    if case == "around" and half == 0 and step == STEPS - 1:
+        l0 = l0 + 1e-3 * (model["trunk"][0].weight ** 2).sum()
     return [l0, l1]
 
 
@@ -77,8 +82,8 @@ def train(case: str, world: int, rank: int) -> dict:
     model = _model(seed)
     named = [(f"trunk.{n}", p) for n, p in model["trunk"].named_parameters()] + \
         [(f"heads.{n}", p) for n, p in model["heads"].named_parameters()] + \
-        [(n, model[n]) for n in ("extra", "A", "B")]
-    params = [p for _, p in named]
+        [(n, model[n]) for n in (() if case == "around" else ("extra", "A", "B"))]
+    params = [p for _, p in named]  # ("around": every one placed by the first call's split)
     trunk = model["trunk"]
     kwargs = {}
     if world > 1 and case in ("group", "alone"):

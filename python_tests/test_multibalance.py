@@ -537,6 +537,22 @@ def test_ddp_slices_that_reach_different_head_parameters_or_tasks_train_as_one_p
 
 
 @pytest.mark.slow
+def test_ddp_a_later_graph_that_no_longer_fits_the_split_raises_on_every_process(tmp_path):
+    # One process's loss reaches a trunk parameter around the representation after the first
+    # call: its gradient would be dropped. Every process raises (no hang: the flag travels in
+    # the call's one all-reduce), before any gradient is given.
+    helper = _worker_module(_CASES_SCRIPT)
+    assert "around" in helper.CASES
+    proc = subprocess.run([sys.executable, str(_CASES_SCRIPT), str(free_port()), str(tmp_path),
+                           "around"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text()).get("error", "")
+              for r in range(2)]
+    assert "params[0] (shape (8, 4)) is behind the representation" in errors[0], errors
+    assert "on another process" in errors[1], errors
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["group", "alone"])
 def test_ddp_process_group_given_or_none(tmp_path, case):
     """process_group as the other balancers take it: a group given without a DDP module (the
@@ -658,3 +674,165 @@ def test_a_head_that_a_task_starts_to_read_after_the_split_gets_its_gradient():
         sum(float(w) * loss for w, loss in zip(bal.weights, losses)).backward()
         for a, p in zip(got, params):
             torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-8)
+
+
+# -- later calls, hooks, layouts --------------------------------------------------------------
+
+
+def _snapshot(bal, params):
+    return ([None if p.grad is None else p.grad.clone() for p in params], bal.steps,
+            None if bal.weights is None else bal.weights.clone(), bal.state_dict())
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _assert_unchanged(bal, params, snap):
+    grads, steps, weights, state = snap
+    for p, g in zip(params, grads, strict=True):
+        assert (p.grad is None) if g is None else torch.equal(p.grad, g)
+    assert bal.steps == steps and torch.equal(bal.weights, weights)
+    assert _same(bal.state_dict(), state)
+
+
+@pytest.mark.parametrize("change", ["around", "earlier", "later", "copy", "assign"])
+def test_a_later_call_that_no_longer_fits_the_first_split_raises_and_changes_nothing(change):
+    """MultiBalance keeps the head/trunk split of its first call. A later graph it no longer
+    fits gave some parameters no gradient, silently: a penalty on a trunk parameter added to
+    a loss (reached around z), z taken from an earlier or a later layer, a balancer copied
+    after its first call or a model reloaded with assign=True (the balancer's tensors are no
+    longer the model's: nothing at all was given). Each is an error, with .grad and the
+    balancer as they were."""
+    torch.manual_seed(0)
+    l1, l2 = nn.Linear(4, 8), nn.Linear(8, 8)
+    heads = nn.ModuleList(nn.Sequential(nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 1))
+                          for _ in range(2))
+    model = nn.ModuleDict({"l1": l1, "l2": l2, "heads": heads})
+    params = list(model.parameters())
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    bal = B.MultiBalance(params)
+
+    def call(bal, where="l2", penalty=False):
+        h = torch.tanh(model["l1"](x))
+        z = model["l2"](h)
+        rep = {"l1": h, "l2": z}
+        if where == "head":  # the first layer of each head counted in the representation
+            outs = [hd[2](torch.tanh(hd[0](z))) for hd in model["heads"]]
+            rep["head"] = [torch.tanh(hd[0](z)) for hd in model["heads"]]
+            outs = [hd[2](r) for hd, r in zip(model["heads"], rep["head"], strict=True)]
+        else:
+            outs = [hd(z) for hd in model["heads"]]
+        losses = [((o.squeeze(1) - y[:, i]) ** 2).mean() for i, o in enumerate(outs)]
+        if penalty:
+            losses[0] = losses[0] + 1e-2 * (model["l1"].weight ** 2).sum()
+        bal.backward(losses, rep[where])
+
+    call(bal)
+    call(bal)  # a second call that fits: fine
+    if change == "copy":
+        import copy as copy_module
+        bal = copy_module.deepcopy(bal)
+    if change == "assign":
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()},
+                              assign=True)
+    snap = _snapshot(bal, params)
+    match = {"around": r"params\[0\] .* is behind the representation .* around it",
+             "earlier": r"params\[2\] .* is behind the representation",
+             "later": r"params\[4\] .* is a head parameter at the first call, but it is now "
+                      "behind",
+             "copy": "no task loss reaches any tensor in params",
+             "assign": "no task loss reaches any tensor in params"}[change]
+    with pytest.raises(ValueError, match=match):
+        call(bal, where={"earlier": "l1", "later": "head"}.get(change, "l2"),
+             penalty=change == "around")
+    _assert_unchanged(bal, params, snap)
+
+
+def test_a_tensor_hook_on_the_representation_acts_once_on_the_trunk():
+    """z.register_hook(fn) ran in each head pass (on r_i) and again in the trunk's backward
+    (on Σ w_i fn(r_i)): a gradient reversal cancelled itself and a scaling was squared. With
+    weights of 1 (solver "mean", no normalization) the trunk must get what sum(L).backward()
+    gives it; the hook runs once per head pass (K times), none in the trunk pass."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(6, 16)
+    heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(2))
+    params = [*trunk.parameters(), *heads.parameters()]
+    x, y = torch.randn(32, 6), torch.randn(32, 2)
+
+    def run(balanced, fn):
+        for p in params:
+            p.grad = None
+        calls = []
+        z = trunk(x)
+        z.register_hook(lambda g: (calls.append(1), fn(g))[1])
+        z.register_hook(lambda g: g + 0.0)  # a second hook: the order is kept
+        losses = [((h(z).squeeze(1) - y[:, i]) ** 2).mean() for i, h in enumerate(heads)]
+        if balanced:
+            B.MultiBalance(params, solver="mean", normalization="none").backward(losses, z)
+        else:
+            sum(losses).backward()
+        assert len(z._backward_hooks) == 2  # put back after the call
+        return [p.grad.clone() for p in params], len(calls)
+
+    for fn in (lambda g: -g, lambda g: 3.0 * g):
+        want, n_plain = run(False, fn)
+        got, n_balanced = run(True, fn)
+        assert n_plain == 1 and n_balanced == 2
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_head_gradients_keep_the_parameters_layout_and_sparse_heads_work():
+    """A channels_last head convolution got a contiguous (NCHW) .grad, where autograd gives
+    the parameter's layout; an nn.Embedding(sparse=True) in a head raised torch's
+    NotImplementedError (a norm of a sparse tensor). Both give what sum(L).backward() gives
+    (weights of 1), the gradient in the parameter's layout and sparse where torch's is."""
+    torch.manual_seed(0)
+    trunk = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    conv = nn.Conv2d(4, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    emb = nn.Embedding(10, 4, sparse=True)
+    params = [*trunk.parameters(), *conv.parameters(), *emb.parameters()]
+    x = torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)
+    ids = torch.tensor([1, 3, 3])
+
+    def run(balanced):
+        for p in params:
+            p.grad = None
+        z = trunk(x)
+        losses = [conv(z).square().mean(), (z.mean((2, 3)) @ emb(ids).T).square().mean()]
+        if balanced:
+            B.MultiBalance(params, solver="mean", normalization="none").backward(losses, z)
+        else:
+            sum(losses).backward()
+        return [p.grad for p in params]
+
+    want, got = run(False), run(True)
+    for p, g, w in zip(params, got, want, strict=True):
+        assert g.is_sparse == w.is_sparse
+        if g.is_sparse:
+            g, w = g.to_dense(), w.to_dense()
+        else:
+            assert g.stride() == w.stride() == p.stride()
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gram", [[[-1.0, 0.0], [0.0, 1.0]], [[1.0, 5.0], [5.0, 1.0]],
+                                  [[1.0, 0.5], [-0.5, 1.0]]])
+def test_a_state_dict_whose_gram_is_no_gram_is_refused(gram):
+    trunk, heads, params = _two_heads()
+    bal = B.MultiBalance(params)
+    z = trunk(torch.randn(16, 4))
+    bal.backward([h(z).pow(2).mean() for h in heads], z)
+    state = bal.state_dict()
+    before = bal.state_dict()
+    state["gram_average"] = gram
+    with pytest.raises(ValueError, match="not a Gram matrix"):
+        bal.load_state_dict(state)
+    assert _same(bal.state_dict(), before)
