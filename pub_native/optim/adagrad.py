@@ -51,7 +51,10 @@ class AdaGrad(PUBOptimizer, torch.optim.Adagrad):
         return ["sum"]
 
     def _initial_state_value(self, group, name):
-        return float(group["initial_accumulator_value"])
+        # The constructor's value, in every group, as torch's Adagrad starts `sum` (at
+        # construction for the groups given, at the first step for a group added later): a
+        # group's own initial_accumulator_value is kept in the group and used by neither.
+        return float(self.defaults["initial_accumulator_value"])
 
     def _rule_flags(self, group):
         return (False, False, False)
