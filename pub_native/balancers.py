@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ._autograd import (
+    REENTRANT_CHECKPOINT,
     TaskGradients,
     as_loss_list,
     compiled_graph,
@@ -44,6 +45,7 @@ from ._autograd import (
     not_dense,
     reached_by_gradients,
     reached_parameters,
+    reentrant_checkpoint,
     task_roots,
     walk_graph,
 )
@@ -219,6 +221,7 @@ class GradientBalancer:
         # The optimizers' detection (pub_native._autograd): a stacked 1-D tensor of losses is
         # split back into its tasks at the stack, so its tasks reach what the list's would.
         roots = task_roots(raw_losses, losses)
+        _refuse_reentrant(roots)
         compiled = compiled_graph(roots)
         if compiled:
             if not self._warned_compiled:
@@ -308,8 +311,9 @@ class GradientBalancer:
         """On the first call of a balancer that takes one backward pass (LS, Uncertainty,
         FAMO), which would otherwise leave ``.grad`` empty without a word: some loss must reach
         some parameter in ``params``."""
-        reached = set().union(*(reached_parameters(root)
-                                for root in task_roots(raw_losses, losses)))
+        roots = task_roots(raw_losses, losses)
+        _refuse_reentrant(roots)
+        reached = set().union(*(reached_parameters(root) for root in roots))
         active = _active(self.params)
         # FSDP2's sharded DTensors: the forward runs on unsharded copies, which the graph
         # reaches instead (the backward would leave them without a gradient).
@@ -1446,6 +1450,7 @@ class MultiBalance(GradientBalancer):
         what any process's graph reached (every process then has the same split, and the same
         errors)."""
         _check_independent(reps)
+        _refuse_reentrant([s[0] if isinstance(s, tuple) else s for s in _task_starts(raw, items)])
         # z is one output of its autograd node: an edge (node, input_nr) is z only where it is
         # z's own (z.grad_fn, z.output_nr); an edge into another output of that node (a head
         # that reads a sibling of z: a, b = h.chunk(2, 1)) goes around z.
@@ -2095,6 +2100,17 @@ def _scaler_in_use(scaler):
     if not scaler.is_enabled():
         return None, 1.0
     return scaler, float(scaler.get_scale())
+
+
+def _refuse_reentrant(roots: list) -> None:
+    """NotImplementedError where the graph below ``roots`` holds a reentrant checkpoint: the
+    walk that decides what the losses reach does not see the parameters inside it, and the
+    backward passes restricted to the balancer's tensors (per-task gradients, and the one pass
+    of LS, Uncertainty and FAMO, which must leave every other tensor's ``.grad`` alone) either
+    skip it or raise torch's error part-way. Checked where the graph is walked (the first
+    call, and a call that looks for parameters not yet decided)."""
+    if reentrant_checkpoint(roots):
+        raise NotImplementedError(REENTRANT_CHECKPOINT)
 
 
 def _representation_list(representation) -> list[torch.Tensor]:

@@ -1985,3 +1985,54 @@ def test_the_finiteness_check_of_a_reused_step_takes_huge_finite_gradients():
     assert B._all_finite([torch.full((10**5,), 6e4, dtype=torch.float16)])
     assert not B._all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
     assert not B._all_finite([torch.tensor([float("nan"), 0.0], dtype=torch.float64)])
+
+
+# -- a reentrant activation checkpoint ---------------------------------------------------------
+
+class _Checkpointed(torch.nn.Module):
+    """A block for torch.utils.checkpoint, at the bottom of the model (its input requiring
+    grad, as Hugging Face's enable_input_require_grads makes it) or in the middle."""
+
+    def __init__(self, bottom: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.bottom, self.reentrant = bottom, True
+        self.pre = torch.nn.Linear(4, 4).double()
+        self.block = torch.nn.Linear(4, 6).double()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(6, 1).double() for _ in range(2)])
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        self.x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+
+    def run(self, bal):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.x.clone().requires_grad_() if self.bottom else torch.tanh(self.pre(self.x))
+        z = checkpoint(lambda t: torch.tanh(self.block(t)), h, use_reentrant=self.reentrant)
+        if self.bottom:
+            z = z + 0.0 * self.pre.weight.sum()  # (pre in the graph, outside the checkpoint)
+        losses = [hd(z).square().mean() * (i + 1) for i, hd in enumerate(self.heads)]
+        if isinstance(bal, B.MultiBalance):
+            bal.backward(losses, z)
+        else:
+            bal.backward(losses)
+
+
+@pytest.mark.parametrize("bottom", [True, False])
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_a_reentrant_checkpoint_is_refused_naming_use_reentrant_false(name, bottom):
+    # The walk of the graph does not see the parameters inside CheckpointFunctionBackward:
+    # every balancer left the checkpointed block without .grad (at the bottom of the model),
+    # or torch raised part-way through a restricted backward (in the middle). Refused before
+    # anything is computed; with use_reentrant=False the same balancer gives the block its
+    # gradient.
+    model = _Checkpointed(bottom)
+    bal = _make(name, list(model.parameters()))
+    with pytest.raises(NotImplementedError, match="use_reentrant=False"):
+        model.run(bal)
+    assert all(p.grad is None for p in model.parameters())
+    assert bal.steps == 0 and bal.weights is None
+    model.reentrant = False
+    model.run(bal)
+    assert all(p.grad is not None for p in model.block.parameters())
