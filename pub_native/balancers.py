@@ -726,8 +726,11 @@ class LS(GradientBalancer):
             self._check_reached(raw, losses)
         self.k = len(losses)
         self.steps += 1
-        torch.autograd.backward(sum(losses), inputs=_active(self.params),
-                                retain_graph=retain_graph)
+        active = _active(self.params)
+        marks = _grad_marks(active)
+        torch.autograd.backward(sum(losses), inputs=active, retain_graph=retain_graph)
+        if not _received(active, marks):  # (.grad unchanged: nothing to undo)
+            raise self._nothing_reached()
         self.weights = torch.ones(self.k, dtype=torch.float64)
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
 
@@ -1042,7 +1045,16 @@ class Uncertainty(GradientBalancer):
         else:
             total = (weighted + 0.5 * c * s).sum()
             w = torch.exp(-s.detach())
-        self._loss_backward(total, _active(self.params), [s], retain_graph)
+        active = _active(self.params)
+        marks = _grad_marks(active)
+        kept = s.grad, None if s.grad is None else s.grad.clone()
+        self._loss_backward(total, active, [s], retain_graph)
+        if not _received(active, marks):
+            # The model's .grad is as it was; log_vars' gradient of this call is taken back.
+            if kept[0] is not None:
+                kept[0].copy_(kept[1])
+            s.grad = kept[0]
+            raise self._nothing_reached()
         self.weights = w.to(torch.float64).cpu()
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
 
@@ -1224,6 +1236,8 @@ class FAMO(GradientBalancer):
             w = z / (c * d)
             total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
             aside = self._set_aside_clipped()
+            active = _active(self.params)
+            marks = _grad_marks(active)
             if aside is not None and self._dp_group is not None:
                 # Clipped: the clip needs this call's gradient averaged over the processes,
                 # also inside ddp.no_sync() (where DDP's backward would average nothing and
@@ -1231,7 +1245,9 @@ class FAMO(GradientBalancer):
                 self._backward_fixed_distributed(total, None, _active(self.params), [],
                                                  retain_graph)
             else:
-                self._loss_backward(total, _active(self.params), retain_graph=retain_graph)
+                self._loss_backward(total, active, retain_graph=retain_graph)
+            if not _received(active, marks):
+                raise self._nothing_reached()
         except BaseException:
             _undo_aside(self.shared, aside)
             with torch.no_grad():
@@ -2551,6 +2567,23 @@ def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) ->
         torch._foreach_mul_(grads, 1.0 / scale)
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         torch._foreach_mul_(grads, scale)
+
+
+def _grad_marks(params: list[torch.Tensor]) -> list:
+    """Each parameter's ``.grad`` as it is now (the tensor and its version counter), for
+    :func:`_received`."""
+    return [(p.grad, None if p.grad is None else p.grad._version) for p in params]
+
+
+def _received(params: list[torch.Tensor], marks: list) -> bool:
+    """Whether a backward pass since ``marks`` (:func:`_grad_marks`) gave some of ``params`` a
+    gradient: a ``.grad`` that is another tensor, or the same one changed in place (autograd
+    accumulates into it, which moves its version counter). No graph walk and no wait for
+    the device: the check of every call of the balancers that take one backward pass, whose
+    losses may stop reaching their parameters after the first call (a balancer copied or
+    restored with the model's tensors, given the losses of the new model)."""
+    return any(p.grad is not g or (g is not None and g._version != v)
+               for p, (g, v) in zip(params, marks, strict=True))
 
 
 def _all_finite(grads: list) -> bool:

@@ -986,6 +986,51 @@ def test_a_balancer_that_ran_and_is_then_given_losses_of_another_model_says_so(n
     assert bal.steps == steps and torch.equal(bal.weights, weights)
 
 
+def _same_state(a, b) -> bool:
+    """Whether two state dicts (nested dicts, lists and tensors) hold the same values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(
+            _same_state(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(
+            _same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("name", ["ls", "uncertainty", "famo"])
+def test_a_balancer_copied_after_its_first_call_and_given_the_models_losses_says_so(name,
+                                                                                 copy_by):
+    # A copy holds copies of the parameters; the check that the losses reach them ran on the
+    # first call only, and its flag was copied: the copy left the model without .grad (while
+    # Uncertainty's log-variances and FAMO's logits moved). Every call now sees it, and
+    # changes nothing: .grad (log_vars' too) and the balancer's state stay as they were.
+    model = _Heads()
+    bal = _make(name, list(model.parameters()))
+    model.run(bal)
+    if copy_by == "deepcopy":
+        other = copy.deepcopy(bal)
+    else:
+        buffer = io.BytesIO()
+        torch.save(bal, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    grads = [p.grad.clone() for p in model.parameters()]
+    if name == "uncertainty":
+        other.log_vars.grad = torch.ones_like(other.log_vars)
+    state = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="no task loss reaches any tensor in params"):
+        model.run(other)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+    assert _same_state(other.state_dict(), state)
+    if name == "uncertainty":
+        assert torch.equal(other.log_vars.grad, torch.ones_like(other.log_vars))
+    model.run(bal)  # (the original goes on)
+
+
 @pytest.mark.parametrize("name", sorted(B.BALANCERS))
 def test_a_tensor_computed_from_parameters_is_refused_as_a_parameter(name):
     # As torch.optim refuses it: it is not a leaf, so it never gets a .grad.
