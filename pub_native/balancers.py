@@ -1133,6 +1133,8 @@ class FAMO(GradientBalancer):
             torch.as_tensor(min_losses, dtype=torch.float64).detach().cpu().reshape(-1)
         if m.shape != (n_tasks,):
             raise ValueError(f"min_losses must hold {n_tasks} values, got shape {tuple(m.shape)}")
+        if not bool(torch.isfinite(m).all()):  # (as load_state_dict refuses them)
+            raise ValueError(f"min_losses must be finite, got {m.tolist()}")
         self.min_losses = m
         self.eps = 1e-8
         self.k = n_tasks
@@ -1167,9 +1169,10 @@ class FAMO(GradientBalancer):
         return d.log()
 
     def update(self, losses_after) -> None:
-        """Update the task logits from the losses after the step (see the class docstring)."""
-        items = losses_after.unbind(0) if isinstance(losses_after, torch.Tensor) \
-            and losses_after.dim() == 1 else list(losses_after)
+        """Update the task logits from the losses after the step (see the class docstring):
+        K loss values, as tensors of one element (a list, or a 1-D tensor) or as numbers
+        (Python's or numpy's)."""
+        items = _loss_values_after(losses_after)
         if len(items) != self.k:
             raise ValueError(f"losses_after has {len(items)} tasks, FAMO was built for "
                              f"K = {self.k}")
@@ -2740,6 +2743,36 @@ def _checked_adam_group(group: dict, label: str) -> tuple[float, float]:
                              f"{' or None' if name in ('foreach', 'fused') else ''}, "
                              f"got {value!r}")
     return float(group["lr"]), float(group["weight_decay"])
+
+
+def _loss_values_after(losses_after) -> list[torch.Tensor]:
+    """FAMO.update's ``losses_after`` as a list of one-element tensors: a tensor (1-D, or
+    (K, 1)), or a sequence (a list, a numpy array) of tensors of one element and of real
+    numbers; anything else is a TypeError naming the argument."""
+    if isinstance(losses_after, torch.Tensor):
+        if losses_after.dim() == 0:
+            raise ValueError("losses_after must hold K loss values, got a 0-dim tensor")
+        items = list(losses_after.unbind(0))
+    elif isinstance(losses_after, (str, bytes)) or not hasattr(losses_after, "__len__"):
+        raise TypeError(f"losses_after must be K loss values (a list or a 1-D tensor), got "
+                        f"{type(losses_after).__name__}")
+    else:
+        items = list(losses_after)
+    out = []
+    for i, v in enumerate(items):
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1 or v.is_complex():
+                raise ValueError(f"losses_after[{i}] must be one real value, got a tensor of "
+                                 f"shape {tuple(v.shape)} and dtype {v.dtype}")
+            out.append(v)
+        elif is_real(v) or (isinstance(v, np.ndarray) and v.size == 1
+                            and np.issubdtype(v.dtype, np.number)
+                            and not np.iscomplexobj(v)):
+            out.append(torch.tensor(float(v), dtype=torch.float64))
+        else:
+            raise TypeError(f"losses_after[{i}] must be a loss value (a tensor of one element "
+                            f"or a number), got {type(v).__name__}")
+    return out
 
 
 def _task_count(n_tasks) -> int:
