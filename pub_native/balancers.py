@@ -1238,10 +1238,14 @@ class FAMO(GradientBalancer):
             c = float((z / d).sum())
             w = z / (c * d)
             total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
-            aside = self._set_aside_clipped()
+            # Clipped: every .grad set aside (_zero_aside), so that the clip sees this call's
+            # gradient alone and a call that raises after the backward pass (a sparse shared
+            # gradient, which the clip cannot take) puts every .grad back as it was.
             active = _active(self.params)
+            clip = self.max_norm > 0 and bool(self.shared)
+            aside = _zero_aside(active) if clip else None
             marks = _grad_marks(active)
-            if aside is not None and self._dp_group is not None:
+            if clip and self._dp_group is not None:
                 # Clipped: the clip needs this call's gradient averaged over the processes,
                 # also inside ddp.no_sync() (where DDP's backward would average nothing and
                 # each process clip its own), as the other clipping balancers average theirs.
@@ -1251,13 +1255,16 @@ class FAMO(GradientBalancer):
                 self._loss_backward(total, active, retain_graph=retain_graph)
             if not _received(active, marks):
                 raise self._nothing_reached()
+            if clip:
+                _refuse_sparse(self.params, self.shared)
+                _clip_unscaled(self.shared, self.max_norm, scale)
         except BaseException:
-            _undo_aside(self.shared, aside)
+            _undo_aside(active, aside)
             with torch.no_grad():
                 self.logits.copy_(saved[0])
             self._logit_opt.load_state_dict(saved[1])
             raise
-        self._clip_contribution(aside, scale)
+        _add_back(active, aside)
         self.steps += 1
         self._skip_update = False
         self.weights = w
@@ -2555,6 +2562,19 @@ def _as_gram(G) -> np.ndarray:
     if not np.isfinite(G).all():
         raise ValueError("G contains NaN or Inf")
     return G
+
+
+def _refuse_sparse(params: list[torch.Tensor], shared: list[torch.Tensor]) -> None:
+    """TypeError naming the first shared parameter whose ``.grad`` is sparse
+    (``nn.Embedding(sparse=True)``): FAMO's ``max_norm`` clips the shared gradient, which
+    torch's ``clip_grad_norm_`` cannot take sparse, as the gradient balancers refuse one."""
+    for p in shared:
+        if p.grad is not None and p.grad.is_sparse:
+            j = next(j for j, q in enumerate(params) if q is p)
+            raise TypeError(
+                f"params[{j}] (shape {tuple(p.shape)}) is shared and gets a sparse gradient "
+                "(nn.Embedding(sparse=True)): max_norm clips the shared gradient, which "
+                "torch's clip_grad_norm_ cannot do sparse; use sparse=False, or max_norm=0")
 
 
 def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) -> None:

@@ -2081,3 +2081,40 @@ def test_a_reentrant_checkpoint_is_refused_naming_use_reentrant_false(name, bott
     model.reentrant = False
     model.run(bal)
     assert all(p.grad is not None for p in model.block.parameters())
+
+
+# -- sparse gradients ----------------------------------------------------------------------------
+
+class _SparseRec(torch.nn.Module):
+    """A shared embedding with sparse gradients (nn.Embedding(sparse=True)) and two heads."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 4, sparse=True)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(4, 1) for _ in range(2))
+        self.ids = torch.randint(0, 20, (8, 3))
+
+    def losses(self):
+        z = self.emb(self.ids).mean(1)
+        return [h(z).square().mean() for h in self.heads]
+
+
+def test_famo_clipping_a_sparse_shared_gradient_is_refused_and_loses_nothing():
+    # torch's clip_grad_norm_ raised NotImplementedError outside FAMO's rollback: the .grad
+    # accumulated before the call (a first micro-batch) was lost. Refused naming the
+    # parameter, with every .grad (the sparse one too) and FAMO's state as they were.
+    model = _SparseRec()
+    famo = B.FAMO(model.parameters(), n_tasks=2)
+    sum(model.losses()).backward()
+    grads = [p.grad.to_dense().clone() for p in model.parameters()]
+    state = copy.deepcopy(famo.state_dict())
+    with pytest.raises(TypeError, match=r"params\[0\] \(shape \(20, 4\)\).*sparse"):
+        famo.backward(model.losses())
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad.to_dense(), g)
+    assert model.emb.weight.grad.is_sparse
+    assert _same_state(famo.state_dict(), state)
+    famo.max_norm = 0.0  # unclipped, FAMO takes it as loss.backward() does
+    famo.backward(model.losses())
+    assert model.emb.weight.grad.is_sparse and famo.steps == 1
