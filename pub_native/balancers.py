@@ -576,7 +576,11 @@ class GradientBalancer:
             if clip:
                 _clip_unscaled(self.shared, self.max_norm, scale)
             _add_back(given, aside)
-            self.steps += 1
+            # Under a GradScaler, a step the scaler will skip (an overflow anywhere in .grad)
+            # does not count, as on a step that updates the weights: one wait for the device,
+            # as without a scaler.
+            if not bad_losses and (scaler is None or _all_finite([p.grad for p in given])):
+                self.steps += 1
             self.stats["updated"] = False
             return
         if not self._grads.matches():
@@ -599,8 +603,14 @@ class GradientBalancer:
             if self._dp_group is not None:
                 self._average_task_gradients()
             buf = self._grads.buffer
-            G = _gram_float64(buf)
-            overflow = bool(bad_losses) or not bool(torch.isfinite(G).all())
+            # Under a GradScaler an overflow in a task-specific gradient alone (the Gram
+            # finite) skips the step too: the sums of this call's head gradients come back
+            # with G, in the same wait for the device.
+            heads = None if scaler is None else _sums([p.grad for p in specific])
+            G, head_sums = (_gram_float64(buf), None) if heads is None else \
+                _gram_float64(buf, heads)
+            overflow = bool(bad_losses) or not bool(torch.isfinite(G).all()) or (
+                head_sums is not None and not bool(torch.isfinite(head_sums).all()))
             if overflow and scaler is None:
                 bad = [i for i in range(self.k) if not math.isfinite(float(G[i, i]))]
                 raise FloatingPointError(
@@ -2534,7 +2544,18 @@ def _project_simplex(v: np.ndarray) -> np.ndarray:
     return np.maximum(v - css[rho] / (rho + 1), 0.0)
 
 
-def _gram_float64(rows: torch.Tensor) -> torch.Tensor:
+def _sums(grads: list) -> torch.Tensor | None:
+    """The float64 sum of each gradient (None skipped; a sparse one's stored values), stacked
+    on the first one's device, or None where there is none: non-finite where the gradient
+    holds an Inf or NaN."""
+    sums = [(g._values() if g.is_sparse else g).sum(dtype=torch.float64)
+            for g in grads if g is not None]
+    if not sums:
+        return None
+    return torch.stack([t.to(sums[0].device) for t in sums])
+
+
+def _gram_float64(rows: torch.Tensor, also: torch.Tensor | None = None):
     """G = rows·rowsᵀ (K×K) with float64 products and sums, exactly symmetric, on the CPU.
 
     Float16, bfloat16 and float32 rows are converted in column blocks of 2^18 elements (one
@@ -2542,7 +2563,10 @@ def _gram_float64(rows: torch.Tensor) -> torch.Tensor:
     overflow or underflow their own type (float16 from |g| ~ 256, float32 from ~1e19) still
     give a finite, accurate G, as SPEC section 4 asks (float64 accumulation). A product in
     the rows' own type was also not exactly symmetric, which the native solver refuses beyond
-    its tolerance."""
+    its tolerance.
+
+    With ``also`` (a 1-D tensor on any device), ``(G, also)`` on the CPU, both brought back
+    in one copy (one wait for the device)."""
     k, n = rows.shape
     if rows.dtype == torch.float64:
         G = rows @ rows.t()
@@ -2552,7 +2576,11 @@ def _gram_float64(rows: torch.Tensor) -> torch.Tensor:
         for s in range(0, n, step):
             block = rows[:, s:s + step].to(torch.float64)
             G.addmm_(block, block.t())
-    return (0.5 * (G + G.t())).cpu()
+    G = 0.5 * (G + G.t())
+    if also is None:
+        return G.cpu()
+    both = torch.cat([G.reshape(-1), also.to(G.device, torch.float64).reshape(-1)]).cpu()
+    return both[:k * k].reshape(k, k), both[k * k:]
 
 
 def _as_gram(G) -> np.ndarray:

@@ -2118,3 +2118,70 @@ def test_famo_clipping_a_sparse_shared_gradient_is_refused_and_loses_nothing():
     famo.max_norm = 0.0  # unclipped, FAMO takes it as loss.backward() does
     famo.backward(model.losses())
     assert model.emb.weight.grad.is_sparse and famo.steps == 1
+
+
+# -- steps a GradScaler skips --------------------------------------------------------------------
+
+class _Overflow(torch.autograd.Function):
+    """The identity, whose gradient overflows (to Inf) where ``on``: a finite loss whose
+    gradient is not, the usual float16 overflow."""
+
+    @staticmethod
+    def forward(ctx, x, on):
+        ctx.on = on
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g + math.inf if ctx.on else g), None
+
+
+def _overflow_run(name, where, calls, every=1):
+    """A balancer under a GradScaler for ``calls`` steps, a gradient overflowing at the calls
+    in ``where`` (dict call -> "head" or "trunk"); the state dict and the scale at each."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(6, 8)
+    heads = [torch.nn.Linear(8, 1) for _ in range(3)]
+    params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+    kwargs = {"update_weights_every": every} if every > 1 else {}
+    bal = (B.BALANCERS.get(name) or getattr(B, name))(params, **kwargs)
+    opt = torch.optim.SGD(params, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(16, 6)
+    states = []
+    for call in range(calls):
+        opt.zero_grad()
+        z = _Overflow.apply(torch.tanh(trunk(x)), where.get(call) == "trunk")
+        losses = []
+        for i, h in enumerate(heads):
+            weight = _Overflow.apply(h.weight, where.get(call) == "head" and i == 2)
+            losses.append((i + 1.0) * torch.nn.functional.linear(z, weight, h.bias)
+                          .square().mean())
+        bal.backward([scaler.scale(loss) for loss in losses], scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        states.append((copy.deepcopy(bal.state_dict()), scaler.get_scale()))
+    return states
+
+
+@pytest.mark.parametrize("name", _GRADIENT_BALANCERS)
+def test_an_overflow_in_a_head_gradient_alone_leaves_the_balancer_as_it_was(name):
+    # The Gram of the shared gradients is finite, so the step was counted and the weights,
+    # NashMTL's warm start and PCGrad's random generator moved while the scaler skipped the
+    # step. The balancer now goes on as if the skipped call had not been made.
+    states = _overflow_run(name, {2: "head"}, 4)
+    assert states[2][1] < states[1][1]  # (the scaler skipped that step)
+    assert _same_state(states[2][0], states[1][0])
+    assert states[3][0]["steps"] == 3
+
+
+@pytest.mark.parametrize("every", [2, 3])
+@pytest.mark.parametrize("name", ["nashmtl", "mgda-ub", "imtl-g"])
+def test_a_step_the_scaler_skips_counts_on_neither_kind_of_step(name, every):
+    # With update_weights_every > 1 a gradient overflow on a step that reuses the weights
+    # counted it (the next weight update came a step early) while one on a weight-update step
+    # did not: neither counts now. Calls 0-4, the overflow at call 1 (reuses the weights for
+    # both every=2 and 3) and at call 3 (reuses for every=3, updates for every=2).
+    states = _overflow_run(name, {1: "trunk", 3: "trunk"}, 5, every)
+    assert [s["steps"] for s, _ in states] == [1, 1, 2, 2, 3]
+    assert all(b < a for (_, a), (_, b) in ((states[0], states[1]), (states[2], states[3])))
