@@ -1151,6 +1151,11 @@ class FAMO(GradientBalancer):
         self._prev_log_d: torch.Tensor | None = None
         self._updated = True
         self._skip_update = False
+        # The GradScaler of the last backward and its scale then: the scale backs off exactly
+        # when the scaler skips a step, so a lower scale at update() (or at the next
+        # backward's implicit update) means that no step was taken to measure.
+        self._scaler = None
+        self._scale: float | None = None
 
     @property
     def task_probabilities(self) -> torch.Tensor:
@@ -1195,10 +1200,33 @@ class FAMO(GradientBalancer):
         if self._updated:
             raise RuntimeError("FAMO.update() was already called after the last backward(): "
                                "a second call would count the same decrease of the losses again")
+        if self._skipped_since(None):  # the scaler skipped the step (a gradient overflow)
+            self._drop_skipped()
+            self.stats["update"] = "skipped"
+            return
         self._decide_group()  # (a loaded state may call update() first)
         self._update_from(self._log_d(self._loss_values(items)))
         self._updated = True
         self.stats["update"] = "explicit"
+
+    def _skipped_since(self, scale_now: float | None) -> bool:
+        """Whether the GradScaler skipped the step after the last backward: its scale now
+        (``scale_now``, or read from the scaler that backward was given) is below the scale
+        then. False without a scaler."""
+        if self._scale is None:
+            return False
+        if scale_now is None:
+            if self._scaler is None:
+                return False
+            scale_now = float(self._scaler.get_scale())
+        return scale_now < self._scale
+
+    def _drop_skipped(self) -> None:
+        """The last backward's step was skipped: it does not count, and there is no decrease
+        of the losses to measure from it."""
+        self.steps -= 1
+        self._updated = True
+        self._scaler = self._scale = None
 
     def _update_from(self, log_d_after: torch.Tensor) -> None:
         delta = self._prev_log_d - log_d_after
@@ -1230,6 +1258,8 @@ class FAMO(GradientBalancer):
             self._loss_backward(sum(items), _active(self.params), retain_graph=retain_graph)
             self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                           "update": None}
+            if not self._updated and self._skipped_since(scale):
+                self._drop_skipped()  # (the step of the backward before was skipped too)
             # The scaler skips this step: an update() after it has no step to measure.
             self._skip_update = True
             return
@@ -1241,8 +1271,12 @@ class FAMO(GradientBalancer):
         try:
             update = None
             if not self._updated:
-                self._update_from(log_d)
-                update = "next batch"
+                if self._skipped_since(scale if scaler is not None else None):
+                    self._drop_skipped()  # the GradScaler skipped the last step
+                    update = "skipped"
+                else:
+                    self._update_from(log_d)
+                    update = "next batch"
             z = torch.softmax(self.logits.detach(), 0)
             d = log_d.exp()
             c = float((z / d).sum())
@@ -1280,13 +1314,15 @@ class FAMO(GradientBalancer):
         self.weights = w
         self._prev_log_d = log_d
         self._updated = False
+        self._scaler, self._scale = (scaler, scale) if scaler is not None else (None, None)
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True, "update": update}
 
     def _method_state(self):
         return {"logits": self.logits.detach().clone(),
                 "logit_optimizer": copy.deepcopy(self._logit_opt.state_dict()),
                 "prev_log_losses": None if self._prev_log_d is None else self._prev_log_d.clone(),
-                "updated": self._updated, "skip_update": self._skip_update}
+                "updated": self._updated, "skip_update": self._skip_update,
+                "loss_scale": self._scale}
 
     def _load_method_state(self, state_dict, k):
         logits = _loaded_vector(state_dict.get("logits"), "logits", self.k)
@@ -1296,6 +1332,11 @@ class FAMO(GradientBalancer):
         for name, v in zip(("updated", "skip_update"), flags, strict=True):
             if not isinstance(v, bool):
                 raise TypeError(f"state_dict[{name!r}] must be a bool, got {v!r}")
+        loss_scale = state_dict.get("loss_scale")  # (absent from older state dicts)
+        if loss_scale is not None and not (is_real(loss_scale)
+                                           and 0 < loss_scale < math.inf):
+            raise ValueError(f"state_dict['loss_scale'] must be None or a finite number > 0, "
+                             f"got {loss_scale!r}")
         opt_state = copy.deepcopy(state_dict.get("logit_optimizer"))
         probe = torch.optim.Adam([torch.zeros(self.k, dtype=torch.float64, requires_grad=True)])
         try:  # what the logits' Adam would refuse, refused before anything is loaded
@@ -1328,6 +1369,8 @@ class FAMO(GradientBalancer):
             self.w_lr, self.gamma = w_lr, gamma  # the saved options win, as in torch
             self._prev_log_d = prev
             self._updated, self._skip_update = flags
+            self._scaler = None  # (the next backward's scaler is compared with loss_scale)
+            self._scale = None if loss_scale is None else float(loss_scale)
         return apply
 
     def _loaded_option(self, name, value, label, k):

@@ -2185,3 +2185,48 @@ def test_a_step_the_scaler_skips_counts_on_neither_kind_of_step(name, every):
     states = _overflow_run(name, {1: "trunk", 3: "trunk"}, 5, every)
     assert [s["steps"] for s, _ in states] == [1, 1, 2, 2, 3]
     assert all(b < a for (_, a), (_, b) in ((states[0], states[1]), (states[2], states[3])))
+
+
+@pytest.mark.parametrize("mode", ["explicit", "next batch"])
+def test_famo_is_not_moved_by_a_step_the_scaler_skipped_for_a_gradient_overflow(mode):
+    # The losses are finite, the gradient overflows (the usual float16 case): the scaler
+    # skips the step, but only a non-finite loss stopped FAMO's update, so the logits moved
+    # on a decrease that no step made. FAMO now trains as a twin that never saw that call.
+    def run(overflow_at):
+        torch.manual_seed(0)
+        trunk = torch.nn.Linear(6, 8)
+        heads = [torch.nn.Linear(8, 1) for _ in range(2)]
+        params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+        famo = B.FAMO(params, n_tasks=2)
+        opt = torch.optim.SGD(params, lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        x = torch.randn(16, 6)
+
+        def losses(on=False):
+            z = _Overflow.apply(torch.tanh(trunk(x)), on)
+            return [(i + 1.0) * h(z).square().mean() + 0.1 for i, h in enumerate(heads)]
+
+        for call in range(5):
+            if overflow_at is None and call == 3:
+                continue  # the twin: no such call
+            opt.zero_grad()
+            famo.backward([scaler.scale(loss) for loss in losses(call == overflow_at)],
+                          scaler=scaler)
+            scaler.step(opt)
+            scaler.update()
+            if mode == "explicit":
+                with torch.no_grad():
+                    famo.update(losses())
+            if call == overflow_at and mode == "explicit":
+                assert famo.stats["update"] == "skipped"
+            if call == 4 and mode == "next batch" and overflow_at is not None:
+                assert famo.stats["update"] == "skipped"
+        return famo, params
+
+    (famo, params), (twin, twin_params) = run(3), run(None)
+    assert famo.steps == twin.steps == 4
+    assert torch.equal(famo.logits.detach(), twin.logits.detach())
+    assert _same_state(famo._logit_opt.state_dict()["state"],
+                       twin._logit_opt.state_dict()["state"])
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
