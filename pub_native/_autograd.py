@@ -13,10 +13,11 @@ import torch
 
 from . import _native
 
-__all__ = ["DTYPES", "NothingReached", "as_loss_list", "compiled_graph", "other_leaves",
-           "reached_by_gradients", "reached_parameters", "run_post_accumulate_grad_hooks",
-           "split_shared", "split_shared_by_gradients", "sum_rows", "task_roots",
-           "TaskGradients", "walk_graph"]
+__all__ = ["DTYPES", "NothingReached", "REENTRANT_CHECKPOINT", "as_loss_list",
+           "compiled_graph", "other_leaves", "reached_by_gradients", "reached_parameters",
+           "reentrant_checkpoint", "run_post_accumulate_grad_hooks", "split_shared",
+           "split_shared_by_gradients", "sum_rows", "task_roots", "TaskGradients",
+           "walk_graph"]
 
 
 def as_loss_list(losses, expected_k: int | None = None, allow_absent: bool = False,
@@ -164,9 +165,9 @@ def split_shared(roots: list, params: list[torch.Tensor]) -> list[bool]:
     return [sum(id(p) in r for r in reach) >= 2 for p in params]
 
 
-def compiled_graph(roots: list) -> bool:
-    """Whether a task's graph passes through a compiled region (``torch.compile``): one opaque
-    node that reaches every parameter of the region, whichever outputs a task uses."""
+def _holds_node(roots: list, match) -> bool:
+    """Whether the autograd graph below ``roots`` (loss tensors or nodes) holds a node whose
+    name ``match`` accepts."""
     seen: set = set()
     stack = [r.grad_fn if isinstance(r, torch.Tensor) else r for r in roots]
     while stack:
@@ -174,10 +175,34 @@ def compiled_graph(roots: list) -> bool:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if "CompiledFunction" in node.name():
+        if match(node.name()):
             return True
         stack.extend(fn for fn, _ in node.next_functions if fn is not None)
     return False
+
+
+def compiled_graph(roots: list) -> bool:
+    """Whether a task's graph passes through a compiled region (``torch.compile``): one opaque
+    node that reaches every parameter of the region, whichever outputs a task uses."""
+    return _holds_node(roots, lambda name: "CompiledFunction" in name)
+
+
+REENTRANT_CHECKPOINT = (
+    "the losses' autograd graph holds a torch.utils.checkpoint made with use_reentrant=True: "
+    "its node runs a backward pass of its own, which hides the parameters inside it from the "
+    "graph (they would get no gradient) and which torch refuses under autograd.grad and "
+    "backward(inputs=...); checkpoint with use_reentrant=False (Hugging Face: "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+    "{'use_reentrant': False}))")
+
+
+def reentrant_checkpoint(roots: list) -> bool:
+    """Whether a task's graph passes through a reentrant ``torch.utils.checkpoint``
+    (``use_reentrant=True``, the ``CheckpointFunctionBackward`` node): a walk of the graph does
+    not see the parameters inside it, and a backward pass restricted to some tensors
+    (``autograd.grad``, ``backward(inputs=...)``) either skips it (the parameters inside get
+    no gradient, silently) or raises. :data:`REENTRANT_CHECKPOINT` is the error to give."""
+    return _holds_node(roots, lambda name: name == "CheckpointFunctionBackward")
 
 
 def reached_by_gradients(losses: list[torch.Tensor], params: list[torch.Tensor]

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ._autograd import (
+    REENTRANT_CHECKPOINT,
     TaskGradients,
     as_loss_list,
     compiled_graph,
@@ -45,6 +46,7 @@ from ._autograd import (
     not_dense,
     reached_by_gradients,
     reached_parameters,
+    reentrant_checkpoint,
     task_roots,
     walk_graph,
 )
@@ -220,6 +222,7 @@ class GradientBalancer:
         # The optimizers' detection (pub_native._autograd): a stacked 1-D tensor of losses is
         # split back into its tasks at the stack, so its tasks reach what the list's would.
         roots = task_roots(raw_losses, losses)
+        _refuse_reentrant(roots)
         compiled = compiled_graph(roots)
         if compiled:
             if not self._warned_compiled:
@@ -309,8 +312,9 @@ class GradientBalancer:
         """On the first call of a balancer that takes one backward pass (LS, Uncertainty,
         FAMO), which would otherwise leave ``.grad`` empty without a word: some loss must reach
         some parameter in ``params``."""
-        reached = set().union(*(reached_parameters(root)
-                                for root in task_roots(raw_losses, losses)))
+        roots = task_roots(raw_losses, losses)
+        _refuse_reentrant(roots)
+        reached = set().union(*(reached_parameters(root) for root in roots))
         active = _active(self.params)
         # FSDP2's sharded DTensors: the forward runs on unsharded copies, which the graph
         # reaches instead (the backward would leave them without a gradient).
@@ -573,7 +577,11 @@ class GradientBalancer:
             if clip:
                 _clip_unscaled(self.shared, self.max_norm, scale)
             _add_back(given, aside)
-            self.steps += 1
+            # Under a GradScaler, a step the scaler will skip (an overflow anywhere in .grad)
+            # does not count, as on a step that updates the weights: one wait for the device,
+            # as without a scaler.
+            if not bad_losses and (scaler is None or _all_finite([p.grad for p in given])):
+                self.steps += 1
             self.stats["updated"] = False
             return
         if not self._grads.matches():
@@ -596,8 +604,14 @@ class GradientBalancer:
             if self._dp_group is not None:
                 self._average_task_gradients()
             buf = self._grads.buffer
-            G = _gram_float64(buf)
-            overflow = bool(bad_losses) or not bool(torch.isfinite(G).all())
+            # Under a GradScaler an overflow in a task-specific gradient alone (the Gram
+            # finite) skips the step too: the sums of this call's head gradients come back
+            # with G, in the same wait for the device.
+            heads = None if scaler is None else _sums([p.grad for p in specific])
+            G, head_sums = (_gram_float64(buf), None) if heads is None else \
+                _gram_float64(buf, heads)
+            overflow = bool(bad_losses) or not bool(torch.isfinite(G).all()) or (
+                head_sums is not None and not bool(torch.isfinite(head_sums).all()))
             if overflow and scaler is None:
                 bad = [i for i in range(self.k) if not math.isfinite(float(G[i, i]))]
                 raise FloatingPointError(
@@ -723,8 +737,11 @@ class LS(GradientBalancer):
             self._check_reached(raw, losses)
         self.k = len(losses)
         self.steps += 1
-        torch.autograd.backward(sum(losses), inputs=_active(self.params),
-                                retain_graph=retain_graph)
+        active = _active(self.params)
+        marks = _grad_marks(active)
+        torch.autograd.backward(sum(losses), inputs=active, retain_graph=retain_graph)
+        if not _received(active, marks):  # (.grad unchanged: nothing to undo)
+            raise self._nothing_reached()
         self.weights = torch.ones(self.k, dtype=torch.float64)
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
 
@@ -1039,7 +1056,16 @@ class Uncertainty(GradientBalancer):
         else:
             total = (weighted + 0.5 * c * s).sum()
             w = torch.exp(-s.detach())
-        self._loss_backward(total, _active(self.params), [s], retain_graph)
+        active = _active(self.params)
+        marks = _grad_marks(active)
+        kept = s.grad, None if s.grad is None else s.grad.clone()
+        self._loss_backward(total, active, [s], retain_graph)
+        if not _received(active, marks):
+            # The model's .grad is as it was; log_vars' gradient of this call is taken back.
+            if kept[0] is not None:
+                kept[0].copy_(kept[1])
+            s.grad = kept[0]
+            raise self._nothing_reached()
         self.weights = w.to(torch.float64).cpu()
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
 
@@ -1118,12 +1144,19 @@ class FAMO(GradientBalancer):
             torch.as_tensor(min_losses, dtype=torch.float64).detach().cpu().reshape(-1)
         if m.shape != (n_tasks,):
             raise ValueError(f"min_losses must hold {n_tasks} values, got shape {tuple(m.shape)}")
+        if not bool(torch.isfinite(m).all()):  # (as load_state_dict refuses them)
+            raise ValueError(f"min_losses must be finite, got {m.tolist()}")
         self.min_losses = m
         self.eps = 1e-8
         self.k = n_tasks
         self._prev_log_d: torch.Tensor | None = None
         self._updated = True
         self._skip_update = False
+        # The GradScaler of the last backward and its scale then: the scale backs off exactly
+        # when the scaler skips a step, so a lower scale at update() (or at the next
+        # backward's implicit update) means that no step was taken to measure.
+        self._scaler = None
+        self._scale: float | None = None
 
     @property
     def task_probabilities(self) -> torch.Tensor:
@@ -1152,9 +1185,10 @@ class FAMO(GradientBalancer):
         return d.log()
 
     def update(self, losses_after) -> None:
-        """Update the task logits from the losses after the step (see the class docstring)."""
-        items = losses_after.unbind(0) if isinstance(losses_after, torch.Tensor) \
-            and losses_after.dim() == 1 else list(losses_after)
+        """Update the task logits from the losses after the step (see the class docstring):
+        K loss values, as tensors of one element (a list, or a 1-D tensor) or as numbers
+        (Python's or numpy's)."""
+        items = _loss_values_after(losses_after)
         if len(items) != self.k:
             raise ValueError(f"losses_after has {len(items)} tasks, FAMO was built for "
                              f"K = {self.k}")
@@ -1167,10 +1201,33 @@ class FAMO(GradientBalancer):
         if self._updated:
             raise RuntimeError("FAMO.update() was already called after the last backward(): "
                                "a second call would count the same decrease of the losses again")
+        if self._skipped_since(None):  # the scaler skipped the step (a gradient overflow)
+            self._drop_skipped()
+            self.stats["update"] = "skipped"
+            return
         self._decide_group()  # (a loaded state may call update() first)
         self._update_from(self._log_d(self._loss_values(items)))
         self._updated = True
         self.stats["update"] = "explicit"
+
+    def _skipped_since(self, scale_now: float | None) -> bool:
+        """Whether the GradScaler skipped the step after the last backward: its scale now
+        (``scale_now``, or read from the scaler that backward was given) is below the scale
+        then. False without a scaler."""
+        if self._scale is None:
+            return False
+        if scale_now is None:
+            if self._scaler is None:
+                return False
+            scale_now = float(self._scaler.get_scale())
+        return scale_now < self._scale
+
+    def _drop_skipped(self) -> None:
+        """The last backward's step was skipped: it does not count, and there is no decrease
+        of the losses to measure from it."""
+        self.steps -= 1
+        self._updated = True
+        self._scaler = self._scale = None
 
     def _update_from(self, log_d_after: torch.Tensor) -> None:
         delta = self._prev_log_d - log_d_after
@@ -1202,6 +1259,8 @@ class FAMO(GradientBalancer):
             self._loss_backward(sum(items), _active(self.params), retain_graph=retain_graph)
             self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                           "update": None}
+            if not self._updated and self._skipped_since(scale):
+                self._drop_skipped()  # (the step of the backward before was skipped too)
             # The scaler skips this step: an update() after it has no step to measure.
             self._skip_update = True
             return
@@ -1213,41 +1272,58 @@ class FAMO(GradientBalancer):
         try:
             update = None
             if not self._updated:
-                self._update_from(log_d)
-                update = "next batch"
+                if self._skipped_since(scale if scaler is not None else None):
+                    self._drop_skipped()  # the GradScaler skipped the last step
+                    update = "skipped"
+                else:
+                    self._update_from(log_d)
+                    update = "next batch"
             z = torch.softmax(self.logits.detach(), 0)
             d = log_d.exp()
             c = float((z / d).sum())
             w = z / (c * d)
             total = sum(float(wi) * loss for wi, loss in zip(w.tolist(), items, strict=True))
-            aside = self._set_aside_clipped()
-            if aside is not None and self._dp_group is not None:
+            # Clipped: every .grad set aside (_zero_aside), so that the clip sees this call's
+            # gradient alone and a call that raises after the backward pass (a sparse shared
+            # gradient, which the clip cannot take) puts every .grad back as it was.
+            active = _active(self.params)
+            clip = self.max_norm > 0 and bool(self.shared)
+            aside = _zero_aside(active) if clip else None
+            marks = _grad_marks(active)
+            if clip and self._dp_group is not None:
                 # Clipped: the clip needs this call's gradient averaged over the processes,
                 # also inside ddp.no_sync() (where DDP's backward would average nothing and
                 # each process clip its own), as the other clipping balancers average theirs.
                 self._backward_fixed_distributed(total, None, _active(self.params), [],
                                                  retain_graph)
             else:
-                self._loss_backward(total, _active(self.params), retain_graph=retain_graph)
+                self._loss_backward(total, active, retain_graph=retain_graph)
+            if not _received(active, marks):
+                raise self._nothing_reached()
+            if clip:
+                _refuse_sparse(self.params, self.shared)
+                _clip_unscaled(self.shared, self.max_norm, scale)
         except BaseException:
-            _undo_aside(self.shared, aside)
+            _undo_aside(active, aside)
             with torch.no_grad():
                 self.logits.copy_(saved[0])
             self._logit_opt.load_state_dict(saved[1])
             raise
-        self._clip_contribution(aside, scale)
+        _add_back(active, aside)
         self.steps += 1
         self._skip_update = False
         self.weights = w
         self._prev_log_d = log_d
         self._updated = False
+        self._scaler, self._scale = (scaler, scale) if scaler is not None else (None, None)
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True, "update": update}
 
     def _method_state(self):
         return {"logits": self.logits.detach().clone(),
                 "logit_optimizer": copy.deepcopy(self._logit_opt.state_dict()),
                 "prev_log_losses": None if self._prev_log_d is None else self._prev_log_d.clone(),
-                "updated": self._updated, "skip_update": self._skip_update}
+                "updated": self._updated, "skip_update": self._skip_update,
+                "loss_scale": self._scale}
 
     def _load_method_state(self, state_dict, k):
         logits = _loaded_vector(state_dict.get("logits"), "logits", self.k)
@@ -1257,6 +1333,11 @@ class FAMO(GradientBalancer):
         for name, v in zip(("updated", "skip_update"), flags, strict=True):
             if not isinstance(v, bool):
                 raise TypeError(f"state_dict[{name!r}] must be a bool, got {v!r}")
+        loss_scale = state_dict.get("loss_scale")  # (absent from older state dicts)
+        if loss_scale is not None and not (is_real(loss_scale)
+                                           and 0 < loss_scale < math.inf):
+            raise ValueError(f"state_dict['loss_scale'] must be None or a finite number > 0, "
+                             f"got {loss_scale!r}")
         opt_state = copy.deepcopy(state_dict.get("logit_optimizer"))
         probe = torch.optim.Adam([torch.zeros(self.k, dtype=torch.float64, requires_grad=True)])
         try:  # what the logits' Adam would refuse, refused before anything is loaded
@@ -1289,6 +1370,8 @@ class FAMO(GradientBalancer):
             self.w_lr, self.gamma = w_lr, gamma  # the saved options win, as in torch
             self._prev_log_d = prev
             self._updated, self._skip_update = flags
+            self._scaler = None  # (the next backward's scaler is compared with loss_scale)
+            self._scale = None if loss_scale is None else float(loss_scale)
         return apply
 
     def _loaded_option(self, name, value, label, k):
@@ -1452,6 +1535,7 @@ class MultiBalance(GradientBalancer):
         what any process's graph reached (every process then has the same split, and the same
         errors)."""
         _check_independent(reps)
+        _refuse_reentrant([s[0] if isinstance(s, tuple) else s for s in _task_starts(raw, items)])
         # z is one output of its autograd node: an edge (node, input_nr) is z only where it is
         # z's own (z.grad_fn, z.output_nr); an edge into another output of that node (a head
         # that reads a sibling of z: a, b = h.chunk(2, 1)) goes around z.
@@ -2216,6 +2300,17 @@ def _scaler_in_use(scaler):
     return scaler, float(scaler.get_scale())
 
 
+def _refuse_reentrant(roots: list) -> None:
+    """NotImplementedError where the graph below ``roots`` holds a reentrant checkpoint: the
+    walk that decides what the losses reach does not see the parameters inside it, and the
+    backward passes restricted to the balancer's tensors (per-task gradients, and the one pass
+    of LS, Uncertainty and FAMO, which must leave every other tensor's ``.grad`` alone) either
+    skip it or raise torch's error part-way. Checked where the graph is walked (the first
+    call, and a call that looks for parameters not yet decided)."""
+    if reentrant_checkpoint(roots):
+        raise NotImplementedError(REENTRANT_CHECKPOINT)
+
+
 def _representation_list(representation) -> list[torch.Tensor]:
     if representation is None:
         raise ValueError("MultiBalance.backward needs the shared representation: "
@@ -2611,7 +2706,18 @@ def _project_simplex(v: np.ndarray) -> np.ndarray:
     return np.maximum(v - css[rho] / (rho + 1), 0.0)
 
 
-def _gram_float64(rows: torch.Tensor) -> torch.Tensor:
+def _sums(grads: list) -> torch.Tensor | None:
+    """The float64 sum of each gradient (None skipped; a sparse one's stored values), stacked
+    on the first one's device, or None where there is none: non-finite where the gradient
+    holds an Inf or NaN."""
+    sums = [(g._values() if g.is_sparse else g).sum(dtype=torch.float64)
+            for g in grads if g is not None]
+    if not sums:
+        return None
+    return torch.stack([t.to(sums[0].device) for t in sums])
+
+
+def _gram_float64(rows: torch.Tensor, also: torch.Tensor | None = None):
     """G = rows·rowsᵀ (K×K) with float64 products and sums, exactly symmetric, on the CPU.
 
     Float16, bfloat16 and float32 rows are converted in column blocks of 2^18 elements (one
@@ -2619,7 +2725,10 @@ def _gram_float64(rows: torch.Tensor) -> torch.Tensor:
     overflow or underflow their own type (float16 from |g| ~ 256, float32 from ~1e19) still
     give a finite, accurate G, as SPEC section 4 asks (float64 accumulation). A product in
     the rows' own type was also not exactly symmetric, which the native solver refuses beyond
-    its tolerance."""
+    its tolerance.
+
+    With ``also`` (a 1-D tensor on any device), ``(G, also)`` on the CPU, both brought back
+    in one copy (one wait for the device)."""
     k, n = rows.shape
     if rows.dtype == torch.float64:
         G = rows @ rows.t()
@@ -2629,7 +2738,11 @@ def _gram_float64(rows: torch.Tensor) -> torch.Tensor:
         for s in range(0, n, step):
             block = rows[:, s:s + step].to(torch.float64)
             G.addmm_(block, block.t())
-    return (0.5 * (G + G.t())).cpu()
+    G = 0.5 * (G + G.t())
+    if also is None:
+        return G.cpu()
+    both = torch.cat([G.reshape(-1), also.to(G.device, torch.float64).reshape(-1)]).cpu()
+    return both[:k * k].reshape(k, k), both[k * k:]
 
 
 def _as_gram(G) -> np.ndarray:
@@ -2639,6 +2752,19 @@ def _as_gram(G) -> np.ndarray:
     if not np.isfinite(G).all():
         raise ValueError("G contains NaN or Inf")
     return G
+
+
+def _refuse_sparse(params: list[torch.Tensor], shared: list[torch.Tensor]) -> None:
+    """TypeError naming the first shared parameter whose ``.grad`` is sparse
+    (``nn.Embedding(sparse=True)``): FAMO's ``max_norm`` clips the shared gradient, which
+    torch's ``clip_grad_norm_`` cannot take sparse, as the gradient balancers refuse one."""
+    for p in shared:
+        if p.grad is not None and p.grad.is_sparse:
+            j = next(j for j, q in enumerate(params) if q is p)
+            raise TypeError(
+                f"params[{j}] (shape {tuple(p.shape)}) is shared and gets a sparse gradient "
+                "(nn.Embedding(sparse=True)): max_norm clips the shared gradient, which "
+                "torch's clip_grad_norm_ cannot do sparse; use sparse=False, or max_norm=0")
 
 
 def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) -> None:
@@ -2654,6 +2780,23 @@ def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) ->
         torch._foreach_mul_(grads, 1.0 / scale)
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         torch._foreach_mul_(grads, scale)
+
+
+def _grad_marks(params: list[torch.Tensor]) -> list:
+    """Each parameter's ``.grad`` as it is now (the tensor and its version counter), for
+    :func:`_received`."""
+    return [(p.grad, None if p.grad is None else p.grad._version) for p in params]
+
+
+def _received(params: list[torch.Tensor], marks: list) -> bool:
+    """Whether a backward pass since ``marks`` (:func:`_grad_marks`) gave some of ``params`` a
+    gradient: a ``.grad`` that is another tensor, or the same one changed in place (autograd
+    accumulates into it, which moves its version counter). No graph walk and no wait for
+    the device: the check of every call of the balancers that take one backward pass, whose
+    losses may stop reaching their parameters after the first call (a balancer copied or
+    restored with the model's tensors, given the losses of the new model)."""
+    return any(p.grad is not g or (g is not None and g._version != v)
+               for p, (g, v) in zip(params, marks, strict=True))
 
 
 def _all_finite(grads: list) -> bool:
@@ -2810,6 +2953,36 @@ def _checked_adam_group(group: dict, label: str) -> tuple[float, float]:
                              f"{' or None' if name in ('foreach', 'fused') else ''}, "
                              f"got {value!r}")
     return float(group["lr"]), float(group["weight_decay"])
+
+
+def _loss_values_after(losses_after) -> list[torch.Tensor]:
+    """FAMO.update's ``losses_after`` as a list of one-element tensors: a tensor (1-D, or
+    (K, 1)), or a sequence (a list, a numpy array) of tensors of one element and of real
+    numbers; anything else is a TypeError naming the argument."""
+    if isinstance(losses_after, torch.Tensor):
+        if losses_after.dim() == 0:
+            raise ValueError("losses_after must hold K loss values, got a 0-dim tensor")
+        items = list(losses_after.unbind(0))
+    elif isinstance(losses_after, (str, bytes)) or not hasattr(losses_after, "__len__"):
+        raise TypeError(f"losses_after must be K loss values (a list or a 1-D tensor), got "
+                        f"{type(losses_after).__name__}")
+    else:
+        items = list(losses_after)
+    out = []
+    for i, v in enumerate(items):
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1 or v.is_complex():
+                raise ValueError(f"losses_after[{i}] must be one real value, got a tensor of "
+                                 f"shape {tuple(v.shape)} and dtype {v.dtype}")
+            out.append(v)
+        elif is_real(v) or (isinstance(v, np.ndarray) and v.size == 1
+                            and np.issubdtype(v.dtype, np.number)
+                            and not np.iscomplexobj(v)):
+            out.append(torch.tensor(float(v), dtype=torch.float64))
+        else:
+            raise TypeError(f"losses_after[{i}] must be a loss value (a tensor of one element "
+                            f"or a number), got {type(v).__name__}")
+    return out
 
 
 def _task_count(n_tasks) -> int:

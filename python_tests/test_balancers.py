@@ -986,6 +986,51 @@ def test_a_balancer_that_ran_and_is_then_given_losses_of_another_model_says_so(n
     assert bal.steps == steps and torch.equal(bal.weights, weights)
 
 
+def _same_state(a, b) -> bool:
+    """Whether two state dicts (nested dicts, lists and tensors) hold the same values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(
+            _same_state(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(
+            _same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("name", ["ls", "uncertainty", "famo"])
+def test_a_balancer_copied_after_its_first_call_and_given_the_models_losses_says_so(name,
+                                                                                 copy_by):
+    # A copy holds copies of the parameters; the check that the losses reach them ran on the
+    # first call only, and its flag was copied: the copy left the model without .grad (while
+    # Uncertainty's log-variances and FAMO's logits moved). Every call now sees it, and
+    # changes nothing: .grad (log_vars' too) and the balancer's state stay as they were.
+    model = _Heads()
+    bal = _make(name, list(model.parameters()))
+    model.run(bal)
+    if copy_by == "deepcopy":
+        other = copy.deepcopy(bal)
+    else:
+        buffer = io.BytesIO()
+        torch.save(bal, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    grads = [p.grad.clone() for p in model.parameters()]
+    if name == "uncertainty":
+        other.log_vars.grad = torch.ones_like(other.log_vars)
+    state = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="no task loss reaches any tensor in params"):
+        model.run(other)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+    assert _same_state(other.state_dict(), state)
+    if name == "uncertainty":
+        assert torch.equal(other.log_vars.grad, torch.ones_like(other.log_vars))
+    model.run(bal)  # (the original goes on)
+
+
 @pytest.mark.parametrize("name", sorted(B.BALANCERS))
 def test_a_tensor_computed_from_parameters_is_refused_as_a_parameter(name):
     # As torch.optim refuses it: it is not a leaf, so it never gets a .grad.
@@ -1985,3 +2030,203 @@ def test_the_finiteness_check_of_a_reused_step_takes_huge_finite_gradients():
     assert B._all_finite([torch.full((10**5,), 6e4, dtype=torch.float16)])
     assert not B._all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
     assert not B._all_finite([torch.tensor([float("nan"), 0.0], dtype=torch.float64)])
+
+
+# -- a reentrant activation checkpoint ---------------------------------------------------------
+
+class _Checkpointed(torch.nn.Module):
+    """A block for torch.utils.checkpoint, at the bottom of the model (its input requiring
+    grad, as Hugging Face's enable_input_require_grads makes it) or in the middle."""
+
+    def __init__(self, bottom: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.bottom, self.reentrant = bottom, True
+        self.pre = torch.nn.Linear(4, 4).double()
+        self.block = torch.nn.Linear(4, 6).double()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(6, 1).double() for _ in range(2)])
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        self.x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+
+    def run(self, bal):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.x.clone().requires_grad_() if self.bottom else torch.tanh(self.pre(self.x))
+        z = checkpoint(lambda t: torch.tanh(self.block(t)), h, use_reentrant=self.reentrant)
+        if self.bottom:
+            z = z + 0.0 * self.pre.weight.sum()  # (pre in the graph, outside the checkpoint)
+        losses = [hd(z).square().mean() * (i + 1) for i, hd in enumerate(self.heads)]
+        if isinstance(bal, B.MultiBalance):
+            bal.backward(losses, z)
+        else:
+            bal.backward(losses)
+
+
+@pytest.mark.parametrize("bottom", [True, False])
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_a_reentrant_checkpoint_is_refused_naming_use_reentrant_false(name, bottom):
+    # The walk of the graph does not see the parameters inside CheckpointFunctionBackward:
+    # every balancer left the checkpointed block without .grad (at the bottom of the model),
+    # or torch raised part-way through a restricted backward (in the middle). Refused before
+    # anything is computed; with use_reentrant=False the same balancer gives the block its
+    # gradient.
+    model = _Checkpointed(bottom)
+    bal = _make(name, list(model.parameters()))
+    with pytest.raises(NotImplementedError, match="use_reentrant=False"):
+        model.run(bal)
+    assert all(p.grad is None for p in model.parameters())
+    assert bal.steps == 0 and bal.weights is None
+    model.reentrant = False
+    model.run(bal)
+    assert all(p.grad is not None for p in model.block.parameters())
+
+
+# -- sparse gradients ----------------------------------------------------------------------------
+
+class _SparseRec(torch.nn.Module):
+    """A shared embedding with sparse gradients (nn.Embedding(sparse=True)) and two heads."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 4, sparse=True)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(4, 1) for _ in range(2))
+        self.ids = torch.randint(0, 20, (8, 3))
+
+    def losses(self):
+        z = self.emb(self.ids).mean(1)
+        return [h(z).square().mean() for h in self.heads]
+
+
+def test_famo_clipping_a_sparse_shared_gradient_is_refused_and_loses_nothing():
+    # torch's clip_grad_norm_ raised NotImplementedError outside FAMO's rollback: the .grad
+    # accumulated before the call (a first micro-batch) was lost. Refused naming the
+    # parameter, with every .grad (the sparse one too) and FAMO's state as they were.
+    model = _SparseRec()
+    famo = B.FAMO(model.parameters(), n_tasks=2)
+    sum(model.losses()).backward()
+    grads = [p.grad.to_dense().clone() for p in model.parameters()]
+    state = copy.deepcopy(famo.state_dict())
+    with pytest.raises(TypeError, match=r"params\[0\] \(shape \(20, 4\)\).*sparse"):
+        famo.backward(model.losses())
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad.to_dense(), g)
+    assert model.emb.weight.grad.is_sparse
+    assert _same_state(famo.state_dict(), state)
+    famo.max_norm = 0.0  # unclipped, FAMO takes it as loss.backward() does
+    famo.backward(model.losses())
+    assert model.emb.weight.grad.is_sparse and famo.steps == 1
+
+
+# -- steps a GradScaler skips --------------------------------------------------------------------
+
+class _Overflow(torch.autograd.Function):
+    """The identity, whose gradient overflows (to Inf) where ``on``: a finite loss whose
+    gradient is not, the usual float16 overflow."""
+
+    @staticmethod
+    def forward(ctx, x, on):
+        ctx.on = on
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g + math.inf if ctx.on else g), None
+
+
+def _overflow_run(name, where, calls, every=1):
+    """A balancer under a GradScaler for ``calls`` steps, a gradient overflowing at the calls
+    in ``where`` (dict call -> "head" or "trunk"); the state dict and the scale at each."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(6, 8)
+    heads = [torch.nn.Linear(8, 1) for _ in range(3)]
+    params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+    kwargs = {"update_weights_every": every} if every > 1 else {}
+    bal = (B.BALANCERS.get(name) or getattr(B, name))(params, **kwargs)
+    opt = torch.optim.SGD(params, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(16, 6)
+    states = []
+    for call in range(calls):
+        opt.zero_grad()
+        z = _Overflow.apply(torch.tanh(trunk(x)), where.get(call) == "trunk")
+        losses = []
+        for i, h in enumerate(heads):
+            weight = _Overflow.apply(h.weight, where.get(call) == "head" and i == 2)
+            losses.append((i + 1.0) * torch.nn.functional.linear(z, weight, h.bias)
+                          .square().mean())
+        bal.backward([scaler.scale(loss) for loss in losses], scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        states.append((copy.deepcopy(bal.state_dict()), scaler.get_scale()))
+    return states
+
+
+@pytest.mark.parametrize("name", _GRADIENT_BALANCERS)
+def test_an_overflow_in_a_head_gradient_alone_leaves_the_balancer_as_it_was(name):
+    # The Gram of the shared gradients is finite, so the step was counted and the weights,
+    # NashMTL's warm start and PCGrad's random generator moved while the scaler skipped the
+    # step. The balancer now goes on as if the skipped call had not been made.
+    states = _overflow_run(name, {2: "head"}, 4)
+    assert states[2][1] < states[1][1]  # (the scaler skipped that step)
+    assert _same_state(states[2][0], states[1][0])
+    assert states[3][0]["steps"] == 3
+
+
+@pytest.mark.parametrize("every", [2, 3])
+@pytest.mark.parametrize("name", ["nashmtl", "mgda-ub", "imtl-g"])
+def test_a_step_the_scaler_skips_counts_on_neither_kind_of_step(name, every):
+    # With update_weights_every > 1 a gradient overflow on a step that reuses the weights
+    # counted it (the next weight update came a step early) while one on a weight-update step
+    # did not: neither counts now. Calls 0-4, the overflow at call 1 (reuses the weights for
+    # both every=2 and 3) and at call 3 (reuses for every=3, updates for every=2).
+    states = _overflow_run(name, {1: "trunk", 3: "trunk"}, 5, every)
+    assert [s["steps"] for s, _ in states] == [1, 1, 2, 2, 3]
+    assert all(b < a for (_, a), (_, b) in ((states[0], states[1]), (states[2], states[3])))
+
+
+@pytest.mark.parametrize("mode", ["explicit", "next batch"])
+def test_famo_is_not_moved_by_a_step_the_scaler_skipped_for_a_gradient_overflow(mode):
+    # The losses are finite, the gradient overflows (the usual float16 case): the scaler
+    # skips the step, but only a non-finite loss stopped FAMO's update, so the logits moved
+    # on a decrease that no step made. FAMO now trains as a twin that never saw that call.
+    def run(overflow_at):
+        torch.manual_seed(0)
+        trunk = torch.nn.Linear(6, 8)
+        heads = [torch.nn.Linear(8, 1) for _ in range(2)]
+        params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+        famo = B.FAMO(params, n_tasks=2)
+        opt = torch.optim.SGD(params, lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        x = torch.randn(16, 6)
+
+        def losses(on=False):
+            z = _Overflow.apply(torch.tanh(trunk(x)), on)
+            return [(i + 1.0) * h(z).square().mean() + 0.1 for i, h in enumerate(heads)]
+
+        for call in range(5):
+            if overflow_at is None and call == 3:
+                continue  # the twin: no such call
+            opt.zero_grad()
+            famo.backward([scaler.scale(loss) for loss in losses(call == overflow_at)],
+                          scaler=scaler)
+            scaler.step(opt)
+            scaler.update()
+            if mode == "explicit":
+                with torch.no_grad():
+                    famo.update(losses())
+            if call == overflow_at and mode == "explicit":
+                assert famo.stats["update"] == "skipped"
+            if call == 4 and mode == "next batch" and overflow_at is not None:
+                assert famo.stats["update"] == "skipped"
+        return famo, params
+
+    (famo, params), (twin, twin_params) = run(3), run(None)
+    assert famo.steps == twin.steps == 4
+    assert torch.equal(famo.logits.detach(), twin.logits.detach())
+    assert _same_state(famo._logit_opt.state_dict()["state"],
+                       twin._logit_opt.state_dict()["state"])
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)

@@ -183,6 +183,41 @@ def test_famo_without_update_uses_the_next_losses():
     torch.testing.assert_close(b.logits.detach(), a.logits.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("form", ["floats", "numpy", "numpy scalars", "1-D tensor"])
+def test_famo_update_takes_loss_values_as_numbers_or_tensors(form):
+    # The losses after the step are numbers to FAMO: floats and numpy arrays raised an
+    # AttributeError ('float' object has no attribute 'detach'). Each form updates the logits
+    # exactly as a list of tensors does.
+    values = [0.5, 0.9]
+    given = {"floats": values, "numpy": np.array(values), "numpy scalars":
+             [np.float32(0.5), np.float64(0.9)],
+             "1-D tensor": torch.tensor(values, dtype=torch.float64)}[form]
+    results = []
+    for after in ([torch.tensor(v, dtype=torch.float64) for v in values], given):
+        t = Linear(rand(2, 3, 4), [1.0, 1.0])
+        bal = B.FAMO(t.params, n_tasks=2, max_norm=0.0)
+        bal.backward(t.losses())
+        bal.update(after)
+        results.append(bal.logits.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_famo_refuses_non_finite_min_losses_and_loss_values_it_cannot_read():
+    t = Linear(rand(2, 3, 4), [1.0, 1.0])
+    with pytest.raises(ValueError, match="min_losses must be finite"):
+        B.FAMO(t.params, n_tasks=2, min_losses=[float("nan"), 0.0])
+    bal = B.FAMO(t.params, n_tasks=2, max_norm=0.0)
+    bal.backward(t.losses())
+    logits = bal.logits.detach().clone()
+    for bad, error in (("ab", TypeError), (0.5, TypeError), ([0.5, "x"], TypeError),
+                       ([0.5, torch.ones(2)], ValueError), (torch.tensor(0.5), ValueError)):
+        with pytest.raises(error, match="losses_after"):
+            bal.update(bad)
+    assert torch.equal(bal.logits.detach(), logits)
+    bal.update([0.5, 0.9])
+    assert bal.stats["update"] == "explicit"
+
+
 def test_famo_clips_the_shared_gradient_and_checks_losses():
     g = 10 * rand(2, 4, 7)
     t = Linear(g, [1.0, 2.0])
