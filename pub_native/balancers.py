@@ -31,7 +31,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -1626,7 +1626,9 @@ class MultiBalance(GradientBalancer):
             leaves, c = _reached_stopping(start, stops, stop_leaves)
             reached |= leaves
             crossed = crossed or c
-        if not crossed:  # (then every parameter is reached "around" it)
+        if not crossed and self._dp_group is None:  # (every parameter is reached "around" it)
+            # (Under data parallelism a process whose slice has no loss that reaches z is
+            # fine: the call's all-reduce tells whether any process's did.)
             try:
                 _no_representation(raw, items)
             except ValueError as e:
@@ -1704,13 +1706,21 @@ class MultiBalance(GradientBalancer):
         # rows[t][i]: ∂L_i/∂z_t (None where task i does not reach z_t); head[i]: ∂L_i/∂φ.
         rows = [[None] * k for _ in range(m)]
         head = []
-        for i, loss in enumerate(items):
-            grads = torch.autograd.grad(loss, reps + heads[i],
-                                        retain_graph=retain_graph or i < k - 1,
-                                        allow_unused=True)
-            for t in range(m):
-                rows[t][i] = grads[t]
-            head.append(grads[m:])
+        # A representation tensor that retains its gradient (z.retain_grad()) gets it from
+        # each head pass too: put back as it was, the trunk's pass gives it Σ_i w_i r_i.
+        retained = [(z, None if z.grad is None else z.grad.clone())
+                    for z in reps if z.retains_grad]
+        try:
+            for i, loss in enumerate(items):
+                grads = torch.autograd.grad(loss, reps + heads[i],
+                                            retain_graph=retain_graph or i < k - 1,
+                                            allow_unused=True)
+                for t in range(m):
+                    rows[t][i] = grads[t]
+                head.append(grads[m:])
+        finally:
+            for z, g in retained:
+                z.grad = g
         reached = [any(r is not None for r in per_rep) for per_rep in rows]
         if group is None and not any(reached):
             _no_representation(raw, items)
@@ -1728,8 +1738,12 @@ class MultiBalance(GradientBalancer):
         if group is not None:
             got = {id(p) for params, grads in zip(heads, head, strict=True)
                    for p, g in zip(params, grads, strict=True) if g is not None}
+            sparse = {id(p) for params, grads in zip(heads, head, strict=True)
+                      for p, g in zip(params, grads, strict=True) if g is not None and g.is_sparse}
             numbers += [torch.tensor([float(x) for x in reached], dtype=torch.float64),
                         torch.tensor([float(id(p) in got) for p in order], dtype=torch.float64),
+                        torch.tensor([float(id(p) in sparse) for p in order],
+                                     dtype=torch.float64),
                         torch.tensor([float(changed is not None)], dtype=torch.float64)]
         device = _numbers_device(group, numbers)
         packed = torch.cat([x.to(device=device, dtype=torch.float64) for x in numbers])
@@ -1749,7 +1763,11 @@ class MultiBalance(GradientBalancer):
         if group is not None:
             rest = packed[n_pairs + 2 * k:]
             reached = [x > 0 for x in rest[:m]]
-            present = [x > 0 for x in rest[m:-1]]
+            n = len(order)
+            # per head parameter: 0 no process has a gradient of it, 1 some have, dense, 2
+            # sparse on some (an nn.Embedding(sparse=True)): sparse after the all-reduce too
+            present = [(2 if y > 0 else 1) if x > 0 else 0
+                       for x, y in zip(rest[m:m + n], rest[m + n:m + 2 * n], strict=True)]
             if rest[-1] > 0:  # (every process raises: one's graph no longer fits the split)
                 raise ValueError(changed or "on another process: the head/trunk split of the "
                                  "first call no longer fits the losses' graph (see its error)")
@@ -1863,10 +1881,11 @@ class MultiBalance(GradientBalancer):
         ``_foreach`` product per task, in float32 at least (16-bit gradients are widened, and
         their sum rounded once into the parameter's dtype, as in :func:`_combine`). ``order``:
         the head parameters of the split, the same on every process; ``present``: per
-        parameter of ``order``, whether some process has a gradient of it (None without data
-        parallelism). Each process packs every present one, zeros where it has none, so that
+        parameter of ``order``, 0 where no process has a gradient of it, 1 where some has, 2
+        where some has a sparse one (None without data parallelism). Each process packs every
+        present one, zeros where it has none (dense: the all-reduce of a fixed layout), so that
         the all-reduce adds each parameter's gradient to its own, whatever each process's slice
-        of the batch reached."""
+        of the batch reached; a sparse one is made sparse again after it."""
         sums: dict[int, torch.Tensor] = {}
         for wi, params, grads in zip(wl, heads, head, strict=True):
             given = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
@@ -1903,6 +1922,9 @@ class MultiBalance(GradientBalancer):
                 for p, chunk in zip(params, flat.split([p.numel() for p in params]),
                                     strict=True):
                     sums[id(p)] = chunk.view(p.shape)
+            for p, there in zip(order, present, strict=True):
+                if there == 2:  # (rows: the layout of an embedding's sparse gradient)
+                    sums[id(p)] = sums[id(p)].to_sparse(sparse_dim=min(1, p.dim()))
         for p in targets:
             g = sums[id(p)]
             if p.grad is None:
@@ -1937,18 +1959,28 @@ def _tensor_hooks_silenced(tensors: list[torch.Tensor]):
     and the trunk's backward starts from Σ_i w_i hook(r_i): run again there, a hook would act
     twice (a gradient reversal would cancel itself, a scaling be squared), where
     ``loss.backward()`` runs it once. torch keeps them in the tensor's ``_backward_hooks``
-    dict, which its node reads at each call: emptied for the block, refilled in order."""
+    dict, which its node reads at each call: each is replaced by one that changes nothing for
+    the block, and put back unless it was removed meanwhile (a hook registered meanwhile
+    stays)."""
     saved = []
     for z in tensors:
         hooks = getattr(z, "_backward_hooks", None) if z.grad_fn is not None else None
         if hooks:
             saved.append((hooks, list(hooks.items())))
-            hooks.clear()
+            for key in hooks:
+                hooks[key] = _no_change
     try:
         yield
     finally:
         for hooks, items in saved:
-            hooks.update(items)
+            for key, hook in items:
+                if key in hooks:
+                    hooks[key] = hook
+
+
+def _no_change(grad):
+    """A tensor hook that leaves the gradient as it is."""
+    return None
 
 
 def _trunk_group(params: list[torch.Tensor]):
@@ -2291,11 +2323,11 @@ def _scaler_in_use(scaler):
     gradient raises as without one."""
     if scaler is None:
         return None, 1.0
-    if not callable(getattr(scaler, "get_scale", None)) \
-            or not callable(getattr(scaler, "is_enabled", None)):
+    if not callable(getattr(scaler, "get_scale", None)):
         raise TypeError(f"scaler must be the torch.amp.GradScaler that scaled the losses, or "
                         f"None; got {type(scaler).__name__}")
-    if not scaler.is_enabled():
+    enabled = getattr(scaler, "is_enabled", None)
+    if callable(enabled) and not enabled():
         return None, 1.0
     return scaler, float(scaler.get_scale())
 
@@ -2317,7 +2349,7 @@ def _representation_list(representation) -> list[torch.Tensor]:
                          "backward(losses, representation)")
     if isinstance(representation, torch.Tensor):
         reps = [representation]
-    elif isinstance(representation, (list, tuple)):
+    elif isinstance(representation, Iterable) and not isinstance(representation, (Mapping, str)):
         reps = list(representation)
     else:
         raise TypeError(f"representation must be a tensor or a list or tuple of tensors; got "
@@ -3026,10 +3058,15 @@ def _loaded_gram(v, name: str, k: int | None) -> list | None:
         raise ValueError(f"state_dict[{name!r}] must be {k} lists of {k} finite numbers")
     # A Gram matrix (or an average of them) is symmetric and positive semidefinite; the
     # weights of one that is not (a negative norm, |G_ij| > √(G_ii G_jj)) mean nothing.
+    # Tested on the correlations C_ij = G_ij / √(G_ii G_jj), whose scale is 1 whatever the
+    # tasks' (a task with G_ii = 0 must have a zero row).
     G = np.array(rows)
-    trace = float(np.trace(G))
-    if not np.array_equal(G, G.T) or float(np.min(np.diag(G))) < 0 or (
-            k > 0 and float(np.linalg.eigvalsh(G)[0]) < -1e-9 * max(trace, 0.0)):
+    d = np.sqrt(np.maximum(np.diag(G), 0.0))
+    live = d > 0
+    C = G[np.ix_(live, live)] / np.outer(d[live], d[live])
+    if not np.array_equal(G, G.T) or bool((np.diag(G) < 0).any()) \
+            or bool((G[~live] != 0).any()) \
+            or (C.size and float(np.linalg.eigvalsh(C)[0]) < -1e-9 * len(C)):
         raise ValueError(f"state_dict[{name!r}] is not a Gram matrix (symmetric, positive "
                          "semidefinite): it was not saved by this balancer")
     return rows

@@ -19,6 +19,10 @@ and one are the same training (losses averaged per process, as DDP assumes). Cas
   trunk's gradients too.
 - ``alone``: ``process_group=None``: each process trains a model of its own (its own seed) on
   its own whole batch, as one process would (``train(world=1, rank=r)``).
+- ``norep``: at the second step no task loss of half 1 reaches the representation (both
+  are penalties on the heads alone): the process of that half takes part all the same.
+- ``sparse``: head 1 adds an ``nn.Embedding(sparse=True)`` lookup, of rows that differ
+  between the halves: its gradient is sparse after the all-reduce, as in one process.
 - ``around``: at the last step, half 0's task 0 adds a penalty on a trunk parameter, reached
   around the representation (after a first call that split without it): every process
   raises, the one whose graph does so naming the parameter.
@@ -38,7 +42,7 @@ from pub_native.balancers import MultiBalance
 
 STEPS = 3
 BATCH = 16
-CASES = ("branch", "swap", "absent", "group", "alone", "around")
+CASES = ("branch", "swap", "absent", "group", "alone", "around", "norep", "sparse")
 
 
 def _data(step: int, seed: int = 0):
@@ -61,8 +65,14 @@ def _half_losses(case: str, model: dict, z, y, half: int, step: int) -> list:
         if step == 0 or half == 1:
             p1 = p1 + model["B"]
     l1 = ((p1 - y[:, 1]) ** 2).mean()
+    if case == "sparse":
+        rows = torch.arange(len(z)) % 3 + 2 * half
+        l1 = l1 + (model["emb"](rows).squeeze(1) * y[:, 1]).mean()
     if case == "absent" and half == 1 and step != 1:
         l1 = 1e-3 * (heads[1].weight ** 2).sum()  # no labels: a penalty that does not reach z
+    if case == "norep" and half == 1 and step == 1:
+        l0 = 1e-3 * (heads[0].weight ** 2).sum()
+        l1 = 1e-3 * (heads[1].weight ** 2).sum()
     if case == "around" and half == 0 and step == STEPS - 1:
         l0 = l0 + 1e-3 * (model["trunk"][0].weight ** 2).sum()
     return [l0, l1]
@@ -74,7 +84,8 @@ def _model(seed: int) -> dict:
             "heads": nn.ModuleList(nn.Linear(8, 1) for _ in range(2)).double(),
             "extra": nn.Parameter(torch.full((1,), 1.5, dtype=torch.float64)),
             "A": nn.Parameter(torch.full((1,), 0.5, dtype=torch.float64)),
-            "B": nn.Parameter(torch.full((1,), 2.0, dtype=torch.float64))}
+            "B": nn.Parameter(torch.full((1,), 2.0, dtype=torch.float64)),
+            "emb": nn.Embedding(5, 1, sparse=True).double()}
 
 
 def train(case: str, world: int, rank: int) -> dict:
@@ -82,8 +93,9 @@ def train(case: str, world: int, rank: int) -> dict:
     model = _model(seed)
     named = [(f"trunk.{n}", p) for n, p in model["trunk"].named_parameters()] + \
         [(f"heads.{n}", p) for n, p in model["heads"].named_parameters()] + \
-        [(n, model[n]) for n in (() if case == "around" else ("extra", "A", "B"))]
-    params = [p for _, p in named]  # ("around": every one placed by the first call's split)
+        [(n, model[n]) for n in (() if case in ("around", "norep") else ("extra", "A", "B"))] + \
+        ([("emb", model["emb"].weight)] if case == "sparse" else [])
+    params = [p for _, p in named]  # ("around", "norep": every one placed by the first split)
     trunk = model["trunk"]
     kwargs = {}
     if world > 1 and case in ("group", "alone"):
@@ -115,6 +127,7 @@ def train(case: str, world: int, rank: int) -> dict:
         weights.append(bal.weights.tolist())
         grams.append(bal.gram.tolist())
     return {"weights": weights, "grams": grams,
+            "sparse": case == "sparse" and model["emb"].weight.grad.is_sparse,
             "params": {n: p.detach().reshape(-1).tolist() for n, p in named}}
 
 

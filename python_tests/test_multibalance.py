@@ -520,7 +520,7 @@ def _assert_same_training(got, ref, tol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["branch", "swap", "absent"])
+@pytest.mark.parametrize("case", ["branch", "swap", "absent", "norep", "sparse"])
 def test_ddp_slices_that_reach_different_head_parameters_or_tasks_train_as_one_process(
         tmp_path, case):
     """The processes' slices reach different parts of the heads: a head parameter used on one
@@ -534,6 +534,8 @@ def test_ddp_slices_that_reach_different_head_parameters_or_tasks_train_as_one_p
     ref = helper.train(case, world=1, rank=0)
     for got in ranks:
         _assert_same_training(got, ref, TOL["f64"])
+        # (a head's sparse gradient stays sparse through the all-reduce, as in one process)
+        assert got["sparse"] == ref["sparse"] == (case == "sparse")
 
 
 @pytest.mark.slow
@@ -789,6 +791,33 @@ def test_a_tensor_hook_on_the_representation_acts_once_on_the_trunk():
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_retain_grad_on_the_representation_and_hooks_removed_in_the_trunk_pass():
+    """z.retain_grad(): z.grad is Σ_i w_i r_i, as loss.backward() gives Σ_i r_i (each head
+    pass added its r_i too: Σ_i (1 + w_i) r_i). A hook on z removed by another hook while the
+    trunk's pass runs stays removed (it was put back after the call)."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(6, 16)
+    heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(2))
+    params = [*trunk.parameters(), *heads.parameters()]
+    x, y = torch.randn(32, 6), torch.randn(32, 2)
+    bal = B.MultiBalance(params, ema=0.0)
+    for _ in range(2):  # (weights that are not 1)
+        z = trunk(x)
+        z.retain_grad()
+        handle = z.register_hook(lambda g: g)
+        # (runs in the trunk's pass)
+        remover = trunk.weight.register_hook(lambda g, handle=handle: handle.remove())
+        losses = [((h(z).squeeze(1) - 4.0 ** i * y[:, i]) ** 2).mean()
+                  for i, h in enumerate(heads)]
+        r = [torch.autograd.grad(loss, z, retain_graph=True)[0] for loss in losses]
+        z.grad = None  # (those passes retained theirs)
+        bal.backward(losses, z)
+        want = sum(w * ri for w, ri in zip(bal.weights.tolist(), r, strict=True))
+        torch.testing.assert_close(z.grad, want.to(z.dtype), rtol=1e-6, atol=1e-7)
+        assert len(z._backward_hooks) == 0
+        remover.remove()
+
+
 def test_head_gradients_keep_the_parameters_layout_and_sparse_heads_work():
     """A channels_last head convolution got a contiguous (NCHW) .grad, where autograd gives
     the parameter's layout; an nn.Embedding(sparse=True) in a head raised torch's
@@ -824,15 +853,42 @@ def test_head_gradients_keep_the_parameters_layout_and_sparse_heads_work():
 
 
 @pytest.mark.parametrize("gram", [[[-1.0, 0.0], [0.0, 1.0]], [[1.0, 5.0], [5.0, 1.0]],
-                                  [[1.0, 0.5], [-0.5, 1.0]]])
+                                  [[1.0, 0.5], [-0.5, 1.0]],
+                                  # (tested on correlations: another task's scale hides nothing)
+                                  [[1e10, 0, 0], [0, 1, 2], [0, 2, 1]],
+                                  [[0, 1e-3, 0], [1e-3, 1, 0], [0, 0, 1]]])
 def test_a_state_dict_whose_gram_is_no_gram_is_refused(gram):
     trunk, heads, params = _two_heads()
+    heads.append(nn.Linear(8, 1))
+    params += list(heads[2].parameters())
     bal = B.MultiBalance(params)
     z = trunk(torch.randn(16, 4))
-    bal.backward([h(z).pow(2).mean() for h in heads], z)
+    bal.backward([h(z).pow(2).mean() for h in heads][:len(gram)], z)
     state = bal.state_dict()
     before = bal.state_dict()
     state["gram_average"] = gram
     with pytest.raises(ValueError, match="not a Gram matrix"):
         bal.load_state_dict(state)
     assert _same(bal.state_dict(), before)
+
+
+def test_a_scaler_like_object_and_a_generator_of_representation_tensors_are_taken():
+    # What any object with get_scale() and any iterable of tensors gave before the arguments
+    # were checked: the same .grad as a GradScaler at scale 1 and a list.
+    class Scale:
+        def get_scale(self):
+            return 1.0
+
+    trunk, heads, params = _two_heads()
+    x = torch.randn(16, 4)
+    results = []
+    for scaler, as_gen in ((None, False), (Scale(), True)):
+        for p in params:
+            p.grad = None
+        z = trunk(x)
+        rep = (t for t in [z]) if as_gen else [z]
+        B.MultiBalance(params).backward([h(z).pow(2).mean() for h in heads], rep,
+                                        scaler=scaler)
+        results.append([p.grad.clone() for p in params])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
