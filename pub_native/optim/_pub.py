@@ -353,6 +353,10 @@ class PUBOptimizer(GradientTools, Checkpoints):
                                 "(or param-group 'shared' flags), or start with a batch in "
                                 "which every task has a loss")
                         roots = _autograd.task_roots(losses, items)
+                        if _autograd.reentrant_checkpoint(roots):
+                            # (the walk below would not see the parameters inside it: at the
+                            # bottom of the model they got no gradient, silently)
+                            raise NotImplementedError(_autograd.REENTRANT_CHECKPOINT)
                         if _autograd.compiled_graph(roots):
                             warnings.warn(
                                 "the model is compiled (torch.compile), so its autograd graph "
