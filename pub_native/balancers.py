@@ -1107,7 +1107,13 @@ class FAMO(GradientBalancer):
     L'. If :meth:`update` is not called between two :meth:`backward` calls, ``backward`` first
     updates ξ with its own losses — the next batch at the new parameters — as L', which is what
     FAMO's own toy trainer does: free, but noisier by the difference between two batches.
-    ``stats["update"]`` says which happened (``"explicit"``, ``"next batch"`` or None).
+    ``stats["update"]`` says which happened (``"explicit"``, ``"next batch"``,
+    ``"accumulating"`` or None).
+
+    Gradient accumulation: a :meth:`backward` that finds ``.grad`` as the last one left it (no
+    ``zero_grad()`` and no step in between) is another micro-batch of the same step. It does not
+    update ξ, and the losses L of the step are the mean of its micro-batches' loss values
+    (micro-batches of one size make it the whole batch's).
 
     Args:
         params: the model's parameters (tensors or torch param groups).
@@ -1150,6 +1156,12 @@ class FAMO(GradientBalancer):
         self.eps = 1e-8
         self.k = n_tasks
         self._prev_log_d: torch.Tensor | None = None
+        # Gradient accumulation: the .grad the last backward left (the parameters, their
+        # marks), and the sum and count of the loss values of the backward calls since the
+        # last step. A backward that finds .grad as the last one left it (no zero_grad, no
+        # step in between) is another micro-batch of the same step.
+        self._left: tuple | None = None
+        self._micro: tuple | None = None
         self._updated = True
         self._skip_update = False
         # The GradScaler of the last backward and its scale then: the scale backs off exactly
@@ -1265,13 +1277,17 @@ class FAMO(GradientBalancer):
             self._skip_update = True
             return
         log_d = self._log_d(values)
+        active = _active(self.params)
+        accumulating = (not self._updated and self._left is not None
+                        and [id(p) for p in active] == self._left[0]
+                        and not _received(active, self._left[1]))
         # A call that raises leaves FAMO as it was: the logits' implicit update below comes
         # before the backward pass that may still fail.
         saved = (self.logits.detach().clone(), copy.deepcopy(self._logit_opt.state_dict()))
         aside = None
         try:
-            update = None
-            if not self._updated:
+            update = "accumulating" if accumulating else None
+            if not self._updated and not accumulating:
                 if self._skipped_since(scale if scaler is not None else None):
                     self._drop_skipped()  # the GradScaler skipped the last step
                     update = "skipped"
@@ -1286,7 +1302,6 @@ class FAMO(GradientBalancer):
             # Clipped: every .grad set aside (_zero_aside), so that the clip sees this call's
             # gradient alone and a call that raises after the backward pass (a sparse shared
             # gradient, which the clip cannot take) puts every .grad back as it was.
-            active = _active(self.params)
             clip = self.max_norm > 0 and bool(self.shared)
             aside = _zero_aside(active) if clip else None
             marks = _grad_marks(active)
@@ -1310,7 +1325,14 @@ class FAMO(GradientBalancer):
             self._logit_opt.load_state_dict(saved[1])
             raise
         _add_back(active, aside)
-        self.steps += 1
+        if accumulating:  # (one step: counted once, its losses the micro-batches' mean)
+            total_values, n = self._micro
+            self._micro = (total_values + values, n + 1)
+            log_d = self._log_d(self._micro[0] / (n + 1))
+        else:
+            self.steps += 1
+            self._micro = (values, 1)
+        self._left = ([id(p) for p in active], _grad_marks(active))
         self._skip_update = False
         self.weights = w
         self._prev_log_d = log_d

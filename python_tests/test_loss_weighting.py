@@ -183,6 +183,49 @@ def test_famo_without_update_uses_the_next_losses():
     torch.testing.assert_close(b.logits.detach(), a.logits.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("explicit", [True, False], ids=["update", "next batch"])
+def test_famo_under_gradient_accumulation_updates_once_per_step_from_the_mean_losses(explicit):
+    # Two backward calls on the halves of a batch, one step: the second is no "next batch"
+    # (it moved the logits on the halves' difference, with no step in between), and the step's
+    # losses are the halves' mean, the whole batch's: the logits then move as for one backward
+    # on the whole batch.
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(5, 6, dtype=torch.float64)
+    heads = [torch.nn.Linear(6, 1, dtype=torch.float64) for _ in range(2)]
+    params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+
+    def losses(rows):
+        z = torch.tanh(trunk(x[rows]))
+        return [((h(z).squeeze(1) - 3.0 ** i * y[rows, i]) ** 2).mean()
+                for i, h in enumerate(heads)]
+
+    after = [0.3, 2.0]
+    logits = []
+    for micro in (True, False):
+        bal = B.FAMO(params, n_tasks=2, max_norm=0.0)
+        for p in params:
+            p.grad = None
+        if micro:
+            bal.backward(losses(slice(0, 8)))
+            bal.backward(losses(slice(8, 16)))  # .grad as the first left it: the same step
+            assert bal.stats["update"] == "accumulating"
+            assert not bal.logits.detach().any() and bal.steps == 1
+        else:
+            bal.backward(losses(slice(0, 16)))
+        if explicit:
+            bal.update(after)
+        else:  # the next step's backward, after zero_grad, takes its losses as L'
+            for p in params:
+                p.grad = None
+            bal.backward([torch.tensor(v, dtype=torch.float64, requires_grad=True) * 1.0 +
+                          0.0 * sum(q.sum() for q in params) for v in after])
+            assert bal.stats["update"] == "next batch"
+        logits.append(bal.logits.detach().clone())
+    assert logits[0].abs().min() > 0
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("form", ["floats", "numpy", "numpy scalars", "1-D tensor"])
 def test_famo_update_takes_loss_values_as_numbers_or_tensors(form):
     # The losses after the step are numbers to FAMO: floats and numpy arrays raised an
