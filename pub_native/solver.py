@@ -162,7 +162,12 @@ def solve_weights(
         return result
     code, ridge, tol, max_iter = _options(method, ridge, tol, max_iter)
     if type(G) is not _ndarray and isinstance(G, _ndarray):  # np.memmap, other subclasses
+        if isinstance(G, np.ma.MaskedArray):
+            _refuse_masked(G, "G")
         G = G.view(_ndarray)
+    if isinstance(warm_start, np.ma.MaskedArray):
+        _refuse_masked(warm_start, "warm_start")
+        warm_start = warm_start.view(_ndarray)
     if type(G) is _ndarray:
         warm_start = _warm_array(sys.modules.get("torch"), warm_start)
         w, st, it, res = _C.solve_weights(G, warm_start, code, ridge, tol, max_iter)
@@ -180,13 +185,31 @@ def solve_weights(
     raise TypeError(f"G must be a numpy array or a torch tensor, got {type(G).__name__}")
 
 
+def _refuse_masked(a, name: str) -> None:
+    """A masked array's mask would be dropped with its class: refused where it masks any
+    entry (the entries behind it are not values)."""
+    if np.ma.getmaskarray(a).any():
+        raise ValueError(f"{name} is a masked array with masked entries: its mask would be "
+                         f"ignored; pass the values to use (e.g. {name}.filled(...))")
+
+
 def _warm_array(torch, warm_start):
     """A torch warm start as the numpy array the native solver reads (its values: the negative
-    bit resolved), or TypeError for one that holds no real weights."""
+    bit resolved; float64 where numpy has no such dtype, as bfloat16), or the error for one
+    that holds no real weights or whose memory cannot be read."""
     if torch is None or not isinstance(warm_start, torch.Tensor):
         return warm_start
     _check_real_warm(torch, warm_start)
-    return warm_start.detach().cpu().resolve_neg().numpy()
+    if warm_start.numel() and warm_start.layout is torch.strided:
+        problem = _unreadable(warm_start, sum((n - 1) * s for n, s in
+                                              zip(warm_start.shape, warm_start.stride())) + 1,
+                              warm_start.element_size(), "warm_start")
+        if problem is not None:
+            raise problem[0](problem[1])
+    warm = warm_start.detach().to("cpu").resolve_neg()
+    if warm.dtype not in (torch.float16, torch.float32, torch.float64):
+        warm = warm.to(torch.float64)
+    return warm.numpy()
 
 
 def _check_real_warm(torch, warm_start) -> None:
@@ -198,26 +221,29 @@ def _check_real_warm(torch, warm_start) -> None:
         raise TypeError("warm_start must be real weights, got a complex array")
 
 
-def _unreadable(G, extent: int, size: int):
-    """Why the memory of CPU tensor G (``extent`` elements of ``size`` bytes from its offset)
-    cannot be read, as (exception type, message), or None when it can. A storage resized to 0
-    (as FSDP frees parameters) or shrunk keeps its views, and some tensors have no memory of
-    their own: wrappers of torch.func and vmap, ZeroTensors, tensors under functionalize.
+def _unreadable(G, extent: int, size: int, name: str = "G"):
+    """Why the memory of tensor G (``extent`` elements of ``size`` bytes from its offset)
+    cannot be read, as (exception type, message naming it as ``name``), or None when it can.
+    A storage resized to 0 (as FSDP frees parameters) or shrunk keeps its views, and some
+    tensors have no memory of their own: wrappers of torch.func and vmap, ZeroTensors,
+    tensors under functionalize.
     (The native fast path, ``readable_matrix`` in module_cpu.cpp, refuses the same tensors;
     this names the reason.)"""
     try:
         storage = G.untyped_storage()
     except (NotImplementedError, RuntimeError):
-        return TypeError, ("G is a wrapper tensor without memory of its own (inside torch.func "
-                           "or vmap?); solve outside the transform")
+        return TypeError, (f"{name} is a wrapper tensor without memory of its own (inside "
+                           "torch.func or vmap?); solve outside the transform")
     if storage.nbytes() < (G.storage_offset() + extent) * size:
-        return ValueError, "G's storage is smaller than its view (was it resized or freed?)"
+        return ValueError, (f"{name}'s storage is smaller than its view (was it resized or "
+                            "freed?)")
     try:
         if storage.data_ptr():
             return None
     except RuntimeError:  # a ZeroTensor's storage refuses to give its (null) address
         pass
-    return TypeError, "G has no memory behind it (a ZeroTensor or a functionalized tensor)"
+    return TypeError, (f"{name} has no memory behind it (a ZeroTensor or a functionalized "
+                       "tensor)")
 
 
 def _solve_torch(torch, G, warm_start, code, ridge, tol, max_iter):

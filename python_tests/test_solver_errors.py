@@ -180,6 +180,42 @@ def test_freed_tensor_storage_raises():
         "ValueError", "storage is smaller", 4)
 
 
+def test_a_warm_start_with_freed_storage_raises():
+    # Its storage shrunk (as FSDP frees parameters) with its view kept: it was read past the
+    # end of its memory (weights from leftover heap data), with numpy and torch G alike.
+    _assert_each_raises(f"""
+        import numpy as np
+        import torch
+        from pub_native import solve_weights
+
+        def freed_warm(keep):
+            w = torch.ones(4096, dtype=torch.float64)[4000:4002]
+            w.untyped_storage().resize_(keep)
+            return w
+
+        G = {GOOD.tolist()!r}
+    """, """[(np.array(G), {"warm_start": freed_warm(0)}),
+             (torch.tensor(G), {"warm_start": freed_warm(4001 * 8)}),
+             (torch.tensor(G), {"warm_start": freed_warm(0), "method": "ccp"})]""",
+        "ValueError", "warm_start's storage is smaller than its view", 3)
+
+
+def test_masked_arrays_with_masked_entries_are_refused_and_other_warm_starts_taken():
+    # A masked array's mask went with its class: the masked (invalid) entries were used. A
+    # bfloat16 warm start (no numpy dtype) raised torch's TypeError; it holds real weights.
+    G = np.ma.masked_array(GOOD, mask=[[False, False], [False, True]])
+    with pytest.raises(ValueError, match="G is a masked array with masked entries"):
+        solve_weights(G)
+    with pytest.raises(ValueError, match="warm_start is a masked array"):
+        solve_weights(GOOD, warm_start=np.ma.masked_array([1.0, 1.0], mask=[True, False]))
+    want = solve_weights(GOOD).weights
+    np.testing.assert_allclose(solve_weights(np.ma.masked_array(GOOD)).weights, want,
+                               rtol=1e-12)
+    for dtype in (torch.bfloat16, torch.float16, torch.int64):
+        got = solve_weights(GOOD, warm_start=torch.tensor([2.0, 3.0]).to(dtype)).weights
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
 def test_tensor_without_memory_raises():
     """A ZeroTensor has a storage size but no memory (its data pointer is 0 plus the view's
     offset): a view of one must raise, not be read."""

@@ -169,6 +169,51 @@ def test_warm_start_same_result(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_a_warm_start_far_out_of_scale_reaches_the_root(method):
+    # One entry 1e-16 … 1e-300 or 1e20 … 1e300 of the others' (in the equilibrated
+    # coordinates): Newton spent its 50 iterations coming back (MAX_ITER, weights off by up to
+    # 150%) and ccp reported NOT_POSITIVE_DEFINITE for a positive definite G. A start worse
+    # than the cold one (f larger at the best multiple of each) is dropped.
+    rng = np.random.default_rng(7)
+    for K in (2, 3, 6):
+        G = random_gram(rng, K)
+        cold = solve_weights(G, method=method)
+        for ratio in (1e-16, 1e-40, 1e-300, 1e-320, 1e20, 1e300):
+            warm = cold.weights.copy()
+            warm[K // 2] *= ratio
+            r = solve_weights(G, method=method, warm_start=warm)
+            assert r.status == SolveStatus.CONVERGED, (K, ratio, r)
+            assert rel_err(r.weights, cold.weights) <= TOL["property_f64"], (K, ratio)
+            assert np.isfinite(r.residual)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_residual_of_weights_far_from_one_is_finite(method):
+    # G of subnormal entries gives weights of 1e155, whose squares overflowed in the residual:
+    # CONVERGED with a NaN residual. Now the relative residual of the rounded weights, as for
+    # any scale (it is scale invariant: the same as for G scaled to 1).
+    for c in (1e-310, 1e-300, 1e300):
+        G = c * np.array([[2.0, 0.5], [0.5, 1.0]])
+        r = solve_weights(G, method=method)
+        unit = solve_weights(G / c, method=method)
+        assert r.status == SolveStatus.CONVERGED and np.isfinite(r.residual)
+        assert r.residual <= 1e-12
+        assert rel_err(r.weights * np.sqrt(c), unit.weights) <= 1e-6
+
+
+def test_the_reference_solver_stops_on_a_matrix_that_is_no_gram():
+    # An indefinite symmetric matrix: the reference's Newton left b > 0 and never returned.
+    from pub_native.reference import nash_weights
+
+    for G in ([[1.0, -2.0], [-2.0, 1.0]], [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]]):
+        alpha, converged = nash_weights(np.array(G))
+        assert not converged and not alpha.any()
+    alpha, converged = nash_weights(np.array([[2.0, 0.5], [0.5, 1.0]]))
+    assert converged and rel_err(alpha, solve_weights(np.array([[2.0, 0.5], [0.5, 1.0]]))
+                                 .weights) <= 1e-9
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_k1_closed_form(method):
     for g in (1e-20, 0.25, 3.0, 1e20):
         r = solve_weights(np.array([[g]]), method=method)

@@ -17,6 +17,9 @@ def nash_weights(G, ridge: float = 1e-8, *, max_iter: int = 100):
     Newton runs in the coordinates b = α·√G_ii (the equation is equivariant under this
     diagonal scaling) from b = 1, with backtracking that keeps b > 0, until a step no longer
     decreases the Newton decrement: the answer is then exact to float64 rounding.
+
+    A G that is no Gram matrix (not positive semidefinite: f is then not convex and the
+    equation may have no root or several) gives (0, False), as a non-finite G does.
     """
     G = np.asarray(G, dtype=np.float64)
     k = G.shape[0]
@@ -30,6 +33,8 @@ def nash_weights(G, ridge: float = 1e-8, *, max_iter: int = 100):
     active = np.flatnonzero(norms > 1e-12 * norms.max())
     s = norms[active]
     A = 0.5 * (G + G.T)[np.ix_(active, active)] / np.outer(s, s)
+    if np.linalg.eigvalsh(A)[0] < -1e-9 * len(A):  # (A's diagonal is 1: a relative test)
+        return alpha, False
     A[np.diag_indices_from(A)] *= 1.0 + ridge
     b = np.ones(len(active))
 
@@ -49,10 +54,12 @@ def nash_weights(G, ridge: float = 1e-8, *, max_iter: int = 100):
         previous = decrement
         step = 1.0
         if decrement > 1e-6:  # far from the root: damp (self-concordance), stay positive
-            while np.min(b + step * d) <= 0:
+            while np.min(b + step * d) <= 0 and step > 1e-300:
                 step *= 0.5
             while f(b + step * d) > f(b) - 0.25 * step * decrement and step > 1e-20:
                 step *= 0.5
         b = b + step * d
+        if not (np.isfinite(b).all() and b.min() > 0):
+            return alpha, False
     alpha[active] = b / s
     return alpha, converged

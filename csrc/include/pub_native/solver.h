@@ -81,13 +81,19 @@ PN_HD double nash_objective(const Team& tm, const double* a, const double* Ga, i
 }
 
 // ||G a - 1/a|| / ||1/a||.
+// Both norms are taken of the vectors divided by c = max_i 1/a_i, so that weights far from 1
+// (a Gram of subnormal entries gives weights of 1e155) do not overflow their squares.
 template <class Team>
 PN_HD double relative_residual(const Team& tm, const double* a, const double* Ga, int64_t m) {
+  double c = 0.0;
+  for (int64_t i = tm.rank(); i < m; i += tm.size()) c = pn_max(c, 1.0 / a[i]);
+  c = tm.max(c);
   double num = 0.0, den = 0.0;
   for (int64_t i = tm.rank(); i < m; i += tm.size()) {
-    const double r = Ga[i] - 1.0 / a[i];
+    const double inv = (1.0 / a[i]) / c;
+    const double r = Ga[i] / c - inv;
     num += r * r;
-    den += 1.0 / (a[i] * a[i]);
+    den += inv * inv;
   }
   num = tm.sum(num);
   den = tm.sum(den);
@@ -519,6 +525,32 @@ PN_HD SolveOutcome solve_weights(const Team& tm, const T* Gin, const T* warm, T*
       return out;
     }
     use_warm = false;
+  }
+  if (use_warm) {
+    // A warm start worse than the cold one (f larger at the best multiple of each: a start
+    // with entries 1e-16 of the others', from a task whose update changed that much) is
+    // dropped: Newton would spend its iterations coming back from it.
+    const double f_warm = detail::nash_objective(tm, wm.a, wm.Ga, m);
+    for (int64_t i = tm.rank(); i < m; i += tm.size()) wm.x[i] = 1.0;
+    tm.sync();
+    team_matvec(tm, wm.G, wm.x, wm.Gx, m);
+    const double q = team_dot(tm, wm.x, wm.Gx, m);
+    if (q > 0.0 && pn_isfinite(q)) {
+      const double s = pn_sqrt(static_cast<double>(m) / q);
+      for (int64_t i = tm.rank(); i < m; i += tm.size()) {
+        wm.x[i] *= s;
+        wm.Gx[i] *= s;
+      }
+      tm.sync();
+      const double f_cold = detail::nash_objective(tm, wm.x, wm.Gx, m);
+      if (!(f_warm <= f_cold)) {
+        for (int64_t i = tm.rank(); i < m; i += tm.size()) {
+          wm.a[i] = wm.x[i];
+          wm.Ga[i] = wm.Gx[i];
+        }
+        tm.sync();
+      }
+    }
   }
   out = o.method == kCcp ? detail::ccp_solve(tm, wm, m, o) : detail::newton_solve(tm, wm, m, o);
   // Back to the original coordinates; the weights are rounded to T, and the residual reported
