@@ -271,6 +271,19 @@ def test_cli_refuses_what_would_mislead_before_training(capsys, tmp_path):
         assert "Traceback" not in err
     assert main(["info", "junk"]) == 2 and "unexpected arguments" in capsys.readouterr().err
     assert main(["--version", "junk"]) == 2
+    # Splits the AUC is not defined on, found before training: one evaluation row (every cell
+    # was NaN, exit 0) and a table too small for a validation split (torch's error on an
+    # empty list). The message names the split and what to change.
+    small = tmp_path / "small.csv"
+    small.write_text("x,a,b\n" + "".join(f"{i % 3},{i % 2},{(i // 2) % 2}\n" for i in range(7)))
+    for args, message in (
+            (["--eval-rows", "1", "--train-rows", "256"], "only positive rows in the validation"),
+            (["--csv", str(small), "--task", "a", "--task", "b"], "split has no rows")):
+        assert status(["demo", "--seeds", "1", "--epochs", "1", "--out", "", "--no-progress",
+                       *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err or message.replace("positive", "negative") in err, (args, err)
+        assert "Traceback" not in err
 
 
 def test_a_diverged_model_fails_instead_of_scoring_half(monkeypatch):

@@ -336,7 +336,29 @@ def _load(cfg: DemoConfig, data: MultiTaskData | None) -> tuple[MultiTaskData, s
         name = "UCI Adult (census income)"
     if cfg.loss_scale and len(cfg.loss_scale) != data.n_tasks:
         raise ValueError(f"loss_scale has {len(cfg.loss_scale)} values for {data.n_tasks} tasks")
-    return _subset(data, cfg.train_rows, cfg.eval_rows), name
+    data = _subset(data, cfg.train_rows, cfg.eval_rows)
+    _check_splits(data)
+    return data, name
+
+
+def _check_splits(data: MultiTaskData) -> None:
+    """Every split must have rows, and the validation and test splits both classes of every
+    task: their AUCs (the model selection and the table) are not defined otherwise (a table of
+    a few rows, or --eval-rows 1, gave NaN in every cell, or torch's error on an empty split)."""
+    for split_name in ("train", "validation", "test"):
+        split = getattr(data, split_name)
+        if len(split) == 0:
+            raise ValueError(f"the {split_name} split has no rows (the table is too small to "
+                             "split, or --train-rows/--eval-rows is 0)")
+        if split_name == "train":
+            continue
+        rates = split.label_rates.tolist()
+        for task, rate in zip(data.task_names, rates, strict=True):
+            if rate in (0.0, 1.0):
+                raise ValueError(
+                    f"task {task!r} has only {'positive' if rate else 'negative'} rows in the "
+                    f"{split_name} split ({len(split)} rows): its AUC is not defined; use more "
+                    "rows (a larger table or --eval-rows)")
 
 
 def estimate_seconds(cfg: DemoConfig, data: MultiTaskData, steps: int = 4) -> dict:
