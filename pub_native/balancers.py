@@ -185,6 +185,15 @@ class GradientBalancer:
         self._detect(raw_losses, losses)
         self._grads = self._new_buffer(len(losses))
 
+    def __getstate__(self) -> dict:
+        # The weak references (the DDP module; FAMO's marks of the last .grad) name objects of
+        # this process that a pickled copy does not have: a copy holds none.
+        state = self.__dict__.copy()
+        for name in ("_ddp", "_left"):
+            if name in state:
+                state[name] = None
+        return state
+
     def _keep_ddp(self, ddp) -> None:
         """Keeps the DistributedDataParallel module (or None) that :meth:`_refuse_join` reads,
         weakly: the balancer does not keep the model alive."""
@@ -307,6 +316,19 @@ class GradientBalancer:
                 "gradient now: it gets that gradient too, but is not balanced. Pass shared= "
                 "(the parameters two or more tasks use) to balance it.",
                 stacklevel=4)
+
+    def _reached_now(self, raw_losses, losses, active: list[torch.Tensor], marks) -> bool:
+        """After the one backward pass of LS, Uncertainty or FAMO: whether it gave some of
+        ``active`` a gradient (:func:`_received`), or, where ``.grad`` was None before and is
+        None after on all of them (hooks that step each parameter in backward and set its
+        ``.grad`` to None), whether the losses' graph reaches one of them."""
+        if _received(active, marks):
+            return True
+        if not _gone_by_hooks(active, marks):
+            return False
+        reached = set().union(*(reached_parameters(root)
+                                for root in task_roots(raw_losses, losses)))
+        return any(id(p) in reached for p in active)
 
     def _check_reached(self, raw_losses, losses: list[torch.Tensor]) -> None:
         """On the first call of a balancer that takes one backward pass (LS, Uncertainty,
@@ -740,7 +762,7 @@ class LS(GradientBalancer):
         active = _active(self.params)
         marks = _grad_marks(active)
         torch.autograd.backward(sum(losses), inputs=active, retain_graph=retain_graph)
-        if not _received(active, marks):  # (.grad unchanged: nothing to undo)
+        if not self._reached_now(raw, losses, active, marks):  # (.grad as it was)
             raise self._nothing_reached()
         self.weights = torch.ones(self.k, dtype=torch.float64)
         self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": True}
@@ -1060,7 +1082,7 @@ class Uncertainty(GradientBalancer):
         marks = _grad_marks(active)
         kept = s.grad, None if s.grad is None else s.grad.clone()
         self._loss_backward(total, active, [s], retain_graph)
-        if not _received(active, marks):
+        if not self._reached_now(raw, losses, active, marks):
             # The model's .grad is as it was; log_vars' gradient of this call is taken back.
             if kept[0] is not None:
                 kept[0].copy_(kept[1])
@@ -1267,20 +1289,22 @@ class FAMO(GradientBalancer):
         if not self._reach_checked:
             self._check_reached(raw, items)
         values = self._loss_values(items, scale)
-        if scaler is not None and not bool(torch.isfinite(values).all()):
-            self._loss_backward(sum(items), _active(self.params), retain_graph=retain_graph)
-            self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
-                          "update": None}
-            if not self._updated and self._skipped_since(scale):
-                self._drop_skipped()  # (the step of the backward before was skipped too)
-            # The scaler skips this step: an update() after it has no step to measure.
-            self._skip_update = True
-            return
-        log_d = self._log_d(values)
         active = _active(self.params)
         accumulating = (not self._updated and self._left is not None
                         and [id(p) for p in active] == self._left[0]
                         and not _received(active, self._left[1]))
+        if scaler is not None and not bool(torch.isfinite(values).all()):
+            self._loss_backward(sum(items), active, retain_graph=retain_graph)
+            self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
+                          "update": "accumulating" if accumulating else None}
+            if not self._updated and not accumulating and self._skipped_since(scale):
+                self._drop_skipped()  # (the step of the backward before was skipped too)
+            # The scaler skips this step: an update() after it has no step to measure. (A
+            # micro-batch of a step still: the next backward of the step finds .grad so.)
+            self._skip_update = True
+            self._left = ([id(p) for p in active], _grad_marks(active))
+            return
+        log_d = self._log_d(values)
         # A call that raises leaves FAMO as it was: the logits' implicit update below comes
         # before the backward pass that may still fail.
         saved = (self.logits.detach().clone(), copy.deepcopy(self._logit_opt.state_dict()))
@@ -1313,7 +1337,7 @@ class FAMO(GradientBalancer):
                                                  retain_graph)
             else:
                 self._loss_backward(total, active, retain_graph=retain_graph)
-            if not _received(active, marks):
+            if not self._reached_now(raw, items, active, marks):
                 raise self._nothing_reached()
             if clip:
                 _refuse_sparse(self.params, self.shared)
@@ -2837,9 +2861,11 @@ def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) ->
 
 
 def _grad_marks(params: list[torch.Tensor]) -> list:
-    """Each parameter's ``.grad`` as it is now (the tensor and its version counter), for
-    :func:`_received`."""
-    return [(p.grad, None if p.grad is None else p.grad._version) for p in params]
+    """Each parameter's ``.grad`` as it is now (a weak reference to the tensor, and its
+    version counter), for :func:`_received`: kept between calls (FAMO's accumulation test),
+    marks must not keep gradients alive past ``zero_grad``."""
+    return [(None, None) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+            for p in params]
 
 
 def _received(params: list[torch.Tensor], marks: list) -> bool:
@@ -2849,8 +2875,22 @@ def _received(params: list[torch.Tensor], marks: list) -> bool:
     the device: the check of every call of the balancers that take one backward pass, whose
     losses may stop reaching their parameters after the first call (a balancer copied or
     restored with the model's tensors, given the losses of the new model)."""
-    return any(p.grad is not g or (g is not None and g._version != v)
-               for p, (g, v) in zip(params, marks, strict=True))
+    for p, (ref, v) in zip(params, marks, strict=True):
+        g = p.grad
+        if ref is None:
+            if g is not None:
+                return True
+        elif g is None or ref() is not g or g._version != v:
+            return True
+    return False
+
+
+def _gone_by_hooks(params: list[torch.Tensor], marks: list) -> bool:
+    """Whether ``.grad`` was None before the call and is None after it on every parameter: what
+    a backward pass that reached nothing leaves, and also one whose post-accumulate hooks
+    consumed each gradient (an optimizer stepped in backward, which sets ``.grad`` to None),
+    which only the graph tells apart."""
+    return all(ref is None for ref, _ in marks) and all(p.grad is None for p in params)
 
 
 def _all_finite(grads: list) -> bool:

@@ -226,6 +226,78 @@ def test_famo_under_gradient_accumulation_updates_once_per_step_from_the_mean_lo
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("name", ["ls", "uncertainty", "famo"])
+def test_an_optimizer_stepped_in_backward_is_taken_by_the_one_pass_balancers(name):
+    # torch's optimizer-in-backward pattern: a post-accumulate hook per parameter steps it and
+    # sets its .grad to None. .grad is None before and after the call, as when the losses
+    # reach none of the balancer's parameters: the call was refused (after the hooks had
+    # stepped the model). The graph tells the two apart; the model steps as with
+    # loss.backward() of the weighted losses.
+    def run(balanced):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        opts = {p: torch.optim.SGD([p], lr=0.1) for p in m.parameters()}
+
+        def hook(p):
+            opts[p].step()
+            opts[p].zero_grad()
+
+        for p in m.parameters():
+            p.register_post_accumulate_grad_hook(hook)
+        kw = {"ls": {}, "uncertainty": {"n_tasks": 2}, "famo": {"n_tasks": 2, "max_norm": 0.0}}
+        bal = B.BALANCERS[name](m.parameters(), **kw[name]) if balanced else None
+        x = torch.randn(8, 4)
+        for _ in range(2):
+            out = m(x)
+            losses = [out[:, 0].pow(2).mean() + 0.1, out[:, 1].pow(2).mean() + 0.1]
+            if balanced:
+                bal.backward(losses)
+            else:  # w = 1 (LS; Uncertainty's and FAMO's first weights, from zero logits)
+                w = [0.5, 0.5] if name == "uncertainty" else [1.0, 1.0]
+                if name == "famo":
+                    d = torch.stack([loss.detach() for loss in losses]).double() + 1e-8
+                    w = (1.0 / d / (1.0 / d).sum()).tolist()
+                sum(wi * loss for wi, loss in zip(w, losses)).backward()
+            if name != "ls":
+                break  # (their weights move after the first call)
+        return [p.detach().clone() for p in m.parameters()]
+
+    for got, want in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_famo_keeps_no_gradient_alive_and_an_overflowed_micro_batch_stays_in_its_step():
+    # FAMO's accumulation test kept the last backward's .grad tensors (a model's worth of
+    # memory past zero_grad); and a micro-batch that overflowed under a GradScaler did not
+    # note the .grad it left, so the next micro-batch of the step was taken for the next
+    # step ("next batch": the logits moved on the difference between two micro-batches).
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2)
+    bal = B.FAMO(m.parameters(), n_tasks=2, max_norm=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    x = torch.randn(8, 4)
+
+    def micro(scale=1.0):
+        out = m(x)
+        bal.backward([scaler.scale(out[:, 0].pow(2).mean() * scale + 0.1),
+                      scaler.scale(out[:, 1].pow(2).mean() + 0.1)], scaler=scaler)
+
+    micro()
+    refs = [weakref.ref(p.grad) for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)
+    micro()  # (a new step: after zero_grad)
+    logits = bal.logits.detach().clone()
+    micro(float("inf"))  # an overflow in the step's second micro-batch
+    micro()
+    assert bal.stats["update"] == "accumulating"
+    assert torch.equal(bal.logits.detach(), logits)
+
+
 @pytest.mark.parametrize("form", ["floats", "numpy", "numpy scalars", "1-D tensor"])
 def test_famo_update_takes_loss_values_as_numbers_or_tensors(form):
     # The losses after the step are numbers to FAMO: floats and numpy arrays raised an
