@@ -1204,12 +1204,8 @@ def test_a_balancer_whose_shared_parameters_are_all_frozen_sums_the_tasks():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("name", sorted(B.BALANCERS))
-def test_every_balancer_takes_the_grad_scaler_and_skips_an_overflow(name):
-    # bal.backward(scaled losses, scaler=scaler) as the README shows, for every balancer: an
-    # overflow is skipped by scaler.step and backs the scale off, the weights stay as they were,
-    # and the steps before and after move the parameters (LS, Uncertainty and MultiBalance did
-    # not take scaler=; MultiBalance raised on the overflow).
+def _trunk_two_heads(name: str):
+    """A tanh trunk and two linear heads, a batch, and the balancer ``name`` on them."""
     torch.manual_seed(1)
     trunk = torch.nn.Linear(6, 8)
     heads = [torch.nn.Linear(8, 1) for _ in range(2)]
@@ -1217,6 +1213,16 @@ def test_every_balancer_takes_the_grad_scaler_and_skips_an_overflow(name):
     x = torch.randn(32, 6)
     bal = B.BALANCERS[name](params, 2) if name in ("uncertainty", "famo") else \
         B.BALANCERS[name](params)
+    return trunk, heads, params, x, bal
+
+
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_every_balancer_takes_the_grad_scaler_and_skips_an_overflow(name):
+    # bal.backward(scaled losses, scaler=scaler) as the README shows, for every balancer: an
+    # overflow is skipped by scaler.step and backs the scale off, the weights stay as they were,
+    # and the steps before and after move the parameters (LS, Uncertainty and MultiBalance did
+    # not take scaler=; MultiBalance raised on the overflow).
+    trunk, heads, params, x, bal = _trunk_two_heads(name)
     opt = torch.optim.SGD(params, lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for overflow in (False, True, False):
@@ -1246,13 +1252,7 @@ def test_a_disabled_grad_scaler_is_no_scaler_and_a_wrong_one_is_named(name):
     # without a scaler (it was taken for an overflow: .grad got the NaN sum and the disabled
     # scaler's step wrote it into the parameters). Anything else than a scaler is a TypeError
     # naming the argument (it was an AttributeError), and either leaves .grad as it was.
-    torch.manual_seed(1)
-    trunk = torch.nn.Linear(6, 8)
-    heads = [torch.nn.Linear(8, 1) for _ in range(2)]
-    params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
-    x = torch.randn(32, 6)
-    bal = B.BALANCERS[name](params, 2) if name in ("uncertainty", "famo") else \
-        B.BALANCERS[name](params)
+    trunk, heads, params, x, bal = _trunk_two_heads(name)
     for p in params:
         p.grad = torch.full_like(p, 0.5)
 

@@ -81,6 +81,22 @@ PN_HD double nash_objective(const Team& tm, const double* a, const double* Ga, i
 }
 
 // ||G a - 1/a|| / ||1/a||.
+// v <- s v for the s that minimizes f along the ray (s = sqrt(m / v'Gv)), with Gv = G v; false
+// (v left as it was, Gv = G v) where v'Gv is not positive and finite.
+template <class Team>
+PN_HD bool best_multiple(const Team& tm, const double* G, double* v, double* Gv, int64_t m) {
+  team_matvec(tm, G, v, Gv, m);
+  const double q = team_dot(tm, v, Gv, m);
+  if (!(q > 0.0 && pn_isfinite(q))) return false;
+  const double s = pn_sqrt(static_cast<double>(m) / q);
+  for (int64_t i = tm.rank(); i < m; i += tm.size()) {
+    v[i] *= s;
+    Gv[i] *= s;
+  }
+  tm.sync();
+  return true;
+}
+
 // Both norms are taken of the vectors divided by c = max_i 1/a_i, so that weights far from 1
 // (a Gram of subnormal entries gives weights of 1e155) do not overflow their squares.
 template <class Team>
@@ -508,17 +524,7 @@ PN_HD SolveOutcome solve_weights(const Team& tm, const T* Gin, const T* warm, T*
                          : 1.0;
     }
     tm.sync();
-    team_matvec(tm, wm.G, wm.a, wm.Ga, m);
-    const double q = team_dot(tm, wm.a, wm.Ga, m);
-    if (q > 0.0 && pn_isfinite(q)) {
-      const double s = pn_sqrt(static_cast<double>(m) / q);
-      for (int64_t i = tm.rank(); i < m; i += tm.size()) {
-        wm.a[i] *= s;
-        wm.Ga[i] *= s;
-      }
-      tm.sync();
-      break;
-    }
+    if (detail::best_multiple(tm, wm.G, wm.a, wm.Ga, m)) break;
     if (!use_warm) {
       out.status = kNotPositiveDefinite;
       out.residual = 0.0 / 0.0;
@@ -533,15 +539,7 @@ PN_HD SolveOutcome solve_weights(const Team& tm, const T* Gin, const T* warm, T*
     const double f_warm = detail::nash_objective(tm, wm.a, wm.Ga, m);
     for (int64_t i = tm.rank(); i < m; i += tm.size()) wm.x[i] = 1.0;
     tm.sync();
-    team_matvec(tm, wm.G, wm.x, wm.Gx, m);
-    const double q = team_dot(tm, wm.x, wm.Gx, m);
-    if (q > 0.0 && pn_isfinite(q)) {
-      const double s = pn_sqrt(static_cast<double>(m) / q);
-      for (int64_t i = tm.rank(); i < m; i += tm.size()) {
-        wm.x[i] *= s;
-        wm.Gx[i] *= s;
-      }
-      tm.sync();
+    if (detail::best_multiple(tm, wm.G, wm.x, wm.Gx, m)) {
       const double f_cold = detail::nash_objective(tm, wm.x, wm.Gx, m);
       if (!(f_warm <= f_cold)) {
         for (int64_t i = tm.rank(); i < m; i += tm.size()) {
