@@ -1133,7 +1133,8 @@ class FAMO(GradientBalancer):
     ``"accumulating"`` or None).
 
     Gradient accumulation: a :meth:`backward` that finds ``.grad`` as the last one left it (no
-    ``zero_grad()`` and no step in between) is another micro-batch of the same step. It does not
+    ``zero_grad()`` in between) and the parameters unchanged (no step) is another micro-batch
+    of the same step. It does not
     update ξ, and the losses L of the step are the mean of its micro-batches' loss values
     (micro-batches of one size make it the whole batch's).
 
@@ -1244,6 +1245,24 @@ class FAMO(GradientBalancer):
         self._updated = True
         self.stats["update"] = "explicit"
 
+    def _accumulating(self, active: list[torch.Tensor]) -> bool:
+        """Whether this backward is another micro-batch of the last one's step: ``.grad`` as
+        the last backward left it (the same tensors, unchanged: no ``zero_grad()``), some of it
+        there (hooks that step each parameter in backward and take its ``.grad`` leave none),
+        and the parameters unchanged since (an optimizer step moves their version counters,
+        torch's and pub_native's alike, also where ``.grad`` was zeroed through ``.data``)."""
+        if self._updated or self._left is None:
+            return False
+        ids, marks, versions = self._left
+        return ([id(p) for p in active] == ids and any(ref is not None for ref, _ in marks)
+                and not _received(active, marks)
+                and [p._version for p in active] == versions)
+
+    def _mark_left(self, active: list[torch.Tensor]) -> None:
+        """What :meth:`_accumulating` compares the next backward with."""
+        self._left = ([id(p) for p in active], _grad_marks(active),
+                      [p._version for p in active])
+
     def _skipped_since(self, scale_now: float | None) -> bool:
         """Whether the GradScaler skipped the step after the last backward: its scale now
         (``scale_now``, or read from the scaler that backward was given) is below the scale
@@ -1290,19 +1309,23 @@ class FAMO(GradientBalancer):
             self._check_reached(raw, items)
         values = self._loss_values(items, scale)
         active = _active(self.params)
-        accumulating = (not self._updated and self._left is not None
-                        and [id(p) for p in active] == self._left[0]
-                        and not _received(active, self._left[1]))
+        accumulating = self._accumulating(active)
         if scaler is not None and not bool(torch.isfinite(values).all()):
             self._loss_backward(sum(items), active, retain_graph=retain_graph)
             self.stats = {"weights_time": 0.0, "solve_time": 0.0, "updated": False,
                           "update": "accumulating" if accumulating else None}
-            if not self._updated and not accumulating and self._skipped_since(scale):
-                self._drop_skipped()  # (the step of the backward before was skipped too)
-            # The scaler skips this step: an update() after it has no step to measure. (A
-            # micro-batch of a step still: the next backward of the step finds .grad so.)
+            if not accumulating:
+                # A step of its own, which the scaler will skip (the step before gets no
+                # update from these losses): counted, with its scale, until that is seen.
+                if not self._updated and self._skipped_since(scale):
+                    self._drop_skipped()  # (the step of the backward before was skipped too)
+                self.steps += 1
+                self._micro = None
+                self._updated = False
+                self._scaler, self._scale = scaler, scale
+            # The scaler skips this step: an update() after it has no step to measure.
             self._skip_update = True
-            self._left = ([id(p) for p in active], _grad_marks(active))
+            self._mark_left(active)
             return
         log_d = self._log_d(values)
         # A call that raises leaves FAMO as it was: the logits' implicit update below comes
@@ -1350,14 +1373,14 @@ class FAMO(GradientBalancer):
             raise
         _add_back(active, aside)
         if accumulating:  # (one step: counted once, its losses the micro-batches' mean)
-            total_values, n = self._micro
+            total_values, n = self._micro if self._micro is not None else (0.0, 0)
             self._micro = (total_values + values, n + 1)
             log_d = self._log_d(self._micro[0] / (n + 1))
         else:
             self.steps += 1
             self._micro = (values, 1)
-        self._left = ([id(p) for p in active], _grad_marks(active))
-        self._skip_update = False
+            self._skip_update = False
+        self._mark_left(active)
         self.weights = w
         self._prev_log_d = log_d
         self._updated = False

@@ -298,6 +298,58 @@ def test_famo_keeps_no_gradient_alive_and_an_overflowed_micro_batch_stays_in_its
     assert torch.equal(bal.logits.detach(), logits)
 
 
+@pytest.mark.parametrize("loop", ["in backward", "grad.data.zero_", "overflow first"])
+def test_famo_tells_a_new_step_from_a_micro_batch(loop):
+    # What makes a backward the next step and not another micro-batch of the same step: an
+    # optimizer stepped in backward leaves no .grad (every call was taken for a micro-batch
+    # of the first step: the logits never moved); .grad zeroed through .data keeps its version
+    # counter (the same), but the step moved the parameters'; and a step whose first micro-batch
+    # overflowed under a GradScaler is a step of its own (its second micro-batch went into the
+    # step before, which the skip then uncounted).
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2)
+    x = torch.randn(8, 4)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    if loop == "in backward":
+        opts = {p: torch.optim.SGD([p], lr=0.1) for p in m.parameters()}
+
+        def step_in_backward(p):
+            opts[p].step()
+            opts[p].zero_grad()
+
+        for p in m.parameters():
+            p.register_post_accumulate_grad_hook(step_in_backward)
+    bal = B.FAMO(m.parameters(), n_tasks=2, max_norm=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    steps = 4
+    for t in range(steps):
+        micro = 2 if loop == "overflow first" else 1
+        for j in range(micro):
+            out = m(x)
+            bad = loop == "overflow first" and t == 1 and j == 0
+            ls = [out[:, 0].pow(2).mean() * (float("inf") if bad else 1.0) + 0.1,
+                  out[:, 1].pow(2).mean() + 0.2 * t + 0.1]
+            if loop == "overflow first":
+                bal.backward([scaler.scale(loss) for loss in ls], scaler=scaler)
+            else:
+                bal.backward(ls)
+            if t and j == 0 and not bad:
+                assert bal.stats["update"] in ("next batch", "skipped"), (t, bal.stats)
+        if loop == "overflow first":
+            scaler.step(opt)
+            scaler.update()
+        elif loop == "grad.data.zero_":
+            opt.step()
+        if loop == "grad.data.zero_":
+            for p in m.parameters():
+                p.grad.data.zero_()
+        else:
+            opt.zero_grad()
+    # Every optimizer step counted once, the skipped one not (once the next backward saw it).
+    assert bal.steps == (steps - 1 if loop == "overflow first" else steps)
+    assert bal.logits.detach().abs().min() > 0
+
+
 @pytest.mark.parametrize("form", ["floats", "numpy", "numpy scalars", "1-D tensor"])
 def test_famo_update_takes_loss_values_as_numbers_or_tensors(form):
     # The losses after the step are numbers to FAMO: floats and numpy arrays raised an
