@@ -495,13 +495,25 @@ def _worker_module(script: Path):
         sys.path.pop(0)
 
 
+def _assert_ranks_finished(proc, out: Path) -> None:
+    """The two gloo processes ran to the end: exit status 0, or both wrote their results and
+    the only failure is gloo's abort as they tore the group down ("terminate called without
+    an active exception", which a monitored barrier before it still lets through, rarely,
+    under load): what the processes computed is whole."""
+    if proc.returncode == 0:
+        return
+    written = all((out / f"rank{r}.json").exists() for r in range(2))
+    assert written and "terminate called without an active exception" in proc.stderr, \
+        proc.stdout + proc.stderr
+
+
 def _run_cases(tmp_path, case):
     """Run ddp_multibalance_cases.py's case on 2 gloo processes: (the ranks' results, the
     helper module, whose train(case, world=1, ...) is one process)."""
     helper = _worker_module(_CASES_SCRIPT)
     proc = subprocess.run([sys.executable, str(_CASES_SCRIPT), str(free_port()), str(tmp_path),
                            case], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_ranks_finished(proc, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r, got in enumerate(ranks):
         assert "error" not in got, f"rank {r}: {got['error']}"
@@ -547,7 +559,7 @@ def test_ddp_a_later_graph_that_no_longer_fits_the_split_raises_on_every_process
     assert "around" in helper.CASES
     proc = subprocess.run([sys.executable, str(_CASES_SCRIPT), str(free_port()), str(tmp_path),
                            "around"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_ranks_finished(proc, tmp_path)
     errors = [json.loads((tmp_path / f"rank{r}.json").read_text()).get("error", "")
               for r in range(2)]
     assert "params[0] (shape (8, 4)) is behind the representation" in errors[0], errors
@@ -579,7 +591,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     helper = _worker_module(_DDP_SCRIPT)
     proc = subprocess.run([sys.executable, str(_DDP_SCRIPT), str(free_port()), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_ranks_finished(proc, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     ref = helper.train(world=1, rank=0)
     for got in ranks:
@@ -605,7 +617,7 @@ def test_ddp_around_the_heads_or_no_ddp_is_refused(tmp_path, mode, message):
         pytest.skip("torch.distributed is not available")
     proc = subprocess.run([sys.executable, str(_DDP_SCRIPT), str(free_port()), str(tmp_path),
                            mode], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_ranks_finished(proc, tmp_path)
     for r in range(2):
         error = json.loads((tmp_path / f"rank{r}.json").read_text())["error"]
         assert error and message in error, error
