@@ -72,8 +72,9 @@ def _linear_run(name: str, pub: bool, backend: str | None, change: str, steps: i
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,change", [
     ("Adam", "param"), pytest.param("Adam", "state", marks=STATE_NEEDS_2_5), ("Adam", "lr"),
-    ("Adam", "betas"), pytest.param("Adagrad", "state", marks=STATE_NEEDS_2_5),
-    pytest.param("RMSprop", "state", marks=STATE_NEEDS_2_5)])
+    pytest.param("Adam", "betas", marks=pytest.mark.slow),
+    pytest.param("Adagrad", "state", marks=[STATE_NEEDS_2_5, pytest.mark.slow]),
+    pytest.param("RMSprop", "state", marks=[STATE_NEEDS_2_5, pytest.mark.slow])])
 def test_a_change_made_before_the_step_in_the_graph_reaches_the_step(backend, name, change):
     m_c, o_c = _linear_run(name, True, backend, change)
     m_e, o_e = _linear_run(name, True, None, change)

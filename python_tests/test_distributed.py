@@ -182,9 +182,8 @@ def test_set_ups_that_cannot_be_exact_raise(tmp_path, mode, match):
         assert "error" in r and re.search(match, r["error"]), r
 
 
-@pytest.mark.parametrize("balancer", [
-    "nashmtl", pytest.param("famo", marks=pytest.mark.slow),
-    pytest.param("uncertainty", marks=pytest.mark.slow)])
+@pytest.mark.slow  # (refuse_join itself runs in the quick suite: the PUB optimizers' "join")
+@pytest.mark.parametrize("balancer", ["nashmtl", "famo", "uncertainty"])
 def test_balancers_refuse_ddp_join_on_every_process(tmp_path, balancer):
     # Their own collectives (task gradients, loss values), which a joined process does not
     # shadow: gloo aborted the interpreter, as for the PUB optimizers.
