@@ -28,7 +28,8 @@ def _assert_refused(error, kind: str = "NotImplementedError") -> None:
     assert "different parameters" in message and "ZeroRedundancyOptimizer" in message, message
 
 
-@pytest.mark.parametrize("case", ["zero_pub", "zero_pub_big"])
+@pytest.mark.parametrize("case", ["zero_pub", pytest.param("zero_pub_big",
+                                                             marks=pytest.mark.slow)])
 def test_zero_pub_backward_raises_on_every_process(tmp_path, case):
     # zero_pub: 2 parameters on each process (equal sizes of different tensors: gloo aborted);
     # zero_pub_big: 1 and 3 (a misleading "build the same model" error before).
@@ -69,6 +70,7 @@ def test_same_subset_on_every_process_trains_and_other_subsets_raise(tmp_path):
         assert torch.equal(a, b), "the processes are not bitwise identical"
 
 
+@pytest.mark.slow
 def test_processes_that_train_models_of_their_own_with_other_sizes(tmp_path):
     # No DDP module and another number of parameters on each process: the check for replicas
     # paired all-reduces of different sizes (gloo aborted); each process now trains alone.
@@ -79,6 +81,7 @@ def test_processes_that_train_models_of_their_own_with_other_sizes(tmp_path):
             assert torch.isfinite(b).all() and not torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_tensor_outside_the_ddp_module_on_one_process_is_refused_on_every_process(tmp_path):
     # The process that holds it raised before the set-up check, and the other waited in that
     # check's all-reduce until the timeout.

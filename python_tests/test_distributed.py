@@ -126,6 +126,7 @@ def test_gradient_balancers_under_ddp(tmp_path, balancer, ddp):
     _assert_identical_and_exact(ranks, _single(tmp_path, args))
 
 
+@pytest.mark.slow
 def test_famo_clipping_inside_no_sync_keeps_the_replicas_identical(tmp_path):
     # FAMO clips each call's gradient (max_norm=1): inside ddp.no_sync() each process clipped
     # its own, and the synced call averaged only its own part, adding back the un-averaged
