@@ -326,8 +326,7 @@ class GradientBalancer:
             return True
         if not _gone_by_hooks(active, marks):
             return False
-        reached = set().union(*(reached_parameters(root)
-                                for root in task_roots(raw_losses, losses)))
+        reached = _reached_ids(task_roots(raw_losses, losses))
         return any(id(p) in reached for p in active)
 
     def _check_reached(self, raw_losses, losses: list[torch.Tensor]) -> None:
@@ -336,7 +335,7 @@ class GradientBalancer:
         some parameter in ``params``."""
         roots = task_roots(raw_losses, losses)
         _refuse_reentrant(roots)
-        reached = set().union(*(reached_parameters(root) for root in roots))
+        reached = _reached_ids(roots)
         active = _active(self.params)
         # FSDP2's sharded DTensors: the forward runs on unsharded copies, which the graph
         # reaches instead (the backward would leave them without a gradient).
@@ -1604,14 +1603,10 @@ class MultiBalance(GradientBalancer):
         what any process's graph reached (every process then has the same split, and the same
         errors)."""
         _check_independent(reps)
-        _refuse_reentrant([s[0] if isinstance(s, tuple) else s for s in _task_starts(raw, items)])
-        # z is one output of its autograd node: an edge (node, input_nr) is z only where it is
-        # z's own (z.grad_fn, z.output_nr); an edge into another output of that node (a head
-        # that reads a sibling of z: a, b = h.chunk(2, 1)) goes around z.
-        stops = {(z.grad_fn, z.output_nr) for z in reps if z.grad_fn is not None}
-        stop_leaves = {id(z) for z in reps if z.grad_fn is None}
-        walks = [_reached_stopping(start, stops, stop_leaves)
-                 for start in _task_starts(raw, items)]
+        starts = _task_starts(raw, items)
+        _refuse_reentrant([s[0] if isinstance(s, tuple) else s for s in starts])
+        stops, stop_leaves = _stops(reps)
+        walks = [_reached_stopping(start, stops, stop_leaves) for start in starts]
         reach = [leaves for leaves, _ in walks]
         crossed = any(c for _, c in walks)  # whether some loss reaches the representation
         behind = set()
@@ -1687,8 +1682,7 @@ class MultiBalance(GradientBalancer):
         layer; the trunk's graph only where a head parameter went unreached (z taken from a
         later layer, or the balancer's tensors are no longer those of the model: the error of
         a call that reaches none of them)."""
-        stops = {(z.grad_fn, z.output_nr) for z in reps if z.grad_fn is not None}
-        stop_leaves = {id(z) for z in reps if z.grad_fn is None}
+        stops, stop_leaves = _stops(reps)
         reached: set[int] = set()
         crossed = False
         for start in _task_starts(raw, items):
@@ -2094,6 +2088,20 @@ def _no_representation(raw, items) -> None:
             "heads' graph")
     raise ValueError("no task loss depends on representation: pass the tensor the "
                      "task heads are computed from (not a detached copy)")
+
+
+def _reached_ids(roots: list) -> set[int]:
+    """ids of the leaves that the graphs below ``roots`` reach."""
+    return set().union(*(reached_parameters(root) for root in roots))
+
+
+def _stops(reps: list[torch.Tensor]) -> tuple[set, set]:
+    """Where a walk from the losses stops at the representation: the edges into z's own output
+    of its node (z.grad_fn, z.output_nr) — an edge into another output of that node (a head
+    that reads a sibling of z: a, b = h.chunk(2, 1)) goes around z — and the ids of the
+    representation tensors that are leaves."""
+    return ({(z.grad_fn, z.output_nr) for z in reps if z.grad_fn is not None},
+            {id(z) for z in reps if z.grad_fn is None})
 
 
 def _task_starts(raw, items) -> list:
