@@ -449,7 +449,8 @@ class TaskGradients:
     def compute(self, losses: list[torch.Tensor], specific: list[list[torch.Tensor]],
                 retain_graph: bool = False, accumulate: bool = False, scale: float = 1.0,
                 on_task=None, surprise: list[set[int]] | None = None,
-                nothing_reached: str | None = None, written: list | None = None) -> int:
+                nothing_reached: str | None = None, written: list | None = None,
+                apart: list[set[int]] | None = None) -> int:
         """Fill the buffer with each task's shared gradients; accumulate task-specific gradients.
         Returns how many gradients autograd gave the shared and task-specific tensors (0: no
         loss reached any of them).
@@ -465,7 +466,9 @@ class TaskGradients:
         (i, parameter) of those it gave a gradient to. ``nothing_reached``: the message of the
         :class:`NothingReached` error raised, before any ``.grad`` is written, when no loss
         reached a shared or task-specific tensor. ``written`` receives the tensors other than
-        the shared ones whose ``.grad`` was written.
+        the shared ones whose ``.grad`` was written. ``apart[i]``: ids of task-specific
+        parameters whose gradient from task i is kept apart, not added to ``.grad``:
+        ``self.apart`` receives the triples (i, parameter, a copy of the gradient in its layout).
         """
         active = [j for j, p in enumerate(self.params) if p.requires_grad]
         shared = [self.params[j] for j in active]
@@ -484,6 +487,7 @@ class TaskGradients:
         self.touched = False  # whether this call wrote to the buffer (before it raised)
         received = 0
         self.surprises: list[tuple[int, torch.Tensor]] = []
+        self.apart: list[list] = []
         last = max((i for i, loss in enumerate(losses) if loss is not None), default=-1)
         for i, loss in enumerate(losses):
             inputs = shared + specific[i]
@@ -522,6 +526,10 @@ class TaskGradients:
                     continue
                 if surprise is not None and id(p) in surprise[i]:
                     self.surprises.append((i, p))
+                if apart is not None and id(p) in apart[i]:
+                    # (a copy: autograd may hand g to a parameter staged below, summed in place)
+                    self.apart.append([i, p, _grad_like(g, p)])
+                    continue
                 entry = staged.get(id(p))
                 if entry is None:
                     # Staged tensors are summed in place: one that another staged entry holds

@@ -258,18 +258,22 @@ def _replicated(params: list[torch.Tensor]) -> bool:
     return bool(params) and both[:n] == mine and [-x for x in both[n:]] == mine
 
 
-def average_gradients(params: list[torch.Tensor], group, extra: list[float] | None = None
-                      ) -> list[float]:
+def average_gradients(params: list[torch.Tensor], group, extra: list[float] | None = None,
+                      grads: list | None = None) -> list[float]:
     """Average ``p.grad`` over the processes of ``group`` for every p, in one all-reduce per
     dtype, with a presence flag per parameter: a parameter with a gradient on some process gets
     the average (zeros where it had none), one with a gradient on none keeps None. ``extra``
     (numbers) are summed over the processes in the same flags' all-reduce and returned.
-    Returns the summed extras. The bytes sent, by the ring model, are added to
-    ``average_gradients.bytes_sent``."""
+    ``grads``: gradients (or None) of params' shapes and dtypes to average in place of their
+    ``.grad``, the results written back into the list. Returns the summed extras. The bytes
+    sent, by the ring model, are added to ``average_gradients.bytes_sent``."""
     dist = torch.distributed
     world = dist.get_world_size(group)
     extra = list(extra or [])
-    flags = torch.tensor(extra + [float(p.grad is not None) for p in params],
+    own = grads is None
+    if own:
+        grads = [p.grad for p in params]
+    flags = torch.tensor(extra + [float(g is not None) for g in grads],
                          dtype=torch.float64)
     device = params[0].device if params else torch.device("cpu")
     if dist.get_backend(group) == "nccl":
@@ -279,24 +283,26 @@ def average_gradients(params: list[torch.Tensor], group, extra: list[float] | No
     dist.all_reduce(flags, group=group)
     flags = flags.cpu()
     n_extra = len(extra)
-    present = {id(p): bool(flags[n_extra + j] > 0) for j, p in enumerate(params)}
     by_dtype: dict = {}
-    for p in params:
-        if present[id(p)]:
-            by_dtype.setdefault(p.dtype, []).append(p)
-    for group_params in by_dtype.values():
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in group_params]).div_(world)
+    for j, p in enumerate(params):
+        if flags[n_extra + j] > 0:
+            by_dtype.setdefault(p.dtype, []).append(j)
+    for slots in by_dtype.values():
+        flat = torch.cat([(grads[j] if grads[j] is not None else torch.zeros_like(params[j]))
+                          .reshape(-1) for j in slots]).div_(world)
         average_gradients.bytes_sent += ring * flat.numel() * flat.element_size()
         dist.all_reduce(flat, group=group)
         offset = 0
-        for p in group_params:
+        for j in slots:
+            p = params[j]
             n = p.numel()
             values = flat[offset:offset + n].view_as(p)
-            if p.grad is None:
-                p.grad = values.clone(memory_format=torch.preserve_format)
+            if grads[j] is None:
+                grads[j] = values.clone(memory_format=torch.preserve_format)
+                if own:
+                    p.grad = grads[j]
             else:
-                p.grad.copy_(values)
+                grads[j].copy_(values)
             offset += n
     return flags[:n_extra].tolist()
 

@@ -293,6 +293,11 @@ class GradientBalancer:
         self._single = [[p for p in self.params
                          if id(p) in single_ids and id(p) in r and id(p) not in shared_ids]
                         for r in reach]
+        # apart[i]: those of another task alone, whose gradient from task i (a task that
+        # reaches them later: routing, or a compiled graph's zeros) is weighted by w_i, as on a
+        # step that reuses the weights (one backward of Σ w_i L_i), not by their task's weight.
+        owner = {id(p): j for j, spec in enumerate(self._single) for p in spec}
+        self._apart = [{pid for pid, j in owner.items() if j != i} for i in range(len(losses))]
         specific_ids = {id(p) for spec in self._specific for p in spec}
         self._specific_all = [p for p in self.params if id(p) in specific_ids]
         self._multi = [p for p in self._specific_all if id(p) not in single_ids]
@@ -313,7 +318,8 @@ class GradientBalancer:
             warnings.warn(
                 f"params[{j}] (shape {tuple(p.shape)}) was found to be reached by task(s) "
                 f"{first} alone when the balancer first saw it, but task {i} gives it a "
-                "gradient now: it gets that gradient too, but is not balanced. Pass shared= "
+                "gradient now: it gets that gradient too (weighted by task "
+                f"{i}'s weight where weight_task_specific=True), but is not balanced. Pass shared= "
                 "(the parameters two or more tasks use) to balance it.",
                 stacklevel=4)
 
@@ -618,7 +624,9 @@ class GradientBalancer:
             stacked = isinstance(raw, torch.Tensor)
             specific_now = [_active(spec) for spec in self._specific]
             received = self._grads.compute(losses, specific_now, retain_graph=retain_graph,
-                                           surprise=None if stacked else self._surprise)
+                                           surprise=None if stacked else self._surprise,
+                                           apart=self._apart if self.weight_task_specific
+                                           else None)
             if not received and (_active(self.shared) or any(specific_now)):
                 raise ValueError(_NOTHING_REACHED)
             self._warn_surprises()
@@ -663,6 +671,13 @@ class GradientBalancer:
                 for p in spec:
                     if p.grad is not None:
                         p.grad.mul_(wi)
+        for i, p, g in self._grads.apart:  # (the plain sum where the step overflowed)
+            if not overflow:
+                g.mul_(float(w[i]))
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
         _put_back(specific, stash)
 
     def _undecided(self) -> bool:
@@ -699,7 +714,19 @@ class GradientBalancer:
         world = torch.distributed.get_world_size(self._dp_group)
         rows.div_(world)
         torch.distributed.all_reduce(rows, group=self._dp_group)
-        average_gradients(self._specific_all, self._dp_group)
+        # The gradients kept apart (see _apart in _detect) travel in the same all-reduce, in
+        # slots that every process lists alike, sent where one of them has a gradient.
+        slots = [(i, p) for i, ids in enumerate(self._apart) if self.weight_task_specific
+                 for p in self._specific_all if id(p) in ids]
+        held = {(i, id(p)): g for i, p, g in self._grads.apart}
+        params = self._specific_all + [p for _, p in slots]
+        grads = [p.grad for p in self._specific_all] + [held.get((i, id(p))) for i, p in slots]
+        average_gradients(params, self._dp_group, grads=grads)
+        n = len(self._specific_all)
+        for p, g in zip(self._specific_all, grads[:n], strict=True):
+            p.grad = g
+        self._grads.apart = [[i, p, g] for (i, p), g in zip(slots, grads[n:], strict=True)
+                             if g is not None]
 
     def _backward_fixed_distributed(self, weighted, total, weighted_inputs, plain_inputs,
                                     retain_graph):

@@ -105,6 +105,13 @@ def train(args, model, step_model, bal, opt, ranks=None):
             # Task 1 touches task 0's tower (with weight 0) on the first process only: each
             # process's graph alone would detect different shared parameters.
             losses[1] = losses[1] + 0.0 * sum(p.sum() for p in model.towers[0].parameters())
+        if args.route and t > args.start:
+            # Routing after the first step: task 1 reaches task 0's tower (found task 0's
+            # alone) on the first of the two processes' slices only (in one process, half of it,
+            # as DDP averages the two).
+            term = args.route * sum((p ** 2).sum() for p in model.towers[0].parameters())
+            if ranks is None or ranks[0] == 0:
+                losses[1] = losses[1] + (term / 2 if ranks is None else term)
         if args.absent and t == args.start + 1:
             losses[-1] = torch.zeros(())  # no labels for the last task in this batch
         if bal is not None:
@@ -147,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sync-at", type=int, default=-1)
     ap.add_argument("--ddp", default="")
     ap.add_argument("--diverge", type=int, default=0)
+    ap.add_argument("--route", type=float, default=0.0)
     ap.add_argument("--mode", default="ddp",
                     help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
                          "sharded-parameter | different-k | absent-first | all-absent-first | join")

@@ -1044,11 +1044,17 @@ def test_a_tensor_computed_from_parameters_is_refused_as_a_parameter(name):
 
 
 @pytest.mark.parametrize("stacked", [False, True])
-@pytest.mark.parametrize("name", ["pcgrad", "imtl-g", "nashmtl"])
-def test_a_task_that_reaches_a_parameter_of_another_only_later_adds_its_gradient(name, stacked):
+@pytest.mark.parametrize("name,every", [("pcgrad", 1), ("imtl-g", 1), ("imtl-g", 2),
+                                        ("nashmtl", 1), ("nashmtl", 2), ("mgda-ub", 1),
+                                        ("mgda-ub", 2)])
+def test_a_task_that_reaches_a_parameter_of_another_only_later_adds_its_gradient(name, stacked,
+                                                                                 every):
     # Data-dependent routing: the first call found the expert reached by task 0 alone; when
     # task 1 reaches it too, its gradient was dropped. Now it is added (not balanced, with a
-    # warning that says how to balance it), as the PUB optimizers and compiled models do.
+    # warning that says how to balance it), as the PUB optimizers and compiled models do;
+    # where task-specific parameters are weighted, each task's gradient by its own weight, on
+    # a step that solves for the weights as on one that reuses them (task 1's gradient had
+    # task 0's weight on the first kind).
     torch.manual_seed(0)
     trunk, expert = torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 4).double()
     heads = [torch.nn.Linear(4, 1).double() for _ in range(2)]
@@ -1061,27 +1067,37 @@ def test_a_task_that_reaches_a_parameter_of_another_only_later_adds_its_gradient
         return [heads[0](expert(z)).pow(2).mean(),
                 heads[1](expert(z) if routed else z).pow(2).mean()]
 
-    bal = B.BALANCERS[name](params, max_norm=0.0) if name == "nashmtl" else \
-        B.BALANCERS[name](params)
+    options = {} if name == "pcgrad" else {"update_weights_every": every}  # (no weights)
+    bal = B.BALANCERS[name](params, max_norm=0.0, **options) if name == "nashmtl" else \
+        B.BALANCERS[name](params, **options)
     give = (lambda ls: torch.stack(ls)) if stacked else (lambda ls: ls)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bal.backward(give(losses(False)))
     for p in params:
         p.grad = None
-    # (A stacked tensor gives every task a zero gradient of every head: no warning there.)
+    # (A stacked tensor gives every task a zero gradient of every head: no warning there, nor
+    # on a step that reuses the weights, which takes no task's gradient alone.)
     with pytest.warns(UserWarning, match=r"task\(s\) \[0\] alone .* task 1 gives it") \
-            if not stacked else warnings.catch_warnings():
+            if not stacked and every == 1 else warnings.catch_warnings():
         bal.backward(give(losses(True)))
     g = [torch.autograd.grad(loss, expert.weight)[0] for loss in losses(True)]
-    scale = float(bal.weights[0]) if bal.weight_task_specific else 1.0
-    torch.testing.assert_close(expert.weight.grad, scale * (g[0] + g[1]), rtol=1e-12,
+    w = bal.weights.tolist() if bal.weight_task_specific else [1.0, 1.0]
+    if bal.weight_task_specific:
+        assert bal.stats["updated"] == (every == 1)
+        assert abs(w[0] - w[1]) > 0.05  # (the weights differ enough to tell them apart)
+    torch.testing.assert_close(expert.weight.grad, w[0] * g[0] + w[1] * g[1], rtol=1e-12,
                                atol=1e-14)
     for p in params:
         p.grad = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per parameter
+    with warnings.catch_warnings() if stacked or every == 1 else \
+            pytest.warns(UserWarning, match="task 1 gives it"):
+        if stacked or every == 1:
+            warnings.simplefilter("error")  # once per parameter
         bal.backward(give(losses(True)))
+    w = bal.weights.tolist() if bal.weight_task_specific else [1.0, 1.0]
+    torch.testing.assert_close(expert.weight.grad, w[0] * g[0] + w[1] * g[1], rtol=1e-12,
+                               atol=1e-14)
 
 
 def _twins_after_one_call(name, frozen, frozen_first):

@@ -127,6 +127,18 @@ def test_gradient_balancers_under_ddp(tmp_path, balancer, ddp):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("balancer", ["mgda-ub", "nashmtl"])
+def test_a_task_routed_later_to_another_tasks_tower_is_weighted_alike_everywhere(tmp_path,
+                                                                                 balancer):
+    # From the second step, task 1 reaches task 0's tower on the first process only: its
+    # gradient there is kept apart, averaged over the processes in the same all-reduce as the
+    # tower's own, and weighted by task 1's weight, as in one process on the whole batch.
+    args = ["--balancer", balancer, "--route", "0.5"]
+    ranks = _run(tmp_path, 2, args)
+    _assert_identical_and_exact(ranks, _single(tmp_path, args))
+
+
+@pytest.mark.slow
 def test_famo_clipping_inside_no_sync_keeps_the_replicas_identical(tmp_path):
     # FAMO clips each call's gradient (max_norm=1): inside ddp.no_sync() each process clipped
     # its own, and the synced call averaged only its own part, adding back the un-averaged
