@@ -155,6 +155,9 @@ class GradientBalancer:
         self.k: int | None = None
         self.shared: list[torch.Tensor] | None = None
         self.weights: torch.Tensor | None = None
+        # What weight_task_specific multiplies task i's own parameters' gradient by: w_i, or 1
+        # where task i's shared gradient was zero at the solve (None: the weights).
+        self._head_weights: torch.Tensor | None = None
         self.stats: dict = {}
         self.steps = 0
         self._dp_group = None  # the data-parallel group, decided at the first backward
@@ -440,6 +443,8 @@ class GradientBalancer:
         return {"method": type(self).__name__, "num_tasks": self._expected_k(),
                 "steps": self.steps,
                 "weights": None if self.weights is None else self.weights.detach().clone(),
+                **({} if self._head_weights is None else
+                   {"head_weights": self._head_weights.clone()}),
                 "options": {name: _saved(getattr(self, name)) for name in self._OPTIONS},
                 **self._method_state()}
 
@@ -468,12 +473,16 @@ class GradientBalancer:
         weights = _loaded_vector(state_dict.get("weights"), "weights", k, optional=True)
         if weights is not None and k is None:
             raise ValueError("state_dict has weights but no num_tasks")
+        heads = _loaded_vector(state_dict.get("head_weights"), "head_weights", k, optional=True)
+        if heads is not None and weights is None:
+            raise ValueError("state_dict has head_weights but no weights")
         options = self._loaded_options(state_dict.get("options"), k)
         apply_method = self._load_method_state(state_dict, k)  # checks; applies nothing yet
         for name, value in options.items():
             setattr(self, name, value)
         self.steps = steps
         self.weights = weights
+        self._head_weights = heads
         if self.k is None:
             self._loaded_k = k  # the first call checks its number of losses against it
         apply_method()
@@ -593,7 +602,7 @@ class GradientBalancer:
             given = self.shared + self._specific_all
             aside = _zero_aside(given) if scaler is None or clip else None
             try:
-                self._backward_fixed(losses, self.weights, retain_graph)
+                self._backward_fixed(losses, self.weights, retain_graph, self._head_weights)
                 if scaler is None and not _all_finite([p.grad for p in self.shared]):
                     raise FloatingPointError(
                         "non-finite gradient of the shared parameters (on a step that reuses "
@@ -658,22 +667,29 @@ class GradientBalancer:
         except BaseException:
             _restore(specific, stash)
             raise
+        # A task whose shared gradient is zero (a head initialized to zero, a head on detached
+        # features) takes no part in the balancing, whatever weight the method gives it: its
+        # own parameters get their plain gradient, so that such a head trains (weighted by
+        # that weight, 0 for NashMTL and IMTL-G, it never would).
+        heads = w.clone()
         if not overflow:
+            heads[torch.diagonal(G) == 0] = 1.0
             self.steps += 1
             self.weights = w
+            self._head_weights = None if torch.equal(heads, w) else heads
         self.stats["updated"] = not overflow
         aside = self._set_aside_clipped()
         if self._grads.size:
             _accumulate(self.shared, torch.split(_combine(buf, w), self._grads.numels))
         self._clip_contribution(aside, scale)
         if self.weight_task_specific and not overflow:
-            for wi, spec in zip(w.tolist(), self._single, strict=True):
+            for wi, spec in zip(heads.tolist(), self._single, strict=True):
                 for p in spec:
                     if p.grad is not None:
                         p.grad.mul_(wi)
         for i, p, g in self._grads.apart:  # (the plain sum where the step overflowed)
             if not overflow:
-                g.mul_(float(w[i]))
+                g.mul_(float(heads[i]))
             if p.grad is None:
                 p.grad = g
             else:
@@ -687,26 +703,30 @@ class GradientBalancer:
                    for p, tasks in zip(self.params, self._reach, strict=True))
 
     def _backward_fixed(self, losses: list[torch.Tensor], w: torch.Tensor,
-                        retain_graph: bool) -> None:
+                        retain_graph: bool, heads: torch.Tensor | None = None) -> None:
         """A step that reuses the weights w: one backward of Σ w_i L_i (two without weighting
-        of the task-specific parameters); ``retain_graph`` keeps the graph after the last."""
-        weighted = sum(float(wi) * loss
-                       for wi, loss in zip(w.tolist(), losses, strict=True))
+        of the task-specific parameters, or where ``heads``, the weights of the task-specific
+        ones, differ from w: one of Σ heads_i L_i for those); ``retain_graph`` keeps the graph
+        after the last."""
+        def weighted_sum(v):
+            return sum(float(vi) * loss for vi, loss in zip(v.tolist(), losses, strict=True))
+
+        single = [p for spec in self._single for p in spec] if self.weight_task_specific else []
         if self.weight_task_specific:
-            weighted_inputs = self.shared + [p for spec in self._single for p in spec]
             plain_inputs = self._multi
         else:
-            weighted_inputs, plain_inputs = self.shared, self._specific_all
-        weighted_inputs, plain_inputs = _active(weighted_inputs), _active(plain_inputs)
+            plain_inputs = self._specific_all
+        passes = [[weighted_sum(w), self.shared + (single if heads is None else [])],
+                  [None if heads is None else weighted_sum(heads), [] if heads is None else single],
+                  [sum(losses), plain_inputs]]
+        passes = [(loss, _active(inputs)) for loss, inputs in passes]
+        passes = [(loss, inputs) for loss, inputs in passes if inputs]
         if self._dp_group is not None:
-            self._backward_fixed_distributed(weighted, sum(losses), weighted_inputs,
-                                             plain_inputs, retain_graph)
+            self._backward_fixed_distributed(passes, retain_graph)
             return
-        if weighted_inputs:
-            torch.autograd.backward(weighted, inputs=weighted_inputs,
-                                    retain_graph=retain_graph or bool(plain_inputs))
-        if plain_inputs:
-            torch.autograd.backward(sum(losses), inputs=plain_inputs, retain_graph=retain_graph)
+        for j, (loss, inputs) in enumerate(passes):
+            torch.autograd.backward(loss, inputs=inputs,
+                                    retain_graph=retain_graph or j < len(passes) - 1)
 
     def _average_task_gradients(self) -> None:
         """Average the task rows and this call's task-specific gradients over the processes."""
@@ -728,21 +748,18 @@ class GradientBalancer:
         self._grads.apart = [[i, p, g] for (i, p), g in zip(slots, grads[n:], strict=True)
                              if g is not None]
 
-    def _backward_fixed_distributed(self, weighted, total, weighted_inputs, plain_inputs,
-                                    retain_graph):
-        """_backward_fixed under data parallelism: the gradients by autograd.grad (DDP's hooks
-        would see two partial backward passes), averaged over the processes, accumulated."""
+    def _backward_fixed_distributed(self, passes, retain_graph):
+        """_backward_fixed under data parallelism: the gradients of each (loss, inputs) pass by
+        autograd.grad (DDP's hooks would see partial backward passes), averaged over the
+        processes, accumulated."""
         new: dict[int, torch.Tensor] = {}
-        for loss, inputs, retain in ((weighted, weighted_inputs,
-                                      retain_graph or bool(plain_inputs)),
-                                     (total, plain_inputs, retain_graph)):
-            if not inputs:
-                continue
-            grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
+        for j, (loss, inputs) in enumerate(passes):
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True,
+                                        retain_graph=retain_graph or j < len(passes) - 1)
             for p, g in zip(inputs, grads, strict=True):
                 if g is not None:
                     new[id(p)] = g
-        params = weighted_inputs + plain_inputs
+        params = [p for _, inputs in passes for p in inputs]
         stash = _set_aside(params)
         for p in params:
             p.grad = new.get(id(p))

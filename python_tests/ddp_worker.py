@@ -69,6 +69,8 @@ def make_optimizer(args, params, group="auto"):
 
         cls = balancers.BALANCERS[args.balancer]
         kw = {"n_tasks": args.tasks} if args.balancer in ("famo", "uncertainty") else {}
+        if args.every > 1:
+            kw["update_weights_every"] = args.every
         bal = cls(params, process_group=group, **kw) if group != "auto" else cls(params, **kw)
         return bal, torch.optim.Adam(params, lr=1e-2)
     cls = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad,

@@ -2252,3 +2252,54 @@ def test_famo_is_not_moved_by_a_step_the_scaler_skipped_for_a_gradient_overflow(
                        twin._logit_opt.state_dict()["state"])
     for p, q in zip(params, twin_params, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("zeroed", [[1], [0, 1]], ids=["one", "all"])
+@pytest.mark.parametrize("name", ["nashmtl", "imtl-g", "mgda-ub"])
+def test_a_head_initialized_to_zero_gets_its_plain_gradient_and_trains(name, zeroed):
+    # A zero head makes its task's shared gradient zero: NashMTL and IMTL-G gave the task
+    # weight 0 and, weighting the task-specific parameters, its head a zero gradient, so that
+    # the head never left zero (every head: nothing ever trained). Such a task takes no part
+    # in the balancing and its head gets its plain gradient, on a step that solves for the
+    # weights, on one that reuses them, and after a state dict in between.
+    def build():
+        m = _Heads()
+        with torch.no_grad():
+            for i in zeroed:
+                for p in m.heads[i].parameters():
+                    p.zero_()
+        return m
+
+    def losses(m):
+        z = torch.tanh(m.trunk(m.x))
+        return [((h(z).squeeze(-1) - m.y[:, i]) ** 2).mean() for i, h in enumerate(m.heads)]
+
+    model = build()
+    bal = B.BALANCERS[name](list(model.parameters()), update_weights_every=2)
+    for call in range(2):  # the first solves for the weights, the second reuses them
+        if call == 1:
+            twin = build()
+            resumed = B.BALANCERS[name](list(twin.parameters()), update_weights_every=7)
+            resumed.load_state_dict(bal.state_dict())
+        model.zero_grad(set_to_none=True)
+        bal.backward(losses(model))
+        assert bal.stats["updated"] == (call == 0)
+        w = bal.weights.tolist()
+        for i, head in enumerate(model.heads):
+            plain = torch.autograd.grad(losses(model)[i], list(head.parameters()))
+            factor = 1.0 if i in zeroed else w[i]
+            for p, g in zip(head.parameters(), plain, strict=True):
+                torch.testing.assert_close(p.grad, factor * g, rtol=1e-12, atol=1e-15)
+            assert any(bool(p.grad.abs().max() > 1e-3) for p in head.parameters()) \
+                or i not in zeroed
+    resumed.backward(losses(twin))
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    # And it trains: the zero heads move, and their tasks' shared gradients are no longer 0.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        bal.backward(losses(model))
+        opt.step()
+    for i in zeroed:
+        assert float(model.heads[i].weight.detach().abs().max()) > 1e-3

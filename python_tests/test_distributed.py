@@ -117,11 +117,14 @@ def test_checkpoint_resumes_on_another_world_size(tmp_path, args):
 @pytest.mark.slow
 @pytest.mark.parametrize("balancer,ddp", [("nashmtl", ""), ("mgda-ub", ""), ("imtl-g", ""),
                                          ("pcgrad", ""), ("cagrad", ""),
-                                         ("nashmtl", "find_unused"), ("mgda-ub", "diverge")])
+                                         ("nashmtl", "find_unused"), ("mgda-ub", "diverge"),
+                                         ("imtl-g", "every")])
 def test_gradient_balancers_under_ddp(tmp_path, balancer, ddp):
-    # diverge: the processes' own graphs detect different shared parameters (they agree).
+    # diverge: the processes' own graphs detect different shared parameters (they agree);
+    # every: steps that reuse the weights (and one that routes task 1 into task 0's tower).
     args = ["--balancer", balancer] + (["--diverge", "1"] if ddp == "diverge" else
-                                       ["--ddp", ddp])
+                                       ["--every", "2", "--route", "0.5"] if ddp == "every"
+                                       else ["--ddp", ddp])
     ranks = _run(tmp_path, 2, args)
     _assert_identical_and_exact(ranks, _single(tmp_path, args))
 
