@@ -79,6 +79,8 @@ class Checkpoints:
             "weights": weights,
             "applied": self._current_applied(),
             "stats": self._stats,
+            # (an error of a device step read back above, for the copy's next read too)
+            "deferred_error": self._deferred_error,
         }
         return state
 
@@ -110,6 +112,7 @@ class Checkpoints:
         self._seed_applied = pub.get("applied")
         self._stats = pub["stats"]
         self._shard_state = pub["shards"]
+        self._deferred_error = pub.get("deferred_error")
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict plus ``"pub"``: K, the shared params of the last

@@ -88,7 +88,10 @@ class DeviceStepResult:
         flags = b.flags.cpu()
         sticky = int(flags[cmod.FLAG_STICKY_ERROR])
         b.flags[cmod.FLAG_STICKY_ERROR] = 0
-        self._outcome = StepOutcome(sticky or int(flags[cmod.FLAG_OUTCOME]))
+        latest = int(flags[cmod.FLAG_OUTCOME])
+        self._outcome = StepOutcome(sticky or latest)
+        # An error of an earlier step, this one taken: its flags are those of this step.
+        self.from_earlier = bool(sticky) and latest == StepOutcome.APPLIED
         self._stats: dict[str, Any] = {}
         if self.solved and self._outcome == StepOutcome.APPLIED:
             self._stats = {"status": SolveStatus(int(flags[cmod.FLAG_STATUS])),

@@ -161,6 +161,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
         self._seed_applied = None  # the weights the last step applied, for a copy's backend
         self._stats: dict[str, Any] = {}
         self._unread = None  # (device result, under a GradScaler) not yet read back
+        # (error class, message) of a device step read back where it could not raise
+        # (state_dict, a copy): raised at the next read that can.
+        self._deferred_error = None
         self._dp: DataParallel | None = None  # data parallelism, decided at the first backward
         self._dp_resolved = False
         self._shard_state: dict = {}  # param -> its shard's state (sharded data parallelism)
@@ -262,6 +265,10 @@ class PUBOptimizer(GradientTools, Checkpoints):
     def _read_device_result(self, raise_errors: bool = True) -> None:
         """Read back the last CUDA step's result (this waits for the device): its solve stats,
         and, unless a GradScaler drove it, a FloatingPointError if the device skipped it."""
+        deferred = getattr(self, "_deferred_error", None)
+        if raise_errors and deferred is not None:
+            self._deferred_error = None
+            raise deferred[0](deferred[1])
         if self._unread is None:
             return
         result, under_scaler = self._unread
@@ -270,10 +277,20 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if outcome == StepOutcome.APPLIED:
             self._stats = dict(result.stats if result.solved else self._stats,
                                updated=result.solved)
-        elif raise_errors and not _scaler_skip(outcome, under_scaler):
+        elif not _scaler_skip(outcome, under_scaler):
             error = RuntimeError if outcome == StepOutcome.GRAD_EDITED else FloatingPointError
-            raise error(self._failure_message(result._plan, result)
-                        + " (the CUDA step was skipped on the device)")
+            if getattr(result, "from_earlier", False):
+                message = (f"a CUDA step since the last read of task_weights/stats was skipped "
+                           f"on the device ({outcome.name}: a non-finite gradient or update, or "
+                           "a .grad edited other than by a rescaling), leaving parameters and "
+                           "state as they were; the steps after it were taken")
+            else:
+                message = (self._failure_message(result._plan, result)
+                           + " (the CUDA step was skipped on the device)")
+            if not raise_errors:
+                self._deferred_error = (error, message)
+                return
+            raise error(message)
 
     def _current_weights(self) -> tuple | None:
         """(α̂, α) in use, as host float64 arrays (either may be None)."""

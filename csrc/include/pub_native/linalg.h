@@ -46,7 +46,10 @@ PN_HD bool team_cholesky(const Team& tm, double* A, int64_t n) {
     for (int64_t k = tm.rank(); k < j; k += tm.size()) s += rj[k] * rj[k];
     const double ajj = rj[j];  // read by every lane before the collective sum
     const double d = ajj - tm.sum(s);
-    if (!(d > 0.0) || !pn_isfinite(d)) return false;
+    if (!(d > 0.0) || !pn_isfinite(d)) {  // (d is the same on every lane)
+      tm.sync();  // every lane's reads of A are done before a caller writes it again
+      return false;
+    }
     const double ljj = pn_sqrt(d);
     tm.sync();  // (a shuffle is no memory fence: every lane's read is done before the write)
     if (tm.rank() == 0) rj[j] = ljj;
