@@ -806,3 +806,46 @@ def test_a_reentrant_checkpoint_is_refused_and_the_non_reentrant_one_trains(wher
     assert opt.state_dict()["pub"]["step"] == 2
     for p, q in zip(got, want, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [pub_native.Adam, pub_native.RMSProp])
+def test_a_lazy_modules_parameters_are_taken_before_its_first_forward(cls):
+    # torch.optim takes a LazyLinear's parameters before they have a shape (its Adagrad does
+    # not: it makes state at construction, and so does PUB's). PUB's constructor and
+    # add_param_group raised torch's "uninitialized parameter" error, and add_param_group kept
+    # the group it raised for: a retry after a forward was refused as a duplicate. Now the
+    # parameters train as those of a model that was run before the optimizer was built, and a
+    # lazy parameter never run (a spare head) keeps no state and saves with the rest.
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+
+    def losses(trunk, heads):
+        z = trunk(x)
+        return [((h(z).squeeze(-1) - y[:, k]) ** 2).mean() for k, h in enumerate(heads)]
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Tanh())
+    heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
+    spare = torch.nn.LazyLinear(3)
+    opt = cls(heads.parameters(), lr=1e-2)
+    opt.add_param_group({"params": [*trunk.parameters(), *spare.parameters()]})
+    built = cls([{"params": list(heads.parameters())},
+                 {"params": [*trunk.parameters(), *spare.parameters()]}], lr=1e-2)
+    trunk(x)  # the first forward gives the trunk its shapes
+    twin_trunk, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    twin = cls([*twin_heads.parameters(), *twin_trunk.parameters()], lr=1e-2)
+    models = [(opt, trunk, heads), (twin, twin_trunk, twin_heads)]
+    for _ in range(3):
+        for o, t, h in models:
+            o.zero_grad()
+            o.backward(losses(t, h))
+            o.step()
+    for a, b in zip([*trunk.parameters(), *heads.parameters()],
+                    [*twin_trunk.parameters(), *twin_heads.parameters()], strict=True):
+        assert torch.equal(a, b)
+    assert opt.shared_parameters is not None and len(opt.shared_parameters) == 2
+    assert torch.nn.parameter.is_lazy(spare.weight) and spare.weight not in opt.state
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    built.load_state_dict(torch.load(buffer, weights_only=True))
+    assert len(built.state) == len(opt.state) == 6

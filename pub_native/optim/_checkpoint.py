@@ -162,7 +162,7 @@ class Checkpoints:
             # order: those tools map the state by parameter name, and the entry's positions
             # must still name the same parameters; and with what the state held, so that a copy
             # a torch optimizer carried past steps of its own is known (_entry_carried_by_groups).
-            copy = {**sd["pub"], "param_shapes": [list(p.shape) for p in self._all_params()],
+            copy = {**sd["pub"], "param_shapes": [_shape(p) for p in self._all_params()],
                     "state_steps": _state_steps(sd["state"])}
             for name in ("task_weights", "warm_start"):
                 copy[name] = None if copy[name] is None else copy[name].tolist()
@@ -291,10 +291,12 @@ class Checkpoints:
         if entry.get("state_steps") != _state_steps(state):
             return state_dict
         shapes = entry.get("param_shapes")
-        mine = [list(p.shape) for p in self._all_params()]
-        if shapes is not None and shapes != mine:
-            at = next((i for i, (a, b) in enumerate(zip(shapes, mine)) if a != b),
-                      min(len(shapes), len(mine)))
+        mine = [_shape(p) for p in self._all_params()]
+        # (None: a lazy module's parameter before its first forward, of any shape)
+        differ = [i for i, (a, b) in enumerate(zip(shapes or [], mine))
+                  if a is not None and b is not None and a != b]
+        if shapes is not None and (len(shapes) != len(mine) or differ):
+            at = differ[0] if differ else min(len(shapes), len(mine))
             raise ValueError(
                 "loaded state dict's PUB entry (carried in its param groups) was saved for "
                 f"{len(shapes)} parameters in another order or of other shapes than this "
@@ -641,3 +643,8 @@ class Checkpoints:
             f"{whose} {sum(mine)} ({'; '.join(parts)}): build the optimizer with the "
             "checkpoint's shared parameters, or without shared= to take them from the "
             "checkpoint")
+
+
+def _shape(p: torch.Tensor) -> list[int] | None:
+    """p's shape as a list, or None for a lazy module's parameter before its first forward."""
+    return None if torch.nn.parameter.is_lazy(p) else list(p.shape)

@@ -209,7 +209,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         group = self.param_groups[-1]
         try:
             self._refuse_unsupported(group)
-        except (NotImplementedError, TypeError):
+        except BaseException:
             self.param_groups.pop()  # torch only appended it: the optimizer is as it was
             raise
         prepare_for_compile(self)
@@ -225,6 +225,10 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if group.get("differentiable", False):
             raise NotImplementedError("PUB optimizers do not support differentiable=True")
         for p in group["params"]:
+            if torch.nn.parameter.is_lazy(p):
+                # A lazy module's parameter before its first forward (torch.optim takes it):
+                # it becomes an ordinary one in place, which the steps check as any other.
+                continue
             if p.is_complex():
                 raise TypeError(f"{self._param_name(p)}: complex parameters are not supported")
             # Refused at once, not at the first step (sparse ones are, by the step; a frozen
@@ -530,7 +534,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
         self._present = [a or b for a, b in zip(self._present, present)]
         shared_ids = {id(p) for p in shared}
         params = self._all_params()
-        specific = [p for p in params if p.requires_grad and id(p) not in shared_ids]
+        # (Not a lazy module's parameter before its first forward: no graph holds it yet.)
+        specific = [p for p in params if p.requires_grad and id(p) not in shared_ids
+                    and not torch.nn.parameter.is_lazy(p)]
         if first:
             self._warn_other_leaves(items, params)
         handles: list = []
