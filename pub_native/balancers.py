@@ -1399,7 +1399,7 @@ class FAMO(GradientBalancer):
                 # Clipped: the clip needs this call's gradient averaged over the processes,
                 # also inside ddp.no_sync() (where DDP's backward would average nothing and
                 # each process clip its own), as the other clipping balancers average theirs.
-                self._backward_fixed_distributed(total, None, _active(self.params), [],
+                self._backward_fixed_distributed([(total, _active(self.params))],
                                                  retain_graph)
             else:
                 self._loss_backward(total, active, retain_graph=retain_graph)
