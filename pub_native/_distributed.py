@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import warnings
+import weakref
 
 import torch
 
-__all__ = ["SUPPORTED", "average_gradients", "data_parallel_group", "is_distributed"]
+__all__ = ["SUPPORTED", "DDPRef", "average_gradients", "data_parallel_group",
+           "is_distributed", "own_averaging_checks"]
 
 SUPPORTED = (
     "supported: a model wrapped in torch.nn.parallel.DistributedDataParallel (pass "
@@ -72,9 +75,7 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
     ids = {id(p) for p in params}
     holders = ddp_holders(ids)
     if len(holders) > 1:
-        raise NotImplementedError(
-            f"the parameters belong to {len(holders)} DistributedDataParallel modules; "
-            f"{SUPPORTED}")
+        raise NotImplementedError(several_holders(len(holders)))
     if holders:
         ddp, mine = holders[0]
         positions = {id(p): j for j, p in enumerate(ddp.module.parameters())}
@@ -95,6 +96,64 @@ def data_parallel_group(params: list[torch.Tensor], process_group="auto"):
             "wrapped in DistributedDataParallel: PUB would balance each process's local "
             f"gradients and the replicas would drift apart; {SUPPORTED}")
     return None, None
+
+
+def own_averaging_checks(ddp, params: list[torch.Tensor], owner: str) -> None:
+    """For a method that averages the gradients of ``params`` itself (the per-task ones, taken
+    with ``autograd.grad``, which DDP's reducer does not see) inside the DistributedDataParallel
+    module ``ddp``: raises where DDP was told to leave one of them alone
+    (``_set_params_and_buffers_to_ignore_for_model``: its gradient stays each process's own,
+    which the method's average would mix), and warns where a communication hook is registered
+    (``register_comm_hook``: compression, PowerSGD), which the method's own average does not
+    run."""
+    ignored = set(getattr(ddp, "parameters_to_ignore", None) or ())
+    if ignored:
+        ids = {id(p) for p in params}
+        names = [n for n, p in ddp.module.named_parameters() if n in ignored and id(p) in ids]
+        if names:
+            raise NotImplementedError(
+                f"DistributedDataParallel was told to ignore parameter(s) {names[:5]} (their "
+                f"gradients stay each process's own), but {owner} averages the gradients it "
+                "takes over the processes itself: give those parameters to another optimizer")
+    try:
+        hook = ddp._get_ddp_logging_data().get("comm_hook")
+    except Exception:  # (a private API: if torch drops it, its Python list of hooks)
+        hooks = getattr(ddp, "_comm_hooks", None) or []
+        hook = hooks[0][0].__qualname__ if hooks else None
+    if hook:
+        warnings.warn(
+            f"the DistributedDataParallel module has a communication hook ({hook}), which "
+            f"{owner} does not run: it averages the gradients it takes itself, exactly, over "
+            "the module's process group (DDP's hook applies only to the gradients DDP's own "
+            "backward reduces)", stacklevel=4)
+
+
+class DDPRef:
+    """A weak reference to the DistributedDataParallel module that holds some parameters (the
+    model is not kept alive by it), looked for again once where that module is gone: a model
+    wrapped again (after unfreezing a parameter, as DDP asks) is then found, so that its
+    ``join()`` and ``no_sync()`` states are the ones read."""
+
+    def __init__(self, ddp, params: list[torch.Tensor]):
+        self._ref = None if ddp is None else weakref.ref(ddp)
+        self._ids = {id(p) for p in params}
+
+    def __call__(self):
+        if self._ref is None:
+            return None
+        ddp = self._ref()
+        if ddp is None:
+            holders = ddp_holders(self._ids)
+            ddp = holders[0][0] if len(holders) == 1 else None
+            self._ref = None if ddp is None else weakref.ref(ddp)
+        return ddp
+
+
+def several_holders(n: int) -> str:
+    """The error for parameters that ``n`` > 1 DistributedDataParallel modules hold."""
+    return (f"the parameters belong to {n} DistributedDataParallel modules (a model wrapped "
+            "again while the earlier wrapper is still referenced counts twice: drop that "
+            f"reference); {SUPPORTED}")
 
 
 def refuse_join(ddp) -> None:

@@ -51,6 +51,7 @@ from ._autograd import (
     walk_graph,
 )
 from ._distributed import (
+    DDPRef,
     _is_sharded_parameter,
     _replicated,
     agree_on,
@@ -58,7 +59,9 @@ from ._distributed import (
     data_parallel_group,
     ddp_holders,
     is_distributed,
+    own_averaging_checks,
     refuse_join,
+    several_holders,
 )
 from ._numbers import is_integer, is_real
 from ._rollback import attributes_kept_on_error
@@ -183,7 +186,10 @@ class GradientBalancer:
     def _setup(self, raw_losses, losses: list[torch.Tensor]) -> None:
         # Under DistributedDataParallel the per-task gradients (taken with autograd.grad, which
         # DDP does not see) are averaged here, so every process computes the same weights.
-        self._dp_group, ddp = data_parallel_group(self.params, self._process_group)
+        group, ddp = data_parallel_group(self.params, self._process_group)
+        if ddp is not None:
+            own_averaging_checks(ddp, self.params, type(self).__name__)
+        self._dp_group = group
         self._keep_ddp(ddp)
         self._detect(raw_losses, losses)
         self._grads = self._new_buffer(len(losses))
@@ -200,7 +206,7 @@ class GradientBalancer:
     def _keep_ddp(self, ddp) -> None:
         """Keeps the DistributedDataParallel module (or None) that :meth:`_refuse_join` reads,
         weakly: the balancer does not keep the model alive."""
-        self._ddp = None if ddp is None else weakref.ref(ddp)
+        self._ddp = None if ddp is None else DDPRef(ddp, self.params)
 
     def _refuse_join(self) -> None:
         """Raises on every process inside DDP's ``join()`` context (uneven inputs), before any
@@ -382,9 +388,13 @@ class GradientBalancer:
             ids = {id(p) for p in self.params}
             if is_distributed() and torch.distributed.get_world_size() > 1:
                 holders = ddp_holders(ids)
+                if len(holders) > 1:
+                    raise NotImplementedError(several_holders(len(holders)))
                 if len(holders) == 1 and ids <= holders[0][1]:
                     ddp = holders[0][0]
                     group = ddp.process_group
+                    if isinstance(self, FAMO) and self.max_norm > 0:  # (averages itself)
+                        own_averaging_checks(ddp, self.params, "FAMO with max_norm > 0")
             own = False
         else:
             group, ddp = data_parallel_group(self.params, self._process_group)

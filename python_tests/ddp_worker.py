@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--route", type=float, default=0.0)
     ap.add_argument("--mode", default="ddp",
                     help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
-                         "sharded-parameter | different-k | absent-first | all-absent-first | join")
+                         "sharded-parameter | different-k | absent-first | all-absent-first | "
+                         "join | rewrap-join | comm-hook | ignored | two-ddp")
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -180,8 +181,17 @@ def main(argv=None) -> int:
         # node, which shared-parameter detection must see through.
         ddp_kw = {"find_unused": {"find_unused_parameters": True},
                   "static_graph": {"static_graph": True}}.get(args.ddp, {})
+        if args.mode == "ignored":  # a tower DDP leaves alone: its gradient stays local
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, ["towers.0.weight"])
+        if args.mode == "two-ddp":  # the embedding in a DDP module of its own
+            model.embedding = torch.nn.parallel.DistributedDataParallel(model.embedding)
         wrapped = model if args.mode in ("no-wrapper", "explicit-group") else \
             torch.nn.parallel.DistributedDataParallel(model, **ddp_kw)
+        if args.mode == "comm-hook":  # compression that PUB's own averaging does not run
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            wrapped.register_comm_hook(None, default_hooks.fp16_compress_hook)
         group = dist.group.WORLD if args.mode == "explicit-group" else "auto"
         bal, opt = make_optimizer(args, list(wrapped.parameters()), group)
         if args.load:
@@ -219,8 +229,13 @@ def main(argv=None) -> int:
                         losses[-1 - i] = torch.zeros(())
                 opt.zero_grad()
                 opt.backward(losses)
-            if args.mode == "join":  # DDP's context for uneven inputs
+            if args.mode in ("join", "rewrap-join"):  # DDP's context for uneven inputs
                 x, y = global_batch(args.model, 0, args.tasks)
+                if args.mode == "rewrap-join":  # one step, then the model wrapped again
+                    opt.zero_grad()
+                    (bal or opt).backward(task_losses(wrapped(x), y))
+                    opt.step()
+                    wrapped = torch.nn.parallel.DistributedDataParallel(model)
                 opt.zero_grad()
                 with wrapped.join():
                     (bal or opt).backward(task_losses(wrapped(x), y))
@@ -231,7 +246,12 @@ def main(argv=None) -> int:
                     opt.backward(task_losses(wrapped(x), y))
                 opt.step()
             else:
-                train(args, model, wrapped, bal, opt, ranks=(args.rank, args.world))
+                import warnings
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    train(args, model, wrapped, bal, opt, ranks=(args.rank, args.world))
+                args.warnings = [str(w.message) for w in caught]
         except Exception as exc:  # the test reads the error from the rank's file
             torch.save({"error": f"{type(exc).__name__}: {exc}"},
                        os.path.join(args.out, f"rank{args.rank}.pt"))
@@ -247,6 +267,7 @@ def main(argv=None) -> int:
     dp = getattr(opt, "_dp", None)
     torch.save({"params": [p.detach().cpu().clone() for p in model.parameters()],
                 "weights": weights, "bytes": None if dp is None else dp.bytes_sent,
+                "warnings": getattr(args, "warnings", []),
                 "state": None if bal is not None else opt.state_dict()},
                os.path.join(args.out, rank_file))
     if args.mode != "single":

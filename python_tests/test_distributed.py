@@ -198,6 +198,48 @@ def test_set_ups_that_cannot_be_exact_raise(tmp_path, mode, match):
         assert "error" in r and re.search(match, r["error"]), r
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--shard", "1"], ["--balancer", "nashmtl"]],
+                         ids=["pub", "nashmtl"])
+def test_a_ddp_communication_hook_is_not_run_and_says_so(tmp_path, args):
+    # PUB and the balancers on per-task gradients average those themselves (exactly): an
+    # fp16-compression hook on the DDP module was ignored without a word.
+    ranks = _run(tmp_path, 2, ["--mode", "comm-hook", *args])
+    _assert_identical_and_exact(ranks, _single(tmp_path, args))
+    for r in ranks:
+        assert any("communication hook (fp16_compress_hook)" in w for w in r["warnings"]), r
+
+
+@pytest.mark.parametrize("mode,args,match", [
+    # A parameter DDP leaves alone: its gradient was averaged all the same (two processes'
+    # different towers mixed).
+    pytest.param("ignored", ["--shard", "0"],
+                 r"told to ignore parameter\(s\) \['towers.0.weight'\]", id="ignored-pub"),
+    pytest.param("ignored", ["--balancer", "nashmtl"], "told to ignore", id="ignored-nashmtl",
+                 marks=pytest.mark.slow),
+    pytest.param("ignored", ["--balancer", "famo"], "told to ignore", id="ignored-famo",
+                 marks=pytest.mark.slow),
+    # The loss weightings fell back to each process's own losses (log-variances and logits
+    # then differed between the processes).
+    pytest.param("two-ddp", ["--balancer", "uncertainty"], "belong to 2 DistributedDataParallel",
+                 id="two-ddp-uncertainty", marks=pytest.mark.slow),
+    pytest.param("two-ddp", ["--balancer", "famo"], "belong to 2 DistributedDataParallel",
+                 id="two-ddp-famo", marks=pytest.mark.slow),
+    # The model wrapped again (as DDP asks after unfreezing): the earlier wrapper's join state
+    # was read, and gloo aborted both processes.
+    pytest.param("rewrap-join", ["--shard", "0"], r"join\(\).*not supported", id="rewrap-pub",
+                 marks=pytest.mark.slow),
+    pytest.param("rewrap-join", ["--balancer", "nashmtl"], r"join\(\).*not supported",
+                 id="rewrap-nashmtl"),
+    pytest.param("rewrap-join", ["--balancer", "uncertainty"], r"join\(\).*not supported",
+                 id="rewrap-uncertainty", marks=pytest.mark.slow),
+])
+def test_ddp_set_ups_a_method_cannot_honour_raise_on_every_process(tmp_path, mode, args, match):
+    ranks = _run(tmp_path, 2, ["--mode", mode, *args])
+    for r in ranks:
+        assert "error" in r and re.search(match, r["error"]), r
+
+
 @pytest.mark.slow  # (refuse_join itself runs in the quick suite: the PUB optimizers' "join")
 @pytest.mark.parametrize("balancer", ["nashmtl", "famo", "uncertainty"])
 def test_balancers_refuse_ddp_join_on_every_process(tmp_path, balancer):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .._autograd import TaskGradients, sum_rows
-from .._distributed import agree_on, all_gather, average_gradients, reduce_scatter
+from .._distributed import DDPRef, agree_on, all_gather, average_gradients, reduce_scatter
 
 __all__ = ["DataParallel"]
 
@@ -40,7 +40,7 @@ class DataParallel:
 
     def __init__(self, group, ddp, shard: bool):
         self.group = group
-        self.ddp = ddp
+        self._ddp = DDPRef(ddp, [])  # (see ddp)
         self.shard = shard
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -48,6 +48,16 @@ class DataParallel:
         self.bytes_sent = 0.0  # per process, by the ring model, since the last reset
         self._layout = None
         self._dummy = None
+
+    @property
+    def ddp(self):
+        """The DistributedDataParallel module (or None), held weakly: a model wrapped again
+        (the earlier wrapper gone) is found again."""
+        return self._ddp()
+
+    def hold(self, params: list[torch.Tensor]) -> None:
+        """The parameters by which a wrapper made again is found."""
+        self._ddp._ids = {id(p) for p in params}
 
     # ---- layout ------------------------------------------------------------------------------
 

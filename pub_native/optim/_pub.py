@@ -22,7 +22,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 
 from .. import _autograd
-from .._distributed import data_parallel_group, refuse_join
+from .._distributed import data_parallel_group, own_averaging_checks, refuse_join
 from .._native import StepOutcome
 from ._backends import CpuBackend
 from ._checkpoint import Checkpoints
@@ -627,7 +627,10 @@ class PUBOptimizer(GradientTools, Checkpoints):
     def _data_parallel(self) -> DataParallel | None:
         """The data-parallel set-up (SPEC section 10), decided once, at the first backward."""
         if not self._dp_resolved:
-            group, ddp = data_parallel_group(self._all_params(), self._process_group)
+            params = self._all_params()
+            group, ddp = data_parallel_group(params, self._process_group)
+            if ddp is not None:
+                own_averaging_checks(ddp, params, "the PUB optimizer")
             if group is not None:
                 if self.backend == "reference":
                     raise NotImplementedError(
@@ -637,6 +640,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 # that splits the tensor does not see: Clippy takes the replicated scheme.
                 self._dp = DataParallel(group, ddp,
                                         self.shard_state and self.options.umm != "clippy")
+                self._dp.hold(params)
             self._dp_resolved = True
         return self._dp
 
