@@ -550,8 +550,8 @@ class TaskGradients:
                     staged[id(p)] = [p, g, kind]
                     continue
                 if entry[2] == "add":  # .grad + g_0, in a sum of our own
-                    entry[1], entry[2] = p.grad.clone().add_(entry[1]), "replace"
-                entry[1].add_(g)
+                    entry[1], entry[2] = _sum_into(p.grad.clone(), entry[1], p), "replace"
+                entry[1] = _sum_into(entry[1], g, p)
         if nothing_reached is not None and not received:
             raise NothingReached(nothing_reached)
         # Into .grad once every task's backward has run: one that raises (a freed graph, an
@@ -562,12 +562,23 @@ class TaskGradients:
             if kind == "own":
                 p.grad = g
             elif kind == "replace":
-                p.grad.copy_(g)
+                if p.grad.is_sparse == g.is_sparse:
+                    p.grad.copy_(g)
+                else:  # (a sparse .grad that a dense gradient made dense)
+                    p.grad = g
             else:
                 p.grad.add_(g)
         if written is not None:
             written.extend(p for p, _, _ in staged.values())
         return received
+
+
+def _sum_into(total: torch.Tensor, g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """total + g, in total's memory (which the caller owns) where it can be: a sparse total
+    and a dense g give a dense sum (as AccumulateGrad sums them), in p's layout."""
+    if total.is_sparse and not g.is_sparse:
+        return _grad_like(g, p).add_(total)
+    return total.add_(g)
 
 
 class NothingReached(ValueError):

@@ -606,11 +606,12 @@ class GradientBalancer:
             # No Gram to see a NaN or Inf on a step that reuses the weights: the shared gradient
             # of the call is checked (the losses were, above), as the Gram checks the tasks'
             # (under a GradScaler, an overflow is the scaler's to skip).
-            # .grad set aside where the call must see its own gradient alone: for the check
-            # (so that a call that raises leaves .grad as it was) and for the clipping.
+            # .grad set aside, so that the call sees its own gradient alone: for the check and
+            # the clipping, and so that a call that raises (in any of its backward passes,
+            # under a GradScaler too) leaves .grad as it was.
             clip = self.max_norm > 0 and bool(self.shared)
             given = self.shared + self._specific_all
-            aside = _zero_aside(given) if scaler is None or clip else None
+            aside = _zero_aside(given)
             try:
                 self._backward_fixed(losses, self.weights, retain_graph, self._head_weights)
                 if scaler is None and not _all_finite([p.grad for p in self.shared]):
@@ -655,7 +656,8 @@ class GradientBalancer:
             # Under a GradScaler an overflow in a task-specific gradient alone (the Gram
             # finite) skips the step too: the sums of this call's head gradients come back
             # with G, in the same wait for the device.
-            heads = None if scaler is None else _sums([p.grad for p in specific])
+            heads = None if scaler is None else _sums(
+                [p.grad for p in specific] + [g for _, _, g in self._grads.apart])
             G, head_sums = (_gram_float64(buf), None) if heads is None else \
                 _gram_float64(buf, heads)
             overflow = bool(bad_losses) or not bool(torch.isfinite(G).all()) or (
@@ -702,6 +704,8 @@ class GradientBalancer:
                 g.mul_(float(heads[i]))
             if p.grad is None:
                 p.grad = g
+            elif p.grad.is_sparse and not g.is_sparse:  # (a sparse tensor takes no dense add_)
+                p.grad = g.add_(p.grad)
             else:
                 p.grad.add_(g)
         _put_back(specific, stash)
@@ -3043,8 +3047,14 @@ def _put_back(params: list[torch.Tensor], grads: list) -> None:
     """p.grad = the set-aside gradient + p.grad, added in place into the set-aside one (as
     ``loss.backward()`` accumulates into an existing ``.grad``)."""
     for p, g in zip(params, grads, strict=True):
-        if g is not None:
-            p.grad = g.add_(p.grad) if p.grad is not None else g
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g
+        elif g.is_sparse and not p.grad.is_sparse:  # (a sparse tensor takes no dense add_)
+            p.grad = p.grad.add_(g)
+        else:
+            p.grad = g.add_(p.grad)
 
 
 def _restore(params: list[torch.Tensor], grads: list | None) -> None:

@@ -2303,3 +2303,111 @@ def test_a_head_initialized_to_zero_gets_its_plain_gradient_and_trains(name, zer
         opt.step()
     for i in zeroed:
         assert float(model.heads[i].weight.detach().abs().max()) > 1e-3
+
+
+class _InfGrad(torch.autograd.Function):
+    """The identity, whose gradient is Inf: an overflow in the backward pass of finite losses."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("inf"))
+
+
+@pytest.mark.parametrize("name", ["nashmtl", "mgda-ub", "imtl-g"])
+def test_an_overflow_in_a_routed_gradient_skips_the_step_under_a_scaler(name):
+    # Task 1 reaches task 0's head after the first call, with an overflowing gradient: kept
+    # apart from .grad until the weights were known, it escaped the scaler's check, and the
+    # balancer counted a step (and moved its weights) that the scaler skips.
+    torch.manual_seed(0)
+    trunk, h0, h1 = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    params = [*trunk.parameters(), *h0.parameters(), *h1.parameters()]
+    x = torch.randn(8, 3)
+
+    def losses(route):
+        z = torch.tanh(trunk(x))
+        l0, l1 = h0(z).pow(2).mean(), h1(z).pow(2).mean() * 2
+        return [l0, l1 + 1e-3 * _InfGrad.apply(h0.weight).sum() if route else l1]
+
+    bal = B.BALANCERS[name](params)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    bal.backward([scaler.scale(loss) for loss in losses(False)], scaler=scaler)
+    state = copy.deepcopy(bal.state_dict())
+    for p in params:
+        p.grad = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the routing warning)
+        bal.backward([scaler.scale(loss) for loss in losses(True)], scaler=scaler)
+    assert not bool(torch.isfinite(h0.weight.grad).all())  # the scaler will skip the step
+    assert bal.stats["updated"] is False
+    assert _same_state(bal.state_dict(), state)
+
+
+@pytest.mark.parametrize("name,specific", [("nashmtl", True), ("nashmtl", False),
+                                           ("mgda-ub", True)])
+def test_a_dense_gradient_added_to_a_sparse_one_sums_as_loss_backward_does(name, specific):
+    # A sparse embedding found task 0's alone; later task 1 reaches it through a dense op:
+    # torch's sparse add_ of a dense tensor raised (after .grad had been changed, where the
+    # gradient was kept apart). loss.backward() sums them into a dense gradient; so does the
+    # balancer, each task's part weighted as its weights say.
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 4).double()
+    emb = torch.nn.Embedding(10, 4, sparse=True).double()
+    head = torch.nn.Linear(4, 1).double()
+    params = [*trunk.parameters(), emb.weight, *head.parameters()]
+    x, idx = torch.randn(8, 4, dtype=torch.float64), torch.tensor([1, 2, 3])
+
+    def losses(route):
+        z = torch.tanh(trunk(x))
+        l0, l1 = (z @ emb(idx).t()).pow(2).mean(), head(z).sub(1).pow(2).mean()
+        return [l0, l1 + 0.1 * emb.weight.pow(2).sum() if route else l1]
+
+    bal = B.BALANCERS[name](params, weight_task_specific=specific)
+    bal.backward(losses(False))
+    before = emb.weight.grad.to_dense().clone()  # (accumulated into)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bal.backward(losses(True))
+    w = bal.weights.tolist() if specific else [1.0, 1.0]
+    parts = [torch.autograd.grad(loss, emb.weight)[0].to_dense() for loss in losses(True)]
+    torch.testing.assert_close(emb.weight.grad.to_dense(),
+                               before + w[0] * parts[0] + w[1] * parts[1], rtol=1e-12, atol=1e-14)
+
+
+class _Refuses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("refused in backward")
+
+
+@pytest.mark.parametrize("name", ["nashmtl", "imtl-g", "mgda-ub"])
+def test_a_reuse_step_that_raises_under_a_scaler_leaves_grad_as_it_was(name):
+    # On a step that reuses the weights under a GradScaler, .grad was not set aside: a backward
+    # pass that raised part-way left the shared parameters' gradients written.
+    torch.manual_seed(0)
+    trunk, h0, h1 = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    params = [*trunk.parameters(), *h0.parameters(), *h1.parameters()]
+    x = torch.randn(8, 3)
+
+    def losses(refuse):
+        z = torch.tanh(trunk(x))
+        out1 = h1(_Refuses.apply(z) if refuse else z)
+        return [h0(z).pow(2).mean(), out1.pow(2).mean()]
+
+    options = {"max_norm": 0.0} if name == "nashmtl" else {}
+    bal = B.BALANCERS[name](params, update_weights_every=2, **options)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    bal.backward([scaler.scale(loss) for loss in losses(False)], scaler=scaler)
+    kept = [p.grad.clone() for p in params]
+    state = copy.deepcopy(bal.state_dict())
+    with pytest.raises(RuntimeError, match="refused in backward"):
+        bal.backward([scaler.scale(loss) for loss in losses(True)], scaler=scaler)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, kept, strict=True))
+    assert _same_state(bal.state_dict(), state)

@@ -849,3 +849,19 @@ def test_a_lazy_modules_parameters_are_taken_before_its_first_forward(cls):
     buffer.seek(0)
     built.load_state_dict(torch.load(buffer, weights_only=True))
     assert len(built.state) == len(opt.state) == 6
+
+
+def test_a_checkpoint_for_a_lazy_parameter_not_yet_run_is_refused_by_name():
+    # torch's "Can't access the shape of an uninitialized parameter" came out of the load's
+    # checks; now the error says what to do, and the optimizer is left as it was.
+    torch.manual_seed(0)
+    trained = torch.nn.Linear(6, 2)
+    opt = pub_native.Adam(trained.parameters(), lr=1e-2)
+    opt.backward([trained(torch.randn(4, 6)).pow(2).mean(), trained.weight.sum()])
+    opt.step()
+    fresh = torch.nn.LazyLinear(2)
+    other = pub_native.Adam(fresh.parameters(), lr=1e-2)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"lazy module's parameter .* run one forward"):
+        other.load_state_dict(opt.state_dict())
+    assert other.state_dict() == before

@@ -362,6 +362,11 @@ class Checkpoints:
             # missing one): a missing entry must not silently start again from its initial
             # value. (A missing 'step' is torch's load's KeyError.) Under AdaTask a shared
             # parameter's entry is per task, or the plain one that starts every task's copy.
+            if len(st) and torch.nn.parameter.is_lazy(p):
+                raise ValueError(
+                    f"the checkpoint holds state for {self._param_name(p)}, a lazy module's "
+                    "parameter that has no shape yet: run one forward, or load the model's state "
+                    "dict, before loading the optimizer's")
             if len(st):
                 for name in needed[id(p)]:
                     if name not in st and not (adatask and "task_" + name in st):

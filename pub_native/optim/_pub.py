@@ -263,7 +263,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
                     names = group.get("param_names")
                     if names:
                         return f"parameter {names[j]!r}"
-                    return f"param_groups[{gi}]['params'][{j}] (shape {tuple(p.shape)})"
+                    shape = "not yet known" if torch.nn.parameter.is_lazy(p) else \
+                        tuple(p.shape)
+                    return f"param_groups[{gi}]['params'][{j}] (shape {shape})"
         return f"tensor of shape {tuple(p.shape)}"
 
     def _read_device_result(self, raise_errors: bool = True) -> None:
