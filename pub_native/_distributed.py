@@ -332,7 +332,11 @@ def average_gradients(params: list[torch.Tensor], group, extra: list[float] | No
     own = grads is None
     if own:
         grads = [p.grad for p in params]
-    flags = torch.tensor(extra + [float(g is not None) for g in grads],
+    # Per gradient, how many processes hold one, and how many a dense one: the average is
+    # sparse where every gradient given was (nn.Embedding(sparse=True)), else dense, as
+    # AccumulateGrad's sum of a sparse and a dense gradient is.
+    flags = torch.tensor(extra + [float(g is not None) for g in grads]
+                         + [float(g is not None and not g.is_sparse) for g in grads],
                          dtype=torch.float64)
     device = params[0].device if params else torch.device("cpu")
     if dist.get_backend(group) == "nccl":
@@ -347,8 +351,10 @@ def average_gradients(params: list[torch.Tensor], group, extra: list[float] | No
         if flags[n_extra + j] > 0:
             by_dtype.setdefault(p.dtype, []).append(j)
     for slots in by_dtype.values():
-        flat = torch.cat([(grads[j] if grads[j] is not None else torch.zeros_like(params[j]))
-                          .reshape(-1) for j in slots]).div_(world)
+        # (A sparse gradient travels dense: another process's rows are not this one's.)
+        flat = torch.cat([(torch.zeros_like(params[j]) if grads[j] is None else
+                           grads[j].to_dense() if grads[j].is_sparse else grads[j]).reshape(-1)
+                          for j in slots]).div_(world)
         average_gradients.bytes_sent += ring * flat.numel() * flat.element_size()
         dist.all_reduce(flat, group=group)
         offset = 0
@@ -356,8 +362,10 @@ def average_gradients(params: list[torch.Tensor], group, extra: list[float] | No
             p = params[j]
             n = p.numel()
             values = flat[offset:offset + n].view_as(p)
-            if grads[j] is None:
-                grads[j] = values.clone(memory_format=torch.preserve_format)
+            dense = flags[n_extra + len(params) + j] > 0
+            if grads[j] is None or grads[j].is_sparse or not dense:
+                grads[j] = values.clone(memory_format=torch.preserve_format) if dense else \
+                    values.to_sparse(sparse_dim=min(1, p.dim()))
                 if own:
                     p.grad = grads[j]
             else:

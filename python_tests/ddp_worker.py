@@ -40,10 +40,28 @@ class Uneven(torch.nn.Module):
         return [h(z).squeeze(-1) for h in self.heads]
 
 
+class SparseHead(torch.nn.Module):
+    """Task 0's head holds rows of a sparse embedding that each example picks (its gradient is
+    sparse, and the processes' slices pick different rows)."""
+
+    def __init__(self, k=2):
+        super().__init__()
+        self.a = torch.nn.Linear(7, 5)
+        self.table = torch.nn.Embedding(10, 5, sparse=True)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(5, 1) for _ in range(k - 1))
+
+    def forward(self, x):
+        z = torch.tanh(self.a(x))
+        rows = (x[:, 0].abs() * 3).long() % 10
+        return [(z * self.table(rows)).sum(-1), *(h(z).squeeze(-1) for h in self.heads)]
+
+
 def build_model(kind: str, k: int) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "uneven":
         return Uneven(k)
+    if kind == "sparse-head":
+        return SparseHead(k)
     from helpers import MMoE
 
     return MMoE(k=k)
@@ -51,7 +69,7 @@ def build_model(kind: str, k: int) -> torch.nn.Module:
 
 def global_batch(kind: str, t: int, k: int):
     g = torch.Generator().manual_seed(100 + t)
-    if kind == "uneven":
+    if kind in ("uneven", "sparse-head"):
         x = torch.randn(BATCH, 7, generator=g)
     else:
         x = torch.randint(0, 10, (BATCH, 3), generator=g)
@@ -72,6 +90,8 @@ def make_optimizer(args, params, group="auto"):
         if args.every > 1:
             kw["update_weights_every"] = args.every
         bal = cls(params, process_group=group, **kw) if group != "auto" else cls(params, **kw)
+        if args.model == "sparse-head":  # (torch's Adam takes no sparse gradient)
+            return bal, torch.optim.SGD(params, lr=1e-2)
         return bal, torch.optim.Adam(params, lr=1e-2)
     cls = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad,
            "rmsprop": pub_native.RMSProp}[args.optimizer]

@@ -118,12 +118,15 @@ def test_checkpoint_resumes_on_another_world_size(tmp_path, args):
 @pytest.mark.parametrize("balancer,ddp", [("nashmtl", ""), ("mgda-ub", ""), ("imtl-g", ""),
                                          ("pcgrad", ""), ("cagrad", ""),
                                          ("nashmtl", "find_unused"), ("mgda-ub", "diverge"),
-                                         ("imtl-g", "every")])
+                                         ("imtl-g", "every"), ("nashmtl", "sparse-head")])
 def test_gradient_balancers_under_ddp(tmp_path, balancer, ddp):
     # diverge: the processes' own graphs detect different shared parameters (they agree);
-    # every: steps that reuse the weights (and one that routes task 1 into task 0's tower).
+    # every: steps that reuse the weights (and one that routes task 1 into task 0's tower);
+    # sparse-head: a head of sparse embedding rows, whose gradient travels dense in the
+    # average (reshape raised).
     args = ["--balancer", balancer] + (["--diverge", "1"] if ddp == "diverge" else
                                        ["--every", "2", "--route", "0.5"] if ddp == "every"
+                                       else ["--model", ddp] if ddp == "sparse-head"
                                        else ["--ddp", ddp])
     ranks = _run(tmp_path, 2, args)
     _assert_identical_and_exact(ranks, _single(tmp_path, args))
