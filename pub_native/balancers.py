@@ -327,8 +327,8 @@ class GradientBalancer:
             warnings.warn(
                 f"params[{j}] (shape {tuple(p.shape)}) was found to be reached by task(s) "
                 f"{first} alone when the balancer first saw it, but task {i} gives it a "
-                "gradient now: it gets that gradient too (weighted by task "
-                f"{i}'s weight where weight_task_specific=True), but is not balanced. Pass shared= "
+                "gradient now: it gets that gradient too (where weight_task_specific=True, "
+                f"weighted as task {i}'s own parameters are), but is not balanced. Pass shared= "
                 "(the parameters two or more tasks use) to balance it.",
                 stacklevel=4)
 
