@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import os
+import sys
 import warnings
 import weakref
 
@@ -125,17 +127,37 @@ def own_averaging_checks(ddp, params: list[torch.Tensor], owner: str) -> None:
             f"the DistributedDataParallel module has a communication hook ({hook}), which "
             f"{owner} does not run: it averages the gradients it takes itself, exactly, over "
             "the module's process group (DDP's hook applies only to the gradients DDP's own "
-            "backward reduces)", stacklevel=4)
+            "backward reduces)", stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of a warning issued here that names the first caller outside
+    pub_native (the user's line)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class DDPRef:
     """A weak reference to the DistributedDataParallel module that holds some parameters (the
-    model is not kept alive by it), looked for again once where that module is gone: a model
-    wrapped again (after unfreezing a parameter, as DDP asks) is then found, so that its
-    ``join()`` and ``no_sync()`` states are the ones read."""
+    model is not kept alive by it), for its ``join()`` and ``no_sync()`` states. A model wrapped
+    again (after unfreezing a parameter, as DDP asks) is found at the next call once the
+    earlier wrapper is gone (while it lives, its states are the ones read); a wrapper found so
+    passes ``checks`` (a callable taking it), as does one whose communication hooks changed."""
 
-    def __init__(self, ddp, params: list[torch.Tensor]):
+    def __init__(self, ddp, params: list[torch.Tensor], checks=None):
+        self._ids = {id(p) for p in params}
+        self._checks = checks
+        self._watch(ddp)
+
+    def _watch(self, ddp) -> None:
         self._ref = None if ddp is None else weakref.ref(ddp)
+        self._hooks = _hook_count(ddp)
+
+    def hold(self, params: list[torch.Tensor]) -> None:
+        """The parameters by which a wrapper made again is found."""
         self._ids = {id(p) for p in params}
 
     def __call__(self):
@@ -143,10 +165,26 @@ class DDPRef:
             return None
         ddp = self._ref()
         if ddp is None:
-            holders = ddp_holders(self._ids)
+            holders = ddp_holders(self._ids)  # (a walk of every object: once, not per call)
             ddp = holders[0][0] if len(holders) == 1 else None
-            self._ref = None if ddp is None else weakref.ref(ddp)
+            self._watch(ddp)
+            if ddp is not None and self._checks is not None:
+                self._checks(ddp)
         return ddp
+
+    def refresh(self):
+        """Once per backward call: the wrapper in use (see the class), or None."""
+        ddp = self()
+        if ddp is not None and _hook_count(ddp) != self._hooks:  # a hook registered since
+            self._hooks = _hook_count(ddp)
+            if self._checks is not None:
+                self._checks(ddp)
+        return ddp
+
+
+def _hook_count(ddp) -> int:
+    """How many Python communication hooks ``ddp`` (or None) has."""
+    return len(getattr(ddp, "_comm_hooks", None) or ()) if ddp is not None else 0
 
 
 def several_holders(n: int) -> str:

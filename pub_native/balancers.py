@@ -188,7 +188,7 @@ class GradientBalancer:
         # DDP does not see) are averaged here, so every process computes the same weights.
         group, ddp = data_parallel_group(self.params, self._process_group)
         if ddp is not None:
-            own_averaging_checks(ddp, self.params, type(self).__name__)
+            self._ddp_checks(ddp)
         self._dp_group = group
         self._keep_ddp(ddp)
         self._detect(raw_losses, losses)
@@ -206,14 +206,22 @@ class GradientBalancer:
     def _keep_ddp(self, ddp) -> None:
         """Keeps the DistributedDataParallel module (or None) that :meth:`_refuse_join` reads,
         weakly: the balancer does not keep the model alive."""
-        self._ddp = None if ddp is None else DDPRef(ddp, self.params)
+        self._ddp = None if ddp is None else DDPRef(ddp, self.params, self._ddp_checks)
+
+    def _ddp_checks(self, ddp) -> None:
+        """What a DDP module must pass where this balancer averages gradients itself (see
+        own_averaging_checks): the per-task ones, and FAMO's when it clips."""
+        if isinstance(self, (Uncertainty, MultiBalance)) or (
+                isinstance(self, FAMO) and not self.max_norm > 0):
+            return
+        own_averaging_checks(ddp, self.params, type(self).__name__)
 
     def _refuse_join(self) -> None:
         """Raises on every process inside DDP's ``join()`` context (uneven inputs), before any
         collective: a joined process stands in for DDP's all-reduce only, not for the
         balancer's own collectives (the per-task gradients, the loss values)."""
         if self._dp_group is not None and self._ddp is not None:
-            refuse_join(self._ddp())
+            refuse_join(self._ddp.refresh())
 
     def _new_buffer(self, k: int) -> TaskGradients:
         """The per-task gradient buffer laid out for the shared parameters as they are now,
@@ -393,8 +401,7 @@ class GradientBalancer:
                 if len(holders) == 1 and ids <= holders[0][1]:
                     ddp = holders[0][0]
                     group = ddp.process_group
-                    if isinstance(self, FAMO) and self.max_norm > 0:  # (averages itself)
-                        own_averaging_checks(ddp, self.params, "FAMO with max_norm > 0")
+                    self._ddp_checks(ddp)
             own = False
         else:
             group, ddp = data_parallel_group(self.params, self._process_group)

@@ -180,7 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="ddp",
                     help="ddp | single | no-wrapper | no-sync-misuse | explicit-group | "
                          "sharded-parameter | different-k | absent-first | all-absent-first | "
-                         "join | rewrap-join | comm-hook | ignored | two-ddp")
+                         "join | rewrap-join | comm-hook | late-hook | rewrap-hook | "
+                         "ignored | two-ddp")
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
                 opt.backward(losses)
             if args.mode in ("join", "rewrap-join"):  # DDP's context for uneven inputs
                 x, y = global_batch(args.model, 0, args.tasks)
-                if args.mode == "rewrap-join":  # one step, then the model wrapped again
+                if args.mode != "join":  # one step, then the model wrapped again
                     opt.zero_grad()
                     (bal or opt).backward(task_losses(wrapped(x), y))
                     opt.step()
@@ -259,7 +260,25 @@ def main(argv=None) -> int:
                 opt.zero_grad()
                 with wrapped.join():
                     (bal or opt).backward(task_losses(wrapped(x), y))
-            if args.mode == "no-sync-misuse":
+            if args.mode in ("late-hook", "rewrap-hook"):  # a hook after the first backward
+                import warnings
+
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                x, y = global_batch(args.model, 0, args.tasks)
+                args.warnings = []
+                for t in range(2):
+                    if t == 1:
+                        if args.mode == "rewrap-hook":  # on a new wrapper, the earlier gone
+                            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+                        wrapped.register_comm_hook(None, default_hooks.fp16_compress_hook)
+                    opt.zero_grad()
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        (bal or opt).backward(task_losses(wrapped(x), y))
+                    args.warnings += [f"{t}: {w.message}" for w in caught]
+                    opt.step()
+            elif args.mode == "no-sync-misuse":
                 x, y = global_batch(args.model, 0, args.tasks)
                 opt.zero_grad()
                 with wrapped.no_sync():

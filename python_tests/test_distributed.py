@@ -213,6 +213,21 @@ def test_a_ddp_communication_hook_is_not_run_and_says_so(tmp_path, args):
         assert any("communication hook (fp16_compress_hook)" in w for w in r["warnings"]), r
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["late-hook", "rewrap-hook"])
+@pytest.mark.parametrize("args", [["--shard", "1"], ["--balancer", "mgda-ub"]],
+                         ids=["pub", "mgda-ub"])
+def test_a_communication_hook_registered_later_is_reported_at_the_next_call(tmp_path, args,
+                                                                            mode):
+    # (rewrap-hook: on a wrapper made after the first call, the earlier one gone, which is
+    # found and checked as the first was.)
+    ranks = _run(tmp_path, 2, ["--mode", mode, *args])
+    for r in ranks:
+        assert "error" not in r, r["error"]
+        hooks = [w for w in r["warnings"] if "communication hook (fp16_compress_hook)" in w]
+        assert hooks and all(w.startswith("1: ") for w in hooks), r["warnings"]
+
+
 @pytest.mark.parametrize("mode,args,match", [
     # A parameter DDP leaves alone: its gradient was averaged all the same (two processes'
     # different towers mixed).

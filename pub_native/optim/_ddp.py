@@ -38,9 +38,9 @@ __all__ = ["DataParallel"]
 class DataParallel:
     """The collectives of one optimizer over its data-parallel process group."""
 
-    def __init__(self, group, ddp, shard: bool):
+    def __init__(self, group, ddp, shard: bool, checks=None):
         self.group = group
-        self._ddp = DDPRef(ddp, [])  # (see ddp)
+        self._ddp = DDPRef(ddp, [], checks)  # (see ddp)
         self.shard = shard
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -57,7 +57,11 @@ class DataParallel:
 
     def hold(self, params: list[torch.Tensor]) -> None:
         """The parameters by which a wrapper made again is found."""
-        self._ddp._ids = {id(p) for p in params}
+        self._ddp.hold(params)
+
+    def refresh(self):
+        """Once per backward call: the DDP module in use (see DDPRef.refresh)."""
+        return self._ddp.refresh()
 
     # ---- layout ------------------------------------------------------------------------------
 

@@ -438,7 +438,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         # process must reach in the same order whatever its batch holds.
         dp = self._data_parallel()
         if dp is not None:
-            refuse_join(dp.ddp)  # the same on every process: none has taken a collective
+            refuse_join(dp.refresh())  # the same on every process: none has taken a collective
         # A call that raises decides nothing and leaves the layout of the task gradients as it
         # was (a graph torch cannot differentiate, such as a reentrant checkpoint, would
         # otherwise leave its parameters decided from a walk that could not see them).
@@ -631,8 +631,11 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if not self._dp_resolved:
             params = self._all_params()
             group, ddp = data_parallel_group(params, self._process_group)
-            if ddp is not None:
+            def checks(ddp):
                 own_averaging_checks(ddp, params, "the PUB optimizer")
+
+            if ddp is not None:
+                checks(ddp)
             if group is not None:
                 if self.backend == "reference":
                     raise NotImplementedError(
@@ -641,7 +644,8 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 # Clippy scales each tensor by a minimum over all its elements, which a shard
                 # that splits the tensor does not see: Clippy takes the replicated scheme.
                 self._dp = DataParallel(group, ddp,
-                                        self.shard_state and self.options.umm != "clippy")
+                                        self.shard_state and self.options.umm != "clippy",
+                                        checks)
                 self._dp.hold(params)
             self._dp_resolved = True
         return self._dp
