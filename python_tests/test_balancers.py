@@ -2305,16 +2305,28 @@ def test_a_head_initialized_to_zero_gets_its_plain_gradient_and_trains(name, zer
         assert float(model.heads[i].weight.detach().abs().max()) > 1e-3
 
 
-class _InfGrad(torch.autograd.Function):
-    """The identity, whose gradient is Inf: an overflow in the backward pass of finite losses."""
+class _OddBackward(torch.autograd.Function):
+    """The identity, whose backward gives Inf (``"inf"``: an overflow in the backward pass of
+    finite losses) or raises (``"raise"``)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, kind):
+        ctx.kind = kind
         return x.clone()
 
     @staticmethod
     def backward(ctx, g):
-        return torch.full_like(g, float("inf"))
+        if ctx.kind == "raise":
+            raise RuntimeError("refused in backward")
+        return torch.full_like(g, float("inf")), None
+
+
+def _trunk_and_two_heads():
+    """(trunk, head 0, head 1, their parameters, a batch), float32, seeded."""
+    torch.manual_seed(0)
+    trunk, h0, h1 = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    return trunk, h0, h1, [*trunk.parameters(), *h0.parameters(), *h1.parameters()], \
+        torch.randn(8, 3)
 
 
 @pytest.mark.parametrize("name", ["nashmtl", "mgda-ub", "imtl-g"])
@@ -2322,15 +2334,12 @@ def test_an_overflow_in_a_routed_gradient_skips_the_step_under_a_scaler(name):
     # Task 1 reaches task 0's head after the first call, with an overflowing gradient: kept
     # apart from .grad until the weights were known, it escaped the scaler's check, and the
     # balancer counted a step (and moved its weights) that the scaler skips.
-    torch.manual_seed(0)
-    trunk, h0, h1 = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
-    params = [*trunk.parameters(), *h0.parameters(), *h1.parameters()]
-    x = torch.randn(8, 3)
+    trunk, h0, h1, params, x = _trunk_and_two_heads()
 
     def losses(route):
         z = torch.tanh(trunk(x))
         l0, l1 = h0(z).pow(2).mean(), h1(z).pow(2).mean() * 2
-        return [l0, l1 + 1e-3 * _InfGrad.apply(h0.weight).sum() if route else l1]
+        return [l0, l1 + 1e-3 * _OddBackward.apply(h0.weight, "inf").sum() if route else l1]
 
     bal = B.BALANCERS[name](params)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
@@ -2377,28 +2386,15 @@ def test_a_dense_gradient_added_to_a_sparse_one_sums_as_loss_backward_does(name,
                                before + w[0] * parts[0] + w[1] * parts[1], rtol=1e-12, atol=1e-14)
 
 
-class _Refuses(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        raise RuntimeError("refused in backward")
-
-
 @pytest.mark.parametrize("name", ["nashmtl", "imtl-g", "mgda-ub"])
 def test_a_reuse_step_that_raises_under_a_scaler_leaves_grad_as_it_was(name):
     # On a step that reuses the weights under a GradScaler, .grad was not set aside: a backward
     # pass that raised part-way left the shared parameters' gradients written.
-    torch.manual_seed(0)
-    trunk, h0, h1 = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
-    params = [*trunk.parameters(), *h0.parameters(), *h1.parameters()]
-    x = torch.randn(8, 3)
+    trunk, h0, h1, params, x = _trunk_and_two_heads()
 
     def losses(refuse):
         z = torch.tanh(trunk(x))
-        out1 = h1(_Refuses.apply(z) if refuse else z)
+        out1 = h1(_OddBackward.apply(z, "raise") if refuse else z)
         return [h0(z).pow(2).mean(), out1.pow(2).mean()]
 
     options = {"max_norm": 0.0} if name == "nashmtl" else {}
