@@ -16,7 +16,7 @@ from . import _native
 __all__ = ["DTYPES", "NothingReached", "REENTRANT_CHECKPOINT", "as_loss_list",
            "compiled_graph", "other_leaves", "reached_by_gradients", "reached_parameters",
            "reentrant_checkpoint", "run_post_accumulate_grad_hooks", "split_shared",
-           "split_shared_by_gradients", "sum_rows", "task_roots", "TaskGradients",
+           "split_shared_by_gradients", "sum_into", "sum_rows", "task_roots", "TaskGradients",
            "walk_graph"]
 
 
@@ -550,8 +550,8 @@ class TaskGradients:
                     staged[id(p)] = [p, g, kind]
                     continue
                 if entry[2] == "add":  # .grad + g_0, in a sum of our own
-                    entry[1], entry[2] = _sum_into(p.grad.clone(), entry[1], p), "replace"
-                entry[1] = _sum_into(entry[1], g, p)
+                    entry[1], entry[2] = sum_into(p.grad.clone(), entry[1], p), "replace"
+                entry[1] = sum_into(entry[1], g, p)
         if nothing_reached is not None and not received:
             raise NothingReached(nothing_reached)
         # Into .grad once every task's backward has run: one that raises (a freed graph, an
@@ -573,7 +573,7 @@ class TaskGradients:
         return received
 
 
-def _sum_into(total: torch.Tensor, g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def sum_into(total: torch.Tensor, g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """total + g, in total's memory (which the caller owns) where it can be: a sparse total
     and a dense g give a dense sum (as AccumulateGrad sums them), in p's layout."""
     if total.is_sparse and not g.is_sparse:

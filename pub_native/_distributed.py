@@ -156,10 +156,6 @@ class DDPRef:
         self._ref = None if ddp is None else weakref.ref(ddp)
         self._hooks = _hook_count(ddp)
 
-    def hold(self, params: list[torch.Tensor]) -> None:
-        """The parameters by which a wrapper made again is found."""
-        self._ids = {id(p) for p in params}
-
     def __call__(self):
         if self._ref is None:
             return None

@@ -47,6 +47,7 @@ from ._autograd import (
     reached_by_gradients,
     reached_parameters,
     reentrant_checkpoint,
+    sum_into,
     task_roots,
     walk_graph,
 )
@@ -210,11 +211,14 @@ class GradientBalancer:
 
     def _ddp_checks(self, ddp) -> None:
         """What a DDP module must pass where this balancer averages gradients itself (see
-        own_averaging_checks): the per-task ones, and FAMO's when it clips."""
-        if isinstance(self, (Uncertainty, MultiBalance)) or (
-                isinstance(self, FAMO) and not self.max_norm > 0):
-            return
-        own_averaging_checks(ddp, self.params, type(self).__name__)
+        own_averaging_checks)."""
+        if self._averages_own_gradients():
+            own_averaging_checks(ddp, self.params, type(self).__name__)
+
+    def _averages_own_gradients(self) -> bool:
+        """Whether the gradients of ``params`` are averaged by this balancer under DDP, not by
+        DDP's backward: the per-task ones (taken with autograd.grad)."""
+        return True
 
     def _refuse_join(self) -> None:
         """Raises on every process inside DDP's ``join()`` context (uneven inputs), before any
@@ -690,31 +694,26 @@ class GradientBalancer:
         # features) takes no part in the balancing, whatever weight the method gives it: its
         # own parameters get their plain gradient, so that such a head trains (weighted by
         # that weight, 0 for NashMTL and IMTL-G, it never would).
-        heads = w.clone()
+        factors = w.clone()
         if not overflow:
-            heads[torch.diagonal(G) == 0] = 1.0
+            factors[torch.diagonal(G) == 0] = 1.0
             self.steps += 1
             self.weights = w
-            self._head_weights = None if torch.equal(heads, w) else heads
+            self._head_weights = None if torch.equal(factors, w) else factors
         self.stats["updated"] = not overflow
         aside = self._set_aside_clipped()
         if self._grads.size:
             _accumulate(self.shared, torch.split(_combine(buf, w), self._grads.numels))
         self._clip_contribution(aside, scale)
         if self.weight_task_specific and not overflow:
-            for wi, spec in zip(heads.tolist(), self._single, strict=True):
+            for wi, spec in zip(factors.tolist(), self._single, strict=True):
                 for p in spec:
                     if p.grad is not None:
                         p.grad.mul_(wi)
         for i, p, g in self._grads.apart:  # (the plain sum where the step overflowed)
             if not overflow:
-                g.mul_(float(heads[i]))
-            if p.grad is None:
-                p.grad = g
-            elif p.grad.is_sparse and not g.is_sparse:  # (a sparse tensor takes no dense add_)
-                p.grad = g.add_(p.grad)
-            else:
-                p.grad.add_(g)
+                g.mul_(float(factors[i]))
+            p.grad = g if p.grad is None else sum_into(p.grad, g, p)
         _put_back(specific, stash)
 
     def _undecided(self) -> bool:
@@ -732,14 +731,15 @@ class GradientBalancer:
         def weighted_sum(v):
             return sum(float(vi) * loss for vi, loss in zip(v.tolist(), losses, strict=True))
 
-        single = [p for spec in self._single for p in spec] if self.weight_task_specific else []
         if self.weight_task_specific:
-            plain_inputs = self._multi
+            single, plain = [p for spec in self._single for p in spec], self._multi
         else:
-            plain_inputs = self._specific_all
-        passes = [[weighted_sum(w), self.shared + (single if heads is None else [])],
-                  [None if heads is None else weighted_sum(heads), [] if heads is None else single],
-                  [sum(losses), plain_inputs]]
+            single, plain = [], self._specific_all
+        if heads is None:
+            passes = [(weighted_sum(w), self.shared + single)]
+        else:
+            passes = [(weighted_sum(w), self.shared), (weighted_sum(heads), single)]
+        passes.append((sum(losses), plain))
         passes = [(loss, _active(inputs)) for loss, inputs in passes]
         passes = [(loss, inputs) for loss, inputs in passes if inputs]
         if self._dp_group is not None:
@@ -757,8 +757,8 @@ class GradientBalancer:
         torch.distributed.all_reduce(rows, group=self._dp_group)
         # The gradients kept apart (see _apart in _detect) travel in the same all-reduce, in
         # slots that every process lists alike, sent where one of them has a gradient.
-        slots = [(i, p) for i, ids in enumerate(self._apart) if self.weight_task_specific
-                 for p in self._specific_all if id(p) in ids]
+        slots = [] if not self.weight_task_specific else [
+            (i, p) for i, ids in enumerate(self._apart) for p in self._specific_all if id(p) in ids]
         held = {(i, id(p)): g for i, p, g in self._grads.apart}
         params = self._specific_all + [p for _, p in slots]
         grads = [p.grad for p in self._specific_all] + [held.get((i, id(p))) for i, p in slots]
@@ -1092,6 +1092,9 @@ class Uncertainty(GradientBalancer):
     FORMS = ("regression", "classification")
     _OPTIONS = ("form",)
 
+    def _averages_own_gradients(self) -> bool:
+        return False  # (DDP's backward averages them)
+
     def __init__(self, params, n_tasks: int, *, form: str = "regression",
                  process_group="auto"):
         super().__init__(params, process_group=process_group)
@@ -1223,6 +1226,9 @@ class FAMO(GradientBalancer):
     """
 
     _OPTIONS = ("gamma", "w_lr", "max_norm", "min_losses")
+
+    def _averages_own_gradients(self) -> bool:
+        return self.max_norm > 0  # (the clip needs this call's gradient averaged)
 
     def __init__(self, params, n_tasks: int, *, gamma: float = 0.01, w_lr: float = 0.025,
                  max_norm: float = 1.0, min_losses=None, shared=None, process_group="auto"):
@@ -1627,6 +1633,9 @@ class MultiBalance(GradientBalancer):
     NORMALIZATIONS = ("l2", "loss", "none")
     SOLVERS = ("min-norm", "nash", "mean")
     _OPTIONS = ("normalization", "solver", "ema")
+
+    def _averages_own_gradients(self) -> bool:
+        return False  # (DDP's backward averages the trunk's; the heads sit outside DDP)
 
     def __init__(self, params, *, normalization: str = "l2", solver: str = "min-norm",
                  ema: float = 0.9, process_group="auto"):
@@ -3056,12 +3065,7 @@ def _put_back(params: list[torch.Tensor], grads: list) -> None:
     for p, g in zip(params, grads, strict=True):
         if g is None:
             continue
-        if p.grad is None:
-            p.grad = g
-        elif g.is_sparse and not p.grad.is_sparse:  # (a sparse tensor takes no dense add_)
-            p.grad = p.grad.add_(g)
-        else:
-            p.grad = g.add_(p.grad)
+        p.grad = g if p.grad is None else sum_into(g, p.grad, p)
 
 
 def _restore(params: list[torch.Tensor], grads: list | None) -> None:

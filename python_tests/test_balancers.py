@@ -2305,20 +2305,16 @@ def test_a_head_initialized_to_zero_gets_its_plain_gradient_and_trains(name, zer
         assert float(model.heads[i].weight.detach().abs().max()) > 1e-3
 
 
-class _OddBackward(torch.autograd.Function):
-    """The identity, whose backward gives Inf (``"inf"``: an overflow in the backward pass of
-    finite losses) or raises (``"raise"``)."""
+class _Refuses(torch.autograd.Function):
+    """The identity, whose backward raises."""
 
     @staticmethod
-    def forward(ctx, x, kind):
-        ctx.kind = kind
+    def forward(ctx, x):
         return x.clone()
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.kind == "raise":
-            raise RuntimeError("refused in backward")
-        return torch.full_like(g, float("inf")), None
+        raise RuntimeError("refused in backward")
 
 
 def _trunk_and_two_heads():
@@ -2339,7 +2335,7 @@ def test_an_overflow_in_a_routed_gradient_skips_the_step_under_a_scaler(name):
     def losses(route):
         z = torch.tanh(trunk(x))
         l0, l1 = h0(z).pow(2).mean(), h1(z).pow(2).mean() * 2
-        return [l0, l1 + 1e-3 * _OddBackward.apply(h0.weight, "inf").sum() if route else l1]
+        return [l0, l1 + 1e-3 * _Overflow.apply(h0.weight, True).sum() if route else l1]
 
     bal = B.BALANCERS[name](params)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
@@ -2394,7 +2390,7 @@ def test_a_reuse_step_that_raises_under_a_scaler_leaves_grad_as_it_was(name):
 
     def losses(refuse):
         z = torch.tanh(trunk(x))
-        out1 = h1(_OddBackward.apply(z, "raise") if refuse else z)
+        out1 = h1(_Refuses.apply(z) if refuse else z)
         return [h0(z).pow(2).mean(), out1.pow(2).mean()]
 
     options = {"max_norm": 0.0} if name == "nashmtl" else {}

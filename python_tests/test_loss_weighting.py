@@ -236,14 +236,7 @@ def test_an_optimizer_stepped_in_backward_is_taken_by_the_one_pass_balancers(nam
     def run(balanced):
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-        opts = {p: torch.optim.SGD([p], lr=0.1) for p in m.parameters()}
-
-        def hook(p):
-            opts[p].step()
-            opts[p].zero_grad()
-
-        for p in m.parameters():
-            p.register_post_accumulate_grad_hook(hook)
+        _step_in_backward(m.parameters())
         kw = {"ls": {}, "uncertainty": {"n_tasks": 2}, "famo": {"n_tasks": 2, "max_norm": 0.0}}
         bal = B.BALANCERS[name](m.parameters(), **kw[name]) if balanced else None
         x = torch.randn(8, 4)
@@ -311,14 +304,7 @@ def test_famo_tells_a_new_step_from_a_micro_batch(loop):
     x = torch.randn(8, 4)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     if loop == "in backward":
-        opts = {p: torch.optim.SGD([p], lr=0.1) for p in m.parameters()}
-
-        def step_in_backward(p):
-            opts[p].step()
-            opts[p].zero_grad()
-
-        for p in m.parameters():
-            p.register_post_accumulate_grad_hook(step_in_backward)
+        _step_in_backward(m.parameters())
     bal = B.FAMO(m.parameters(), n_tasks=2, max_norm=0.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     steps = 4
@@ -409,3 +395,16 @@ def test_reprs():
     p = torch.zeros(1, requires_grad=True)
     assert repr(B.FAMO([p], n_tasks=2)) == "FAMO(n_tasks=2, gamma=0.01, w_lr=0.025, max_norm=1.0)"
     assert repr(B.Uncertainty([p], n_tasks=3)) == "Uncertainty(n_tasks=3, form='regression')"
+
+
+def _step_in_backward(params) -> None:
+    """torch's optimizer-in-backward pattern: each parameter stepped (SGD, lr 0.1) by a hook as
+    its gradient is accumulated, and its .grad set to None."""
+    opts = {p: torch.optim.SGD([p], lr=0.1) for p in params}
+
+    def step(p):
+        opts[p].step()
+        opts[p].zero_grad()
+
+    for p in opts:
+        p.register_post_accumulate_grad_hook(step)

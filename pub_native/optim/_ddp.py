@@ -38,9 +38,9 @@ __all__ = ["DataParallel"]
 class DataParallel:
     """The collectives of one optimizer over its data-parallel process group."""
 
-    def __init__(self, group, ddp, shard: bool, checks=None):
+    def __init__(self, group, ddp, shard: bool, params=(), checks=None):
         self.group = group
-        self._ddp = DDPRef(ddp, [], checks)  # (see ddp)
+        self._ddp = DDPRef(ddp, list(params), checks)  # (see ddp)
         self.shard = shard
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -54,10 +54,6 @@ class DataParallel:
         """The DistributedDataParallel module (or None), held weakly: a model wrapped again
         (the earlier wrapper gone) is found again."""
         return self._ddp()
-
-    def hold(self, params: list[torch.Tensor]) -> None:
-        """The parameters by which a wrapper made again is found."""
-        self._ddp.hold(params)
 
     def refresh(self):
         """Once per backward call: the DDP module in use (see DDPRef.refresh)."""

@@ -645,8 +645,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 # that splits the tensor does not see: Clippy takes the replicated scheme.
                 self._dp = DataParallel(group, ddp,
                                         self.shard_state and self.options.umm != "clippy",
-                                        checks)
-                self._dp.hold(params)
+                                        params, checks)
             self._dp_resolved = True
         return self._dp
 
