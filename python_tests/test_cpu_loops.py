@@ -103,6 +103,30 @@ def test_avx2_loops_equal_baseline_loops(case_runs):
             assert_close(x, y, tol, f"{case} param {j}")
 
 
+def _first_adam_gram(k: int, lr: float = 1e-3, dtype=F32):
+    """The Gram matrix a first Adam step solved with, on gradients from far below ε to far
+    above it (updates lr·g/(|g| + ε) of every magnitude), the float64 Gram of the exact updates
+    of the gradients as given, and Σ_j |u_ij·u_kj| (the scale of the error bound)."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(300001,), (3, 1001), (17,), (129,)]
+    shared = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes]
+    grads = [[(torch.randn(s, generator=gen, dtype=F64)
+               * torch.exp(4 * torch.randn(s, generator=gen, dtype=F64)) * 1e-8).to(dtype)
+              for s in shapes] for _ in range(k)]
+    opt = pub_native.Adam(shared, lr=lr, shared=shared)
+    opt.zero_grad()
+    opt.backward([sum((w * d).sum() for w, d in zip(shared, task)) for task in grads])
+    opt.step()
+    G = torch.from_numpy(opt._backend._stepper.G.copy())  # the Gram the step solved with
+    # Adam's first step from zero state, in float64: u = lr·(m/bc1)/(sqrt(v/bc2) + ε).
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    U = torch.stack([torch.cat([
+        (lr * ((1 - b1) * g.to(F64) / (1 - b1))
+         / (((1 - b2) * g.to(F64) ** 2 / (1 - b2)).sqrt() + eps)).reshape(-1) for g in task])
+        for task in grads])
+    return G, U @ U.T, U.abs() @ U.abs().T
+
+
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 8])
 def test_float32_gram_sums_stay_within_their_error_bound(k):
     # The Gram pass sums float32 products of float32 task updates over blocks of 16 per lane
@@ -110,25 +134,22 @@ def test_float32_gram_sums_stay_within_their_error_bound(k):
     # |G − G₆₄| ≤ c·2⁻²⁴·Σ_j |u_ij·u_kj|, with G₆₄ the float64 Gram of the exact updates. c = 8
     # leaves room for the updates' own rounding and the 16-term float32 sums (0.4 is typical);
     # float32 sums over a whole work item (65536 elements) reach c ≈ 50 here.
-    gen = torch.Generator().manual_seed(5)
-    shapes = [(300001,), (3, 1001), (17,), (129,)]
-    shared = [torch.zeros(s, requires_grad=True) for s in shapes]
-    # Gradients from far below ε to far above it: updates lr·g/(|g| + ε) of every magnitude.
-    grads = [[(torch.randn(s, generator=gen, dtype=F64)
-               * torch.exp(4 * torch.randn(s, generator=gen, dtype=F64)) * 1e-8).to(F32)
-              for s in shapes] for _ in range(k)]
-    opt = pub_native.Adam(shared, lr=1e-3, shared=shared)
-    opt.zero_grad()
-    opt.backward([sum((w * d).sum() for w, d in zip(shared, task)) for task in grads])
-    opt.step()
-    G = torch.from_numpy(opt._backend._stepper.G.copy())  # the Gram the step solved with
-    # Adam's first step from zero state, in float64: u = lr·(m/bc1)/(sqrt(v/bc2) + ε).
-    b1, b2, lr, eps = 0.9, 0.999, 1e-3, 1e-8
-    U = torch.stack([torch.cat([
-        (lr * ((1 - b1) * g.to(F64) / (1 - b1))
-         / (((1 - b2) * g.to(F64) ** 2 / (1 - b2)).sqrt() + eps)).reshape(-1) for g in task])
-        for task in grads])
-    exact, scale = U @ U.T, U.abs() @ U.abs().T
+    G, exact, scale = _first_adam_gram(k)
+    err = (G - exact).abs() / scale
+    assert err.max().item() <= 8 * 2.0 ** -24, err
+
+
+@pytest.mark.parametrize("k, lr, dtype", [
+    (2, 1e-25, F32), (2, 1e25, F32), (3, 1e-30, F32), (4, 1e-25, BF16), (5, 1e-30, F32),
+    (5, 1e25, BF16), (8, 1e-25, F32), (8, 1e25, F32), (9, 1e-30, F32)])
+def test_gram_keeps_its_error_bound_for_updates_of_any_magnitude(k, lr, dtype):
+    # Updates so small that their float32 products fall into the subnormals or to zero (a
+    # tiny lr), or so large that they overflow: the blocks whose float32 sums of squares leave
+    # the normal range take float64 products, so the bound above holds at any scale where the
+    # updates themselves are normal float32 numbers (the weights do not depend on the updates'
+    # scale), in the single sweeps (K = 2, 3, 8) and the tiled loops (K = 5, 9; bfloat16
+    # everywhere).
+    G, exact, scale = _first_adam_gram(k, lr, dtype)
     err = (G - exact).abs() / scale
     assert err.max().item() <= 8 * 2.0 ** -24, err
 

@@ -192,6 +192,38 @@ PN_CPU_INLINE void add_tile_products(Lanes16* const* acc, const float* a, const 
       acc[c]->add0(static_cast<double>(a[r]) * static_cast<double>(b[c][r]));
 }
 
+// Σ_j a_j·b_j over a tile in float64 products, kLanes lanes (lane l takes j ≡ l mod kLanes).
+template <class T>
+PN_CPU_INLINE void add_wide_products(Lanes16& acc, const T* a, const T* b, int64_t n) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    if constexpr (std::is_same_v<T, double>) {
+      acc.fma(a + j, b + j);
+    } else {
+      double x[kLanes], y[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        x[l] = static_cast<double>(a[j + l]);
+        y[l] = static_cast<double>(b[j + l]);
+      }
+      acc.fma(x, y);
+    }
+  }
+  for (; j < n; ++j) acc.add0(static_cast<double>(a[j]) * static_cast<double>(b[j]));
+}
+
+// Whether a tile's float32 sums of squares a_j² (kLanes lanes, as add_tile_products sums them)
+// leave the range in which float32 products serve (see square_sum_bad), as an int.
+PN_CPU_INLINE int tile_tiny(const float* a, int64_t n) {
+  float s[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] += a[j + l] * a[j + l];
+  int bad = 0;
+  if (j > 0)
+    for (int l = 0; l < kLanes; ++l) bad |= square_sum_bad(s[l]);
+  return bad;
+}
+
 struct Item {
   int64_t tensor, begin, end;
 };
@@ -386,8 +418,11 @@ struct GramKernel {
     T ub[kTiledProducts ? kGramBlock : 1][kK][W];
     // The task updates of element j; their products and squared gradients go to lane l of the
     // float32 block sums `pa` and `qa`.
-    auto element = [&](int64_t j, int l, T (&pa)[kPairs][W], T (&qa)[kK][W], T (&ut)[kK][W])
-                       PN_CPU_LAMBDA_INLINE {
+    // kProductsOnly: the products alone, into float64 sums `pa` (a block done again, below).
+    auto element = [&](int64_t j, int l, auto& pa, T (&qa)[kK][W], T (&ut)[kK][W],
+                       auto kProductsOnly) PN_CPU_LAMBDA_INLINE {
+      constexpr bool kAgain = decltype(kProductsOnly)::value;
+      using A = std::remove_reference_t<decltype(pa[0][0])>;
       T theta = T(0);
       if constexpr (kTheta) theta = to_math<T>(param[j]);
       T u[kK];
@@ -399,21 +434,23 @@ struct GramKernel {
         T gi = m[i] * raw;
         if constexpr (kTheta) gi = pn_add_l2(gi, wd, theta);
         u[i] = rule(gi, s, next);
-        qa[i][l] += raw * raw;
-        if constexpr (kClippy) {
-          // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores, as the
-          // ratio is defined over u ≠ 0 only.
-          const T r = pn_clippy_bound(lrel, labs, std::abs(theta)) / std::abs(u[i]);
-          lo[i][l] = r < lo[i][l] ? r : lo[i][l];
+        if constexpr (!kAgain) {
+          qa[i][l] += raw * raw;
+          if constexpr (kClippy) {
+            // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores, as the
+            // ratio is defined over u ≠ 0 only.
+            const T r = pn_clippy_bound(lrel, labs, std::abs(theta)) / std::abs(u[i]);
+            lo[i][l] = r < lo[i][l] ? r : lo[i][l];
+          }
         }
       });
-      if constexpr (kTiledProducts) {
+      if constexpr (kTiledProducts && !kAgain) {
         unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE { ut[decltype(I)::value][l] = u[I]; });
       } else {
         unroll<kPairs>([&](auto P) PN_CPU_LAMBDA_INLINE {
           constexpr int p = decltype(P)::value;
           constexpr int i = pair_row(p), k = p - i * (i + 1) / 2;
-          pa[p][l] += u[i] * u[k];
+          pa[p][l] += static_cast<A>(u[i]) * static_cast<A>(u[k]);
         });
       }
     };
@@ -427,11 +464,37 @@ struct GramKernel {
       for (int64_t j0 = b0; j0 < b0 + kFixedBlock; j0 += W) {
         T (&ut)[kK][W] = ub[kTiledProducts ? (j0 - b0) / W : 0];
 #pragma omp simd
-        for (int l = 0; l < W; ++l) element(j0 + l, l, pa, qa, ut);
+        for (int l = 0; l < W; ++l) element(j0 + l, l, pa, qa, ut, std::false_type{});
       }
       if constexpr (kTiledProducts) products_tiled(ub, pa);
-      for (int p = 0; p < kPairs; ++p)
-        for (int l = 0; l < W; ++l) acc[p][l] += static_cast<double>(pa[p][l]);
+      // The float32 products serve where every task's sums of squares u_i² per lane lie in
+      // the normal range well above the subnormals, as for the squared gradients below: then
+      // a product that fell into the subnormals is too small to matter to its entry. Otherwise
+      // (updates below ~1e-19, as with a tiny lr or gradients far below ε, or above ~1e19)
+      // the block's products again in float64, from L1, so that the weights do not depend on
+      // the updates' common scale.
+      int tiny = 0;
+      for (int i = 0; i < kK; ++i)
+        for (int l = 0; l < W; ++l) tiny |= square_sum_bad(pa[i * (i + 1) / 2 + i][l]);
+      if (!tiny) {
+        for (int p = 0; p < kPairs; ++p)
+          for (int l = 0; l < W; ++l) acc[p][l] += static_cast<double>(pa[p][l]);
+      } else if constexpr (kTiledProducts) {
+        for (int t = 0; t < kGramBlock; ++t) {
+          int p = 0;
+          for (int i = 0; i < kK; ++i)
+            for (int k = 0; k <= i; ++k, ++p)
+              for (int l = 0; l < W; ++l)
+                acc[p][l] += static_cast<double>(ub[t][i][l]) * static_cast<double>(ub[t][k][l]);
+        }
+      } else {
+        double pd[kPairs][W] = {};
+#pragma GCC unroll 1
+        for (int64_t j0 = b0; j0 < b0 + kFixedBlock; j0 += W)
+          for (int l = 0; l < W; ++l) element(j0 + l, l, pd, qa, ub[0], std::true_type{});
+        for (int p = 0; p < kPairs; ++p)
+          for (int l = 0; l < W; ++l) acc[p][l] += pd[p][l];
+      }
       // ‖g_i‖²: float32 squares serve when every lane's sum is a normal number well above the
       // subnormal range; otherwise (a square overflowed from |g| ~ 1e19, squares too small to
       // keep their precision, zeros, NaN) the block's squares again in float64, from L1. The
@@ -476,8 +539,8 @@ struct GramKernel {
   // whole item and are added up once at its end.
   PN_CPU_INLINE static void item_tiled(const Rule& rule, const TensorView<T>& tv,
                                        const Item& item, int64_t K, const T* mult, T wd, T lrel,
-                                       T labs, T* u, T* theta, Lanes16* lanes, double* Gp,
-                                       double* Sq, T* mr) {
+                                       T labs, T* u, T* theta, int* tiny, Lanes16* lanes,
+                                       double* Gp, double* Sq, T* mr) {
     Lanes16* sq_lanes = lanes + K * K;
     for (int64_t e = 0; e < K * K + K; ++e) lanes[e] = Lanes16{};
     const Tp* param = static_cast<const Tp*>(tv.param);
@@ -546,13 +609,20 @@ struct GramKernel {
         }
         sq_lanes[i] = acc;
       }
+      // Float32 products serve for the tasks whose sums of squares u_i² per lane lie in the
+      // normal range well above the subnormals (as in item_fixed); a pair with another task
+      // takes float64 products.
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t i = 0; i < K; ++i) tiny[i] = tile_tiny(u + i * kTile, n);
+      }
       for (int64_t i = 0; i < K; ++i) {
         const T* ui = u + i * kTile;
         int64_t k = 0;
         // Four columns at a time for float32 parameters (for 16-bit ones it would lengthen the
         // build more than it gains).
         if constexpr (kFixedType) {
-          for (; k + 4 <= i + 1; k += 4) {
+          for (; k + 4 <= i + 1 && !(tiny[i] | tiny[k] | tiny[k + 1] | tiny[k + 2] | tiny[k + 3]);
+               k += 4) {
             Lanes16* acc[4];
             const float* uk[4];
             for (int c = 0; c < 4; ++c) {
@@ -565,14 +635,15 @@ struct GramKernel {
         for (; k <= i; ++k) {
           const T* uk = u + k * kTile;
           Lanes16 acc = lanes[i * K + k];
+          bool narrow = false;
           if constexpr (std::is_same_v<T, float>) {
-            Lanes16* accs[1] = {&acc};
-            add_tile_products<1>(accs, ui, &uk, n);
-          } else {
-            int64_t j = 0;
-            for (; j + kLanes <= n; j += kLanes) acc.fma(ui + j, uk + j);
-            for (; j < n; ++j) acc.add0(ui[j] * uk[j]);
+            narrow = !(tiny[i] | tiny[k]);
+            if (narrow) {
+              Lanes16* accs[1] = {&acc};
+              add_tile_products<1>(accs, ui, &uk, n);
+            }
           }
+          if (!narrow) add_wide_products(acc, ui, uk, n);
           lanes[i * K + k] = acc;
         }
       }
@@ -589,9 +660,9 @@ struct GramKernel {
   PN_CPU_V3 __attribute__((noinline))
 #endif
   static void tiled_v3(const Rule& rule, const TensorView<T>& tv, const Item& item, int64_t K,
-                       const T* mult, T wd, T lrel, T labs, T* u, T* theta, Lanes16* lanes,
-                       double* Gp, double* Sq, T* mr) {
-    item_tiled(rule, tv, item, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
+                       const T* mult, T wd, T lrel, T labs, T* u, T* theta, int* tiny,
+                       Lanes16* lanes, double* Gp, double* Sq, T* mr) {
+    item_tiled(rule, tv, item, K, mult, wd, lrel, labs, u, theta, tiny, lanes, Gp, Sq, mr);
   }
 
   // The work of one call: items, per-item partial sums and per-thread scratch.
@@ -608,6 +679,7 @@ struct GramKernel {
     std::vector<T> scratch;
     std::vector<T> theta_scratch, mult_scratch;
     std::vector<Lanes16> lanes_scratch;
+    std::vector<int> tiny_scratch;  // per thread: K flags (item_tiled)
 
     explicit Work(const SegmentArgs& args)
         : a(args),
@@ -622,7 +694,8 @@ struct GramKernel {
           scratch(static_cast<size_t>(nthreads) * K * kTile),
           theta_scratch(static_cast<size_t>(nthreads) * kTile),
           mult_scratch(static_cast<size_t>(nthreads) * K),
-          lanes_scratch(static_cast<size_t>(nthreads * (K * K + K))) {}
+          lanes_scratch(static_cast<size_t>(nthreads * (K * K + K))),
+          tiny_scratch(static_cast<size_t>(nthreads) * K) {}
 
     // kFast: with the single-sweep loops (float32 parameters, K = 2-4 and 8).
     template <bool kFast>
@@ -644,11 +717,13 @@ struct GramKernel {
       T* u = scratch.data() + static_cast<size_t>(tid) * K * kTile;
       T* theta = theta_scratch.data() + static_cast<size_t>(tid) * kTile;
       Lanes16* lanes = lanes_scratch.data() + static_cast<size_t>(tid * (K * K + K));
+      int* tiny = tiny_scratch.data() + static_cast<size_t>(tid) * K;
       auto tiled = [&](const Item& part) PN_CPU_LAMBDA_INLINE {
         if constexpr (kFast)
-          tiled_v3(rule, tv, part, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
+          tiled_v3(rule, tv, part, K, mult, wd, lrel, labs, u, theta, tiny, lanes, Gp, Sq, mr);
         else
-          item_tiled(rule, tv, part, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
+          item_tiled(rule, tv, part, K, mult, wd, lrel, labs, u, theta, tiny, lanes, Gp, Sq,
+                     mr);
       };
       // Whole blocks of 2-4 or 8 tasks (the task counts whose apply pass has a single sweep
       // too) in a single sweep, the rest of the item (fewer than kFixedBlock elements) in the
