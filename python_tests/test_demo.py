@@ -245,6 +245,50 @@ def test_cli_on_a_csv_file(tmp_path, capsys):
     assert "needs at least two tasks" in capsys.readouterr().err
 
 
+def _small_csv(path, n=300):
+    rng = np.random.default_rng(0)
+    plans = rng.choice(["pro", "free", "team"], size=n)
+    path.write_text("x,clicked,plan\n" + "".join(
+        f"{rng.normal():.3f},{int(rng.random() < 0.5)},{plan}\n" for plan in plans))
+    return str(path)
+
+
+def test_the_smoke_test_banner_counts_the_training_rows_used(tmp_path):
+    # On a CSV smaller than the --quick preset's 8,192 training rows the banner claimed 8,192
+    # while the data line below it said "train 210": it counts the rows the run uses.
+    from pub_native.demo import run
+
+    path = _small_csv(tmp_path / "small.csv")
+    cfg = run.config_from_args(["--quick", "--csv", path, "--task", "clicked", "--task",
+                                "plan=pro", "--out", ""])
+    data, name = run._load(cfg, None)
+    plan = run.describe_plan(cfg, data, name, None)
+    assert len(data.train) == 210 and cfg.train_rows == 8192
+    assert "SMOKE TEST (--quick): 2 seed(s), 2 epoch(s) on 210 training rows" in plan
+    assert "8,192" not in plan
+    results = _fake_results([0.01, -0.01], quick=True)
+    results["data"]["train"] = 2100
+    results["config"]["train_rows"] = 8192
+    table = demo.format_table(results)
+    assert table.count("on 2,100 training rows") == 2 and "8,192" not in table
+
+
+def test_cli_names_the_positive_class_of_a_task_in_the_terms_of_task(tmp_path, capsys):
+    # A non-binary task column told command-line users "e.g. tasks={'plan': value}", the Python
+    # API's spelling; the command line says --task plan=VALUE, load_csv keeps its own words.
+    from pub_native.__main__ import main
+    from pub_native.demo.data import load_csv
+
+    path = _small_csv(tmp_path / "small.csv")
+    assert main(["demo", "--csv", path, "--task", "clicked", "--task", "plan", "--out", "",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "task column 'plan' is not binary (values " in err
+    assert "e.g. --task plan=VALUE" in err and "tasks={" not in err and "Traceback" not in err
+    with pytest.raises(ValueError, match=r"e\.g\. tasks=\{'plan': value\}"):
+        load_csv(path, tasks=["clicked", "plan"])
+
+
 def test_cli_refuses_what_would_mislead_before_training(capsys, tmp_path):
     from pub_native.__main__ import main
 

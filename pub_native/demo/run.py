@@ -29,7 +29,7 @@ import torch
 
 from .. import __version__
 from .._platform import cpu_name
-from .data import MultiTaskData, Split, load_adult, load_csv
+from .data import MultiTaskData, NotBinaryTask, Split, load_adult, load_csv
 from .methods import FAMILIES, METHODS, Method, MethodOptions, check_methods
 from .models import MODELS, build_model
 from .stats import mean_std, paired_difference
@@ -132,11 +132,12 @@ class DemoConfig:
 
 QUICK = dict(models=("mmoe",), seeds=2, epochs=2, batch_size=512, train_rows=8192,
              eval_rows=4096, quick=True)
-def quick_note(cfg) -> str:
+def quick_note(cfg, train_rows: int | None = None) -> str:
     """The smoke test's warning, with the seeds, epochs and rows it ran (options given with
-    --quick override its own)."""
+    --quick override its own). ``train_rows``: the training rows the run used (fewer than the
+    preset's cap where the data has fewer); without it, the cap."""
     get = cfg.get if isinstance(cfg, dict) else lambda name: getattr(cfg, name)
-    rows = get("train_rows")
+    rows = get("train_rows") if train_rows is None else train_rows
     return (f"SMOKE TEST (--quick): {get('seeds')} seed(s), {get('epochs')} epoch(s) on "
             f"{'all' if rows is None else f'{rows:,}'} training rows. It checks that everything "
             "runs; its numbers are noise and must not be used to compare methods.")
@@ -329,7 +330,12 @@ def _load(cfg: DemoConfig, data: MultiTaskData | None) -> tuple[MultiTaskData, s
     if data is not None:
         name = "given data"
     elif cfg.csv is not None:
-        data = load_csv(cfg.csv, tasks=cfg.task_specs(), drop=cfg.drop)
+        try:
+            data = load_csv(cfg.csv, tasks=cfg.task_specs(), drop=cfg.drop)
+        except NotBinaryTask as exc:  # the advice in the terms of --task (cfg.tasks)
+            raise ValueError(f"task column {exc.column!r} is not binary (values {exc.values}, "
+                             f"...); give its positive class, e.g. --task "
+                             f"{exc.column}=VALUE") from None
         name = Path(cfg.csv).name
     else:
         data = load_adult()
@@ -404,7 +410,7 @@ def describe_plan(cfg: DemoConfig, data: MultiTaskData, data_name: str,
     labels = [METHODS[m] for m in cfg.methods]
     lines = []
     if cfg.quick:
-        lines += [quick_note(cfg), ""]
+        lines += [quick_note(cfg, len(data.train)), ""]
     lines += [
         f"pub_native {__version__} demo — {len(cfg.methods)} multi-task methods compared on "
         f"{data_name}",
@@ -614,8 +620,9 @@ def format_table(results: dict) -> str:
     cfg = results["config"]
     heads = [f"{t} AUC" for t in tasks] + ["avg AUC"]
     lines = []
+    used = results["data"].get("train")  # (the training rows the run used)
     if cfg.get("quick"):
-        lines += [quick_note(cfg), ""]
+        lines += [quick_note(cfg, used), ""]
     header = (f"{'model':<5} {'method':<12} " + " ".join(f"{h:>17}" for h in heads)
               + f" {'ms/step':>8} {'vs LS':>6} {'solve ms':>9}")
     lines += [header, "-" * len(header)]
@@ -646,7 +653,7 @@ def format_table(results: dict) -> str:
                          + " ".join(f"{c:>27}" for c in cells))
         lines.append("difference from LS on the same seed (same initial model and batches): "
                      "mean [95% t-interval over seeds]; * = the interval excludes 0")
-        lines += [quick_note(cfg)] if cfg.get("quick") else _verdict(diffs, tasks)
+        lines += [quick_note(cfg, used)] if cfg.get("quick") else _verdict(diffs, tasks)
     for key, err in results.get("errors", {}).items():
         lines.append(f"FAILED {key}: {err}")
     return "\n".join(lines)

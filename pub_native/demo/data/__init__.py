@@ -47,6 +47,17 @@ SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 _MISSING = ("", "nan", "NaN", "NA", "N/A", "null", "None")
 
 
+class NotBinaryTask(ValueError):
+    """A task column that is not binary, given without its positive class. ``column``: its
+    name; ``values``: the first of its values, as the message shows them (the command line
+    rewords the advice for its ``--task column=VALUE``)."""
+
+    def __init__(self, message: str, column: str | None = None, values: str = ""):
+        super().__init__(message)
+        self.column = column
+        self.values = values
+
+
 class Batch(NamedTuple):
     """A batch of rows: the model input and the K binary labels."""
 
@@ -452,8 +463,8 @@ def _task_labels(name: str, values: np.ndarray, spec: Callable | Any) -> np.ndar
             y = values == 1
         else:
             shown = ", ".join(repr(v) for v in list(dict.fromkeys(values.tolist()))[:5])
-            raise ValueError(f"task column {name!r} is not binary (values {shown}, ...); give its "
-                             f"positive class, e.g. tasks={{{name!r}: value}}")
+            raise NotBinaryTask(f"task column {name!r} is not binary (values {shown}, ...); give "
+                                f"its positive class, e.g. tasks={{{name!r}: value}}", name, shown)
     elif callable(spec):
         y = np.fromiter((bool(spec(v)) for v in values.tolist()), dtype=bool, count=len(values))
     elif values.dtype.kind in "OSU":
