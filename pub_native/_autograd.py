@@ -6,6 +6,7 @@ A parameter is *shared* when the autograd graphs of two or more task losses reac
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ from . import _native
 
 __all__ = ["DTYPES", "NothingReached", "REENTRANT_CHECKPOINT", "as_loss_list",
            "compiled_graph", "other_leaves", "reached_by_gradients", "reached_parameters",
-           "reentrant_checkpoint", "run_post_accumulate_grad_hooks", "split_shared",
+           "reentrant_checkpoint", "run_post_accumulate_grad_hooks", "split_shared", "task_reach",
            "split_shared_by_gradients", "sum_into", "sum_rows", "task_roots", "TaskGradients",
            "walk_graph"]
 
@@ -88,10 +89,12 @@ def task_roots(losses, items: list[torch.Tensor]) -> list:
     return [fn if fn is not None else losses] * len(items)
 
 
-def walk_graph(starts, leaf_tensors: dict | None = None) -> tuple[set, set[int]]:
+def walk_graph(starts, leaf_tensors: dict | None = None,
+               routes: dict | None = None) -> tuple[set, set[int]]:
     """The autograd nodes reachable from ``starts`` (nodes, None allowed) and the ids of the
     leaf tensors their AccumulateGrad nodes hold (the walk stops at those); ``leaf_tensors``,
-    when given, receives those tensors by id.
+    when given, receives those tensors by id. ``routes``: for some nodes, which of their
+    inputs to follow (see :func:`task_reach`); every input of the others.
 
     DistributedDataParallel with ``find_unused_parameters`` or ``static_graph`` passes every
     output of the model through one node (``_DDPSinkBackward``, output j's gradient going to
@@ -123,7 +126,9 @@ def walk_graph(starts, leaf_tensors: dict | None = None) -> tuple[set, set[int]]
             if leaf_tensors is not None:
                 leaf_tensors[id(var)] = var
             continue
-        stack.extend((fn, nr) for fn, nr in edges if fn is not None)
+        follow = routes.get(node) if routes else None
+        stack.extend((fn, nr) for j, (fn, nr) in enumerate(edges)
+                     if fn is not None and (follow is None or follow[j]))
     return nodes, leaves
 
 
@@ -158,10 +163,91 @@ def reached_parameters(root) -> set[int]:
     return walk_graph([root])[1]
 
 
-def split_shared(roots: list, params: list[torch.Tensor]) -> list[bool]:
+# Nodes that join tensors which a task may use apart again (one column of the heads'
+# concatenated outputs): a walk through them reaches every input, whichever part a task reads.
+_JOINS = ("CatBackward", "StackBackward")
+
+
+def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
+    """For each task: ids of the leaf tensors its graph reaches. ``roots``: one loss tensor or
+    autograd node per task (see :func:`task_roots`); ``losses``: the K scalar losses.
+
+    A walk of the autograd structure, except at ``torch.cat`` and ``torch.stack`` nodes that
+    two or more tasks reach (the heads' outputs concatenated into one tensor whose columns are
+    the tasks' predictions): there a task follows only the inputs its loss sends a non-zero
+    gradient to, measured by one backward pass per task that stops at those inputs (on the
+    first batch only). Where it sends zero to all of them (no labels in this batch), it follows
+    them all, so a zero-initialized head never hides the trunk below it."""
+    walks = [walk_graph([root.grad_fn if isinstance(root, torch.Tensor) else root])[0]
+             for root in roots]
+    counts: dict = {}
+    for nodes in walks:
+        for node in nodes:
+            counts[node] = counts.get(node, 0) + 1
+    joins = [node for node, c in counts.items()
+             if c >= 2 and node.name().startswith(_JOINS)
+             and sum(fn is not None for fn, _ in node.next_functions) >= 2]
+    routes = _join_routes(joins, losses, counts) if joins else None
+    return [reached_parameters(root) if routes is None
+            else _reached_routed(root, routes[i]) for i, root in enumerate(roots)]
+
+
+def _reached_routed(root, routes: dict) -> set[int]:
+    if isinstance(root, torch.Tensor):
+        if root.grad_fn is None:
+            return {id(root)} if root.requires_grad else set()
+        root = root.grad_fn
+    return walk_graph([root], routes=routes)[1]
+
+
+def _join_routes(joins: list, losses: list[torch.Tensor], nodes) -> list[dict] | None:
+    """For each task, which inputs of each node of ``joins`` it follows: those its loss sends a
+    non-zero gradient to, and those no task sends one to (a zero-initialized block of the layer
+    that reads the join: no sign of whose they are); every input where it sends zero to all.
+    None where this cannot be measured without side effects: a DistributedDataParallel built
+    with ``static_graph`` (its output node starts the gradient averaging at the first backward
+    pass), or a backward pass that raises (the task's own backward raises the same error
+    later)."""
+    from torch.autograd.graph import GradientEdge
+    for node in nodes:
+        if node.name() == "_DDPSinkBackward":
+            ref = getattr(node, "ddp_weakref", None)
+            ddp = ref() if callable(ref) else None
+            if ddp is None or getattr(ddp, "static_graph", True):
+                return None
+    edges = list(dict.fromkeys((fn, nr) for node in joins for fn, nr in node.next_functions
+                               if fn is not None))
+    inputs = [GradientEdge(fn, nr) for fn, nr in edges]
+
+    def record(seen: dict, node):
+        def hook(grad_inputs, grad_outputs):
+            seen[node] = [g is not None and bool(g.count_nonzero()) for g in grad_inputs]
+        return hook
+
+    sent: list[dict] = []  # per task: node -> which inputs its loss sends a non-zero gradient to
+    for loss in losses:
+        seen: dict = {}
+        handles = [node.register_hook(record(seen, node)) for node in joins]
+        try:
+            torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        except RuntimeError:
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+        sent.append(seen)
+    anyone = {node: [any(s[node][j] for s in sent if node in s)
+                     for j in range(len(node.next_functions))] for node in joins}
+    return [{node: [mine or not anyone[node][j] for j, mine in enumerate(flags)]
+             for node, flags in seen.items() if any(flags)} for seen in sent]
+
+
+def split_shared(roots: list, losses: list[torch.Tensor], params: list[torch.Tensor]
+                 ) -> list[bool]:
     """For each parameter: is it reached by two or more tasks? ``roots``: one loss tensor or
-    autograd node per task (see :func:`task_roots`)."""
-    reach = [reached_parameters(root) for root in roots]
+    autograd node per task (see :func:`task_roots`); ``losses``: the K losses (see
+    :func:`task_reach`)."""
+    reach = task_reach(roots, losses)
     return [sum(id(p) in r for r in reach) >= 2 for p in params]
 
 
@@ -375,8 +461,11 @@ class TaskGradients:
             self.row_length = padded_row_length(self.size, self.dtype)
         else:
             self.row_length = self.size
-        self.buffer = torch.zeros((k + int(with_sum), self.row_length), dtype=self.dtype,
-                                  device=self.device)
+        # Never an inference tensor (a first backward under torch.inference_mode()): the buffer
+        # outlives the call, and later calls update it in place and read its version counter.
+        with torch.inference_mode(False):
+            self.buffer = torch.zeros((k + int(with_sum), self.row_length), dtype=self.dtype,
+                                      device=self.device)
         self.sum_version: int | None = None  # buffer._version when the sum row was formed
         # Whether every task row was finite when the sum row was formed (CPU; else False).
         self.sum_finite = False
@@ -450,7 +539,7 @@ class TaskGradients:
                 retain_graph: bool = False, accumulate: bool = False, scale: float = 1.0,
                 on_task=None, surprise: list[set[int]] | None = None,
                 nothing_reached: str | None = None, written: list | None = None,
-                apart: list[set[int]] | None = None) -> int:
+                apart: list[set[int]] | None = None, name_of=None, owner: str = "PUB") -> int:
         """Fill the buffer with each task's shared gradients; accumulate task-specific gradients.
         Returns how many gradients autograd gave the shared and task-specific tensors (0: no
         loss reached any of them).
@@ -469,6 +558,9 @@ class TaskGradients:
         the shared ones whose ``.grad`` was written. ``apart[i]``: ids of task-specific
         parameters whose gradient from task i is kept apart, not added to ``.grad``:
         ``self.apart`` receives the triples (i, parameter, a copy of the gradient in its layout).
+        A sparse gradient of a shared parameter raises TypeError, naming the parameter by
+        ``name_of(parameter)`` (the caller's name for it, e.g. ``params[j] (shape ...)``; its
+        shape without one) and ``owner`` (who needs dense gradients).
         """
         active = [j for j, p in enumerate(self.params) if p.requires_grad]
         shared = [self.params[j] for j in active]
@@ -508,10 +600,13 @@ class TaskGradients:
                         view.zero_()
                     continue
                 if g.is_sparse:
+                    p = self.params[j]
+                    name = f"a parameter of shape {tuple(p.shape)}" if name_of is None \
+                        else name_of(p)
                     raise TypeError(
-                        f"sparse gradient for a shared parameter of shape "
-                        f"{tuple(self.params[j].shape)}: PUB needs dense gradients (use "
-                        "sparse=False in nn.Embedding)"
+                        f"{name} is shared and gets a sparse gradient (nn.Embedding("
+                        f"sparse=True)): {owner} needs dense gradients of the shared "
+                        "parameters (use sparse=False in nn.Embedding)"
                     )
                 if accumulate:
                     view.add_(g, alpha=scale)
@@ -593,3 +688,39 @@ def _grad_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(p, dtype=g.dtype) if dense_strides(p) else torch.empty_like(g)
     out.copy_(g)
     return out
+
+
+def refuse_names(value, name: str) -> None:
+    """A TypeError where ``value``, an argument that takes parameter tensors (``shared=``),
+    holds parameter names or the (name, tensor) pairs of ``model.named_parameters()``, naming
+    the argument and the item: the tensors themselves are needed (a name would otherwise be
+    reported as a tensor that is not among the parameters)."""
+    single = isinstance(value, str) or (isinstance(value, tuple) and len(value) == 2
+                                        and isinstance(value[0], str)
+                                        and isinstance(value[1], torch.Tensor))
+    items = [value] if single else list(value)
+    for i, item in enumerate(items):
+        where = name if single else f"{name}[{i}]"
+        if isinstance(item, str):
+            what = f"a parameter name ({item!r})"
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            what = (f"a (name, tensor) pair ({item[0]!r}, ...), as model.named_parameters() "
+                    "gives")
+        else:
+            continue
+        raise TypeError(
+            f"{where} is {what}: {name}= takes the parameter tensors themselves, not their "
+            f"names, e.g. {name}=[p for n, p in model.named_parameters() if "
+            "n.startswith('trunk.')]")
+
+
+@contextlib.contextmanager
+def backward_grad_mode():
+    """The grad mode of the library's backward calls: grad enabled and inference mode off,
+    whatever the caller's context, as ``loss.backward()`` works on a graph built before
+    ``torch.no_grad()`` or ``torch.inference_mode()`` was entered. The losses the library sums
+    or weights then have a graph to differentiate, and the tensors it keeps (buffers, state,
+    ``.grad``) are ordinary ones, which later calls outside the context update in place (an
+    inference tensor refuses that)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield

@@ -40,6 +40,7 @@ from ._autograd import (
     REENTRANT_CHECKPOINT,
     TaskGradients,
     as_loss_list,
+    backward_grad_mode,
     compiled_graph,
     dense_strides,
     layout_view,
@@ -47,7 +48,9 @@ from ._autograd import (
     reached_by_gradients,
     reached_parameters,
     reentrant_checkpoint,
+    refuse_names,
     sum_into,
+    task_reach,
     task_roots,
     walk_graph,
 )
@@ -91,10 +94,12 @@ __all__ = [
 def _unchanged_if_it_raises(backward):
     """A call that raises leaves the balancer as it was (SPEC section 7): what a first call
     decides (K, the shared parameters, the split of the heads), the step count, the weights and
-    the statistics; the call may be made again (with other losses: another number of tasks)."""
+    the statistics; the call may be made again (with other losses: another number of tasks).
+    The call runs with grad enabled and outside inference mode (backward_grad_mode), as
+    ``loss.backward()`` works under ``torch.no_grad()`` and ``torch.inference_mode()``."""
     @functools.wraps(backward)
     def call(self, *args, **kwargs):
-        with attributes_kept_on_error(self):
+        with backward_grad_mode(), attributes_kept_on_error(self):
             return backward(self, *args, **kwargs)
     return call
 
@@ -265,8 +270,12 @@ class GradientBalancer:
                     "shared= to set them exactly.", stacklevel=4)
                 self._warned_compiled = True
             reach = reached_by_gradients(losses, self.params)
+            walked = None
         else:
-            reach = [reached_parameters(root) for root in roots]
+            reach = task_reach(roots, losses)
+            # (what each task reaches through the heads' concatenated outputs too: a zero
+            # gradient there is no surprise)
+            walked = [reached_parameters(root) for root in roots]
         if self._dp_group is not None:
             flags = agree_on(self._dp_group, len(losses),
                              [id(p) in r for r in reach for p in self.params],
@@ -307,7 +316,9 @@ class GradientBalancer:
         self._surprise = [{id(p) for p, tasks, by_grad in zip(self.params, self._reach,
                                                               self._by_gradients, strict=True)
                            if tasks is not None and not by_grad and i not in tasks
-                           and id(p) not in shared_ids} for i in range(len(losses))]
+                           and id(p) not in shared_ids
+                           and (walked is None or id(p) not in walked[i])}
+                          for i in range(len(losses))]
         # single[i]: the non-shared parameters of task i alone, which weight_task_specific
         # weights by w_i.
         single_ids = {id(p) for p, c in zip(self.params, counts, strict=True) if c == 1}
@@ -511,6 +522,11 @@ class GradientBalancer:
     def _owner(self) -> str:
         return f"this {type(self).__name__}"
 
+    def _param_label(self, p: torch.Tensor) -> str:
+        """``params[j] (shape ...)``: how the errors name parameter p (found by identity)."""
+        j = next(j for j, q in enumerate(self.params) if q is p)
+        return f"params[{j}] (shape {tuple(p.shape)})"
+
     def _expected_k(self) -> int | None:
         """The number of tasks the next call must have: decided by the first call, or by a
         loaded state dict before it."""
@@ -657,7 +673,8 @@ class GradientBalancer:
             received = self._grads.compute(losses, specific_now, retain_graph=retain_graph,
                                            surprise=None if stacked else self._surprise,
                                            apart=self._apart if self.weight_task_specific
-                                           else None)
+                                           else None, name_of=self._param_label,
+                                           owner=self._owner())
             if not received and (_active(self.shared) or any(specific_now)):
                 raise ValueError(_NOTHING_REACHED)
             self._warn_surprises()
@@ -1292,7 +1309,13 @@ class FAMO(GradientBalancer):
     def update(self, losses_after) -> None:
         """Update the task logits from the losses after the step (see the class docstring):
         K loss values, as tensors of one element (a list, or a 1-D tensor) or as numbers
-        (Python's or numpy's)."""
+        (Python's or numpy's). The losses may be computed under ``torch.no_grad()`` or
+        ``torch.inference_mode()``, and the call made there: the logits and their Adam state
+        stay ordinary tensors (backward_grad_mode)."""
+        with backward_grad_mode():
+            self._update(losses_after)
+
+    def _update(self, losses_after) -> None:
         items = _loss_values_after(losses_after)
         if len(items) != self.k:
             raise ValueError(f"losses_after has {len(items)} tasks, FAMO was built for "
@@ -3249,6 +3272,10 @@ _NOTHING_REACHED = (
 def _param_list(params, name: str) -> list[torch.Tensor]:
     if isinstance(params, torch.Tensor):
         params = [params]
+    if name == "shared":  # names, not tensors: said so (a TypeError naming the item)
+        if not isinstance(params, (str, tuple)):
+            params = list(params)  # (a generator is read once)
+        refuse_names(params, name)
     out, seen = [], set()
     for item in params:
         group = item["params"] if isinstance(item, dict) else [item]

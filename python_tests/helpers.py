@@ -214,6 +214,39 @@ class TrunkHeads(nn.Module):
         return [h(z).squeeze(-1) for h in self.heads]
 
 
+class JoinedHeads(nn.Module):
+    """A trunk and three heads whose outputs are joined into one tensor (``join``: "cat",
+    "stack", "weights": the heads' weights concatenated into one matrix, or "list": no join),
+    each task's loss reading its own column: only the trunk is shared."""
+
+    def __init__(self, join: str, zero_head: bool = False):
+        super().__init__()
+        self.join = join
+        self.trunk = nn.Linear(5, 8)
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+        if zero_head:
+            nn.init.zeros_(self.heads[1].weight)
+
+    def forward(self, x):
+        z = torch.relu(self.trunk(x))
+        if self.join == "list":
+            return [torch.sigmoid(h(z)).squeeze(1) for h in self.heads]
+        if self.join == "weights":
+            w = torch.cat([h.weight for h in self.heads])
+            b = torch.cat([h.bias for h in self.heads])
+            out = torch.sigmoid(z @ w.T + b)
+        elif self.join == "stack":
+            out = torch.sigmoid(torch.stack([h(z).squeeze(1) for h in self.heads], 1))
+        else:
+            out = torch.sigmoid(torch.cat([h(z) for h in self.heads], 1))
+        return list(out.unbind(1)) if self.join == "weights" else [out[:, i] for i in range(3)]
+
+
+def joined_losses(model, x, y, masked=None):
+    return [((o - y[:, i]) ** 2).mean() * (0.0 if i == masked else 1.0)
+            for i, o in enumerate(model(x))]
+
+
 def mmoe_batch(seed=0, n=8):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 10, (n, 3), generator=g), torch.randn(n, generator=g)

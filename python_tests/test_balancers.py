@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import JoinedHeads, joined_losses
 
 import pub_native
 from pub_native import balancers as B
@@ -653,6 +654,84 @@ def test_every_balancer_trains_a_model(name):
     assert repr(bal).startswith(type(bal).__name__ + "(")
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_backward_under_no_grad_or_inference_mode_works_as_loss_backward_does(name, context):
+    # loss.backward() works under torch.no_grad() and torch.inference_mode() on a graph built
+    # before them. LS, Uncertainty and FAMO raised torch's "element 0 of tensors does not require
+    # grad" (their weighted sum was built inside the context), and under inference_mode the others
+    # kept inference tensors (the task-gradient buffer, .grad, FAMO's logit state) that the next
+    # call outside could not update in place. The first call (and FAMO's update) under the
+    # context gives what it gives outside; later calls outside accumulate and train on.
+    kwargs = {"n_tasks": 2} if name in ("famo", "uncertainty") else {}
+    batch = _batch(64, seed=3)
+    runs = []
+    for inside in (False, True):
+        torch.manual_seed(1)
+        model = MMoE([3, 3], 3, 2, embed_dim=4, expert_dim=8, tower_dims=(4,))
+        bal = B.BALANCERS[name](model.parameters(), **kwargs)
+        extra = bal.parameters() if name == "uncertainty" else []
+        opt = torch.optim.Adam([*model.parameters(), *extra], lr=1e-2)
+
+        def call(bal=bal, model=model):
+            losses, z = model.task_losses(batch, with_representation=True)
+            bal.backward(*((losses, z) if name == "multibalance" else (losses,)))
+
+        for step in range(3):
+            losses, z = model.task_losses(batch, with_representation=True)
+            args = (losses, z) if name == "multibalance" else (losses,)
+            if step == 0 and inside:
+                with context():
+                    bal.backward(*args)
+            else:
+                bal.backward(*args)
+            if step == 0:
+                runs.append([p.grad.clone() for p in [*model.parameters(), *extra]])
+            call()  # a second micro-batch, outside the context: accumulated in place
+            opt.step()
+            if name == "famo":
+                after = [loss.detach() for loss in model.task_losses(batch)]
+                if step == 0 and inside:
+                    with context():
+                        bal.update(after)
+                else:
+                    bal.update(after)
+            opt.zero_grad()
+        runs[-1].append([p.detach().clone() for p in model.parameters()])
+    outside, inside = runs
+    for a, b in zip(outside[:-1], inside[:-1], strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for a, b in zip(outside[-1], inside[-1], strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_shared_given_as_names_is_refused_saying_it_takes_the_tensors():
+    # shared=["trunk.weight"] or shared=model.named_parameters() must name the argument and say
+    # what it takes (a list of names was refused as "not in params" / "must hold tensors").
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    named = list(model[0].named_parameters())
+    for shared, item in ((["0.weight"], r"shared\[0\] is a parameter name \('0\.weight'\)"),
+                         (named, r"shared\[0\] is a \(name, tensor\) pair"),
+                         ("0.weight", r"shared is a parameter name")):
+        for make in (lambda s: B.NashMTL(model.parameters(), shared=s),
+                     lambda s: B.FAMO(model.parameters(), n_tasks=2, shared=s)):
+            with pytest.raises(TypeError, match=item + r".*shared= takes the parameter tensors "
+                                                       r"themselves.*named_parameters\(\)"):
+                make(shared)
+    B.NashMTL(model.parameters(), shared=model[0].parameters())  # the tensors: taken
+
+
+def test_a_sparse_shared_gradient_is_refused_naming_the_parameter_and_the_balancer():
+    # It said "sparse gradient for a shared parameter of shape (20, 4): PUB needs dense
+    # gradients": a shape, not the parameter, and an optimizer the user did not call.
+    model = _SparseRec()
+    bal = B.NashMTL(model.parameters(), max_norm=0.0)
+    with pytest.raises(TypeError, match=r"^params\[0\] \(shape \(20, 4\)\) is shared and gets a "
+                                        r"sparse gradient.*this NashMTL needs dense"):
+        bal.backward(model.losses())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_channels_last_shared_parameter_gets_its_gradient_in_its_layout():
     # The per-task buffer follows each parameter's memory order; the combined gradient must land
     # in .grad element for element. Two identical tasks never conflict, so PCGrad's gradient is
@@ -707,6 +786,29 @@ def test_shared_parameter_changed_between_steps_gets_the_weighted_gradient(cls, 
 
 
 _GRADIENT_BALANCERS = ["NashMTL", "MGDAUB", "IMTLG", "PCGrad", "CAGrad"]
+
+
+@pytest.mark.parametrize("join", ["cat", "stack", "weights"])
+@pytest.mark.parametrize("name", _GRADIENT_BALANCERS)
+def test_heads_joined_into_one_output_are_not_shared(name, join):
+    """Heads whose outputs are concatenated (or stacked) into one tensor, each task reading its
+    own column, are task-specific, as they are when the model returns a list: the same shared
+    set and the same gradients, on the first call and the next, without a warning."""
+    torch.manual_seed(0)
+    models = [JoinedHeads(join), JoinedHeads("list")]
+    models[1].load_state_dict(models[0].state_dict())
+    bals = [getattr(B, name)(m.parameters()) for m in models]
+    for _ in range(2):
+        x, y = torch.randn(16, 5), torch.rand(16, 3)
+        for m, bal in zip(models, bals):
+            m.zero_grad()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                bal.backward(joined_losses(m, x, y))
+        for m, bal in zip(models, bals):
+            assert {id(p) for p in bal.shared} == {id(p) for p in m.trunk.parameters()}
+        for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def _gappy_problem(second_shared):

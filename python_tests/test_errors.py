@@ -78,6 +78,49 @@ def test_unsupported_options_and_tensors_raise():
         opt2.step()
 
 
+def test_a_sparse_shared_gradient_is_refused_naming_the_parameter():
+    # It named only a shape ("sparse gradient for a shared parameter of shape (5, 3)"); named
+    # now as the step names a task-specific one, by its param_names entry where there is one.
+    def model():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"emb": nn.Embedding(5, 3, sparse=True),
+                              "heads": nn.ModuleList(nn.Linear(3, 1) for _ in range(2))})
+
+    def losses(m):
+        z = m["emb"](torch.tensor([1, 2]))
+        return [h(z).square().mean() for h in m["heads"]]
+
+    for params, name in ((lambda m: [*m.parameters()], r"param_groups\[0\]\['params'\]\[0\] "
+                                                       r"\(shape \(5, 3\)\)"),
+                         (lambda m: m.named_parameters(), r"parameter 'emb\.weight'")):
+        m = model()
+        opt = pub_native.Adam(params(m))
+        with pytest.raises(TypeError, match=f"^{name} is shared and gets a sparse gradient.*"
+                                            r"PUB needs dense.*sparse=False"):
+            opt.backward(losses(m))
+        assert all(p.grad is None for p in m.parameters()) and opt.shared_parameters is None
+
+
+def test_shared_given_as_names_is_refused_saying_it_takes_the_tensors():
+    # shared=["trunk.weight"] or shared=model.named_parameters() raised "shared contains tensors
+    # that are not among the optimizer's params": they are no tensors at all.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    cases = ((["0.weight", "0.bias"], r"shared\[0\] is a parameter name \('0\.weight'\)"),
+             (list(model[0].named_parameters()), r"shared\[0\] is a \(name, tensor\) pair"),
+             ([model[0].weight, ("0.bias", model[0].bias)], r"shared\[1\] is a \(name, tensor"),
+             ("0.weight", r"shared is a parameter name"))
+    for make in (pub_native.Adam, pub_native.AdaGrad, pub_native.RMSProp):
+        for shared, item in cases:
+            with pytest.raises(TypeError, match=item + r".*shared= takes the parameter tensors "
+                                                       r"themselves.*named_parameters\(\)"):
+                make(model.named_parameters(), shared=shared)
+    with pytest.raises(TypeError, match=r"shared\[0\] is a \(name, tensor\) pair \('weight'"):
+        pub_native.Adam(model.parameters(), shared=model[0].named_parameters())
+    opt = pub_native.Adam(model.named_parameters(), shared=list(model[0].parameters()))
+    opt.backward([model(torch.ones(3))[0], model(torch.ones(3))[1]])
+    assert opt.shared_parameters == list(model[0].parameters())
+
+
 def test_strided_parameter_with_gaps_is_refused_by_name():
     base = torch.randn(4, 6)
     p = nn.Parameter(base[:, :3])  # a view with gaps: no flat loop may read it

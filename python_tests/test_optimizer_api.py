@@ -17,11 +17,13 @@ from helpers import (
     NATIVE,
     SHAPES,
     TORCH,
+    JoinedHeads,
     MMoE,
     Problem,
     assert_close,
     assert_states_close,
     assert_states_equal,
+    joined_losses,
     mmoe_batch,
     mmoe_losses,
     run_pub,
@@ -49,6 +51,59 @@ def test_mmoe_shared_detection(as_tensor):
     before = {id(p): p.detach().clone() for p in model.parameters()}
     opt.step()
     assert all(not torch.equal(before[id(p)], p) for p in model.parameters())
+
+
+@pytest.mark.parametrize("zero_head", [False, True], ids=["plain", "zero-head"])
+@pytest.mark.parametrize("join", ["cat", "stack", "weights"])
+def test_heads_joined_into_one_output_are_not_shared(join, zero_head):
+    """Heads whose outputs are concatenated (or stacked) into one tensor, each task reading its
+    own column, are task-specific, as they are when the model returns a list: the same shared
+    set and the same steps. A zero-initialized head still reaches the trunk below it."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.rand(16, 3)
+    models = [JoinedHeads(join, zero_head), JoinedHeads("list", zero_head)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [pub_native.Adam(m.parameters(), lr=1e-2) for m in models]
+    for _ in range(3):
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            o.backward(joined_losses(m, x, y))
+            o.step()
+    for m, o in zip(models, opts):
+        assert {id(p) for p in o.shared_parameters} == {id(p) for p in m.trunk.parameters()}
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_a_task_without_gradient_at_the_join_keeps_every_head_it_may_reach():
+    """A task whose loss sends zero gradient to every joined output on the first batch (no
+    labels in it) tells nothing about the heads it uses: it is taken to reach them all, as a
+    walk of the graph has it, and the trunk stays shared."""
+    torch.manual_seed(0)
+    model = JoinedHeads("cat")
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    opt.backward(joined_losses(model, torch.randn(16, 5), torch.rand(16, 3), masked=2))
+    shared = {id(p) for p in opt.shared_parameters}
+    assert {id(p) for p in model.trunk.parameters()} <= shared
+    assert {id(p) for p in model.heads[0].parameters()} <= shared  # tasks 0 and 2
+
+
+def test_a_join_input_no_task_sends_gradient_to_stays_shared():
+    """Two trunk branches concatenated and read by a layer whose block for the second branch
+    starts at zero: no task sends that branch a gradient on the first batch, which says nothing
+    about whose it is; it stays shared, as the walk of the graph has it."""
+    torch.manual_seed(0)
+    a, b, mix = nn.Linear(5, 4), nn.Linear(5, 4), nn.Linear(8, 6)
+    with torch.no_grad():
+        mix.weight[:, 4:] = 0
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(2))
+    params = [*a.parameters(), *b.parameters(), *mix.parameters(), *heads.parameters()]
+    opt = pub_native.Adam(params, lr=1e-2)
+    x = torch.randn(16, 5)
+    z = mix(torch.cat([a(x), b(x)], 1))
+    opt.backward([h(z).pow(2).mean() for h in heads])
+    assert {id(p) for p in opt.shared_parameters} == {
+        id(p) for p in (*a.parameters(), *b.parameters(), *mix.parameters())}
 
 
 def test_explicit_shared_and_group_flag_override_detection():
@@ -300,6 +355,36 @@ def test_repeated_backward_accumulates():
         o.backward(pr.losses(1))
         o.step()
     assert_states_close(opt, problem.params(), ref, twin.params(), TOL[("reference", F64)])
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_backward_under_no_grad_or_inference_mode_works_as_loss_backward_does(name, context):
+    # loss.backward() works under torch.no_grad() and torch.inference_mode() on a graph built
+    # before them. The first backward(losses) under inference_mode raised "Inference tensors do
+    # not track version counter" (the task-gradient buffer was made an inference tensor), and
+    # the task-specific .grad it left was one the next backward outside could not add to.
+    # The first call under the context gives what it gives outside; the ones after it, outside,
+    # accumulate and step on.
+    runs = []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        model = MMoE()
+        opt = NATIVE[name](model.parameters(), lr=1e-2)
+        for step in range(3):
+            losses = mmoe_losses(model, mmoe_batch(step))
+            if step == 0 and inside:
+                with context():
+                    opt.backward(losses)
+            else:
+                opt.backward(losses)
+            opt.backward(mmoe_losses(model, mmoe_batch(step + 10)))  # accumulated in place
+            opt.step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+        runs.append(copy.deepcopy(opt.state_dict()["state"]))
+    torch.testing.assert_close(runs[2], runs[0], rtol=0, atol=0)
+    torch.testing.assert_close(runs[3], runs[1], rtol=0, atol=0)
 
 
 # ---- checkpoints and copies ----------------------------------------------------------------------

@@ -515,6 +515,37 @@ def test_weights_solved_without_a_task_are_not_reused_when_it_is_back():
         assert all(torch.equal(a, b) for a, b in zip(params, params2))
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_weights_solved_at_lr_zero_are_not_reused(backend):
+    # A warm-up from lr = 0: every update of its first step is 0, so that solve can only give
+    # 1/K; the step after it, at lr > 0, solves again instead of reusing them (α̂ does not
+    # depend on lr > 0). The first step moves nothing.
+    torch.manual_seed(0)
+    theta = torch.nn.Parameter(torch.randn(50, dtype=torch.float64))
+    c = [torch.randn(50, dtype=torch.float64) * (torch.arange(50) < 5),
+         torch.randn(50, dtype=torch.float64)]
+    opt = pub_native.Adam([theta], lr=1e-2, shared=[theta], update_weights_every=3,
+                          backend=backend)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 3))
+    start = theta.detach().clone()
+    log = []
+    for _ in range(5):
+        opt.zero_grad()
+        opt.backward([(theta * ci).sum() for ci in c])
+        opt.step()
+        sched.step()
+        log.append((opt.stats["updated"], opt.task_weights.clone()))
+    assert torch.equal(log[0][1], torch.full((2,), 0.5, dtype=log[0][1].dtype))
+    assert [u for u, _ in log] == [True, True, False, True, False]  # then on the cadence
+    assert not torch.allclose(log[1][1], log[0][1], atol=1e-3)
+    assert torch.equal(log[2][1], log[1][1])
+    again = torch.nn.Parameter(start.clone())
+    one = pub_native.Adam([again], lr=0.0, shared=[again], backend=backend)
+    one.backward([(again * ci).sum() for ci in c])
+    one.step()
+    assert torch.equal(again.detach(), start)
+
+
 def test_task_weights_are_those_the_step_applied_when_a_task_is_absent():
     # Absent on step 1, a step that reuses step 0's weights: the step applies them with task 1
     # at 0 and task 0 at 1, and reports those; step 2 applies step 0's weights again.

@@ -135,6 +135,9 @@ class PUBOptimizer(GradientTools, Checkpoints):
             raise TypeError("shared must be an iterable of parameters (e.g. [p] or "
                             "model.trunk.parameters()), got a single Tensor")
         self._explicit_shared = None if shared is None else list(shared)
+        if shared is not None:  # names, not tensors: said so (not "not among the params")
+            _autograd.refuse_names(shared if isinstance(shared, (str, tuple))
+                                   else self._explicit_shared, "shared")
         if shared is not None and not {id(p) for p in self._explicit_shared} <= known:
             raise ValueError("shared contains tensors that are not among the optimizer's params")
         self._reset_pub()
@@ -390,7 +393,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                                 "them exactly.", stacklevel=3)
                             split = _autograd.split_shared_by_gradients(items, params)
                         else:
-                            split = _autograd.split_shared(roots, params)
+                            split = _autograd.split_shared(roots, items, params)
                         auto = dict(zip(map(id, params), split))
                     self._decided[id(p)] = auto[id(p)]
         return [p for p in params if self._decided.get(id(p), False)]
@@ -445,7 +448,11 @@ class PUBOptimizer(GradientTools, Checkpoints):
         decided = len(self._decided)
         kept = (self._k, self._shared, self._grads, self._grad_views, self._present)
         try:
-            written = self._backward(losses, retain_graph, dp, decided)
+            # Grad enabled and inference mode off, whatever the caller's context (as
+            # loss.backward() works under torch.no_grad() and torch.inference_mode()): the
+            # buffer and the .grad it writes are ordinary tensors that later calls update.
+            with _autograd.backward_grad_mode():
+                written = self._backward(losses, retain_graph, dp, decided)
         except BaseException:
             for key in list(self._decided)[decided:]:
                 del self._decided[key]
@@ -568,7 +575,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         try:
             grads.compute(items, [specific] * k, retain_graph=retain_graph,
                           accumulate=accumulate, nothing_reached=unreached, written=written,
-                          **extra)
+                          name_of=self._param_name, **extra)
         except _autograd.NothingReached:
             # Nothing was written (no gradient, no reduction: the rows of an accumulation are
             # as they were), except under data parallelism, whose reductions ran.
@@ -816,8 +823,22 @@ class PUBOptimizer(GradientTools, Checkpoints):
                              or result.outcome == StepOutcome.APPLIED):
             # On CUDA the device decides: gathering unchanged shards is harmless.
             dp.gather_params(self._grads.params, self._grads)
-        self._finish_step(plan, result, pending, solve and task_scale is None, solve,
+        # Weights solved with a task absent, or where every shared parameter's lr was 0 (a
+        # warm-up from 0: every update is 0, so the solve could only give 1/K, while α̂ does
+        # not depend on the lr for any lr > 0), are for that step only.
+        self._finish_step(plan, result, pending,
+                          solve and task_scale is None and not self._shared_lr_zero(), solve,
                           found_inf)
+
+    def _shared_lr_zero(self) -> bool:
+        """Whether every param group holding a shared parameter has lr 0 (a tensor lr on an
+        accelerator is not read: that would wait for the device)."""
+        shared = {id(p) for p in self._shared or ()}
+        lrs = [g["lr"] for g in self.param_groups if any(id(p) in shared for p in g["params"])]
+        if not lrs or any(isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
+                          for lr in lrs):
+            return False
+        return all(float(lr) == 0.0 for lr in lrs)
 
     def _commit_state(self, plan: StepPlan) -> None:
         for target, pending in ((self.state, plan.pending_state),
