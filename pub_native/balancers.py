@@ -3282,6 +3282,9 @@ def _param_list(params, name: str) -> list[torch.Tensor]:
         if isinstance(group, torch.Tensor):
             group = [group]
         for p in group:
+            if name == "params" and isinstance(p, tuple) and len(p) == 2 \
+                    and isinstance(p[0], str) and isinstance(p[1], torch.Tensor):
+                p = p[1]  # model.named_parameters(), as torch's optimizers take it
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{name} must hold tensors, got {type(p).__name__}")
             if not p.is_leaf:

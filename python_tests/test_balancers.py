@@ -721,6 +721,30 @@ def test_shared_given_as_names_is_refused_saying_it_takes_the_tensors():
     B.NashMTL(model.parameters(), shared=model[0].parameters())  # the tensors: taken
 
 
+@pytest.mark.parametrize("name", sorted(B.BALANCERS))
+def test_params_given_as_named_parameters_are_taken_as_torch_optimizers_take_them(name):
+    # model.named_parameters() (torch's optimizers take it) raised "params must hold tensors,
+    # got tuple"; the balancer now takes the tensors: the same gradients as parameters().
+    grads = []
+    for named in (False, True):
+        torch.manual_seed(0)
+        model = JoinedHeads("list")
+        kwargs = {"n_tasks": 3} if name in ("famo", "uncertainty") else {}
+        bal = B.BALANCERS[name](model.named_parameters() if named else model.parameters(),
+                                **kwargs)
+        assert [id(p) for p in bal.params] == [id(p) for p in model.parameters()]
+        torch.manual_seed(1)
+        x, y = torch.randn(8, 5), torch.rand(8, 3)
+        if name == "multibalance":
+            z = torch.relu(model.trunk(x))
+            bal.backward([((torch.sigmoid(h(z)).squeeze(1) - y[:, i]) ** 2).mean()
+                          for i, h in enumerate(model.heads)], z)
+        else:
+            bal.backward(joined_losses(model, x, y))
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_a_sparse_shared_gradient_is_refused_naming_the_parameter_and_the_balancer():
     # It said "sparse gradient for a shared parameter of shape (20, 4): PUB needs dense
     # gradients": a shape, not the parameter, and an optimizer the user did not call.
