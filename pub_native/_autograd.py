@@ -172,24 +172,80 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     """For each task: ids of the leaf tensors its graph reaches. ``roots``: one loss tensor or
     autograd node per task (see :func:`task_roots`); ``losses``: the K scalar losses.
 
-    A walk of the autograd structure, except at ``torch.cat`` and ``torch.stack`` nodes that
-    two or more tasks reach (the heads' outputs concatenated into one tensor whose columns are
-    the tasks' predictions): there a task follows only the inputs its loss sends a non-zero
-    gradient to, measured by one backward pass per task that stops at those inputs (on the
-    first batch only). Where it sends zero to all of them (no labels in this batch), it follows
-    them all, so a zero-initialized head never hides the trunk below it."""
+    A walk of the autograd structure, except at the outputs' joins (:func:`_output_joins`: the
+    heads' outputs concatenated or stacked into one tensor whose columns are the tasks'
+    predictions): there a task follows only the inputs its loss sends a non-zero gradient to,
+    measured by one backward pass per task that stops at those inputs. Where it sends zero to
+    all of them (no labels in this batch), it follows them all."""
     walks = [walk_graph([root.grad_fn if isinstance(root, torch.Tensor) else root])[0]
              for root in roots]
     counts: dict = {}
     for nodes in walks:
         for node in nodes:
             counts[node] = counts.get(node, 0) + 1
-    joins = [node for node, c in counts.items()
-             if c >= 2 and node.name().startswith(_JOINS)
-             and sum(fn is not None for fn, _ in node.next_functions) >= 2]
+    joins = _output_joins(counts)
     routes = _join_routes(joins, losses, counts) if joins else None
     return [reached_parameters(root) if routes is None
             else _reached_routed(root, routes[i]) for i, root in enumerate(roots)]
+
+
+def _output_joins(counts: dict) -> list:
+    """The nodes of ``counts`` (the losses' graphs: node -> how many tasks reach it) where
+    :func:`task_reach` measures which inputs each task uses: ``torch.cat`` along a dimension
+    other than 0 and ``torch.stack``, reached by two or more tasks, with two or more inputs
+    that require grad, and with nothing that requires grad between them and the losses (every
+    other operand of the operations on the way is a constant: labels, masks). There each
+    task's share is fixed by the indexing that follows (a column per task), whatever the data;
+    a task's zero gradient into an input elsewhere may be the data's (routing gates, masked
+    rows of a batch concatenated along dimension 0, a zero-initialized block of a layer that
+    reads the join), so the walk goes through every input there."""
+    candidates = [node for node, c in counts.items()
+                  if c >= 2 and node.name().startswith(_JOINS)
+                  and sum(fn is not None for fn, _ in node.next_functions) >= 2]
+    candidates = [node for node in candidates
+                  if not (node.name().startswith("Cat") and getattr(node, "_saved_dim", 0) == 0)]
+    if not candidates:
+        return []
+    parents: dict = {}
+    for node in counts:
+        for fn, _ in node.next_functions:
+            if fn is not None:
+                parents.setdefault(fn, []).append(node)
+    holds = _holds_leaves(counts)
+    joins = []
+    for join in candidates:
+        above, todo = set(), list(parents.get(join, ()))
+        while todo:
+            node = todo.pop()
+            if node not in above:
+                above.add(node)
+                todo.extend(parents.get(node, ()))
+        if not any(holds[fn] for node in above for fn, _ in node.next_functions
+                   if fn is not None and fn is not join and fn not in above):
+            joins.append(join)
+    return joins
+
+
+def _holds_leaves(nodes) -> dict:
+    """For each node of ``nodes`` (closed under next_functions, as a walk's nodes are): whether
+    the graph below it holds a leaf tensor that requires grad (an AccumulateGrad node)."""
+    holds: dict = {}
+    for start in nodes:
+        if start in holds:
+            continue
+        stack = [(start, False)]
+        while stack:
+            node, done = stack.pop()
+            if node in holds:
+                continue
+            children = [fn for fn, _ in node.next_functions if fn is not None]
+            if done or getattr(node, "variable", None) is not None:
+                holds[node] = getattr(node, "variable", None) is not None or any(
+                    holds.get(fn, False) for fn in children)
+                continue
+            stack.append((node, True))
+            stack.extend((fn, False) for fn in children if fn not in holds)
+    return holds
 
 
 def _reached_routed(root, routes: dict) -> set[int]:

@@ -272,10 +272,14 @@ class GradientBalancer:
             reach = reached_by_gradients(losses, self.params)
             walked = None
         else:
-            reach = task_reach(roots, losses)
             # (what each task reaches through the heads' concatenated outputs too: a zero
             # gradient there is no surprise)
             walked = [reached_parameters(root) for root in roots]
+            # The outputs' joins measured on the first call only: a later one decides what was
+            # frozen or unreached until then from the walk (no K more backward passes at each
+            # call while some parameter is never reached).
+            first = all(tasks is None for tasks in self._reach)
+            reach = task_reach(roots, losses) if first else walked
         if self._dp_group is not None:
             flags = agree_on(self._dp_group, len(losses),
                              [id(p) in r for r in reach for p in self.params],

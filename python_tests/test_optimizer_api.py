@@ -54,7 +54,7 @@ def test_mmoe_shared_detection(as_tensor):
 
 
 @pytest.mark.parametrize("zero_head", [False, True], ids=["plain", "zero-head"])
-@pytest.mark.parametrize("join", ["cat", "stack", "weights"])
+@pytest.mark.parametrize("join", ["cat", "stack", "stack0"])
 def test_heads_joined_into_one_output_are_not_shared(join, zero_head):
     """Heads whose outputs are concatenated (or stacked) into one tensor, each task reading its
     own column, are task-specific, as they are when the model returns a list: the same shared
@@ -104,6 +104,68 @@ def test_a_join_input_no_task_sends_gradient_to_stays_shared():
     opt.backward([h(z).pow(2).mean() for h in heads])
     assert {id(p) for p in opt.shared_parameters} == {
         id(p) for p in (*a.parameters(), *b.parameters(), *mix.parameters())}
+
+
+class DataDependentJoins(nn.Module):
+    """Two tasks on joins where a task's zero gradient into an input on a batch is the data's,
+    not the structure's (``case``): experts stacked and mixed by top-1 gates ("topk"), two
+    branches concatenated and read by task 0's head through a block that starts at zero
+    ("zero-block"), two encoders' outputs concatenated along the batch with task 0 labelled on
+    the first encoder's rows only ("rows"), or the heads' weights concatenated into one matrix
+    ("weights"). The walk of the graph has every trunk parameter shared."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(5, 4)
+        self.gates = nn.ModuleList(nn.Linear(5, 2) for _ in range(2))
+        self.heads = nn.ModuleList(nn.Linear(8 if case == "zero-block" else 4, 1)
+                                   for _ in range(2))
+        if case == "zero-block":
+            with torch.no_grad():
+                self.heads[0].weight[:, 4:] = 0
+
+    def trunk(self):
+        return [*self.a.parameters(), *self.b.parameters()]
+
+    def losses(self, x):
+        if self.case == "topk":
+            experts = torch.stack([self.a(x), self.b(x)], 1)  # (B, 2, 4)
+            out = []
+            for i, (gate, head) in enumerate(zip(self.gates, self.heads)):
+                g = torch.softmax(gate(x), 1)
+                top = torch.zeros_like(g).scatter(1, g.argmax(1, keepdim=True), 1.0) * g
+                top = top * (torch.arange(2) == i)  # this batch routes task i to expert i
+                out.append(head((top.unsqueeze(2) * experts).sum(1)).pow(2).mean())
+            return out
+        if self.case == "zero-block":
+            both = torch.cat([self.a(x), self.b(x)], 1)
+            return [h(both).pow(2).mean() for h in self.heads]
+        if self.case == "rows":
+            feats = torch.cat([self.a(x), self.b(x)], 0)
+            preds = [h(feats).squeeze(1) for h in self.heads]
+            mask0 = (torch.arange(2 * len(x)) < len(x)).float()  # task 0: encoder a's rows
+            return [(preds[0].pow(2) * mask0).mean(), preds[1].pow(2).mean()]
+        w = torch.cat([h.weight for h in self.heads])  # "weights"
+        out = torch.relu(self.a(x) + self.b(x)) @ w.T
+        return [out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]
+
+
+@pytest.mark.parametrize("case", ["topk", "zero-block", "rows", "weights"])
+def test_joins_whose_zero_gradients_may_be_the_datas_keep_every_input(case):
+    """Where a task's zero gradient into a join's input may come from the data (gates, masks,
+    a zero-initialized block) the detection follows every input, as a walk of the graph does:
+    a trunk parameter that another batch's gradients reach stays shared (the PUB optimizers and
+    the balancers alike)."""
+    torch.manual_seed(0)
+    model = DataDependentJoins(case)
+    x = torch.randn(16, 5)
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    opt.backward(model.losses(x))
+    bal = pub_native.balancers.MGDAUB(model.parameters())
+    bal.backward(model.losses(x))
+    for shared in (opt.shared_parameters, bal.shared):
+        assert {id(p) for p in model.trunk()} <= {id(p) for p in shared}
 
 
 def test_explicit_shared_and_group_flag_override_detection():
