@@ -163,89 +163,43 @@ def reached_parameters(root) -> set[int]:
     return walk_graph([root])[1]
 
 
-# Nodes that join tensors which a task may use apart again (one column of the heads'
-# concatenated outputs): a walk through them reaches every input, whichever part a task reads.
-_JOINS = ("CatBackward", "StackBackward")
-
-
 def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     """For each task: ids of the leaf tensors its graph reaches. ``roots``: one loss tensor or
     autograd node per task (see :func:`task_roots`); ``losses``: the K scalar losses.
 
-    A walk of the autograd structure, except at the outputs' joins (:func:`_output_joins`: the
-    heads' outputs concatenated or stacked into one tensor whose columns are the tasks'
-    predictions): there a task follows only the inputs its loss sends a non-zero gradient to,
-    measured by one backward pass per task that stops at those inputs. Where it sends zero to
-    all of them (no labels in this batch), it follows them all."""
+    A walk of the autograd structure, except where a task takes one slice of a join: a
+    ``torch.cat`` or ``torch.stack`` node reached by two or more tasks (the heads' outputs
+    joined into one tensor) that a task reads through a single selection of one index along
+    the join's dimension (``out[:, i]``, ``out.unbind(1)[i]``, ``out.split(1, 1)[i]``), with
+    only element-wise operations of that tensor alone between them (``sigmoid``, a cast, a
+    product with a constant). That index lies in one input, whatever the data: the task
+    follows that input alone, found by one backward pass per task that stops at the joins'
+    inputs (the input its loss sends a non-zero gradient to; where it sends none, no labels in
+    this batch, it follows them all). A task that reads a join otherwise (two columns, an index
+    tensor, torch.where, a layer) follows every input, since a zero gradient there may be the
+    data's (gates, masks, a zero-initialized block)."""
     walks = [walk_graph([root.grad_fn if isinstance(root, torch.Tensor) else root])[0]
              for root in roots]
     counts: dict = {}
     for nodes in walks:
         for node in nodes:
             counts[node] = counts.get(node, 0) + 1
-    joins = _output_joins(counts)
-    routes = _join_routes(joins, losses, counts) if joins else None
-    return [reached_parameters(root) if routes is None
-            else _reached_routed(root, routes[i]) for i, root in enumerate(roots)]
-
-
-def _output_joins(counts: dict) -> list:
-    """The nodes of ``counts`` (the losses' graphs: node -> how many tasks reach it) where
-    :func:`task_reach` measures which inputs each task uses: ``torch.cat`` along a dimension
-    other than 0 and ``torch.stack``, reached by two or more tasks, with two or more inputs
-    that require grad, and with nothing that requires grad between them and the losses (every
-    other operand of the operations on the way is a constant: labels, masks). There each
-    task's share is fixed by the indexing that follows (a column per task), whatever the data;
-    a task's zero gradient into an input elsewhere may be the data's (routing gates, masked
-    rows of a batch concatenated along dimension 0, a zero-initialized block of a layer that
-    reads the join), so the walk goes through every input there."""
-    candidates = [node for node, c in counts.items()
-                  if c >= 2 and node.name().startswith(_JOINS)
-                  and sum(fn is not None for fn, _ in node.next_functions) >= 2]
-    candidates = [node for node in candidates
-                  if not (node.name().startswith("Cat") and getattr(node, "_saved_dim", 0) == 0)]
-    if not candidates:
-        return []
-    parents: dict = {}
-    for node in counts:
-        for fn, _ in node.next_functions:
-            if fn is not None:
-                parents.setdefault(fn, []).append(node)
-    holds = _holds_leaves(counts)
-    joins = []
-    for join in candidates:
-        above, todo = set(), list(parents.get(join, ()))
-        while todo:
-            node = todo.pop()
-            if node not in above:
-                above.add(node)
-                todo.extend(parents.get(node, ()))
-        if not any(holds[fn] for node in above for fn, _ in node.next_functions
-                   if fn is not None and fn is not join and fn not in above):
-            joins.append(join)
-    return joins
-
-
-def _holds_leaves(nodes) -> dict:
-    """For each node of ``nodes`` (closed under next_functions, as a walk's nodes are): whether
-    the graph below it holds a leaf tensor that requires grad (an AccumulateGrad node)."""
-    holds: dict = {}
-    for start in nodes:
-        if start in holds:
-            continue
-        stack = [(start, False)]
-        while stack:
-            node, done = stack.pop()
-            if node in holds:
-                continue
-            children = [fn for fn, _ in node.next_functions if fn is not None]
-            if done or getattr(node, "variable", None) is not None:
-                holds[node] = getattr(node, "variable", None) is not None or any(
-                    holds.get(fn, False) for fn in children)
-                continue
-            stack.append((node, True))
-            stack.extend((fn, False) for fn in children if fn not in holds)
-    return holds
+    joins = [node for node, c in counts.items()
+             if c >= 2 and _base_name(node) in ("CatBackward", "StackBackward")
+             and sum(fn is not None for fn, _ in node.next_functions) >= 2]
+    measured = _join_gradients(joins, losses, counts) if joins else None
+    if measured is None:
+        return [reached_parameters(root) for root in roots]
+    routes = []
+    for nodes, sent in zip(walks, measured):
+        parents: dict = {}  # node -> [(its parent in this task's graph, the edge's output_nr)]
+        for node in nodes:
+            for fn, nr in node.next_functions:
+                if fn is not None:
+                    parents.setdefault(fn, []).append((node, nr))
+        routes.append({join: flags for join, (flags, ndim) in sent.items()
+                       if sum(flags) == 1 and _one_index_of(join, ndim, parents)})
+    return [_reached_routed(root, r) for root, r in zip(roots, routes)]
 
 
 def _reached_routed(root, routes: dict) -> set[int]:
@@ -256,12 +210,68 @@ def _reached_routed(root, routes: dict) -> set[int]:
     return walk_graph([root], routes=routes)[1]
 
 
-def _join_routes(joins: list, losses: list[torch.Tensor], nodes) -> list[dict] | None:
-    """For each task, which inputs of each node of ``joins`` it follows: those its loss sends a
-    non-zero gradient to, and those no task sends one to (a zero-initialized block of the layer
-    that reads the join: no sign of whose they are); every input where it sends zero to all.
-    None where this cannot be measured without side effects: a DistributedDataParallel built
-    with ``static_graph`` (its output node starts the gradient averaging at the first backward
+def _base_name(node) -> str:
+    """An autograd node's name without its version digits (``SelectBackward0`` ->
+    ``SelectBackward``)."""
+    return node.name().rstrip("0123456789")
+
+
+# Element-wise operations of one tensor (any other operand a constant): a position of their
+# output depends on the same position of their input alone.
+_POINTWISE = frozenset(name + "Backward" for name in (
+    "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Neg", "Softplus", "LogSigmoid", "Gelu", "Elu",
+    "LeakyRelu", "Silu", "Hardtanh", "Hardsigmoid", "Clamp", "Abs", "Pow", "Mul", "Div", "Add",
+    "Sub", "Sqrt", "Rsqrt", "Clone", "ToCopy"))
+
+
+def _signed(dim: int, ndim: int) -> int:
+    """A dimension saved by an autograd node (a negative one reads back as 2⁶⁴ + dim) as an
+    index in 0..ndim-1."""
+    if dim >= 1 << 63:
+        dim -= 1 << 64
+    return dim + ndim if dim < 0 else dim
+
+
+def _one_index_of(join, ndim: int, parents: dict) -> bool:
+    """Whether a task (``parents``: its graph's nodes above each node) reads the output of
+    ``join`` (of ``ndim`` dimensions) through exactly one selection of one index along the
+    join's dimension, with only element-wise operations of that tensor alone (or full slices,
+    or DistributedDataParallel's output node) between them."""
+    dim = _signed(join._saved_dim, ndim)
+    tops: set = set()
+    seen, todo = {join}, [join]
+    while todo:
+        for node, nr in parents.get(todo.pop(), ()):
+            name = _base_name(node)
+            if name == "SelectBackward":
+                if len(node._saved_self_sym_sizes) != ndim \
+                        or _signed(node._saved_dim, ndim) != dim:
+                    return False
+                tops.add((node, node._saved_index))
+                continue
+            if name in ("UnbindBackward", "SplitBackward"):
+                if _signed(node._saved_dim, ndim) != dim or (
+                        name == "SplitBackward" and node._saved_split_size != 1):
+                    return False
+                tops.add((node, nr))
+                continue
+            full_slice = name == "SliceBackward" and node._saved_start == 0 \
+                and node._saved_step == 1 and node._saved_end >= 1 << 62
+            pointwise = name in _POINTWISE and sum(
+                fn is not None for fn, _ in node.next_functions) == 1
+            if not (full_slice or pointwise or name == "_DDPSinkBackward"):
+                return False
+            if node not in seen:
+                seen.add(node)
+                todo.append(node)
+    return len(tops) == 1
+
+
+def _join_gradients(joins: list, losses: list[torch.Tensor], nodes) -> list[dict] | None:
+    """For each task, for each node of ``joins`` its backward pass runs: which inputs its loss
+    sends a non-zero gradient to, and the number of dimensions of the join's output. None
+    where this cannot be measured without side effects: a DistributedDataParallel built with
+    ``static_graph`` (its output node starts the gradient averaging at the first backward
     pass), or a backward pass that raises (the task's own backward raises the same error
     later)."""
     from torch.autograd.graph import GradientEdge
@@ -277,10 +287,13 @@ def _join_routes(joins: list, losses: list[torch.Tensor], nodes) -> list[dict] |
 
     def record(seen: dict, node):
         def hook(grad_inputs, grad_outputs):
-            seen[node] = [g is not None and bool(g.count_nonzero()) for g in grad_inputs]
+            out = grad_outputs[0]
+            if out is not None:
+                seen[node] = ([g is not None and bool(g.count_nonzero()) for g in grad_inputs],
+                              out.dim())
         return hook
 
-    sent: list[dict] = []  # per task: node -> which inputs its loss sends a non-zero gradient to
+    sent: list[dict] = []
     for loss in losses:
         seen: dict = {}
         handles = [node.register_hook(record(seen, node)) for node in joins]
@@ -292,10 +305,7 @@ def _join_routes(joins: list, losses: list[torch.Tensor], nodes) -> list[dict] |
             for h in handles:
                 h.remove()
         sent.append(seen)
-    anyone = {node: [any(s[node][j] for s in sent if node in s)
-                     for j in range(len(node.next_functions))] for node in joins}
-    return [{node: [mine or not anyone[node][j] for j, mine in enumerate(flags)]
-             for node, flags in seen.items() if any(flags)} for seen in sent]
+    return sent
 
 
 def split_shared(roots: list, losses: list[torch.Tensor], params: list[torch.Tensor]

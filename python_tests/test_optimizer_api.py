@@ -111,8 +111,10 @@ class DataDependentJoins(nn.Module):
     not the structure's (``case``): experts stacked and mixed by top-1 gates ("topk"), two
     branches concatenated and read by task 0's head through a block that starts at zero
     ("zero-block"), two encoders' outputs concatenated along the batch with task 0 labelled on
-    the first encoder's rows only ("rows"), or the heads' weights concatenated into one matrix
-    ("weights"). The walk of the graph has every trunk parameter shared."""
+    the first encoder's rows only ("rows"; "rows-2": by cat(dim=-2), each task reading a
+    column), a column picked per row by torch.where ("where") or by an index tensor
+    ("gather"), or the heads' weights concatenated into one matrix ("weights"). The walk of
+    the graph has every trunk parameter shared."""
 
     def __init__(self, case: str):
         super().__init__()
@@ -146,12 +148,27 @@ class DataDependentJoins(nn.Module):
             preds = [h(feats).squeeze(1) for h in self.heads]
             mask0 = (torch.arange(2 * len(x)) < len(x)).float()  # task 0: encoder a's rows
             return [(preds[0].pow(2) * mask0).mean(), preds[1].pow(2).mean()]
+        if self.case == "rows-2":  # the rows joined by cat(dim=-2), each task a column
+            out = torch.cat([self.a(x)[:, :2], self.b(x)[:, :2]], -2)
+            mask0 = (torch.arange(2 * len(x)) < len(x)).float()
+            return [(out[:, 0].pow(2) * mask0).mean(), out[:, 1].pow(2).mean()]
+        if self.case == "where":  # task 0 reads the column its rows' treatment picks
+            out = torch.cat([self.a(x)[:, :1], self.b(x)[:, :1]], 1)
+            treated = torch.ones(len(x), dtype=torch.bool)  # all treated in this batch
+            return [torch.where(treated, out[:, 1], out[:, 0]).pow(2).mean(),
+                    out[:, 0].pow(2).mean() + out[:, 1].pow(2).mean()]
+        if self.case == "gather":  # each row reads its domain's tower
+            out = torch.stack([self.a(x), self.b(x)], 1)  # (B, 2, 4)
+            dom = torch.zeros(len(x), dtype=torch.long)  # every row of domain 0 here
+            return [out[torch.arange(len(x)), dom, 0].pow(2).mean(),
+                    out[:, :, 1].pow(2).mean()]
         w = torch.cat([h.weight for h in self.heads])  # "weights"
         out = torch.relu(self.a(x) + self.b(x)) @ w.T
         return [out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]
 
 
-@pytest.mark.parametrize("case", ["topk", "zero-block", "rows", "weights"])
+@pytest.mark.parametrize("case", ["topk", "zero-block", "rows", "rows-2", "where", "gather",
+                                  "weights"])
 def test_joins_whose_zero_gradients_may_be_the_datas_keep_every_input(case):
     """Where a task's zero gradient into a join's input may come from the data (gates, masks,
     a zero-initialized block) the detection follows every input, as a walk of the graph does:
