@@ -236,7 +236,15 @@ def _one_index_of(join, ndim: int, parents: dict) -> bool:
     """Whether a task (``parents``: its graph's nodes above each node) reads the output of
     ``join`` (of ``ndim`` dimensions) through exactly one selection of one index along the
     join's dimension, with only element-wise operations of that tensor alone (or full slices,
-    or DistributedDataParallel's output node) between them."""
+    or DistributedDataParallel's output node) between them. False where a node does not hold
+    what this reads (another torch version): the walk then goes through every input."""
+    try:
+        return _reads_one_index(join, ndim, parents)
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _reads_one_index(join, ndim: int, parents: dict) -> bool:
     dim = _signed(join._saved_dim, ndim)
     tops: set = set()
     seen, todo = {join}, [join]
