@@ -222,6 +222,8 @@ _POINTWISE = frozenset(name + "Backward" for name in (
     "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Neg", "Softplus", "LogSigmoid", "Gelu", "Elu",
     "LeakyRelu", "Silu", "Hardtanh", "Hardsigmoid", "Clamp", "Abs", "Pow", "Mul", "Div", "Add",
     "Sub", "Sqrt", "Rsqrt", "Clone", "ToCopy"))
+# Those of them that may take a second operand (a constant), which may broadcast.
+_BINARY = frozenset(name + "Backward" for name in ("Mul", "Div", "Add", "Sub", "Pow", "Clamp"))
 
 
 def _signed(dim: int, ndim: int) -> int:
@@ -247,10 +249,16 @@ def _one_index_of(join, ndim: int, parents: dict) -> bool:
 def _reads_one_index(join, ndim: int, parents: dict) -> bool:
     dim = _signed(join._saved_dim, ndim)
     tops: set = set()
-    seen, todo = {join}, [join]
+    # node -> whether an operation with another operand (which may broadcast, adding
+    # dimensions) lies between it and the join
+    broadcast, todo = {join: False}, [join]
     while todo:
-        for node, nr in parents.get(todo.pop(), ()):
+        child = todo.pop()
+        for node, _ in parents.get(child, ()):
             name = _base_name(node)
+            if isinstance(node, torch.autograd.function.BackwardCFunction) \
+                    and name != "_DDPSinkBackward":
+                return False  # a user's autograd.Function, whatever its name
             if name == "SelectBackward":
                 if len(node._saved_self_sym_sizes) != ndim \
                         or _signed(node._saved_dim, ndim) != dim:
@@ -258,19 +266,26 @@ def _reads_one_index(join, ndim: int, parents: dict) -> bool:
                 tops.add((node, node._saved_index))
                 continue
             if name in ("UnbindBackward", "SplitBackward"):
-                if _signed(node._saved_dim, ndim) != dim or (
-                        name == "SplitBackward" and node._saved_split_size != 1):
+                # The outputs the task takes: the edges into the node from its own graph.
+                taken = {nr for _, nr in parents.get(node, ())}
+                if len(taken) != 1 or _signed(node._saved_dim, ndim) != dim:
                     return False
-                tops.add((node, nr))
+                if name == "SplitBackward":
+                    if node._saved_split_size != 1 or len(node._saved_self_sym_sizes) != ndim:
+                        return False
+                elif broadcast[child]:
+                    return False  # (unbind keeps no shape to check the dimensions against)
+                tops.add((node, taken.pop()))
                 continue
             full_slice = name == "SliceBackward" and node._saved_start == 0 \
-                and node._saved_step == 1 and node._saved_end >= 1 << 62
+                and node._saved_step == 1 and node._saved_end >= node._saved_self_sym_sizes[
+                    _signed(node._saved_dim, len(node._saved_self_sym_sizes))]
             pointwise = name in _POINTWISE and sum(
                 fn is not None for fn, _ in node.next_functions) == 1
-            if not (full_slice or pointwise or name == "_DDPSinkBackward"):
+            if not (full_slice or pointwise or name in ("AliasBackward", "_DDPSinkBackward")):
                 return False
-            if node not in seen:
-                seen.add(node)
+            if node not in broadcast:
+                broadcast[node] = broadcast[child] or name in _BINARY
                 todo.append(node)
     return len(tops) == 1
 

@@ -216,9 +216,9 @@ class TrunkHeads(nn.Module):
 
 class JoinedHeads(nn.Module):
     """A trunk and three heads whose outputs are joined into one tensor (``join``: "cat" or
-    "stack" along dimension 1, "stack0" along dimension 0, "weights": the heads' weights
-    concatenated into one matrix, or "list": no join), each task's loss reading its own part:
-    only the trunk is shared."""
+    "stack" along dimension 1, "stack0" along dimension 0, "split": cat read by split(1, 1),
+    "weights": the heads' weights concatenated into one matrix, or "list": no join), each
+    task's loss reading its own part: only the trunk is shared."""
 
     def __init__(self, join: str, zero_head: bool = False):
         super().__init__()
@@ -240,6 +240,9 @@ class JoinedHeads(nn.Module):
             out = torch.sigmoid(torch.stack([h(z).squeeze(1) for h in self.heads], 1))
         elif self.join == "stack0":
             return list(torch.sigmoid(torch.stack([h(z).squeeze(1) for h in self.heads])))
+        elif self.join == "split":  # a full slice, then split(1, 1)
+            out = torch.sigmoid(torch.cat([h(z) for h in self.heads], 1))[:, :]
+            return [c.squeeze(1) for c in out.split(1, 1)]
         else:
             out = torch.sigmoid(torch.cat([h(z) for h in self.heads], 1))
         return list(out.unbind(1)) if self.join == "weights" else [out[:, i] for i in range(3)]

@@ -833,7 +833,7 @@ def test_shared_parameter_changed_between_steps_gets_the_weighted_gradient(cls, 
 _GRADIENT_BALANCERS = ["NashMTL", "MGDAUB", "IMTLG", "PCGrad", "CAGrad"]
 
 
-@pytest.mark.parametrize("join", ["cat", "stack", "stack0"])
+@pytest.mark.parametrize("join", ["cat", "stack", "stack0", "split"])
 @pytest.mark.parametrize("name", _GRADIENT_BALANCERS)
 def test_heads_joined_into_one_output_are_not_shared(name, join):
     """Heads whose outputs are concatenated (or stacked) into one tensor, each task reading its

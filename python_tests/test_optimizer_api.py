@@ -54,7 +54,7 @@ def test_mmoe_shared_detection(as_tensor):
 
 
 @pytest.mark.parametrize("zero_head", [False, True], ids=["plain", "zero-head"])
-@pytest.mark.parametrize("join", ["cat", "stack", "stack0"])
+@pytest.mark.parametrize("join", ["cat", "stack", "stack0", "split"])
 def test_heads_joined_into_one_output_are_not_shared(join, zero_head):
     """Heads whose outputs are concatenated (or stacked) into one tensor, each task reading its
     own column, are task-specific, as they are when the model returns a list: the same shared
@@ -112,9 +112,9 @@ class DataDependentJoins(nn.Module):
     branches concatenated and read by task 0's head through a block that starts at zero
     ("zero-block"), two encoders' outputs concatenated along the batch with task 0 labelled on
     the first encoder's rows only ("rows"; "rows-2": by cat(dim=-2), each task reading a
-    column), a column picked per row by torch.where ("where") or by an index tensor
-    ("gather"), or the heads' weights concatenated into one matrix ("weights"). The walk of
-    the graph has every trunk parameter shared."""
+    column), a column picked per row by torch.where ("where"; "unbind-two": the columns taken
+    by one unbind) or by an index tensor ("gather"), or the heads' weights concatenated into
+    one matrix ("weights"). The walk of the graph has every trunk parameter shared."""
 
     def __init__(self, case: str):
         super().__init__()
@@ -157,6 +157,10 @@ class DataDependentJoins(nn.Module):
             treated = torch.ones(len(x), dtype=torch.bool)  # all treated in this batch
             return [torch.where(treated, out[:, 1], out[:, 0]).pow(2).mean(),
                     out[:, 0].pow(2).mean() + out[:, 1].pow(2).mean()]
+        if self.case == "unbind-two":  # as "where", the columns taken by one unbind
+            c0, c1 = torch.cat([self.a(x)[:, :1], self.b(x)[:, :1]], 1).unbind(1)
+            treated = torch.ones(len(x), dtype=torch.bool)
+            return [torch.where(treated, c1, c0).pow(2).mean(), (c0 + c1).pow(2).mean()]
         if self.case == "gather":  # each row reads its domain's tower
             out = torch.stack([self.a(x), self.b(x)], 1)  # (B, 2, 4)
             dom = torch.zeros(len(x), dtype=torch.long)  # every row of domain 0 here
@@ -167,8 +171,8 @@ class DataDependentJoins(nn.Module):
         return [out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]
 
 
-@pytest.mark.parametrize("case", ["topk", "zero-block", "rows", "rows-2", "where", "gather",
-                                  "weights"])
+@pytest.mark.parametrize("case", ["topk", "zero-block", "rows", "rows-2", "where", "unbind-two",
+                                  "gather", "weights"])
 def test_joins_whose_zero_gradients_may_be_the_datas_keep_every_input(case):
     """Where a task's zero gradient into a join's input may come from the data (gates, masks,
     a zero-initialized block) the detection follows every input, as a walk of the graph does:
