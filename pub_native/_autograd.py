@@ -187,18 +187,26 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     joins = [node for node, c in counts.items()
              if c >= 2 and _base_name(node) in ("CatBackward", "StackBackward")
              and sum(fn is not None for fn, _ in node.next_functions) >= 2]
-    measured = _join_gradients(joins, losses, counts) if joins else None
-    if measured is None:
+    if not joins:
         return [reached_parameters(root) for root in roots]
-    routes = []
-    for nodes, sent in zip(walks, measured):
-        parents: dict = {}  # node -> [(its parent in this task's graph, the edge's output_nr)]
+    tasks_parents = []  # per task: node -> [(its parent in the task's graph, the edge's nr)]
+    for nodes in walks:
+        parents: dict = {}
         for node in nodes:
             for fn, nr in node.next_functions:
                 if fn is not None:
                     parents.setdefault(fn, []).append((node, nr))
-        routes.append({join: flags for join, (flags, ndim) in sent.items()
-                       if sum(flags) == 1 and _one_index_of(join, ndim, parents)})
+        tasks_parents.append(parents)
+    # Measured only where some task may read one index (dimensions aside, which the
+    # measurement gives): not the experts' stack of a mixture, a skip connection's cat, ...
+    joins = [join for join in joins
+             if any(_one_index_of(join, None, parents) for parents in tasks_parents)]
+    measured = _join_gradients(joins, losses, counts) if joins else None
+    if measured is None:
+        return [reached_parameters(root) for root in roots]
+    routes = [{join: flags for join, (flags, ndim) in sent.items()
+               if sum(flags) == 1 and _one_index_of(join, ndim, parents)}
+              for sent, parents in zip(measured, tasks_parents)]
     return [_reached_routed(root, r) for root, r in zip(roots, routes)]
 
 
@@ -234,20 +242,25 @@ def _signed(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
-def _one_index_of(join, ndim: int, parents: dict) -> bool:
+def _one_index_of(join, ndim: int | None, parents: dict) -> bool:
     """Whether a task (``parents``: its graph's nodes above each node) reads the output of
     ``join`` (of ``ndim`` dimensions) through exactly one selection of one index along the
     join's dimension, with only element-wise operations of that tensor alone (or full slices,
-    or DistributedDataParallel's output node) between them. False where a node does not hold
-    what this reads (another torch version): the walk then goes through every input."""
+    or DistributedDataParallel's output node) between them; ``ndim`` None: the same, the
+    dimensions unchecked. False where a node does not hold what this reads (another torch
+    version): the walk then goes through every input."""
     try:
         return _reads_one_index(join, ndim, parents)
     except (AttributeError, TypeError, ValueError):
         return False
 
 
-def _reads_one_index(join, ndim: int, parents: dict) -> bool:
-    dim = _signed(join._saved_dim, ndim)
+def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
+    dim = None if ndim is None else _signed(join._saved_dim, ndim)
+
+    def along(node) -> bool:  # whether node works along the join's dimension
+        return ndim is None or _signed(node._saved_dim, ndim) == dim
+
     tops: set = set()
     # node -> whether an operation with another operand (which may broadcast, adding
     # dimensions) lies between it and the join
@@ -260,18 +273,19 @@ def _reads_one_index(join, ndim: int, parents: dict) -> bool:
                     and name != "_DDPSinkBackward":
                 return False  # a user's autograd.Function, whatever its name
             if name == "SelectBackward":
-                if len(node._saved_self_sym_sizes) != ndim \
-                        or _signed(node._saved_dim, ndim) != dim:
+                if ndim is not None and len(node._saved_self_sym_sizes) != ndim \
+                        or not along(node):
                     return False
                 tops.add((node, node._saved_index))
                 continue
             if name in ("UnbindBackward", "SplitBackward"):
                 # The outputs the task takes: the edges into the node from its own graph.
                 taken = {nr for _, nr in parents.get(node, ())}
-                if len(taken) != 1 or _signed(node._saved_dim, ndim) != dim:
+                if len(taken) != 1 or not along(node):
                     return False
                 if name == "SplitBackward":
-                    if node._saved_split_size != 1 or len(node._saved_self_sym_sizes) != ndim:
+                    if node._saved_split_size != 1 or (
+                            ndim is not None and len(node._saved_self_sym_sizes) != ndim):
                         return False
                 elif broadcast[child]:
                     return False  # (unbind keeps no shape to check the dimensions against)

@@ -189,6 +189,29 @@ def test_joins_whose_zero_gradients_may_be_the_datas_keep_every_input(case):
         assert {id(p) for p in model.trunk()} <= {id(p) for p in shared}
 
 
+def test_a_join_no_task_reads_by_one_index_is_not_measured():
+    # Experts stacked and mixed by gates: no task reads the stack through one index, so the
+    # first backward takes no measuring pass through it (its hooks run once per task).
+    torch.manual_seed(0)
+    model = DataDependentJoins("topk")
+    calls = []
+    real_stack = torch.stack
+
+    def stack(tensors, dim=0):
+        out = real_stack(tensors, dim)
+        out.register_hook(lambda g: calls.append(1))
+        return out
+
+    opt = pub_native.Adam(model.parameters(), lr=1e-2)
+    torch.stack = stack
+    try:
+        losses = model.losses(torch.randn(16, 5))
+    finally:
+        torch.stack = real_stack
+    opt.backward(losses)
+    assert len(calls) == 2  # K = 2 task backward passes, none to measure
+
+
 def test_explicit_shared_and_group_flag_override_detection():
     torch.manual_seed(0)
     model = MMoE()
