@@ -30,6 +30,19 @@ NATIVE = {"adam": pub_native.Adam, "adagrad": pub_native.AdaGrad, "rmsprop": pub
 TORCH_ADAM_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam).parameters
 
 
+def _torch_takes_named_parameters() -> bool:
+    """Whether torch's optimizers take model.named_parameters() (torch >= 2.6)."""
+    try:
+        torch.optim.SGD([("w", torch.zeros(1, requires_grad=True))], lr=0.1)
+    except TypeError:
+        return False
+    return True
+
+
+# torch's optimizers (so the PUB optimizers, their subclasses) take (name, tensor) pairs
+TORCH_NAMED_PARAMS = _torch_takes_named_parameters()
+
+
 def torch_adam(params, decoupled_weight_decay=False, **options):
     """torch.optim.Adam; with decoupled_weight_decay on a torch whose Adam lacks it (< 2.6),
     torch.optim.AdamW, which takes the same step."""

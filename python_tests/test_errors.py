@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import F32, F64
-from helpers import NATIVE, SHAPES, TORCH, Problem, assert_unchanged, run_pub, snapshot
+from helpers import (
+    NATIVE,
+    SHAPES,
+    TORCH,
+    TORCH_NAMED_PARAMS,
+    Problem,
+    assert_unchanged,
+    run_pub,
+    snapshot,
+)
 from torch import nn
 
 import pub_native
@@ -90,9 +99,11 @@ def test_a_sparse_shared_gradient_is_refused_naming_the_parameter():
         z = m["emb"](torch.tensor([1, 2]))
         return [h(z).square().mean() for h in m["heads"]]
 
-    for params, name in ((lambda m: [*m.parameters()], r"param_groups\[0\]\['params'\]\[0\] "
-                                                       r"\(shape \(5, 3\)\)"),
-                         (lambda m: m.named_parameters(), r"parameter 'emb\.weight'")):
+    forms = [(lambda m: [*m.parameters()], r"param_groups\[0\]\['params'\]\[0\] "
+                                           r"\(shape \(5, 3\)\)")]
+    if TORCH_NAMED_PARAMS:  # (torch's optimizers take named_parameters() from torch 2.6)
+        forms.append((lambda m: m.named_parameters(), r"parameter 'emb\.weight'"))
+    for params, name in forms:
         m = model()
         opt = pub_native.Adam(params(m))
         with pytest.raises(TypeError, match=f"^{name} is shared and gets a sparse gradient.*"
@@ -109,14 +120,16 @@ def test_shared_given_as_names_is_refused_saying_it_takes_the_tensors():
              (list(model[0].named_parameters()), r"shared\[0\] is a \(name, tensor\) pair"),
              ([model[0].weight, ("0.bias", model[0].bias)], r"shared\[1\] is a \(name, tensor"),
              ("0.weight", r"shared is a parameter name"))
+    # (torch's optimizers take named_parameters() from torch 2.6)
+    params = model.named_parameters if TORCH_NAMED_PARAMS else model.parameters
     for make in (pub_native.Adam, pub_native.AdaGrad, pub_native.RMSProp):
         for shared, item in cases:
             with pytest.raises(TypeError, match=item + r".*shared= takes the parameter tensors "
                                                        r"themselves.*named_parameters\(\)"):
-                make(model.named_parameters(), shared=shared)
+                make(params(), shared=shared)
     with pytest.raises(TypeError, match=r"shared\[0\] is a \(name, tensor\) pair \('weight'"):
         pub_native.Adam(model.parameters(), shared=model[0].named_parameters())
-    opt = pub_native.Adam(model.named_parameters(), shared=list(model[0].parameters()))
+    opt = pub_native.Adam(params(), shared=list(model[0].parameters()))
     opt.backward([model(torch.ones(3))[0], model(torch.ones(3))[1]])
     assert opt.shared_parameters == list(model[0].parameters())
 
