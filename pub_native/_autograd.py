@@ -15,7 +15,8 @@ import torch
 from . import _native
 
 __all__ = ["DTYPES", "NothingReached", "REENTRANT_CHECKPOINT", "as_loss_list",
-           "compiled_graph", "other_leaves", "reached_by_gradients", "reached_parameters",
+           "compiled_graph", "named_pair", "other_leaves", "reached_by_gradients",
+           "reached_parameters",
            "reentrant_checkpoint", "run_post_accumulate_grad_hooks", "split_shared", "task_reach",
            "split_shared_by_gradients", "sum_into", "sum_rows", "task_roots", "TaskGradients",
            "walk_graph"]
@@ -153,14 +154,14 @@ def run_post_accumulate_grad_hooks(tensors) -> None:
                 hook(t)
 
 
-def reached_parameters(root) -> set[int]:
+def reached_parameters(root, routes: dict | None = None) -> set[int]:
     """ids of the leaf tensors that the autograd graph below ``root`` (a loss tensor or an
-    autograd node) accumulates gradient into."""
+    autograd node) accumulates gradient into; ``routes``: see :func:`walk_graph`."""
     if isinstance(root, torch.Tensor):
         if root.grad_fn is None:
             return {id(root)} if root.requires_grad else set()
         root = root.grad_fn
-    return walk_graph([root])[1]
+    return walk_graph([root], routes=routes)[1]
 
 
 def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
@@ -207,15 +208,7 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     routes = [{join: flags for join, (flags, ndim) in sent.items()
                if sum(flags) == 1 and _one_index_of(join, ndim, parents)}
               for sent, parents in zip(measured, tasks_parents)]
-    return [_reached_routed(root, r) for root, r in zip(roots, routes)]
-
-
-def _reached_routed(root, routes: dict) -> set[int]:
-    if isinstance(root, torch.Tensor):
-        if root.grad_fn is None:
-            return {id(root)} if root.requires_grad else set()
-        root = root.grad_fn
-    return walk_graph([root], routes=routes)[1]
+    return [reached_parameters(root, r) for root, r in zip(roots, routes)]
 
 
 def _base_name(node) -> str:
@@ -793,14 +786,18 @@ def _grad_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def named_pair(item) -> bool:
+    """Whether ``item`` is a (name, tensor) pair, as ``model.named_parameters()`` gives."""
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) \
+        and isinstance(item[1], torch.Tensor)
+
+
 def refuse_names(value, name: str) -> None:
     """A TypeError where ``value``, an argument that takes parameter tensors (``shared=``),
     holds parameter names or the (name, tensor) pairs of ``model.named_parameters()``, naming
     the argument and the item: the tensors themselves are needed (a name would otherwise be
     reported as a tensor that is not among the parameters)."""
-    single = isinstance(value, str) or (isinstance(value, tuple) and len(value) == 2
-                                        and isinstance(value[0], str)
-                                        and isinstance(value[1], torch.Tensor))
+    single = isinstance(value, str) or named_pair(value)
     items = [value] if single else list(value)
     for i, item in enumerate(items):
         where = name if single else f"{name}[{i}]"

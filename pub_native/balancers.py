@@ -44,6 +44,7 @@ from ._autograd import (
     compiled_graph,
     dense_strides,
     layout_view,
+    named_pair,
     not_dense,
     reached_by_gradients,
     reached_parameters,
@@ -352,7 +353,7 @@ class GradientBalancer:
             j = next(j for j, q in enumerate(self.params) if q is p)
             first = sorted(self._reach[j])
             warnings.warn(
-                f"params[{j}] (shape {tuple(p.shape)}) was found to be reached by task(s) "
+                f"{self._param_label(p)} was found to be reached by task(s) "
                 f"{first} alone when the balancer first saw it, but task {i} gives it a "
                 "gradient now: it gets that gradient too (where weight_task_specific=True, "
                 f"weighted as task {i}'s own parameters are), but is not balanced. Pass shared= "
@@ -3286,8 +3287,7 @@ def _param_list(params, name: str) -> list[torch.Tensor]:
         if isinstance(group, torch.Tensor):
             group = [group]
         for p in group:
-            if name == "params" and isinstance(p, tuple) and len(p) == 2 \
-                    and isinstance(p[0], str) and isinstance(p[1], torch.Tensor):
+            if name == "params" and named_pair(p):
                 p = p[1]  # model.named_parameters(), as torch's optimizers take it
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{name} must hold tensors, got {type(p).__name__}")
