@@ -107,6 +107,7 @@ def test_a_loss_weighting_without_a_ddp_module_trains_each_process_on_its_own(ru
     assert not torch.equal(ranks[0][(kind, "alone")]["state"], ranks[1][(kind, "alone")]["state"])
 
 
+@pytest.mark.slow
 def test_loss_weightings_refuse_fsdp2_parameters_by_name(tmp_path):
     # Under FSDP2 the forward runs on unsharded copies of the parameters, so no loss reaches the
     # sharded ones the balancer was given: a NotImplementedError naming FSDP2, not the error of

@@ -88,6 +88,7 @@ def test_every_loop_is_bitwise_independent_of_thread_count(case_runs):
             assert torch.equal(x, y), case
 
 
+@pytest.mark.slow  # two runs of every case (CI runs it)
 @pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="one version only")
 def test_avx2_loops_equal_baseline_loops(case_runs):
     # (The AVX2 version on one thread: any other thread count gives the same bits, above.)

@@ -42,6 +42,7 @@ def test_zero_pub_backward_raises_on_every_process(tmp_path, case):
             assert torch.equal(a, b), "a refused backward changed a parameter"
 
 
+@pytest.mark.slow
 def test_zero_plain_steps_match_torch_adam_around_a_refused_pub_step(tmp_path):
     ranks = _run(tmp_path, "zero_plain")
     for r in ranks:

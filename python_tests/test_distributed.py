@@ -193,7 +193,7 @@ def test_nccl_world_of_one_on_cuda(tmp_path):
                  marks=pytest.mark.slow),
     # Uneven inputs: a joined process stands in for DDP's all-reduce only; gloo aborted the
     # others at PUB's own collectives.
-    pytest.param("join", "join\\(\\).*not supported"),
+    pytest.param("join", "join\\(\\).*not supported", marks=pytest.mark.slow),
 ])
 def test_set_ups_that_cannot_be_exact_raise(tmp_path, mode, match):
     ranks = _run(tmp_path, 2, ["--mode", mode])
@@ -248,7 +248,7 @@ def test_a_communication_hook_registered_later_is_reported_at_the_next_call(tmp_
     pytest.param("rewrap-join", ["--shard", "0"], r"join\(\).*not supported", id="rewrap-pub",
                  marks=pytest.mark.slow),
     pytest.param("rewrap-join", ["--balancer", "nashmtl"], r"join\(\).*not supported",
-                 id="rewrap-nashmtl"),
+                 id="rewrap-nashmtl", marks=pytest.mark.slow),
     pytest.param("rewrap-join", ["--balancer", "uncertainty"], r"join\(\).*not supported",
                  id="rewrap-uncertainty", marks=pytest.mark.slow),
 ])
@@ -317,6 +317,7 @@ def test_a_task_absent_from_one_first_batch_raises_everywhere(tmp_path, mode, ma
     assert match in last.get("error", ""), last
 
 
+@pytest.mark.slow
 def test_per_task_norms_agree_on_a_process_that_holds_no_piece(tmp_path):
     # A shared parameter of one element: under sharded state one process holds none of it. Its
     # norms took a shortcut (no root, a sum where the others took a max or min): the processes
