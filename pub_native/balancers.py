@@ -312,7 +312,8 @@ class GradientBalancer:
         # a task that reaches it only later (data-dependent routing, a head used by another
         # task from some step on), or, in a compiled graph, a task whose gradient was zero on
         # the first batch (a zero-initialized head, a batch without its labels). A non-shared
-        # parameter reached by several tasks gets the plain sum of their gradients.
+        # parameter reached by several tasks (one left out of shared=) gets the sum of their
+        # gradients, each weighted by its task's weight where weight_task_specific (see apart).
         decided = [p for p, tasks in zip(self.params, self._reach, strict=True)
                    if tasks is not None and id(p) not in shared_ids]
         self._specific = [decided] * len(losses)
@@ -330,14 +331,18 @@ class GradientBalancer:
         self._single = [[p for p in self.params
                          if id(p) in single_ids and id(p) in r and id(p) not in shared_ids]
                         for r in reach]
-        # apart[i]: those of another task alone, whose gradient from task i (a task that
-        # reaches them later: routing, or a compiled graph's zeros) is weighted by w_i, as on a
-        # step that reuses the weights (one backward of Σ w_i L_i), not by their task's weight.
-        owner = {id(p): j for j, spec in enumerate(self._single) for p in spec}
-        self._apart = [{pid for pid, j in owner.items() if j != i} for i in range(len(losses))]
         specific_ids = {id(p) for spec in self._specific for p in spec}
         self._specific_all = [p for p in self.params if id(p) in specific_ids]
         self._multi = [p for p in self._specific_all if id(p) not in single_ids]
+        # apart[i]: those whose gradient from task i is kept apart and weighted by w_i, as on a
+        # step that reuses the weights (one backward of Σ w_i L_i) and in the published code's
+        # backward of the weighted loss: those of another task alone (reached by task i later:
+        # routing, or a compiled graph's zeros), not weighted by their task's weight, and those
+        # reached by several tasks but not shared (left out of shared=).
+        owner = {id(p): j for j, spec in enumerate(self._single) for p in spec}
+        multi_ids = {id(p) for p in self._multi}
+        self._apart = [{pid for pid, j in owner.items() if j != i} | multi_ids
+                       for i in range(len(losses))]
         self.k = len(losses)
         if not compiled and not any(tasks for p, tasks in zip(self.params, self._reach,
                                                               strict=True) if p.requires_grad):
@@ -754,7 +759,7 @@ class GradientBalancer:
             return sum(float(vi) * loss for vi, loss in zip(v.tolist(), losses, strict=True))
 
         if self.weight_task_specific:
-            single, plain = [p for spec in self._single for p in spec], self._multi
+            single, plain = [p for spec in self._single for p in spec] + self._multi, []
         else:
             single, plain = [], self._specific_all
         if heads is None:

@@ -1247,6 +1247,46 @@ def test_a_task_that_reaches_a_parameter_of_another_only_later_adds_its_gradient
                                atol=1e-14)
 
 
+@pytest.mark.parametrize("specific", [True, False])
+@pytest.mark.parametrize("name,every", [("nashmtl", 1), ("nashmtl", 2), ("mgda-ub", 2),
+                                        ("imtl-g", 2), ("pcgrad", 1), ("cagrad", 1)])
+def test_a_parameter_several_tasks_use_but_shared_leaves_out_gets_their_weighted_sum(
+        name, every, specific):
+    # A PLE-like expert of tasks 0 and 1, with shared= naming the trunk only: where the
+    # task-specific parameters are weighted, the published code's backward of Σ w_i L_i gives
+    # it w_0·g_0 + w_1·g_1, on a step that solves for the weights as on one that reuses them.
+    # It had the plain sum g_0 + g_1 while the heads had w_i·g_i.
+    torch.manual_seed(0)
+    trunk, expert = torch.nn.Linear(5, 6).double(), torch.nn.Linear(6, 6).double()
+    heads = [torch.nn.Linear(6, 1).double() for _ in range(3)]
+    params = [*trunk.parameters(), *expert.parameters(),
+              *(p for h in heads for p in h.parameters())]
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+
+    def losses():
+        z = torch.tanh(trunk(x))
+        e = torch.tanh(expert(z))
+        return [((heads[i](e if i < 2 else z)[:, 0] - y[:, i]) ** 2).mean() for i in range(3)]
+
+    options = {"update_weights_every": every} if every > 1 else {}
+    bal = B.BALANCERS[name](params, shared=list(trunk.parameters()),
+                            weight_task_specific=specific, **options)
+    for call in range(2):
+        for p in params:
+            p.grad = None
+        bal.backward(losses())
+        assert bal.stats["updated"] == (call == 0 or every == 1)
+        w = bal.weights.tolist() if specific else [1.0] * 3
+        if specific and name != "pcgrad":
+            assert max(w[:2]) - min(w[:2]) > 0.05  # (weights that differ enough to tell)
+        gs = [torch.autograd.grad(loss, [expert.weight, heads[0].weight], retain_graph=True,
+                                  allow_unused=True) for loss in losses()]
+        torch.testing.assert_close(expert.weight.grad, w[0] * gs[0][0] + w[1] * gs[1][0],
+                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(heads[0].weight.grad, w[0] * gs[0][1], rtol=1e-12,
+                                   atol=1e-14)
+
+
 def _twins_after_one_call(name, frozen, frozen_first):
     """Two models and balancers (of ``name``), the parameters named in ``frozen`` frozen
     before the balancer is built where ``frozen_first`` says so, after one call each."""
