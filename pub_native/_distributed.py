@@ -20,7 +20,7 @@ import weakref
 import torch
 
 __all__ = ["SUPPORTED", "DDPRef", "average_gradients", "data_parallel_group",
-           "is_distributed", "own_averaging_checks"]
+           "differs_between_processes", "is_distributed", "own_averaging_checks"]
 
 SUPPORTED = (
     "supported: a model wrapped in torch.nn.parallel.DistributedDataParallel (pass "
@@ -220,6 +220,18 @@ def _fingerprint(key) -> list[int]:
     process; 62 bits, so that their negation cannot overflow an int64."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
     return [int.from_bytes(digest[i:i + 8], "little") >> 2 for i in (0, 8)]
+
+
+def differs_between_processes(group, key) -> int | None:
+    """None where ``key`` (as in :func:`_fingerprint`) is the same on every process of
+    ``group``; else one 62-bit int, the same on every process (the highest fingerprint):
+    one fixed-size all-reduce."""
+    dist = torch.distributed
+    mine = _fingerprint(key)[0]
+    t = torch.tensor([mine, -mine], dtype=torch.int64).to(_collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    highest, lowest = (int(v) for v in t.cpu().tolist())
+    return None if highest == -lowest else highest
 
 
 def _check_same_parameters(group, params: list[torch.Tensor], positions: dict | None) -> None:

@@ -63,6 +63,7 @@ from ._distributed import (
     average_gradients,
     data_parallel_group,
     ddp_holders,
+    differs_between_processes,
     is_distributed,
     own_averaging_checks,
     refuse_join,
@@ -1002,6 +1003,12 @@ class PCGrad(GradientBalancer):
     Each g_i^PC is a linear combination of the g_j, so the whole procedure runs on G and
     ``weights`` holds w with Σ_i g_i^PC = Σ_j w_j g_j. The orders come from
     ``numpy.random.default_rng(seed)``. Task parameters get their ordinary gradient.
+
+    Under data parallelism every process must draw the same orders (its G is the processes'
+    average): at the first call, and the first after :meth:`load_state_dict`, the processes
+    compare their generators' states. Where ``seed=None`` drew a different one on each, every
+    process restarts from one common seed; where an explicit seed (or a loaded state) differs,
+    every process raises a ValueError.
     """
 
     _OPTIONS = ("weight_task_specific", "seed", "reduction")
@@ -1013,10 +1020,25 @@ class PCGrad(GradientBalancer):
         self.reduction = self._checked_option("reduction", reduction, "reduction")
         self.seed = self._checked_option("seed", seed, "seed")
         self.rng = np.random.default_rng(seed)
+        self._rng_compared = False  # with the other processes' (see the class docstring)
 
     def _compute_weights(self, G, losses):
+        if self._dp_group is not None and not self._rng_compared:
+            self._same_rng_everywhere()
         w = pcgrad_weights(G, self.rng)
         return w / len(G) if self.reduction == "mean" else w
+
+    def _same_rng_everywhere(self) -> None:
+        common = differs_between_processes(self._dp_group, self.rng.bit_generator.state)
+        if common is not None:
+            if self.seed is not None or self.steps:
+                raise ValueError(
+                    f"PCGrad's random generator differs between the processes (seed="
+                    f"{self.seed!r} here, or state dicts that differ were loaded): under data "
+                    "parallelism every process must draw the same task orders, or the replicas "
+                    "drift apart. Give every process the same seed and load the same state")
+            self.rng = np.random.default_rng(common)
+        self._rng_compared = True
 
     def _method_state(self):
         return {"rng": copy.deepcopy(self.rng.bit_generator.state)}
@@ -1031,6 +1053,7 @@ class PCGrad(GradientBalancer):
 
         def apply():
             self.rng = rng
+            self._rng_compared = False
         return apply
 
     def __repr__(self):

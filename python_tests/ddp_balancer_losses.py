@@ -1,7 +1,9 @@
-"""Worker of test_balancer_ddp_weighting.py's non-finite-loss test: 2 gloo processes, MGDA-UB on
-a DistributedDataParallel model, a good first step, then a step whose loss is non-finite on the
-last process only: NaN without a GradScaler, Inf with a finite gradient under one. Writes what
-each case did (the error, or the parameters after the step) to rank<r>.pt."""
+"""Worker of test_balancer_ddp_weighting.py's non-finite-loss and PCGrad tests: 2 gloo processes.
+MGDA-UB on a DistributedDataParallel model, a good first step, then a step whose loss is
+non-finite on the last process only: NaN without a GradScaler, Inf with a finite gradient under
+one. PCGrad with 4 conflicting tasks, seed=None (a different seed drawn on each process) or an
+explicit seed that differs between the processes. Writes what each case did (the error, or the
+parameters or gradients after the steps) to rank<r>.pt."""
 
 from __future__ import annotations
 
@@ -46,9 +48,33 @@ def case(rank: int, world: int, scaled: bool):
     return {"params": [p.detach().clone() for p in params]}
 
 
+def pcgrad_case(rank: int, seed):
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(
+        nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)).double())
+    params = list(model.parameters())
+    bal = balancers.PCGrad(params, seed=seed)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0, 0.5, -2.0], dtype=torch.float64)  # tasks that conflict
+    grads = []
+    for _ in range(4):
+        for p in params:
+            p.grad = None
+        out = model(x)
+        losses = [(out[:, i] - signs[i] * x.sum(1)).pow(2).mean() for i in range(4)]
+        try:
+            bal.backward(losses)
+        except ValueError as exc:
+            return {"error": str(exc), "grads": [p.grad for p in params]}
+        grads.append([p.grad.clone() for p in params])
+    return {"grads": grads, "weights": bal.weights}
+
+
 def main() -> None:
     with gloo_worker() as args:
         result = {scaled: case(args.rank, args.world, scaled) for scaled in (False, True)}
+        result["pcgrad"] = {seed: pcgrad_case(args.rank, None if seed is None else
+                                              seed + args.rank) for seed in (None, 3)}
         torch.save(result, os.path.join(args.out, f"rank{args.rank}.pt"))
 
 

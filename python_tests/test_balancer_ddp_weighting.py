@@ -129,16 +129,40 @@ def test_loss_weightings_refuse_fsdp2_parameters_by_name(tmp_path):
             assert all(no_grad), name
 
 
-def test_a_loss_non_finite_on_one_process_is_decided_alike_on_every_process(tmp_path):
+@pytest.fixture(scope="module")
+def balancer_runs(tmp_path_factory):
+    """Per process, what ddp_balancer_losses.py's cases did."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    return run_workers(HERE / "ddp_balancer_losses.py", WORLD,
+                       tmp_path_factory.mktemp("ddp_balancer_losses"), timeout=90)
+
+
+def test_a_loss_non_finite_on_one_process_is_decided_alike_on_every_process(balancer_runs):
     # A NaN loss on one process's slice: every process raises FloatingPointError (one that
     # raised alone would leave the others waiting in the next collective). An Inf loss with a
     # finite gradient under a GradScaler: every process takes the same step (the processes do
     # not drift apart).
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    ranks = run_workers(HERE / "ddp_balancer_losses.py", WORLD, tmp_path, timeout=90)
+    ranks = balancer_runs
     for r in ranks:
         assert "non-finite loss in task(s) [1]" in r[False].get("error", ""), r[False]
         assert "params" in r[True], r[True]
     for a, b in zip(ranks[0][True]["params"], ranks[1][True]["params"]):
         assert torch.equal(a, b)
+
+
+def test_pcgrad_draws_the_same_task_orders_on_every_process(balancer_runs):
+    ranks = balancer_runs
+    # PCGrad(seed=None) drew a different seed on each process, so their task orders and
+    # shared gradients differed (the replicas drifted apart): every process now draws from one
+    # seed. Explicit seeds that differ are refused on every process, .grad untouched.
+    drawn = [r["pcgrad"][None] for r in ranks]
+    for a, b in zip(drawn[0]["grads"], drawn[1]["grads"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert torch.equal(drawn[0]["weights"], drawn[1]["weights"])
+    assert float((drawn[0]["weights"] - 1).abs().max()) > 1e-3  # (projections took place)
+    for r in ranks:
+        refused = r["pcgrad"][3]
+        assert "random generator differs between the processes" in refused.get("error", ""), \
+            refused
+        assert all(g is None for g in refused["grads"])
