@@ -83,8 +83,9 @@ def task_roots(losses, items: list[torch.Tensor]) -> list:
     if len(items) > 1:
         warnings.warn(
             "losses is a 1-D tensor not built by torch.stack, so every parameter it depends on "
-            "counts as reached by every task; pass a list of losses (or shared=) to detect the "
-            "shared parameters exactly",
+            "counts as reached by every task; pass a list of losses (list(losses.unbind()) "
+            "for a vector of per-task losses) or shared= to detect the shared parameters "
+            "exactly",
             stacklevel=3,
         )
     return [fn if fn is not None else losses] * len(items)
@@ -169,34 +170,41 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     autograd node per task (see :func:`task_roots`); ``losses``: the K scalar losses.
 
     A walk of the autograd structure, except where a task takes one slice of a join: a
-    ``torch.cat`` or ``torch.stack`` node reached by two or more tasks (the heads' outputs
-    joined into one tensor) that a task reads through a single selection of one index along
-    the join's dimension (``out[:, i]``, ``out.unbind(1)[i]``, ``out.split(1, 1)[i]``), with
-    only element-wise operations of that tensor alone between them (``sigmoid``, a cast, a
-    product with a constant). That index lies in one input, whatever the data: the task
+    ``torch.cat`` or ``torch.stack`` node (the heads' outputs joined into one tensor) that a
+    task reads through a single selection of one index along the join's dimension
+    (``out[:, i]``, ``out.unbind(1)[i]``, ``out.split(1, 1)[i]``), with only element-wise
+    operations of that tensor alone between them (``sigmoid``, a cast, a product with a
+    constant, an element-wise loss against constant targets) and sums or means over other
+    dimensions (``bce(out, y, reduction="none").mean(0)[i]``). That index lies in one input,
+    whatever the data: the task
     follows that input alone, found by one backward pass per task that stops at the joins'
     inputs (the input its loss sends a non-zero gradient to; where it sends none, no labels in
     this batch, it follows them all). A task that reads a join otherwise (two columns, an index
     tensor, torch.where, a layer) follows every input, since a zero gradient there may be the
     data's (gates, masks, a zero-initialized block)."""
-    walks = [walk_graph([root.grad_fn if isinstance(root, torch.Tensor) else root])[0]
-             for root in roots]
+    starts = [root.grad_fn if isinstance(root, torch.Tensor) else root for root in roots]
+    walks = [walk_graph([start])[0] for start in starts]
     counts: dict = {}
     for nodes in walks:
         for node in nodes:
             counts[node] = counts.get(node, 0) + 1
-    joins = [node for node, c in counts.items()
-             if c >= 2 and _base_name(node) in ("CatBackward", "StackBackward")
+    # (Also a join that one task alone reaches: each task joining the heads' outputs anew.)
+    joins = [node for node in counts
+             if _base_name(node) in ("CatBackward", "StackBackward")
              and sum(fn is not None for fn, _ in node.next_functions) >= 2]
     if not joins:
         return [reached_parameters(root) for root in roots]
     tasks_parents = []  # per task: node -> [(its parent in the task's graph, the edge's nr)]
-    for nodes in walks:
+    for nodes, start, loss in zip(walks, starts, losses, strict=True):
         parents: dict = {}
         for node in nodes:
             for fn, nr in node.next_functions:
                 if fn is not None:
                     parents.setdefault(fn, []).append((node, nr))
+        if start is not None and loss is not None and start is loss.grad_fn:
+            # The loss itself is one output of its node (list(vec.unbind())[i]): the edge
+            # it is read by, from no node.
+            parents.setdefault(start, []).append((None, loss.output_nr))
         tasks_parents.append(parents)
     # Measured only where some task may read one index (dimensions aside, which the
     # measurement gives): not the experts' stack of a mixture, a skip connection's cat, ...
@@ -223,8 +231,15 @@ _POINTWISE = frozenset(name + "Backward" for name in (
     "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Neg", "Softplus", "LogSigmoid", "Gelu", "Elu",
     "LeakyRelu", "Silu", "Hardtanh", "Hardsigmoid", "Clamp", "Abs", "Pow", "Mul", "Div", "Add",
     "Sub", "Sqrt", "Rsqrt", "Clone", "ToCopy"))
+# Element-wise losses against constant targets, with reduction="none" (saved as 0).
+_LOSSES = frozenset(name + "Backward" for name in (
+    "BinaryCrossEntropyWithLogits", "BinaryCrossEntropy", "MseLoss", "L1Loss", "SmoothL1Loss",
+    "HuberLoss"))
 # Those of them that may take a second operand (a constant), which may broadcast.
-_BINARY = frozenset(name + "Backward" for name in ("Mul", "Div", "Add", "Sub", "Pow", "Clamp"))
+_BINARY = frozenset(name + "Backward" for name in ("Mul", "Div", "Add", "Sub", "Pow", "Clamp")) \
+    | _LOSSES
+# Sums and means over given dimensions (the node's saved dimensions; without them, over all).
+_REDUCTIONS = frozenset(("SumBackward1", "MeanBackward1"))
 
 
 def _signed(dim: int, ndim: int) -> int:
@@ -239,60 +254,82 @@ def _one_index_of(join, ndim: int | None, parents: dict) -> bool:
     """Whether a task (``parents``: its graph's nodes above each node) reads the output of
     ``join`` (of ``ndim`` dimensions) through exactly one selection of one index along the
     join's dimension, with only element-wise operations of that tensor alone (or full slices,
-    or DistributedDataParallel's output node) between them; ``ndim`` None: the same, the
-    dimensions unchecked. False where a node does not hold what this reads (another torch
-    version): the walk then goes through every input."""
+    sums or means over other dimensions, or DistributedDataParallel's output node) between
+    them; ``ndim`` None: the same, the dimensions unchecked. False where a node does not hold
+    what this reads (another torch version): the walk then goes through every input."""
     try:
         return _reads_one_index(join, ndim, parents)
     except (AttributeError, TypeError, ValueError):
         return False
 
 
+def _along(node, nd: int | None, d: int | None) -> bool:
+    """Whether ``node`` (a selection) works along dimension ``d`` of its input of ``nd``
+    dimensions (True where they are unknown)."""
+    return nd is None or _signed(node._saved_dim, nd) == d
+
+
 def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
-    dim = None if ndim is None else _signed(join._saved_dim, ndim)
-
-    def along(node) -> bool:  # whether node works along the join's dimension
-        return ndim is None or _signed(node._saved_dim, ndim) == dim
-
     tops: set = set()
-    # node -> whether an operation with another operand (which may broadcast, adding
-    # dimensions) lies between it and the join
-    broadcast, todo = {join: False}, [join]
+    # node -> (whether an operation with another operand, which may broadcast and add leading
+    # dimensions, lies between it and the join since the dimensions were last known; the
+    # number of dimensions of its output and the position of the join's dimension in it,
+    # None where ndim is)
+    seen = {join: (False, ndim, None if ndim is None else _signed(join._saved_dim, ndim))}
+    todo = [join]
     while todo:
         child = todo.pop()
+        broadcast, nd, d = seen[child]
         for node, _ in parents.get(child, ()):
+            if node is None:
+                continue  # the task's loss itself: read whole
             name = _base_name(node)
             if isinstance(node, torch.autograd.function.BackwardCFunction) \
                     and name != "_DDPSinkBackward":
                 return False  # a user's autograd.Function, whatever its name
             if name == "SelectBackward":
-                if ndim is not None and len(node._saved_self_sym_sizes) != ndim \
-                        or not along(node):
+                if nd is not None and len(node._saved_self_sym_sizes) != nd \
+                        or not _along(node, nd, d):
                     return False
                 tops.add((node, node._saved_index))
                 continue
             if name in ("UnbindBackward", "SplitBackward"):
                 # The outputs the task takes: the edges into the node from its own graph.
                 taken = {nr for _, nr in parents.get(node, ())}
-                if len(taken) != 1 or not along(node):
+                if len(taken) != 1 or not _along(node, nd, d):
                     return False
                 if name == "SplitBackward":
                     if node._saved_split_size != 1 or (
-                            ndim is not None and len(node._saved_self_sym_sizes) != ndim):
+                            nd is not None and len(node._saved_self_sym_sizes) != nd):
                         return False
-                elif broadcast[child]:
+                elif broadcast:
                     return False  # (unbind keeps no shape to check the dimensions against)
                 tops.add((node, taken.pop()))
                 continue
-            full_slice = name == "SliceBackward" and node._saved_start == 0 \
-                and node._saved_step == 1 and node._saved_end >= node._saved_self_sym_sizes[
-                    _signed(node._saved_dim, len(node._saved_self_sym_sizes))]
-            pointwise = name in _POINTWISE and sum(
-                fn is not None for fn, _ in node.next_functions) == 1
-            if not (full_slice or pointwise or name in ("AliasBackward", "_DDPSinkBackward")):
+            if name != "_DDPSinkBackward" and sum(
+                    fn is not None for fn, _ in node.next_functions) != 1:
+                return False  # another operand that requires grad: not this tensor's alone
+            state = (broadcast or name in _BINARY, nd, d)
+            if node.name() in _REDUCTIONS:
+                if nd is not None:
+                    reduced = {_signed(x, nd) for x in node._saved_dim}
+                    if len(node._saved_self_sym_sizes) != nd or not reduced or d in reduced:
+                        return False  # (leading dimensions added, or the join's reduced)
+                    if not node._saved_keepdim:
+                        state = (False, nd - len(reduced), d - sum(x < d for x in reduced))
+                # Its input's dimensions are checked (where they are known): what is above
+                # it has the dimensions computed here.
+                state = (False, *state[1:])
+            elif name in _LOSSES:
+                if node._saved_reduction != 0:
+                    return False  # a mean or a sum over every element
+            elif not (name in _POINTWISE or name in ("AliasBackward", "_DDPSinkBackward")
+                      or name == "SliceBackward" and node._saved_start == 0
+                      and node._saved_step == 1 and node._saved_end >= node._saved_self_sym_sizes[
+                          _signed(node._saved_dim, len(node._saved_self_sym_sizes))]):
                 return False
-            if node not in broadcast:
-                broadcast[node] = broadcast[child] or name in _BINARY
+            if node not in seen:
+                seen[node] = state
                 todo.append(node)
     return len(tops) == 1
 

@@ -231,7 +231,8 @@ class JoinedHeads(nn.Module):
     """A trunk and three heads whose outputs are joined into one tensor (``join``: "cat" or
     "stack" along dimension 1, "stack0" along dimension 0, "split": cat read by split(1, 1),
     "weights": the heads' weights concatenated into one matrix, or "list": no join), each
-    task's loss reading its own part: only the trunk is shared."""
+    task's loss reading its own part: only the trunk is shared. In the modes of
+    :data:`LOSS_VECTORS` the losses come from the joined tensor (see :func:`joined_losses`)."""
 
     def __init__(self, join: str, zero_head: bool = False):
         super().__init__()
@@ -245,6 +246,10 @@ class JoinedHeads(nn.Module):
         z = torch.relu(self.trunk(x))
         if self.join == "list":
             return [torch.sigmoid(h(z)).squeeze(1) for h in self.heads]
+        if self.join == "per-task-cat":  # each task joins them anew (joined_losses)
+            return [h(z) for h in self.heads]
+        if self.join in LOSS_VECTORS:
+            return torch.sigmoid(torch.cat([h(z) for h in self.heads], 1))
         if self.join == "weights":
             w = torch.cat([h.weight for h in self.heads])
             b = torch.cat([h.bias for h in self.heads])
@@ -261,9 +266,26 @@ class JoinedHeads(nn.Module):
         return list(out.unbind(1)) if self.join == "weights" else [out[:, i] for i in range(3)]
 
 
+# JoinedHeads modes whose K losses come from one vector of per-task losses, computed from the
+# joined (batch, K) output as recommendation code does: by an element-wise loss, then a mean
+# over the batch, read by index or by unbind.
+LOSS_VECTORS = ("mse-mean0", "sq-mean0-unbind")
+
+
 def joined_losses(model, x, y, masked=None):
-    return [((o - y[:, i]) ** 2).mean() * (0.0 if i == masked else 1.0)
-            for i, o in enumerate(model(x))]
+    """The K mean squared errors of ``model`` (a JoinedHeads), the same numbers in every
+    mode; the task ``masked`` multiplied by 0."""
+    keep = [0.0 if i == masked else 1.0 for i in range(3)]
+    if model.join == "mse-mean0":
+        vec = torch.nn.functional.mse_loss(model(x), y, reduction="none").mean(0)
+        return [vec[i] * keep[i] for i in range(3)]
+    if model.join == "sq-mean0-unbind":
+        return [v * k for v, k in zip(((model(x) - y) ** 2).mean(0).unbind(), keep)]
+    if model.join == "per-task-cat":
+        outs = model(x)
+        return [((torch.sigmoid(torch.cat(outs, 1))[:, i] - y[:, i]) ** 2).mean() * keep[i]
+                for i in range(3)]
+    return [((o - y[:, i]) ** 2).mean() * keep[i] for i, o in enumerate(model(x))]
 
 
 def mmoe_batch(seed=0, n=8):

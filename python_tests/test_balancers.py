@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import JoinedHeads, joined_losses
+from helpers import LOSS_VECTORS, JoinedHeads, joined_losses
 
 import pub_native
 from pub_native import balancers as B
@@ -833,7 +833,7 @@ def test_shared_parameter_changed_between_steps_gets_the_weighted_gradient(cls, 
 _GRADIENT_BALANCERS = ["NashMTL", "MGDAUB", "IMTLG", "PCGrad", "CAGrad"]
 
 
-@pytest.mark.parametrize("join", ["cat", "stack", "stack0", "split"])
+@pytest.mark.parametrize("join", ["cat", "stack", "stack0", "split", "per-task-cat", *LOSS_VECTORS])
 @pytest.mark.parametrize("name", _GRADIENT_BALANCERS)
 def test_heads_joined_into_one_output_are_not_shared(name, join):
     """Heads whose outputs are concatenated (or stacked) into one tensor, each task reading its

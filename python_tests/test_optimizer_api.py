@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import BF16, F32, F64, TOL
 from helpers import (
+    LOSS_VECTORS,
     NATIVE,
     SHAPES,
     TORCH,
@@ -54,7 +55,7 @@ def test_mmoe_shared_detection(as_tensor):
 
 
 @pytest.mark.parametrize("zero_head", [False, True], ids=["plain", "zero-head"])
-@pytest.mark.parametrize("join", ["cat", "stack", "stack0", "split"])
+@pytest.mark.parametrize("join", ["cat", "stack", "stack0", "split", "per-task-cat", *LOSS_VECTORS])
 def test_heads_joined_into_one_output_are_not_shared(join, zero_head):
     """Heads whose outputs are concatenated (or stacked) into one tensor, each task reading its
     own column, are task-specific, as they are when the model returns a list: the same shared
@@ -113,8 +114,11 @@ class DataDependentJoins(nn.Module):
     ("zero-block"), two encoders' outputs concatenated along the batch with task 0 labelled on
     the first encoder's rows only ("rows"; "rows-2": by cat(dim=-2), each task reading a
     column), a column picked per row by torch.where ("where"; "unbind-two": the columns taken
-    by one unbind) or by an index tensor ("gather"), or the heads' weights concatenated into
-    one matrix ("weights"). The walk of the graph has every trunk parameter shared."""
+    by one unbind) or by an index tensor ("gather"), the heads' weights concatenated into
+    one matrix ("weights"), or each task reading index 0 of a mean over the joined columns
+    (keepdim), weighted on this batch to one column ("mean-kept"), or one row of a mean over a
+    dimension that a broadcast added ("broadcast-rows"). The walk of the graph has every trunk
+    parameter shared."""
 
     def __init__(self, case: str):
         super().__init__()
@@ -166,13 +170,24 @@ class DataDependentJoins(nn.Module):
             dom = torch.zeros(len(x), dtype=torch.long)  # every row of domain 0 here
             return [out[torch.arange(len(x)), dom, 0].pow(2).mean(),
                     out[:, :, 1].pow(2).mean()]
+        if self.case == "mean-kept":  # each task a mean over the joined columns, kept as one
+            out = torch.cat([self.a(x)[:, :1], self.b(x)[:, :1]], 1)
+            masks = torch.eye(2)  # this batch weights task i's column i alone
+            return [((out * masks[i]) ** 2).mean(1, keepdim=True)[:, 0].mean()
+                    for i in range(2)]
+        if self.case == "broadcast-rows":  # task i reads row i, after a broadcast and a mean
+            out = torch.cat([self.a(x)[:, :1], self.b(x)[:, :1]], 1)
+            mask = torch.eye(2).repeat(len(x) // 2, 1)  # row i: column i alone, this batch
+            rows = (out * mask * torch.ones(3, 1, 1)).mean(0).unbind(0)  # (3, B, 2) -> B rows
+            return [rows[0].pow(2).sum(), rows[1].pow(2).sum()]
         w = torch.cat([h.weight for h in self.heads])  # "weights"
         out = torch.relu(self.a(x) + self.b(x)) @ w.T
         return [out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]
 
 
 @pytest.mark.parametrize("case", ["topk", "zero-block", "rows", "rows-2", "where", "unbind-two",
-                                  "gather", "weights"])
+                                  "gather", "weights", "mean-kept",
+                                  "broadcast-rows"])
 def test_joins_whose_zero_gradients_may_be_the_datas_keep_every_input(case):
     """Where a task's zero gradient into a join's input may come from the data (gates, masks,
     a zero-initialized block) the detection follows every input, as a walk of the graph does:
