@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _native
+from ._caller import user_stacklevel
 
 __all__ = ["DTYPES", "NothingReached", "REENTRANT_CHECKPOINT", "as_loss_list",
            "compiled_graph", "named_pair", "other_leaves", "reached_by_gradients",
@@ -86,7 +87,7 @@ def task_roots(losses, items: list[torch.Tensor]) -> list:
             "counts as reached by every task; pass a list of losses (list(losses.unbind()) "
             "for a vector of per-task losses) or shared= to detect the shared parameters "
             "exactly",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return [fn if fn is not None else losses] * len(items)
 

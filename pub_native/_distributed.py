@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import os
-import sys
 import warnings
 import weakref
 
 import torch
+
+from ._caller import user_stacklevel
 
 __all__ = ["SUPPORTED", "DDPRef", "average_gradients", "data_parallel_group",
            "differs_between_processes", "is_distributed", "own_averaging_checks"]
@@ -127,17 +127,7 @@ def own_averaging_checks(ddp, params: list[torch.Tensor], owner: str) -> None:
             f"the DistributedDataParallel module has a communication hook ({hook}), which "
             f"{owner} does not run: it averages the gradients it takes itself, exactly, over "
             "the module's process group (DDP's hook applies only to the gradients DDP's own "
-            "backward reduces)", stacklevel=_user_stacklevel())
-
-
-def _user_stacklevel() -> int:
-    """The stacklevel of a warning issued here that names the first caller outside
-    pub_native (the user's line)."""
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
+            "backward reduces)", stacklevel=user_stacklevel())
 
 
 class DDPRef:

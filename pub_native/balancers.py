@@ -55,6 +55,7 @@ from ._autograd import (
     task_roots,
     walk_graph,
 )
+from ._caller import user_stacklevel
 from ._distributed import (
     DDPRef,
     _is_sharded_parameter,
@@ -269,7 +270,7 @@ class GradientBalancer:
                     "batch's task gradients instead (a parameter is shared when two or more "
                     "tasks give it a non-zero gradient, task-specific when one does; every task "
                     "adds its gradient to the ones not shared, so that none is dropped). Pass "
-                    "shared= to set them exactly.", stacklevel=4)
+                    "shared= to set them exactly.", stacklevel=user_stacklevel())
                 self._warned_compiled = True
             reach = reached_by_gradients(losses, self.params)
             walked = None
@@ -364,7 +365,7 @@ class GradientBalancer:
                 "gradient now: it gets that gradient too (where weight_task_specific=True, "
                 f"weighted as task {i}'s own parameters are), but is not balanced. Pass shared= "
                 "(the parameters two or more tasks use) to balance it.",
-                stacklevel=4)
+                stacklevel=user_stacklevel())
 
     def _reached_now(self, raw_losses, losses, active: list[torch.Tensor], marks) -> bool:
         """After the one backward pass of LS, Uncertainty or FAMO: whether it gave some of

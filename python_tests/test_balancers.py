@@ -1777,8 +1777,10 @@ def test_a_compiled_model_is_split_and_trained_as_in_eager_mode(name):
             losses, _ = _compilable_losses(net, step)
             opt.zero_grad()
             detects = net is compiled and step == 0 and name not in ("ls", "uncertainty")
-            with pytest.warns(UserWarning, match="compiled") if detects else _quiet():
+            with pytest.warns(UserWarning, match="compiled") if detects else _quiet() as got:
                 bal.backward(losses)
+            if detects:  # (the user's line, not pub_native's)
+                assert {w.filename for w in got if "compiled" in str(w.message)} == {__file__}
             opt.step()
             if name == "famo":
                 bal.update(_compilable_losses(net, step)[0])

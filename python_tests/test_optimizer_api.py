@@ -9,6 +9,7 @@ import copy
 import io
 import itertools
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -1071,3 +1072,35 @@ def test_a_checkpoint_for_a_lazy_parameter_not_yet_run_is_refused_by_name():
     with pytest.raises(ValueError, match=r"lazy module's parameter .* run one forward"):
         other.load_state_dict(opt.state_dict())
     assert other.state_dict() == before
+
+
+def test_detection_warnings_name_the_callers_line():
+    # They named a line inside pub_native (balancers.py, _pub.py), however deep the call.
+    torch.manual_seed(0)
+    x = torch.randn(8, 3)
+
+    def caught(method, losses) -> set:
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            method.backward(losses)
+        assert got, "no warning"
+        return {w.filename for w in got}
+
+    for make in (pub_native.Adam, pub_native.balancers.LS, pub_native.balancers.MGDAUB):
+        lin = nn.Linear(3, 2)  # a 1-D tensor of losses not made by torch.stack
+        assert caught(make(lin.parameters()), (lin(x) ** 2).mean(0)) == {__file__}
+    lin, other = nn.Linear(3, 2), nn.Linear(3, 3)  # losses reaching another model's tensors
+    assert caught(pub_native.Adam(lin.parameters()),
+                  list((lin(other(x)) ** 2).mean(0).unbind())) == {__file__}
+    trunk, expert, heads = nn.Linear(3, 3), nn.Linear(3, 3), [nn.Linear(3, 1) for _ in range(2)]
+    params = [*trunk.parameters(), *expert.parameters(),
+              *(p for h in heads for p in h.parameters())]
+    bal = pub_native.balancers.MGDAUB(params)
+
+    def routed(second):  # task 1 reaches task 0's expert from the second call on
+        z = torch.tanh(trunk(x))
+        return [heads[0](expert(z)).pow(2).mean(),
+                heads[1](expert(z) if second else z).pow(2).mean()]
+
+    bal.backward(routed(False))
+    assert caught(bal, routed(True)) == {__file__}

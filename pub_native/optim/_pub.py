@@ -22,6 +22,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 
 from .. import _autograd
+from .._caller import user_stacklevel
 from .._distributed import data_parallel_group, own_averaging_checks, refuse_join
 from .._native import StepOutcome
 from ._backends import CpuBackend
@@ -390,7 +391,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                                 "are detected from this batch's task gradients instead (a "
                                 "parameter is shared when two or more tasks give it a non-zero "
                                 "gradient). Pass shared= (or param-group 'shared' flags) to set "
-                                "them exactly.", stacklevel=3)
+                                "them exactly.", stacklevel=user_stacklevel())
                             split = _autograd.split_shared_by_gradients(items, params)
                         else:
                             split = _autograd.split_shared(roots, items, params)
@@ -622,7 +623,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
                 "inputs=[...], retain_graph=True) before it (under DistributedDataParallel: "
                 "torch.autograd.grad, then average it over the processes; see the README), or "
                 "give them to this optimizer",
-                stacklevel=4)
+                stacklevel=user_stacklevel())
 
     def _torn_by_error(self) -> None:
         """An accumulating backward(losses) raised after adding some tasks' gradients to the
