@@ -20,7 +20,7 @@ __all__ = ["DTYPES", "NothingReached", "REENTRANT_CHECKPOINT", "as_loss_list",
            "reached_parameters",
            "reentrant_checkpoint", "run_post_accumulate_grad_hooks", "split_shared", "task_reach",
            "split_shared_by_gradients", "sum_into", "sum_rows", "task_roots", "TaskGradients",
-           "walk_graph"]
+           "walk_graph", "walked_reach"]
 
 
 def as_loss_list(losses, expected_k: int | None = None, allow_absent: bool = False,
@@ -92,33 +92,39 @@ def task_roots(losses, items: list[torch.Tensor]) -> list:
     return [fn if fn is not None else losses] * len(items)
 
 
-def walk_graph(starts, leaf_tensors: dict | None = None,
-               routes: dict | None = None) -> tuple[set, set[int]]:
-    """The autograd nodes reachable from ``starts`` (nodes, None allowed) and the ids of the
-    leaf tensors their AccumulateGrad nodes hold (the walk stops at those); ``leaf_tensors``,
-    when given, receives those tensors by id. ``routes``: for some nodes, which of their
-    inputs to follow (see :func:`task_reach`); every input of the others.
+def walk_graph(starts, leaf_tensors: dict | None = None, routes: dict | None = None,
+               followed: list | None = None) -> tuple[set, set[int]]:
+    """The autograd nodes reachable from ``starts`` (nodes, or (node, output number) pairs;
+    None allowed) and the ids of the leaf tensors their AccumulateGrad nodes hold (the walk
+    stops at those); ``leaf_tensors``, when given, receives those tensors by id. ``routes``:
+    for some nodes, which of their inputs to follow (see :func:`task_reach`); every input of
+    the others. ``followed``, when given, receives each edge the walk follows as (node, the
+    node it leads to, the output of that node it reads, its index among the node's inputs).
 
     DistributedDataParallel with ``find_unused_parameters`` or ``static_graph`` passes every
     output of the model through one node (``_DDPSinkBackward``, output j's gradient going to
-    its input j alone): entered through output j, the walk follows input j only, or every
-    task would reach every parameter of the model."""
+    the input it passed through alone, see :func:`_sink_edge`): entered through output j, the
+    walk follows that input only, or every task would reach every parameter of the model."""
     nodes: set = set()
     sinks: set = set()
     leaves: set[int] = set()
-    stack: list = [(node, None) for node in starts]
+    stack: list = [start if isinstance(start, tuple) else (start, None) for start in starts]
     while stack:
         node, output_nr = stack.pop()
         if node is None:
             continue
         edges = node.next_functions
-        if output_nr is not None and output_nr < len(edges) \
-                and node.name() == "_DDPSinkBackward":
+        edge = None if output_nr is None or node.name() != "_DDPSinkBackward" else \
+            _sink_edge(node, output_nr)
+        if edge is not None:
             if (node, output_nr) in sinks:
                 continue
             sinks.add((node, output_nr))
             nodes.add(node)
-            stack.append(edges[output_nr])
+            if edge >= 0:
+                stack.append(edges[edge])
+                if followed is not None and edges[edge][0] is not None:
+                    followed.append((node, *edges[edge], edge))
             continue
         if node in nodes:
             continue
@@ -130,8 +136,11 @@ def walk_graph(starts, leaf_tensors: dict | None = None,
                 leaf_tensors[id(var)] = var
             continue
         follow = routes.get(node) if routes else None
-        stack.extend((fn, nr) for j, (fn, nr) in enumerate(edges)
-                     if fn is not None and (follow is None or follow[j]))
+        taken = [(fn, nr, j) for j, (fn, nr) in enumerate(edges)
+                 if fn is not None and (follow is None or follow[j])]
+        stack.extend((fn, nr) for fn, nr, _ in taken)
+        if followed is not None:
+            followed.extend((node, *edge) for edge in taken)
     return nodes, leaves
 
 
@@ -156,14 +165,73 @@ def run_post_accumulate_grad_hooks(tensors) -> None:
                 hook(t)
 
 
+def _live_sink_edges(node) -> tuple[list[bool], list[int]] | None:
+    """For DistributedDataParallel's output node: per output, whether it passed a tensor that
+    requires grad through (its forward takes the module's weak reference, then every flattened
+    output, non-tensors too, returning each as it came), and the indices of its inputs that
+    take a gradient (``next_functions`` lists the tensor arguments alone); None where they do
+    not agree (another torch version)."""
+    try:
+        flags = [bool(f) for f in tuple(node.needs_input_grad)[1:]]
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    live = [e for e, (fn, _) in enumerate(node.next_functions) if fn is not None]
+    return (flags, live) if sum(flags) == len(live) else None
+
+
+def _sink_edge(node, output_nr: int) -> int | None:
+    """The index in ``next_functions`` of the input that DistributedDataParallel's output node
+    passed through as its output ``output_nr`` (the model's outputs flattened, None and other
+    non-tensors included, which ``next_functions`` skips); -1 where that output takes no
+    gradient; None where it cannot be told (the walk then follows every input)."""
+    known = _live_sink_edges(node)
+    if known is None or output_nr >= len(known[0]):
+        return None
+    flags, live = known
+    return live[sum(flags[:output_nr])] if flags[output_nr] else -1
+
+
+def _sink_output(node, edge: int) -> int | None:
+    """The output of DistributedDataParallel's output node that passes its input ``edge``
+    through (the inverse of :func:`_sink_edge`); None where it cannot be told."""
+    known = _live_sink_edges(node)
+    if known is None or edge not in known[1]:
+        return None
+    flags, live = known
+    return [j for j, f in enumerate(flags) if f][live.index(edge)]
+
+
 def reached_parameters(root, routes: dict | None = None) -> set[int]:
-    """ids of the leaf tensors that the autograd graph below ``root`` (a loss tensor or an
-    autograd node) accumulates gradient into; ``routes``: see :func:`walk_graph`."""
+    """ids of the leaf tensors that the autograd graph below ``root`` (a loss tensor, an
+    autograd node or a (node, output number) pair) accumulates gradient into; ``routes``: see
+    :func:`walk_graph`."""
     if isinstance(root, torch.Tensor):
         if root.grad_fn is None:
             return {id(root)} if root.requires_grad else set()
-        root = root.grad_fn
+        root = (root.grad_fn, root.output_nr)
     return walk_graph([root], routes=routes)[1]
+
+
+def _starts(roots: list, losses: list[torch.Tensor]) -> list:
+    """Where each task's walk starts: its root's node, entered through the loss's output where
+    the root is the loss's own node (DistributedDataParallel's output node passes each output
+    on alone; a loss that is one output of an unbind)."""
+    nodes = [root.grad_fn if isinstance(root, torch.Tensor) else root for root in roots]
+    return [(node, loss.output_nr) if loss is not None and node is not None
+            and node is loss.grad_fn else node for node, loss in zip(nodes, losses, strict=True)]
+
+
+def _reach(root, start, routes: dict | None = None) -> set[int]:
+    if isinstance(root, torch.Tensor) and root.grad_fn is None:
+        return {id(root)} if root.requires_grad else set()  # the loss is a leaf itself
+    return walk_graph([start], routes=routes)[1]
+
+
+def walked_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
+    """For each task: ids of the leaf tensors a walk of its graph reaches (every input of every
+    join: see :func:`task_reach`)."""
+    return [_reach(root, start) for root, start in zip(roots, _starts(roots, losses),
+                                                       strict=True)]
 
 
 def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
@@ -183,8 +251,13 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     this batch, it follows them all). A task that reads a join otherwise (two columns, an index
     tensor, torch.where, a layer) follows every input, since a zero gradient there may be the
     data's (gates, masks, a zero-initialized block)."""
-    starts = [root.grad_fn if isinstance(root, torch.Tensor) else root for root in roots]
-    walks = [walk_graph([start])[0] for start in starts]
+    starts = _starts(roots, losses)
+    followed: list[list] = [[] for _ in roots]
+    walks = [walk_graph([start], followed=edges)[0] for start, edges in zip(starts, followed)]
+
+    def reach(i: int, routes: dict | None = None) -> set[int]:
+        return _reach(roots[i], starts[i], routes)
+
     counts: dict = {}
     for nodes in walks:
         for node in nodes:
@@ -194,18 +267,20 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
              if _base_name(node) in ("CatBackward", "StackBackward")
              and sum(fn is not None for fn, _ in node.next_functions) >= 2]
     if not joins:
-        return [reached_parameters(root) for root in roots]
-    tasks_parents = []  # per task: node -> [(its parent in the task's graph, the edge's nr)]
-    for nodes, start, loss in zip(walks, starts, losses, strict=True):
+        return [reach(i) for i in range(len(roots))]
+    # Per task: node -> [(its parent in the task's graph, the output of node it reads, the
+    # index of that edge among the parent's inputs)].
+    # (The edges the walk followed: through DistributedDataParallel's output node, the one
+    # the task's output takes.)
+    tasks_parents = []
+    for edges, start in zip(followed, starts, strict=True):
         parents: dict = {}
-        for node in nodes:
-            for fn, nr in node.next_functions:
-                if fn is not None:
-                    parents.setdefault(fn, []).append((node, nr))
-        if start is not None and loss is not None and start is loss.grad_fn:
+        for node, fn, nr, e in edges:
+            parents.setdefault(fn, []).append((node, nr, e))
+        if isinstance(start, tuple):
             # The loss itself is one output of its node (list(vec.unbind())[i]): the edge
             # it is read by, from no node.
-            parents.setdefault(start, []).append((None, loss.output_nr))
+            parents.setdefault(start[0], []).append((None, start[1], None))
         tasks_parents.append(parents)
     # Measured only where some task may read one index (dimensions aside, which the
     # measurement gives): not the experts' stack of a mixture, a skip connection's cat, ...
@@ -213,11 +288,11 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
              if any(_one_index_of(join, None, parents) for parents in tasks_parents)]
     measured = _join_gradients(joins, losses, counts) if joins else None
     if measured is None:
-        return [reached_parameters(root) for root in roots]
+        return [reach(i) for i in range(len(roots))]
     routes = [{join: flags for join, (flags, ndim) in sent.items()
                if sum(flags) == 1 and _one_index_of(join, ndim, parents)}
               for sent, parents in zip(measured, tasks_parents)]
-    return [reached_parameters(root, r) for root, r in zip(roots, routes)]
+    return [reach(i, r) for i, r in enumerate(routes)]
 
 
 def _base_name(node) -> str:
@@ -260,7 +335,7 @@ def _one_index_of(join, ndim: int | None, parents: dict) -> bool:
     what this reads (another torch version): the walk then goes through every input."""
     try:
         return _reads_one_index(join, ndim, parents)
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, RuntimeError):
         return False
 
 
@@ -272,21 +347,31 @@ def _along(node, nd: int | None, d: int | None) -> bool:
 
 def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
     tops: set = set()
-    # node -> (whether an operation with another operand, which may broadcast and add leading
-    # dimensions, lies between it and the join since the dimensions were last known; the
-    # number of dimensions of its output and the position of the join's dimension in it,
-    # None where ndim is)
-    seen = {join: (False, ndim, None if ndim is None else _signed(join._saved_dim, ndim))}
-    todo = [join]
+    # node (or, for DistributedDataParallel's output node, (node, the output read)) ->
+    # (whether an operation with another operand that may add leading dimensions lies between
+    # it and the join since the dimensions were last checked; the number of dimensions of its
+    # output and the position of the join's dimension in it, None where ndim is)
+    seen: dict = {join: (False, ndim, None if ndim is None else _signed(join._saved_dim, ndim))}
+    todo: list = [join]
     while todo:
-        child = todo.pop()
-        broadcast, nd, d = seen[child]
-        for node, _ in parents.get(child, ()):
+        key = todo.pop()
+        child, via = key if isinstance(key, tuple) else (key, None)
+        broadcast, nd, d = seen[key]
+        for node, nr, edge in parents.get(child, ()):
+            if via is not None and nr != via:
+                continue  # a reader of another of the output node's outputs
             if node is None:
                 continue  # the task's loss itself: read whole
             name = _base_name(node)
-            if isinstance(node, torch.autograd.function.BackwardCFunction) \
-                    and name != "_DDPSinkBackward":
+            if name == "_DDPSinkBackward":
+                out = _sink_output(node, edge)
+                if out is None:
+                    return False
+                if (node, out) not in seen:
+                    seen[(node, out)] = (broadcast, nd, d)
+                    todo.append((node, out))
+                continue
+            if isinstance(node, torch.autograd.function.BackwardCFunction):
                 return False  # a user's autograd.Function, whatever its name
             if name == "SelectBackward":
                 if nd is not None and len(node._saved_self_sym_sizes) != nd \
@@ -296,7 +381,7 @@ def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
                 continue
             if name in ("UnbindBackward", "SplitBackward"):
                 # The outputs the task takes: the edges into the node from its own graph.
-                taken = {nr for _, nr in parents.get(node, ())}
+                taken = {n for _, n, _ in parents.get(node, ())}
                 if len(taken) != 1 or not _along(node, nd, d):
                     return False
                 if name == "SplitBackward":
@@ -307,10 +392,9 @@ def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
                     return False  # (unbind keeps no shape to check the dimensions against)
                 tops.add((node, taken.pop()))
                 continue
-            if name != "_DDPSinkBackward" and sum(
-                    fn is not None for fn, _ in node.next_functions) != 1:
+            if sum(fn is not None for fn, _ in node.next_functions) != 1:
                 return False  # another operand that requires grad: not this tensor's alone
-            state = (broadcast or name in _BINARY, nd, d)
+            state = (broadcast or name in _BINARY and _may_add_dims(node, nd), nd, d)
             if node.name() in _REDUCTIONS:
                 if nd is not None:
                     reduced = {_signed(x, nd) for x in node._saved_dim}
@@ -324,7 +408,7 @@ def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
             elif name in _LOSSES:
                 if node._saved_reduction != 0:
                     return False  # a mean or a sum over every element
-            elif not (name in _POINTWISE or name in ("AliasBackward", "_DDPSinkBackward")
+            elif not (name in _POINTWISE or name == "AliasBackward"
                       or name == "SliceBackward" and node._saved_start == 0
                       and node._saved_step == 1 and node._saved_end >= node._saved_self_sym_sizes[
                           _signed(node._saved_dim, len(node._saved_self_sym_sizes))]):
@@ -333,6 +417,31 @@ def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
                 seen[node] = state
                 todo.append(node)
     return len(tops) == 1
+
+
+# What an element-wise node with a second operand saves of it (a tensor, or a number).
+_OPERANDS = ("_saved_other", "_saved_self", "_saved_exponent", "_saved_min", "_saved_max",
+             "_saved_target", "_saved_weight", "_saved_pos_weight")
+
+
+def _may_add_dims(node, nd: int | None) -> bool:
+    """Whether an element-wise node of a tensor of ``nd`` dimensions and constants may have
+    broadcast it to more dimensions (leading ones, which move the join's dimension): where
+    some constant it saved has more, or where it saved none that tells. Its own tensor, which
+    it may save too, has ``nd``. Not known yet (``nd`` None): False, the check with the
+    dimensions decides."""
+    if nd is None:
+        return False
+    told = False
+    for attr in _OPERANDS:
+        value = getattr(node, attr, None)
+        if isinstance(value, torch.Tensor):
+            if value.dim() > nd:
+                return True
+            told = True
+        elif isinstance(value, (int, float, bool)):
+            told = True
+    return not told
 
 
 def _join_gradients(joins: list, losses: list[torch.Tensor], nodes) -> list[dict] | None:

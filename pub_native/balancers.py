@@ -54,6 +54,7 @@ from ._autograd import (
     task_reach,
     task_roots,
     walk_graph,
+    walked_reach,
 )
 from ._caller import user_stacklevel
 from ._distributed import (
@@ -277,7 +278,7 @@ class GradientBalancer:
         else:
             # (what each task reaches through the heads' concatenated outputs too: a zero
             # gradient there is no surprise)
-            walked = [reached_parameters(root) for root in roots]
+            walked = walked_reach(roots, losses)
             # The outputs' joins measured on the first call only: a later one decides what was
             # frozen or unreached until then from the walk (no K more backward passes at each
             # call while some parameter is never reached).

@@ -330,3 +330,18 @@ def test_per_task_norms_agree_on_a_process_that_holds_no_piece(tmp_path):
         expected = (g != 0).double() if norm_type == 0 else g.abs()
         torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0,
                                    msg=f"norm_type={norm_type}")
+
+
+def test_detection_sees_through_ddps_output_node_as_one_process_does(tmp_path):
+    # With find_unused_parameters or static_graph, DDP passes the model's flattened outputs,
+    # non-tensors included, through one node whose inputs count tensors alone: a None among
+    # the outputs made the detection follow another output's branch (the trunk found shared
+    # by no task, silently), and a model returning its losses had every head shared.
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    ranks = run_workers(HERE / "ddp_outputs_worker.py", 2, tmp_path, timeout=120)
+    trunk = ["trunk.bias", "trunk.weight"]
+    for r in ranks:
+        for case, found in r.items():
+            assert found["alone"] == [trunk, trunk], case
+            assert found["ddp"] == found["alone"], case
