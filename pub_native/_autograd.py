@@ -346,6 +346,11 @@ def _along(node, nd: int | None, d: int | None) -> bool:
 
 
 def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
+    if ndim is not None and _base_name(join) == "CatBackward" \
+            and _signed(join._saved_dim, ndim) == 0:
+        # Tensors concatenated along their first dimension are usually slices of a batch,
+        # whose sizes, and so the input that holds a given index, may change with the data.
+        return False
     tops: set = set()
     # node (or, for DistributedDataParallel's output node, (node, the output read)) ->
     # (whether an operation with another operand that may add leading dimensions lies between
