@@ -69,18 +69,25 @@ def as_loss_list(losses, expected_k: int | None = None, allow_absent: bool = Fal
 
 
 def task_roots(losses, items: list[torch.Tensor]) -> list:
-    """The autograd node where each task's graph starts, for shared-parameter detection.
+    """Where each task's graph starts, for shared-parameter detection: an autograd edge (node,
+    the output of it that the task's loss is), or the loss itself where it is a leaf.
 
-    For a list of losses, each loss's own ``grad_fn``. A 1-D tensor's elements all lead back
-    through the whole tensor; when it was built by ``torch.stack``, the stack's inputs separate
-    the tasks again, otherwise every task counts as reaching every parameter (with a warning).
+    For a list of losses, each loss's own. A 1-D tensor's elements all lead back through the
+    whole tensor; when it was built by ``torch.stack`` (also where DistributedDataParallel's
+    output node passed it on), the stack's inputs separate the tasks again, otherwise every
+    task counts as reaching every parameter (with a warning).
     """
     if not isinstance(losses, torch.Tensor):
-        return [loss.grad_fn if loss.grad_fn is not None else loss for loss in items]
-    fn = losses.grad_fn
+        return [(loss.grad_fn, loss.output_nr) if loss.grad_fn is not None else loss
+                for loss in items]
+    fn, nr = losses.grad_fn, losses.output_nr
+    if fn is not None and fn.name() == "_DDPSinkBackward":
+        edge = _sink_edge(fn, nr)
+        if edge is not None and edge >= 0:
+            fn, nr = fn.next_functions[edge]
     if fn is not None and fn.name().startswith("StackBackward") \
             and len(fn.next_functions) == len(items):
-        return [next_fn for next_fn, _ in fn.next_functions]
+        return list(fn.next_functions)
     if len(items) > 1:
         warnings.warn(
             "losses is a 1-D tensor not built by torch.stack, so every parameter it depends on "
@@ -89,7 +96,8 @@ def task_roots(losses, items: list[torch.Tensor]) -> list:
             "exactly",
             stacklevel=user_stacklevel(),
         )
-    return [fn if fn is not None else losses] * len(items)
+    root = losses if losses.grad_fn is None else (losses.grad_fn, losses.output_nr)
+    return [root] * len(items)
 
 
 def walk_graph(starts, leaf_tensors: dict | None = None, routes: dict | None = None,
@@ -213,12 +221,19 @@ def reached_parameters(root, routes: dict | None = None) -> set[int]:
 
 
 def _starts(roots: list, losses: list[torch.Tensor]) -> list:
-    """Where each task's walk starts: its root's node, entered through the loss's output where
-    the root is the loss's own node (DistributedDataParallel's output node passes each output
-    on alone; a loss that is one output of an unbind)."""
-    nodes = [root.grad_fn if isinstance(root, torch.Tensor) else root for root in roots]
-    return [(node, loss.output_nr) if loss is not None and node is not None
-            and node is loss.grad_fn else node for node, loss in zip(nodes, losses, strict=True)]
+    """Where each task's walk starts: an edge (node, output) as :func:`task_roots` gives it
+    (DistributedDataParallel's output node passes each output on alone; a loss may be one
+    output of an unbind), a loss tensor's own output of its node, or a node given alone,
+    entered through the loss's output where it is the loss's own node."""
+    starts = []
+    for root, loss in zip(roots, losses, strict=True):
+        if isinstance(root, torch.Tensor):
+            root = root.grad_fn if root.grad_fn is None else (root.grad_fn, root.output_nr)
+        elif not isinstance(root, tuple) and loss is not None and root is not None \
+                and root is loss.grad_fn:
+            root = (root, loss.output_nr)
+        starts.append(root)
+    return starts
 
 
 def _reach(root, start, routes: dict | None = None) -> set[int]:
@@ -290,7 +305,7 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     if measured is None:
         return [reach(i) for i in range(len(roots))]
     routes = [{join: flags for join, (flags, ndim) in sent.items()
-               if sum(flags) == 1 and _one_index_of(join, ndim, parents)}
+               if sum(flags) == 1 and ndim is not None and _one_index_of(join, ndim, parents)}
               for sent, parents in zip(measured, tasks_parents)]
     return [reach(i, r) for i, r in enumerate(routes)]
 
@@ -379,10 +394,10 @@ def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
             if isinstance(node, torch.autograd.function.BackwardCFunction):
                 return False  # a user's autograd.Function, whatever its name
             if name == "SelectBackward":
-                if nd is not None and len(node._saved_self_sym_sizes) != nd \
-                        or not _along(node, nd, d):
+                sizes = node._saved_self_sym_sizes
+                if nd is not None and len(sizes) != nd or not _along(node, nd, d):
                     return False
-                tops.add((node, node._saved_index))
+                tops.add(_signed(node._saved_index, sizes[_signed(node._saved_dim, len(sizes))]))
                 continue
             if name in ("UnbindBackward", "SplitBackward"):
                 # The outputs the task takes: the edges into the node from its own graph.
@@ -395,7 +410,7 @@ def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
                         return False
                 elif broadcast:
                     return False  # (unbind keeps no shape to check the dimensions against)
-                tops.add((node, taken.pop()))
+                tops.add(taken.pop())
                 continue
             if sum(fn is not None for fn, _ in node.next_functions) != 1:
                 return False  # another operand that requires grad: not this tensor's alone
@@ -421,7 +436,9 @@ def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
             if node not in seen:
                 seen[node] = state
                 todo.append(node)
-    return len(tops) == 1
+    # The indices read along the join's dimension (the same one read twice is one; without
+    # the dimensions, the selections may yet turn out to be along it).
+    return bool(tops) if ndim is None else len(tops) == 1
 
 
 # What an element-wise node with a second operand saves of it (a tensor, or a number).
@@ -451,7 +468,10 @@ def _may_add_dims(node, nd: int | None) -> bool:
 
 def _join_gradients(joins: list, losses: list[torch.Tensor], nodes) -> list[dict] | None:
     """For each task, for each node of ``joins`` its backward pass runs: which inputs its loss
-    sends a non-zero gradient to, and the number of dimensions of the join's output. None
+    sends a non-zero gradient to, and the number of dimensions of the join's output, or None
+    where the join is a cat of an input that spans several indices along its dimension (which
+    input holds a given index then depends on their sizes, which may be the data's: a sequence
+    of any length, a batch's rows). None
     where this cannot be measured without side effects: a DistributedDataParallel built with
     ``static_graph`` (its output node starts the gradient averaging at the first backward
     pass), or a backward pass that raises (the task's own backward raises the same error
@@ -471,8 +491,13 @@ def _join_gradients(joins: list, losses: list[torch.Tensor], nodes) -> list[dict
         def hook(grad_inputs, grad_outputs):
             out = grad_outputs[0]
             if out is not None:
+                dim = _signed(node._saved_dim, out.dim())
+                # (a stack's inputs lack its dimension: one index each)
+                single = _base_name(node) == "StackBackward" or all(
+                    g is not None and g.dim() == out.dim() and g.shape[dim] == 1
+                    for g in grad_inputs)
                 seen[node] = ([g is not None and bool(g.count_nonzero()) for g in grad_inputs],
-                              out.dim())
+                              out.dim() if single else None)
         return hook
 
     sent: list[dict] = []
@@ -503,7 +528,8 @@ def _holds_node(roots: list, match) -> bool:
     """Whether the autograd graph below ``roots`` (loss tensors or nodes) holds a node whose
     name ``match`` accepts."""
     seen: set = set()
-    stack = [r.grad_fn if isinstance(r, torch.Tensor) else r for r in roots]
+    stack = [r[0] if isinstance(r, tuple) else r.grad_fn if isinstance(r, torch.Tensor) else r
+             for r in roots]
     while stack:
         node = stack.pop()
         if node is None or node in seen:

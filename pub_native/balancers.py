@@ -1735,7 +1735,7 @@ class MultiBalance(GradientBalancer):
         what any process's graph reached (every process then has the same split, and the same
         errors)."""
         _check_independent(reps)
-        starts = _task_starts(raw, items)
+        starts = task_roots(raw, items)
         _refuse_reentrant([s[0] if isinstance(s, tuple) else s for s in starts])
         stops, stop_leaves = _stops(reps)
         walks = [_reached_stopping(start, stops, stop_leaves) for start in starts]
@@ -1817,7 +1817,7 @@ class MultiBalance(GradientBalancer):
         stops, stop_leaves = _stops(reps)
         reached: set[int] = set()
         crossed = False
-        for start in _task_starts(raw, items):
+        for start in task_roots(raw, items):
             leaves, c = _reached_stopping(start, stops, stop_leaves)
             reached |= leaves
             crossed = crossed or c
@@ -2236,19 +2236,6 @@ def _stops(reps: list[torch.Tensor]) -> tuple[set, set]:
             {id(z) for z in reps if z.grad_fn is None})
 
 
-def _task_starts(raw, items) -> list:
-    """Where each task's graph starts, as an autograd edge (node, input_nr) (see
-    :func:`pub_native._autograd.task_roots`), or the loss itself where it is a leaf."""
-    if isinstance(raw, torch.Tensor):
-        task_roots(raw, items)  # (its warning for a 1-D tensor not made by torch.stack)
-        fn = raw.grad_fn
-        if fn is None:
-            return [raw] * len(items)
-        if fn.name().startswith("StackBackward") and len(fn.next_functions) == len(items):
-            return list(fn.next_functions)  # split at the stack: its input edges
-        return [(fn, raw.output_nr)] * len(items)
-    return [(loss.grad_fn, loss.output_nr) if loss.grad_fn is not None else loss
-            for loss in items]
 
 
 def _reached_stopping(start, stops: set, stop_leaves: set) -> tuple[set[int], bool]:

@@ -1,7 +1,8 @@
 """Worker of test_distributed.py's test of detection through DistributedDataParallel's output
 node: 2 gloo processes. A trunk, two heads and a user tower whose model returns (``mode``) a
-dict holding None between its tensors ("dict"), the per-head losses ("losses"), or the losses
-unbound from a vector computed from the heads' joined outputs ("joined-losses"), wrapped with
+dict holding None between its tensors ("dict"), the per-head losses ("losses"; "stacked": given
+to backward as torch.stack of them), or the losses unbound from a vector computed from the
+heads' joined outputs ("joined-losses"), wrapped with
 ``find_unused_parameters`` or ``static_graph`` (which pass every output through that node).
 Writes, per case, the names of the parameters that pub_native.Adam and MGDA-UB found shared to
 rank<r>.pt."""
@@ -18,7 +19,7 @@ from torch import nn
 import pub_native
 
 CASES = [("dict", "find_unused"), ("dict", "static"), ("losses", "find_unused"),
-         ("losses", "static"), ("joined-losses", "find_unused")]
+         ("losses", "static"), ("joined-losses", "find_unused"), ("stacked", "find_unused")]
 
 
 class Model(nn.Module):
@@ -33,7 +34,7 @@ class Model(nn.Module):
         if self.mode == "dict":  # (the None and the user tower shifted the output numbers)
             return {"ctr": self.heads[0](z)[:, 0], "aux_loss": None,
                     "cvr": self.heads[1](z)[:, 0], "user_emb": self.user(x)}
-        if self.mode == "losses":
+        if self.mode in ("losses", "stacked"):
             return tuple(F.mse_loss(h(z)[:, 0], y[:, i]) for i, h in enumerate(self.heads))
         out = torch.cat([h(z) for h in self.heads], 1)
         return tuple(F.mse_loss(out, y, reduction="none").mean(0).unbind())
@@ -42,7 +43,7 @@ class Model(nn.Module):
 def losses(mode, out, y):
     if mode == "dict":
         return [F.mse_loss(out["ctr"], y[:, 0]), F.mse_loss(out["cvr"], y[:, 1])]
-    return list(out)
+    return torch.stack(out) if mode == "stacked" else list(out)
 
 
 def shared_names(model, wrapped, mode, x, y) -> list:

@@ -269,7 +269,8 @@ class JoinedHeads(nn.Module):
 # JoinedHeads modes whose K losses come from one vector of per-task losses, computed from the
 # joined (batch, K) output as recommendation code does: by an element-wise loss, then a mean
 # over the batch (or the mean over the rows that have labels), read by index or by unbind.
-LOSS_VECTORS = ("mse-mean0", "sq-mean0-unbind", "masked-mean-unbind")
+LOSS_VECTORS = ("mse-mean0", "sq-mean0-unbind", "masked-mean-unbind", "unbind-stacked",
+                "column-read-twice")
 
 
 def joined_losses(model, x, y, masked=None):
@@ -281,6 +282,13 @@ def joined_losses(model, x, y, masked=None):
         return [vec[i] * keep[i] for i in range(3)]
     if model.join == "sq-mean0-unbind":
         return [v * k for v, k in zip(((model(x) - y) ** 2).mean(0).unbind(), keep)]
+    if model.join == "column-read-twice":  # a loss and a regularizer of the same column
+        out = model(x)
+        return [(((out[:, i] - y[:, i]) ** 2).mean() + 0.0 * out[:, i].mean()) * keep[i]
+                for i in range(3)]
+    if model.join == "unbind-stacked":  # the unbound losses stacked again: a 1-D tensor
+        vec = torch.nn.functional.mse_loss(model(x), y, reduction="none").mean(0)
+        return torch.stack([v if k else v * k for v, k in zip(vec.unbind(), keep)])
     if model.join == "masked-mean-unbind":  # (every row labelled here)
         labelled = torch.ones_like(y)
         vec = ((model(x) - y) ** 2 * labelled).sum(0) / labelled.sum(0).clamp(min=1)

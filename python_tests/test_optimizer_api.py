@@ -118,9 +118,10 @@ class DataDependentJoins(nn.Module):
     by one unbind) or by an index tensor ("gather"), the heads' weights concatenated into
     one matrix ("weights"), or each task reading index 0 of a mean over the joined columns
     (keepdim), weighted on this batch to one column ("mean-kept"), one row of a mean over a
-    dimension that a broadcast added ("broadcast-rows"), or one row of slices of the batch
-    concatenated, whose sizes may change ("batch-slices"). The walk of the graph has every
-    trunk parameter shared."""
+    dimension that a broadcast added ("broadcast-rows"), one row of slices of the batch
+    concatenated, whose sizes may change ("batch-slices"), or one column of a sequence's
+    steps concatenated with another output ("sequence-width"). The walk of the graph has
+    every trunk parameter shared."""
 
     def __init__(self, case: str):
         super().__init__()
@@ -177,6 +178,10 @@ class DataDependentJoins(nn.Module):
             masks = torch.eye(2)  # this batch weights task i's column i alone
             return [((out * masks[i]) ** 2).mean(1, keepdim=True)[:, 0].mean()
                     for i in range(2)]
+        if self.case == "sequence-width":  # columns 0 and 1 lie in b's when the sequence is 0
+            seq = x[:, None, :].expand(len(x), 3, 5)  # a sequence of 3 steps in this batch
+            out = torch.cat([self.a(seq)[..., 0], self.b(x)[:, :1]], 1)
+            return [out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]
         if self.case == "batch-slices":  # task 0 reads row 5, from b while a takes 3 rows
             out = torch.cat([self.a(x[:3]), self.b(x[3:])], 0)
             return [out[5].pow(2).sum(), out.pow(2).mean()]
@@ -192,7 +197,7 @@ class DataDependentJoins(nn.Module):
 
 @pytest.mark.parametrize("case", ["topk", "zero-block", "rows", "rows-2", "where", "unbind-two",
                                   "gather", "weights", "mean-kept",
-                                  "broadcast-rows", "batch-slices"])
+                                  "broadcast-rows", "batch-slices", "sequence-width"])
 def test_joins_whose_zero_gradients_may_be_the_datas_keep_every_input(case):
     """Where a task's zero gradient into a join's input may come from the data (gates, masks,
     a zero-initialized block) the detection follows every input, as a walk of the graph does:
