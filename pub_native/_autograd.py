@@ -254,9 +254,10 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     autograd node per task (see :func:`task_roots`); ``losses``: the K scalar losses.
 
     A walk of the autograd structure, except where a task takes one slice of a join: a
-    ``torch.cat`` or ``torch.stack`` node (the heads' outputs joined into one tensor) that a
-    task reads through a single selection of one index along the join's dimension
-    (``out[:, i]``, ``out.unbind(1)[i]``, ``out.split(1, 1)[i]``), with only element-wise
+    ``torch.stack`` node, or a ``torch.cat`` of inputs one index wide along a dimension other
+    than the first (the heads' outputs joined into one tensor), that a task reads at a single
+    index along the join's dimension (``out[:, i]``, also twice, ``out.unbind(1)[i]``,
+    ``out.split(1, 1)[i]``), with only element-wise
     operations of that tensor alone between them (``sigmoid``, a cast, a product with a
     constant, an element-wise loss against constant targets) and sums or means over other
     dimensions (``bce(out, y, reduction="none").mean(0)[i]``). That index lies in one input,
