@@ -18,7 +18,8 @@ from ._caller import user_stacklevel
 __all__ = ["DTYPES", "NothingReached", "REENTRANT_CHECKPOINT", "as_loss_list",
            "compiled_graph", "named_pair", "other_leaves", "reached_by_gradients",
            "reached_parameters",
-           "reentrant_checkpoint", "run_post_accumulate_grad_hooks", "split_shared", "task_reach",
+           "reentrant_checkpoint", "run_post_accumulate_grad_hooks", "sink_edge", "split_shared",
+           "task_reach",
            "split_shared_by_gradients", "sum_into", "sum_rows", "task_roots", "TaskGradients",
            "walk_graph", "walked_reach"]
 
@@ -82,7 +83,7 @@ def task_roots(losses, items: list[torch.Tensor]) -> list:
                 for loss in items]
     fn, nr = losses.grad_fn, losses.output_nr
     if fn is not None and fn.name() == "_DDPSinkBackward":
-        edge = _sink_edge(fn, nr)
+        edge = sink_edge(fn, nr)
         if edge is not None and edge >= 0:
             fn, nr = fn.next_functions[edge]
     if fn is not None and fn.name().startswith("StackBackward") \
@@ -111,7 +112,7 @@ def walk_graph(starts, leaf_tensors: dict | None = None, routes: dict | None = N
 
     DistributedDataParallel with ``find_unused_parameters`` or ``static_graph`` passes every
     output of the model through one node (``_DDPSinkBackward``, output j's gradient going to
-    the input it passed through alone, see :func:`_sink_edge`): entered through output j, the
+    the input it passed through alone, see :func:`sink_edge`): entered through output j, the
     walk follows that input only, or every task would reach every parameter of the model."""
     nodes: set = set()
     sinks: set = set()
@@ -123,7 +124,7 @@ def walk_graph(starts, leaf_tensors: dict | None = None, routes: dict | None = N
             continue
         edges = node.next_functions
         edge = None if output_nr is None or node.name() != "_DDPSinkBackward" else \
-            _sink_edge(node, output_nr)
+            sink_edge(node, output_nr)
         if edge is not None:
             if (node, output_nr) in sinks:
                 continue
@@ -187,7 +188,7 @@ def _live_sink_edges(node) -> tuple[list[bool], list[int]] | None:
     return (flags, live) if sum(flags) == len(live) else None
 
 
-def _sink_edge(node, output_nr: int) -> int | None:
+def sink_edge(node, output_nr: int) -> int | None:
     """The index in ``next_functions`` of the input that DistributedDataParallel's output node
     passed through as its output ``output_nr`` (the model's outputs flattened, None and other
     non-tensors included, which ``next_functions`` skips); -1 where that output takes no
@@ -201,7 +202,7 @@ def _sink_edge(node, output_nr: int) -> int | None:
 
 def _sink_output(node, edge: int) -> int | None:
     """The output of DistributedDataParallel's output node that passes its input ``edge``
-    through (the inverse of :func:`_sink_edge`); None where it cannot be told."""
+    through (the inverse of :func:`sink_edge`); None where it cannot be told."""
     known = _live_sink_edges(node)
     if known is None or edge not in known[1]:
         return None
@@ -478,7 +479,17 @@ def _join_gradients(joins: list, losses: list[torch.Tensor], nodes) -> list[dict
     pass), or a backward pass that raises (the task's own backward raises the same error
     later)."""
     from torch.autograd.graph import GradientEdge
-    for node in nodes:
+    # (Also the nodes between the losses and where the tasks' walks start: a stacked tensor
+    # of losses that DistributedDataParallel's output node passed on.)
+    between: set = set()
+    stack = [loss.grad_fn for loss in losses if loss is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in nodes or node in between:
+            continue
+        between.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    for node in [*nodes, *between]:
         if node.name() == "_DDPSinkBackward":
             ref = getattr(node, "ddp_weakref", None)
             ddp = ref() if callable(ref) else None

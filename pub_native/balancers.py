@@ -50,6 +50,7 @@ from ._autograd import (
     reached_parameters,
     reentrant_checkpoint,
     refuse_names,
+    sink_edge,
     sum_into,
     task_reach,
     task_roots,
@@ -2244,8 +2245,8 @@ def _reached_stopping(start, stops: set, stop_leaves: set) -> tuple[set[int], bo
     ``stop_leaves``, and whether the walk came to one of those. An edge into a node that is
     not in ``stops`` goes on through the node even if another of its outputs is: only the
     stopped output is cut. The single output node of DistributedDataParallel
-    (``_DDPSinkBackward``), entered through output j, goes on through its input j alone (see
-    :func:`pub_native._autograd.walk_graph`)."""
+    (``_DDPSinkBackward``), entered through output j, goes on through the input that output
+    passed through alone (see :func:`pub_native._autograd.sink_edge`)."""
     leaves: set[int] = set()
     crossed = False
     if isinstance(start, torch.Tensor):
@@ -2270,11 +2271,12 @@ def _reached_stopping(start, stops: set, stop_leaves: set) -> tuple[set[int], bo
         if kind is None:
             kind = _NODE_KINDS[type(node)] = _node_kind(node)
         if kind == _SINK:
-            edges = node.next_functions
-            if nr < len(edges):
+            edge = sink_edge(node, nr)
+            if edge is not None:
                 if (node, nr) not in sinks:
                     sinks.add((node, nr))
-                    stack.append(edges[nr])
+                    if edge >= 0:
+                        stack.append(node.next_functions[edge])
                 continue
         seen.add(node)
         if kind == _LEAF:

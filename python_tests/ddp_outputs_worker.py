@@ -4,8 +4,9 @@ dict holding None between its tensors ("dict"), the per-head losses ("losses"; "
 to backward as torch.stack of them), or the losses unbound from a vector computed from the
 heads' joined outputs ("joined-losses"), wrapped with
 ``find_unused_parameters`` or ``static_graph`` (which pass every output through that node).
-Writes, per case, the names of the parameters that pub_native.Adam and MGDA-UB found shared to
-rank<r>.pt."""
+Writes, per case, the names of the parameters that pub_native.Adam and MGDA-UB found shared,
+and those MultiBalance found in a trunk returning a dict with None before its representation
+(and gave a gradient), to rank<r>.pt."""
 
 from __future__ import annotations
 
@@ -58,6 +59,33 @@ def shared_names(model, wrapped, mode, x, y) -> list:
     return found
 
 
+class Trunk(nn.Module):
+    """MultiBalance's trunk (inside DDP, the heads outside), returning z between None and
+    another tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.aux_head = nn.Linear(5, 6), nn.Linear(5, 6)
+
+    def forward(self, x):
+        return {"mask": None, "z": torch.tanh(self.enc(x)), "aux": self.aux_head(x)}
+
+
+def multibalance_split(wrap: str | None, x, y) -> list:
+    """The names of the trunk parameters MultiBalance found, and of those given a gradient."""
+    torch.manual_seed(0)
+    trunk, heads = Trunk(), nn.ModuleList(nn.Linear(6, 1) for _ in range(2))
+    model = trunk if wrap is None else nn.parallel.DistributedDataParallel(
+        trunk, find_unused_parameters=wrap == "find_unused", static_graph=wrap == "static")
+    bal = pub_native.balancers.MultiBalance([*trunk.parameters(), *heads.parameters()],
+                                            **({"process_group": None} if wrap is None else {}))
+    z = model(x)["z"]
+    bal.backward([F.mse_loss(h(z)[:, 0], y[:, i]) for i, h in enumerate(heads)], z)
+    names = {id(p): n for n, p in trunk.named_parameters()}
+    return [[names[id(p)] for p in bal.trunk],
+            sorted(n for n, p in trunk.named_parameters() if p.grad is not None)]
+
+
 def main() -> None:
     with gloo_worker() as args:
         g = torch.Generator().manual_seed(args.rank)
@@ -70,6 +98,9 @@ def main() -> None:
                 model, find_unused_parameters=how == "find_unused", static_graph=how == "static")
             result[(mode, how)] = {"ddp": shared_names(model, wrapped, mode, x, y),
                                    "alone": shared_names(model, model, mode, x, y)}
+        for how in ("find_unused", "static"):
+            result[("multibalance", how)] = {"ddp": multibalance_split(how, x, y),
+                                             "alone": multibalance_split(None, x, y)}
         torch.save(result, os.path.join(args.out, f"rank{args.rank}.pt"))
 
 

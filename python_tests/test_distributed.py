@@ -336,12 +336,15 @@ def test_detection_sees_through_ddps_output_node_as_one_process_does(tmp_path):
     # With find_unused_parameters or static_graph, DDP passes the model's flattened outputs,
     # non-tensors included, through one node whose inputs count tensors alone: a None among
     # the outputs made the detection follow another output's branch (the trunk found shared
-    # by no task, silently), and a model returning its losses had every head shared.
+    # by no task, silently; MultiBalance's trunk got no gradient), and a model returning its
+    # losses had every head shared.
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     ranks = run_workers(HERE / "ddp_outputs_worker.py", 2, tmp_path, timeout=120)
     trunk = ["trunk.bias", "trunk.weight"]
+    encoder = ["enc.weight", "enc.bias"]  # (MultiBalance's trunk, and those given a gradient)
     for r in ranks:
         for case, found in r.items():
-            assert found["alone"] == [trunk, trunk], case
+            expected = [encoder, sorted(encoder)] if case[0] == "multibalance" else [trunk, trunk]
+            assert found["alone"] == expected, case
             assert found["ddp"] == found["alone"], case
