@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import exit_worker
 from torch import nn
 
 from pub_native.balancers import MultiBalance
@@ -95,6 +96,7 @@ def _worker(rank: int, port: int, out: str, mode: str = "trunk") -> None:
         torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     finally:
         torch.distributed.destroy_process_group()
+    exit_worker(0)
 
 
 if __name__ == "__main__":

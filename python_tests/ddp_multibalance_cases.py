@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import exit_worker
 from torch import nn
 
 from pub_native.balancers import MultiBalance
@@ -146,6 +147,7 @@ def _worker(rank: int, port: int, out: str, case: str) -> None:
         torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     finally:
         torch.distributed.destroy_process_group()
+    exit_worker(0)
 
 
 if __name__ == "__main__":

@@ -325,4 +325,5 @@ def _leave(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from helpers import exit_worker
+    exit_worker(main())

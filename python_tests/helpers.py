@@ -344,6 +344,16 @@ def gloo_worker(add_arguments=None):
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     finally:
         dist.destroy_process_group()
+    exit_worker(0)
+
+
+def exit_worker(code: int) -> None:
+    """End a worker process whose results are written and whose process group is destroyed,
+    without the interpreter's finalization, where gloo's threads now and then abort it
+    ("terminate called without an active exception", after its work was done)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_workers(script, world: int, out, args=(), timeout: float = 120.0) -> list:
