@@ -9,13 +9,12 @@ OUTDIR/rank{r}.json. :func:`train` with ``world=1`` is the one-process reference
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import sys
 from pathlib import Path
 
 import torch
-from helpers import exit_worker
+from helpers import gloo_group
 from torch import nn
 
 from pub_native.balancers import MultiBalance
@@ -84,19 +83,9 @@ def misused(rank: int, mode: str) -> dict:
 
 
 def _worker(rank: int, port: int, out: str, mode: str = "trunk") -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                         rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, port):
         result = train(world=2, rank=rank) if mode == "trunk" else misused(rank, mode)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-        # Neither process leaves while the other still talks to it: a rank that tears gloo
-        # down first can abort its peer ("terminate called without an active exception"), which
-        # a plain barrier did not prevent under load (ddp_worker.py's _leave does the same).
-        torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
-    finally:
-        torch.distributed.destroy_process_group()
-    exit_worker(0)
 
 
 if __name__ == "__main__":

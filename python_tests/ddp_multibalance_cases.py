@@ -30,13 +30,12 @@ and one are the same training (losses averaged per process, as DDP assumes). Cas
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 from pathlib import Path
 
 import torch
-from helpers import exit_worker
+from helpers import gloo_group
 from torch import nn
 
 from pub_native.balancers import MultiBalance
@@ -133,21 +132,12 @@ def train(case: str, world: int, rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, out: str, case: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                         rank=rank, world_size=2,
-                                         timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, 2, port):
         try:
             result = train(case, world=2, rank=rank)
         except Exception as exc:  # reported to the test, which names it
             result = {"error": f"{type(exc).__name__}: {exc}"}
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-        # Neither process leaves while the other still talks to it (see ddp_multibalance.py).
-        torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
-    finally:
-        torch.distributed.destroy_process_group()
-    exit_worker(0)
 
 
 if __name__ == "__main__":

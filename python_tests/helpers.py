@@ -320,11 +320,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def gloo_worker(add_arguments=None):
     """In a worker process that :func:`run_workers` started: parse ``--rank --world --port
-    --out`` (and what ``add_arguments(parser)`` adds), join the gloo group on 127.0.0.1 (one
-    thread, warnings off, 60 s timeout), yield the arguments, and leave the group together:
-    a process that tears gloo down while its peer still talks to it aborts the peer."""
-    import torch.distributed as dist
-
+    --out`` (and what ``add_arguments(parser)`` adds), and yield them inside
+    :func:`gloo_group`, warnings off."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, default=2)
@@ -333,14 +330,24 @@ def gloo_worker(add_arguments=None):
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
+    with gloo_group(args.rank, args.world, args.port), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield args
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """In a worker process: join the gloo group on 127.0.0.1 (one thread, 60 s timeout), and,
+    after the body, leave it together (a process that tears gloo down while its peer still
+    talks to it can abort the peer, which a plain barrier did not prevent under load) and end
+    the process (:func:`exit_worker`)."""
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    dist.init_process_group("gloo", rank=args.rank, world_size=args.world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield args
+        yield
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     finally:
         dist.destroy_process_group()
