@@ -258,16 +258,15 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     ``torch.stack`` node, or a ``torch.cat`` of inputs one index wide along a dimension other
     than the first (the heads' outputs joined into one tensor), that a task reads at a single
     index along the join's dimension (``out[:, i]``, also twice, ``out.unbind(1)[i]``,
-    ``out.split(1, 1)[i]``), with only element-wise
-    operations of that tensor alone between them (``sigmoid``, a cast, a product with a
-    constant, an element-wise loss against constant targets) and sums or means over other
-    dimensions (``bce(out, y, reduction="none").mean(0)[i]``). That index lies in one input,
-    whatever the data: the task
-    follows that input alone, found by one backward pass per task that stops at the joins'
-    inputs (the input its loss sends a non-zero gradient to; where it sends none, no labels in
-    this batch, it follows them all). A task that reads a join otherwise (two columns, an index
-    tensor, torch.where, a layer) follows every input, since a zero gradient there may be the
-    data's (gates, masks, a zero-initialized block)."""
+    ``out.split(1, 1)[i]``), with only element-wise operations of that tensor alone between
+    them (``sigmoid``, a cast, a product with a constant, an element-wise loss against
+    constant targets), squeezes and unsqueezes, and sums or means over other dimensions
+    (``bce(out, y, reduction="none").mean(0)[i]``). That index lies in one input, whatever
+    the data: the task follows that input alone, found by one backward pass per task that
+    stops at the joins' inputs (the input its loss sends a non-zero gradient to; where it
+    sends none, no labels in this batch, it follows them all). A task that reads a join
+    otherwise (two columns, an index tensor, torch.where, a layer) follows every input, since
+    a zero gradient there may be the data's (gates, masks, a zero-initialized block)."""
     starts = _starts(roots, losses)
     followed: list[list] = [[] for _ in roots]
     walks = [walk_graph([start], followed=edges)[0] for start, edges in zip(starts, followed)]
@@ -427,6 +426,26 @@ def _reads_one_index(join, ndim: int | None, parents: dict) -> bool:
                 # Its input's dimensions are checked (where they are known): what is above
                 # it has the dimensions computed here.
                 state = (False, *state[1:])
+            elif name == "SqueezeBackward":
+                if nd is not None:
+                    sizes = node._saved_self_sym_sizes
+                    if len(sizes) != nd:
+                        return False
+                    kind = node.name()[-1]  # 0: every size-1 dimension; 1: one; 2: several
+                    named = range(nd) if kind == "0" else {_signed(x, nd) for x in (
+                        [node._saved_dim] if kind == "1" else node._saved_dim)}
+                    gone = {x for x in named if sizes[x] == 1}
+                    if d in gone:
+                        return False
+                    state = (False, nd - len(gone), d - sum(x < d for x in gone))
+                else:
+                    state = (False, nd, d)
+            elif name == "UnsqueezeBackward":
+                if nd is not None:
+                    if broadcast:
+                        return False  # (it keeps no shape to check the dimensions against)
+                    new = _signed(node._saved_dim, nd + 1)
+                    state = (False, nd + 1, d + (new <= d))
             elif name in _LOSSES:
                 if node._saved_reduction != 0:
                     return False  # a mean or a sum over every element

@@ -248,6 +248,8 @@ class JoinedHeads(nn.Module):
             return [torch.sigmoid(h(z)).squeeze(1) for h in self.heads]
         if self.join == "per-task-cat":  # each task joins them anew (joined_losses)
             return [h(z) for h in self.heads]
+        if self.join == "stack-squeezed":  # (batch, K, 1) -> (batch, K)
+            return torch.sigmoid(torch.stack([h(z) for h in self.heads], 1).squeeze(-1))
         if self.join in LOSS_VECTORS:
             return torch.sigmoid(torch.cat([h(z) for h in self.heads], 1))
         if self.join == "weights":
@@ -270,7 +272,7 @@ class JoinedHeads(nn.Module):
 # joined (batch, K) output as recommendation code does: by an element-wise loss, then a mean
 # over the batch (or the mean over the rows that have labels), read by index or by unbind.
 LOSS_VECTORS = ("mse-mean0", "sq-mean0-unbind", "masked-mean-unbind", "unbind-stacked",
-                "column-read-twice")
+                "column-read-twice", "stack-squeezed")
 
 
 def joined_losses(model, x, y, masked=None):
@@ -282,6 +284,9 @@ def joined_losses(model, x, y, masked=None):
         return [vec[i] * keep[i] for i in range(3)]
     if model.join == "sq-mean0-unbind":
         return [v * k for v, k in zip(((model(x) - y) ** 2).mean(0).unbind(), keep)]
+    if model.join == "stack-squeezed":
+        out = model(x)
+        return [((out[:, i] - y[:, i]) ** 2).mean() * keep[i] for i in range(3)]
     if model.join == "column-read-twice":  # a loss and a regularizer of the same column
         out = model(x)
         return [(((out[:, i] - y[:, i]) ** 2).mean() + 0.0 * out[:, i].mean()) * keep[i]

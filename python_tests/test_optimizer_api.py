@@ -120,8 +120,8 @@ class DataDependentJoins(nn.Module):
     (keepdim), weighted on this batch to one column ("mean-kept"), one row of a mean over a
     dimension that a broadcast added ("broadcast-rows"), one row of slices of the batch
     concatenated, whose sizes may change ("batch-slices"), or one column of a sequence's
-    steps concatenated with another output ("sequence-width"). The walk of the graph has
-    every trunk parameter shared."""
+    steps concatenated with another output ("sequence-width"), or one row of a squeezed stack
+    ("squeezed-rows"). The walk of the graph has every trunk parameter shared."""
 
     def __init__(self, case: str):
         super().__init__()
@@ -182,6 +182,10 @@ class DataDependentJoins(nn.Module):
             seq = x[:, None, :].expand(len(x), 3, 5)  # a sequence of 3 steps in this batch
             out = torch.cat([self.a(seq)[..., 0], self.b(x)[:, :1]], 1)
             return [out[:, 0].pow(2).mean(), out[:, 1].pow(2).mean()]
+        if self.case == "squeezed-rows":  # task i reads row i of the squeezed stack
+            out = torch.stack([self.a(x)[:, :1], self.b(x)[:, :1]], 1).squeeze(-1)  # (B, 2)
+            rows = out * torch.eye(2).repeat(len(x) // 2, 1)  # row i: column i alone, here
+            return [rows[0].pow(2).sum(), rows[1].pow(2).sum()]
         if self.case == "batch-slices":  # task 0 reads row 5, from b while a takes 3 rows
             out = torch.cat([self.a(x[:3]), self.b(x[3:])], 0)
             return [out[5].pow(2).sum(), out.pow(2).mean()]
@@ -197,7 +201,8 @@ class DataDependentJoins(nn.Module):
 
 @pytest.mark.parametrize("case", ["topk", "zero-block", "rows", "rows-2", "where", "unbind-two",
                                   "gather", "weights", "mean-kept",
-                                  "broadcast-rows", "batch-slices", "sequence-width"])
+                                  "broadcast-rows", "batch-slices", "sequence-width",
+                                  "squeezed-rows"])
 def test_joins_whose_zero_gradients_may_be_the_datas_keep_every_input(case):
     """Where a task's zero gradient into a join's input may come from the data (gates, masks,
     a zero-initialized block) the detection follows every input, as a walk of the graph does:
