@@ -103,12 +103,13 @@ def task_roots(losses, items: list[torch.Tensor]) -> list:
 
 def walk_graph(starts, leaf_tensors: dict | None = None, routes: dict | None = None,
                followed: list | None = None) -> tuple[set, set[int]]:
-    """The autograd nodes reachable from ``starts`` (nodes, or (node, output number) pairs;
-    None allowed) and the ids of the leaf tensors their AccumulateGrad nodes hold (the walk
-    stops at those); ``leaf_tensors``, when given, receives those tensors by id. ``routes``:
-    for some nodes, which of their inputs to follow (see :func:`task_reach`); every input of
-    the others. ``followed``, when given, receives each edge the walk follows as (node, the
-    node it leads to, the output of that node it reads, its index among the node's inputs).
+    """The autograd nodes reachable from ``starts`` (nodes, (node, output number) pairs, or
+    tensors: a leaf, or its own output of its node; None allowed) and the ids of the leaf
+    tensors their AccumulateGrad nodes hold (the walk stops at those); ``leaf_tensors``, when
+    given, receives those tensors by id. ``routes``: for some nodes, which of their inputs to
+    follow (see :func:`task_reach`); every input of the others. ``followed``, when given,
+    receives each edge the walk follows as (node, the node it leads to, the output of that
+    node it reads, its index among the node's inputs).
 
     DistributedDataParallel with ``find_unused_parameters`` or ``static_graph`` passes every
     output of the model through one node (``_DDPSinkBackward``, output j's gradient going to
@@ -117,7 +118,19 @@ def walk_graph(starts, leaf_tensors: dict | None = None, routes: dict | None = N
     nodes: set = set()
     sinks: set = set()
     leaves: set[int] = set()
-    stack: list = [start if isinstance(start, tuple) else (start, None) for start in starts]
+    stack: list = []
+    for start in starts:
+        if isinstance(start, torch.Tensor):  # a loss: its own output of its node, or a leaf
+            if start.grad_fn is not None:
+                start = (start.grad_fn, start.output_nr)
+            elif start.requires_grad:
+                leaves.add(id(start))
+                if leaf_tensors is not None:
+                    leaf_tensors[id(start)] = start
+                continue
+            else:
+                continue
+        stack.append(start if isinstance(start, tuple) else (start, None))
     while stack:
         node, output_nr = stack.pop()
         if node is None:
@@ -214,10 +227,6 @@ def reached_parameters(root, routes: dict | None = None) -> set[int]:
     """ids of the leaf tensors that the autograd graph below ``root`` (a loss tensor, an
     autograd node or a (node, output number) pair) accumulates gradient into; ``routes``: see
     :func:`walk_graph`."""
-    if isinstance(root, torch.Tensor):
-        if root.grad_fn is None:
-            return {id(root)} if root.requires_grad else set()
-        root = (root.grad_fn, root.output_nr)
     return walk_graph([root], routes=routes)[1]
 
 
@@ -228,26 +237,18 @@ def _starts(roots: list, losses: list[torch.Tensor]) -> list:
     entered through the loss's output where it is the loss's own node."""
     starts = []
     for root, loss in zip(roots, losses, strict=True):
-        if isinstance(root, torch.Tensor):
-            root = root.grad_fn if root.grad_fn is None else (root.grad_fn, root.output_nr)
-        elif not isinstance(root, tuple) and loss is not None and root is not None \
-                and root is loss.grad_fn:
+        if isinstance(root, torch.Tensor) and root.grad_fn is not None:
+            root = (root.grad_fn, root.output_nr)
+        elif root is not None and loss is not None and root is loss.grad_fn:
             root = (root, loss.output_nr)
-        starts.append(root)
+        starts.append(root)  # (a leaf loss stays the tensor: walk_graph reaches itself)
     return starts
-
-
-def _reach(root, start, routes: dict | None = None) -> set[int]:
-    if isinstance(root, torch.Tensor) and root.grad_fn is None:
-        return {id(root)} if root.requires_grad else set()  # the loss is a leaf itself
-    return walk_graph([start], routes=routes)[1]
 
 
 def walked_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     """For each task: ids of the leaf tensors a walk of its graph reaches (every input of every
     join: see :func:`task_reach`)."""
-    return [_reach(root, start) for root, start in zip(roots, _starts(roots, losses),
-                                                       strict=True)]
+    return [walk_graph([start])[1] for start in _starts(roots, losses)]
 
 
 def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
@@ -272,7 +273,7 @@ def task_reach(roots: list, losses: list[torch.Tensor]) -> list[set[int]]:
     walks = [walk_graph([start], followed=edges)[0] for start, edges in zip(starts, followed)]
 
     def reach(i: int, routes: dict | None = None) -> set[int]:
-        return _reach(roots[i], starts[i], routes)
+        return walk_graph([starts[i]], routes=routes)[1]
 
     counts: dict = {}
     for nodes in walks:

@@ -1737,7 +1737,7 @@ class MultiBalance(GradientBalancer):
         errors)."""
         _check_independent(reps)
         starts = task_roots(raw, items)
-        _refuse_reentrant([s[0] if isinstance(s, tuple) else s for s in starts])
+        _refuse_reentrant(starts)
         stops, stop_leaves = _stops(reps)
         walks = [_reached_stopping(start, stops, stop_leaves) for start in starts]
         reach = [leaves for leaves, _ in walks]
@@ -2235,8 +2235,6 @@ def _stops(reps: list[torch.Tensor]) -> tuple[set, set]:
     representation tensors that are leaves."""
     return ({(z.grad_fn, z.output_nr) for z in reps if z.grad_fn is not None},
             {id(z) for z in reps if z.grad_fn is None})
-
-
 
 
 def _reached_stopping(start, stops: set, stop_leaves: set) -> tuple[set[int], bool]:
