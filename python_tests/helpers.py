@@ -11,11 +11,13 @@ import argparse
 import contextlib
 import copy
 import datetime
+import faulthandler
 import inspect
 import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import torch
@@ -345,9 +347,13 @@ def gloo_group(rank: int, world: int, port: int):
     """In a worker process: join the gloo group on 127.0.0.1 (one thread, 60 s timeout), and,
     after the body, leave it together (a process that tears gloo down while its peer still
     talks to it can abort the peer, which a plain barrier did not prevent under load) and end
-    the process (:func:`exit_worker`)."""
+    the process (:func:`exit_worker`). Under :func:`run_workers`, a process still running near
+    its timeout writes its threads' Python stacks to stderr (faulthandler)."""
     import torch.distributed as dist
 
+    dump_after = os.environ.get("PUB_TEST_DUMP_STACKS_AFTER")
+    if dump_after:
+        faulthandler.dump_traceback_later(float(dump_after))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -371,20 +377,35 @@ def exit_worker(code: int) -> None:
 def run_workers(script, world: int, out, args=(), timeout: float = 120.0) -> list:
     """Run ``script --rank R --world N --port P --out OUT *args`` as ``world`` processes of one
     gloo group on 127.0.0.1 (one thread each, bounded in time), and load what each wrote to
-    OUT/rank<R>.pt. A process that failed raises AssertionError with its stderr."""
+    OUT/rank<R>.pt. A process that failed, or that was still running at ``timeout``, raises
+    AssertionError with every process's exit status and stderr; a process still running
+    ``timeout`` - 15 s after its start first writes its threads' Python stacks there
+    (:func:`gloo_group`), so that a hang says where it hung."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PUB_TEST_DUMP_STACKS_AFTER=str(max(timeout - 15, 5)))
     procs = [subprocess.Popen([sys.executable, str(script), "--rank", str(r), "--world",
                                str(world), "--port", str(port), "--out", str(out), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(world)]
+    deadline = time.monotonic() + timeout
+    results, late = [], []
     try:
-        results = [p.communicate(timeout=timeout) for p in procs]
+        for r, p in enumerate(procs):
+            try:
+                results.append(p.communicate(timeout=max(deadline - time.monotonic(), 0.1)))
+            except subprocess.TimeoutExpired:
+                late.append(r)
+                p.kill()
+                results.append(p.communicate())
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, results):
-        if p.returncode != 0:
-            raise AssertionError(f"a process failed:\n{err[-3000:]}")
+    if late or any(p.returncode != 0 for p in procs):
+        report = "\n".join(f"--- rank {r}: exit status {p.returncode}"
+                           f"{' (killed at the timeout)' if r in late else ''}\n{err[-3000:]}"
+                           for r, (p, (_, err)) in enumerate(zip(procs, results)))
+        what = f"ranks {late} still ran after {timeout:g} s" if late else "a process failed"
+        raise AssertionError(f"{what}:\n{report}")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
