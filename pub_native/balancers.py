@@ -2998,16 +2998,28 @@ def _refuse_sparse(params: list[torch.Tensor], shared: list[torch.Tensor]) -> No
 def _clip_unscaled(params: list[torch.Tensor], max_norm: float, scale: float) -> None:
     """``clip_grad_norm_(params, max_norm)`` on gradients that a GradScaler's ``scale`` still
     multiplies: clipped as they will be once unscaled, ε included (clipping the scaled ones at
-    ``max_norm·scale`` would not scale torch's ε). The scale is a power of two, so the round
-    trip is exact."""
+    ``max_norm·scale`` would not scale torch's ε). The gradients are not unscaled in place and
+    scaled back: in float16 that round trip is not exact (unscaled, small gradients become
+    subnormal or zero, which the scaler is there to prevent, and a scale of 2¹⁶ is infinite
+    in float16). Each gradient's norm is taken from the scaled gradient in float32 or wider,
+    divided by the scale (exact: a power of two), and rounded to the gradient's dtype, as
+    clip_grad_norm_ takes it of the unscaled gradient; the gradients are then multiplied by
+    the clip coefficient once, as clip_grad_norm_ multiplies them."""
     if scale == 1.0:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
     grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, 1.0 / scale)
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        torch._foreach_mul_(grads, scale)
+    if not grads:
+        return
+    norms = []
+    for g in grads:
+        wide = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+        norms.append((torch.linalg.vector_norm(g, dtype=wide) / scale).to(g.dtype))
+    first = grads[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
 
 
 def _grad_marks(params: list[torch.Tensor]) -> list:

@@ -971,6 +971,35 @@ def test_clipping_under_a_grad_scaler_clips_the_unscaled_gradient(name):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["NashMTL", "FAMO"])
+@pytest.mark.parametrize("init_scale", [2.0 ** 15, 2.0 ** 16])
+def test_a_clip_that_does_not_bite_leaves_float16_scaled_gradients_as_they_are(name, init_scale):
+    # The clip unscaled float16 .grad in place and scaled it back: small gradients lost bits
+    # as float16 subnormals (trunk .grad up to 29% off), and a scale of 2**16, GradScaler's
+    # default, is inf in float16, so every finite gradient became inf and the scaler skipped
+    # the step. A max_norm that does not bite must give max_norm = 0's gradients, bit for bit.
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.float16)
+    y = torch.randn(64, dtype=torch.float16)
+    grads = {}
+    for max_norm in (1e9, 0.0):
+        torch.manual_seed(8)
+        trunk = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()).half()
+        heads = [torch.nn.Linear(16, 1).half() for _ in range(2)]
+        params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+        bal = (B.NashMTL(params, max_norm=max_norm) if name == "NashMTL"
+               else B.FAMO(params, n_tasks=2, max_norm=max_norm))
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        z = trunk(x)
+        losses = [c * ((h(z).squeeze(-1).float() - y.float()) ** 2).mean()
+                  for c, h in zip((1e-4, 3e-4), heads)]
+        bal.backward([scaler.scale(loss) for loss in losses], scaler=scaler)
+        grads[max_norm] = [p.grad.clone() for p in params]
+    for a, b in zip(grads[1e9], grads[0.0]):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", ["NashMTL", "MGDAUB", "CAGrad", "FAMO"])
 def test_an_overflow_under_a_grad_scaler_is_skipped_and_backs_off(name):
     # An overflow of the scaled losses: no error with scaler=, the scaler skips the step
