@@ -707,3 +707,29 @@ def test_a_step_counter_that_is_not_one_finite_number_is_refused_at_load(step):
     fresh.load_state_dict(sd)
     run_pub(None, fresh_problem, 1, start=3, opt=fresh)
     assert fresh.state[params[0]]["step"].item() == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_state_that_requires_grad_is_kept_as_leaves(dtype):
+    # The optimizer's copy of a loaded entry that requires grad was made with autograd on
+    # (a clone with a grad_fn): copy.deepcopy of the optimizer, or of its state dict, raised.
+    torch.manual_seed(5)
+    trunk = torch.nn.Linear(4, 4).to(dtype)
+    heads = [torch.nn.Linear(4, 1).to(dtype) for _ in range(2)]
+    x = torch.randn(8, 4, dtype=dtype)
+    params = [*trunk.parameters(), *(q for h in heads for q in h.parameters())]
+    opt = pub_native.Adam(params, lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        z = torch.tanh(trunk(x))
+        opt.backward([h(z).float().square().mean() for h in heads])
+        opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].clone().requires_grad_()
+    fresh = pub_native.Adam(params, lr=1e-2)
+    fresh.load_state_dict(sd)
+    assert fresh.state[params[0]]["exp_avg"].grad_fn is None
+    torch.testing.assert_close(fresh.state[params[0]]["exp_avg"].float(),
+                               sd["state"][0]["exp_avg"].detach().float(), rtol=0, atol=0)
+    copy.deepcopy(fresh)
+    copy.deepcopy(fresh.state_dict())

@@ -572,9 +572,9 @@ class Checkpoints:
                     continue
                 if (name != "step" and v.is_floating_point()
                         and p.dtype in (torch.bfloat16, torch.float16)):
-                    mine[name] = v.to(device=p.device, dtype=torch.float32).clone()
+                    mine[name] = v.detach().to(device=p.device, dtype=torch.float32).clone()
                 elif mine.get(name) is v:
-                    mine[name] = v.clone()
+                    mine[name] = v.detach().clone()  # (a leaf: copy.deepcopy takes no other)
         params = self._all_params()
         pub = loaded["pub"]
         grads, views, present, decided = (self._grads, self._grad_views, self._present,
