@@ -34,6 +34,19 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def checked_process_group(value):
+    """``value`` of a ``process_group`` argument: ``"auto"``, None or a torch.distributed
+    process group; anything else is a TypeError naming the argument at construction (it was
+    accepted there and failed at the first call, with a message about torch.distributed)."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    group_type = getattr(torch.distributed, "ProcessGroup", None)
+    if group_type is None or not isinstance(value, group_type):
+        raise TypeError(f"process_group must be 'auto', None or a torch.distributed process "
+                        f"group, got {value!r}")
+    return value
+
+
 def _is_sharded_parameter(p: torch.Tensor) -> bool:
     if getattr(p, "_is_flat_param", False):  # FSDP (version 1)
         return True

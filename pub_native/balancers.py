@@ -64,6 +64,7 @@ from ._distributed import (
     _replicated,
     agree_on,
     average_gradients,
+    checked_process_group,
     data_parallel_group,
     ddp_holders,
     differs_between_processes,
@@ -148,10 +149,18 @@ class GradientBalancer:
     #: :meth:`load_state_dict` restores them, as torch's optimizers restore their groups'.
     _OPTIONS: tuple[str, ...] = ()
 
+    def __setattr__(self, name: str, value) -> None:
+        # An option set as an attribute (how the README changes one after a load) is checked as
+        # the constructor checks it: a bad value raises here, naming it, not at a later call.
+        if ((name in type(self)._OPTIONS and name != "min_losses")
+                or name in ("update_weights_every", "weight_task_specific")):
+            value = self._checked_option(name, value, name)
+        super().__setattr__(name, value)
+
     def __init__(self, params, *, shared=None, weight_task_specific: bool | None = None,
                  update_weights_every: int = 1, process_group="auto"):
         self.params = _param_list(params, "params")
-        self._process_group = process_group
+        self._process_group = checked_process_group(process_group)
         if not _active(self.params):
             raise ValueError("params is empty (no tensor requires grad)")
         ids = {id(p) for p in self.params}
@@ -163,7 +172,8 @@ class GradientBalancer:
                     raise ValueError(f"shared[{i}] (shape {tuple(p.shape)}) is not in params")
         if weight_task_specific is None:
             weight_task_specific = self.weight_task_specific_default
-        self.weight_task_specific = bool(weight_task_specific)
+        self.weight_task_specific = self._checked_option(
+            "weight_task_specific", weight_task_specific, "weight_task_specific")
         self.update_weights_every = self._checked_option(
             "update_weights_every", update_weights_every, "update_weights_every")
         self.k: int | None = None
@@ -1287,13 +1297,17 @@ class FAMO(GradientBalancer):
                  max_norm: float = 1.0, min_losses=None, shared=None, process_group="auto"):
         super().__init__(params, shared=shared, process_group=process_group)
         n_tasks = _task_count(n_tasks)
-        self.gamma, self.w_lr, self.max_norm = (
+        gamma, w_lr, self.max_norm = (
             self._checked_option(name, value, name)
             for name, value in (("gamma", gamma), ("w_lr", w_lr), ("max_norm", max_norm)))
         self.logits = torch.zeros(n_tasks, dtype=torch.float64, requires_grad=True)
-        self._logit_opt = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
-        m = torch.zeros(n_tasks, dtype=torch.float64) if min_losses is None else \
-            torch.as_tensor(min_losses, dtype=torch.float64).detach().cpu().reshape(-1)
+        self._logit_opt = torch.optim.Adam([self.logits], lr=w_lr, weight_decay=gamma)
+        try:
+            m = torch.zeros(n_tasks, dtype=torch.float64) if min_losses is None else \
+                torch.as_tensor(min_losses, dtype=torch.float64).detach().cpu().reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"min_losses must hold {n_tasks} numbers, got {min_losses!r} "
+                             f"({type(e).__name__}: {e})") from None
         if m.shape != (n_tasks,):
             raise ValueError(f"min_losses must hold {n_tasks} values, got shape {tuple(m.shape)}")
         if not bool(torch.isfinite(m).all()):  # (as load_state_dict refuses them)
@@ -1315,6 +1329,25 @@ class FAMO(GradientBalancer):
         # backward's implicit update) means that no step was taken to measure.
         self._scaler = None
         self._scale: float | None = None
+
+    # w_lr and gamma are the logits' Adam's lr and weight_decay: setting one (or loading
+    # state_dict['options']) changes what that Adam steps with, and state_dict saves what it
+    # used.
+    @property
+    def w_lr(self) -> float:
+        return float(self._logit_opt.param_groups[0]["lr"])
+
+    @w_lr.setter
+    def w_lr(self, value) -> None:
+        self._logit_opt.param_groups[0]["lr"] = value
+
+    @property
+    def gamma(self) -> float:
+        return float(self._logit_opt.param_groups[0]["weight_decay"])
+
+    @gamma.setter
+    def gamma(self, value) -> None:
+        self._logit_opt.param_groups[0]["weight_decay"] = value
 
     @property
     def task_probabilities(self) -> torch.Tensor:

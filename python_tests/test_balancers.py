@@ -514,6 +514,77 @@ def test_options_given_as_numpy_numbers_are_taken_and_bad_ones_named():
             make()
 
 
+def test_options_set_as_attributes_are_checked_as_the_constructor_checks_them():
+    # weight_task_specific="no" was taken as True; update_weights_every = 0 set after the
+    # constructor passed, and the next backward raised ZeroDivisionError; min_losses of
+    # strings raised "too many dimensions 'str'", naming nothing.
+    t = Linear(rand_grads(2, 3, 1))
+    for make, match in [(lambda: B.NashMTL(t.params, weight_task_specific="no"),
+                         "weight_task_specific must be a bool"),
+                        (lambda: B.PCGrad(t.params, weight_task_specific=2),
+                         "weight_task_specific must be a bool"),
+                        (lambda: B.FAMO(t.params, 2, min_losses=["a", "b"]), "min_losses")]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    nash, cagrad, famo = B.NashMTL(t.params), B.CAGrad(t.params), B.FAMO(t.params, 2)
+    for bal, name, value in [(nash, "update_weights_every", 0), (nash, "max_norm", -1.0),
+                             (nash, "solver", "adam"), (nash, "weight_task_specific", "no"),
+                             (cagrad, "c", float("nan")), (famo, "w_lr", -0.1),
+                             (famo, "gamma", "0.1")]:
+        before = getattr(bal, name)
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            setattr(bal, name, value)
+        assert getattr(bal, name) == before
+    nash.update_weights_every = np.int64(3)
+    assert nash.update_weights_every == 3 and type(nash.update_weights_every) is int
+    with pytest.raises(ValueError, match="does not reuse weights"):
+        cagrad.update_weights_every = 2
+
+
+def test_famo_w_lr_and_gamma_set_as_attributes_are_what_its_logits_adam_steps_with():
+    # The logits' Adam was built with the constructor's values: setting f.w_lr or f.gamma, or
+    # loading them from state_dict['options'], changed the attribute and what state_dict
+    # saved, not the steps.
+    def run(make, then=None):
+        torch.manual_seed(0)
+        m = _Heads()
+        bal = make(list(m.parameters()))
+        if then is not None:
+            then(bal)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            m.run(bal)
+            opt.step()
+            with torch.no_grad():
+                z = torch.tanh(m.trunk(m.x))
+                bal.update([((h(z).squeeze(1) - m.y[:, i]) ** 2).mean()
+                            for i, h in enumerate(m.heads)])
+        return bal
+
+    built = run(lambda ps: B.FAMO(ps, 2, w_lr=0.5, gamma=0.1))
+    default = run(lambda ps: B.FAMO(ps, 2))
+    assert not torch.equal(built.logits, default.logits)  # not vacuous
+    set_later = run(lambda ps: B.FAMO(ps, 2), lambda b: (setattr(b, "w_lr", 0.5),
+                                                         setattr(b, "gamma", 0.1)))
+    torch.testing.assert_close(set_later.logits, built.logits, rtol=0, atol=0)
+    state = set_later.state_dict()
+    assert state["options"]["w_lr"] == 0.5 and state["options"]["gamma"] == 0.1
+    fresh = B.FAMO(list(_Heads().parameters()), 2)
+    fresh.load_state_dict(state)
+    assert (fresh.w_lr, fresh.gamma) == (0.5, 0.1)
+    group = fresh._logit_opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.5, 0.1)
+
+
+def test_a_process_group_that_is_not_one_is_named_at_construction():
+    t = Linear(rand_grads(2, 3, 1))
+    for make in (lambda: B.IMTLG(t.params, process_group=5),
+                 lambda: pub_native.Adam(t.params, process_group="world")):
+        with pytest.raises(TypeError, match="process_group must be 'auto', None or a torch"):
+            make()
+
+
 def test_a_wrong_number_of_losses_names_the_balancer():
     t = Linear(rand_grads(2, 3, 1))
     bal = B.IMTLG(t.params)

@@ -23,7 +23,12 @@ from torch.optim import optimizer as _torch_optimizer
 
 from .. import _autograd
 from .._caller import user_stacklevel
-from .._distributed import data_parallel_group, own_averaging_checks, refuse_join
+from .._distributed import (
+    checked_process_group,
+    data_parallel_group,
+    own_averaging_checks,
+    refuse_join,
+)
 from .._native import StepOutcome
 from ._backends import CpuBackend
 from ._checkpoint import Checkpoints
@@ -123,7 +128,7 @@ class PUBOptimizer(GradientTools, Checkpoints):
         if not isinstance(shard_state, bool):
             raise ValueError(f"Invalid shard_state: {shard_state!r} (True or False)")
         self.shard_state = shard_state
-        self._process_group = process_group
+        self._process_group = checked_process_group(process_group)
         backend = _default_backend() if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}, expected one of {BACKENDS}")
