@@ -157,6 +157,7 @@ def test_synthetic_script(tmp_path, capsys):
     assert again.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_loss_scale_script(tmp_path):
     bench = _bench("bench_loss_scale")
     out = tmp_path / "ls.json"

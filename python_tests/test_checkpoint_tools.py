@@ -166,6 +166,7 @@ def test_adatask_state_without_the_entry_names_what_is_missing():
     assert not fresh.state
 
 
+@pytest.mark.slow
 def test_get_set_optimizer_state_dict_under_ddp_with_sharded_state(tmp_path):
     from pathlib import Path
 

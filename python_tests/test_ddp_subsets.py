@@ -55,6 +55,7 @@ def test_zero_plain_steps_match_torch_adam_around_a_refused_pub_step(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_same_subset_on_every_process_trains_and_other_subsets_raise(tmp_path):
     # Subsets of equal shapes but other parameters (each process its own head) were taken
     # silently, averaging one process's head gradient with the other's.

@@ -132,6 +132,7 @@ def test_demo_reports_a_failing_method_and_runs_the_others(monkeypatch):
     assert [r["method"] for r in results["summary"]] == ["ls"]
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     cmd = [sys.executable, "-m", "pub_native", "demo", "--quick", "--methods",
            "ls,pcgrad,multibalance,pub", "--seeds", "1", "--epochs", "1", "--train-rows", "1024",

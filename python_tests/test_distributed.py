@@ -332,6 +332,7 @@ def test_per_task_norms_agree_on_a_process_that_holds_no_piece(tmp_path):
                                    msg=f"norm_type={norm_type}")
 
 
+@pytest.mark.slow
 def test_detection_sees_through_ddps_output_node_as_one_process_does(tmp_path):
     # With find_unused_parameters or static_graph, DDP passes the model's flattened outputs,
     # non-tensors included, through one node whose inputs count tensors alone: a None among

@@ -524,6 +524,7 @@ print("buffer AGAIN", all(torch.isfinite(t).all() and not torch.equal(t, b)
 """
 
 
+@pytest.mark.slow
 def test_a_storage_shrunk_after_steps_the_optimizer_remembers_is_a_clear_error():
     # The checks of a parameter and its state are remembered between steps (by address and
     # view, which a storage freed and taken again smaller may keep): the storage's size is part

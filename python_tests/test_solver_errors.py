@@ -249,6 +249,7 @@ def test_inside_function_transforms_raises_type_error():
             transform(torch.stack([G, G]) if "vmap" in repr(transform) else G)
 
 
+@pytest.mark.slow
 def test_array_too_large_to_copy_raises_memory_error():
     """A broadcast (stride 0) array whose contiguous copy cannot be allocated (in a subprocess:
     it used to be read through a null pointer)."""

@@ -761,6 +761,7 @@ def test_compiled_step_equals_eager(fullgraph):
     assert_states_equal(o1, list(m1.parameters()), o2, list(m2.parameters()))
 
 
+@pytest.mark.slow
 def test_compiled_step_with_one_op_per_parameter_count(monkeypatch):
     # The ops torch 2.4 needs (it cannot compile an op that mutates a list of tensors), here
     # on whatever torch runs the tests: one op per number of parameters, made when the
@@ -839,7 +840,8 @@ def _edit_grads(model, edit):
 
 
 @pytest.mark.parametrize("edit,per_count_op", [
-    ("scale", False), ("clip", False), ("swap", False), ("drop", False), ("scale", True),
+    ("scale", False), ("clip", False), pytest.param("swap", False, marks=pytest.mark.slow),
+    pytest.param("drop", False, marks=pytest.mark.slow), ("scale", True),
     pytest.param("clip", True, marks=pytest.mark.slow),
     pytest.param("swap", True, marks=pytest.mark.slow),
     pytest.param("drop", True, marks=pytest.mark.slow)])
@@ -909,7 +911,7 @@ def test_compiled_step_that_raises_leaves_the_graph_gradients_as_eager_does():
 
 
 @pytest.mark.filterwarnings("ignore:the model is compiled")  # losses from a compiled graph
-@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("whole", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_compiled_step_and_zero_grad_equal_eager(whole):
     # zero_grad and backward run outside the graph (graph breaks), as torch.optim's zero_grad
     # and loss.backward() do: torch 2.5-2.11 failed to trace the attributes they set. whole:
