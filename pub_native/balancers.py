@@ -149,11 +149,17 @@ class GradientBalancer:
     #: :meth:`load_state_dict` restores them, as torch's optimizers restore their groups'.
     _OPTIONS: tuple[str, ...] = ()
 
+    #: The options that an attribute assignment checks (see __setattr__), per class.
+    _SET_CHECKED: frozenset = frozenset({"update_weights_every", "weight_task_specific"})
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._SET_CHECKED = GradientBalancer._SET_CHECKED | (set(cls._OPTIONS) - {"min_losses"})
+
     def __setattr__(self, name: str, value) -> None:
         # An option set as an attribute (how the README changes one after a load) is checked as
         # the constructor checks it: a bad value raises here, naming it, not at a later call.
-        if ((name in type(self)._OPTIONS and name != "min_losses")
-                or name in ("update_weights_every", "weight_task_specific")):
+        if name in self._SET_CHECKED:
             value = self._checked_option(name, value, name)
         super().__setattr__(name, value)
 
@@ -1236,6 +1242,16 @@ class Uncertainty(GradientBalancer):
         return f"Uncertainty(n_tasks={self.k}, form={self.form!r})"
 
 
+def _logit_adam_entry(key: str) -> property:
+    """An attribute of FAMO that is entry ``key`` of its logits' Adam's param group."""
+    def get(self) -> float:
+        return float(self._logit_opt.param_groups[0][key])
+
+    def put(self, value) -> None:
+        self._logit_opt.param_groups[0][key] = value
+    return property(get, put)
+
+
 class FAMO(GradientBalancer):
     r"""FAMO (Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS
     2023), as in its public code (github.com/Cranial-XIX/FAMO, ``famo.py``).
@@ -1333,21 +1349,8 @@ class FAMO(GradientBalancer):
     # w_lr and gamma are the logits' Adam's lr and weight_decay: setting one (or loading
     # state_dict['options']) changes what that Adam steps with, and state_dict saves what it
     # used.
-    @property
-    def w_lr(self) -> float:
-        return float(self._logit_opt.param_groups[0]["lr"])
-
-    @w_lr.setter
-    def w_lr(self, value) -> None:
-        self._logit_opt.param_groups[0]["lr"] = value
-
-    @property
-    def gamma(self) -> float:
-        return float(self._logit_opt.param_groups[0]["weight_decay"])
-
-    @gamma.setter
-    def gamma(self, value) -> None:
-        self._logit_opt.param_groups[0]["weight_decay"] = value
+    w_lr = _logit_adam_entry("lr")
+    gamma = _logit_adam_entry("weight_decay")
 
     @property
     def task_probabilities(self) -> torch.Tensor:
