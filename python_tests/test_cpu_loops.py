@@ -130,11 +130,9 @@ def _first_adam_gram(k: int, lr: float = 1e-3, dtype=F32):
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 8])
 def test_float32_gram_sums_stay_within_their_error_bound(k):
-    # The Gram pass sums float32 products of float32 task updates over blocks of 16 per lane
-    # before float64 takes them (single sweep for K ≤ 4 and 8, tiles for 5). Bound per entry:
-    # |G − G₆₄| ≤ c·2⁻²⁴·Σ_j |u_ij·u_kj|, with G₆₄ the float64 Gram of the exact updates. c = 8
-    # leaves room for the updates' own rounding and the 16-term float32 sums (0.4 is typical);
-    # float32 sums over a whole work item (65536 elements) reach c ≈ 50 here.
+    # The Gram pass sums float64 products of the float32 task updates (single sweep for K ≤ 4
+    # and 8, tiles for 5). Bound per entry: |G − G₆₄| ≤ c·2⁻²⁴·Σ_j |u_ij·u_kj|, with G₆₄ the
+    # float64 Gram of the exact updates: c = 8 leaves room for the updates' own rounding.
     G, exact, scale = _first_adam_gram(k)
     err = (G - exact).abs() / scale
     assert err.max().item() <= 8 * 2.0 ** -24, err
@@ -144,15 +142,47 @@ def test_float32_gram_sums_stay_within_their_error_bound(k):
     (2, 1e-25, F32), (2, 1e25, F32), (3, 1e-30, F32), (4, 1e-25, BF16), (5, 1e-30, F32),
     (5, 1e25, BF16), (8, 1e-25, F32), (8, 1e25, F32), (9, 1e-30, F32)])
 def test_gram_keeps_its_error_bound_for_updates_of_any_magnitude(k, lr, dtype):
-    # Updates so small that their float32 products fall into the subnormals or to zero (a
-    # tiny lr), or so large that they overflow: the blocks whose float32 sums of squares leave
-    # the normal range take float64 products, so the bound above holds at any scale where the
-    # updates themselves are normal float32 numbers (the weights do not depend on the updates'
-    # scale), in the single sweeps (K = 2, 3, 8) and the tiled loops (K = 5, 9; bfloat16
-    # everywhere).
+    # Updates so small that their float32 products would fall into the subnormals or to zero
+    # (a tiny lr), or so large that they would overflow: the products are float64, so the
+    # bound above holds at any scale where the updates themselves are normal float32 numbers
+    # (the weights do not depend on the updates' scale), in the single sweeps (K = 2, 3, 8) and
+    # the tiled loops (K = 5, 9; bfloat16 everywhere).
     G, exact, scale = _first_adam_gram(k, lr, dtype)
     err = (G - exact).abs() / scale
     assert err.max().item() <= 8 * 2.0 ** -24, err
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdaGrad", "RMSProp"])
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
+def test_gram_of_nearly_dependent_updates_is_positive_semidefinite(name, k):
+    # Tasks within 1e-3 … 1e-6 of a Pareto-stationary point: gradients nearly equal or nearly
+    # opposed, so their updates span almost a line and G's smallest eigenvalues are tiny. The
+    # Gram the step solves with is the float64 Gram of the float32 updates it applies, positive
+    # semidefinite to float64 rounding, so the solve of G + 1e-8·diag(G) converges. With
+    # float32 products summed in float32 it was indefinite by ~1e-7 of its diagonal, ten times
+    # the ridge: the Cholesky failed and the step applied weights that solved nothing. Single
+    # sweeps (K = 2, 3, 8, each with a tiled tail) and tiled loops (K = 5), two steps.
+    cls = getattr(pub_native, name)
+    shapes = [(1000,), (3, 45)]
+    for seed in range(4):
+        for delta in (1e-3, 1e-4, 1e-5, 1e-6):
+            gen = torch.Generator().manual_seed(seed)
+            shared = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+            base = [torch.randn(s, generator=gen) for s in shapes]
+            dirs = [[b * (1 + 0.1 * i) * (-1) ** i + delta * torch.randn(s, generator=gen)
+                     for b, s in zip(base, shapes)] for i in range(k)]
+            opt = cls(shared, lr=1e-3, shared=shared)
+            for _ in range(2):
+                opt.zero_grad()
+                opt.backward([sum((w * d).sum() for w, d in zip(shared, task))
+                              for task in dirs])
+                opt.step()
+                G = torch.from_numpy(opt._backend._stepper.G.copy())
+                d = G.diagonal().sqrt()
+                least = torch.linalg.eigvalsh(G / d[:, None] / d[None, :])[0].item()
+                assert least >= -1e-13, (seed, delta, least)
+                assert opt.stats["status"] == pub_native.SolveStatus.CONVERGED, (seed, delta)
+                assert opt.stats["residual"] <= 1e-6, (seed, delta, opt.stats["residual"])
 
 
 @pytest.mark.parametrize("k", [2, 5, 8])

@@ -28,11 +28,11 @@ constexpr int64_t kTile = 256;
 // Sixteen lanes are four AVX2 registers: enough independent FMA chains to hide their latency.
 constexpr int kLanes = 16;
 
-// Lanes of the single-sweep Gram: the products of eight elements side by side (two AVX2
-// registers of float64 per Gram entry).
+// Lanes of the single-sweep Gram: the updates of eight elements side by side (one AVX2 register
+// of float32).
 constexpr int kGramLanes = 8;
-// Elements per lane summed in float32 before a single-sweep lane adds them to its float64 sum,
-// and the elements of such a block.
+// Elements per lane of a single-sweep block: the block's updates, stored in float64, and the
+// float32 sums of its squared gradients before a lane adds them to its float64 sum.
 constexpr int kGramBlock = 16;
 constexpr int64_t kFixedBlock = int64_t(kGramLanes) * kGramBlock;
 // Smallest float32 block sum of squared gradients taken as it is (2⁻¹⁰⁰): above it, squares
@@ -147,81 +147,12 @@ struct Lanes16 {
 };
 #endif
 
-// Σ_j a_j·b_c,j over a tile (n ≤ kTile elements) in float32 for C columns b_0..b_{C-1} at once
-// (a is loaded once per C products), kLanes lanes each (lane l takes the elements j ≡ l mod
-// kLanes, so each lane sums at most kTile/kLanes = 16 products), added to the float64 lanes
-// `*acc[c]`. Float32 products and block sums have a relative error of at most ~17·2⁻²⁴ of
-// Σ|a_j b_c,j| per tile, the float64 accumulation over tiles adds next to nothing: the Gram
-// entries carry the error the float32 task updates already have, at half the work of float64
-// products. Each column's sums do not depend on C.
-template <int C>
-PN_CPU_INLINE void add_tile_products(Lanes16* const* acc, const float* a, const float* const* b,
-                                     int64_t n) {
-#if defined(__GNUC__)
-  f8 s[C][2] = {};
+// Σ_j a_j·b_j over a tile of float64 values (the task updates, exact in float64 whatever their
+// element type), kLanes lanes (lane l takes j ≡ l mod kLanes), added to `acc`.
+PN_CPU_INLINE void add_products(Lanes16& acc, const double* a, const double* b, int64_t n) {
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const f8 a0 = load8(a + j), a1 = load8(a + j + 8);
-    for (int c = 0; c < C; ++c) {
-      s[c][0] += a0 * load8(b[c] + j);
-      s[c][1] += a1 * load8(b[c] + j + 8);
-    }
-  }
-  for (int c = 0; c < C; ++c) {
-    double w[kLanes];
-    for (int l = 0; l < 8; ++l) {
-      w[l] = static_cast<double>(s[c][0][l]);
-      w[8 + l] = static_cast<double>(s[c][1][l]);
-    }
-    acc[c]->add(w);
-  }
-#else
-  float s[C][kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int c = 0; c < C; ++c)
-      for (int l = 0; l < kLanes; ++l) s[c][l] += a[j + l] * b[c][j + l];
-  for (int c = 0; c < C; ++c) {
-    double w[kLanes];
-    for (int l = 0; l < kLanes; ++l) w[l] = static_cast<double>(s[c][l]);
-    acc[c]->add(w);
-  }
-#endif
-  for (int c = 0; c < C; ++c)
-    for (int64_t r = j; r < n; ++r)
-      acc[c]->add0(static_cast<double>(a[r]) * static_cast<double>(b[c][r]));
-}
-
-// Σ_j a_j·b_j over a tile in float64 products, kLanes lanes (lane l takes j ≡ l mod kLanes).
-template <class T>
-PN_CPU_INLINE void add_wide_products(Lanes16& acc, const T* a, const T* b, int64_t n) {
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    if constexpr (std::is_same_v<T, double>) {
-      acc.fma(a + j, b + j);
-    } else {
-      double x[kLanes], y[kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        x[l] = static_cast<double>(a[j + l]);
-        y[l] = static_cast<double>(b[j + l]);
-      }
-      acc.fma(x, y);
-    }
-  }
-  for (; j < n; ++j) acc.add0(static_cast<double>(a[j]) * static_cast<double>(b[j]));
-}
-
-// Whether a tile's float32 sums of squares a_j² (kLanes lanes, as add_tile_products sums them)
-// leave the range in which float32 products serve (see square_sum_bad), as an int.
-PN_CPU_INLINE int tile_tiny(const float* a, int64_t n) {
-  float s[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) s[l] += a[j + l] * a[j + l];
-  int bad = 0;
-  if (j > 0)
-    for (int l = 0; l < kLanes; ++l) bad |= square_sum_bad(s[l]);
-  return bad;
+  for (; j + kLanes <= n; j += kLanes) acc.fma(a + j, b + j);
+  for (; j < n; ++j) acc.add0(a[j] * b[j]);
 }
 
 struct Item {
@@ -325,77 +256,89 @@ struct GramKernel {
   // vectorizing; bfloat16 and float64 would double the build time of these files).
   static constexpr bool kFixedType = std::is_same_v<Tp, float>;
 
-  // pa[p] += Σ_t u_i,t · u_k,t over the kGramBlock vectors t of a block's updates ub, for the
-  // 36 pairs p = (i, k ≤ i) of 8 tasks, in tiles whose sums stay in registers: rows 0-3 and
-  // 4-7 with themselves (10 sums each), rows 4-5 and 6-7 with columns 0-3 (8 each). Each sum
-  // takes its terms in the order t = 0, 1, ..., as pa[p][l] += u_i·u_k does in the sweep.
-  PN_CPU_INLINE static void products_tiled(const T (&ub)[kGramBlock][8][kGramLanes],
-                                           T (&pa)[36][kGramLanes]) {
+  // acc[p] += Σ_t u_i,t · u_k,t over the kGramBlock vectors t of a block's float64 updates ub,
+  // in the order t = 0, 1, ..., for the K(K + 1)/2 pairs p = (i, k ≤ i), in register tiles of
+  // at most ten sums of four lanes (half the lanes at a time), each loaded from and stored to
+  // acc once per block: all pairs at K ≤ 4; at K = 8 rows 0-3 and 4-7 with themselves and rows
+  // 4-5 and 6-7 with columns 0-3. The products of float32 updates are exact in float64, so
+  // the Gram is that of the updates the step applies, to the rounding of float64 sums.
+  template <int kK>
+  PN_CPU_INLINE static void add_block_products(const double (&ub)[kGramBlock][kK][kGramLanes],
+                                               double (&acc)[kK * (kK + 1) / 2][kGramLanes]) {
 #if defined(__GNUC__)
-    auto add = [&](int i, int k, f8 x) PN_CPU_LAMBDA_INLINE {
-      T* dst = pa[i * (i + 1) / 2 + k];
-      store8(dst, load8(dst) + x);
+    typedef double d4 __attribute__((vector_size(32)));
+    auto load4 = [](const double* p) PN_CPU_LAMBDA_INLINE {
+      d4 x;
+      __builtin_memcpy(&x, p, sizeof x);
+      return x;
     };
-    // Lower triangle of rows and columns r0..r0+3.
-    auto diagonal = [&](int r0) PN_CPU_LAMBDA_INLINE {
-      f8 s[10] = {};
-      for (int t = 0; t < kGramBlock; ++t) {
-        f8 a[4];
-        for (int i = 0; i < 4; ++i) a[i] = load8(ub[t][r0 + i]);
-        int q = 0;
-        for (int i = 0; i < 4; ++i)
-          for (int k = 0; k <= i; ++k) s[q++] += a[i] * a[k];
-      }
+    // Rows r0..r0+nr-1 against columns c0..c0+nc-1 (the lower triangle where kDiagonal: the
+    // columns are the rows), lanes h..h+3.
+    auto tile = [&](auto r0_, auto nr_, auto c0_, auto nc_, auto diagonal_,
+                    int h) PN_CPU_LAMBDA_INLINE {
+      constexpr int r0 = decltype(r0_)::value, nr = decltype(nr_)::value;
+      constexpr int c0 = decltype(c0_)::value, nc = decltype(nc_)::value;
+      constexpr bool kDiagonal = decltype(diagonal_)::value;
+      constexpr int kSums = kDiagonal ? nr * (nr + 1) / 2 : nr * nc;
+      auto pair = [](int i, int k) { return (r0 + i) * (r0 + i + 1) / 2 + c0 + k; };
+      d4 s[kSums];
       int q = 0;
-      for (int i = 0; i < 4; ++i)
-        for (int k = 0; k <= i; ++k) add(r0 + i, r0 + k, s[q++]);
-    };
-    // Rows r0, r0+1 against columns 0-3.
-    auto off = [&](int r0) PN_CPU_LAMBDA_INLINE {
-      f8 s[8] = {};
+      for (int i = 0; i < nr; ++i)
+        for (int k = 0; k < (kDiagonal ? i + 1 : nc); ++k) s[q++] = load4(acc[pair(i, k)] + h);
       for (int t = 0; t < kGramBlock; ++t) {
-        const f8 a0 = load8(ub[t][r0]), a1 = load8(ub[t][r0 + 1]);
-        for (int k = 0; k < 4; ++k) {
-          const f8 b = load8(ub[t][k]);
-          s[k] += a0 * b;
-          s[4 + k] += a1 * b;
-        }
+        d4 a[nr], b[kDiagonal ? 1 : nc];
+        for (int i = 0; i < nr; ++i) a[i] = load4(ub[t][r0 + i] + h);
+        if constexpr (!kDiagonal)
+          for (int k = 0; k < nc; ++k) b[k] = load4(ub[t][c0 + k] + h);
+        q = 0;
+        for (int i = 0; i < nr; ++i)
+          for (int k = 0; k < (kDiagonal ? i + 1 : nc); ++k)
+            s[q++] += a[i] * (kDiagonal ? a[k] : b[k]);
       }
-      for (int k = 0; k < 4; ++k) {
-        add(r0, k, s[k]);
-        add(r0 + 1, k, s[4 + k]);
-      }
+      q = 0;
+      for (int i = 0; i < nr; ++i)
+        for (int k = 0; k < (kDiagonal ? i + 1 : nc); ++k)
+          __builtin_memcpy(acc[pair(i, k)] + h, &s[q++], sizeof(d4));
     };
-    diagonal(0);
-    diagonal(4);
-    off(4);
-    off(6);
+    using std::integral_constant;
+    using I0 = integral_constant<int, 0>;
+    for (int h = 0; h < kGramLanes; h += 4) {
+      if constexpr (kK <= 4) {
+        tile(I0{}, integral_constant<int, kK>{}, I0{}, integral_constant<int, kK>{},
+             std::true_type{}, h);
+      } else {
+        static_assert(kK == 8, "single sweeps have 2-4 or 8 tasks");
+        using I2 = integral_constant<int, 2>;
+        using I4 = integral_constant<int, 4>;
+        tile(I0{}, I4{}, I0{}, I4{}, std::true_type{}, h);
+        tile(I4{}, I4{}, I4{}, I4{}, std::true_type{}, h);
+        tile(I4{}, I2{}, I0{}, I4{}, std::false_type{}, h);
+        tile(integral_constant<int, 6>{}, I2{}, I0{}, I4{}, std::false_type{}, h);
+      }
+    }
 #else
     for (int t = 0; t < kGramBlock; ++t) {
       int p = 0;
-      for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < kK; ++i)
         for (int k = 0; k <= i; ++k, ++p)
-          for (int l = 0; l < kGramLanes; ++l) pa[p][l] += ub[t][i][l] * ub[t][k][l];
+          for (int l = 0; l < kGramLanes; ++l) acc[p][l] += ub[t][i][l] * ub[t][k][l];
     }
 #endif
   }
 
   // Whole blocks (kFixedBlock elements each) of an item with K known at compile time: a single
-  // sweep computes the K task updates of an element and adds their products, the squared
-  // gradients and Clippy's ratios into kGramLanes lanes (element j feeds lane j mod
-  // kGramLanes), so loads and arithmetic interleave evenly and nothing goes through memory but
-  // the lanes (up to K = 4 they stay in registers; at K = 8 the sweep stores the block's
-  // updates, 4 KiB, and products_tiled sums them: K = 8 Gram pass at P = 16M 69-79 ms with
-  // 256-element tiles, 50 ms with the 36 sums in L1; in L2, products_tiled takes 5% off the
-  // latter). Adds the blocks' sums to Gp and Sq and takes the least Clippy ratio into mr.
+  // sweep computes the K task updates of an element and adds its squared gradients and
+  // Clippy's ratios into kGramLanes lanes (element j feeds lane j mod kGramLanes), so loads
+  // and arithmetic interleave evenly, and stores the block's updates in float64 (16 × K × 8
+  // lanes, 8 KiB at K = 8, in L1), whose products add_block_products sums in register tiles.
+  // Adds the blocks' sums to Gp and Sq and takes the least Clippy ratio into mr.
   template <int kK>
   PN_CPU_INLINE static void item_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
                          const T* mult, T wd, T lrel, T labs, double* Gp, double* Sq, T* mr) {
     constexpr int kPairs = kK * (kK + 1) / 2;
     constexpr int W = kGramLanes;
-    // float64 lanes of the products, each fed once per block by the float32 sums of kGramBlock
-    // elements, and of the squared gradients.
-    double acc[kPairs][W] = {};
+    // float64 lanes of the products, and of the squared gradients.
+    alignas(32) double acc[kPairs][W] = {};
     double sq[kK][W] = {};
     T lo[kClippy ? kK : 1][W];
     for (int i = 0; i < (kClippy ? kK : 1); ++i)
@@ -409,23 +352,17 @@ struct GramKernel {
       so[i] = i * tv.state_stride;
     }
     const Tp* param = static_cast<const Tp*>(tv.param);
-    // At K = 8 the 36 product sums do not fit in registers: the sweep stores a block's updates
-    // (16 × 8 tasks × 8 lanes, 4 KiB) and products_tiled sums tiles of products from them in
-    // registers, each in the order the sweep would (the same bits; in L2, P = 64K, one thread:
-    // Gram pass 0.263 -> 0.248 ms, where a load, an FMA and a store per product and element
-    // group were bound by the stores).
-    constexpr bool kTiledProducts = kK == 8;
-    T ub[kTiledProducts ? kGramBlock : 1][kK][W];
-    // The task updates of element j; their products and squared gradients go to lane l of the
-    // float32 block sums `pa` and `qa`.
-    // kProductsOnly: the products alone, into float64 sums `pa` (a block done again, below).
-    auto element = [&](int64_t j, int l, auto& pa, T (&qa)[kK][W], T (&ut)[kK][W],
-                       auto kProductsOnly) PN_CPU_LAMBDA_INLINE {
-      constexpr bool kAgain = decltype(kProductsOnly)::value;
-      using A = std::remove_reference_t<decltype(pa[0][0])>;
+    // At K = 2 the three products' float64 lanes (six AVX2 registers) take the products in
+    // the sweep itself; larger K store the updates.
+    constexpr bool kInSweep = kK == 2;
+    alignas(32) double ub[kInSweep ? 1 : kGramBlock][kK][W];
+    // The task updates of element j, to ub's lane l (ut = ub[t]) or their products to acc's;
+    // its squared gradients go to lane l of the float32 block sums `qa`.
+    auto element = [&](int64_t j, int l, T (&qa)[kK][W], double (&ut)[kK][W])
+                       PN_CPU_LAMBDA_INLINE {
       T theta = T(0);
       if constexpr (kTheta) theta = to_math<T>(param[j]);
-      T u[kK];
+      double u[kK];
       unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE {
         constexpr int i = decltype(I)::value;
         T s[kMaxStates], next[kMaxStates];
@@ -433,68 +370,36 @@ struct GramKernel {
         const T raw = to_math<T>(g[i][j]);
         T gi = m[i] * raw;
         if constexpr (kTheta) gi = pn_add_l2(gi, wd, theta);
-        u[i] = rule(gi, s, next);
-        if constexpr (!kAgain) {
-          qa[i][l] += raw * raw;
-          if constexpr (kClippy) {
-            // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores, as the
-            // ratio is defined over u ≠ 0 only.
-            const T r = pn_clippy_bound(lrel, labs, std::abs(theta)) / std::abs(u[i]);
-            lo[i][l] = r < lo[i][l] ? r : lo[i][l];
-          }
+        const T ui = rule(gi, s, next);
+        u[i] = static_cast<double>(ui);
+        qa[i][l] += raw * raw;
+        if constexpr (kClippy) {
+          // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores, as the
+          // ratio is defined over u ≠ 0 only.
+          const T r = pn_clippy_bound(lrel, labs, std::abs(theta)) / std::abs(ui);
+          lo[i][l] = r < lo[i][l] ? r : lo[i][l];
         }
       });
-      if constexpr (kTiledProducts && !kAgain) {
-        unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE { ut[decltype(I)::value][l] = u[I]; });
-      } else {
+      if constexpr (kInSweep) {
         unroll<kPairs>([&](auto P) PN_CPU_LAMBDA_INLINE {
           constexpr int p = decltype(P)::value;
           constexpr int i = pair_row(p), k = p - i * (i + 1) / 2;
-          pa[p][l] += static_cast<A>(u[i]) * static_cast<A>(u[k]);
+          acc[p][l] += u[i] * u[k];
         });
+      } else {
+        unroll<kK>([&](auto I) PN_CPU_LAMBDA_INLINE { ut[I][l] = u[I]; });
       }
     };
-    // Blocks of kGramBlock elements per lane: each float32 sum takes at most kGramBlock
-    // products, as in add_tile_products (the same error bound), before its float64 lane does.
     for (int64_t b0 = item.begin; b0 < item.end; b0 += kFixedBlock) {
-      T pa[kPairs][W] = {};
       T qa[kK][W] = {};
       // Not unrolled: sixteen copies of the body would lengthen the build for nothing.
 #pragma GCC unroll 1
       for (int64_t j0 = b0; j0 < b0 + kFixedBlock; j0 += W) {
-        T (&ut)[kK][W] = ub[kTiledProducts ? (j0 - b0) / W : 0];
+        double (&ut)[kK][W] = ub[kInSweep ? 0 : (j0 - b0) / W];
 #pragma omp simd
-        for (int l = 0; l < W; ++l) element(j0 + l, l, pa, qa, ut, std::false_type{});
+        for (int l = 0; l < W; ++l) element(j0 + l, l, qa, ut);
       }
-      if constexpr (kTiledProducts) products_tiled(ub, pa);
-      // The float32 products serve where every task's sums of squares u_i² per lane lie in
-      // the normal range well above the subnormals, as for the squared gradients below: then
-      // a product that fell into the subnormals is too small to matter to its entry. Otherwise
-      // (updates below ~1e-19, as with a tiny lr or gradients far below ε, or above ~1e19)
-      // the block's products again in float64, from L1, so that the weights do not depend on
-      // the updates' common scale.
-      int tiny = 0;
-      for (int i = 0; i < kK; ++i)
-        for (int l = 0; l < W; ++l) tiny |= square_sum_bad(pa[i * (i + 1) / 2 + i][l]);
-      if (!tiny) {
-        for (int p = 0; p < kPairs; ++p)
-          for (int l = 0; l < W; ++l) acc[p][l] += static_cast<double>(pa[p][l]);
-      } else if constexpr (kTiledProducts) {
-        for (int t = 0; t < kGramBlock; ++t) {
-          int p = 0;
-          for (int i = 0; i < kK; ++i)
-            for (int k = 0; k <= i; ++k, ++p)
-              for (int l = 0; l < W; ++l)
-                acc[p][l] += static_cast<double>(ub[t][i][l]) * static_cast<double>(ub[t][k][l]);
-        }
-      } else {
-        double pd[kPairs][W] = {};
-#pragma GCC unroll 1
-        for (int64_t j0 = b0; j0 < b0 + kFixedBlock; j0 += W)
-          for (int l = 0; l < W; ++l) element(j0 + l, l, pd, qa, ub[0], std::true_type{});
-        for (int p = 0; p < kPairs; ++p)
-          for (int l = 0; l < W; ++l) acc[p][l] += pd[p][l];
-      }
+      if constexpr (!kInSweep) add_block_products<kK>(ub, acc);
       // ‖g_i‖²: float32 squares serve when every lane's sum is a normal number well above the
       // subnormal range; otherwise (a square overflowed from |g| ~ 1e19, squares too small to
       // keep their precision, zeros, NaN) the block's squares again in float64, from L1. The
@@ -534,13 +439,13 @@ struct GramKernel {
   }
 
   // One item for any K: tiles of kTile elements; the K task updates of a tile go to scratch
-  // `u` (K × kTile), then their products are summed pair by pair into kLanes float64 lanes per
-  // Gram entry (`lanes`: K × K entries, then K squared-gradient sums), which live for the
-  // whole item and are added up once at its end.
+  // `u` (K × kTile, in float64), then their products are summed pair by pair into kLanes
+  // float64 lanes per Gram entry (`lanes`: K × K entries, then K squared-gradient sums), which
+  // live for the whole item and are added up once at its end.
   PN_CPU_INLINE static void item_tiled(const Rule& rule, const TensorView<T>& tv,
                                        const Item& item, int64_t K, const T* mult, T wd, T lrel,
-                                       T labs, T* u, T* theta, int* tiny, Lanes16* lanes,
-                                       double* Gp, double* Sq, T* mr) {
+                                       T labs, double* u, T* theta, Lanes16* lanes, double* Gp,
+                                       double* Sq, T* mr) {
     Lanes16* sq_lanes = lanes + K * K;
     for (int64_t e = 0; e < K * K + K; ++e) lanes[e] = Lanes16{};
     const Tp* param = static_cast<const Tp*>(tv.param);
@@ -554,24 +459,24 @@ struct GramKernel {
         const Tp* g = grads + i * tv.grad_stride + j0;
         const int64_t s0 = i * tv.state_stride + j0;
         const T mi = mult[i];
-        T* ui = u + i * kTile;
+        double* ui = u + i * kTile;
 #pragma GCC ivdep
         for (int64_t j = 0; j < n; ++j) {
           T s[kMaxStates], next[kMaxStates];
           load_state<Rule>(tv.state, s0 + j, s);
           T gi = mi * to_math<T>(g[j]);
           if constexpr (kTheta) gi = pn_add_l2(gi, wd, theta[j]);
-          ui[j] = rule(gi, s, next);
+          ui[j] = static_cast<double>(rule(gi, s, next));
         }
       }
       if constexpr (kClippy) {
         // u = 0 gives +inf (or NaN when λ_abs = θ = 0), which the minimum ignores.
-        auto ratio = [&](const T* ui, int64_t j) PN_CPU_LAMBDA_INLINE {
+        auto ratio = [&](const double* ui, int64_t j) PN_CPU_LAMBDA_INLINE {
           return pn_clippy_bound(lrel, labs, std::abs(theta[j])) /
                  std::abs(static_cast<T>(ui[j]));
         };
         for (int64_t i = 0; i < K; ++i) {
-          const T* ui = u + i * kTile;
+          const double* ui = u + i * kTile;
           // The least ratio per lane (element j in lane j mod kLanes), then over the lanes: a
           // running minimum over j stayed a scalar loop with a division per element. A NaN
           // never replaces a minimum, so the result is the sequential one.
@@ -609,44 +514,12 @@ struct GramKernel {
         }
         sq_lanes[i] = acc;
       }
-      // Float32 products serve for the tasks whose sums of squares u_i² per lane lie in the
-      // normal range well above the subnormals (as in item_fixed); a pair with another task
-      // takes float64 products.
-      if constexpr (std::is_same_v<T, float>) {
-        for (int64_t i = 0; i < K; ++i) tiny[i] = tile_tiny(u + i * kTile, n);
-      }
-      for (int64_t i = 0; i < K; ++i) {
-        const T* ui = u + i * kTile;
-        int64_t k = 0;
-        // Four columns at a time for float32 parameters (for 16-bit ones it would lengthen the
-        // build more than it gains).
-        if constexpr (kFixedType) {
-          for (; k + 4 <= i + 1 && !(tiny[i] | tiny[k] | tiny[k + 1] | tiny[k + 2] | tiny[k + 3]);
-               k += 4) {
-            Lanes16* acc[4];
-            const float* uk[4];
-            for (int c = 0; c < 4; ++c) {
-              acc[c] = lanes + i * K + k + c;
-              uk[c] = u + (k + c) * kTile;
-            }
-            add_tile_products<4>(acc, ui, uk, n);
-          }
-        }
-        for (; k <= i; ++k) {
-          const T* uk = u + k * kTile;
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t k = 0; k <= i; ++k) {
           Lanes16 acc = lanes[i * K + k];
-          bool narrow = false;
-          if constexpr (std::is_same_v<T, float>) {
-            narrow = !(tiny[i] | tiny[k]);
-            if (narrow) {
-              Lanes16* accs[1] = {&acc};
-              add_tile_products<1>(accs, ui, &uk, n);
-            }
-          }
-          if (!narrow) add_wide_products(acc, ui, uk, n);
+          add_products(acc, u + i * kTile, u + k * kTile, n);
           lanes[i * K + k] = acc;
         }
-      }
     }
     for (int64_t i = 0; i < K; ++i) {
       for (int64_t k = 0; k <= i; ++k) Gp[i * K + k] = lanes[i * K + k].sum();
@@ -660,9 +533,9 @@ struct GramKernel {
   PN_CPU_V3 __attribute__((noinline))
 #endif
   static void tiled_v3(const Rule& rule, const TensorView<T>& tv, const Item& item, int64_t K,
-                       const T* mult, T wd, T lrel, T labs, T* u, T* theta, int* tiny,
-                       Lanes16* lanes, double* Gp, double* Sq, T* mr) {
-    item_tiled(rule, tv, item, K, mult, wd, lrel, labs, u, theta, tiny, lanes, Gp, Sq, mr);
+                       const T* mult, T wd, T lrel, T labs, double* u, T* theta, Lanes16* lanes,
+                       double* Gp, double* Sq, T* mr) {
+    item_tiled(rule, tv, item, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
   }
 
   // The work of one call: items, per-item partial sums and per-thread scratch.
@@ -676,10 +549,9 @@ struct GramKernel {
     std::vector<T> min_ratio;
     // Per thread: the K task updates of a tile (tiled items), θ, and the K gradient
     // multipliers of the item's tensor.
-    std::vector<T> scratch;
+    std::vector<double> scratch;
     std::vector<T> theta_scratch, mult_scratch;
     std::vector<Lanes16> lanes_scratch;
-    std::vector<int> tiny_scratch;  // per thread: K flags (item_tiled)
 
     explicit Work(const SegmentArgs& args)
         : a(args),
@@ -694,8 +566,7 @@ struct GramKernel {
           scratch(static_cast<size_t>(nthreads) * K * kTile),
           theta_scratch(static_cast<size_t>(nthreads) * kTile),
           mult_scratch(static_cast<size_t>(nthreads) * K),
-          lanes_scratch(static_cast<size_t>(nthreads * (K * K + K))),
-          tiny_scratch(static_cast<size_t>(nthreads) * K) {}
+          lanes_scratch(static_cast<size_t>(nthreads * (K * K + K))) {}
 
     // kFast: with the single-sweep loops (float32 parameters, K = 2-4 and 8).
     template <bool kFast>
@@ -714,16 +585,14 @@ struct GramKernel {
       double* Gp = partial.data() + it * K * K;
       double* Sq = partial_sq.data() + it * K;
       T* mr = kClippy ? min_ratio.data() + it * K : nullptr;
-      T* u = scratch.data() + static_cast<size_t>(tid) * K * kTile;
+      double* u = scratch.data() + static_cast<size_t>(tid) * K * kTile;
       T* theta = theta_scratch.data() + static_cast<size_t>(tid) * kTile;
       Lanes16* lanes = lanes_scratch.data() + static_cast<size_t>(tid * (K * K + K));
-      int* tiny = tiny_scratch.data() + static_cast<size_t>(tid) * K;
       auto tiled = [&](const Item& part) PN_CPU_LAMBDA_INLINE {
         if constexpr (kFast)
-          tiled_v3(rule, tv, part, K, mult, wd, lrel, labs, u, theta, tiny, lanes, Gp, Sq, mr);
+          tiled_v3(rule, tv, part, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
         else
-          item_tiled(rule, tv, part, K, mult, wd, lrel, labs, u, theta, tiny, lanes, Gp, Sq,
-                     mr);
+          item_tiled(rule, tv, part, K, mult, wd, lrel, labs, u, theta, lanes, Gp, Sq, mr);
       };
       // Whole blocks of 2-4 or 8 tasks (the task counts whose apply pass has a single sweep
       // too) in a single sweep, the rest of the item (fewer than kFixedBlock elements) in the
