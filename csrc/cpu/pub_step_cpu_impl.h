@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -280,25 +281,31 @@ struct GramKernel {
       constexpr int c0 = decltype(c0_)::value, nc = decltype(nc_)::value;
       constexpr bool kDiagonal = decltype(diagonal_)::value;
       constexpr int kSums = kDiagonal ? nr * (nr + 1) / 2 : nr * nc;
-      auto pair = [](int i, int k) { return (r0 + i) * (r0 + i + 1) / 2 + c0 + k; };
+      // The pair of each sum, row by row (indices known at compile time, so that the sums
+      // stay in registers).
+      constexpr auto pairs = [] {
+        std::array<int, kSums> a{};
+        int q = 0;
+        for (int i = 0; i < nr; ++i)
+          for (int k = 0; k < (kDiagonal ? i + 1 : nc); ++k)
+            a[q++] = (r0 + i) * (r0 + i + 1) / 2 + c0 + k;
+        return a;
+      }();
       d4 s[kSums];
-      int q = 0;
-      for (int i = 0; i < nr; ++i)
-        for (int k = 0; k < (kDiagonal ? i + 1 : nc); ++k) s[q++] = load4(acc[pair(i, k)] + h);
+      unroll<kSums>([&](auto Q) PN_CPU_LAMBDA_INLINE { s[Q] = load4(acc[pairs[Q]] + h); });
       for (int t = 0; t < kGramBlock; ++t) {
         d4 a[nr], b[kDiagonal ? 1 : nc];
         for (int i = 0; i < nr; ++i) a[i] = load4(ub[t][r0 + i] + h);
         if constexpr (!kDiagonal)
           for (int k = 0; k < nc; ++k) b[k] = load4(ub[t][c0 + k] + h);
-        q = 0;
+        int q = 0;
         for (int i = 0; i < nr; ++i)
           for (int k = 0; k < (kDiagonal ? i + 1 : nc); ++k)
             s[q++] += a[i] * (kDiagonal ? a[k] : b[k]);
       }
-      q = 0;
-      for (int i = 0; i < nr; ++i)
-        for (int k = 0; k < (kDiagonal ? i + 1 : nc); ++k)
-          __builtin_memcpy(acc[pair(i, k)] + h, &s[q++], sizeof(d4));
+      unroll<kSums>([&](auto Q) PN_CPU_LAMBDA_INLINE {
+        __builtin_memcpy(acc[pairs[Q]] + h, &s[Q], sizeof(d4));
+      });
     };
     using std::integral_constant;
     using I0 = integral_constant<int, 0>;
