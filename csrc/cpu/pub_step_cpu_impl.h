@@ -336,9 +336,10 @@ struct GramKernel {
   // Whole blocks (kFixedBlock elements each) of an item with K known at compile time: a single
   // sweep computes the K task updates of an element and adds its squared gradients and
   // Clippy's ratios into kGramLanes lanes (element j feeds lane j mod kGramLanes), so loads
-  // and arithmetic interleave evenly, and stores the block's updates in float64 (16 × K × 8
-  // lanes, 8 KiB at K = 8, in L1), whose products add_block_products sums in register tiles.
-  // Adds the blocks' sums to Gp and Sq and takes the least Clippy ratio into mr.
+  // and arithmetic interleave evenly. At K = 2 it adds the updates' products into float64
+  // lanes too; at K = 3, 4 and 8 it stores the block's updates in float64 (16 × K × 8 lanes,
+  // 8 KiB at K = 8, in L1), whose products add_block_products sums in register tiles. Adds the
+  // blocks' sums to Gp and Sq and takes the least Clippy ratio into mr.
   template <int kK>
   PN_CPU_INLINE static void item_fixed(const Rule& rule, const TensorView<T>& tv, const Item& item,
                          const T* mult, T wd, T lrel, T labs, double* Gp, double* Sq, T* mr) {
