@@ -178,10 +178,9 @@ class GradientBalancer:
                     raise ValueError(f"shared[{i}] (shape {tuple(p.shape)}) is not in params")
         if weight_task_specific is None:
             weight_task_specific = self.weight_task_specific_default
-        self.weight_task_specific = self._checked_option(
-            "weight_task_specific", weight_task_specific, "weight_task_specific")
-        self.update_weights_every = self._checked_option(
-            "update_weights_every", update_weights_every, "update_weights_every")
+        # (checked by __setattr__, as every option in _SET_CHECKED)
+        self.weight_task_specific = weight_task_specific
+        self.update_weights_every = update_weights_every
         self.k: int | None = None
         self.shared: list[torch.Tensor] | None = None
         self.weights: torch.Tensor | None = None
@@ -905,8 +904,8 @@ class NashMTL(GradientBalancer):
                  weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          update_weights_every=update_weights_every, process_group=process_group)
-        self.max_norm = self._checked_option("max_norm", max_norm, "max_norm")
-        self.solver = self._checked_option("solver", solver, "solver")  # now, not at step 1
+        self.max_norm = max_norm
+        self.solver = solver  # checked now (__setattr__), not at step 1
         self._prev_alpha: np.ndarray | None = None
 
     def _compute_weights(self, G, losses):
@@ -971,8 +970,7 @@ class MGDAUB(GradientBalancer):
                  process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          update_weights_every=update_weights_every, process_group=process_group)
-        self.normalization = self._checked_option("normalization", normalization,
-                                                  "normalization")
+        self.normalization = normalization
 
     def _compute_weights(self, G, losses):
         norms = np.sqrt(np.maximum(np.diag(G), 0.0))
@@ -1036,8 +1034,8 @@ class PCGrad(GradientBalancer):
                  weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          process_group=process_group)
-        self.reduction = self._checked_option("reduction", reduction, "reduction")
-        self.seed = self._checked_option("seed", seed, "seed")
+        self.reduction = reduction
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self._rng_compared = False  # with the other processes' (see the class docstring)
 
@@ -1100,7 +1098,7 @@ class CAGrad(GradientBalancer):
                  weight_task_specific: bool | None = None, process_group="auto"):
         super().__init__(params, shared=shared, weight_task_specific=weight_task_specific,
                          process_group=process_group)
-        self.c = self._checked_option("c", c, "c")
+        self.c = c
 
     def _compute_weights(self, G, losses):
         return cagrad_weights(G, self.c)
@@ -1168,7 +1166,7 @@ class Uncertainty(GradientBalancer):
                  process_group="auto"):
         super().__init__(params, process_group=process_group)
         n_tasks = _task_count(n_tasks)
-        self.form = self._checked_option("form", form, "form")
+        self.form = form
         ref = self.params[0]
         # float32 at least: a 16-bit s would overflow in ∂L/∂s_i = ½(1 − e^{−s_i} L_i) for a
         # loss above 65504 (float16) and hold e^{−s_i} to 8 bits (bfloat16).
@@ -1313,9 +1311,10 @@ class FAMO(GradientBalancer):
                  max_norm: float = 1.0, min_losses=None, shared=None, process_group="auto"):
         super().__init__(params, shared=shared, process_group=process_group)
         n_tasks = _task_count(n_tasks)
-        gamma, w_lr, self.max_norm = (
-            self._checked_option(name, value, name)
-            for name, value in (("gamma", gamma), ("w_lr", w_lr), ("max_norm", max_norm)))
+        # gamma and w_lr live in the logits' Adam (below), so they are checked before it exists.
+        gamma, w_lr = (self._checked_option(name, value, name)
+                       for name, value in (("gamma", gamma), ("w_lr", w_lr)))
+        self.max_norm = max_norm
         self.logits = torch.zeros(n_tasks, dtype=torch.float64, requires_grad=True)
         self._logit_opt = torch.optim.Adam([self.logits], lr=w_lr, weight_decay=gamma)
         try:
@@ -1735,9 +1734,7 @@ class MultiBalance(GradientBalancer):
     def __init__(self, params, *, normalization: str = "l2", solver: str = "min-norm",
                  ema: float = 0.9, process_group="auto"):
         super().__init__(params, process_group=process_group)
-        self.normalization, self.solver, self.ema = (
-            self._checked_option(name, value, name) for name, value in (
-                ("normalization", normalization), ("solver", solver), ("ema", ema)))
+        self.normalization, self.solver, self.ema = normalization, solver, ema
         self.heads: list[list[torch.Tensor]] | None = None
         self.trunk: list[torch.Tensor] | None = None
         self._unsplit: list[bool] = []

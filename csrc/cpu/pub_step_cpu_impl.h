@@ -267,12 +267,8 @@ struct GramKernel {
   PN_CPU_INLINE static void add_block_products(const double (&ub)[kGramBlock][kK][kGramLanes],
                                                double (&acc)[kK * (kK + 1) / 2][kGramLanes]) {
 #if defined(__GNUC__)
-    typedef double d4 __attribute__((vector_size(32)));
-    auto load4 = [](const double* p) PN_CPU_LAMBDA_INLINE {
-      d4 x;
-      __builtin_memcpy(&x, p, sizeof x);
-      return x;
-    };
+    using d4 = Lanes16::d4;
+    constexpr auto load4 = Lanes16::load;
     // Rows r0..r0+nr-1 against columns c0..c0+nc-1 (the lower triangle where kDiagonal: the
     // columns are the rows), lanes h..h+3.
     auto tile = [&](auto r0_, auto nr_, auto c0_, auto nc_, auto diagonal_,
